@@ -1,0 +1,174 @@
+"""SparseTable: the hash-table embedding store keyed by 64-bit feasigns.
+
+``SparseTable`` checks its torch/numpy inputs, then forwards to a *backend*: the local C++ table
+(``_C.Table``) in one process, or the sharded RPC client when ``pse.init()`` started more than one rank.
+The backend protocol (numpy in, numpy out) is documented in ``docs/architecture.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Union
+
+import numpy as np
+import torch
+
+from . import _C
+from .config import TableConfig
+
+__all__ = ["SparseTable"]
+
+ArrayLike = Union[torch.Tensor, np.ndarray]
+
+
+def _as_numpy(name: str, x: ArrayLike, dtype: np.dtype, ndim: int) -> np.ndarray:
+    """A zero-copy numpy view of ``x``; raises naming ``name`` when it is not what the table takes."""
+    if isinstance(x, torch.Tensor):
+        if x.device.type != "cpu":
+            raise ValueError(f"{name} must be a CPU tensor, got a tensor on {x.device}")
+        if x.layout != torch.strided:
+            raise ValueError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
+        expected = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+        if x.dtype != expected:
+            raise TypeError(f"{name} must have dtype {expected}, got {x.dtype}")
+        if not x.is_contiguous():
+            raise ValueError(f"{name} must be contiguous; call .contiguous() first")
+        arr = x.detach().numpy()
+    elif isinstance(x, np.ndarray):
+        if x.dtype != dtype:
+            raise TypeError(f"{name} must have dtype {np.dtype(dtype).name}, got {x.dtype.name}")
+        if not x.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous; call np.ascontiguousarray first")
+        arr = x
+    else:
+        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(arr.shape)}")
+    return arr
+
+
+class SparseTable:
+    r"""A sparse embedding table keyed by 64-bit feasigns, with the CTR feature lifecycle.
+
+    Each feasign row holds show/click statistics, a 1-dim lr weight and, once admitted, a ``dim``-wide mf
+    vector, each with its optimizer state. Rows are created by :meth:`push`; :meth:`pull` never inserts.
+
+    Args:
+        config (TableConfig): dimensions, accessor thresholds and sparse rules. Default: ``TableConfig()``.
+        name (str): the table's name; tables with the same name on different ranks are one sharded table.
+
+    Shapes:
+        - ``pull(keys)``: keys ``(N,)`` int64 -> ``(N, 1 + dim)`` float32 (lr, then mf);
+          with ``with_stats=True`` -> ``(N, 3 + dim)`` (show, click, lr, mf).
+        - ``push(keys, grads, shows, clicks)``: ``(N,)``, ``(N, 1 + dim)``, ``(N,)``, ``(N,)``.
+
+    Examples::
+
+        >>> import torch, torch_psembed as pse
+        >>> table = pse.SparseTable(pse.TableConfig(dim=4))
+        >>> keys = torch.tensor([7, -1, 7])
+        >>> table.pull(keys).shape
+        torch.Size([3, 5])
+        >>> table.push(keys, torch.ones(3, 5), torch.ones(3), torch.zeros(3))
+        0
+        >>> len(table), 7 in table
+        (2, True)
+    """
+
+    def __init__(self, config: Optional[TableConfig] = None, name: str = "table") -> None:
+        self.config = config if config is not None else TableConfig()
+        if not isinstance(self.config, TableConfig):
+            raise TypeError(f"config must be a TableConfig, got {type(self.config).__name__}")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        self.name = name
+        self._backend = _make_backend(self.config, name)
+
+    # -- data path --------------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    def pull(self, keys: ArrayLike, with_stats: bool = False) -> torch.Tensor:
+        """Rows of ``keys``; unknown keys and keys without mf read zeros in the missing part."""
+        k = _as_numpy("keys", keys, np.int64, 1)
+        return torch.from_numpy(self._backend.pull(k, bool(with_stats)))
+
+    def push(
+        self,
+        keys: ArrayLike,
+        grads: ArrayLike,
+        shows: ArrayLike,
+        clicks: ArrayLike,
+        slots: Optional[ArrayLike] = None,
+    ) -> int:
+        """Apply gradients with show/click counts; repeated keys are merged. Returns rows skipped (NaN/Inf)."""
+        k = _as_numpy("keys", keys, np.int64, 1)
+        g = _as_numpy("grads", grads, np.float32, 2)
+        s = _as_numpy("shows", shows, np.float32, 1)
+        c = _as_numpy("clicks", clicks, np.float32, 1)
+        sl = None if slots is None else _as_numpy("slots", slots, np.int32, 1)
+        return int(self._backend.push(k, g, s, c, sl))
+
+    # -- table-wide operations ---------------------------------------------------------------------------
+    def shrink(self) -> int:
+        """Decay show/click once and delete rows by the delete predicates. Returns the number deleted."""
+        return int(self._backend.shrink())
+
+    def new_day(self) -> None:
+        """``unseen_days += 1`` for every row."""
+        self._backend.new_day()
+
+    def end_day(self, day: int) -> int:
+        """Close day ``day``: decay by the days elapsed, age rows, delete. Idempotent for the same day."""
+        if not isinstance(day, int) or day < 0:
+            raise ValueError(f"day must be an int >= 0, got {day!r}")
+        return int(self._backend.end_day(day))
+
+    @property
+    def day(self) -> int:
+        """The last day given to :meth:`end_day` (-1 before the first)."""
+        return int(self._backend.day)
+
+    def flush(self) -> None:
+        """Wait until every push issued by this process has been applied (a no-op in one process)."""
+        flush = getattr(self._backend, "flush", None)
+        if flush is not None:
+            flush()
+
+    def stats(self) -> Dict[str, Any]:
+        """``keys``, ``keys_with_mf``, ``bytes`` and the counters (global totals when sharded)."""
+        return dict(self._backend.stats())
+
+    def save(self, path: str, mode: str = "checkpoint") -> Dict[str, Any]:
+        """Save to directory ``path``; ``mode`` is ``checkpoint``, ``base`` or ``delta`` (see docs/format.md)."""
+        from .checkpoint import save_table
+
+        return save_table(self, path, mode)
+
+    def load(self, path: str) -> Dict[str, Any]:
+        """Load a saved directory (a checkpoint restores exactly; base/delta rebuild the serving view)."""
+        from .checkpoint import load_table
+
+        return load_table(self, path)
+
+    def __len__(self) -> int:
+        return len(self._backend)
+
+    def __contains__(self, key: object) -> bool:
+        if isinstance(key, torch.Tensor):
+            key = int(key.item())
+        if not isinstance(key, (int, np.integer)):
+            return False
+        return int(key) in self._backend
+
+    def __repr__(self) -> str:
+        return f"SparseTable(name={self.name!r}, dim={self.dim}, keys={len(self)})"
+
+
+def _make_backend(config: TableConfig, name: str):
+    """The local C++ table, or the sharded client when a multi-rank runtime is up."""
+    from .distributed import runtime
+
+    if runtime.is_distributed():
+        return runtime.make_table_backend(config, name)
+    return _C.Table(config.to_dict())
