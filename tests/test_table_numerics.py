@@ -1,0 +1,632 @@
+"""The C++ table against the independent numpy reference (tests/reference/ctr_reference.py).
+
+Every test builds the same config for ``torch_psembed.SparseTable`` and ``CtrTableRef`` and compares the whole
+state (``_backend.export("checkpoint")`` plus ``pull(with_stats=True)``) after every operation.
+
+Exactness: shows and clicks are small integers, the score coefficients are dyadic (0.25, 1.0) and the decay
+rate is 0.5, so show/click/delta_score/unseen_days/slot are exact in float32 on both sides and compared
+bit for bit; the discrete decisions that hang on them (mf creation, deletion, save predicates) can then not
+flip by rounding. Weights and optimizer state are compared with a relative tolerance of a few float32 ulps
+per step, which is far tighter than what a wrong formula (old-G vs new-G, mean vs sum, missing bias
+correction, scaled vs raw gradient) produces.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import torch_psembed as pse
+from torch_psembed import _C
+from torch_psembed.config import FTRL, SGD, AdaGrad, Adam, CtrAccessorConfig, StdAdaGrad, TableConfig
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from reference.ctr_reference import CtrTableRef, mix64, splitmix64, uniform  # noqa: E402
+
+RTOL = 2e-5
+ATOL = 2e-6
+DIM = 4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _rule(name: str, part: str):
+    """Rule configs with steps big enough to hit the bounds; the lr part gets different numbers than the mf
+    part so a C++ mix-up of the two configs shows."""
+    k = 0.5 if part == "lr" else 1.0
+    bounds = (-0.4, 0.5) if part == "lr" else (-0.6, 0.6)
+    if name == "sgd":
+        # initial_range beyond the bounds: initial values are clipped too.
+        return SGD(learning_rate=0.1 * k, initial_range=1.0, weight_bounds=bounds)
+    if name == "adagrad":
+        return AdaGrad(learning_rate=0.3 * k, initial_range=0.05, initial_g2sum=2.0 + k, weight_bounds=bounds)
+    if name == "std_adagrad":
+        return StdAdaGrad(learning_rate=0.3 * k, initial_range=0.05, initial_g2sum=2.0 + k, weight_bounds=bounds)
+    if name == "adam":
+        # dyadic betas: the stored beta powers are then the same float32 numbers whichever precision the
+        # C++ multiplies in, and 1 - beta^t carries no extra rounding.
+        return Adam(learning_rate=0.2 * k, initial_range=0.05, beta1=0.875, beta2=0.96875, epsilon=1e-6,
+                    weight_bounds=bounds)
+    if name == "ftrl":
+        return FTRL(learning_rate=0.5 * k, initial_range=0.05, beta=1.0, l1=0.5 * k, l2=0.25, weight_bounds=bounds)
+    raise KeyError(name)
+
+
+RULE_NAMES = ["sgd", "adagrad", "std_adagrad", "adam", "ftrl"]
+
+
+def _accessor(**over) -> CtrAccessorConfig:
+    kw = dict(
+        nonclk_coeff=0.25,
+        click_coeff=1.0,
+        embedx_threshold=2.0,
+        base_threshold=1.0,
+        delta_threshold=0.5,
+        delta_keep_days=1,
+        show_click_decay_rate=0.5,
+        delete_threshold=0.25,
+        delete_after_unseen_days=3,
+        show_scale=True,
+        create_probability_from_score=False,
+    )
+    kw.update(over)
+    return CtrAccessorConfig(**kw)
+
+
+def _pair(cfg: TableConfig):
+    return pse.SparseTable(cfg), CtrTableRef(cfg.to_dict())
+
+
+def _first_bad_rows(gk, got, exp, rtol, atol, limit=4) -> str:
+    bad = ~np.isclose(got, exp, rtol=rtol, atol=atol)
+    rows = np.nonzero(bad.reshape(bad.shape[0], -1).any(axis=1))[0][:limit]
+    return "\n".join(f"  key {int(gk[i])}: got {got[i].tolist()} expected {exp[i].tolist()}" for i in rows)
+
+
+def assert_match(table, ref, probe_keys, ctx: str = "") -> None:
+    """The whole table state equals the reference: checkpoint export and pull(with_stats=True)."""
+    got = table._backend.export("checkpoint")
+    exp = ref.export("checkpoint")
+    assert len(table) == len(ref), f"{ctx}: {len(table)} rows, reference has {len(ref)}"
+    np.testing.assert_array_equal(got["keys"], exp["keys"], err_msg=f"{ctx}: key sets differ")
+    gb, eb = got["base"], exp["base"]
+    assert gb.shape == eb.shape, f"{ctx}: base shape {gb.shape} vs {eb.shape}"
+    if not np.array_equal(gb[:, :5], eb[:, :5]):
+        raise AssertionError(
+            f"{ctx}: show/click/delta_score/unseen_days/slot differ (exact)\n"
+            + _first_bad_rows(got["keys"], gb[:, :5], eb[:, :5], 0, 0)
+        )
+    if not np.allclose(gb[:, 5:], eb[:, 5:], rtol=RTOL, atol=ATOL):
+        raise AssertionError(
+            f"{ctx}: lr_w/lr_state differ\n" + _first_bad_rows(got["keys"], gb[:, 5:], eb[:, 5:], RTOL, ATOL)
+        )
+    np.testing.assert_array_equal(got["has_mf"], exp["has_mf"], err_msg=f"{ctx}: has_mf differs")
+    assert got["mf"].shape == exp["mf"].shape, f"{ctx}: mf shape {got['mf'].shape} vs {exp['mf'].shape}"
+    if not np.allclose(got["mf"], exp["mf"], rtol=RTOL, atol=ATOL):
+        mk = got["keys"][got["has_mf"].astype(bool)]
+        raise AssertionError(
+            f"{ctx}: mf_w/mf_state differ\n" + _first_bad_rows(mk, got["mf"], exp["mf"], RTOL, ATOL)
+        )
+    assert set(got["tombstones"].tolist()) == set(exp["tombstones"].tolist()), f"{ctx}: pending tombstones differ"
+    probe = np.ascontiguousarray(probe_keys, dtype=np.int64)
+    gp = table.pull(probe, with_stats=True).numpy()
+    ep = ref.pull(probe, with_stats=True)
+    assert gp.shape == (probe.shape[0], 3 + table.dim)
+    if not np.allclose(gp, ep, rtol=RTOL, atol=ATOL):
+        raise AssertionError(f"{ctx}: pull(with_stats=True) differs\n" + _first_bad_rows(probe, gp, ep, RTOL, ATOL))
+
+
+def _push_both(table, ref, keys, grads, shows, clicks, slots):
+    keys = np.ascontiguousarray(keys, np.int64)
+    grads = np.ascontiguousarray(grads, np.float32)
+    shows = np.ascontiguousarray(shows, np.float32)
+    clicks = np.ascontiguousarray(clicks, np.float32)
+    slots = np.ascontiguousarray(slots, np.int32)
+    skipped = table.push(keys, grads, shows, clicks, slots)
+    assert skipped == 0
+    ref.push(keys, grads, shows, clicks, slots)
+
+
+def _save_both(table, ref, mode: str, ctx: str) -> None:
+    """export(mode) on both sides agrees, then commit_save it on both."""
+    got = table._backend.export(mode)
+    exp = ref.export(mode)
+    np.testing.assert_array_equal(got["keys"], exp["keys"], err_msg=f"{ctx}: export({mode!r}) rows differ")
+    np.testing.assert_array_equal(got["base"][:, :5], exp["base"][:, :5], err_msg=f"{ctx}: export({mode!r}) stats")
+    np.testing.assert_allclose(got["base"][:, 5:], exp["base"][:, 5:], rtol=RTOL, atol=ATOL)
+    np.testing.assert_array_equal(got["has_mf"], exp["has_mf"])
+    np.testing.assert_allclose(got["mf"], exp["mf"], rtol=RTOL, atol=ATOL)
+    assert set(got["tombstones"].tolist()) == set(exp["tombstones"].tolist()), f"{ctx}: export({mode!r}) tombstones"
+    n_tomb = len(got["tombstones"])
+    table._backend.commit_save(mode, got["keys"], np.ascontiguousarray(got["base"][:, 2]), n_tomb)
+    ref.commit_save(mode, exp["keys"], exp["base"][:, 2], n_tomb)
+
+
+def _universe(rng, n=40) -> np.ndarray:
+    special = np.array([0, 1, -1, 2**63 - 1, -(2**63)], dtype=np.int64)
+    rest = rng.integers(-(2**63), 2**63 - 1, size=n - len(special), dtype=np.int64, endpoint=True)
+    return np.unique(np.concatenate([special, rest]))
+
+
+def run_random_sequence(cfg: TableConfig, seed: int, steps: int = 30) -> dict:
+    """Random pushes (repeated keys, zero shows, big gradients) interleaved with shrink/new_day/end_day and
+    base/delta saves; the state is compared after every step. Returns counts of what happened."""
+    rng = np.random.default_rng(seed)
+    table, ref = _pair(cfg)
+    universe = _universe(rng)
+    probe = np.concatenate([universe, np.array([12345678987654321], np.int64)])  # one never-pushed key
+    day = 0
+    seen = {"push": 0, "shrink": 0, "new_day": 0, "end_day": 0, "save": 0, "deleted": 0, "mf_created_mid": 0}
+    ops = ["push", "shrink", "new_day", "end_day", "save"]
+    for step in range(steps):
+        op = "push" if step < 3 else rng.choice(ops, p=[0.62, 0.1, 0.08, 0.12, 0.08])
+        had_mf = sum(r.mf is not None for r in ref.rows.values())
+        if op == "push":
+            n = int(rng.choice([1, 7, 48]))
+            hot = universe[: int(rng.integers(8, len(universe) + 1))]
+            keys = hot[rng.integers(0, len(hot), size=n)]
+            shows = rng.integers(0, 4, size=n)
+            clicks = rng.binomial(shows, 0.3)
+            grads = rng.standard_normal((n, 1 + cfg.dim)) * 3.0
+            slots = rng.integers(0, 50, size=n)
+            _push_both(table, ref, keys, grads, shows, clicks, slots)
+            mf_now = sum(r.mf is not None for r in ref.rows.values())
+            if had_mf and mf_now > had_mf:
+                seen["mf_created_mid"] += 1
+        elif op == "shrink":
+            n_del = table.shrink()
+            assert n_del == ref.shrink(), f"step {step}: shrink deleted count"
+            seen["deleted"] += n_del
+        elif op == "new_day":
+            table.new_day()
+            ref.new_day()
+        elif op == "end_day":
+            day += int(rng.choice([0, 1, 2]))
+            n_del = table.end_day(day)
+            assert n_del == ref.end_day(day), f"step {step}: end_day({day}) deleted count"
+            assert table.day == ref.day == day
+            seen["deleted"] += n_del
+        else:
+            _save_both(table, ref, str(rng.choice(["base", "delta"])), f"step {step}")
+        seen[op] += 1
+        assert_match(table, ref, probe, f"seed {seed} step {step} after {op}")
+    return seen
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the reference's own building blocks (cheap sanity on the transcription)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_reference_splitmix64_matches_published_vector():
+    # The first two outputs of SplitMix64 seeded with 0 (Steele, Lea, Flood 2014; used by xoshiro's seeding).
+    out = splitmix64(np.array([0, 0x9E3779B97F4A7C15], dtype=np.uint64))
+    assert [int(x) for x in out] == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4]
+
+
+def test_mix64_and_route_match_reference():
+    keys = np.concatenate(
+        [np.array([0, 1, -1, 2**63 - 1, -(2**63)], np.int64), np.random.default_rng(0).integers(-(2**62), 2**62, 200)]
+    ).astype(np.int64)
+    got = _C.mix64(keys)
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint64), mix64(keys))
+    for parts in (1, 3, 8):
+        np.testing.assert_array_equal(np.asarray(_C.route(keys, parts)), (mix64(keys) % np.uint64(parts)).astype(np.int32))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# random sequences: every rule on both parts
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("show_scale", [True, False], ids=["show_scale", "no_show_scale"])
+@pytest.mark.parametrize("rule", RULE_NAMES)
+def test_random_sequence_same_rule_both_parts(rule, show_scale):
+    cfg = TableConfig(
+        dim=DIM,
+        accessor=_accessor(show_scale=show_scale),
+        lr_optimizer=_rule(rule, "lr"),
+        mf_optimizer=_rule(rule, "mf"),
+        seed=7,
+        num_shards=4,
+    )
+    seen = run_random_sequence(cfg, seed=100 + RULE_NAMES.index(rule))
+    # the sequence exercised what it is meant to exercise
+    assert seen["push"] >= 10 and seen["deleted"] > 0 and seen["mf_created_mid"] > 0, seen
+
+
+@pytest.mark.parametrize("lr_rule,mf_rule", [("adam", "ftrl"), ("ftrl", "std_adagrad"), ("adagrad", "adam"),
+                                             ("std_adagrad", "sgd"), ("sgd", "adagrad")])
+def test_random_sequence_mixed_rules(lr_rule, mf_rule):
+    cfg = TableConfig(
+        dim=3,
+        accessor=_accessor(),
+        lr_optimizer=_rule(lr_rule, "lr"),
+        mf_optimizer=_rule(mf_rule, "mf"),
+        seed=2**64 - 5,
+        num_shards=3,
+    )
+    run_random_sequence(cfg, seed=7 + RULE_NAMES.index(lr_rule), steps=20)
+
+
+def test_random_sequence_default_config_numbers():
+    """Paddle-like defaults (AdaGrad, decay 0.98, coefficients 0.1/1) on a short sequence without saves."""
+    cfg = TableConfig(dim=8, accessor=CtrAccessorConfig(embedx_threshold=1.0, delete_threshold=0.0), seed=3)
+    rng = np.random.default_rng(5)
+    table, ref = _pair(cfg)
+    universe = _universe(rng, 30)
+    for step in range(12):
+        n = 40
+        keys = universe[rng.integers(0, len(universe), n)]
+        shows = rng.integers(0, 3, n)
+        _push_both(table, ref, keys, rng.standard_normal((n, 9)) * 0.5, shows, rng.binomial(shows, 0.2),
+                   rng.integers(0, 5, n))
+        # S is not exact with 0.1 and 0.98; stats are compared at float tolerance through pull only.
+        gp = table.pull(universe, with_stats=True).numpy()
+        np.testing.assert_allclose(gp, ref.pull(universe, with_stats=True), rtol=RTOL, atol=ATOL,
+                                   err_msg=f"step {step}")
+    got, exp = table._backend.export("checkpoint"), ref.export("checkpoint")
+    np.testing.assert_array_equal(got["keys"], exp["keys"])
+    np.testing.assert_allclose(got["base"], exp["base"], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(got["mf"], exp["mf"], rtol=RTOL, atol=ATOL)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# targeted rule checks (hand-derived numbers, independent of the reference)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _one_key_table(lr_opt, mf_opt, **acc):
+    cfg = TableConfig(dim=2, accessor=_accessor(embedx_threshold=0.0, **acc), lr_optimizer=lr_opt,
+                      mf_optimizer=mf_opt, seed=11, num_shards=1)
+    return _pair(cfg)
+
+
+def _push1(table, ref, key, g, show, click=0.0):
+    _push_both(table, ref, np.array([key]), np.array([g], np.float32), np.array([show]), np.array([click]),
+               np.array([1]))
+
+
+@pytest.mark.parametrize("show_scale", [True, False])
+def test_adagrad_show_scale_hand_numbers(show_scale):
+    ada = AdaGrad(learning_rate=0.5, initial_range=0.0, initial_g2sum=1.0, weight_bounds=(-10.0, 10.0))
+    table, ref = _one_key_table(ada, ada, show_scale=show_scale)
+    k = 42
+    _push1(table, ref, k, [4.0, 0.0, 0.0], show=4.0)  # creates mf (threshold 0), mf gradient dropped
+    s = 4.0 if show_scale else 1.0
+    gh = 4.0 / s
+    w1 = -0.5 * gh * np.sqrt(1.0 / (1.0 + 0.0))  # old G = 0
+    G1 = gh * gh
+    _push1(table, ref, k, [4.0, 2.0, -6.0], show=4.0)
+    w2 = w1 - 0.5 * gh * np.sqrt(1.0 / (1.0 + G1))
+    G2 = G1 + gh * gh
+    mf = [-0.5 * (2.0 / s), -0.5 * (-6.0 / s)]
+    mfG = ((2.0 / s) ** 2 + (6.0 / s) ** 2) / 2  # the mean over the block, not the sum
+    row = table._backend.export("checkpoint")
+    np.testing.assert_allclose(row["base"][0, 5:7], [w2, G2], rtol=1e-6)
+    np.testing.assert_allclose(row["mf"][0], mf + [mfG], rtol=1e-6)
+    assert_match(table, ref, np.array([k]))
+
+
+def test_zero_show_uses_scale_one():
+    ada = AdaGrad(learning_rate=0.5, initial_range=0.0, initial_g2sum=1.0)
+    table, ref = _one_key_table(ada, ada, show_scale=True)
+    _push1(table, ref, 9, [2.0, 1.0, 1.0], show=0.0)
+    got = table._backend.export("checkpoint")["base"][0]
+    np.testing.assert_allclose(got[5:7], [-1.0, 4.0], rtol=1e-6)
+    assert_match(table, ref, np.array([9]))
+
+
+def test_adam_first_steps_hand_numbers():
+    adam = Adam(learning_rate=0.1, initial_range=0.0, beta1=0.5, beta2=0.75, epsilon=1e-8, weight_bounds=(-5, 5))
+    table, ref = _one_key_table(adam, SGD(learning_rate=0.0), show_scale=True)
+    _push1(table, ref, 3, [2.0, 0, 0], show=4.0)  # raw g: the show does not scale Adam
+    # t=1: lr_t = 0.1*sqrt(1-0.75)/(1-0.5) = 0.1; m = 1.0, v = 1.0; w = -0.1*1/(1+eps)
+    b = table._backend.export("checkpoint")["base"][0]
+    np.testing.assert_allclose(b[5:], [-0.1, 1.0, 1.0, 0.25, 0.5625], rtol=1e-6)
+    _push1(table, ref, 3, [-2.0, 0, 0], show=1.0)
+    # t=2: lr_t = 0.1*sqrt(1-0.5625)/(1-0.25); m = 0.5-1 = -0.5; v = 0.75+0.25*4 = 1.75
+    lr_t = 0.1 * np.sqrt(1 - 0.5625) / 0.75
+    w = -0.1 - lr_t * (-0.5) / np.sqrt(1.75)
+    b = table._backend.export("checkpoint")["base"][0]
+    np.testing.assert_allclose(b[5:], [w, -0.5, 1.75, 0.125, 0.421875], rtol=1e-6)
+    assert_match(table, ref, np.array([3]))
+
+
+def test_ftrl_hand_numbers_l1_zero_and_clip():
+    ftrl = FTRL(learning_rate=1.0, initial_range=0.0, beta=1.0, l1=1.0, l2=0.0, weight_bounds=(-0.3, 10))
+    table, ref = _one_key_table(ftrl, SGD(learning_rate=0.0), show_scale=True)
+    _push1(table, ref, 5, [0.5, 0, 0], show=2.0)  # |z| = 0.5 <= l1 -> w = 0; n = 0.25; raw g
+    b = table._backend.export("checkpoint")["base"][0]
+    np.testing.assert_allclose(b[5:], [0.0, 0.5, 0.25], rtol=1e-6, atol=1e-7)
+    _push1(table, ref, 5, [3.0, 0, 0], show=2.0)
+    # sigma = sqrt(9.25)-0.5 (w=0, no effect); z = 3.5; n = 9.25; w = -(3.5-1)/(1+sqrt(9.25)) = -0.6135 -> clip -0.3
+    b = table._backend.export("checkpoint")["base"][0]
+    np.testing.assert_allclose(b[5:], [-0.3, 3.5, 9.25], rtol=1e-6)
+    _push1(table, ref, 5, [-1.0, 0, 0], show=2.0)
+    sigma = np.sqrt(10.25) - np.sqrt(9.25)
+    z = 3.5 - 1.0 - sigma * (-0.3)
+    w = -(z - 1.0) / (1.0 + np.sqrt(10.25))
+    b = table._backend.export("checkpoint")["base"][0]
+    np.testing.assert_allclose(b[5:], [max(w, -0.3), z, 10.25], rtol=1e-6)
+    assert_match(table, ref, np.array([5]))
+
+
+def test_std_adagrad_per_dim_and_sgd_raw():
+    std = StdAdaGrad(learning_rate=1.0, initial_range=0.0, initial_g2sum=1.0, weight_bounds=(-100, 100))
+    table, ref = _one_key_table(SGD(learning_rate=0.25, initial_range=0.0), std, show_scale=True)
+    _push1(table, ref, 8, [4.0, 2.0, 4.0], show=2.0)  # creates mf; sgd: w = -0.25*4 (raw g, show ignored)
+    _push1(table, ref, 8, [4.0, 2.0, 4.0], show=2.0)
+    _push1(table, ref, 8, [0.0, 2.0, 4.0], show=2.0)
+    e = table._backend.export("checkpoint")
+    np.testing.assert_allclose(e["base"][0, 5], -2.0, rtol=1e-6)
+    # mf dims: ĝ = (1, 2); step 1 uses G=0, step 2 uses G = ĝ²
+    w = [-1.0 - 1.0 * np.sqrt(1 / 2.0), -2.0 - 2.0 * np.sqrt(1 / 5.0)]
+    np.testing.assert_allclose(e["mf"][0], w + [2.0, 8.0], rtol=1e-6)
+    assert_match(table, ref, np.array([8]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# mf creation, init values, clipping
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_mf_created_at_threshold_with_documented_init():
+    mf = SGD(learning_rate=0.1, initial_range=0.5, weight_bounds=(-0.3, 0.3))
+    lr = SGD(learning_rate=0.1, initial_range=0.25, weight_bounds=(-10, 10))
+    cfg = TableConfig(dim=6, accessor=_accessor(embedx_threshold=2.0), lr_optimizer=lr, mf_optimizer=mf, seed=99,
+                      num_shards=2)
+    table, ref = _pair(cfg)
+    keys = np.arange(-50, 50, dtype=np.int64) * 7919
+    n = len(keys)
+    g = np.full((n, 7), 1.0, np.float32)
+    _push_both(table, ref, keys, g, np.full(n, 4.0), np.zeros(n), np.zeros(n))  # S = 1 < 2: no mf yet
+    assert table.stats()["keys_with_mf"] == 0
+    np.testing.assert_array_equal(table.pull(keys).numpy()[:, 1:], 0.0)
+    # lr_w = U(-r, r) from stream 1, then one SGD step
+    u = uniform(99, keys, 1, 0)
+    np.testing.assert_allclose(table.pull(keys).numpy()[:, 0], (2 * u - 1) * 0.25 - 0.1, rtol=1e-5, atol=1e-6)
+    _push_both(table, ref, keys, g * 5, np.full(n, 4.0), np.zeros(n), np.zeros(n))  # S = 2 >= 2: mf created
+    assert table.stats()["keys_with_mf"] == n
+    got = table.pull(keys).numpy()[:, 1:]
+    u = uniform(99, np.repeat(keys, 6), 2, np.tile(np.arange(6, dtype=np.uint64), n)).reshape(n, 6)
+    init = np.clip((2 * u - 1) * 0.5, -0.3, 0.3)
+    np.testing.assert_allclose(got, init, rtol=1e-6, atol=1e-7)  # the crossing push's mf gradient is dropped
+    assert (np.abs(got) == np.float32(0.3)).any(), "some initial values should be clipped to the bounds"
+    assert_match(table, ref, keys)
+    # mf stays even when the score decays below the threshold; the next push updates it
+    _shrink_both(table, ref)
+    _push_both(table, ref, keys, g, np.zeros(n), np.zeros(n), np.zeros(n))
+    assert_match(table, ref, keys)
+    np.testing.assert_allclose(table.pull(keys).numpy()[:, 1:], np.clip(init - 0.1, -0.3, 0.3), rtol=1e-6, atol=1e-7)
+
+
+def test_init_independent_of_batching_and_shards():
+    """Counter-based init: the same keys pushed in another order/batching and shard count get the same values."""
+    base = dict(dim=4, accessor=_accessor(embedx_threshold=0.0),
+                lr_optimizer=SGD(learning_rate=0.0, initial_range=0.1),
+                mf_optimizer=SGD(learning_rate=0.0, initial_range=0.1), seed=5)
+    keys = np.random.default_rng(1).integers(-(2**63), 2**63 - 1, 300, dtype=np.int64)
+    a = pse.SparseTable(TableConfig(num_shards=1, num_threads=1, **base))
+    b = pse.SparseTable(TableConfig(num_shards=16, num_threads=2, **base))
+    z = lambda n: np.zeros(n, np.float32)  # noqa: E731
+    a.push(keys, np.zeros((300, 5), np.float32), z(300), z(300))
+    perm = keys[::-1].copy()
+    for part in np.array_split(perm, 7):
+        part = np.ascontiguousarray(part)
+        b.push(part, np.zeros((len(part), 5), np.float32), z(len(part)), z(len(part)))
+    np.testing.assert_array_equal(a.pull(keys).numpy(), b.pull(keys).numpy())
+    assert np.abs(a.pull(keys).numpy()).max() > 0.05
+
+
+# ----------------------------------------------------------------------------------------------------------
+# shrink / new_day / end_day at the boundaries
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _lifecycle_pair(**acc):
+    cfg = TableConfig(dim=2, accessor=_accessor(**acc), lr_optimizer=SGD(), mf_optimizer=SGD(), num_shards=2)
+    return _pair(cfg)
+
+
+def _shrink_both(table, ref) -> int:
+    n = table.shrink()
+    assert n == ref.shrink(), "shrink() deleted count differs from the reference"
+    return n
+
+
+def _push_stats(table, ref, keys, shows, clicks):
+    n = len(keys)
+    _push_both(table, ref, np.array(keys), np.zeros((n, 3)), np.array(shows), np.array(clicks), np.zeros(n))
+
+
+def test_shrink_delete_threshold_is_strict():
+    table, ref = _lifecycle_pair(delete_threshold=1.0, show_click_decay_rate=1.0, delete_after_unseen_days=100)
+    # S = 0.25*(show-click) + click: A = 1.0 (kept), B = 0.75 (deleted), C = 1.0 (kept), D = 0.0 (deleted)
+    _push_stats(table, ref, [1, 2, 3, 4], [4, 3, 1, 0], [0, 0, 1, 0])
+    assert _shrink_both(table, ref) == 2
+    assert sorted(k for k in [1, 2, 3, 4] if k in table) == [1, 3]
+    assert_match(table, ref, np.array([1, 2, 3, 4]))
+
+
+def test_shrink_decays_before_deleting():
+    table, ref = _lifecycle_pair(delete_threshold=1.0, show_click_decay_rate=0.5, delete_after_unseen_days=100)
+    _push_stats(table, ref, [1, 2], [8, 6], [0, 0])  # S = 2.0, 1.5
+    assert _shrink_both(table, ref) == 1  # 1.0 kept (==), 0.75 deleted
+    assert 1 in table and 2 not in table
+    np.testing.assert_array_equal(table.pull(np.array([1]), with_stats=True).numpy()[0, :2], [4.0, 0.0])
+    assert _shrink_both(table, ref) == 1
+    assert len(table) == 0
+    assert_match(table, ref, np.array([1, 2]))
+
+
+def test_unseen_days_limit_is_strict():
+    table, ref = _lifecycle_pair(delete_threshold=0.0, show_click_decay_rate=1.0, delete_after_unseen_days=2)
+    _push_stats(table, ref, [10, 11], [1, 1], [1, 1])
+    for _ in range(2):
+        table.new_day()
+        ref.new_day()
+    assert _shrink_both(table, ref) == 0  # unseen 2 == limit: kept
+    _push_stats(table, ref, [11], [0], [0])  # seen again: unseen_days back to 0
+    table.new_day()
+    ref.new_day()
+    assert _shrink_both(table, ref) == 1  # key 10: unseen 3 > 2
+    assert 10 not in table and 11 in table
+    assert_match(table, ref, np.array([10, 11]))
+
+
+def test_end_day_elapsed_decay_idempotent_and_backwards():
+    table, ref = _lifecycle_pair(delete_threshold=0.5, show_click_decay_rate=0.5, delete_after_unseen_days=3)
+    _push_stats(table, ref, [1, 2, 3], [16, 4, 64], [0, 0, 0])  # S = 4, 1, 16
+    assert table.day == -1
+    assert table.end_day(5) == ref.end_day(5) == 0  # first call: elapsed 1 -> S = 2, 0.5 (kept, ==), 8
+    assert table.day == 5
+    assert_match(table, ref, np.array([1, 2, 3]))
+    assert table.end_day(5) == ref.end_day(5) == 0  # same day: no decay, no ageing
+    assert_match(table, ref, np.array([1, 2, 3]))
+    assert table.end_day(7) == ref.end_day(7) == 1  # elapsed 2: factor 0.25 -> S = 0.5, 0.125 (deleted), 2
+    assert_match(table, ref, np.array([1, 2, 3]))
+    np.testing.assert_array_equal(table._backend.export("checkpoint")["base"][:, 3], [3.0, 3.0])  # 1 + 2
+    with pytest.raises(ValueError):
+        table.end_day(6)
+    assert table.day == 7
+    # key 1: S = 0.125 < 0.5; key 3: S = 0.5 (kept by score) but unseen 5 > 3
+    assert table.end_day(9) == ref.end_day(9) == 2
+    assert_match(table, ref, np.array([1, 2, 3]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# saves: predicates at the boundary, delta_score commit, tombstones
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_export_predicates_at_boundary_and_commit():
+    table, ref = _lifecycle_pair(base_threshold=1.0, delta_threshold=0.5, delta_keep_days=1,
+                                 show_click_decay_rate=1.0, delete_threshold=0.0, delete_after_unseen_days=100)
+    # S: key 1 -> 1.0 (== base_threshold), key 2 -> 0.75, key 3 -> 10.0
+    _push_stats(table, ref, [1, 2, 3], [4, 3, 40], [0, 0, 0])
+    table.new_day()
+    ref.new_day()
+    _push_stats(table, ref, [1, 2], [0, 0], [0, 0])  # seen again: unseen_days = 0, delta_score unchanged
+    table.new_day()
+    ref.new_day()
+    _push_stats(table, ref, [4], [4], [0])  # S = 1.0, unseen 0
+    # unseen_days: 1 -> 1 (== delta_keep_days), 2 -> 1, 3 -> 2 (> 1), 4 -> 0
+    np.testing.assert_array_equal(table._backend.export("checkpoint")["base"][:, 3], [1, 1, 2, 0])
+    base = table._backend.export("base")
+    assert base["keys"].tolist() == [1, 4]
+    assert len(base["tombstones"]) == 0
+    _save_both(table, ref, "base", "base")
+    # commit: saved rows' delta_score -> 0, the others keep theirs
+    np.testing.assert_array_equal(table._backend.export("checkpoint")["base"][:, 2], [0.0, 0.75, 10.0, 0.0])
+    # delta_score: 2 shows (0.5, == delta_threshold: in) to key 1, 1 show (0.25: out) to key 4
+    _push_stats(table, ref, [1, 4], [2, 1], [0, 0])
+    delta = table._backend.export("delta")
+    assert delta["keys"].tolist() == [1]
+    np.testing.assert_array_equal(delta["base"][:, 2], [0.5])
+    assert table._backend.export("base")["keys"].tolist() == [1, 4]
+    # a push between export and commit is not lost: delta_score -= saved value
+    _push_stats(table, ref, [1], [1], [0])
+    table._backend.commit_save("delta", delta["keys"], np.ascontiguousarray(delta["base"][:, 2]), 0)
+    ref.commit_save("delta", delta["keys"], delta["base"][:, 2], 0)
+    assert_match(table, ref, np.arange(1, 6))
+    np.testing.assert_array_equal(table.pull(np.array([1]), with_stats=True).numpy()[0, :2], [7.0, 0.0])
+    assert table._backend.export("checkpoint")["base"][0, 2] == 0.25
+
+
+def test_tombstones_in_delta_and_dropped_by_commit():
+    table, ref = _lifecycle_pair(delete_threshold=1.0, show_click_decay_rate=1.0, base_threshold=0.0,
+                                 delta_threshold=0.0)
+    _push_stats(table, ref, [1, 2, 3, 4], [8, 1, 1, 8], [0, 0, 0, 0])
+    assert _shrink_both(table, ref) == 2
+    assert set(table._backend.export("delta")["tombstones"].tolist()) == {2, 3}
+    assert set(table._backend.export("checkpoint")["tombstones"].tolist()) == {2, 3}
+    assert len(table._backend.export("base")["tombstones"]) == 0
+    _save_both(table, ref, "delta", "delta")
+    assert len(table._backend.export("delta")["tombstones"]) == 0
+    assert_match(table, ref, np.arange(1, 5))
+    # base drops all pending tombstones
+    table._backend.erase(np.array([4], np.int64))
+    assert len(table._backend.export("delta")["tombstones"]) == 1
+    got = table._backend.export("base")
+    table._backend.commit_save("base", got["keys"], np.ascontiguousarray(got["base"][:, 2]), 0)
+    assert len(table._backend.export("delta")["tombstones"]) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# probabilistic admission
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _admission_table(seed, num_shards=8):
+    cfg = TableConfig(dim=2, accessor=_accessor(create_probability_from_score=True, embedx_threshold=100.0),
+                      lr_optimizer=SGD(), mf_optimizer=SGD(), seed=seed, num_shards=num_shards)
+    return pse.SparseTable(cfg)
+
+
+def _push_keys(table, keys, show, click):
+    n = len(keys)
+    keys = np.ascontiguousarray(keys, np.int64)
+    table.push(keys, np.zeros((n, 3), np.float32), np.full(n, show, np.float32), np.full(n, click, np.float32))
+
+
+def _admitted(table, keys):
+    return np.array([int(k) in table for k in keys])
+
+
+def test_admission_fraction_close_to_score():
+    n = 4000
+    keys = np.arange(n, dtype=np.int64) * 1000003
+    for show, s in ((2.0, 0.5), (1.0, 0.25)):  # S = 0.25 * show
+        t = _admission_table(seed=1)
+        _push_keys(t, keys, show, 0.0)
+        frac = _admitted(t, keys).mean()
+        # 5 sigma of a binomial(n, s) fraction
+        assert abs(frac - s) < 5 * np.sqrt(s * (1 - s) / n), (show, frac)
+        assert t.stats()["admission_rejected"] == n - len(t)
+        # a second attempt draws again (a new counter), so about 1 - (1-s)^2 are in after two
+        _push_keys(t, keys, show, 0.0)
+        frac2 = _admitted(t, keys).mean()
+        p2 = 1 - (1 - s) ** 2
+        assert abs(frac2 - p2) < 5 * np.sqrt(p2 * (1 - p2) / n), (show, frac2)
+
+
+def test_admission_deterministic_ends():
+    keys = np.arange(500, dtype=np.int64)
+    t = _admission_table(seed=3)
+    _push_keys(t, keys, 0.0, 0.0)  # S = 0: never admitted
+    assert len(t) == 0
+    _push_keys(t, keys, 4.0, 0.0)  # S = 1: always admitted
+    assert len(t) == 500
+    _push_keys(t, keys + 1000, 1.0, 1.0)  # S = 1 via the click
+    assert len(t) == 1000
+
+
+def test_admission_reproducible_per_seed_and_independent_of_sharding():
+    keys = np.random.default_rng(2).integers(-(2**63), 2**63 - 1, 3000, dtype=np.int64)
+    a, b, c = _admission_table(seed=10), _admission_table(seed=10, num_shards=1), _admission_table(seed=11)
+    _push_keys(a, keys, 2.0, 0.0)
+    for part in np.array_split(keys[::-1], 5):
+        _push_keys(b, part, 2.0, 0.0)
+    _push_keys(c, keys, 2.0, 0.0)
+    ma, mb, mc = _admitted(a, keys), _admitted(b, keys), _admitted(c, keys)
+    np.testing.assert_array_equal(ma, mb)
+    assert (ma != mc).mean() > 0.3  # independent draws disagree on about half the keys
+
+
+def test_admission_matches_documented_generator():
+    """The admitted set is the one the documented counter-based draw gives (u < s, attempt i = 0, 1, ...)."""
+    keys = np.random.default_rng(4).integers(-(2**63), 2**63 - 1, 2000, dtype=np.int64)
+    t = _admission_table(seed=21)
+    ref = CtrTableRef(t.config.to_dict())
+    for _ in range(2):
+        _push_keys(t, keys, 2.0, 0.0)
+        n = len(keys)
+        ref.push(keys, np.zeros((n, 3), np.float32), np.full(n, 2.0, np.float32), np.zeros(n, np.float32))
+        np.testing.assert_array_equal(_admitted(t, keys), np.array([int(k) in ref for k in keys]))
