@@ -162,10 +162,12 @@ def run_random_sequence(cfg: TableConfig, seed: int, steps: int = 30) -> dict:
     universe = _universe(rng)
     probe = np.concatenate([universe, np.array([12345678987654321], np.int64)])  # one never-pushed key
     day = 0
-    seen = {"push": 0, "shrink": 0, "new_day": 0, "end_day": 0, "save": 0, "deleted": 0, "mf_created_mid": 0}
+    seen = {"push": 0, "shrink": 0, "new_day": 0, "end_day": 0, "save": 0, "deleted": 0, "mf_created_mid": 0,
+            "clipped": 0}
     ops = ["push", "shrink", "new_day", "end_day", "save"]
     for step in range(steps):
-        op = "push" if step < 3 else rng.choice(ops, p=[0.62, 0.1, 0.08, 0.12, 0.08])
+        forced = {0: "push", 1: "push", 2: "push", 9: "save", 13: "end_day", 17: "shrink", 19: "save"}
+        op = forced.get(step) or str(rng.choice(ops, p=[0.62, 0.1, 0.08, 0.12, 0.08]))
         had_mf = sum(r.mf is not None for r in ref.rows.values())
         if op == "push":
             n = int(rng.choice([1, 7, 48]))
@@ -195,6 +197,11 @@ def run_random_sequence(cfg: TableConfig, seed: int, steps: int = 30) -> dict:
         else:
             _save_both(table, ref, str(rng.choice(["base", "delta"])), f"step {step}")
         seen[op] += 1
+        seen["clipped"] += sum(
+            int(np.isin(r.lr_w, np.float32(ref.lr_rule.bounds())).any())
+            + int(r.mf is not None and np.isin(r.mf, np.float32(ref.mf_rule.bounds())).any())
+            for r in ref.rows.values()
+        )
         assert_match(table, ref, probe, f"seed {seed} step {step} after {op}")
     return seen
 
@@ -239,6 +246,7 @@ def test_random_sequence_same_rule_both_parts(rule, show_scale):
     seen = run_random_sequence(cfg, seed=100 + RULE_NAMES.index(rule))
     # the sequence exercised what it is meant to exercise
     assert seen["push"] >= 10 and seen["deleted"] > 0 and seen["mf_created_mid"] > 0, seen
+    assert seen["clipped"] > 0 and seen["end_day"] > 0 and seen["save"] > 0, seen
 
 
 @pytest.mark.parametrize("lr_rule,mf_rule", [("adam", "ftrl"), ("ftrl", "std_adagrad"), ("adagrad", "adam"),

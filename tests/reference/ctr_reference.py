@@ -90,6 +90,9 @@ class _Rule:
         lo, hi = opt["weight_bounds"]
         self.lo, self.hi = float(lo), float(hi)
 
+    def bounds(self):
+        return (self.lo, self.hi)
+
     def clip(self, w: np.ndarray) -> np.ndarray:
         return np.clip(w, self.lo, self.hi).astype(np.float32)
 
