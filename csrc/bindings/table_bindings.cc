@@ -1,0 +1,661 @@
+// Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
+//
+// Shims between Python and psembed::SparseTable: check every argument (dtype, C-contiguity, shape,
+// lengths, values) BEFORE changing anything, raising TypeError/ValueError that name the argument;
+// then release the GIL for the work. Arrays are taken as py::object and checked by hand (not
+// py::array_t with conversion), so wrong dtypes and strided arrays are refused, never cast or copied.
+// The buffers are borrowed under the GIL and stay alive (we hold references) while it is released;
+// no py:: object is touched inside a gil_scoped_release block.
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <set>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "table/sparse_table.h"
+#include "util/hash.h"
+
+namespace py = pybind11;
+
+namespace psembed {
+namespace {
+
+// ---------------------------------------------------------------- argument checks
+
+std::string ShapeString(const py::array& a) {
+  std::ostringstream os;
+  os << "[";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) os << (i ? ", " : "") << a.shape(i);
+  os << "]";
+  return os.str();
+}
+
+// kind: 'i' signed int, 'u' unsigned int, 'f' float.
+py::array CheckArray(const py::handle& obj, const char* name, char kind, int itemsize, const char* dtype_name,
+                     int ndim) {
+  if (!py::isinstance<py::array>(obj)) {
+    throw py::type_error(std::string(name) + " must be a numpy.ndarray of " + dtype_name + ", got " +
+                         std::string(py::str(py::type::of(obj).attr("__name__"))));
+  }
+  auto a = py::reinterpret_borrow<py::array>(obj);
+  const py::dtype dt = a.dtype();
+  if (dt.kind() != kind || dt.itemsize() != itemsize || !dt.attr("isnative").cast<bool>()) {
+    throw py::type_error(std::string(name) + " must have dtype " + dtype_name + ", got " +
+                         std::string(py::str(dt)));
+  }
+  if (a.ndim() != ndim) {
+    throw py::value_error(std::string(name) + " must be " + std::to_string(ndim) + "-D, got shape " + ShapeString(a));
+  }
+  if (!(a.flags() & py::array::c_style)) {
+    throw py::value_error(std::string(name) + " must be C-contiguous; call numpy.ascontiguousarray first");
+  }
+  return a;
+}
+
+py::array CheckKeys(const py::handle& obj, const char* name = "keys") {
+  py::array a = CheckArray(obj, name, 'i', 8, "int64", 1);
+  if (static_cast<uint64_t>(a.shape(0)) >= (uint64_t{1} << 32) - 1) {
+    throw py::value_error(std::string(name) + " has too many entries (at most 2**32 - 2 per call)");
+  }
+  return a;
+}
+
+void CheckRows(const py::array& a, const char* name, size_t n, const char* n_what) {
+  if (static_cast<size_t>(a.shape(0)) != n) {
+    throw py::value_error(std::string(name) + " must have length " + std::to_string(n) + " (" + n_what +
+                          "), got " + std::to_string(a.shape(0)));
+  }
+}
+
+void CheckMatrix(const py::array& a, const char* name, size_t n, size_t width, const char* n_what) {
+  if (static_cast<size_t>(a.shape(0)) != n || static_cast<size_t>(a.shape(1)) != width) {
+    throw py::value_error(std::string(name) + " must have shape [n, " + std::to_string(width) + "] (n = " + n_what +
+                          " = " + std::to_string(n) + "), got " + ShapeString(a));
+  }
+}
+
+const uint64_t* KeyPtr(const py::array& a) { return static_cast<const uint64_t*>(a.data()); }
+template <typename T>
+const T* Ptr(const py::array& a) {
+  return static_cast<const T*>(a.data());
+}
+
+std::string FloatString(double v) {
+  std::ostringstream os;
+  os << v;
+  return os.str();
+}
+
+// Shows/clicks must be finite and >= 0. Returns the first bad index or n.
+size_t FirstBadCount(const float* v, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    if (!(std::isfinite(v[i]) && v[i] >= 0.0f)) return i;
+  }
+  return n;
+}
+
+// -------------------------------------------------------------------- config
+
+class DictReader {
+ public:
+  DictReader(const py::handle& obj, std::string ctx) : ctx_(std::move(ctx)) {
+    if (!py::isinstance<py::dict>(obj)) {
+      throw py::type_error(ctx_ + " must be a dict, got " + std::string(py::str(py::type::of(obj).attr("__name__"))));
+    }
+    d_ = py::reinterpret_borrow<py::dict>(obj);
+  }
+
+  bool Has(const char* key) const { return d_.contains(key); }
+  py::object Get(const char* key) {
+    seen_.insert(key);
+    return d_[key];
+  }
+
+  double Double(const char* key, double def) {
+    if (!Has(key)) return def;
+    py::object v = Get(key);
+    if (v.is_none() || !(py::isinstance<py::float_>(v) || py::isinstance<py::int_>(v))) {
+      throw py::type_error(ctx_ + "['" + key + "'] must be a number, got " + std::string(py::repr(v)));
+    }
+    return v.cast<double>();
+  }
+  double NonNeg(const char* key, double def) {
+    const double v = Double(key, def);
+    if (!(std::isfinite(v) && v >= 0)) {
+      throw py::value_error(ctx_ + "['" + key + "'] must be a finite number >= 0, got " + FloatString(v));
+    }
+    return v;
+  }
+  int64_t Int(const char* key, int64_t def, int64_t lo, int64_t hi) {
+    if (!Has(key)) return def;
+    py::object v = Get(key);
+    if (!py::isinstance<py::int_>(v) || py::isinstance<py::bool_>(v)) {
+      throw py::type_error(ctx_ + "['" + key + "'] must be an int, got " + std::string(py::repr(v)));
+    }
+    int64_t x;
+    try {
+      x = v.cast<int64_t>();
+    } catch (const py::cast_error&) {
+      throw py::value_error(ctx_ + "['" + key + "'] is out of range: " + std::string(py::repr(v)));
+    }
+    if (x < lo || x > hi) {
+      throw py::value_error(ctx_ + "['" + key + "'] must be in [" + std::to_string(lo) + ", " + std::to_string(hi) +
+                            "], got " + std::to_string(x));
+    }
+    return x;
+  }
+  bool Bool(const char* key, bool def) {
+    if (!Has(key)) return def;
+    py::object v = Get(key);
+    if (!py::isinstance<py::bool_>(v)) {
+      throw py::type_error(ctx_ + "['" + key + "'] must be a bool, got " + std::string(py::repr(v)));
+    }
+    return v.cast<bool>();
+  }
+  // Unknown keys are refused (a typo must not silently fall back to a default).
+  void CheckNoUnknown() {
+    for (auto item : d_) {
+      const std::string k = py::str(item.first);
+      if (!seen_.count(k)) throw py::value_error(ctx_ + " has unknown key '" + k + "'");
+    }
+  }
+  const std::string& ctx() const { return ctx_; }
+
+ private:
+  py::dict d_;
+  std::string ctx_;
+  std::set<std::string> seen_;
+};
+
+RuleOptions ParseRule(const py::handle& obj, const std::string& ctx) {
+  DictReader r(obj, ctx);
+  RuleOptions o;
+  if (!r.Has("name")) throw py::value_error(ctx + " is missing 'name'");
+  py::object nm = r.Get("name");
+  if (!py::isinstance<py::str>(nm)) throw py::type_error(ctx + "['name'] must be a str");
+  const std::string name = nm.cast<std::string>();
+  if (name == "sgd") {
+    o.kind = RuleOptions::kSgd;
+  } else if (name == "adagrad") {
+    o.kind = RuleOptions::kAdaGrad;
+  } else if (name == "std_adagrad") {
+    o.kind = RuleOptions::kStdAdaGrad;
+  } else if (name == "adam") {
+    o.kind = RuleOptions::kAdam;
+  } else if (name == "ftrl") {
+    o.kind = RuleOptions::kFtrl;
+  } else {
+    throw py::value_error(ctx + "['name'] must be one of 'sgd', 'adagrad', 'std_adagrad', 'adam', 'ftrl', got '" +
+                          name + "'");
+  }
+  o.learning_rate = r.NonNeg("learning_rate", o.kind == RuleOptions::kAdam ? 0.001 : 0.05);
+  o.initial_range = r.NonNeg("initial_range", o.initial_range);
+  if (r.Has("weight_bounds")) {
+    py::object wb = r.Get("weight_bounds");
+    std::vector<double> b;
+    try {
+      b = wb.cast<std::vector<double>>();
+    } catch (const py::cast_error&) {
+      throw py::type_error(ctx + "['weight_bounds'] must be [low, high], got " + std::string(py::repr(wb)));
+    }
+    if (b.size() != 2 || !(b[0] <= b[1]) || std::isnan(b[0]) || std::isnan(b[1])) {
+      throw py::value_error(ctx + "['weight_bounds'] must be [low, high] with low <= high, got " +
+                            std::string(py::repr(wb)));
+    }
+    o.min_bound = b[0];
+    o.max_bound = b[1];
+  }
+  if (o.kind == RuleOptions::kAdaGrad || o.kind == RuleOptions::kStdAdaGrad) {
+    o.initial_g2sum = r.Double("initial_g2sum", o.initial_g2sum);
+    if (!(std::isfinite(o.initial_g2sum) && o.initial_g2sum > 0)) {
+      throw py::value_error(ctx + "['initial_g2sum'] must be > 0, got " + FloatString(o.initial_g2sum));
+    }
+  }
+  if (o.kind == RuleOptions::kAdam) {
+    o.beta1 = r.Double("beta1", o.beta1);
+    o.beta2 = r.Double("beta2", o.beta2);
+    o.epsilon = r.Double("epsilon", o.epsilon);
+    if (!(o.beta1 >= 0 && o.beta1 < 1)) throw py::value_error(ctx + "['beta1'] must be in [0, 1)");
+    if (!(o.beta2 >= 0 && o.beta2 < 1)) throw py::value_error(ctx + "['beta2'] must be in [0, 1)");
+    if (!(std::isfinite(o.epsilon) && o.epsilon > 0)) throw py::value_error(ctx + "['epsilon'] must be > 0");
+  }
+  if (o.kind == RuleOptions::kFtrl) {
+    o.alpha = o.learning_rate;
+    if (r.Has("alpha") && !r.Get("alpha").is_none()) o.alpha = r.Double("alpha", o.alpha);
+    if (!(std::isfinite(o.alpha) && o.alpha > 0)) {
+      throw py::value_error(ctx + "['alpha'] must be > 0, got " + FloatString(o.alpha));
+    }
+    o.beta = r.NonNeg("beta", o.beta);
+    o.l1 = r.NonNeg("l1", o.l1);
+    o.l2 = r.NonNeg("l2", o.l2);
+  }
+  r.CheckNoUnknown();
+  return o;
+}
+
+TableOptions ParseConfig(const py::handle& obj) {
+  DictReader r(obj, "config");
+  TableOptions o;
+  if (!r.Has("dim")) throw py::value_error("config is missing 'dim'");
+  o.dim = static_cast<int>(r.Int("dim", 8, 1, 4096));
+  if (r.Has("accessor")) {
+    DictReader a(r.Get("accessor"), "config['accessor']");
+    AccessorOptions& ao = o.accessor;
+    ao.nonclk_coeff = a.NonNeg("nonclk_coeff", ao.nonclk_coeff);
+    ao.click_coeff = a.NonNeg("click_coeff", ao.click_coeff);
+    ao.embedx_threshold = a.NonNeg("embedx_threshold", ao.embedx_threshold);
+    ao.base_threshold = a.NonNeg("base_threshold", ao.base_threshold);
+    ao.delta_threshold = a.NonNeg("delta_threshold", ao.delta_threshold);
+    ao.delta_keep_days = a.Int("delta_keep_days", ao.delta_keep_days, 0, std::numeric_limits<int64_t>::max());
+    ao.show_click_decay_rate = a.Double("show_click_decay_rate", ao.show_click_decay_rate);
+    if (!(ao.show_click_decay_rate >= 0 && ao.show_click_decay_rate <= 1)) {
+      throw py::value_error("config['accessor']['show_click_decay_rate'] must be in [0, 1], got " +
+                            FloatString(ao.show_click_decay_rate));
+    }
+    ao.delete_threshold = a.NonNeg("delete_threshold", ao.delete_threshold);
+    ao.delete_after_unseen_days =
+        a.Int("delete_after_unseen_days", ao.delete_after_unseen_days, 0, std::numeric_limits<int64_t>::max());
+    ao.show_scale = a.Bool("show_scale", ao.show_scale);
+    ao.create_probability_from_score = a.Bool("create_probability_from_score", ao.create_probability_from_score);
+    a.CheckNoUnknown();
+  }
+  if (r.Has("lr_optimizer")) o.lr_rule = ParseRule(r.Get("lr_optimizer"), "config['lr_optimizer']");
+  if (r.Has("mf_optimizer")) o.mf_rule = ParseRule(r.Get("mf_optimizer"), "config['mf_optimizer']");
+  if (r.Has("seed")) {
+    py::object s = r.Get("seed");
+    if (!py::isinstance<py::int_>(s) || py::isinstance<py::bool_>(s)) {
+      throw py::type_error("config['seed'] must be an int, got " + std::string(py::repr(s)));
+    }
+    try {
+      o.seed = s.cast<uint64_t>();
+    } catch (const py::cast_error&) {
+      throw py::value_error("config['seed'] must be in [0, 2**64), got " + std::string(py::repr(s)));
+    }
+  }
+  o.num_shards = static_cast<int>(r.Int("num_shards", 64, 1, 65536));
+  o.num_threads = static_cast<int>(r.Int("num_threads", 0, 0, 4096));
+  if (r.Has("nan_policy")) {
+    py::object p = r.Get("nan_policy");
+    const std::string pol = py::isinstance<py::str>(p) ? p.cast<std::string>() : std::string("?");
+    if (pol != "raise" && pol != "skip") {
+      throw py::value_error("config['nan_policy'] must be 'raise' or 'skip', got " + std::string(py::repr(p)));
+    }
+    o.nan_skip = pol == "skip";
+  }
+  r.CheckNoUnknown();
+  return o;
+}
+
+ExportMode ParseMode(const std::string& mode) {
+  if (mode == "checkpoint") return ExportMode::kCheckpoint;
+  if (mode == "base") return ExportMode::kBase;
+  if (mode == "delta") return ExportMode::kDelta;
+  if (mode == "serving") return ExportMode::kServing;
+  throw py::value_error("mode must be one of 'checkpoint', 'base', 'delta', 'serving', got '" + mode + "'");
+}
+
+// A numpy array that owns a moved-in vector (no copy).
+template <typename T, typename V>
+py::array VectorToArray(std::vector<V>&& v, std::vector<py::ssize_t> shape) {
+  static_assert(sizeof(T) == sizeof(V), "reinterpretation must keep the element size");
+  auto* holder = new std::vector<V>(std::move(v));
+  py::capsule owner(holder, [](void* p) { delete static_cast<std::vector<V>*>(p); });
+  return py::array_t<T>(shape, reinterpret_cast<T*>(holder->data()), owner);
+}
+
+// ---------------------------------------------------------------------- Table
+
+class PyTable {
+ public:
+  explicit PyTable(const py::handle& config) : options_(ParseConfig(config)) {
+    table_ = std::make_unique<SparseTable>(options_);
+  }
+
+  SparseTable& t() { return *table_; }
+  const TableOptions& options() const { return options_; }
+
+  py::array Pull(const py::handle& keys_obj, bool with_stats) {
+    py::array keys = CheckKeys(keys_obj);
+    const size_t n = keys.shape(0);
+    const int width = table_->pull_width(with_stats);
+    py::array_t<float> out({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(width)});
+    float* o = out.mutable_data();
+    const uint64_t* k = KeyPtr(keys);
+    {
+      py::gil_scoped_release release;
+      table_->Pull(k, n, with_stats, o);
+    }
+    return out;
+  }
+
+  size_t Push(const py::handle& keys_obj, const py::handle& grads_obj, const py::handle& shows_obj,
+              const py::handle& clicks_obj, const py::handle& slots_obj) {
+    py::array keys = CheckKeys(keys_obj);
+    const size_t n = keys.shape(0);
+    const size_t gw = 1 + options_.dim;
+    py::array grads = CheckArray(grads_obj, "grads", 'f', 4, "float32", 2);
+    CheckMatrix(grads, "grads", n, gw, "len(keys)");
+    py::array shows = CheckArray(shows_obj, "shows", 'f', 4, "float32", 1);
+    CheckRows(shows, "shows", n, "len(keys)");
+    py::array clicks = CheckArray(clicks_obj, "clicks", 'f', 4, "float32", 1);
+    CheckRows(clicks, "clicks", n, "len(keys)");
+    py::array slots;
+    const int32_t* sl = nullptr;
+    if (!slots_obj.is_none()) {
+      slots = CheckArray(slots_obj, "slots", 'i', 4, "int32", 1);
+      CheckRows(slots, "slots", n, "len(keys)");
+      sl = Ptr<int32_t>(slots);
+    }
+    const uint64_t* k = KeyPtr(keys);
+    const float* g = Ptr<float>(grads);
+    const float* s = Ptr<float>(shows);
+    const float* c = Ptr<float>(clicks);
+    // Value checks without the GIL, then raise with it.
+    size_t bad_show, bad_click, bad_grad = n, skipped = 0;
+    std::vector<uint8_t> skip;
+    {
+      py::gil_scoped_release release;
+      bad_show = FirstBadCount(s, n);
+      bad_click = FirstBadCount(c, n);
+      for (size_t i = 0; i < n; ++i) {
+        const float* row = g + i * gw;
+        bool finite = true;
+        for (size_t d = 0; d < gw; ++d) finite &= std::isfinite(row[d]);
+        if (!finite) {
+          if (!options_.nan_skip) {
+            bad_grad = i;
+            break;
+          }
+          if (skip.empty()) skip.assign(n, 0);
+          skip[i] = 1;
+          ++skipped;
+        }
+      }
+    }
+    if (bad_show < n) {
+      throw py::value_error("shows must be finite and >= 0, got shows[" + std::to_string(bad_show) +
+                            "] = " + FloatString(s[bad_show]));
+    }
+    if (bad_click < n) {
+      throw py::value_error("clicks must be finite and >= 0, got clicks[" + std::to_string(bad_click) +
+                            "] = " + FloatString(c[bad_click]));
+    }
+    if (bad_grad < n) {
+      throw py::value_error("grads has NaN/Inf in row " + std::to_string(bad_grad) + " (key " +
+                            std::to_string(static_cast<int64_t>(k[bad_grad])) +
+                            "); nan_policy='raise' rejected the whole push (use nan_policy='skip' to drop such rows)");
+    }
+    {
+      py::gil_scoped_release release;
+      table_->Push(k, n, g, s, c, sl, skip.empty() ? nullptr : skip.data());
+    }
+    return skipped;
+  }
+
+  py::dict Export(const std::string& mode_name, int64_t buckets, int64_t bucket) {
+    const ExportMode mode = ParseMode(mode_name);
+    if (buckets < 1 || buckets > std::numeric_limits<uint32_t>::max()) {
+      throw py::value_error("buckets must be >= 1, got " + std::to_string(buckets));
+    }
+    if (bucket < -1 || bucket >= buckets) {
+      throw py::value_error("bucket must be -1 (all) or in [0, buckets = " + std::to_string(buckets) + "), got " +
+                            std::to_string(bucket));
+    }
+    ExportResult r;
+    {
+      py::gil_scoped_release release;
+      table_->Export(mode, static_cast<uint32_t>(buckets), bucket, &r);
+    }
+    const RowLayout& lay = table_->layout();
+    const py::ssize_t n = static_cast<py::ssize_t>(r.keys.size());
+    const py::ssize_t m = lay.mf_width() ? static_cast<py::ssize_t>(r.mf.size() / lay.mf_width()) : 0;
+    const py::ssize_t nt = static_cast<py::ssize_t>(r.tombstones.size());
+    py::dict d;
+    d["keys"] = VectorToArray<int64_t>(std::move(r.keys), {n});
+    d["base"] = VectorToArray<float>(std::move(r.base), {n, lay.base_export_width()});
+    d["has_mf"] = VectorToArray<uint8_t>(std::move(r.has_mf), {n});
+    d["mf"] = VectorToArray<float>(std::move(r.mf), {m, lay.mf_width()});
+    d["tombstones"] = VectorToArray<int64_t>(std::move(r.tombstones), {nt});
+    d["pending_tombstones"] = r.pending_tombstones;
+    return d;
+  }
+
+  void CommitSave(const std::string& mode_name, const py::handle& keys_obj, const py::handle& ds_obj,
+                  int64_t tombstones) {
+    const ExportMode mode = ParseMode(mode_name);
+    py::array keys = CheckKeys(keys_obj);
+    const size_t n = keys.shape(0);
+    py::array ds = CheckArray(ds_obj, "delta_scores", 'f', 4, "float32", 1);
+    CheckRows(ds, "delta_scores", n, "len(keys)");
+    if (tombstones < 0) throw py::value_error("tombstones must be >= 0, got " + std::to_string(tombstones));
+    const uint64_t* k = KeyPtr(keys);
+    const float* d = Ptr<float>(ds);
+    py::gil_scoped_release release;
+    table_->CommitSave(mode, k, d, n, static_cast<size_t>(tombstones));
+  }
+
+  void LoadRows(const py::handle& keys_obj, const py::handle& base_obj, const py::handle& has_mf_obj,
+                const py::handle& mf_obj) {
+    const RowLayout& lay = table_->layout();
+    py::array keys = CheckKeys(keys_obj);
+    const size_t n = keys.shape(0);
+    const size_t bw = lay.base_export_width(), mw = lay.mf_width();
+    py::array base = CheckArray(base_obj, "base", 'f', 4, "float32", 2);
+    CheckMatrix(base, "base", n, bw, "len(keys)");
+    py::array has_mf = CheckArray(has_mf_obj, "has_mf", 'u', 1, "uint8", 1);
+    CheckRows(has_mf, "has_mf", n, "len(keys)");
+    py::array mf = CheckArray(mf_obj, "mf", 'f', 4, "float32", 2);
+    const uint8_t* hm = Ptr<uint8_t>(has_mf);
+    size_t m = 0;
+    for (size_t i = 0; i < n; ++i) {
+      if (hm[i] > 1) {
+        throw py::value_error("has_mf must hold 0 or 1, got has_mf[" + std::to_string(i) + "] = " +
+                              std::to_string(int{hm[i]}));
+      }
+      m += hm[i];
+    }
+    CheckMatrix(mf, "mf", m, mw, "has_mf.sum()");
+    const float* b = Ptr<float>(base);
+    const float* f = Ptr<float>(mf);
+    for (size_t i = 0; i < n; ++i) {
+      const float* row = b + i * bw;
+      for (size_t j = 0; j < bw; ++j) {
+        if (!std::isfinite(row[j])) {
+          throw py::value_error("base[" + std::to_string(i) + ", " + std::to_string(j) + "] is not finite");
+        }
+      }
+      if (row[0] < 0 || row[1] < 0) {
+        throw py::value_error("base[" + std::to_string(i) + "]: show and click must be >= 0");
+      }
+      if (row[3] < 0 || row[3] > kMaxUnseenDays || row[3] != std::floor(row[3])) {
+        throw py::value_error("base[" + std::to_string(i) + ", 3] (unseen_days) must be an integer in [0, 65535], got " +
+                              FloatString(row[3]));
+      }
+      if (row[4] != std::floor(row[4]) || std::fabs(row[4]) > 2147483647.0) {
+        throw py::value_error("base[" + std::to_string(i) + ", 4] (slot) must be an int32, got " + FloatString(row[4]));
+      }
+    }
+    for (size_t i = 0; i < m * mw; ++i) {
+      if (!std::isfinite(f[i])) {
+        throw py::value_error("mf[" + std::to_string(i / mw) + ", " + std::to_string(i % mw) + "] is not finite");
+      }
+    }
+    const uint64_t* k = KeyPtr(keys);
+    py::gil_scoped_release release;
+    table_->LoadRows(k, n, b, hm, f);
+  }
+
+  size_t Erase(const py::handle& keys_obj) {
+    py::array keys = CheckKeys(keys_obj);
+    const uint64_t* k = KeyPtr(keys);
+    const size_t n = keys.shape(0);
+    py::gil_scoped_release release;
+    return table_->Erase(k, n);
+  }
+
+  py::dict Stats() {
+    TableStats s;
+    {
+      py::gil_scoped_release release;
+      s = table_->Stats();
+    }
+    py::dict d;
+    d["keys"] = s.keys;
+    d["keys_with_mf"] = s.keys_with_mf;
+    d["bytes"] = s.bytes;
+    d["pull_misses"] = s.pull_misses;
+    d["inserts"] = s.inserts;
+    d["mf_created"] = s.mf_created;
+    d["deleted"] = s.deleted;
+    d["rejected"] = s.rejected;
+    d["admission_rejected"] = s.admission_rejected;
+    return d;
+  }
+
+  bool Contains(const py::handle& key) {
+    if (!py::isinstance<py::int_>(key) && !py::hasattr(key, "__index__")) return false;
+    py::int_ v = py::reinterpret_steal<py::int_>(PyNumber_Index(key.ptr()));
+    if (!v) {
+      PyErr_Clear();
+      return false;
+    }
+    uint64_t k;
+    try {
+      k = static_cast<uint64_t>(v.cast<int64_t>());
+    } catch (const py::cast_error&) {
+      try {
+        k = v.cast<uint64_t>();
+      } catch (const py::cast_error&) {
+        return false;  // outside [-2**63, 2**64)
+      }
+    }
+    py::gil_scoped_release release;
+    return table_->Contains(k);
+  }
+
+ private:
+  TableOptions options_;
+  std::unique_ptr<SparseTable> table_;
+};
+
+py::array_t<int64_t> Mix64Array(const py::handle& keys_obj) {
+  py::array keys = CheckKeys(keys_obj);
+  const size_t n = keys.shape(0);
+  py::array_t<int64_t> out(static_cast<py::ssize_t>(n));
+  const uint64_t* k = KeyPtr(keys);
+  auto* o = reinterpret_cast<uint64_t*>(out.mutable_data());
+  py::gil_scoped_release release;
+  for (size_t i = 0; i < n; ++i) o[i] = Mix64(k[i]);
+  return out;
+}
+
+py::array_t<int32_t> RouteArray(const py::handle& keys_obj, int64_t num_parts) {
+  if (num_parts < 1 || num_parts > std::numeric_limits<int32_t>::max()) {
+    throw py::value_error("num_parts must be in [1, 2**31), got " + std::to_string(num_parts));
+  }
+  py::array keys = CheckKeys(keys_obj);
+  const size_t n = keys.shape(0);
+  py::array_t<int32_t> out(static_cast<py::ssize_t>(n));
+  const uint64_t* k = KeyPtr(keys);
+  int32_t* o = out.mutable_data();
+  py::gil_scoped_release release;
+  for (size_t i = 0; i < n; ++i) o[i] = static_cast<int32_t>(Route(k[i], static_cast<uint32_t>(num_parts)));
+  return out;
+}
+
+py::array_t<double> UniformArray(uint64_t seed, const py::handle& keys_obj, uint64_t stream, uint64_t index) {
+  py::array keys = CheckKeys(keys_obj);
+  const size_t n = keys.shape(0);
+  py::array_t<double> out(static_cast<py::ssize_t>(n));
+  const uint64_t* k = KeyPtr(keys);
+  double* o = out.mutable_data();
+  for (size_t i = 0; i < n; ++i) o[i] = Uniform01(seed, k[i], stream, index);
+  return out;
+}
+
+}  // namespace
+
+void RegisterTableBindings(py::module_& m) {
+  m.def("mix64", &Mix64Array, py::arg("keys"),
+        R"doc(mix64(keys: int64[n]) -> int64[n]: the frozen splitmix64 finalizer of each key (uint64 bits).)doc");
+  m.def("route", &RouteArray, py::arg("keys"), py::arg("num_parts"),
+        R"doc(route(keys: int64[n], num_parts: int) -> int32[n]: owner part mix64(k) % num_parts (unsigned).)doc");
+  m.def("uniform", &UniformArray, py::arg("seed"), py::arg("keys"), py::arg("stream"), py::arg("index"),
+        R"doc(uniform(seed, keys, stream, index) -> float64[n]: the counter-based generator,
+(splitmix64(seed ^ mix64(key) ^ ((stream << 56) + index)) >> 40) * 2**-24, where
+splitmix64(x) = mix64(x + 0x9e3779b97f4a7c15). Streams: 1 lr init, 2 mf init, 3 admission.)doc");
+
+  py::class_<PyTable>(m, "Table", R"doc(Table(config: dict): the sharded C++ sparse table.
+
+config is TableConfig.to_dict(). Every method validates its arguments before changing anything and
+releases the GIL for the work; methods may be called from many threads at once.)doc")
+      .def(py::init<const py::handle&>(), py::arg("config"))
+      .def_property_readonly("dim", [](PyTable& t) { return t.options().dim; })
+      .def_property_readonly("lr_state_dim", [](PyTable& t) { return t.t().layout().lr_state_dim(); })
+      .def_property_readonly("mf_state_dim", [](PyTable& t) { return t.t().layout().mf_state_dim(); })
+      .def_property_readonly("base_width", [](PyTable& t) { return t.t().layout().base_export_width(); })
+      .def_property_readonly("mf_width", [](PyTable& t) { return t.t().layout().mf_width(); })
+      .def_property_readonly("num_shards", [](PyTable& t) { return t.options().num_shards; })
+      .def("pull", &PyTable::Pull, py::arg("keys"), py::arg("with_stats") = false,
+           R"doc(pull(keys: int64[n], with_stats=False) -> float32[n, 1+dim] ([n, 3+dim] with show, click first).
+Unknown keys and keys without mf read zeros in the missing part. Never inserts.)doc")
+      .def("push", &PyTable::Push, py::arg("keys"), py::arg("grads"), py::arg("shows"), py::arg("clicks"),
+           py::arg("slots") = py::none(),
+           R"doc(push(keys, grads f32[n, 1+dim], shows f32[n], clicks f32[n], slots int32[n] | None) -> int.
+Duplicate keys are merged in input order. Returns the rows skipped for NaN/Inf (nan_policy="skip").)doc")
+      .def("shrink", [](PyTable& t) {
+        py::gil_scoped_release r;
+        return t.t().Shrink();
+      }, R"doc(shrink() -> int: decay once, then delete by the predicates; returns rows deleted.)doc")
+      .def("new_day", [](PyTable& t) {
+        py::gil_scoped_release r;
+        t.t().NewDay();
+      }, R"doc(new_day(): unseen_days += 1 for every row.)doc")
+      .def("end_day", [](PyTable& t, int64_t day) {
+        size_t deleted = 0;
+        Status s;
+        {
+          py::gil_scoped_release r;
+          s = t.t().EndDay(day, &deleted);
+        }
+        if (!s.ok()) throw py::value_error(s.message());
+        return deleted;
+      }, py::arg("day"), R"doc(end_day(day: int) -> int: decay by elapsed days, age, delete. Idempotent per day.)doc")
+      .def_property("day", [](PyTable& t) { return t.t().day(); },
+                    [](PyTable& t, int64_t d) {
+                      if (d < -1) throw py::value_error("day must be >= -1, got " + std::to_string(d));
+                      t.t().set_day(d);
+                    })
+      .def("stats", &PyTable::Stats)
+      .def("__len__", [](PyTable& t) {
+        py::gil_scoped_release r;
+        return t.t().Size();
+      })
+      .def("__contains__", &PyTable::Contains)
+      .def("export", &PyTable::Export, py::arg("mode"), py::arg("buckets") = 1, py::arg("bucket") = -1,
+           R"doc(export(mode, buckets=1, bucket=-1) -> dict(keys, base, has_mf, mf, tombstones, pending_tombstones).
+One consistent snapshot, rows sorted by key (uint64). bucket >= 0 keeps keys with mix64(k) % buckets == bucket.)doc")
+      .def("commit_save", &PyTable::CommitSave, py::arg("mode"), py::arg("keys"), py::arg("delta_scores"),
+           py::arg("tombstones"))
+      .def("load_rows", &PyTable::LoadRows, py::arg("keys"), py::arg("base"), py::arg("has_mf"), py::arg("mf"))
+      .def("erase", &PyTable::Erase, py::arg("keys"))
+      .def("clear", [](PyTable& t) {
+        py::gil_scoped_release r;
+        t.t().Clear();
+      })
+      .def("__repr__", [](PyTable& t) {
+        return "_C.Table(dim=" + std::to_string(t.options().dim) + ", num_shards=" +
+               std::to_string(t.options().num_shards) + ")";
+      });
+}
+
+}  // namespace psembed

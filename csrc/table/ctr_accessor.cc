@@ -1,0 +1,77 @@
+// Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
+
+#include "table/ctr_accessor.h"
+
+#include "util/hash.h"
+
+namespace psembed {
+
+CtrAccessor::CtrAccessor(const TableOptions& options)
+    : options_(options),
+      lr_rule_(SparseRule::Create(options.lr_rule, 1)),
+      mf_rule_(SparseRule::Create(options.mf_rule, options.dim)),
+      layout_(options.dim, lr_rule_->StateDim(), mf_rule_->StateDim()) {}
+
+bool CtrAccessor::Admit(uint64_t key, double show, double click, uint32_t attempt, bool* drew) const {
+  *drew = false;
+  if (!options_.accessor.create_probability_from_score) return true;
+  const double s = Score(show, click);
+  if (!(s > 0.0)) return false;
+  if (s >= 1.0) return true;
+  *drew = true;
+  return Uniform01(options_.seed, key, kStreamAdmission, attempt) < s;
+}
+
+void CtrAccessor::InitRow(RowHeader* h, uint64_t key) const {
+  h->show = 0.0f;
+  h->click = 0.0f;
+  h->delta_score = 0.0f;
+  h->slot = -1;
+  h->unseen_days = 0;
+  h->reserved = 0;
+  h->mf_index = kNoMf;
+  float* lr = RowLayout::Lr(h);
+  lr_rule_->Init(lr, lr + 1, options_.seed, key, kStreamLrInit);
+}
+
+void CtrAccessor::InitMf(float* mf, uint64_t key) const {
+  mf_rule_->Init(mf, mf + layout_.dim(), options_.seed, key, kStreamMfInit);
+}
+
+bool CtrAccessor::Update(RowHeader* h, float* mf, const float* g, float show, float click,
+                         const int32_t* slot) const {
+  h->show += show;
+  h->click += click;
+  h->delta_score = static_cast<float>(double{h->delta_score} + Score(show, click));
+  h->unseen_days = 0;
+  if (slot != nullptr) h->slot = *slot;
+  const double scale = (options_.accessor.show_scale && show > 0.0f) ? double{show} : 1.0;
+  float* lr = RowLayout::Lr(h);
+  lr_rule_->Update(lr, lr + 1, g, scale);
+  if (mf != nullptr) {
+    mf_rule_->Update(mf, mf + layout_.dim(), g + 1, scale);
+    return false;
+  }
+  return Score(h->show, h->click) >= options_.accessor.embedx_threshold;
+}
+
+void CtrAccessor::Decay(RowHeader* h, double factor) const {
+  h->show = static_cast<float>(h->show * factor);
+  h->click = static_cast<float>(h->click * factor);
+}
+
+bool CtrAccessor::ShouldDelete(const RowHeader& h) const {
+  return Score(h.show, h.click) < options_.accessor.delete_threshold ||
+         static_cast<int64_t>(h.unseen_days) > options_.accessor.delete_after_unseen_days;
+}
+
+bool CtrAccessor::SaveBase(const RowHeader& h) const {
+  return Score(h.show, h.click) >= options_.accessor.base_threshold &&
+         static_cast<int64_t>(h.unseen_days) <= options_.accessor.delta_keep_days;
+}
+
+bool CtrAccessor::SaveDelta(const RowHeader& h) const {
+  return SaveBase(h) && h.delta_score >= options_.accessor.delta_threshold;
+}
+
+}  // namespace psembed

@@ -1,0 +1,74 @@
+// Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
+//
+// CtrAccessor: the rules applied to one row: score, admission, push update, mf creation, decay, and
+// the save/delete predicates (reference: shared ctr_accessor_semantics.md sections 1, 2, 4;
+// docs/architecture.md "Row semantics").
+//
+// Thread safety: immutable after construction; methods touch only the row they are given, which the
+// caller protects with the shard mutex.
+//
+// Numerics: scores and rule arithmetic are computed in double from the stored float32 values and
+// rounded to float32 once when stored.
+
+#ifndef PSEMBED_TABLE_CTR_ACCESSOR_H_
+#define PSEMBED_TABLE_CTR_ACCESSOR_H_
+
+#include <cstdint>
+#include <memory>
+
+#include "table/accessor_options.h"
+#include "table/row_store/feature_value.h"
+#include "table/sparse_rule.h"
+
+namespace psembed {
+
+class CtrAccessor {
+ public:
+  explicit CtrAccessor(const TableOptions& options);
+  CtrAccessor(const CtrAccessor&) = delete;
+  CtrAccessor& operator=(const CtrAccessor&) = delete;
+
+  const TableOptions& options() const { return options_; }
+  const RowLayout& layout() const { return layout_; }
+  const SparseRule& lr_rule() const { return *lr_rule_; }
+  const SparseRule& mf_rule() const { return *mf_rule_; }
+
+  // S(show, click) = (show - click) * nonclk_coeff + click * click_coeff.
+  double Score(double show, double click) const {
+    return (show - click) * options_.accessor.nonclk_coeff + click * options_.accessor.click_coeff;
+  }
+
+  // Admission of an unknown key pushed with (show, click) when create_probability_from_score:
+  // s = Score; reject if s <= 0, admit if s >= 1, else admit iff u(seed, key, 3, attempt) < s.
+  // *drew is set when a random draw was consumed (the caller then advances the key's attempt count).
+  bool Admit(uint64_t key, double show, double click, uint32_t attempt, bool* drew) const;
+
+  // A fresh row: zero stats, slot -1, no mf, lr block from the lr rule's Init (stream 1).
+  void InitRow(RowHeader* h, uint64_t key) const;
+  // A fresh mf block from the mf rule's Init (stream 2).
+  void InitMf(float* mf, uint64_t key) const;
+
+  // Applies one merged push: stats, slot (when slot != nullptr), the lr rule and, if mf != nullptr,
+  // the mf rule. g has 1 + dim floats. Returns true when the row has no mf and its post-update
+  // score reaches embedx_threshold (the caller then creates mf; this push's mf gradient is dropped).
+  bool Update(RowHeader* h, float* mf, const float* g, float show, float click, const int32_t* slot) const;
+
+  // show, click *= factor.
+  void Decay(RowHeader* h, double factor) const;
+  // S < delete_threshold or unseen_days > delete_after_unseen_days.
+  bool ShouldDelete(const RowHeader& h) const;
+  // S >= base_threshold and unseen_days <= delta_keep_days.
+  bool SaveBase(const RowHeader& h) const;
+  // SaveBase and delta_score >= delta_threshold.
+  bool SaveDelta(const RowHeader& h) const;
+
+ private:
+  const TableOptions options_;
+  std::unique_ptr<SparseRule> lr_rule_;
+  std::unique_ptr<SparseRule> mf_rule_;
+  RowLayout layout_;
+};
+
+}  // namespace psembed
+
+#endif  // PSEMBED_TABLE_CTR_ACCESSOR_H_

@@ -1,0 +1,122 @@
+// Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
+
+#include "table/row_store/hash_index.h"
+
+#include <cstdlib>
+#include <new>
+
+namespace psembed {
+
+namespace {
+constexpr size_t kMinCapacity = 16;
+// Grow when size + 1 > capacity * 4 / 5.
+inline bool OverLoad(size_t size, size_t capacity) { return (size + 1) * 5 > capacity * 4; }
+}  // namespace
+
+HashIndex::~HashIndex() { Clear(); }
+
+void HashIndex::Clear() {
+  std::free(keys_);
+  std::free(values_);
+  keys_ = nullptr;
+  values_ = nullptr;
+  capacity_ = mask_ = size_ = 0;
+  has_zero_ = false;
+  zero_value_ = 0;
+}
+
+void HashIndex::Rehash(size_t new_capacity) {
+  auto* keys = static_cast<uint64_t*>(std::calloc(new_capacity, sizeof(uint64_t)));
+  auto* values = static_cast<uint32_t*>(std::malloc(new_capacity * sizeof(uint32_t)));
+  if (keys == nullptr || values == nullptr) {
+    std::free(keys);
+    std::free(values);
+    throw std::bad_alloc();
+  }
+  const size_t mask = new_capacity - 1;
+  for (size_t i = 0; i < capacity_; ++i) {
+    const uint64_t k = keys_[i];
+    if (k == 0) continue;
+    size_t j = TableHash(k) & mask;
+    while (keys[j] != 0) j = (j + 1) & mask;
+    keys[j] = k;
+    values[j] = values_[i];
+  }
+  std::free(keys_);
+  std::free(values_);
+  keys_ = keys;
+  values_ = values;
+  capacity_ = new_capacity;
+  mask_ = mask;
+}
+
+void HashIndex::Insert(uint64_t key, uint64_t hash, uint32_t value) {
+  if (key == 0) {
+    has_zero_ = true;
+    zero_value_ = value;
+    return;
+  }
+  if (capacity_ == 0 || OverLoad(size_, capacity_)) {
+    Rehash(capacity_ == 0 ? kMinCapacity : capacity_ * 2);
+  }
+  size_t i = hash & mask_;
+  while (keys_[i] != 0) i = (i + 1) & mask_;
+  keys_[i] = key;
+  values_[i] = value;
+  ++size_;
+}
+
+bool HashIndex::Update(uint64_t key, uint64_t hash, uint32_t value) {
+  if (key == 0) {
+    if (!has_zero_) return false;
+    zero_value_ = value;
+    return true;
+  }
+  if (capacity_ == 0) return false;
+  size_t i = hash & mask_;
+  for (;;) {
+    const uint64_t k = keys_[i];
+    if (k == key) {
+      values_[i] = value;
+      return true;
+    }
+    if (k == 0) return false;
+    i = (i + 1) & mask_;
+  }
+}
+
+uint32_t HashIndex::Erase(uint64_t key, uint64_t hash) {
+  if (key == 0) {
+    if (!has_zero_) return kNotFound;
+    has_zero_ = false;
+    return zero_value_;
+  }
+  if (capacity_ == 0) return kNotFound;
+  size_t i = hash & mask_;
+  for (;;) {
+    const uint64_t k = keys_[i];
+    if (k == 0) return kNotFound;
+    if (k == key) break;
+    i = (i + 1) & mask_;
+  }
+  const uint32_t value = values_[i];
+  // Backward-shift: pull later entries of the cluster into the hole when their home slot is at or
+  // before the hole (cyclically), so every entry stays reachable from its home without tombstones.
+  size_t hole = i;
+  size_t j = (i + 1) & mask_;
+  while (keys_[j] != 0) {
+    const size_t home = TableHash(keys_[j]) & mask_;
+    // Distance from home to j, and from hole to j (both cyclic). Move if home is not in (hole, j].
+    if (((j - home) & mask_) >= ((j - hole) & mask_)) {
+      keys_[hole] = keys_[j];
+      values_[hole] = values_[j];
+      hole = j;
+    }
+    j = (j + 1) & mask_;
+  }
+  keys_[hole] = 0;
+  --size_;
+  return value;
+}
+
+}  // namespace psembed

@@ -1,0 +1,108 @@
+// Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
+//
+// HashIndex: an open-addressing map from a uint64 key to a uint32 value (a row index), one per shard.
+//
+// Why hand-written: the memory target is ~20 bytes of index per key on top of the row payload
+// (docs/benchmarks.md measures it with scripts/bench_table.py). std::unordered_map costs a heap node
+// per key (~40-60 bytes plus the bucket array) and a pointer chase per lookup; good open-addressing
+// maps (absl::flat_hash_map, ska, robin_hood) store key+value pairs with per-slot control bytes and
+// would have to be vendored, which this build cannot do (no network). This one is small enough to
+// read in one sitting and is tested under ASan/TSan (scripts/sanitize.sh).
+//
+// When to choose it: integer keys, uint32 values, single-writer under an external lock.
+//
+// Layout (capacity C, a power of two, C = 0 before the first insert):
+//   uint64 keys_[C]    // 0 = empty slot; key 0 itself lives out of line (has_zero_, zero_value_)
+//   uint32 values_[C]  // valid where keys_[i] != 0
+// Keys and values are separate arrays, so a probe walks 8 keys per cache line.
+// Probing: linear, starting at hash & (C - 1), where hash = TableHash(key) (util/hash.h; the shard
+// was chosen from its high 32 bits, the probe start uses the low bits). Maximum load 0.8, then the
+// capacity doubles (a rehash). Erase uses backward-shift deletion: no tombstones, so probe lengths
+// do not degrade with churn.
+//
+// Guarantees: exception safety is strong for Insert (a failed rehash allocation throws bad_alloc and
+// leaves the map unchanged); Find/Erase never throw. A rehash invalidates nothing outside (values
+// are row indices, not pointers). Erase never rehashes; capacity shrinks only on Clear().
+// Iteration (ForEach) is O(capacity) and must not run concurrently with mutation (the shard lock
+// guarantees that); mutating inside ForEach is not allowed.
+//
+// Thread safety: none; the owning shard's mutex protects it.
+
+#ifndef PSEMBED_TABLE_ROW_STORE_HASH_INDEX_H_
+#define PSEMBED_TABLE_ROW_STORE_HASH_INDEX_H_
+
+#include <cstddef>
+#include <cstdint>
+
+#include "util/hash.h"
+
+namespace psembed {
+
+class HashIndex {
+ public:
+  static constexpr uint32_t kNotFound = 0xffffffffu;
+
+  HashIndex() = default;
+  ~HashIndex();
+  HashIndex(const HashIndex&) = delete;
+  HashIndex& operator=(const HashIndex&) = delete;
+
+  size_t size() const { return size_ + (has_zero_ ? 1 : 0); }
+  size_t capacity() const { return capacity_; }
+  // Bytes held by the two arrays.
+  size_t bytes() const { return capacity_ * (sizeof(uint64_t) + sizeof(uint32_t)); }
+
+  // The value of key, or kNotFound. `hash` must be TableHash(key).
+  uint32_t Find(uint64_t key, uint64_t hash) const {
+    if (key == 0) return has_zero_ ? zero_value_ : kNotFound;
+    if (capacity_ == 0) return kNotFound;
+    size_t i = hash & mask_;
+    for (;;) {
+      const uint64_t k = keys_[i];
+      if (k == key) return values_[i];
+      if (k == 0) return kNotFound;
+      i = (i + 1) & mask_;
+    }
+  }
+
+  // Hints the cache about the probe start of a key looked up soon.
+  void Prefetch(uint64_t hash) const {
+    if (capacity_ != 0) __builtin_prefetch(&keys_[hash & mask_]);
+  }
+
+  // Adds key -> value. REQUIRES: key not present. May rehash (throws std::bad_alloc).
+  void Insert(uint64_t key, uint64_t hash, uint32_t value);
+
+  // Sets the value of a present key. Returns false if absent.
+  bool Update(uint64_t key, uint64_t hash, uint32_t value);
+
+  // Removes key; returns its value or kNotFound. Never rehashes.
+  uint32_t Erase(uint64_t key, uint64_t hash);
+
+  // fn(key, value) for every entry, in slot order (key 0 first).
+  template <typename Fn>
+  void ForEach(Fn&& fn) const {
+    if (has_zero_) fn(uint64_t{0}, zero_value_);
+    for (size_t i = 0; i < capacity_; ++i) {
+      if (keys_[i] != 0) fn(keys_[i], values_[i]);
+    }
+  }
+
+  // Removes everything and frees the arrays.
+  void Clear();
+
+ private:
+  void Rehash(size_t new_capacity);
+
+  uint64_t* keys_ = nullptr;    // owned, capacity_ entries
+  uint32_t* values_ = nullptr;  // owned, capacity_ entries
+  size_t capacity_ = 0;
+  size_t mask_ = 0;
+  size_t size_ = 0;  // nonzero keys stored
+  bool has_zero_ = false;
+  uint32_t zero_value_ = 0;
+};
+
+}  // namespace psembed
+
+#endif  // PSEMBED_TABLE_ROW_STORE_HASH_INDEX_H_

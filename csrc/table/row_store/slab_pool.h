@@ -1,0 +1,81 @@
+// Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
+//
+// SlabPool: fixed-size records in fixed-size chunks, addressed by a uint32 index, with an intrusive
+// free list. No per-record heap allocation; growing never moves records (unlike a doubling vector),
+// so growth costs one chunk allocation and never a copy of the table.
+//
+// Thread safety: none; the owning shard's mutex protects it.
+
+#ifndef PSEMBED_TABLE_ROW_STORE_SLAB_POOL_H_
+#define PSEMBED_TABLE_ROW_STORE_SLAB_POOL_H_
+
+#include <cassert>
+#include <cstdint>
+#include <cstdlib>
+#include <new>
+#include <vector>
+
+namespace psembed {
+
+class SlabPool {
+ public:
+  static constexpr int kChunkShift = 10;  // 1024 records per chunk
+  static constexpr uint32_t kChunkRecords = 1u << kChunkShift;
+  static constexpr uint32_t kNone = 0xffffffffu;
+
+  // REQUIRES: stride_bytes >= 4 and a multiple of 4.
+  explicit SlabPool(size_t stride_bytes) : stride_(stride_bytes) { assert(stride_ >= 4 && stride_ % 4 == 0); }
+  ~SlabPool() { Clear(); }
+  SlabPool(const SlabPool&) = delete;
+  SlabPool& operator=(const SlabPool&) = delete;
+
+  // A record index; its bytes are unspecified. Throws std::bad_alloc.
+  uint32_t Allocate() {
+    if (free_head_ != kNone) {
+      const uint32_t idx = free_head_;
+      free_head_ = *reinterpret_cast<uint32_t*>(At(idx));
+      ++live_;
+      return idx;
+    }
+    if ((next_ >> kChunkShift) >= chunks_.size()) {
+      void* p = std::malloc(stride_ * kChunkRecords);
+      if (p == nullptr) throw std::bad_alloc();
+      chunks_.push_back(static_cast<char*>(p));
+    }
+    ++live_;
+    return next_++;
+  }
+
+  // REQUIRES: idx came from Allocate() and was not freed since.
+  void Free(uint32_t idx) {
+    *reinterpret_cast<uint32_t*>(At(idx)) = free_head_;
+    free_head_ = idx;
+    --live_;
+  }
+
+  char* At(uint32_t idx) const { return chunks_[idx >> kChunkShift] + (idx & (kChunkRecords - 1)) * stride_; }
+
+  void Clear() {
+    for (char* c : chunks_) std::free(c);
+    chunks_.clear();
+    chunks_.shrink_to_fit();
+    next_ = 0;
+    free_head_ = kNone;
+    live_ = 0;
+  }
+
+  size_t live() const { return live_; }
+  // Bytes held (capacity): the chunks and the chunk directory.
+  size_t bytes() const { return chunks_.size() * stride_ * kChunkRecords + chunks_.capacity() * sizeof(char*); }
+
+ private:
+  const size_t stride_;
+  std::vector<char*> chunks_;  // owned (malloc)
+  uint32_t next_ = 0;          // records ever handed out from the chunks (high-water mark)
+  uint32_t free_head_ = kNone; // intrusive list through the first 4 bytes of freed records
+  size_t live_ = 0;
+};
+
+}  // namespace psembed
+
+#endif  // PSEMBED_TABLE_ROW_STORE_SLAB_POOL_H_

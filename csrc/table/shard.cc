@@ -1,0 +1,208 @@
+// Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
+
+#include "table/shard.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "util/hash.h"
+
+namespace psembed {
+
+Shard::Shard(const CtrAccessor* accessor)
+    : accessor_(accessor),
+      layout_(accessor->layout()),
+      base_(accessor->layout().base_bytes()),
+      mf_(accessor->layout().mf_bytes()) {}
+
+void Shard::Pull(const uint64_t* keys, const uint64_t* hashes, const uint32_t* pos, size_t n, bool with_stats,
+                 float* out) {
+  const int dim = layout_.dim();
+  const size_t width = (with_stats ? 3 : 1) + dim;
+  constexpr size_t kAhead = 8;
+  MutexLock l(&mu_);
+  for (size_t j = 0; j < n && j < kAhead; ++j) index_.Prefetch(hashes[pos[j]]);
+  for (size_t j = 0; j < n; ++j) {
+    if (j + kAhead < n) index_.Prefetch(hashes[pos[j + kAhead]]);
+    const uint32_t p = pos[j];
+    float* o = out + static_cast<size_t>(p) * width;
+    const uint32_t row = index_.Find(keys[p], hashes[p]);
+    if (row == HashIndex::kNotFound) {
+      std::memset(o, 0, width * sizeof(float));
+      ++counters_.pull_misses;
+      continue;
+    }
+    const RowHeader* h = Row(row);
+    if (with_stats) {
+      *o++ = h->show;
+      *o++ = h->click;
+    }
+    *o++ = RowLayout::Lr(h)[0];
+    if (h->mf_index == kNoMf) {
+      std::memset(o, 0, dim * sizeof(float));
+    } else {
+      std::memcpy(o, Mf(h->mf_index), dim * sizeof(float));
+    }
+  }
+}
+
+void Shard::Push(const MergedPush* items, size_t n, bool has_slots) {
+  MutexLock l(&mu_);
+  for (size_t j = 0; j < n; ++j) {
+    const MergedPush& it = items[j];
+    uint32_t row = index_.Find(it.key, it.hash);
+    if (row == HashIndex::kNotFound) {
+      const uint32_t prior = attempts_.Find(it.key, it.hash);
+      const uint32_t attempt = prior == HashIndex::kNotFound ? 0 : prior;
+      bool drew = false;
+      if (!accessor_->Admit(it.key, it.show, it.click, attempt, &drew)) {
+        ++counters_.admission_rejected;
+        if (drew) {
+          if (prior == HashIndex::kNotFound) {
+            attempts_.Insert(it.key, it.hash, 1);
+          } else {
+            attempts_.Update(it.key, it.hash, prior + 1);
+          }
+        }
+        continue;
+      }
+      if (prior != HashIndex::kNotFound) attempts_.Erase(it.key, it.hash);
+      row = base_.Allocate();
+      try {
+        index_.Insert(it.key, it.hash, row);
+      } catch (...) {
+        base_.Free(row);
+        throw;
+      }
+      accessor_->InitRow(Row(row), it.key);
+      ++counters_.inserts;
+    }
+    RowHeader* h = Row(row);
+    float* mf = h->mf_index == kNoMf ? nullptr : Mf(h->mf_index);
+    if (accessor_->Update(h, mf, it.grad, it.show, it.click, has_slots ? &it.slot : nullptr)) {
+      const uint32_t idx = mf_.Allocate();
+      h = Row(row);
+      h->mf_index = idx;
+      accessor_->InitMf(Mf(idx), it.key);
+      ++counters_.mf_created;
+    }
+  }
+}
+
+void Shard::DeleteRowLocked(uint64_t key, uint64_t hash) {
+  const uint32_t row = index_.Erase(key, hash);
+  if (row == HashIndex::kNotFound) return;
+  RowHeader* h = Row(row);
+  if (h->mf_index != kNoMf) mf_.Free(h->mf_index);
+  base_.Free(row);
+}
+
+size_t Shard::DecayAndDelete(double factor, uint32_t add_unseen, std::vector<uint64_t>* deleted) {
+  MutexLock l(&mu_);
+  // Two passes: backward-shift deletion moves entries, so deleting while scanning could visit an
+  // entry twice (and decay it twice).
+  std::vector<uint64_t> doomed;
+  index_.ForEach([&](uint64_t key, uint32_t row) {
+    RowHeader* h = Row(row);
+    accessor_->Decay(h, factor);
+    const uint32_t u = uint32_t{h->unseen_days} + add_unseen;
+    h->unseen_days = static_cast<uint16_t>(u > kMaxUnseenDays ? kMaxUnseenDays : u);
+    if (accessor_->ShouldDelete(*h)) doomed.push_back(key);
+  });
+  for (uint64_t key : doomed) DeleteRowLocked(key, TableHash(key));
+  counters_.deleted += doomed.size();
+  deleted->insert(deleted->end(), doomed.begin(), doomed.end());
+  return doomed.size();
+}
+
+void Shard::NewDay() {
+  MutexLock l(&mu_);
+  index_.ForEach([&](uint64_t, uint32_t row) {
+    RowHeader* h = Row(row);
+    if (h->unseen_days < kMaxUnseenDays) ++h->unseen_days;
+  });
+}
+
+size_t Shard::Size() {
+  MutexLock l(&mu_);
+  return index_.size();
+}
+
+bool Shard::Contains(uint64_t key, uint64_t hash) {
+  MutexLock l(&mu_);
+  return index_.Find(key, hash) != HashIndex::kNotFound;
+}
+
+bool Shard::Erase(uint64_t key, uint64_t hash) {
+  MutexLock l(&mu_);
+  if (index_.Find(key, hash) == HashIndex::kNotFound) return false;
+  DeleteRowLocked(key, hash);
+  return true;
+}
+
+void Shard::Load(uint64_t key, uint64_t hash, const float* base, const float* mf) {
+  MutexLock l(&mu_);
+  uint32_t row = index_.Find(key, hash);
+  if (row == HashIndex::kNotFound) {
+    row = base_.Allocate();
+    try {
+      index_.Insert(key, hash, row);
+    } catch (...) {
+      base_.Free(row);
+      throw;
+    }
+    Row(row)->mf_index = kNoMf;
+    attempts_.Erase(key, hash);
+  }
+  RowHeader* h = Row(row);
+  h->show = base[0];
+  h->click = base[1];
+  h->delta_score = base[2];
+  h->unseen_days = static_cast<uint16_t>(base[3]);
+  h->slot = static_cast<int32_t>(base[4]);
+  h->reserved = 0;
+  std::memcpy(RowLayout::Lr(h), base + 5, layout_.lr_width() * sizeof(float));
+  if (mf == nullptr) {
+    if (h->mf_index != kNoMf) {
+      mf_.Free(h->mf_index);
+      h->mf_index = kNoMf;
+    }
+  } else {
+    if (h->mf_index == kNoMf) {
+      const uint32_t idx = mf_.Allocate();
+      h = Row(row);
+      h->mf_index = idx;
+    }
+    std::memcpy(Mf(h->mf_index), mf, layout_.mf_bytes());
+  }
+}
+
+void Shard::SubtractDelta(uint64_t key, uint64_t hash, float saved) {
+  MutexLock l(&mu_);
+  const uint32_t row = index_.Find(key, hash);
+  if (row == HashIndex::kNotFound) return;
+  RowHeader* h = Row(row);
+  h->delta_score -= saved;
+}
+
+void Shard::Clear() {
+  MutexLock l(&mu_);
+  index_.Clear();
+  attempts_.Clear();
+  base_.Clear();
+  mf_.Clear();
+}
+
+void Shard::GetStats(ShardCounters* c, size_t* keys, size_t* keys_with_mf, size_t* bytes) {
+  MutexLock l(&mu_);
+  c->pull_misses += counters_.pull_misses;
+  c->inserts += counters_.inserts;
+  c->mf_created += counters_.mf_created;
+  c->deleted += counters_.deleted;
+  c->admission_rejected += counters_.admission_rejected;
+  *keys += index_.size();
+  *keys_with_mf += mf_.live();
+  *bytes += index_.bytes() + attempts_.bytes() + base_.bytes() + mf_.bytes() + sizeof(Shard);
+}
+
+}  // namespace psembed

@@ -1,0 +1,57 @@
+// Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
+//
+// Sparse rules: the per-row optimizers applied on push. One class per rule, one interface.
+// Each rule owns a block of `dim` weights plus StateDim() floats of state, stored float32.
+// Arithmetic is done in double and rounded to float32 once per stored value.
+//
+// Thread safety: rules are immutable after construction; Init/Update only touch the row they are
+// given, which the caller protects (shard mutex).
+
+#ifndef PSEMBED_TABLE_SPARSE_RULE_H_
+#define PSEMBED_TABLE_SPARSE_RULE_H_
+
+#include <cstdint>
+#include <memory>
+
+#include "table/accessor_options.h"
+
+namespace psembed {
+
+class SparseRule {
+ public:
+  SparseRule(const RuleOptions& options, int dim) : options_(options), dim_(dim) {}
+  virtual ~SparseRule() = default;
+  SparseRule(const SparseRule&) = delete;
+  SparseRule& operator=(const SparseRule&) = delete;
+
+  int dim() const { return dim_; }
+  const RuleOptions& options() const { return options_; }
+  // Floats of optimizer state after the dim weights.
+  virtual int StateDim() const = 0;
+
+  // w[i] = clip((2 u(seed, key, stream, i) - 1) * initial_range); state = its initial value.
+  void Init(float* w, float* state, uint64_t seed, uint64_t key, uint64_t stream) const;
+
+  // One step with the merged gradient g[dim]; `scale` is the show scale (AdaGrad family only;
+  // the others ignore it). REQUIRES: scale > 0.
+  virtual void Update(float* w, float* state, const float* g, double scale) const = 0;
+
+  // Clips to [min_bound, max_bound]; NaN becomes min_bound (tests are !(w >= lo), !(w <= hi)).
+  double Bound(double w) const {
+    if (!(w >= options_.min_bound)) w = options_.min_bound;
+    if (!(w <= options_.max_bound)) w = options_.max_bound;
+    return w;
+  }
+
+  static std::unique_ptr<SparseRule> Create(const RuleOptions& options, int dim);
+
+ protected:
+  virtual void InitState(float* state) const = 0;
+
+  const RuleOptions options_;
+  const int dim_;
+};
+
+}  // namespace psembed
+
+#endif  // PSEMBED_TABLE_SPARSE_RULE_H_

@@ -1,0 +1,342 @@
+// Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
+
+#include "table/sparse_table.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+
+#include "util/hash.h"
+
+namespace psembed {
+
+namespace {
+// Calls with fewer keys run their shard tasks on the calling thread: the pool handoff costs more.
+constexpr size_t kParallelMinKeys = 4096;
+
+size_t NextPow2(size_t x) {
+  size_t p = 1;
+  while (p < x) p <<= 1;
+  return p;
+}
+}  // namespace
+
+struct SparseTable::Partition {
+  std::vector<uint64_t> hashes;  // TableHash(keys[i]), for every input position
+  std::vector<uint32_t> order;   // input positions grouped by shard, input order within a shard
+  std::vector<uint32_t> begin;   // shard s owns order[begin[s], begin[s+1])
+};
+
+SparseTable::SparseTable(const TableOptions& options) : accessor_(options) {
+  shards_.reserve(options.num_shards);
+  for (int i = 0; i < options.num_shards; ++i) shards_.push_back(std::make_unique<Shard>(&accessor_));
+  pool_ = std::make_unique<ThreadPool>(options.num_threads);
+}
+
+SparseTable::~SparseTable() = default;
+
+void SparseTable::PartitionKeys(const uint64_t* keys, size_t n, const uint8_t* skip, Partition* p) const {
+  const uint32_t num_shards = static_cast<uint32_t>(shards_.size());
+  p->hashes.resize(n);
+  p->begin.assign(num_shards + 1, 0);
+  std::vector<uint32_t> shard_of(n);
+  size_t kept = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const uint64_t h = TableHash(keys[i]);
+    p->hashes[i] = h;
+    const uint32_t s = ShardOf(h, num_shards);
+    shard_of[i] = s;
+    if (skip == nullptr || !skip[i]) {
+      ++p->begin[s + 1];
+      ++kept;
+    }
+  }
+  for (uint32_t s = 0; s < num_shards; ++s) p->begin[s + 1] += p->begin[s];
+  p->order.resize(kept);
+  std::vector<uint32_t> cursor(p->begin.begin(), p->begin.end() - 1);
+  for (size_t i = 0; i < n; ++i) {
+    if (skip != nullptr && skip[i]) continue;
+    p->order[cursor[shard_of[i]]++] = static_cast<uint32_t>(i);
+  }
+}
+
+void SparseTable::RunShards(size_t num_keys, const std::function<void(size_t)>& fn) {
+  if (num_keys < kParallelMinKeys) {
+    for (size_t s = 0; s < shards_.size(); ++s) fn(s);
+  } else {
+    pool_->ParallelFor(shards_.size(), fn);
+  }
+}
+
+void SparseTable::Pull(const uint64_t* keys, size_t n, bool with_stats, float* out) {
+  if (n == 0) return;
+  Partition part;
+  PartitionKeys(keys, n, nullptr, &part);
+  RunShards(n, [&](size_t s) {
+    const uint32_t b = part.begin[s], e = part.begin[s + 1];
+    if (b == e) return;
+    shards_[s]->Pull(keys, part.hashes.data(), part.order.data() + b, e - b, with_stats, out);
+  });
+}
+
+void SparseTable::Push(const uint64_t* keys, size_t n, const float* grads, const float* shows, const float* clicks,
+                       const int32_t* slots, const uint8_t* skip) {
+  if (n == 0) return;
+  if (skip != nullptr) {
+    size_t skipped = 0;
+    for (size_t i = 0; i < n; ++i) skipped += skip[i] ? 1 : 0;
+    rejected_.fetch_add(skipped, std::memory_order_relaxed);
+  }
+  Partition part;
+  PartitionKeys(keys, n, skip, &part);
+  const size_t gw = 1 + static_cast<size_t>(layout().dim());
+  RunShards(n, [&](size_t s) {
+    const uint32_t b = part.begin[s], e = part.begin[s + 1];
+    if (b == e) return;
+    const size_t cnt = e - b;
+    // Scratch reused across calls on this thread: no per-key allocation.
+    thread_local std::vector<MergedPush> items;
+    thread_local std::vector<int32_t> buf_of;  // merge-buffer row of items[m], or -1 (use input row)
+    thread_local std::vector<float> mbuf;
+    thread_local std::vector<int32_t> slots_table;
+    items.clear();
+    buf_of.clear();
+    mbuf.clear();
+    const size_t cap = NextPow2(cnt * 2);
+    slots_table.assign(cap, -1);
+    const size_t mask = cap - 1;
+    for (uint32_t j = b; j < e; ++j) {
+      const uint32_t p = part.order[j];
+      const uint64_t key = keys[p];
+      const uint64_t h = part.hashes[p];
+      size_t i = (h >> 20) & mask;
+      while (slots_table[i] != -1 && items[slots_table[i]].key != key) i = (i + 1) & mask;
+      const float* g = grads + static_cast<size_t>(p) * gw;
+      if (slots_table[i] == -1) {
+        slots_table[i] = static_cast<int32_t>(items.size());
+        items.push_back(MergedPush{key, h, g, shows[p], clicks[p], slots != nullptr ? slots[p] : -1});
+        buf_of.push_back(-1);
+        continue;
+      }
+      const int32_t m = slots_table[i];
+      MergedPush& it = items[m];
+      if (buf_of[m] < 0) {
+        buf_of[m] = static_cast<int32_t>(mbuf.size() / gw);
+        mbuf.insert(mbuf.end(), it.grad, it.grad + gw);
+      }
+      float* acc = mbuf.data() + static_cast<size_t>(buf_of[m]) * gw;
+      for (size_t d = 0; d < gw; ++d) acc[d] += g[d];
+      it.show += shows[p];
+      it.click += clicks[p];
+      if (slots != nullptr) it.slot = slots[p];
+    }
+    for (size_t m = 0; m < items.size(); ++m) {
+      if (buf_of[m] >= 0) items[m].grad = mbuf.data() + static_cast<size_t>(buf_of[m]) * gw;
+    }
+    shards_[s]->Push(items.data(), items.size(), slots != nullptr);
+  });
+}
+
+size_t SparseTable::DecayAndDeleteAll(double factor, uint32_t add_unseen) {
+  std::vector<std::vector<uint64_t>> deleted(shards_.size());
+  pool_->ParallelFor(shards_.size(), [&](size_t s) { shards_[s]->DecayAndDelete(factor, add_unseen, &deleted[s]); });
+  size_t total = 0;
+  MutexLock l(&tomb_mu_);
+  for (auto& d : deleted) {
+    total += d.size();
+    tombstones_.insert(tombstones_.end(), d.begin(), d.end());
+  }
+  return total;
+}
+
+size_t SparseTable::Shrink() { return DecayAndDeleteAll(options().accessor.show_click_decay_rate, 0); }
+
+void SparseTable::NewDay() {
+  pool_->ParallelFor(shards_.size(), [&](size_t s) { shards_[s]->NewDay(); });
+}
+
+Status SparseTable::EndDay(int64_t day, size_t* deleted) {
+  *deleted = 0;
+  if (day < 0) return Status::InvalidArgument("day must be >= 0, got " + std::to_string(day));
+  MutexLock l(&day_mu_);
+  const int64_t elapsed = day_ < 0 ? 1 : day - day_;
+  if (elapsed < 0) {
+    return Status::InvalidArgument("end_day(" + std::to_string(day) + ") is before the last day closed (" +
+                                   std::to_string(day_) + ")");
+  }
+  if (elapsed == 0) return Status::OK();
+  const double factor = std::pow(options().accessor.show_click_decay_rate, static_cast<double>(elapsed));
+  const uint32_t add = elapsed > kMaxUnseenDays ? kMaxUnseenDays : static_cast<uint32_t>(elapsed);
+  *deleted = DecayAndDeleteAll(factor, add);
+  day_ = day;
+  return Status::OK();
+}
+
+int64_t SparseTable::day() {
+  MutexLock l(&day_mu_);
+  return day_;
+}
+
+void SparseTable::set_day(int64_t day) {
+  MutexLock l(&day_mu_);
+  day_ = day;
+}
+
+TableStats SparseTable::Stats() {
+  TableStats st;
+  ShardCounters c;
+  for (auto& shard : shards_) shard->GetStats(&c, &st.keys, &st.keys_with_mf, &st.bytes);
+  st.pull_misses = c.pull_misses;
+  st.inserts = c.inserts;
+  st.mf_created = c.mf_created;
+  st.deleted = c.deleted;
+  st.admission_rejected = c.admission_rejected;
+  st.rejected = rejected_.load(std::memory_order_relaxed);
+  {
+    MutexLock l(&tomb_mu_);
+    st.bytes += tombstones_.capacity() * sizeof(uint64_t);
+  }
+  st.bytes += sizeof(SparseTable) + shards_.capacity() * sizeof(void*);
+  return st;
+}
+
+size_t SparseTable::Size() {
+  size_t n = 0;
+  for (auto& shard : shards_) n += shard->Size();
+  return n;
+}
+
+bool SparseTable::Contains(uint64_t key) {
+  const uint64_t h = TableHash(key);
+  return shards_[ShardOf(h, static_cast<uint32_t>(shards_.size()))]->Contains(key, h);
+}
+
+void SparseTable::Export(ExportMode mode, uint32_t buckets, int64_t bucket, ExportResult* out) {
+  const RowLayout& lay = layout();
+  const size_t bw = lay.base_export_width();
+  const size_t mw = lay.mf_width();
+  auto in_bucket = [&](uint64_t key) {
+    return bucket < 0 || Mix64(key) % buckets == static_cast<uint64_t>(bucket);
+  };
+  std::vector<uint64_t> keys;
+  std::vector<float> base;
+  std::vector<uint8_t> has_mf;
+  std::vector<float> mf;
+  std::vector<uint64_t> mf_of;  // position in `mf` (in rows) of entry i, if has_mf
+  // One consistent moment: every shard lock (ascending), then the tombstones.
+  for (auto& shard : shards_) shard->mu()->Lock();
+  for (auto& shard : shards_) {
+    shard->ForEachLocked([&](uint64_t key, const RowHeader& h, const float* m) {
+      bool keep = false;
+      switch (mode) {
+        case ExportMode::kCheckpoint:
+          keep = true;
+          break;
+        case ExportMode::kBase:
+          keep = accessor_.SaveBase(h);
+          break;
+        case ExportMode::kDelta:
+          keep = accessor_.SaveDelta(h);
+          break;
+        case ExportMode::kServing:
+          keep = m != nullptr;
+          break;
+      }
+      if (!keep || !in_bucket(key)) return;
+      keys.push_back(key);
+      base.push_back(h.show);
+      base.push_back(h.click);
+      base.push_back(h.delta_score);
+      base.push_back(static_cast<float>(h.unseen_days));
+      base.push_back(static_cast<float>(h.slot));
+      const float* lr = RowLayout::Lr(&h);
+      base.insert(base.end(), lr, lr + lay.lr_width());
+      has_mf.push_back(m != nullptr ? 1 : 0);
+      mf_of.push_back(mf.size() / (mw ? mw : 1));
+      if (m != nullptr) mf.insert(mf.end(), m, m + mw);
+    });
+  }
+  {
+    MutexLock l(&tomb_mu_);
+    out->pending_tombstones = tombstones_.size();
+    out->tombstones.clear();
+    if (mode == ExportMode::kCheckpoint || mode == ExportMode::kDelta) {
+      for (uint64_t k : tombstones_) {
+        if (in_bucket(k)) out->tombstones.push_back(k);
+      }
+    }
+  }
+  for (auto it = shards_.rbegin(); it != shards_.rend(); ++it) (*it)->mu()->Unlock();
+
+  // Sort by key (as uint64) outside the locks.
+  const size_t n = keys.size();
+  std::vector<uint32_t> perm(n);
+  std::iota(perm.begin(), perm.end(), 0u);
+  std::sort(perm.begin(), perm.end(), [&](uint32_t a, uint32_t b) { return keys[a] < keys[b]; });
+  out->keys.resize(n);
+  out->base.resize(n * bw);
+  out->has_mf.resize(n);
+  out->mf.clear();
+  out->mf.reserve(mf.size());
+  for (size_t i = 0; i < n; ++i) {
+    const uint32_t src = perm[i];
+    out->keys[i] = keys[src];
+    std::memcpy(&out->base[i * bw], &base[src * bw], bw * sizeof(float));
+    out->has_mf[i] = has_mf[src];
+    if (has_mf[src]) {
+      const float* m = &mf[mf_of[src] * mw];
+      out->mf.insert(out->mf.end(), m, m + mw);
+    }
+  }
+}
+
+void SparseTable::CommitSave(ExportMode mode, const uint64_t* keys, const float* delta_scores, size_t n,
+                             size_t tombstones) {
+  if (mode != ExportMode::kBase && mode != ExportMode::kDelta) return;
+  const uint32_t num_shards = static_cast<uint32_t>(shards_.size());
+  for (size_t i = 0; i < n; ++i) {
+    const uint64_t h = TableHash(keys[i]);
+    shards_[ShardOf(h, num_shards)]->SubtractDelta(keys[i], h, delta_scores[i]);
+  }
+  MutexLock l(&tomb_mu_);
+  if (mode == ExportMode::kBase || tombstones >= tombstones_.size()) {
+    tombstones_.clear();
+  } else {
+    tombstones_.erase(tombstones_.begin(), tombstones_.begin() + static_cast<std::ptrdiff_t>(tombstones));
+  }
+}
+
+void SparseTable::LoadRows(const uint64_t* keys, size_t n, const float* base, const uint8_t* has_mf,
+                           const float* mf) {
+  const RowLayout& lay = layout();
+  const size_t bw = lay.base_export_width();
+  const size_t mw = lay.mf_width();
+  const uint32_t num_shards = static_cast<uint32_t>(shards_.size());
+  size_t m = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const uint64_t h = TableHash(keys[i]);
+    const float* mrow = nullptr;
+    if (has_mf[i]) mrow = mf + (m++) * mw;
+    shards_[ShardOf(h, num_shards)]->Load(keys[i], h, base + i * bw, mrow);
+  }
+}
+
+size_t SparseTable::Erase(const uint64_t* keys, size_t n) {
+  const uint32_t num_shards = static_cast<uint32_t>(shards_.size());
+  size_t erased = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const uint64_t h = TableHash(keys[i]);
+    erased += shards_[ShardOf(h, num_shards)]->Erase(keys[i], h) ? 1 : 0;
+  }
+  return erased;
+}
+
+void SparseTable::Clear() {
+  for (auto& shard : shards_) shard->Clear();
+  MutexLock l(&tomb_mu_);
+  tombstones_.clear();
+  tombstones_.shrink_to_fit();
+}
+
+}  // namespace psembed

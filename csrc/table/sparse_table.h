@@ -1,0 +1,130 @@
+// Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
+//
+// SparseTable: N shards, key partitioning, parallel pull/push and the table-wide lifecycle
+// (shrink, new_day, end_day, export/commit_save, load). This is the contract _C exposes
+// (docs/architecture.md, "The _C module").
+//
+// Thread safety: every method may be called from many threads at once. Pull/Push bucket the keys by
+// shard (a stable counting sort on TableHash) and run one task per non-empty shard on the pool;
+// each task holds only its shard's mutex. Export locks all shards in index order, then the
+// tombstone mutex, so its snapshot is one moment of the whole table: a concurrent push lands wholly
+// before or wholly after it (a push applies each shard's part under that shard's lock, and export
+// holds every shard lock at once). Lock order: day_mu_ -> shard mutexes (ascending) -> tomb_mu_.
+//
+// Row semantics: see CtrAccessor.
+
+#ifndef PSEMBED_TABLE_SPARSE_TABLE_H_
+#define PSEMBED_TABLE_SPARSE_TABLE_H_
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "table/accessor_options.h"
+#include "table/ctr_accessor.h"
+#include "table/shard.h"
+#include "util/mutex.h"
+#include "util/status.h"
+#include "util/thread_pool.h"
+
+namespace psembed {
+
+// Do not renumber (Python passes names; C++ tests use these).
+enum class ExportMode { kCheckpoint = 0, kBase = 1, kDelta = 2, kServing = 3 };
+
+struct TableStats {
+  size_t keys = 0;
+  size_t keys_with_mf = 0;
+  size_t bytes = 0;
+  uint64_t pull_misses = 0;
+  uint64_t inserts = 0;
+  uint64_t mf_created = 0;
+  uint64_t deleted = 0;             // rows deleted by shrink/end_day (erase/clear do not count)
+  uint64_t rejected = 0;            // pushed rows skipped for NaN/Inf gradients (nan_policy="skip")
+  uint64_t admission_rejected = 0;  // pushes of unknown keys refused by probabilistic admission
+};
+
+// export(): rows sorted by key (as uint64); mf holds rows with has_mf == 1, in order.
+struct ExportResult {
+  std::vector<uint64_t> keys;
+  std::vector<float> base;  // keys.size() x base_export_width
+  std::vector<uint8_t> has_mf;
+  std::vector<float> mf;    // (#has_mf) x mf_width
+  std::vector<uint64_t> tombstones;
+  size_t pending_tombstones = 0;  // length of the whole pending list at the snapshot
+};
+
+class SparseTable {
+ public:
+  // REQUIRES: options validated (bindings/ does it).
+  explicit SparseTable(const TableOptions& options);
+  ~SparseTable();
+  SparseTable(const SparseTable&) = delete;
+  SparseTable& operator=(const SparseTable&) = delete;
+
+  const TableOptions& options() const { return accessor_.options(); }
+  const RowLayout& layout() const { return accessor_.layout(); }
+  int pull_width(bool with_stats) const { return (with_stats ? 3 : 1) + layout().dim(); }
+
+  // out: n x pull_width(with_stats) floats. Missing keys read zeros. Never inserts.
+  void Pull(const uint64_t* keys, size_t n, bool with_stats, float* out);
+
+  // grads: n x (1 + dim); slots may be nullptr (slots unchanged); skip (may be nullptr) marks rows to
+  // ignore (NaN/Inf under nan_policy="skip"), counted in stats().rejected. Duplicate keys are merged
+  // (sums in input order; last slot wins) before the rule runs. REQUIRES: n < 2^32.
+  void Push(const uint64_t* keys, size_t n, const float* grads, const float* shows, const float* clicks,
+            const int32_t* slots, const uint8_t* skip);
+
+  // Decay once, then delete by the predicates. Returns rows deleted (their keys become tombstones).
+  size_t Shrink();
+  void NewDay();
+  // Closes day `day` (>= 0): elapsed = day - this->day() (1 when no day yet); 0 is a no-op,
+  // negative is InvalidArgument. Decays by rate^elapsed, unseen_days += elapsed, deletes.
+  Status EndDay(int64_t day, size_t* deleted);
+  int64_t day();
+  void set_day(int64_t day);
+
+  TableStats Stats();
+  size_t Size();
+  bool Contains(uint64_t key);
+
+  // buckets >= 1; bucket in [-1, buckets): -1 = all rows, else only keys with
+  // Mix64(key) % buckets == bucket (rows and tombstones). No side effects.
+  void Export(ExportMode mode, uint32_t buckets, int64_t bucket, ExportResult* out);
+  // base/delta: delta_score -= saved for each present key; drops the first `tombstones` pending
+  // tombstones (base: all of them). checkpoint/serving: no effect.
+  void CommitSave(ExportMode mode, const uint64_t* keys, const float* delta_scores, size_t n, size_t tombstones);
+  // Insert/overwrite rows. base: n x base_export_width; has_mf: n; mf: (#has_mf) x mf_width.
+  void LoadRows(const uint64_t* keys, size_t n, const float* base, const uint8_t* has_mf, const float* mf);
+  // Deletes present keys (no tombstones). Returns how many existed.
+  size_t Erase(const uint64_t* keys, size_t n);
+  void Clear();
+
+ private:
+  struct Partition;
+  // Buckets keys[0..n) by shard, stable, skipping rows marked in skip.
+  void PartitionKeys(const uint64_t* keys, size_t n, const uint8_t* skip, Partition* p) const;
+  // Decay by factor, unseen += add_unseen, delete; appends tombstones. Returns deleted.
+  size_t DecayAndDeleteAll(double factor, uint32_t add_unseen);
+  void RunShards(size_t num_keys, const std::function<void(size_t)>& fn);
+
+  CtrAccessor accessor_;  // immutable after construction
+  std::vector<std::unique_ptr<Shard>> shards_;  // immutable vector; each shard locks itself
+  std::unique_ptr<ThreadPool> pool_;
+
+  Mutex day_mu_;
+  int64_t day_ GUARDED_BY(day_mu_) = -1;
+
+  Mutex tomb_mu_;
+  std::vector<uint64_t> tombstones_ GUARDED_BY(tomb_mu_);  // pending, in deletion order
+
+  // Relaxed: a statistic, read without ordering against rows.
+  std::atomic<uint64_t> rejected_{0};
+};
+
+}  // namespace psembed
+
+#endif  // PSEMBED_TABLE_SPARSE_TABLE_H_

@@ -1,0 +1,91 @@
+// Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
+
+#include "util/thread_pool.h"
+
+#include <atomic>
+
+namespace psembed {
+
+// One ParallelFor call. Indices are claimed with fetch_add (relaxed is enough: the claim itself
+// carries no data); `done` is counted under mu so the caller's wait sees every task's writes.
+struct ThreadPool::Loop {
+  size_t n = 0;
+  const std::function<void(size_t)>* fn = nullptr;
+  std::atomic<size_t> next{0};
+  std::mutex mu;
+  std::condition_variable cv;
+  size_t done = 0;  // guarded by mu
+
+  // Runs claimed indices until none remain.
+  void Work() {
+    size_t mine = 0;
+    for (;;) {
+      const size_t i = next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= n) break;
+      (*fn)(i);
+      ++mine;
+    }
+    if (mine > 0) {
+      std::lock_guard<std::mutex> l(mu);
+      done += mine;
+      if (done == n) cv.notify_all();
+    }
+  }
+};
+
+ThreadPool::ThreadPool(int num_threads) {
+  if (num_threads <= 0) num_threads = static_cast<int>(std::thread::hardware_concurrency());
+  if (num_threads <= 0) num_threads = 1;
+  num_threads_ = num_threads;
+  for (int i = 1; i < num_threads_; ++i) workers_.emplace_back([this] { WorkerMain(); });
+}
+
+ThreadPool::~ThreadPool() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  for (auto& t : workers_) t.join();
+}
+
+void ThreadPool::WorkerMain() {
+  for (;;) {
+    std::shared_ptr<Loop> loop;
+    {
+      std::unique_lock<std::mutex> l(mu_);
+      cv_.wait(l, [this] { return stop_ || !queue_.empty(); });
+      if (queue_.empty()) return;  // stop_ and nothing left
+      loop = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    loop->Work();
+  }
+}
+
+void ThreadPool::ParallelFor(size_t n, const std::function<void(size_t)>& fn) {
+  if (n == 0) return;
+  if (n == 1 || workers_.empty()) {
+    for (size_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  auto loop = std::make_shared<Loop>();
+  loop->n = n;
+  loop->fn = &fn;  // fn outlives the loop's work: we wait for done == n below
+  const size_t helpers = std::min(workers_.size(), n - 1);
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (size_t i = 0; i < helpers; ++i) queue_.push_back(loop);
+  }
+  if (helpers == 1) {
+    cv_.notify_one();
+  } else {
+    cv_.notify_all();
+  }
+  loop->Work();
+  std::unique_lock<std::mutex> l(loop->mu);
+  loop->cv.wait(l, [&] { return loop->done == n; });
+  // A helper that pops `loop` later finds no index left and never touches fn.
+}
+
+}  // namespace psembed
