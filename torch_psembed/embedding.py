@@ -1,16 +1,273 @@
-"""PSEmbedding (placeholder until the PSEmbedding issue lands)."""
+"""PSEmbedding: a drop-in ``nn.Embedding``/``nn.EmbeddingBag`` over a :class:`~torch_psembed.SparseTable`.
+
+The module holds its configuration and a reference to the table; ``forward`` is one call into
+:func:`torch_psembed.functional.ps_embedding`. :func:`feed` passes the click labels of a batch to every
+PSEmbedding that runs inside it.
+"""
+
+from __future__ import annotations
 
 import contextlib
+import threading
+from typing import Iterator, List, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import functional as PF
+from ._autograd import Timings
 
 __all__ = ["PSEmbedding", "feed"]
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_local = threading.local()
 
-class PSEmbedding:  # replaced by the real module
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("PSEmbedding is not implemented yet")
+
+def _feed_stack() -> List[Tensor]:
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    return stack
+
+
+def _as_labels(clicks) -> Tensor:
+    if isinstance(clicks, Tensor):
+        t = clicks.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+    elif isinstance(clicks, (np.ndarray, list, tuple)):
+        try:
+            t = torch.as_tensor(np.asarray(clicks, dtype=np.float64))
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"clicks must be numeric labels, got {type(clicks).__name__}: {e}") from None
+    else:
+        raise TypeError(f"clicks must be a torch.Tensor, numpy array or list of labels, got {type(clicks).__name__}")
+    if t.is_complex():
+        raise TypeError(f"clicks must be real-valued labels, got dtype {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"clicks must be 1-D with one label per instance (shape [batch]), got shape {tuple(t.shape)}")
+    t = t.to(torch.float32).contiguous()
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError("clicks must be finite; got NaN or Inf labels")
+    if t.numel() and bool((t < 0).any()):
+        raise ValueError(f"clicks must be >= 0 (click counts), got a minimum of {float(t.min())}")
+    return t
 
 
 @contextlib.contextmanager
-def feed(clicks=None):
-    raise NotImplementedError("feed is not implemented yet")
-    yield
+def feed(clicks=None) -> Iterator[None]:
+    r"""Give the PSEmbedding modules run inside the block the click labels of the batch.
+
+    Each module counts, for every id it pushes, ``show`` = the number of occurrences of the id in the batch and
+    ``click`` = the sum of ``clicks[i]`` over the instances ``i`` the occurrences are in (once per occurrence).
+    An *instance* is a row of the batch: the first dim of the ids for ``mode=None``, a row of 2-D ids, or a bag
+    for 1-D ids with offsets. The labels are captured at forward time, so ``backward`` may run after the block.
+    Blocks nest (the innermost wins) and are per thread. Outside any block, clicks are 0.
+
+    Args:
+        clicks (Tensor, ndarray or list): ``(batch,)`` labels (0/1 or counts, finite and >= 0).
+
+    Examples::
+
+        >>> import torch, torch_psembed as pse
+        >>> table = pse.SparseTable(pse.TableConfig(dim=4))
+        >>> emb = pse.PSEmbedding(table)
+        >>> with pse.feed(clicks=torch.tensor([1.0, 0.0])):
+        ...     loss = emb(torch.tensor([[1, 2], [2, 3]])).sum()
+        >>> loss.backward()  # pushes id 2 with show 2, click 1
+    """
+    labels = None if clicks is None else _as_labels(clicks)
+    stack = _feed_stack()
+    stack.append(labels)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def current_clicks() -> Optional[Tensor]:
+    """The labels of the innermost :func:`feed` block of this thread, or None."""
+    stack = _feed_stack()
+    return stack[-1] if stack else None
+
+
+class PSEmbedding(nn.Module):
+    r"""Looks up 64-bit feature ids in a :class:`~torch_psembed.SparseTable`, like ``nn.Embedding`` (``mode=None``)
+    or ``nn.EmbeddingBag`` (``mode="sum"``/``"mean"``), and updates the rows with the table's own sparse rule
+    during ``backward``.
+
+    With ``mode=None`` the ids can have any shape and each id gets its row. With ``mode="sum"``/``"mean"``,
+    the ids form bags, exactly as in ``nn.EmbeddingBag``: a 2-D input is one bag per row, a 1-D input is cut
+    into bags by ``offsets`` (``include_last_offset`` as there), and ``per_sample_weights`` scale the rows of
+    a ``"sum"``. Given a table holding the same rows, the output equals that of ``nn.Embedding`` /
+    ``nn.EmbeddingBag``, and bad input raises the exception type they raise.
+
+    Differences from ``nn.EmbeddingBag``: ids are arbitrary int64 feasigns, not indices into a fixed range,
+    and an id the table does not hold reads zeros (a row is created by its first push, and gets its mf
+    vector once its show/click score reaches the table's ``embedx_threshold``). ``parameters()`` is empty:
+    the rows are updated by the table's sparse rule inside ``backward``, so any ``torch.optim`` optimizer
+    for the dense part of the model works unchanged. ``eval()`` stops the pushes (and show/click counting).
+
+    Args:
+        table (SparseTable): the table holding the rows. Several modules may share one table.
+        mode (str, optional): ``None`` (like ``nn.Embedding``), ``"sum"`` or ``"mean"`` (like
+            ``nn.EmbeddingBag``). Default: ``None``
+        output (str, optional): the columns of each row: ``"mf"`` (``D = dim``), ``"lr_mf"``
+            (``D = 1 + dim``: the lr weight, then mf) or ``"cvm_lr_mf"`` (``D = 3 + dim``:
+            ``log(show + 1)``, ``log(click + 1) - log(show + 1)``, lr, mf; no gradient is pushed for the two
+            statistics columns). Pooling applies to the row as a whole, statistics columns included.
+            Default: ``"mf"``
+        slot (int, optional): the slot recorded in the rows this module pushes, in ``[0, 2**31)``.
+            Default: ``0``
+        padding_id (int, optional): an id that reads zeros, is left out of bags (and of a ``"mean"``'s count)
+            and is never pushed, like ``padding_idx``. Default: ``None``
+        include_last_offset (bool, optional): as in ``nn.EmbeddingBag``: ``offsets`` has one more entry, the
+            end of the last bag. Default: ``False``
+        grad_scale (float, optional): the pushed gradient is ``grad_scale * d(loss)/d(row)``. The table's rules
+            expect the gradient of the *sum* of the per-instance losses (the AdaGrad family divides it by the
+            show count), so the default, ``None``, uses the batch size (the number of instances), which
+            **assumes a mean-reduced loss**. Pass ``grad_scale=1.0`` for a sum-reduced loss.
+            Default: ``None``
+
+    Attributes:
+        table (SparseTable): the table.
+        embedding_dim (int): ``D``, the width of the output rows.
+        timings (Timings or None): per-phase seconds once :meth:`enable_timing` was called.
+
+    Shape:
+        - ``mode=None``: input :math:`(*)` int64 ids -> output :math:`(*, D)`.
+        - 2-D input :math:`(B, N)`: ``B`` bags of ``N`` ids -> output :math:`(B, D)`.
+        - 1-D input :math:`(N)` with offsets :math:`(B)` (:math:`(B + 1)` with ``include_last_offset``):
+          output :math:`(B, D)`.
+        - per_sample_weights: the shape of the input; float32; only with ``mode="sum"``.
+
+    .. note::
+        An *instance* is a row of the batch: the first dim of the ids for ``mode=None``, a row of 2-D ids, a bag
+        for 1-D ids with offsets. :func:`feed` gives one click label per instance; the default ``grad_scale`` is
+        the number of instances.
+
+    .. note::
+        The backward pushes as a side effect: double backward (``create_graph=True``) and ``torch.func``
+        transforms raise a ``RuntimeError``. Ids must be int64 (int32 is converted) CPU tensors.
+
+    Examples::
+
+        >>> import torch, torch_psembed as pse
+        >>> table = pse.SparseTable(pse.TableConfig(dim=4))
+        >>> emb = pse.PSEmbedding(table, mode="sum", output="lr_mf", slot=3)
+        >>> list(emb.parameters())
+        []
+        >>> # a batch of 2 bags of 4 ids
+        >>> ids = torch.tensor([1, 2, 4, 5, 4, 3, 2, 9])
+        >>> offsets = torch.tensor([0, 4])
+        >>> with torch.no_grad():
+        ...     emb(ids, offsets)  # unknown ids read zeros
+        tensor([[0., 0., 0., 0., 0.],
+                [0., 0., 0., 0., 0.]])
+        >>> with pse.feed(clicks=torch.tensor([1.0, 0.0])):
+        ...     y = emb(ids, offsets)
+        >>> y.pow(2).sum().backward()  # pushes the 6 unique ids (with show, click and slot 3)
+        >>> len(table)
+        6
+        >>> emb(ids.view(2, 4)).shape  # 2-D ids: one bag per row
+        torch.Size([2, 5])
+        >>> pse.PSEmbedding(table)(torch.tensor([[1, 2, 3], [4, 5, 6]])).shape  # like nn.Embedding
+        torch.Size([2, 3, 4])
+    """
+
+    __constants__ = ["mode", "output", "slot", "padding_id", "include_last_offset", "grad_scale"]
+
+    table: object
+    mode: Optional[str]
+    output: str
+    slot: int
+    padding_id: Optional[int]
+    include_last_offset: bool
+    grad_scale: Optional[float]
+    embedding_dim: int
+    timings: Optional[Timings]
+
+    def __init__(
+        self,
+        table,
+        mode: Optional[str] = None,
+        output: str = "mf",
+        slot: int = 0,
+        padding_id: Optional[int] = None,
+        include_last_offset: bool = False,
+        grad_scale: Optional[float] = None,
+    ) -> None:
+        super().__init__()
+        for attr in ("pull", "push", "dim"):
+            if not hasattr(table, attr):
+                raise TypeError(f"table must be a SparseTable, got {type(table).__name__}")
+        if mode not in PF.MODES:
+            raise ValueError(f"mode must be one of None, 'sum', 'mean', got {mode!r}")
+        if output not in PF.OUTPUTS:
+            raise ValueError(f"output must be one of {tuple(PF.OUTPUTS)}, got {output!r}")
+        if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)) or not 0 <= int(slot) < 2**31:
+            raise ValueError(f"slot must be an int in [0, 2**31), got {slot!r}")
+        if padding_id is not None:
+            if isinstance(padding_id, bool) or not isinstance(padding_id, (int, np.integer)):
+                raise TypeError(f"padding_id must be None or an int id, got {type(padding_id).__name__}")
+            if not _INT64_MIN <= int(padding_id) <= _INT64_MAX:
+                raise ValueError(f"padding_id must fit in int64, got {padding_id!r}")
+            padding_id = int(padding_id)
+        if not isinstance(include_last_offset, bool):
+            raise TypeError(f"include_last_offset must be a bool, got {type(include_last_offset).__name__}")
+        if include_last_offset and mode is None:
+            raise ValueError("include_last_offset=True needs mode='sum' or 'mean' (mode=None takes no offsets)")
+        self.table = table
+        self.mode = mode
+        self.output = output
+        self.slot = int(slot)
+        self.padding_id = padding_id
+        self.include_last_offset = include_last_offset
+        self.grad_scale = PF._check_grad_scale(grad_scale)
+        self.embedding_dim = PF.output_dim(output, int(table.dim))
+        self.timings = None
+
+    def forward(
+        self,
+        input: Tensor,
+        offsets: Optional[Tensor] = None,
+        per_sample_weights: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Look up (and pool) ``input``; see the class docstring for shapes."""
+        return PF.ps_embedding(
+            input,
+            self.table,
+            offsets,
+            per_sample_weights,
+            mode=self.mode,
+            output=self.output,
+            slot=self.slot,
+            padding_id=self.padding_id,
+            include_last_offset=self.include_last_offset,
+            grad_scale=self.grad_scale,
+            clicks=current_clicks(),
+            push=self.training,
+            timings=self.timings,
+        )
+
+    def enable_timing(self, enabled: bool = True) -> Optional[Timings]:
+        """Start (or stop, with ``False``) summing the seconds per phase into :attr:`timings`."""
+        self.timings = Timings() if enabled else None
+        return self.timings
+
+    def extra_repr(self) -> str:
+        s = f"{getattr(self.table, 'name', 'table')!r}, dim={self.embedding_dim}"
+        if self.mode is not None:
+            s += f", mode={self.mode!r}"
+        if self.output != "mf":
+            s += f", output={self.output!r}"
+        if self.slot != 0:
+            s += f", slot={self.slot}"
+        if self.padding_id is not None:
+            s += f", padding_id={self.padding_id}"
+        if self.include_last_offset:
+            s += ", include_last_offset=True"
+        if self.grad_scale is not None:
+            s += f", grad_scale={self.grad_scale}"
+        return s

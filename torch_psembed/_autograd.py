@@ -1,0 +1,177 @@
+"""PullPush: the autograd Function whose forward pulls rows from a table and whose backward pushes to it.
+
+``PullPush.apply(ANCHOR, plan)`` returns the pulled unique rows ``(U, D)`` (plus a zero row when the batch
+holds the padding id). Its only tensor input is :data:`ANCHOR`, a zero-size tensor that requires grad: it
+makes autograd call :meth:`PullPush.backward` although no real input needs a gradient. Everything else
+(the table, the unique keys, the inverse index, the labels) rides on the :class:`PushPlan` on ``ctx``.
+
+``backward`` receives the gradient already reduced to one row per unique id (the pooling ops' own backward
+does the reduction), scales it by ``grad_scale``, attaches show (occurrences) and click (sum of the labels of
+the instances each occurrence is in) and calls ``table.push``. The push is a side effect, so the Function is
+``@once_differentiable`` and refuses ``create_graph=True`` outright.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["ANCHOR", "PullPush", "PushPlan", "Timings", "BackwardMark", "pull_rows", "push_rows"]
+
+# The zero-size leaf that requires grad; PullPush returns None for it, so it never accumulates a .grad.
+ANCHOR = torch.empty(0, requires_grad=True)
+
+
+class Timings:
+    """Seconds spent per phase, summed over calls; for ``scripts/bench_embedding.py``.
+
+    Phases: ``unique`` (input checks + ``torch.unique``), ``pull`` (``table.pull`` + output columns),
+    ``pool`` (the gather/bag op), ``backward`` (the pooling op's backward: from the output's gradient to the
+    unique rows' gradient), ``push`` (show/click counts + ``table.push``). ``calls`` counts forwards.
+    """
+
+    PHASES = ("unique", "pull", "pool", "backward", "push")
+
+    def __init__(self) -> None:
+        self.totals: Dict[str, float] = dict.fromkeys(self.PHASES, 0.0)
+        self.calls = 0
+        self.mark: Optional[float] = None
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.totals[phase] += seconds
+        if phase == "unique":
+            self.calls += 1
+
+    def reset(self) -> None:
+        self.totals = dict.fromkeys(self.PHASES, 0.0)
+        self.calls = 0
+        self.mark = None
+
+    def as_dict(self) -> Dict[str, float]:
+        return dict(self.totals, calls=self.calls)
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{k}={v * 1e3:.2f}ms" for k, v in self.totals.items())
+        return f"Timings(calls={self.calls}, {parts})"
+
+
+class PushPlan:
+    """What ``PullPush`` needs besides tensors requiring grad (kept on ``ctx``)."""
+
+    __slots__ = ("table", "keys", "inverse", "batch", "output", "padding_row", "grad_scale", "slot", "clicks", "timings")
+
+    def __init__(self, table, keys, inverse, batch, output, padding_row, grad_scale, slot, clicks, timings):
+        self.table = table
+        self.keys = keys  # int64[U]: unique ids, padding id left out
+        self.inverse = inverse  # int64[n]: row of each id (padding_row for the padding id)
+        self.batch = batch  # functional.Batch: maps ids to instances for the clicks
+        self.output = output  # "mf" | "lr_mf" | "cvm_lr_mf"
+        self.padding_row = padding_row  # None, or U (the appended zero row)
+        self.grad_scale = grad_scale  # float: pushed gradient = grad_scale * d(loss)/d(row)
+        self.slot = slot  # int: recorded in every pushed row
+        self.clicks = clicks  # float32[num_instances] or None
+        self.timings = timings  # Timings or None
+
+
+def pull_rows(table, keys: Tensor, output: str, padding_row: Optional[int], timings: Optional[Timings]) -> Tensor:
+    """The rows the pooling op reads: ``(U, D)`` float32, plus a zero row at ``padding_row`` when given.
+
+    Columns by ``output``: ``mf`` -> ``mf[dim]``; ``lr_mf`` -> ``lr, mf``; ``cvm_lr_mf`` ->
+    ``log(show + 1), log(click + 1) - log(show + 1), lr, mf`` (from the table's stored show/click).
+    """
+    t0 = time.perf_counter() if timings is not None else 0.0
+    if output == "cvm_lr_mf":
+        rows = table.pull(keys, with_stats=True)
+        show = torch.log1p(rows[:, 0])
+        rows[:, 1] = torch.log1p(rows[:, 1]) - show
+        rows[:, 0] = show
+    else:
+        rows = table.pull(keys)
+        if output == "mf":
+            rows = rows[:, 1:]
+    if padding_row is not None:
+        rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+    if timings is not None:
+        timings.add("pull", time.perf_counter() - t0)
+    return rows
+
+
+def push_rows(plan: PushPlan, grad: Tensor) -> None:
+    """Push ``grad_scale * grad`` (the unique rows' gradient) with show/click counts and the slot."""
+    t0 = time.perf_counter() if plan.timings is not None else 0.0
+    u = plan.keys.numel()
+    if u:
+        table = plan.table
+        g = grad[:u]
+        s = plan.grad_scale
+        if plan.output == "mf":
+            grads = torch.zeros(u, 1 + table.dim, dtype=torch.float32)
+            torch.mul(g, s, out=grads[:, 1:])
+        elif plan.output == "lr_mf":
+            grads = torch.mul(g, s).to(torch.float32).contiguous()
+        else:  # cvm_lr_mf: no gradient for the two statistics columns
+            grads = torch.mul(g[:, 2:], s).to(torch.float32).contiguous()
+        inverse = plan.inverse
+        n_rows = u + (plan.padding_row is not None)
+        shows = torch.bincount(inverse, minlength=n_rows)[:u].to(torch.float32)
+        if plan.clicks is not None:
+            per_id = plan.clicks.to(torch.float32)[plan.batch.instance_of_each_id()]
+            clicks = torch.zeros(n_rows, dtype=torch.float32).index_add_(0, inverse, per_id)[:u]
+        else:
+            clicks = torch.zeros(u, dtype=torch.float32)
+        slots = torch.full((u,), plan.slot, dtype=torch.int32)
+        table.push(plan.keys, grads, shows, clicks, slots)
+    if plan.timings is not None:
+        plan.timings.add("push", time.perf_counter() - t0)
+
+
+class PullPush(torch.autograd.Function):
+    """forward: pull the unique rows; backward: push their gradient. Never instantiate; use ``apply``.
+
+    ``apply(anchor, plan)``: ``anchor`` is :data:`ANCHOR` (zero-size, requires grad), ``plan`` a
+    :class:`PushPlan`. Returns ``(U, D)`` float32 rows (``U + 1`` with padding).
+    """
+
+    @staticmethod
+    def forward(ctx, anchor: Tensor, plan: PushPlan) -> Tensor:  # type: ignore[override]
+        ctx.plan = plan
+        return pull_rows(plan.table, plan.keys, plan.output, plan.padding_row, plan.timings)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "PSEmbedding does not support double backward (backward with create_graph=True): its backward "
+                "pushes the rows' gradient to the table as a side effect"
+            )
+        return PullPush._push(ctx, grad)
+
+    @staticmethod
+    @once_differentiable
+    def _push(ctx, grad: Tensor):
+        plan: PushPlan = ctx.plan
+        timings = plan.timings
+        if timings is not None and timings.mark is not None:
+            timings.add("backward", time.perf_counter() - timings.mark)
+            timings.mark = None
+        if ctx.needs_input_grad[0]:
+            push_rows(plan, grad)
+        return None, None
+
+
+class BackwardMark(torch.autograd.Function):
+    """Identity whose backward stamps the time the output's gradient arrived (used only while timing)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, timings: Timings) -> Tensor:  # type: ignore[override]
+        ctx.timings = timings
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        ctx.timings.mark = time.perf_counter()
+        return grad, None

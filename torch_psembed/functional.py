@@ -1,0 +1,329 @@
+"""The stateless computation behind :class:`~torch_psembed.PSEmbedding`.
+
+``ps_embedding`` checks the input the way ``torch.nn.functional.embedding_bag`` does, dedups the ids
+(``torch.unique`` with the inverse index), pulls the unique rows once through
+:class:`~torch_psembed._autograd.PullPush` and builds the output with the very ops ``nn.Embedding`` and
+``nn.EmbeddingBag`` use, run over the pulled ``(U, D)`` rows with the inverse index as input. So the output is
+that of ``nn.Embedding``/``nn.EmbeddingBag`` over a weight holding the same rows, and autograd reduces the
+incoming gradient to one row per unique id, which ``PullPush.backward`` pushes with show/click counts.
+
+:func:`pool` is the pooling math alone (any float dtype, ordinary autograd): tests run ``gradcheck`` on it in
+float64.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _autograd
+
+__all__ = ["ps_embedding", "pool", "output_dim", "Batch", "check_input", "dedup", "MODES", "OUTPUTS"]
+
+MODES = (None, "sum", "mean")
+
+# Extra leading columns of each output kind, before the ``dim`` mf columns.
+OUTPUTS = {"mf": 0, "lr_mf": 1, "cvm_lr_mf": 3}
+
+
+def output_dim(output: str, dim: int) -> int:
+    """The width ``D`` of the output rows: ``dim``, ``1 + dim`` or ``3 + dim``."""
+    if output == "mf":
+        return dim
+    if output == "lr_mf":
+        return 1 + dim
+    if output == "cvm_lr_mf":
+        return 3 + dim
+    raise ValueError(f"output must be one of {tuple(OUTPUTS)}, got {output!r}")
+
+
+class Batch(NamedTuple):
+    """A checked input: what to look up and how the lookups form the output.
+
+    ``ids`` is flat int64 (ids past ``offsets[-1]`` with ``include_last_offset`` are dropped, as
+    ``nn.EmbeddingBag`` ignores them); ``shape`` is the shape ``ids`` is viewed as for the pooling op (the input
+    shape for ``mode=None`` and 2-D bags, ``(n,)`` with offsets); ``offsets`` is the int64 offsets (``None``
+    unless 1-D ids with offsets); ``per_sample_weights`` is viewed like ``ids``; ``num_instances`` is the batch
+    size: the first dim for ``mode=None`` (1 for a 0-d input), the rows of 2-D ids, or the number of bags.
+    """
+
+    ids: Tensor
+    shape: Tuple[int, ...]
+    offsets: Optional[Tensor]
+    per_sample_weights: Optional[Tensor]
+    num_instances: int
+    include_last_offset: bool
+
+    def instance_of_each_id(self) -> Tensor:
+        """``int64[n]``: the instance (batch row or bag) each id belongs to."""
+        n = self.ids.numel()
+        if self.offsets is None:
+            per = n // self.num_instances if self.num_instances else 0
+            return torch.arange(self.num_instances).repeat_interleave(per)
+        ends = self.offsets[1:] if self.include_last_offset else torch.cat([self.offsets[1:], self.offsets.new_tensor([n])])
+        lengths = ends - self.offsets[: self.num_instances]
+        return torch.arange(self.num_instances).repeat_interleave(lengths)
+
+
+def _check_ids(input: Tensor) -> Tensor:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a torch.Tensor of int64 ids, got {type(input).__name__}")
+    if input.device.type != "cpu":
+        raise RuntimeError(f"input must be a CPU tensor (the table lives in host memory), got a tensor on {input.device}")
+    if input.layout != torch.strided:
+        raise RuntimeError(f"input must be a dense (strided) tensor, got layout {input.layout}")
+    if input.dtype == torch.int32:
+        return input.long()
+    if input.dtype != torch.int64:
+        # nn.Embedding / nn.EmbeddingBag raise RuntimeError for non-integer ids; so do we.
+        raise RuntimeError(f"input must hold integer ids of dtype torch.int64 (or torch.int32), got {input.dtype}")
+    return input
+
+
+def _check_offsets(offsets: Tensor, n: int, include_last_offset: bool) -> Tensor:
+    """Offsets as int64, checked as ``embedding_bag`` checks them (RuntimeError like its kernel)."""
+    if offsets.dtype not in (torch.int64, torch.int32):
+        raise RuntimeError(f"offsets must be an integer tensor of dtype torch.int64 or torch.int32, got {offsets.dtype}")
+    if offsets.device.type != "cpu":
+        raise RuntimeError(f"offsets must be a CPU tensor, got a tensor on {offsets.device}")
+    offsets = offsets.long()
+    m = offsets.numel()
+    if include_last_offset and m < 1:
+        raise RuntimeError("include_last_offset: number of offset should be at least 1 (offsets is empty)")
+    if m == 0:
+        return offsets
+    first = int(offsets[0])
+    if first != 0:
+        raise RuntimeError(
+            "offsets[0] has to be 0, i.e., the first sequence in the mini-batch has to start from position 0. "
+            f"However, got {first}"
+        )
+    last = int(offsets[-1])
+    if last > n:
+        raise RuntimeError(f"offsets[-1] can not be greater than input's length {n} but got offsets[-1] of {last}")
+    if m > 1:
+        steps = offsets[1:] - offsets[:-1]
+        bad = torch.nonzero(steps < 0)
+        if bad.numel():
+            i = int(bad[0, 0]) + 1
+            raise RuntimeError(
+                f"offsets must be non-decreasing, but offsets[{i}] = {int(offsets[i])} < offsets[{i - 1}] = "
+                f"{int(offsets[i - 1])}"
+            )
+    return offsets
+
+
+def check_input(
+    input: Tensor,
+    offsets: Optional[Tensor] = None,
+    per_sample_weights: Optional[Tensor] = None,
+    mode: Optional[str] = None,
+    include_last_offset: bool = False,
+    weight_dtype: torch.dtype = torch.float32,
+) -> Batch:
+    """Validate ``(input, offsets, per_sample_weights)`` like ``nn.Embedding``/``nn.EmbeddingBag`` do.
+
+    The exception types are theirs: ``ValueError`` for shapes and argument combinations, ``RuntimeError`` for
+    dtypes and offset values, ``NotImplementedError`` for ``per_sample_weights`` with ``mode="mean"``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of None, 'sum', 'mean', got {mode!r}")
+    input = _check_ids(input)
+    if mode is None:
+        if offsets is not None:
+            raise ValueError("offsets is only supported with mode='sum' or 'mean' (mode=None works like nn.Embedding)")
+        if per_sample_weights is not None:
+            raise ValueError("per_sample_weights is only supported with mode='sum' (mode=None works like nn.Embedding)")
+        b = input.shape[0] if input.dim() > 0 else 1
+        return Batch(input.reshape(-1), tuple(input.shape), None, None, b, False)
+
+    # The checks of torch.nn.functional.embedding_bag, in its order.
+    if per_sample_weights is not None:
+        if not isinstance(per_sample_weights, Tensor):
+            raise TypeError(f"per_sample_weights must be a torch.Tensor, got {type(per_sample_weights).__name__}")
+        if input.size() != per_sample_weights.size():
+            raise ValueError(
+                f"embedding_bag: If per_sample_weights ({per_sample_weights.shape}) is not None, "
+                f"then it must have the same shape as the input ({input.shape})"
+            )
+    if offsets is not None and not isinstance(offsets, Tensor):
+        raise TypeError(f"offsets must be a 1D torch.Tensor, got {type(offsets).__name__}")
+    if input.dim() == 2:
+        if offsets is not None:
+            raise ValueError(
+                "if input is 2D, then offsets has to be None, as input is treated is a mini-batch of fixed length "
+                f"sequences. However, found offsets of type {type(offsets)}"
+            )
+        if input.shape[1] == 0:
+            # nn.EmbeddingBag fails here too (RuntimeError "step must be nonzero").
+            raise RuntimeError(f"input of shape {tuple(input.shape)} has no ids per bag; 2-D input needs >= 1 column")
+    elif input.dim() == 1:
+        if offsets is None:
+            raise ValueError("offsets has to be a 1D Tensor but got None")
+        if offsets.dim() != 1:
+            raise ValueError(f"offsets has to be a 1D Tensor, got a {offsets.dim()}-D tensor")
+    else:
+        raise ValueError(f"input has to be 1D or 2D Tensor, but got Tensor of dimension {input.dim()}")
+    if per_sample_weights is not None:
+        if mode != "sum":
+            raise NotImplementedError(
+                "embedding_bag: per_sample_weights was not None. per_sample_weights is only supported for "
+                f"mode='sum' (got mode='{mode}')."
+            )
+        if per_sample_weights.dtype != weight_dtype:
+            raise RuntimeError(
+                f"per_sample_weights must have the dtype of the embedding rows ({weight_dtype}), "
+                f"got {per_sample_weights.dtype}"
+            )
+        if per_sample_weights.device.type != "cpu":
+            raise RuntimeError(f"per_sample_weights must be a CPU tensor, got a tensor on {per_sample_weights.device}")
+
+    if input.dim() == 2:
+        return Batch(input.reshape(-1), tuple(input.shape), None, per_sample_weights, input.shape[0], False)
+    offsets = _check_offsets(offsets, input.numel(), include_last_offset)
+    b = offsets.numel() - 1 if include_last_offset else offsets.numel()
+    if include_last_offset:
+        end = int(offsets[-1])
+        if end < input.numel():  # ids past the last offset belong to no bag: never looked up
+            input = input[:end]
+            if per_sample_weights is not None:
+                per_sample_weights = per_sample_weights[:end]
+    return Batch(input, (input.numel(),), offsets, per_sample_weights, b, include_last_offset)
+
+
+def dedup(ids: Tensor, padding_id: Optional[int] = None) -> Tuple[Tensor, Tensor, Optional[int]]:
+    """``(keys, inverse, padding_row)``: the unique ids to pull and where each id's row is.
+
+    ``keys[inverse] == ids`` except at ``padding_id``, which is left out of ``keys`` and mapped to
+    ``padding_row = len(keys)`` (a zero row appended after the pulled rows); ``padding_row`` is None when
+    ``padding_id`` does not occur.
+    """
+    keys, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+    if padding_id is None or keys.numel() == 0:
+        return keys, inverse, None
+    p = int(torch.searchsorted(keys, keys.new_tensor([padding_id]))[0])
+    if p == keys.numel() or int(keys[p]) != padding_id:
+        return keys, inverse, None
+    u = keys.numel() - 1
+    keys = torch.cat([keys[:p], keys[p + 1 :]])
+    inverse = torch.where(inverse == p, u, inverse - (inverse > p).long())
+    return keys, inverse, u
+
+
+def pool(
+    rows: Tensor,
+    inverse: Tensor,
+    batch: Batch,
+    mode: Optional[str],
+    padding_row: Optional[int] = None,
+) -> Tensor:
+    """The output from the unique rows: ``nn.Embedding``/``nn.EmbeddingBag`` over ``rows`` at ``inverse``.
+
+    Args:
+        rows (Tensor): ``(U, D)`` rows, any float dtype (``batch.per_sample_weights`` must match it).
+        inverse (Tensor): int64 row index of each id, like ``batch.ids``.
+        batch (Batch): from :func:`check_input`.
+        mode (str or None): ``None``, ``"sum"`` or ``"mean"``.
+        padding_row (int, optional): a row that reads zeros, is left out of bags (and of mean's count) and
+            gets no gradient, as ``padding_idx`` does.
+    """
+    idx = inverse.view(batch.shape)
+    if mode is None:
+        return F.embedding(idx, rows, padding_idx=padding_row)
+    psw = batch.per_sample_weights
+    if psw is not None:
+        psw = psw.reshape(batch.shape)
+    return F.embedding_bag(
+        idx,
+        rows,
+        batch.offsets,
+        mode=mode,
+        per_sample_weights=psw,
+        include_last_offset=batch.include_last_offset,
+        padding_idx=padding_row,
+    )
+
+
+def ps_embedding(
+    input: Tensor,
+    table,
+    offsets: Optional[Tensor] = None,
+    per_sample_weights: Optional[Tensor] = None,
+    *,
+    mode: Optional[str] = None,
+    output: str = "mf",
+    slot: int = 0,
+    padding_id: Optional[int] = None,
+    include_last_offset: bool = False,
+    grad_scale: Optional[float] = None,
+    clicks: Optional[Tensor] = None,
+    push: bool = True,
+    timings: Optional[_autograd.Timings] = None,
+) -> Tensor:
+    """Look up ``input`` in ``table`` and pool like ``nn.Embedding``/``nn.EmbeddingBag``.
+
+    See :class:`~torch_psembed.PSEmbedding` for the arguments. ``push=False`` (eval) pulls without building the
+    push: the rows are constants, and only ``per_sample_weights`` can get a gradient. ``clicks`` are the labels
+    of the instances (shape ``(num_instances,)``); ``grad_scale`` defaults to ``num_instances``.
+    """
+    if torch._C._are_functorch_transforms_active():
+        raise RuntimeError(
+            "PSEmbedding does not support torch.func transforms (vmap, grad, jacrev, functional_call under "
+            "them, ...): its backward pushes rows to the table as a side effect"
+        )
+    t0 = time.perf_counter() if timings is not None else 0.0
+    batch = check_input(input, offsets, per_sample_weights, mode, include_last_offset)
+    keys, inverse, padding_row = dedup(batch.ids, padding_id)
+    if timings is not None:
+        t1 = time.perf_counter()
+        timings.add("unique", t1 - t0)
+
+    grad_needed = push and torch.is_grad_enabled()
+    if grad_needed:
+        scale = float(batch.num_instances) if grad_scale is None else float(grad_scale)
+        labels = None
+        if clicks is not None:
+            if clicks.shape != (batch.num_instances,):
+                raise ValueError(
+                    f"clicks fed with pse.feed(clicks=...) must have shape ({batch.num_instances},) (one label per "
+                    f"instance of this batch), got {tuple(clicks.shape)}"
+                )
+            labels = clicks
+        plan = _autograd.PushPlan(
+            table=table,
+            keys=keys,
+            inverse=inverse,
+            batch=batch,
+            output=output,
+            padding_row=padding_row,
+            grad_scale=scale,
+            slot=slot,
+            clicks=labels,
+            timings=timings,
+        )
+        rows = _autograd.PullPush.apply(_autograd.ANCHOR, plan)
+    else:
+        with torch.no_grad():
+            rows = _autograd.pull_rows(table, keys, output, padding_row, timings)
+    t2 = time.perf_counter() if timings is not None else 0.0
+    out = pool(rows, inverse, batch, mode, padding_row)
+    if timings is not None:
+        timings.add("pool", time.perf_counter() - t2)
+        if grad_needed:
+            out = _autograd.BackwardMark.apply(out, timings)
+    return out
+
+
+def _check_grad_scale(grad_scale) -> Optional[float]:
+    if grad_scale is None:
+        return None
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not math.isfinite(grad_scale):
+        raise ValueError(f"grad_scale must be None or a finite number > 0, got {grad_scale!r}")
+    if grad_scale <= 0:
+        raise ValueError(f"grad_scale must be None or a finite number > 0, got {grad_scale!r}")
+    return float(grad_scale)
