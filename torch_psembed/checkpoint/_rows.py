@@ -1,0 +1,237 @@
+"""Row sets as numpy arrays: bucketed writing, verified reading, selection and merging.
+
+A *row set* is a dict ``{"keys": int64[n], "base": f32[n, base_width], "has_mf": u8[n], "mf": f32[m, mf_width],
+"tombstones": int64[k]}`` where ``mf`` holds the rows with ``has_mf == 1`` in order: exactly what
+``_C.Table.export`` returns and ``_C.Table.load_rows`` takes.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import CorruptCheckpointError
+from . import _format as F
+
+# Threads for file I/O and checksums (both release the GIL on large buffers).
+IO_THREADS = max(2, min(8, os.cpu_count() or 2))
+
+
+def empty_rows(base_width: int, mf_width: int) -> Dict[str, np.ndarray]:
+    return {
+        "keys": np.zeros(0, np.int64),
+        "base": np.zeros((0, base_width), np.float32),
+        "has_mf": np.zeros(0, np.uint8),
+        "mf": np.zeros((0, mf_width), np.float32),
+        "tombstones": np.zeros(0, np.int64),
+    }
+
+
+def mf_index(has_mf: np.ndarray) -> np.ndarray:
+    """Position in ``mf`` of each row (meaningful only where ``has_mf == 1``)."""
+    return np.cumsum(has_mf, dtype=np.int64) - 1
+
+
+def take_rows(rows: Dict[str, np.ndarray], sel: np.ndarray) -> Dict[str, np.ndarray]:
+    """Rows ``sel`` (an index array or a boolean mask) of a row set; tombstones are kept as they are."""
+    if sel.dtype == np.bool_:
+        sel = np.flatnonzero(sel)
+    has = rows["has_mf"][sel]
+    mf_rows = mf_index(rows["has_mf"])[sel[has.astype(bool)]]
+    return {
+        "keys": rows["keys"][sel],
+        "base": rows["base"][sel],
+        "has_mf": has,
+        "mf": rows["mf"][mf_rows],
+        "tombstones": rows["tombstones"],
+    }
+
+
+def sort_by_key(rows: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Rows ordered by key read as uint64 (the order ``_C.Table.export`` uses)."""
+    order = np.argsort(rows["keys"].view(np.uint64), kind="stable")
+    return take_rows(rows, order)
+
+
+def check_row_set(rows: Dict[str, np.ndarray], base_width: int, mf_width: int, where: str) -> None:
+    n = rows["keys"].shape[0]
+    if rows["base"].shape != (n, base_width):
+        raise ValueError(f"{where}: base has shape {rows['base'].shape}, expected ({n}, {base_width})")
+    if rows["has_mf"].shape != (n,):
+        raise ValueError(f"{where}: has_mf has shape {rows['has_mf'].shape}, expected ({n},)")
+    m = int(np.count_nonzero(rows["has_mf"]))
+    if rows["mf"].shape != (m, mf_width):
+        raise ValueError(f"{where}: mf has shape {rows['mf'].shape}, expected ({m}, {mf_width})")
+
+
+# -- writing ---------------------------------------------------------------------------------------------------
+
+def write_part(dirpath: str, part: int, rows: Dict[str, np.ndarray], num_buckets: int) -> Dict[str, Any]:
+    """Write one writer part of a save into ``dirpath`` (bucketed, checksummed, fsynced).
+
+    Returns the part's manifest fragment: ``{"part", "rows", "rows_with_mf", "tombstones", "files": [...]}``.
+    Buckets without rows get no files.
+    """
+    keys = rows["keys"]
+    n = keys.shape[0]
+    buckets = F.bucket_of(keys, num_buckets) if n else np.zeros(0, np.int32)
+    small = buckets.astype(np.uint8 if num_buckets <= 256 else np.uint16)
+    # Stable radix sort on a small integer type: O(n) and keeps the key order inside each bucket.
+    order = np.argsort(small, kind="stable")
+    counts = np.bincount(buckets, minlength=num_buckets)
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    sorted_rows = take_rows(rows, order)
+    has = sorted_rows["has_mf"]
+    mf_bounds = np.concatenate([[0], np.cumsum(has, dtype=np.int64)])[bounds]
+
+    jobs: List[Tuple[str, np.ndarray, Dict[str, Any]]] = []
+    for b in np.flatnonzero(counts):
+        lo, hi = int(bounds[b]), int(bounds[b + 1])
+        mlo, mhi = int(mf_bounds[b]), int(mf_bounds[b + 1])
+        for col, arr in (
+            ("keys", sorted_rows["keys"][lo:hi]),
+            ("base", sorted_rows["base"][lo:hi]),
+            ("has_mf", has[lo:hi]),
+            ("mf", sorted_rows["mf"][mlo:mhi]),
+        ):
+            name = F.bucket_file(int(b), part, col)
+            jobs.append((name, arr, {"name": name, "column": col, "bucket": int(b), "part": part,
+                                     "rows": int(arr.shape[0])}))
+    tomb = np.ascontiguousarray(rows["tombstones"], dtype=np.int64)
+    name = F.tombstone_file(part)
+    jobs.append((name, tomb, {"name": name, "column": "tombstones", "bucket": None, "part": part,
+                              "rows": int(tomb.shape[0])}))
+
+    def one(job):
+        fname, arr, entry = job
+        entry.update(F.write_array(os.path.join(dirpath, fname), arr))
+        return entry
+
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        files = list(pool.map(one, jobs))
+    return {
+        "part": part,
+        "rows": int(n),
+        "rows_with_mf": int(rows["mf"].shape[0]),
+        "tombstones": int(tomb.shape[0]),
+        "files": files,
+    }
+
+
+# -- reading ---------------------------------------------------------------------------------------------------
+
+def read_rows(
+    path: str,
+    m: Dict[str, Any],
+    owner: Optional[Tuple[int, int]] = None,
+    check_buckets: bool = True,
+) -> Dict[str, np.ndarray]:
+    """Read and verify every file of save ``m`` at ``path``; returns the row set (bucket, part order).
+
+    With ``owner=(index, n)`` only the keys with ``_C.route(key, n) == index`` are kept (rows and tombstones).
+    Raises CorruptCheckpointError naming the file on any size, checksum or consistency problem.
+    """
+    from .. import _C
+
+    ddir = F.data_path(path, m)
+    layout = m["layout"]
+    bw, mw = int(layout["base_width"]), int(layout["mf_width"])
+    groups = F.group_files(m)
+    row_groups = sorted((k for k in groups if k[0] is not None), key=lambda k: (k[0], k[1]))
+    tomb_groups = sorted((k for k in groups if k[0] is None), key=lambda k: k[1])
+
+    n = m_rows = t = 0
+    plan = []  # (column, entry, row offset)
+    for key in row_groups:
+        cols = groups[key]
+        missing = [c for c in F.ROW_COLUMNS if c not in cols]
+        if missing:
+            raise CorruptCheckpointError(
+                f"{os.path.join(path, F.MANIFEST)}: bucket {key[0]} part {key[1]} lists no {missing[0]} file",
+                os.path.join(path, F.MANIFEST),
+            )
+        r = cols["keys"]["rows"]
+        for c in ("base", "has_mf"):
+            if cols[c]["rows"] != r:
+                p = os.path.join(ddir, cols[c]["name"])
+                raise CorruptCheckpointError(f"{p}: {cols[c]['rows']} rows, but its keys file has {r}", p)
+        plan += [("keys", cols["keys"], n), ("base", cols["base"], n), ("has_mf", cols["has_mf"], n),
+                 ("mf", cols["mf"], m_rows)]
+        n += r
+        m_rows += cols["mf"]["rows"]
+    for key in tomb_groups:
+        e = groups[key]["tombstones"]
+        plan.append(("tombstones", e, t))
+        t += e["rows"]
+
+    try:
+        out = {
+            "keys": np.empty(n, np.int64),
+            "base": np.empty((n, bw), np.float32),
+            "has_mf": np.empty(n, np.uint8),
+            "mf": np.empty((m_rows, mw), np.float32),
+            "tombstones": np.empty(t, np.int64),
+        }
+    except MemoryError:
+        raise MemoryError(f"{path}: not enough memory to read {n} rows") from None
+
+    def one(item):
+        col, entry, off = item
+        dest = out[col][off:off + entry["rows"]]
+        F.read_into(os.path.join(ddir, entry["name"]), dest, entry)
+
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        list(pool.map(one, plan))
+
+    # Consistency beyond checksums: mf rows match has_mf, flags are 0/1, keys sit in their bucket.
+    has = out["has_mf"]
+    if has.size and has.max() > 1:
+        raise CorruptCheckpointError(f"{ddir}: a has_mf file holds a value other than 0 or 1", ddir)
+    off = 0
+    moff = 0
+    for key in row_groups:
+        cols = groups[key]
+        r = cols["keys"]["rows"]
+        got = int(np.count_nonzero(has[off:off + r]))
+        if got != cols["mf"]["rows"]:
+            p = os.path.join(ddir, cols["mf"]["name"])
+            raise CorruptCheckpointError(f"{p}: holds {cols['mf']['rows']} rows, but has_mf marks {got}", p)
+        if check_buckets and r:
+            b = F.bucket_of(out["keys"][off:off + r], m["num_buckets"])
+            if not np.all(b == key[0]):
+                p = os.path.join(ddir, cols["keys"]["name"])
+                raise CorruptCheckpointError(f"{p}: holds keys of another bucket than {key[0]}", p)
+        off += r
+        moff += got
+
+    if owner is not None and owner[1] > 1:
+        index, parts = owner
+        mine = _C.route(out["keys"], parts) == index
+        tomb = out["tombstones"]
+        tomb = tomb[_C.route(tomb, parts) == index] if tomb.size else tomb
+        out = take_rows(out, mine)
+        out["tombstones"] = tomb
+    return out
+
+
+# -- merging ---------------------------------------------------------------------------------------------------
+
+def apply_delta(cur: Dict[str, np.ndarray], delta: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """The serving view after a delta: drop its tombstones, then insert/overwrite its rows."""
+    drop = np.isin(cur["keys"], delta["tombstones"]) | np.isin(cur["keys"], delta["keys"])
+    kept = take_rows(cur, ~drop)
+    merged = {
+        "keys": np.concatenate([kept["keys"], delta["keys"]]),
+        "base": np.concatenate([kept["base"], delta["base"]]),
+        "has_mf": np.concatenate([kept["has_mf"], delta["has_mf"]]),
+        "mf": np.concatenate([kept["mf"], delta["mf"]]),
+        "tombstones": np.zeros(0, np.int64),
+    }
+    return sort_by_key(merged)
+
+
+def concat_rows(sets: Sequence[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+    return {k: np.concatenate([s[k] for s in sets]) for k in ("keys", "base", "has_mf", "mf", "tombstones")}

@@ -1,0 +1,430 @@
+"""Saving and loading a table: one process, several in-process parts, or every server of a sharded table.
+
+The work is split into *server steps*: module-level functions ``fn(local_c_table, server_index, num_servers,
+*args)`` that run next to each ``_C.Table`` part (through ``backend.collective`` when the table is sharded, in
+this process otherwise), and the *writer step* (the manifest), done by one trainer. A save is:
+
+1. ``_srv_begin``: agree on a save id (server 0's) and create ``PATH/.tmp-<id>/``;
+2. ``_srv_write_part``: each server exports its rows at one moment (``_C.Table.export`` holds every shard
+   lock for the copy) and writes its bucket files, fsynced; the side-effect inputs are kept in memory;
+3. the writer renames ``.tmp-<id>`` to ``data-<id>`` and atomically replaces ``PATH/manifest.json`` (the
+   commit point: until it is replaced, ``PATH`` still holds the previous save, whole);
+4. ``_srv_finish``: each server sees the new manifest, then applies ``commit_save`` (base/delta) and drops
+   older ``data-*`` directories.
+
+A load reads and verifies every file on every server first (``_srv_stage_load``), and changes the tables only
+when all of them succeeded (``_srv_apply_load``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import CheckpointMismatchError, CorruptCheckpointError
+from . import _format as F
+from . import _rows as R
+
+# Per-server scratch between the steps of one save/load, keyed by (id(local table), operation).
+_STASH: Dict[Tuple[int, str], Any] = {}
+_STASH_LOCK = threading.RLock()
+
+
+def _stash_put(local, op: str, value: Any) -> None:
+    with _STASH_LOCK:
+        _STASH[(id(local), op)] = value
+
+
+def _stash_pop(local, op: str) -> Any:
+    with _STASH_LOCK:
+        return _STASH.pop((id(local), op), None)
+
+
+# -- how a save/load reaches the parts of a table ---------------------------------------------------------
+
+class _Group:
+    """Runs a server step on every part of a table and tells whether this process writes the manifest."""
+
+    def run(self, fn: Callable, *args) -> List[Any]:
+        raise NotImplementedError
+
+    is_writer: bool = True
+
+    def flush(self) -> None:
+        pass
+
+
+class LocalParts(_Group):
+    """Parts held in this process: ``tables[i]`` owns the keys with ``_C.route(key, len(tables)) == i``."""
+
+    def __init__(self, tables: Sequence[Any]) -> None:
+        if not tables:
+            raise ValueError("tables must hold at least one _C.Table")
+        self.tables = list(tables)
+
+    def run(self, fn, *args):
+        n = len(self.tables)
+        return [fn(t, i, n, *args) for i, t in enumerate(self.tables)]
+
+
+class _Collective(_Group):
+    """A sharded table: ``backend.collective`` flushes in-flight pushes, barriers and runs fn on every server."""
+
+    def __init__(self, backend) -> None:
+        self.backend = backend
+        rank = getattr(backend, "trainer_rank", None)
+        if rank is None:
+            rank = getattr(backend, "rank", None)
+        if rank is None:
+            import torch.distributed as dist
+
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self.is_writer = int(rank) == 0
+
+    def run(self, fn, *args):
+        return list(self.backend.collective(fn, *args))
+
+
+def group_of(table) -> _Group:
+    backend = table._backend
+    if getattr(backend, "is_sharded", False):
+        return _Collective(backend)
+    return LocalParts([backend])
+
+
+# -- the chain of saves a table is at (which base, how many deltas) -------------------------------------------
+
+_CHAIN_ATTR = "_psembed_chain"
+
+
+def chain_of(table) -> Dict[str, Any]:
+    return dict(getattr(table, _CHAIN_ATTR, None) or {"base_id": None, "sequence": 0})
+
+
+def set_chain(table, chain: Dict[str, Any]) -> None:
+    setattr(table, _CHAIN_ATTR, {"base_id": chain["base_id"], "sequence": int(chain["sequence"])})
+
+
+# -- server steps (module level so that they pickle) ----------------------------------------------------------
+
+def _srv_begin(local, index, num, path):
+    os.makedirs(path, exist_ok=True)
+    return uuid.uuid4().hex
+
+
+def _srv_write_part(local, index, num, path, save_id, mode, num_buckets):
+    tmp = os.path.join(path, ".tmp-" + save_id)
+    os.makedirs(tmp, exist_ok=True)
+    snap = local.export(mode)
+    day = int(local.day)
+    table_tombstones = int(snap["tombstones"].shape[0])
+    restored = _restored_tombstones(local)
+    if restored is not None and mode in ("checkpoint", "delta"):
+        snap["tombstones"] = np.concatenate([restored, snap["tombstones"]])
+    if mode in ("base", "delta"):
+        # What commit_save needs once the files are durable; nothing else of the snapshot is kept.
+        _stash_put(local, "save:" + save_id, (
+            np.ascontiguousarray(snap["keys"]),
+            np.ascontiguousarray(snap["base"][:, 2]),
+            table_tombstones,
+        ))
+    part = R.write_part(tmp, index, snap, num_buckets)
+    part.update(day=day, dim=int(local.dim), base_width=int(local.base_width), mf_width=int(local.mf_width))
+    return part
+
+
+def _srv_finish(local, index, num, path, save_id, mode):
+    """Commit the side effects iff the manifest now names this save; server 0 removes stale directories."""
+    pending = _stash_pop(local, "save:" + save_id)
+    try:
+        with open(os.path.join(path, F.MANIFEST), "rb") as f:
+            committed = json.loads(f.read()).get("save_id") == save_id
+    except (OSError, ValueError):
+        committed = False
+    if committed and pending is not None:
+        keys, delta_scores, tombstones = pending
+        local.commit_save(mode, keys, delta_scores, tombstones)
+        _set_restored_tombstones(local, None)
+    if index == 0:
+        _remove_stale(path, keep=F.data_dir_name(save_id) if committed else None, save_id=save_id)
+    return committed
+
+
+def _srv_abort(local, index, num, path, save_id):
+    _stash_pop(local, "save:" + save_id)
+    if index == 0:
+        shutil.rmtree(os.path.join(path, ".tmp-" + save_id), ignore_errors=True)
+    return True
+
+
+def _remove_stale(path: str, keep: Optional[str], save_id: str) -> None:
+    """Delete data directories the manifest no longer names, and this save's temporary directory."""
+    try:
+        with open(os.path.join(path, F.MANIFEST), "rb") as f:
+            current = json.loads(f.read()).get("data_dir")
+    except (OSError, ValueError):
+        current = keep
+    for name in os.listdir(path):
+        full = os.path.join(path, name)
+        if name == ".tmp-" + save_id or (name.startswith("data-") and name != current):
+            shutil.rmtree(full, ignore_errors=True)
+
+
+def _srv_stage_load(local, index, num, path, m):
+    """Read and verify every file; keep this server's keys in memory. Returns None or (file, message)."""
+    layout = m["layout"]
+    for k in ("dim", "base_width", "mf_width"):
+        if int(getattr(local, k)) != int(layout[k]):
+            p = os.path.join(path, F.MANIFEST)
+            return (p, f"{p}: saved {k} is {layout[k]}, the table's is {getattr(local, k)}")
+    try:
+        rows = R.read_rows(path, m, owner=(index, num))
+    except CorruptCheckpointError as e:
+        return (e.path, str(e))
+    except OSError as e:
+        return (e.filename or path, f"{e.filename or path}: {e.strerror or e}")
+    _stash_put(local, "load:" + m["save_id"], rows)
+    return None
+
+
+def _srv_drop_load(local, index, num, save_id):
+    _stash_pop(local, "load:" + save_id)
+    return True
+
+
+def _srv_apply_load(local, index, num, save_id, mode, day):
+    rows = _stash_pop(local, "load:" + save_id)
+    if rows is None:
+        raise RuntimeError(f"server {index}: no staged rows for save {save_id}")
+    if mode == "delta":
+        if rows["tombstones"].size:
+            local.erase(rows["tombstones"])
+    else:
+        local.clear()
+        _set_restored_tombstones(local, None)
+        if mode == "checkpoint" and rows["tombstones"].size:
+            _restore_tombstones(local, rows["tombstones"])
+    if rows["keys"].size:
+        local.load_rows(rows["keys"], rows["base"], rows["has_mf"], rows["mf"])
+    local.day = int(day)
+    return int(rows["keys"].shape[0])
+
+
+def _restore_tombstones(local, keys: np.ndarray) -> None:
+    """Put ``keys`` back as the pending tombstone list of a table just cleared, in order.
+
+    ``_C.Table`` has no setter for its pending list (``erase`` makes no tombstones), so the restored keys
+    are kept here, beside the table: the next checkpoint/delta save writes them before the table's own,
+    and a committed base/delta drops them, as the table does with its own list.
+    """
+    setter = getattr(local, "set_tombstones", None)
+    if setter is not None:
+        setter(np.ascontiguousarray(keys, dtype=np.int64))
+        return
+    _set_restored_tombstones(local, np.ascontiguousarray(keys, dtype=np.int64))
+
+
+# id(local table) -> (weak reference to it, restored pending tombstones)
+_RESTORED: Dict[int, Tuple[Any, np.ndarray]] = {}
+
+
+def _restored_tombstones(local) -> Optional[np.ndarray]:
+    with _STASH_LOCK:
+        entry = _RESTORED.get(id(local))
+    if entry is None or entry[0]() is not local:
+        return None
+    return entry[1]
+
+
+def _set_restored_tombstones(local, keys: Optional[np.ndarray]) -> None:
+    key = id(local)
+    with _STASH_LOCK:
+        _RESTORED.pop(key, None)
+        if keys is not None and keys.size:
+            def forget(_ref, key=key):
+                with _STASH_LOCK:
+                    if key in _RESTORED and _RESTORED[key][0] is _ref:
+                        del _RESTORED[key]
+
+            _RESTORED[key] = (weakref.ref(local, forget), keys)
+
+
+# -- save ---------------------------------------------------------------------------------------------------
+
+def save_group(
+    group: _Group,
+    config_dict: Dict[str, Any],
+    chain: Dict[str, Any],
+    path,
+    mode: str,
+    num_buckets: int = F.DEFAULT_NUM_BUCKETS,
+) -> Dict[str, Any]:
+    """Save every part of ``group`` to ``path``. Returns the summary; ``summary["chain"]`` is the new chain."""
+    if mode not in F.MODES:
+        raise ValueError(f"mode must be one of {F.MODES}, got {mode!r}")
+    if not isinstance(num_buckets, int) or not 1 <= num_buckets <= 9999:
+        raise ValueError(f"num_buckets must be an int in [1, 9999], got {num_buckets!r}")
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"path must be a directory (or not exist yet), got the file {path}")
+    t0 = time.perf_counter()
+    group.flush()
+    save_id = group.run(_srv_begin, path)[0]
+    try:
+        parts = group.run(_srv_write_part, path, save_id, mode, num_buckets)
+    except BaseException:
+        group.run(_srv_abort, path, save_id)
+        raise
+    t_write = time.perf_counter() - t0
+
+    if mode == "base":
+        new_chain = {"base_id": save_id, "sequence": 0}
+    elif mode == "delta":
+        new_chain = {"base_id": chain.get("base_id"), "sequence": int(chain.get("sequence", 0)) + 1}
+    else:
+        new_chain = {"base_id": chain.get("base_id"), "sequence": int(chain.get("sequence", 0))}
+    manifest = _make_manifest(config_dict, mode, save_id, new_chain, parts, num_buckets)
+
+    error: Optional[BaseException] = None
+    if group.is_writer:
+        try:
+            tmp = os.path.join(path, ".tmp-" + save_id)
+            F.fsync_dir(tmp)
+            os.rename(tmp, os.path.join(path, manifest["data_dir"]))
+            F.fsync_dir(path)
+            F.write_json_atomic(os.path.join(path, F.MANIFEST), manifest)
+        except BaseException as e:  # the other trainers wait in the next step: always reach it
+            error = e
+    committed = group.run(_srv_finish, path, save_id, mode)
+    if error is not None:
+        raise error
+    if not all(committed):
+        raise RuntimeError(f"save to {path} was not committed (the writing trainer failed); the previous save stays")
+    return {
+        "path": path,
+        "mode": mode,
+        "save_id": save_id,
+        "day": manifest["day"],
+        "rows": manifest["rows"],
+        "rows_with_mf": manifest["rows_with_mf"],
+        "tombstones": manifest["tombstones"],
+        "bytes": F.total_bytes(manifest),
+        "parts": len(parts),
+        "seconds": time.perf_counter() - t0,
+        "write_seconds": t_write,
+        "chain": new_chain,
+    }
+
+
+def _make_manifest(config_dict, mode, save_id, chain, parts, num_buckets) -> Dict[str, Any]:
+    from .. import _C
+
+    parts = sorted(parts, key=lambda p: p["part"])
+    p0 = parts[0]
+    for p in parts[1:]:
+        for k in ("dim", "base_width", "mf_width"):
+            if p[k] != p0[k]:
+                raise RuntimeError(f"server {p['part']} has {k}={p[k]}, server 0 has {p0[k]}")
+    files = [e for p in parts for e in p["files"]]
+    return {
+        "format": F.FORMAT_NAME,
+        "format_version": F.FORMAT_VERSION,
+        "mode": mode,
+        "save_id": save_id,
+        "base_id": chain["base_id"],
+        "sequence": chain["sequence"],
+        "day": int(p0["day"]),
+        "created_unix": time.time(),
+        "writer": f"torch_psembed {_C.__version__}",
+        "config": config_dict,
+        "signature": F.config_signature(config_dict),
+        "layout": F.layout_for(p0["dim"], p0["base_width"], p0["mf_width"]),
+        "num_buckets": num_buckets,
+        "bucket_rule": F.BUCKET_RULE,
+        "num_parts": len(parts),
+        "rows": sum(p["rows"] for p in parts),
+        "rows_with_mf": sum(p["rows_with_mf"] for p in parts),
+        "tombstones": sum(p["tombstones"] for p in parts),
+        "parts": [{k: p[k] for k in ("part", "rows", "rows_with_mf", "tombstones", "day")} for p in parts],
+        "data_dir": F.data_dir_name(save_id),
+        "files": files,
+    }
+
+
+# -- load ---------------------------------------------------------------------------------------------------
+
+def check_compatible(m: Dict[str, Any], config_dict: Dict[str, Any], path: str) -> None:
+    saved = m["signature"]
+    have = F.config_signature(config_dict)
+    if saved != have:
+        diffs = "; ".join(F.describe_difference(saved, have))
+        raise CheckpointMismatchError(f"{path}: saved with a different model config ({diffs})")
+
+
+def check_chain(m: Dict[str, Any], chain: Dict[str, Any], path: str) -> None:
+    """A delta loads only onto its own base, right after the delta before it."""
+    if m["mode"] != "delta":
+        return
+    want_seq = int(m["sequence"]) - 1
+    if chain.get("base_id") != m["base_id"]:
+        raise CheckpointMismatchError(
+            f"{path}: delta {m['sequence']} follows base {m['base_id']}, but the table holds base "
+            f"{chain.get('base_id')} (load that base, then its deltas in order)"
+        )
+    if int(chain.get("sequence", 0)) != want_seq:
+        raise CheckpointMismatchError(
+            f"{path}: delta {m['sequence']} is out of order: the table is at delta {chain.get('sequence', 0)} of "
+            f"base {m['base_id']}, so the next delta to load is {int(chain.get('sequence', 0)) + 1}"
+        )
+
+
+def load_group(group: _Group, config_dict: Dict[str, Any], chain: Dict[str, Any], path) -> Dict[str, Any]:
+    """Load ``path`` into every part of ``group``; nothing changes unless every file verified."""
+    path = os.path.abspath(os.fspath(path))
+    t0 = time.perf_counter()
+    m = F.read_manifest(path)
+    check_compatible(m, config_dict, path)
+    check_chain(m, chain, path)
+    group.flush()
+    results = group.run(_srv_stage_load, path, m)
+    bad = [r for r in results if r is not None]
+    if bad:
+        group.run(_srv_drop_load, m["save_id"])
+        where, msg = bad[0]
+        raise CorruptCheckpointError(msg, where)
+    loaded = group.run(_srv_apply_load, m["save_id"], m["mode"], m["day"])
+    return {
+        "path": path,
+        "mode": m["mode"],
+        "save_id": m["save_id"],
+        "day": m["day"],
+        "rows": int(sum(loaded)),
+        "tombstones": m["tombstones"],
+        "bytes": F.total_bytes(m),
+        "seconds": time.perf_counter() - t0,
+        "chain": {"base_id": m["base_id"], "sequence": int(m["sequence"])},
+    }
+
+
+# -- the SparseTable entry points -----------------------------------------------------------------------------
+
+def save_table(table, path, mode: str = "checkpoint", num_buckets: int = F.DEFAULT_NUM_BUCKETS) -> Dict[str, Any]:
+    """Save ``table`` to directory ``path`` (see :meth:`SparseTable.save` and docs/format.md)."""
+    summary = save_group(group_of(table), table.config.to_dict(), chain_of(table), path, mode, num_buckets)
+    set_chain(table, summary["chain"])
+    return summary
+
+
+def load_table(table, path) -> Dict[str, Any]:
+    """Load directory ``path`` into ``table`` (see :meth:`SparseTable.load`)."""
+    summary = load_group(group_of(table), table.config.to_dict(), chain_of(table), path)
+    set_chain(table, summary["chain"])
+    return summary

@@ -1,0 +1,175 @@
+"""InferenceEmbedding: lookups over exported serving files, with no training state and no RPC."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .. import functional as PF
+from .export import read_serving
+
+__all__ = ["InferenceEmbedding"]
+
+
+class _ServingRows:
+    """Sorted keys + a value matrix: the read-only ``pull`` that :func:`functional.ps_embedding` needs."""
+
+    def __init__(self, keys: Tensor, values: Tensor, stats: Optional[Tensor]) -> None:
+        self.keys = keys          # int64[n], strictly ascending
+        self.values = values      # [n, 1 + dim] float32 / float16 / bfloat16: lr, mf
+        self.stats = stats        # float32[n, 2] (show, click) or None
+        self.dim = values.shape[1] - 1
+
+    def find(self, ids: Tensor):
+        """``(index, hit)``: the row of each id and whether the export holds it."""
+        n = self.keys.numel()
+        if n == 0:
+            return torch.zeros_like(ids), torch.zeros(ids.shape, dtype=torch.bool)
+        idx = torch.searchsorted(self.keys, ids).clamp_(max=n - 1)
+        return idx, self.keys[idx] == ids
+
+    def pull(self, keys: Tensor, with_stats: bool = False) -> Tensor:
+        idx, hit = self.find(keys)
+        rows = self.values[idx].to(torch.float32)
+        if with_stats:
+            if self.stats is None:
+                raise ValueError(
+                    "output='cvm_lr_mf' needs show/click: export with pse.export(..., with_stats=True)"
+                )
+            rows = torch.cat([self.stats[idx], rows], dim=1)
+        rows.masked_fill_(~hit.unsqueeze(1), 0.0)
+        return rows
+
+
+class InferenceEmbedding(nn.Module):
+    r"""A read-only :class:`~torch_psembed.PSEmbedding` over the files written by :func:`torch_psembed.export`.
+
+    It holds the exported keys (sorted) and their ``lr, mf`` rows in the exported dtype, and looks ids up
+    with a binary search: no hash table, no optimizer state, no RPC. ``forward`` takes the same input as
+    PSEmbedding and gives the same output for the rows the export holds (in the exported precision: rows are
+    converted to float32 before pooling). Ids the export does not hold read zeros, as unknown ids do in
+    PSEmbedding; note that by default only rows with an mf vector are exported, so their lr reads zero too.
+    Backward computes no gradient for the rows (``per_sample_weights`` still get theirs).
+
+    Args:
+        keys (Tensor): ``(n,)`` int64 ids, strictly ascending.
+        values (Tensor): ``(n, 1 + dim)`` rows ``lr, mf`` (float32, float16 or bfloat16).
+        stats (Tensor, optional): ``(n, 2)`` float32 show, click; needed by ``output="cvm_lr_mf"``.
+        mode, output, padding_id, include_last_offset: as in :class:`~torch_psembed.PSEmbedding`.
+
+    Shape:
+        As :class:`~torch_psembed.PSEmbedding`: ``mode=None`` maps :math:`(*)` to :math:`(*, D)`; bags map
+        2-D :math:`(B, N)` or 1-D ids with offsets to :math:`(B, D)`.
+
+    Examples::
+
+        >>> import torch, torch_psembed as pse
+        >>> table = pse.SparseTable(pse.TableConfig(dim=4, accessor=pse.CtrAccessorConfig(embedx_threshold=0.0)))
+        >>> _ = table.push(torch.tensor([3, 5]), torch.ones(2, 5), torch.ones(2), torch.zeros(2))
+        >>> import tempfile; out = tempfile.mkdtemp()
+        >>> _ = pse.export(table, out, dtype="float32")
+        >>> inf = pse.InferenceEmbedding.load(out, mode="sum")
+        >>> inf(torch.tensor([[3, 5, 7]])).shape
+        torch.Size([1, 4])
+    """
+
+    def __init__(
+        self,
+        keys: Tensor,
+        values: Tensor,
+        stats: Optional[Tensor] = None,
+        mode: Optional[str] = None,
+        output: str = "mf",
+        padding_id: Optional[int] = None,
+        include_last_offset: bool = False,
+    ) -> None:
+        super().__init__()
+        if mode not in PF.MODES:
+            raise ValueError(f"mode must be one of None, 'sum', 'mean', got {mode!r}")
+        if not isinstance(keys, Tensor) or keys.dtype != torch.int64 or keys.dim() != 1:
+            raise TypeError(f"keys must be a 1-D int64 tensor, got {getattr(keys, 'dtype', type(keys).__name__)}")
+        if not isinstance(values, Tensor) or values.dim() != 2 or values.shape[0] != keys.shape[0] or values.shape[1] < 2:
+            raise ValueError(f"values must have shape ({keys.shape[0]}, 1 + dim), got {tuple(getattr(values, 'shape', ()))}")
+        if values.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"values must be float32, float16 or bfloat16, got {values.dtype}")
+        if keys.numel() > 1 and not bool((keys[1:] > keys[:-1]).all()):
+            raise ValueError("keys must be strictly ascending (sorted, no duplicates)")
+        if stats is not None and (stats.dtype != torch.float32 or tuple(stats.shape) != (keys.shape[0], 2)):
+            raise ValueError(f"stats must be float32 of shape ({keys.shape[0]}, 2), got {stats.dtype} {tuple(stats.shape)}")
+        dim = values.shape[1] - 1
+        self.embedding_dim = PF.output_dim(output, dim)
+        if output == "cvm_lr_mf" and stats is None:
+            raise ValueError("output='cvm_lr_mf' needs show/click: export with pse.export(..., with_stats=True)")
+        self.mode = mode
+        self.output = output
+        self.padding_id = padding_id
+        self.include_last_offset = bool(include_last_offset)
+        self.dim = dim
+        self._rows = _ServingRows(keys.contiguous(), values.contiguous(), stats)
+
+    @classmethod
+    def load(
+        cls,
+        path,
+        mode: Optional[str] = None,
+        output: str = "mf",
+        padding_id: Optional[int] = None,
+        include_last_offset: bool = False,
+    ) -> "InferenceEmbedding":
+        """Load an export directory written by :func:`torch_psembed.export` (checksums verified)."""
+        d = read_serving(os.fspath(path))
+        m = d["manifest"]
+        values = torch.from_numpy(d["values"])
+        if m["dtype"] == "bfloat16":
+            values = values.view(torch.int16).view(torch.bfloat16)
+        stats = torch.from_numpy(d["stats"]) if d["stats"] is not None else None
+        if output == "cvm_lr_mf" and stats is None:
+            raise ValueError(f"{path}: output='cvm_lr_mf' needs show/click, but this export has none "
+                             "(export with with_stats=True)")
+        return cls(torch.from_numpy(d["keys"]), values, stats, mode, output, padding_id, include_last_offset)
+
+    def forward(self, input: Tensor, offsets: Optional[Tensor] = None,
+                per_sample_weights: Optional[Tensor] = None) -> Tensor:
+        return PF.ps_embedding(
+            input,
+            self._rows,
+            offsets,
+            per_sample_weights,
+            mode=self.mode,
+            output=self.output,
+            padding_id=self.padding_id,
+            include_last_offset=self.include_last_offset,
+            push=False,
+        )
+
+    def pull(self, keys: Tensor, with_stats: bool = False) -> Tensor:
+        """Rows ``lr, mf`` (with ``show, click`` first when ``with_stats``) as float32; unknown keys read zeros."""
+        return self._rows.pull(keys, with_stats)
+
+    def __len__(self) -> int:
+        return int(self._rows.keys.numel())
+
+    def __contains__(self, key) -> bool:
+        if isinstance(key, Tensor):
+            key = int(key.item())
+        if not isinstance(key, (int, np.integer)):
+            return False
+        _, hit = self._rows.find(torch.tensor([int(key)], dtype=torch.int64))
+        return bool(hit[0])
+
+    @property
+    def nbytes(self) -> int:
+        r = self._rows
+        return r.keys.nbytes + r.values.nbytes + (r.stats.nbytes if r.stats is not None else 0)
+
+    def extra_repr(self) -> str:
+        s = f"keys={len(self)}, dim={self.dim}, dtype={self._rows.values.dtype}, output={self.output!r}"
+        if self.mode is not None:
+            s += f", mode={self.mode!r}"
+        if self.padding_id is not None:
+            s += f", padding_id={self.padding_id}"
+        return s

@@ -1,0 +1,98 @@
+"""Tools for saved tables and serving exports: ``python -m torch_psembed.tools inspect|verify|merge|export``.
+
+The functions here are what the command line runs; they are usable from Python too.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
+
+from ..checkpoint import _format as F
+from ..checkpoint import _rows as R
+from ..checkpoint import _table_io as T
+from ..checkpoint.export import _rows_from_paths, read_serving
+from ..errors import CorruptCheckpointError
+
+__all__ = ["inspect_path", "verify", "merge"]
+
+
+def _kind(path: str) -> str:
+    """``"table"`` or ``"serving"``, from the manifest's format field."""
+    import json
+
+    mpath = os.path.join(path, F.MANIFEST)
+    try:
+        with open(mpath, "rb") as f:
+            fmt = json.loads(f.read()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return "table"  # read_manifest reports the precise problem
+    return "serving" if fmt == F.SERVING_FORMAT_NAME else "table"
+
+
+def inspect_path(path) -> Dict[str, Any]:
+    """The manifest of a save or export, with its kind, total bytes and bytes per key (no data is read)."""
+    path = os.path.abspath(os.fspath(path))
+    kind = _kind(path)
+    m = F.read_manifest(path, F.SERVING_FORMAT_NAME if kind == "serving" else F.FORMAT_NAME)
+    total = F.total_bytes(m)
+    return {"path": path, "kind": kind, "manifest": m, "bytes": total, "bytes_per_key": total / max(1, m["rows"])}
+
+
+def verify(path) -> Dict[str, Any]:
+    """Read every file of a save or export and check sizes, checksums and row counts.
+
+    Raises CorruptCheckpointError naming the first bad file; returns ``{"path", "files", "rows", "bytes"}``.
+    """
+    path = os.path.abspath(os.fspath(path))
+    kind = _kind(path)
+    if kind == "serving":
+        d = read_serving(path)
+        m = d["manifest"]
+        rows = int(d["keys"].shape[0])
+    else:
+        m = F.read_manifest(path)
+        rows_set = R.read_rows(path, m)
+        rows = int(rows_set["keys"].shape[0])
+        if rows != m["rows"] or int(rows_set["mf"].shape[0]) != m["rows_with_mf"]:
+            mp = os.path.join(path, F.MANIFEST)
+            raise CorruptCheckpointError(f"{mp}: row totals disagree with its files", mp)
+        if rows and np.unique(rows_set["keys"]).shape[0] != rows:
+            raise CorruptCheckpointError(f"{path}: a key appears twice", path)
+    return {"path": path, "files": len(m["files"]), "rows": rows, "bytes": F.total_bytes(m)}
+
+
+def merge(paths: Sequence, out, num_buckets: Optional[int] = None) -> Dict[str, Any]:
+    """Apply deltas to a base (or checkpoint) in order and write the result as a base-mode save at ``out``.
+
+    The result keeps the chain position of the last delta, so a table that loads it can go on with the next
+    delta of the same base.
+    """
+    paths = [os.path.abspath(os.fspath(p)) for p in paths]
+    rows, first, last = _rows_from_paths(paths)
+    nb = int(num_buckets or first["num_buckets"])
+    out = os.path.abspath(os.fspath(out))
+    os.makedirs(out, exist_ok=True)
+    save_id = uuid.uuid4().hex
+    tmp = os.path.join(out, ".tmp-" + save_id)
+    os.makedirs(tmp)
+    rows["tombstones"] = rows["tombstones"][:0]
+    part = R.write_part(tmp, 0, rows, nb)
+    lay = first["layout"]
+    part.update(day=int(last["day"]), dim=lay["dim"], base_width=lay["base_width"], mf_width=lay["mf_width"])
+    chain = {"base_id": last["base_id"], "sequence": int(last["sequence"])}
+    manifest = T._make_manifest(first["config"], "base", save_id, chain, [part], nb)
+    manifest["merged_from"] = [{"path": p, "save_id": s} for p, s in zip(paths, _ids(paths))]
+    F.fsync_dir(tmp)
+    os.rename(tmp, os.path.join(out, manifest["data_dir"]))
+    F.fsync_dir(out)
+    F.write_json_atomic(os.path.join(out, F.MANIFEST), manifest)
+    T._remove_stale(out, keep=manifest["data_dir"], save_id=save_id)
+    return manifest
+
+
+def _ids(paths):
+    return [F.read_manifest(p)["save_id"] for p in paths]
