@@ -1,0 +1,485 @@
+"""The _C.Table contract (docs/architecture.md): API shape, validation, unsigned keys, counters, lifecycle.
+
+Numerics of the update rules are checked against numpy references in tests/test_table_numerics.py;
+this file checks the surface: shapes, every validation error (and that a refused call changed nothing),
+key semantics, stats counters, end_day idempotency and the export/commit/load/erase round trip.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from torch_psembed import _C
+from torch_psembed.config import FTRL, SGD, AdaGrad, Adam, CtrAccessorConfig, StdAdaGrad, TableConfig
+
+U64 = (1 << 64) - 1
+
+
+def mix64_py(z: int) -> int:
+    """Independent transcription of the splitmix64 finalizer."""
+    z &= U64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & U64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & U64
+    return z ^ (z >> 31)
+
+
+def uniform_py(seed: int, key: int, stream: int, i: int) -> float:
+    x = (seed ^ mix64_py(key) ^ (((stream << 56) + i) & U64)) & U64
+    x = mix64_py((x + 0x9E3779B97F4A7C15) & U64)
+    return (x >> 40) * 2.0**-24
+
+
+def push(t, keys, dim, g=1.0, show=1.0, click=0.0, slots=None):
+    keys = np.asarray(keys, dtype=np.int64)
+    n = len(keys)
+    grads = np.full((n, 1 + dim), g, dtype=np.float32)
+    return t.push(keys, grads, np.full(n, show, np.float32), np.full(n, click, np.float32), slots)
+
+
+def snapshot(t):
+    e = t.export("checkpoint")
+    s = t.stats()
+    return e, {k: v for k, v in s.items() if k != "pull_misses"}
+
+
+def assert_same_snapshot(a, b):
+    ea, sa = a
+    eb, sb = b
+    assert sa == sb
+    for k in ("keys", "base", "has_mf", "mf", "tombstones"):
+        np.testing.assert_array_equal(ea[k], eb[k])
+
+
+# ----------------------------------------------------------------------------------------- basics
+
+
+def test_version_and_module_functions():
+    assert isinstance(_C.__version__, str) and _C.__version__.count(".") >= 1
+    assert callable(_C.mix64) and callable(_C.route) and callable(_C.Table)
+
+
+@pytest.mark.parametrize(
+    "opt, state",
+    [(SGD(), lambda d: 0), (AdaGrad(), lambda d: 1), (StdAdaGrad(), lambda d: d),
+     (Adam(), lambda d: 2 * d + 2), (FTRL(), lambda d: 2 * d)],
+)
+def test_widths_follow_the_rules(opt, state):
+    dim = 6
+    t = _C.Table(TableConfig(dim=dim, lr_optimizer=opt, mf_optimizer=opt).to_dict())
+    assert t.dim == dim
+    assert t.lr_state_dim == state(1)
+    assert t.mf_state_dim == state(dim)
+    assert t.base_width == 5 + 1 + state(1)
+    assert t.mf_width == dim + state(dim)
+
+
+def test_pull_shape_zeros_and_never_inserts(make_c_table):
+    t = make_c_table(dim=4)
+    keys = np.array([5, 6, 5], np.int64)
+    out = t.pull(keys)
+    assert out.shape == (3, 5) and out.dtype == np.float32 and not out.any()
+    assert t.pull(keys, with_stats=True).shape == (3, 7)
+    assert len(t) == 0 and 5 not in t
+    assert t.stats()["pull_misses"] == 6
+    assert t.pull(np.zeros(0, np.int64)).shape == (0, 5)
+
+
+def test_push_inserts_and_merges_duplicates_in_one_call(make_c_table):
+    a = make_c_table(dim=3, lr_optimizer=AdaGrad(initial_range=0.0), mf_optimizer=AdaGrad(initial_range=0.0))
+    b = make_c_table(dim=3, lr_optimizer=AdaGrad(initial_range=0.0), mf_optimizer=AdaGrad(initial_range=0.0))
+    g1 = np.array([[1, 2, 3, 4], [0.5, 0.5, 0.5, 0.5]], np.float32)
+    a.push(np.array([9, 9], np.int64), g1, np.array([1, 2], np.float32), np.array([0, 1], np.float32),
+           np.array([3, 4], np.int32))
+    b.push(np.array([9], np.int64), g1.sum(0, keepdims=True), np.array([3], np.float32),
+           np.array([1], np.float32), np.array([4], np.int32))
+    np.testing.assert_array_equal(a.pull(np.array([9], np.int64), True), b.pull(np.array([9], np.int64), True))
+    ea, eb = a.export("checkpoint"), b.export("checkpoint")
+    np.testing.assert_array_equal(ea["base"], eb["base"])
+    assert ea["base"][0, 4] == 4  # last slot wins
+    assert a.stats()["inserts"] == 1 and len(a) == 1
+
+
+def test_push_without_slots_keeps_slot(make_c_table):
+    t = make_c_table(dim=2)
+    push(t, [1], 2, slots=np.array([7], np.int32))
+    push(t, [1], 2)
+    assert t.export("checkpoint")["base"][0, 4] == 7
+    t2 = make_c_table(dim=2)
+    push(t2, [1], 2)
+    assert t2.export("checkpoint")["base"][0, 4] == -1  # a row without a slot yet
+
+
+# ------------------------------------------------------------------------------------- validation
+
+
+def _filled(make_c_table, **kw):
+    t = make_c_table(dim=4, accessor=CtrAccessorConfig(embedx_threshold=0.0), **kw)
+    push(t, [1, 2, 3], 4, show=2.0, click=1.0)
+    return t
+
+
+def _good(n=3, dim=4):
+    return (np.arange(n, dtype=np.int64), np.ones((n, dim + 1), np.float32), np.ones(n, np.float32),
+            np.zeros(n, np.float32))
+
+
+@pytest.mark.parametrize(
+    "mutate, exc, words",
+    [
+        (lambda a: (a[0].astype(np.int32),) + a[1:], TypeError, ["keys", "int64"]),
+        (lambda a: (a[0].astype(np.float64),) + a[1:], TypeError, ["keys", "int64"]),
+        (lambda a: (a[0].tolist(),) + a[1:], TypeError, ["keys"]),
+        (lambda a: (a[0].reshape(3, 1),) + a[1:], ValueError, ["keys", "1-D"]),
+        (lambda a: (np.arange(6, dtype=np.int64)[::2],) + a[1:], ValueError, ["keys", "contiguous"]),
+        (lambda a: (a[0], a[1].astype(np.float64)) + a[2:], TypeError, ["grads", "float32"]),
+        (lambda a: (a[0], a[1][:, :4].copy()) + a[2:], ValueError,
+         ["grads must have shape [n, 5] (n = len(keys) = 3), got [3, 4]"]),
+        (lambda a: (a[0], np.asfortranarray(np.ones((3, 5), np.float32))) + a[2:], ValueError,
+         ["grads", "contiguous"]),
+        (lambda a: (a[0], a[1][:2].copy()) + a[2:], ValueError, ["grads", "[2, 5]"]),
+        (lambda a: a[:2] + (a[2][:2].copy(), a[3]), ValueError, ["shows", "length 3"]),
+        (lambda a: a[:3] + (a[3].astype(np.int32),), TypeError, ["clicks", "float32"]),
+        (lambda a: a[:2] + (np.array([1, -1, 1], np.float32), a[3]), ValueError, ["shows", "shows[1]"]),
+        (lambda a: a[:2] + (np.array([1, np.nan, 1], np.float32), a[3]), ValueError, ["shows[1]"]),
+        (lambda a: a[:2] + (np.array([1, np.inf, 1], np.float32), a[3]), ValueError, ["shows[1]"]),
+        (lambda a: a[:3] + (np.array([0, 0, np.nan], np.float32),), ValueError, ["clicks[2]"]),
+        (lambda a: a[:3] + (np.array([0, 0, -2], np.float32),), ValueError, ["clicks[2]"]),
+    ],
+)
+def test_push_validation_refuses_and_changes_nothing(make_c_table, mutate, exc, words):
+    t = _filled(make_c_table)
+    before = snapshot(t)
+    with pytest.raises(exc) as info:
+        t.push(*mutate(_good()))
+    for w in words:
+        assert w in str(info.value)
+    assert_same_snapshot(before, snapshot(t))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_grads_raise_naming_grads_and_row(make_c_table, bad):
+    t = _filled(make_c_table)
+    before = snapshot(t)
+    k, g, s, c = _good()
+    g[2, 3] = bad
+    with pytest.raises(ValueError, match=r"grads.*row 2"):
+        t.push(k, g, s, c)
+    assert_same_snapshot(before, snapshot(t))
+
+
+def test_slots_validation(make_c_table):
+    t = _filled(make_c_table)
+    before = snapshot(t)
+    with pytest.raises(TypeError, match="slots"):
+        t.push(*_good(), np.zeros(3, np.int64))
+    with pytest.raises(ValueError, match="slots"):
+        t.push(*_good(), np.zeros(2, np.int32))
+    assert_same_snapshot(before, snapshot(t))
+
+
+def test_nan_policy_skip_drops_rows_and_counts(make_c_table):
+    t = make_c_table(dim=4, nan_policy="skip")
+    k, g, s, c = _good(4)
+    g[1, 0] = np.nan
+    g[3, 2] = np.inf
+    assert t.push(k, g, s, c) == 2
+    assert sorted(t.export("checkpoint")["keys"].tolist()) == [0, 2]
+    assert t.stats()["rejected"] == 2
+    # A skipped row does not contribute to a duplicate key either.
+    k2 = np.array([7, 7], np.int64)
+    g2 = np.ones((2, 5), np.float32)
+    g2[0, 0] = np.nan
+    assert t.push(k2, g2, np.ones(2, np.float32), np.zeros(2, np.float32)) == 1
+    assert t.pull(k2[:1], with_stats=True)[0, 0] == 1.0
+    assert t.stats()["rejected"] == 3
+
+
+def test_pull_validation(make_c_table):
+    t = make_c_table()
+    with pytest.raises(TypeError, match="keys must have dtype int64"):
+        t.pull(np.zeros(3, np.uint32))
+    with pytest.raises(ValueError, match="contiguous"):
+        t.pull(np.zeros(6, np.int64)[::2])
+    with pytest.raises(TypeError, match="keys"):
+        t.pull([1, 2])
+    assert t.stats()["pull_misses"] == 0
+
+
+@pytest.mark.parametrize(
+    "patch, exc, words",
+    [
+        (lambda d: d["mf_optimizer"].update(name="rmsprop"), ValueError, ["mf_optimizer", "rmsprop"]),
+        (lambda d: d.update(dim=0), ValueError, ["dim"]),
+        (lambda d: d.update(num_shards=0), ValueError, ["num_shards"]),
+        (lambda d: d.update(nan_policy="ignore"), ValueError, ["nan_policy"]),
+        (lambda d: d.update(extra=1), ValueError, ["extra"]),
+        (lambda d: d["accessor"].update(nonclk_coef=0.1), ValueError, ["nonclk_coef"]),
+        (lambda d: d["accessor"].update(show_click_decay_rate=1.5), ValueError, ["show_click_decay_rate"]),
+        (lambda d: d["lr_optimizer"].update(weight_bounds=[1.0, -1.0]), ValueError, ["weight_bounds"]),
+        (lambda d: d["lr_optimizer"].update(initial_g2sum=0.0), ValueError, ["initial_g2sum"]),
+        (lambda d: d.update(dim="8"), TypeError, ["dim"]),
+        (lambda d: d.update(seed=-1), ValueError, ["seed"]),
+        (lambda d: d.pop("dim"), ValueError, ["dim"]),
+    ],
+)
+def test_config_validation(patch, exc, words):
+    d = TableConfig(dim=4).to_dict()
+    patch(d)
+    with pytest.raises(exc) as info:
+        _C.Table(d)
+    for w in words:
+        assert w in str(info.value)
+    with pytest.raises(TypeError):
+        _C.Table([("dim", 4)])
+
+
+def test_all_rules_accept_their_to_dict():
+    for opt in (SGD(), AdaGrad(), StdAdaGrad(), Adam(), FTRL(l1=0.1, alpha=0.2)):
+        t = _C.Table(TableConfig(dim=3, lr_optimizer=opt, mf_optimizer=opt,
+                                 accessor=CtrAccessorConfig(embedx_threshold=0)).to_dict())
+        push(t, [1, 2], 3)
+        push(t, [1, 2], 3)
+        assert t.stats()["keys_with_mf"] == 2
+        assert np.isfinite(t.pull(np.array([1, 2], np.int64))).all()
+
+
+# ------------------------------------------------------------------------------------ key semantics
+
+
+def test_mix64_golden_values():
+    keys = np.array([0, 1, -1, 2**63 - 1, -(2**63), 123456789], np.int64)
+    golden = [0, 6238072747940578789, 13029008266876403067, 6514504133438201533, 2720858781877447050,
+              17445968401720671584]
+    got = _C.mix64(keys)
+    assert got.dtype == np.int64
+    assert got.view(np.uint64).tolist() == golden
+    assert [mix64_py(int(k)) for k in keys] == golden
+
+
+def test_route_is_unsigned_mix64_mod():
+    rng = np.random.default_rng(0)
+    keys = rng.integers(-(2**63), 2**63 - 1, size=2000, dtype=np.int64)
+    keys[:3] = [0, -1, -(2**63)]
+    for parts in (1, 2, 3, 7, 64):
+        r = _C.route(keys, parts)
+        assert r.dtype == np.int32
+        assert r.tolist() == [mix64_py(int(k)) % parts for k in keys]
+    with pytest.raises(ValueError, match="num_parts"):
+        _C.route(keys, 0)
+
+
+def test_counter_rng_transcription():
+    keys = np.array([0, 5, -1], np.int64)
+    for seed, stream, i in [(0, 1, 0), (42, 2, 3), (2**64 - 1, 3, 7)]:
+        got = _C.uniform(seed, keys, stream, i)
+        assert got.tolist() == [uniform_py(seed, int(k), stream, i) for k in keys]
+        assert ((got >= 0) & (got < 1)).all()
+
+
+def test_negative_ids_are_unsigned_feasigns(make_c_table):
+    t = make_c_table(dim=2)
+    push(t, [-1, 1, -(2**63), 0], 2)
+    assert -1 in t and (2**64 - 1) in t and 2**63 in t and 0 in t
+    assert 2 not in t and 2**64 not in t and -(2**63) - 1 not in t and "x" not in t
+    keys = t.export("checkpoint")["keys"]
+    assert keys.view(np.uint64).tolist() == sorted([2**64 - 1, 1, 2**63, 0])  # sorted as uint64
+    assert t.erase(np.array([-1], np.int64)) == 1 and (2**64 - 1) not in t
+
+
+# --------------------------------------------------------------------------------- stats, lifecycle
+
+
+def test_stats_counters(make_c_table):
+    acc = CtrAccessorConfig(embedx_threshold=1.0, delete_threshold=0.5, show_click_decay_rate=1.0,
+                            nonclk_coeff=0.1, click_coeff=1.0)
+    t = make_c_table(dim=4, accessor=acc)
+    s = t.stats()
+    assert set(s) == {"keys", "keys_with_mf", "bytes", "pull_misses", "inserts", "mf_created", "deleted",
+                      "rejected", "admission_rejected"}
+    assert s["keys"] == 0 and s["inserts"] == 0
+    push(t, [1, 2, 3], 4, show=1.0, click=0.0)   # score 0.1: no mf
+    push(t, [1], 4, show=1.0, click=1.0)         # key 1 score 0.1 + 1.0 >= 1: mf created
+    s = t.stats()
+    assert (s["keys"], s["inserts"], s["keys_with_mf"], s["mf_created"]) == (3, 3, 1, 1)
+    assert s["bytes"] > 0
+    assert t.shrink() == 2  # keys 2, 3 have score 0.1 < 0.5
+    s = t.stats()
+    assert (s["keys"], s["deleted"], s["keys_with_mf"]) == (1, 2, 1)
+    assert sorted(t.export("checkpoint")["tombstones"].tolist()) == [2, 3]
+
+
+def test_admission_counts_and_is_deterministic(make_c_table):
+    acc = CtrAccessorConfig(create_probability_from_score=True, embedx_threshold=100.0)
+    tables = [make_c_table(dim=2, accessor=acc, seed=5, num_threads=n) for n in (1, 2)]
+    keys = np.arange(5000, dtype=np.int64)
+    for t in tables:
+        push(t, keys, 2, show=0.0, click=0.0)  # s = 0: always rejected
+        assert len(t) == 0 and t.stats()["admission_rejected"] == 5000
+        push(t, keys[:10], 2, show=1.0, click=1.0)  # s = 1: always admitted
+        assert len(t) == 10
+        push(t, keys[10:], 2, show=1.0, click=0.0)  # s = 0.1: admitted iff u(seed, key, 3, 0) < 0.1
+    expected = {int(k) for k in keys[10:] if uniform_py(5, int(k), 3, 0) < 0.1}
+    for t in tables:
+        got = set(t.export("checkpoint")["keys"].tolist()) - set(range(10))
+        assert got == expected
+        assert t.stats()["admission_rejected"] == 5000 + (4990 - len(expected))
+    assert 300 < len(expected) < 700
+
+
+def test_end_day_is_idempotent_and_decays_by_elapsed_days(make_c_table):
+    acc = CtrAccessorConfig(show_click_decay_rate=0.5, delete_threshold=0.0, delete_after_unseen_days=30)
+    t = make_c_table(dim=2, accessor=acc)
+    assert t.day == -1
+    push(t, [1], 2, show=8.0)
+    assert t.end_day(3) == 0 and t.day == 3
+    assert t.pull(np.array([1], np.int64), True)[0, 0] == 4.0  # first day: one day elapsed
+    assert t.end_day(3) == 0
+    assert t.pull(np.array([1], np.int64), True)[0, 0] == 4.0  # same day again: no-op
+    t.end_day(5)
+    e = t.export("checkpoint")
+    assert e["base"][0, 0] == 1.0 and e["base"][0, 3] == 3  # 0.5**2, unseen 1 + 2
+    with pytest.raises(ValueError, match="before"):
+        t.end_day(4)
+    assert t.day == 5
+    t.day = 10
+    assert t.day == 10
+
+
+def test_new_day_and_unseen_deletion(make_c_table):
+    acc = CtrAccessorConfig(show_click_decay_rate=1.0, delete_threshold=0.0, delete_after_unseen_days=1)
+    t = make_c_table(dim=2, accessor=acc)
+    push(t, [1, 2], 2)
+    t.new_day()
+    t.new_day()
+    push(t, [2], 2)  # seen again: unseen_days back to 0
+    assert t.export("checkpoint")["base"][:, 3].tolist() == [2, 0]
+    assert t.shrink() == 1 and 1 not in t and 2 in t
+
+
+# ------------------------------------------------------------------------------- export round trip
+
+
+def test_export_commit_load_erase_round_trip(make_c_table):
+    acc = CtrAccessorConfig(embedx_threshold=2.0, base_threshold=0.0, delta_threshold=0.05)
+    t = make_c_table(dim=3, accessor=acc, seed=3)
+    rng = np.random.default_rng(1)
+    keys = rng.integers(-(2**63), 2**63 - 1, size=300, dtype=np.int64)
+    for _ in range(3):
+        g = rng.normal(size=(300, 4)).astype(np.float32)
+        t.push(keys, g, np.ones(300, np.float32), (rng.random(300) < 0.3).astype(np.float32),
+               rng.integers(0, 10, 300).astype(np.int32))
+    e = t.export("checkpoint")
+    assert e["keys"].view(np.uint64).tolist() == sorted(e["keys"].view(np.uint64).tolist())
+    assert e["base"].shape == (300, t.base_width) and e["mf"].shape == (int(e["has_mf"].sum()), t.mf_width)
+    assert 0 < e["has_mf"].sum() < 300
+
+    t2 = make_c_table(dim=3, accessor=acc, seed=3)
+    t2.load_rows(e["keys"], e["base"], e["has_mf"], e["mf"])
+    e2 = t2.export("checkpoint")
+    for k in ("keys", "base", "has_mf", "mf"):
+        np.testing.assert_array_equal(e[k], e2[k])
+    np.testing.assert_array_equal(t.pull(keys, True), t2.pull(keys, True))
+    # Overwrite: loading a row without mf drops its mf block.
+    i = int(np.flatnonzero(e["has_mf"])[0])
+    t2.load_rows(e["keys"][i:i + 1], e["base"][i:i + 1], np.zeros(1, np.uint8), np.zeros((0, t.mf_width), np.float32))
+    assert t2.stats()["keys_with_mf"] == e["has_mf"].sum() - 1
+
+    # delta: commit subtracts the saved delta_score, so an immediate second delta is empty.
+    d = t.export("delta")
+    assert len(d["keys"]) == 300
+    t.commit_save("delta", d["keys"], d["base"][:, 2].copy(), len(d["tombstones"]))
+    assert len(t.export("delta")["keys"]) == 0
+    assert (t.export("checkpoint")["base"][:, 2] == 0).all()
+    push(t, keys[:5], 3)
+    assert len(t.export("delta")["keys"]) == 5
+
+    # erase: returns how many existed, appends no tombstone.
+    assert t.erase(np.concatenate([keys[:10], np.array([12345], np.int64)])) == 10
+    assert len(t) == 290 and len(t.export("checkpoint")["tombstones"]) == 0
+    # serving: rows with mf only; buckets split the rows by mix64 % buckets.
+    s = t.export("serving")
+    assert s["has_mf"].all() and len(s["keys"]) == t.stats()["keys_with_mf"]
+    parts = [t.export("checkpoint", buckets=3, bucket=b)["keys"] for b in range(3)]
+    assert sum(len(p) for p in parts) == 290
+    for b, p in enumerate(parts):
+        assert all(mix64_py(int(k)) % 3 == b for k in p)
+    t.clear()
+    assert len(t) == 0 and t.stats()["keys_with_mf"] == 0
+
+
+def test_base_commit_drops_all_tombstones(make_c_table):
+    acc = CtrAccessorConfig(show_click_decay_rate=1.0, delete_threshold=1.0, base_threshold=0.0,
+                            delta_threshold=0.0)
+    t = make_c_table(dim=2, accessor=acc)
+    push(t, [1, 2, 3], 2, show=1.0, click=0.0)
+    push(t, [4], 2, show=1.0, click=1.0)
+    assert t.shrink() == 3
+    d = t.export("delta")
+    assert sorted(d["tombstones"].tolist()) == [1, 2, 3] and d["pending_tombstones"] == 3
+    t.commit_save("delta", d["keys"], d["base"][:, 2].copy(), 2)  # drops the first two
+    assert len(t.export("delta")["tombstones"]) == 1
+    b = t.export("base")
+    assert len(b["tombstones"]) == 0
+    t.commit_save("base", b["keys"], b["base"][:, 2].copy(), 0)
+    assert len(t.export("checkpoint")["tombstones"]) == 0
+    t.commit_save("checkpoint", b["keys"], b["base"][:, 2].copy(), 0)  # no effect, no error
+
+
+def test_export_commit_load_validation(make_c_table):
+    t = make_c_table(dim=2)
+    push(t, [1, 2], 2)
+    before = snapshot(t)
+    with pytest.raises(ValueError, match="mode"):
+        t.export("full")
+    with pytest.raises(ValueError, match="bucket"):
+        t.export("checkpoint", buckets=2, bucket=2)
+    with pytest.raises(ValueError, match="buckets"):
+        t.export("checkpoint", buckets=0)
+    with pytest.raises(ValueError, match="delta_scores"):
+        t.commit_save("delta", np.array([1], np.int64), np.zeros(2, np.float32), 0)
+    with pytest.raises(ValueError, match="tombstones"):
+        t.commit_save("delta", np.array([1], np.int64), np.zeros(1, np.float32), -1)
+    e = t.export("checkpoint")
+    k, b, h, m = e["keys"], e["base"], e["has_mf"], e["mf"]
+    with pytest.raises(ValueError, match=r"base must have shape \[n, 7\]"):
+        t.load_rows(k, b[:, :6].copy(), h, m)
+    with pytest.raises(ValueError, match="mf must have shape"):
+        t.load_rows(k, b, np.ones(2, np.uint8), m)
+    with pytest.raises(ValueError, match="has_mf"):
+        t.load_rows(k, b, np.full(2, 2, np.uint8), m)
+    with pytest.raises(TypeError, match="has_mf"):
+        t.load_rows(k, b, h.astype(np.int8), m)
+    bad = b.copy()
+    bad[1, 3] = 1.5
+    with pytest.raises(ValueError, match="unseen_days"):
+        t.load_rows(k, bad, h, m)
+    bad = b.copy()
+    bad[0, 5] = np.nan
+    with pytest.raises(ValueError, match=r"base\[0, 5\]"):
+        t.load_rows(k, bad, h, m)
+    bad = b.copy()
+    bad[0, 0] = -1
+    with pytest.raises(ValueError, match="show"):
+        t.load_rows(k, bad, h, m)
+    with pytest.raises(ValueError, match="day"):
+        t.end_day(-3)
+    assert_same_snapshot(before, snapshot(t))
+
+
+def test_thread_count_does_not_change_results(make_c_table):
+    acc = CtrAccessorConfig(embedx_threshold=1.5)
+    rng = np.random.default_rng(7)
+    keys = rng.integers(0, 3000, size=20000).astype(np.int64)  # many duplicates, > parallel threshold
+    grads = rng.normal(size=(20000, 5)).astype(np.float32)
+    shows = np.ones(20000, np.float32)
+    clicks = (rng.random(20000) < 0.2).astype(np.float32)
+    exports = []
+    for threads, shards in ((1, 1), (2, 64), (4, 7)):
+        t = make_c_table(dim=4, accessor=acc, num_threads=threads, num_shards=shards)
+        for _ in range(2):
+            t.push(keys, grads, shows, clicks)
+        exports.append(t.export("checkpoint"))
+    for e in exports[1:]:
+        for k in ("keys", "base", "has_mf", "mf"):
+            np.testing.assert_array_equal(exports[0][k], e[k])
