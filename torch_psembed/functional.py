@@ -229,12 +229,14 @@ def pool(
         inverse (Tensor): int64 row index of each id, like ``batch.ids``.
         batch (Batch): from :func:`check_input`.
         mode (str or None): ``None``, ``"sum"`` or ``"mean"``.
-        padding_row (int, optional): a row that reads zeros, is left out of bags (and of mean's count) and
-            gets no gradient, as ``padding_idx`` does.
+        padding_row (int, optional): a row left out of bags (and of mean's count), as ``padding_idx`` does in
+            ``nn.EmbeddingBag``. For ``mode=None`` it is read like any row: the caller keeps it at zero.
     """
     idx = inverse.view(batch.shape)
     if mode is None:
-        return F.embedding(idx, rows, padding_idx=padding_row)
+        # The padding row is all zeros (PullPush appends it), so plain indexing reads zeros there; its gradient
+        # is never pushed. No padding_idx here keeps the math a plain gather (gradcheck-able with any rows).
+        return F.embedding(idx, rows)
     psw = batch.per_sample_weights
     if psw is not None:
         psw = psw.reshape(batch.shape)
