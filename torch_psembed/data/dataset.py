@@ -1,0 +1,292 @@
+"""Day-by-day data sources: the synthetic click log, or Criteo / slot-format files.
+
+A *source* hands out one ``torch.utils.data.IterableDataset`` per (day, pass) for training and one per day for
+next-day evaluation. Every dataset reads only its share of the data: rank ``r`` of ``world_size`` and
+DataLoader worker ``w`` of ``num_workers`` take every ``(world_size * num_workers)``-th chunk (simulator) or
+line (files), so parsing runs in the workers and no two consumers see the same sample.
+
+Items are batch dicts (``labels``, ``keys``, ``offsets``, ``slots``, and ``prob`` for the simulator) and, at
+the end of a file share, one stats dict ``{"bad_rows", "rows", "examples"}``; :class:`BatchStream` separates
+the two and warns once about the bad rows it saw.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .readers import assemble, make_parser
+from .synthetic import ClickLogSimulator, SimulatorConfig
+
+__all__ = ["SyntheticSource", "FileSource", "BatchStream", "make_loader", "check_file", "BadDataWarning"]
+
+_CHECK_ROWS = 1000
+_MAX_EXAMPLES = 5
+
+
+class BadDataWarning(UserWarning):
+    """Rows that could not be parsed were skipped."""
+
+
+def _consumer() -> Tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _slice(n: int, part: int, parts: int) -> Tuple[int, int]:
+    return n * part // parts, n * (part + 1) // parts
+
+
+# ------------------------------------------------------------------------------------------------ synthetic
+class _SyntheticDataset(IterableDataset):
+    def __init__(self, sim: ClickLogSimulator, day: int, split: str, part: int, parts: int, rank: int, world: int):
+        super().__init__()
+        self.sim, self.day, self.split = sim, day, split
+        self.part, self.parts, self.rank, self.world = part, parts, rank, world
+
+    def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
+        wid, nw = _consumer()
+        consumer, consumers = self.rank * nw + wid, self.world * nw
+        lo, hi = _slice(self.sim.num_chunks(self.split), self.part, self.parts)
+        for c in range(lo + consumer, hi, consumers):
+            yield self.sim.chunk(self.day, self.split, c)
+
+
+class SyntheticSource:
+    """The built-in click log: unlimited days; evaluation after day ``d`` uses day ``d + 1``'s test split."""
+
+    kind = "synthetic"
+
+    def __init__(self, config: SimulatorConfig = SimulatorConfig()) -> None:
+        self.sim = ClickLogSimulator(config)
+        self.num_slots = config.num_slots
+        self.has_oracle = True
+
+    def num_days(self) -> Optional[int]:
+        return None
+
+    def train_dataset(self, day: int, pass_index: int = 0, num_passes: int = 1, rank: int = 0, world_size: int = 1):
+        _check_part(pass_index, num_passes, rank, world_size)
+        return _SyntheticDataset(self.sim, day, "train", pass_index, num_passes, rank, world_size)
+
+    def eval_dataset(self, day: int, rank: int = 0, world_size: int = 1):
+        """The data to evaluate the model trained through ``day`` on (day ``day + 1``), or None."""
+        _check_part(0, 1, rank, world_size)
+        return _SyntheticDataset(self.sim, day + 1, "test", 0, 1, rank, world_size)
+
+
+# ------------------------------------------------------------------------------------------------ files
+class _FileDataset(IterableDataset):
+    def __init__(self, parser, path: str, start: int, stop: Optional[int], batch_size: int, rank: int, world: int):
+        super().__init__()
+        self.parser, self.path, self.start, self.stop = parser, path, start, stop
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+
+    def __iter__(self):
+        wid, nw = _consumer()
+        consumer, consumers = self.rank * nw + wid, self.world * nw
+        rows: List = []
+        bad = good = 0
+        examples: List[str] = []
+        parse = self.parser.parse
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for i, line in enumerate(f):
+                if i < self.start:
+                    continue
+                if self.stop is not None and i >= self.stop:
+                    break
+                if (i - self.start) % consumers != consumer or not line.strip():
+                    continue
+                try:
+                    rows.append(parse(line))
+                except ValueError as e:
+                    bad += 1
+                    if len(examples) < _MAX_EXAMPLES:
+                        examples.append(f"{self.path}:{i + 1}: {e}")
+                    continue
+                good += 1
+                if len(rows) == self.batch_size:
+                    yield assemble(self.parser, rows)
+                    rows = []
+        if rows:
+            yield assemble(self.parser, rows)
+        yield {"bad_rows": bad, "rows": good, "examples": examples}
+
+
+def _count_lines(path: str) -> int:
+    n = 0
+    last = b"\n"
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(1 << 20)
+            if not block:
+                break
+            n += block.count(b"\n")
+            last = block[-1:]
+    return n + (last != b"\n")
+
+
+def check_file(parser, path: str) -> None:
+    """Raise ``ValueError`` naming ``path`` when it has no rows or none of its first 1000 rows parses."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path!r} does not exist")
+    tried = 0
+    errors: List[str] = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            tried += 1
+            try:
+                parser.parse(line)
+                return
+            except ValueError as e:
+                if len(errors) < 3:
+                    errors.append(f"line {i + 1}: {e}")
+            if tried >= _CHECK_ROWS:
+                break
+    if tried == 0:
+        raise ValueError(f"data file {path!r} has no rows")
+    raise ValueError(
+        f"data file {path!r} is not in {parser.name} format: none of its first {tried} rows parses; "
+        + "; ".join(errors)
+    )
+
+
+class FileSource:
+    """Criteo or slot-format files as days.
+
+    Args:
+        path (str): a directory (each file, by sorted name, is one day) or one file (cut into ``days`` days
+            of consecutive lines).
+        fmt (str): ``"criteo"`` or ``"slot"``. Default: ``"criteo"``.
+        days (int, optional): days to cut a single file into. Default: 1.
+        test_path (str, optional): evaluation data after the last day (otherwise the last day is not
+            evaluated); evaluation after day ``d`` uses day ``d + 1``.
+        batch_size (int): rows per batch. Default: 1024.
+        slots (list of int, optional): slot ids of the slot format, in bag order.
+    """
+
+    kind = "files"
+
+    def __init__(
+        self,
+        path: str,
+        fmt: str = "criteo",
+        days: Optional[int] = None,
+        test_path: Optional[str] = None,
+        batch_size: int = 1024,
+        slots: Optional[Sequence[int]] = None,
+    ) -> None:
+        self.parser = make_parser(fmt, slots)
+        self.num_slots = self.parser.num_slots
+        self.has_oracle = False
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        self.batch_size = batch_size
+        if os.path.isdir(path):
+            if days is not None:
+                raise ValueError(f"days applies to a single file; {path!r} is a directory (one file per day)")
+            files = sorted(
+                os.path.join(path, n) for n in os.listdir(path)
+                if not n.startswith(".") and os.path.isfile(os.path.join(path, n))
+            )
+            if not files:
+                raise ValueError(f"data directory {path!r} has no files")
+            self.days: List[Tuple[str, int, Optional[int]]] = [(p, 0, None) for p in files]
+        elif os.path.isfile(path):
+            days = 1 if days is None else days
+            if not isinstance(days, int) or days < 1:
+                raise ValueError(f"days must be an int >= 1, got {days!r}")
+            n = _count_lines(path)
+            if n < days:
+                raise ValueError(f"data file {path!r} has {n} lines, fewer than days={days}")
+            self.days = [(path,) + _slice(n, d, days) for d in range(days)]
+        else:
+            raise FileNotFoundError(f"data path {path!r} does not exist")
+        self.test_path = test_path
+        for p in sorted({d[0] for d in self.days} | ({test_path} if test_path else set())):
+            check_file(self.parser, p)
+
+    def num_days(self) -> Optional[int]:
+        return len(self.days)
+
+    def _day(self, day: int) -> Tuple[str, int, Optional[int]]:
+        if not isinstance(day, int) or not 0 <= day < len(self.days):
+            raise ValueError(f"day must be in [0, {len(self.days)}), got {day!r}")
+        return self.days[day]
+
+    def train_dataset(self, day: int, pass_index: int = 0, num_passes: int = 1, rank: int = 0, world_size: int = 1):
+        _check_part(pass_index, num_passes, rank, world_size)
+        path, start, stop = self._day(day)
+        if num_passes > 1:
+            if stop is None:
+                stop = _count_lines(path)
+            start, stop = (start + a for a in _slice(stop - start, pass_index, num_passes))
+        return _FileDataset(self.parser, path, start, stop, self.batch_size, rank, world_size)
+
+    def eval_dataset(self, day: int, rank: int = 0, world_size: int = 1):
+        _check_part(0, 1, rank, world_size)
+        if day + 1 < len(self.days):
+            path, start, stop = self._day(day + 1)
+        elif self.test_path:
+            path, start, stop = self.test_path, 0, None
+        else:
+            return None
+        return _FileDataset(self.parser, path, start, stop, self.batch_size, rank, world_size)
+
+
+def _check_part(pass_index: int, num_passes: int, rank: int, world_size: int) -> None:
+    if not isinstance(num_passes, int) or num_passes < 1:
+        raise ValueError(f"num_passes must be an int >= 1, got {num_passes!r}")
+    if not isinstance(pass_index, int) or not 0 <= pass_index < num_passes:
+        raise ValueError(f"pass_index must be in [0, {num_passes}), got {pass_index!r}")
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}")
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def make_loader(dataset: IterableDataset, num_workers: int = 1) -> DataLoader:
+    """A DataLoader over a source's dataset (the dataset batches; ``num_workers`` processes parse)."""
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+    kw = {"prefetch_factor": 4} if num_workers > 0 else {}
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, **kw)
+
+
+class BatchStream:
+    """Iterates the batches of ``loader``, collecting the readers' bad-row counts.
+
+    After the loop, ``bad_rows``, ``rows`` and ``examples`` hold the totals; :meth:`warn` issues one
+    :class:`BadDataWarning` naming the first few bad rows (if any).
+    """
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+        self.bad_rows = 0
+        self.rows = 0
+        self.examples: List[str] = []
+
+    def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
+        for item in self.loader:
+            if "labels" in item:
+                yield item
+            else:
+                self.bad_rows += int(item["bad_rows"])
+                self.rows += int(item["rows"])
+                self.examples.extend(item["examples"][: _MAX_EXAMPLES - len(self.examples)])
+
+    def warn(self, what: str = "data") -> None:
+        if self.bad_rows:
+            warnings.warn(
+                f"{what}: skipped {self.bad_rows} bad row(s) of {self.bad_rows + self.rows}; first: "
+                + " | ".join(self.examples),
+                BadDataWarning,
+                stacklevel=2,
+            )

@@ -1,0 +1,134 @@
+"""Slot embeddings for the CTR models: one ``(B, S, W)`` block per batch, from a PS table or a hashed table.
+
+Both take a batch's ``keys`` and ``offsets`` (``B * S`` bags, see :mod:`torch_psembed.data`) and return the
+sum-pooled rows of every (sample, slot) bag. ``lr_col`` is the column of the 1-dim lr weight, ``mf_cols``
+the slice of the mf vector and ``cvm_cols`` the show/click columns (empty for the hashed table).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..data.hashing import mix64
+
+__all__ = ["PSSlotEmbedding", "HashedSlotEmbedding"]
+
+
+def _bag_lengths(offsets: Tensor, n: int) -> Tensor:
+    return torch.diff(offsets, append=offsets.new_tensor([n]))
+
+
+class PSSlotEmbedding(nn.Module):
+    r"""Sum-pooled slot embeddings from one sharded :class:`~torch_psembed.SparseTable`.
+
+    When every bag holds exactly one key (Criteo, the simulator) one ``PSEmbedding`` looks up the ``(B, S)``
+    key matrix in a single pull/push (``mode=None``; each sample is one instance, so ``pse.feed(clicks=...)``
+    takes the ``(B,)`` labels). Otherwise one ``PSEmbedding(slot=i, mode="sum")`` per slot, all over the same
+    table, pools slot ``i``'s bags.
+
+    Args:
+        table (SparseTable): the table.
+        num_slots (int): slots ``S`` per sample.
+        output (str): ``PSEmbedding`` output kind. Default: ``"cvm_lr_mf"``.
+
+    Shape:
+        - Input: ``keys (N,)``, ``offsets (B * S,)``
+        - Output: ``(B, S, W)``, ``W = 3 + dim`` for ``cvm_lr_mf``
+    """
+
+    def __init__(self, table, num_slots: int, output: str = "cvm_lr_mf") -> None:
+        super().__init__()
+        import torch_psembed as pse
+
+        self.num_slots = num_slots
+        self.output = output
+        lead = {"mf": 0, "lr_mf": 1, "cvm_lr_mf": 3}[output]
+        self.width = lead + table.dim
+        self.cvm_cols = slice(0, 2) if output == "cvm_lr_mf" else slice(0, 0)
+        self.lr_col: Optional[int] = lead - 1 if lead else None
+        self.mf_cols = slice(lead, lead + table.dim)
+        self.single = pse.PSEmbedding(table, mode=None, output=output, slot=0)
+        self.per_slot = nn.ModuleList(
+            [pse.PSEmbedding(table, mode="sum", output=output, slot=i) for i in range(num_slots)]
+        )
+
+    def forward(self, keys: Tensor, offsets: Tensor) -> Tensor:
+        S = self.num_slots
+        n_bags = offsets.numel()
+        if n_bags % S:
+            raise ValueError(f"offsets must have B * num_slots = B * {S} entries, got {n_bags}")
+        B = n_bags // S
+        if keys.numel() == n_bags:  # one key per bag: offsets must be arange
+            return self.single(keys.view(B, S))
+        lengths = _bag_lengths(offsets, keys.numel())
+        slot_of_key = torch.arange(n_bags).remainder(S).repeat_interleave(lengths)
+        order = torch.argsort(slot_of_key, stable=True)
+        sorted_keys = keys[order]
+        per_slot_len = lengths.view(B, S)
+        counts = per_slot_len.sum(0).tolist()
+        outs = []
+        start = 0
+        for i, emb in enumerate(self.per_slot):
+            k = sorted_keys[start : start + counts[i]]
+            start += counts[i]
+            ln = per_slot_len[:, i]
+            off = torch.cumsum(ln, 0) - ln
+            outs.append(emb(k, off))
+        return torch.stack(outs, 1)
+
+
+class HashedSlotEmbedding(nn.Module):
+    r"""The baseline: ``nn.EmbeddingBag(num_buckets, dim, mode="sum", sparse=True)`` over hashed feasigns.
+
+    A feasign ``f`` uses row ``mix64(f) % num_buckets`` (collisions share a row). Column 0 plays the lr
+    weight (initialised to 0), the other ``dim - 1`` columns the mf vector (``U(-init_range, init_range)``).
+    Train it with a sparse optimizer (``torch.optim.Adagrad`` or ``SparseAdam``).
+
+    Args:
+        num_buckets (int): rows of the table.
+        dim (int): row width (lr + mf). Default: 9.
+        num_slots (int): slots ``S`` per sample.
+        init_range (float): initial mf values are uniform in ``(-init_range, init_range)``. Default: 0.01.
+    """
+
+    def __init__(self, num_buckets: int, dim: int, num_slots: int, init_range: float = 0.01) -> None:
+        super().__init__()
+        if not isinstance(num_buckets, int) or num_buckets < 1:
+            raise ValueError(f"num_buckets must be an int >= 1, got {num_buckets!r}")
+        if not isinstance(dim, int) or dim < 2:
+            raise ValueError(f"dim must be an int >= 2 (lr + mf), got {dim!r}")
+        self.num_buckets = num_buckets
+        self.num_slots = num_slots
+        self.width = dim
+        self.cvm_cols = slice(0, 0)
+        self.lr_col: Optional[int] = 0
+        self.mf_cols = slice(1, dim)
+        self.bag = nn.EmbeddingBag(num_buckets, dim, mode="sum", sparse=True)
+        with torch.no_grad():
+            self.bag.weight.uniform_(-init_range, init_range)
+            self.bag.weight[:, 0] = 0.0
+
+    def bucket(self, keys: Tensor) -> Tensor:
+        h = mix64(keys.numpy().view(np.uint64)) % np.uint64(self.num_buckets)
+        return torch.from_numpy(h.astype(np.int64))
+
+    def forward(self, keys: Tensor, offsets: Tensor) -> Tensor:
+        S = self.num_slots
+        if offsets.numel() % S:
+            raise ValueError(f"offsets must have B * num_slots = B * {S} entries, got {offsets.numel()}")
+        out = self.bag(self.bucket(keys), offsets)
+        return out.view(-1, S, self.width)
+
+    def memory_bytes(self, optimizer: Optional[torch.optim.Optimizer] = None) -> int:
+        """Bytes of the weight plus the optimizer's state tensors for it."""
+        w = self.bag.weight
+        total = w.numel() * w.element_size()
+        if optimizer is not None:
+            for t in optimizer.state.get(w, {}).values():
+                if isinstance(t, Tensor):
+                    total += t.numel() * t.element_size()
+        return total

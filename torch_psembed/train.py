@@ -1,0 +1,589 @@
+"""The main job: online CTR training, day by day, on the built-in click log or on Criteo / slot-format files.
+
+Run::
+
+    torchrun --nproc-per-node 2 -m torch_psembed.train [--config FILE] [flags]
+    python -m torch_psembed.train            # one process
+    psembed-train --help
+
+Each day ``d``: the day's data is trained in ``passes_per_day`` passes (a delta save after each), then the day
+is closed (``table.end_day(d)``: decay, aging, eviction) and saved as a base; a checkpoint (table checkpoint +
+dense ``state_dict`` + progress) makes the day resumable with ``--resume``. The model trained through day
+``d`` is then evaluated on day ``d + 1``; on the synthetic log the oracle AUC (the true click probabilities)
+is printed beside it. Metrics go to ``<out>/metrics.jsonl``; at the end ``<out>/metrics.png`` and a summary.
+
+``--embedding hashed`` swaps the PS table for ``nn.EmbeddingBag(sparse=True)`` over a fixed hashed table with
+``torch.optim.Adagrad``: the baseline (see ``scripts/compare.py``). See ``docs/training.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import resource
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .data import BatchStream, FileSource, SimulatorConfig, SyntheticSource, make_loader
+from .metrics import JsonlWriter, PassMetrics, read_jsonl
+from .models import HashedSlotEmbedding, PSSlotEmbedding, build_model
+
+__all__ = ["main", "DEFAULTS", "load_config"]
+
+DEFAULTS: Dict[str, Any] = {
+    "out": None,
+    "seed": 0,
+    "days": 4,
+    "passes_per_day": 2,
+    "data": {
+        "kind": "synthetic",  # synthetic | criteo | slot
+        "path": None,
+        "test_path": None,
+        "file_days": None,
+        "slots": None,
+        "batch_size": 1024,
+        "num_workers": 1,
+        "synthetic": {
+            "num_slots": 26,
+            "samples_per_day": 200_000,
+            "test_samples": 50_000,
+            "churn": 0.2,
+            "vocab_max": 200_000,
+        },
+    },
+    "model": {"kind": "dnn", "hidden": [256, 128, 64], "wide": True, "lr": 0.001},
+    "embedding": {"kind": "ps", "dim": 8, "hashed_size": 1 << 20, "hashed_lr": 0.05},
+    "table": {
+        "accessor": {},
+        "lr_optimizer": {"name": "adagrad", "learning_rate": 0.05, "initial_g2sum": 3.0, "initial_range": 0.0},
+        "mf_optimizer": {"name": "adagrad", "learning_rate": 0.05, "initial_g2sum": 3.0, "initial_range": 1e-4},
+        "num_shards": 16,
+        "num_threads": 1,
+    },
+    "ps": {"max_staleness": 1, "num_servers": 0, "rpc_timeout": 60.0},
+    "save": {"delta": True, "base": True, "checkpoint": True},
+    "plot": True,
+    "progress": True,
+}
+
+
+# ----------------------------------------------------------------------------------------------- config
+def _merge(base: Dict[str, Any], over: Dict[str, Any], where: str = "") -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if k not in out and where not in ("table.accessor", "data.synthetic", "table.lr_optimizer", "table.mf_optimizer"):
+            raise ValueError(f"unknown config key {where + '.' if where else ''}{k!r}")
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v, f"{where}.{k}" if where else k)
+        else:
+            out[k] = v
+    return out
+
+
+def _set_dotted(cfg: Dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep:
+        raise ValueError(f"--set expects key=value, got {item!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    over: Dict[str, Any] = {}
+    d = over
+    parts = key.split(".")
+    for p in parts[:-1]:
+        d[p] = {}
+        d = d[p]
+    d[parts[-1]] = value
+    cfg.update(_merge(cfg, over))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="psembed-train",
+        description="Online CTR training (day loop, PS embeddings) on the built-in click log or Criteo files.",
+    )
+    p.add_argument("--config", help="JSON config file (see configs/default.json); flags override it")
+    p.add_argument("--out", help="output directory (default runs/<timestamp>)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--days", type=int, help="days to train")
+    p.add_argument("--passes", type=int, dest="passes_per_day", help="passes per day")
+    p.add_argument("--data", choices=["synthetic", "criteo", "slot"], help="data kind")
+    p.add_argument("--data-path", help="file or directory of daily files (criteo / slot)")
+    p.add_argument("--test-path", help="evaluation file after the last day (files)")
+    p.add_argument("--file-days", type=int, help="cut a single data file into this many days")
+    p.add_argument("--samples-per-day", type=int, help="synthetic: training samples per day")
+    p.add_argument("--test-samples", type=int, help="synthetic: evaluation samples per day")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--num-workers", type=int, help="DataLoader workers per process")
+    p.add_argument("--model", choices=["dnn", "deepfm"])
+    p.add_argument("--embedding", choices=["ps", "hashed"], help="PS table or the hashed EmbeddingBag baseline")
+    p.add_argument("--dim", type=int, help="mf width (the hashed baseline uses dim + 1 columns)")
+    p.add_argument("--hashed-size", type=int, help="rows of the hashed baseline table")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-save", action="store_true", help="skip delta/base saves and checkpoints")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, dotted, JSON value (e.g. --set table.accessor.embedx_threshold=5)")
+    return p
+
+
+def load_config(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """The run's config: DEFAULTS, then ``--config FILE``, then flags and ``--set``."""
+    args = _parser().parse_args(argv)
+    cfg = copy.deepcopy(DEFAULTS)
+    if args.config:
+        with open(args.config, encoding="utf-8") as f:
+            try:
+                cfg = _merge(cfg, json.load(f))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--config {args.config!r} is not valid JSON: {e}") from None
+    flat = {
+        "out": args.out,
+        "days": args.days,
+        "passes_per_day": args.passes_per_day,
+        "seed": args.seed,
+        "data.kind": args.data,
+        "data.path": args.data_path,
+        "data.test_path": args.test_path,
+        "data.file_days": args.file_days,
+        "data.synthetic.samples_per_day": args.samples_per_day,
+        "data.synthetic.test_samples": args.test_samples,
+        "data.batch_size": args.batch_size,
+        "data.num_workers": args.num_workers,
+        "model.kind": args.model,
+        "embedding.kind": args.embedding,
+        "embedding.dim": args.dim,
+        "embedding.hashed_size": args.hashed_size,
+    }
+    for k, v in flat.items():
+        if v is not None:
+            _set_dotted(cfg, f"{k}={json.dumps(v)}")
+    for item in args.set:
+        _set_dotted(cfg, item)
+    if args.no_plot:
+        cfg["plot"] = False
+    if args.no_progress:
+        cfg["progress"] = False
+    if args.no_save:
+        cfg["save"] = {"delta": False, "base": False, "checkpoint": False}
+    cfg["resume"] = bool(args.resume)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Dict[str, Any]) -> None:
+    for k in ("days", "passes_per_day"):
+        if not isinstance(cfg[k], int) or cfg[k] < 1:
+            raise ValueError(f"{k} must be an int >= 1, got {cfg[k]!r}")
+    if cfg["data"]["kind"] not in ("synthetic", "criteo", "slot"):
+        raise ValueError(f"data.kind must be 'synthetic', 'criteo' or 'slot', got {cfg['data']['kind']!r}")
+    if cfg["data"]["kind"] != "synthetic" and not cfg["data"]["path"]:
+        raise ValueError(f"data.kind={cfg['data']['kind']!r} needs data.path (--data-path)")
+    if cfg["embedding"]["kind"] not in ("ps", "hashed"):
+        raise ValueError(f"embedding.kind must be 'ps' or 'hashed', got {cfg['embedding']['kind']!r}")
+    if cfg["resume"] and not cfg["out"]:
+        raise ValueError("--resume needs --out (the directory of the run to continue)")
+
+
+# ----------------------------------------------------------------------------------------------- runtime
+class _Runtime:
+    def __init__(self, cfg: Dict[str, Any]) -> None:
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.group = None
+        self.pse_started = False
+        self.use_ps = cfg["embedding"]["kind"] == "ps"
+        if self.use_ps and self.world > 1:
+            import torch_psembed as pse
+
+            pse.init(**cfg["ps"])
+            self.pse_started = True
+        if self.world > 1:
+            if not dist.is_initialized():
+                dist.init_process_group("gloo")
+            if self.pse_started:
+                from .distributed import trainer_group  # type: ignore[attr-defined]
+
+                self.group = trainer_group()
+            self.rank = dist.get_rank(self.group)
+            self.world = dist.get_world_size(self.group)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self.group)
+
+    def broadcast(self, obj: Any) -> Any:
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
+        return box[0]
+
+    def shutdown(self) -> None:
+        if self.pse_started:
+            import torch_psembed as pse
+
+            pse.shutdown()
+        elif dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _log(rt: _Runtime, msg: str) -> None:
+    if rt.rank == 0:
+        print(msg, flush=True)
+
+
+def _make_source(cfg: Dict[str, Any]):
+    d = cfg["data"]
+    if d["kind"] == "synthetic":
+        sim = dict(d["synthetic"])
+        sim.setdefault("seed", cfg["seed"])
+        sim.setdefault("chunk_size", d["batch_size"])
+        return SyntheticSource(SimulatorConfig(**sim))
+    return FileSource(
+        d["path"],
+        fmt="criteo" if d["kind"] == "criteo" else "slot",
+        days=d["file_days"],
+        test_path=d["test_path"],
+        batch_size=d["batch_size"],
+        slots=d["slots"],
+    )
+
+
+def _optimizer(where: str, d: Dict[str, Any]):
+    from . import config as C
+
+    classes = {"sgd": C.SGD, "adagrad": C.AdaGrad, "std_adagrad": C.StdAdaGrad, "adam": C.Adam, "ftrl": C.FTRL}
+    d = dict(d)
+    name = d.pop("name", None)
+    if name not in classes:
+        raise ValueError(f"{where}.name must be one of {tuple(classes)}, got {name!r}")
+    if "weight_bounds" in d:
+        d["weight_bounds"] = tuple(d["weight_bounds"])
+    try:
+        return classes[name](**d)
+    except TypeError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _table_config(cfg: Dict[str, Any]):
+    from .config import CtrAccessorConfig, TableConfig
+
+    t = cfg["table"]
+    return TableConfig(
+        dim=cfg["embedding"]["dim"],
+        accessor=CtrAccessorConfig(**t["accessor"]),
+        lr_optimizer=_optimizer("table.lr_optimizer", t["lr_optimizer"]),
+        mf_optimizer=_optimizer("table.mf_optimizer", t["mf_optimizer"]),
+        seed=cfg["seed"],
+        num_shards=t["num_shards"],
+        num_threads=t["num_threads"],
+    )
+
+
+class _Job:
+    """The model, its optimizers and (PS) table, with the stats and save hooks the day loop needs."""
+
+    def __init__(self, cfg: Dict[str, Any], rt: _Runtime, num_slots: int) -> None:
+        self.cfg, self.rt = cfg, rt
+        torch.manual_seed(cfg["seed"])
+        e = cfg["embedding"]
+        self.table = None
+        self.sparse_opt = None
+        if e["kind"] == "ps":
+            import torch_psembed as pse
+
+            self.table = pse.SparseTable(_table_config(cfg), name="ctr")
+            emb = PSSlotEmbedding(self.table, num_slots, output="cvm_lr_mf")
+        else:
+            emb = HashedSlotEmbedding(int(e["hashed_size"]), e["dim"] + 1, num_slots)
+        m = cfg["model"]
+        self.model = build_model(m["kind"], emb, m["hidden"], m["wide"])
+        dense = [p for n, p in self.model.named_parameters() if not n.startswith("embedding.")]
+        self.dense_opt = torch.optim.Adam(dense, lr=m["lr"])
+        if e["kind"] == "hashed":
+            # Adagrad builds its sparse update tensors from coalesced gradients: valid by construction, so
+            # opt out of the (costly) invariant checks explicitly, which also silences torch's warning.
+            torch.sparse.check_sparse_tensor_invariants.disable()
+            self.sparse_opt = torch.optim.Adagrad(list(emb.parameters()), lr=e["hashed_lr"])
+        if rt.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.ddp = DDP(self.model, process_group=rt.group, find_unused_parameters=False)
+        else:
+            self.ddp = self.model
+        self._last_counters: Dict[str, int] = {}
+
+    # -- training ----------------------------------------------------------------------------------------
+    def feed(self, labels: torch.Tensor):
+        if self.table is None:
+            return contextlib.nullcontext()
+        import torch_psembed as pse
+
+        return pse.feed(clicks=labels)
+
+    def step(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        labels = batch["labels"]
+        self.dense_opt.zero_grad(set_to_none=True)
+        if self.sparse_opt is not None:
+            self.sparse_opt.zero_grad(set_to_none=True)
+        with self.feed(labels):
+            logits = self.ddp(batch["keys"], batch["offsets"])
+            loss = F.binary_cross_entropy_with_logits(logits, labels)
+            loss.backward()
+        self.dense_opt.step()
+        if self.sparse_opt is not None:
+            self.sparse_opt.step()
+        return logits.detach()
+
+    @torch.no_grad()
+    def predict(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(batch["keys"], batch["offsets"])
+
+    def join(self):
+        if self.rt.distributed:
+            return self.ddp.join()
+        return contextlib.nullcontext()
+
+    # -- stats and saves ---------------------------------------------------------------------------------
+    def table_stats(self) -> Dict[str, Any]:
+        if self.table is None:
+            emb = self.model.embedding
+            return {"keys": emb.num_buckets, "keys_with_mf": emb.num_buckets, "created": 0, "deleted": 0,
+                    "bytes": emb.memory_bytes(self.sparse_opt)}
+        self.table.flush()
+        s = self.table.stats()
+        out = {"keys": int(s.get("keys", len(self.table))), "keys_with_mf": int(s.get("keys_with_mf", 0)),
+               "bytes": int(s.get("bytes", 0))}
+        for name, key in (("created", "inserts"), ("mf_created", "mf_created"), ("deleted", "deleted")):
+            total = int(s.get(key, 0))
+            out[name] = total - self._last_counters.get(key, 0)
+            self._last_counters[key] = total
+        return out
+
+    def save_table(self, path: str, mode: str) -> Optional[Dict[str, Any]]:
+        if self.table is None:
+            return None
+        self.table.flush()
+        info = self.table.save(path, mode=mode)
+        self.rt.barrier()
+        return info
+
+    def end_day(self, day: int) -> int:
+        if self.table is None:
+            return 0
+        self.table.flush()
+        self.rt.barrier()
+        n = 0
+        if self.rt.rank == 0 or not self.rt.pse_started:
+            n = self.table.end_day(day)
+        self.rt.barrier()
+        return n
+
+    def dense_state(self) -> Dict[str, Any]:
+        state = {"model": self.model.state_dict(), "dense_opt": self.dense_opt.state_dict()}
+        if self.table is not None:  # the embedding module has no state; keep only the dense part
+            state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("embedding.")}
+        if self.sparse_opt is not None:
+            state["sparse_opt"] = self.sparse_opt.state_dict()
+        return state
+
+    def load_dense_state(self, state: Dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"], strict=self.table is None)
+        self.dense_opt.load_state_dict(state["dense_opt"])
+        if self.sparse_opt is not None:
+            self.sparse_opt.load_state_dict(state["sparse_opt"])
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _progress(rt: _Runtime, cfg: Dict[str, Any], total: Optional[int], desc: str):
+    from tqdm import tqdm
+
+    enabled = bool(cfg["progress"]) and rt.rank == 0 and sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit="sample", unit_scale=True, disable=not enabled, leave=False,
+                dynamic_ncols=True)
+
+
+def _expected(source, cfg: Dict[str, Any], rt: _Runtime, split: str) -> Optional[int]:
+    if isinstance(source, SyntheticSource):
+        n = source.sim.num_samples(split)
+        return n // (cfg["passes_per_day"] if split == "train" else 1) // rt.world
+    return None
+
+
+def _run_pass(job: _Job, rt: _Runtime, cfg: Dict[str, Any], source, day: int, p: int) -> Dict[str, Any]:
+    ds = source.train_dataset(day, p, cfg["passes_per_day"], rt.rank, rt.world)
+    stream = BatchStream(make_loader(ds, cfg["data"]["num_workers"]))
+    metrics = PassMetrics()
+    job.model.train()
+    bar = _progress(rt, cfg, _expected(source, cfg, rt, "train"), f"day {day} pass {p}")
+    with job.join():
+        for i, batch in enumerate(stream):
+            logits = job.step(batch)
+            metrics.add(torch.sigmoid(logits), batch["labels"], batch.get("prob"))
+            bar.update(int(batch["labels"].numel()))
+            if i % 20 == 19:
+                bar.set_postfix(auc=f"{metrics.running_auc():.4f}")
+    bar.close()
+    stream.warn(f"day {day} pass {p} (rank {rt.rank})")
+    res = metrics.result(rt.group)
+    if res["samples"] == 0:
+        raise RuntimeError(f"day {day} pass {p}: no training samples on any rank")
+    return res
+
+
+def _run_eval(job: _Job, rt: _Runtime, cfg: Dict[str, Any], source, day: int) -> Optional[Dict[str, Any]]:
+    ds = source.eval_dataset(day, rt.rank, rt.world)
+    if ds is None:
+        return None
+    stream = BatchStream(make_loader(ds, cfg["data"]["num_workers"]))
+    metrics = PassMetrics()
+    job.model.eval()
+    bar = _progress(rt, cfg, _expected(source, cfg, rt, "test"), f"eval after day {day}")
+    for batch in stream:
+        metrics.add(torch.sigmoid(job.predict(batch)), batch["labels"], batch.get("prob"))
+        bar.update(int(batch["labels"].numel()))
+    bar.close()
+    stream.warn(f"evaluation after day {day} (rank {rt.rank})")
+    return metrics.result(rt.group)
+
+
+def _fmt_pass(tag: str, r: Dict[str, Any]) -> str:
+    s = f"{tag}: auc {r['auc']:.4f}  logloss {r['logloss']:.4f}  {r['samples']} samples  {r['samples_per_s']:.0f}/s"
+    if "oracle_auc" in r:
+        s += f"  (oracle auc {r['oracle_auc']:.4f})"
+    if "keys" in r:
+        s += f"  keys {r['keys']} mf {r['keys_with_mf']} +{r['created']} -{r['deleted']} {r['bytes'] / 2**20:.1f}MiB"
+    return s
+
+
+def _ckpt_dir(out: str, day: int) -> str:
+    return os.path.join(out, "checkpoints", f"day_{day:03d}")
+
+
+def _latest_checkpoint(out: str) -> Optional[Dict[str, Any]]:
+    path = os.path.join(out, "checkpoints", "latest.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Run the job; returns a summary dict (``out``, ``records``) on every rank."""
+    cfg = load_config(argv)
+    rt = _Runtime(cfg)
+    try:
+        return _main(cfg, rt)
+    finally:
+        rt.shutdown()
+
+
+def _main(cfg: Dict[str, Any], rt: _Runtime) -> Dict[str, Any]:
+    out = cfg["out"] or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    out = rt.broadcast(out)
+    cfg["out"] = out
+    if rt.rank == 0:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=2)
+    rt.barrier()
+    source = _make_source(cfg)
+    days = cfg["days"]
+    if source.num_days() is not None and days > source.num_days():
+        _log(rt, f"[psembed-train] data has {source.num_days()} day(s); training {source.num_days()} instead of {days}")
+        days = source.num_days()
+    job = _Job(cfg, rt, source.num_slots)
+    writer = JsonlWriter(os.path.join(out, "metrics.jsonl")) if rt.rank == 0 else None
+    start_day = 0
+    if cfg["resume"]:
+        latest = _latest_checkpoint(out)
+        if latest is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {os.path.join(out, 'checkpoints')!r}")
+        ck = os.path.join(out, latest["dir"])
+        if job.table is not None:
+            job.table.load(os.path.join(ck, "table"))
+            rt.barrier()
+        job.load_dense_state(torch.load(os.path.join(ck, "dense.pt"), weights_only=False))
+        start_day = int(latest["day"]) + 1
+        _log(rt, f"[psembed-train] resumed from {ck}: continuing at day {start_day}")
+    else:
+        if rt.rank == 0 and os.path.exists(os.path.join(out, "metrics.jsonl")):
+            os.remove(os.path.join(out, "metrics.jsonl"))
+    e = cfg["embedding"]
+    _log(rt, f"[psembed-train] out={out} ranks={rt.world} data={cfg['data']['kind']} embedding={e['kind']} "
+             f"model={cfg['model']['kind']} days={days} passes/day={cfg['passes_per_day']}")
+    t_job = time.perf_counter()
+    for day in range(start_day, days):
+        for p in range(cfg["passes_per_day"]):
+            res = _run_pass(job, rt, cfg, source, day, p)
+            if cfg["save"]["delta"] and job.table is not None:
+                job.save_table(os.path.join(out, "saves", f"day_{day:03d}", f"pass_{p}", "delta"), "delta")
+            rec = {"event": "pass", "day": day, "pass": p, "passes": cfg["passes_per_day"], **res,
+                   **job.table_stats(), "rss_mb": _rss_mb()}
+            _log(rt, _fmt_pass(f"day {day} pass {p}", rec))
+            if writer:
+                writer.write(rec)
+        deleted = job.end_day(day)
+        if cfg["save"]["base"] and job.table is not None:
+            job.save_table(os.path.join(out, "saves", f"day_{day:03d}", "base"), "base")
+        if cfg["save"]["checkpoint"]:
+            ck = _ckpt_dir(out, day)
+            if rt.rank == 0:
+                os.makedirs(ck, exist_ok=True)
+            rt.barrier()
+            job.save_table(os.path.join(ck, "table"), "checkpoint")
+            if rt.rank == 0:
+                torch.save(job.dense_state(), os.path.join(ck, "dense.pt"))
+                with open(os.path.join(ck, "progress.json"), "w", encoding="utf-8") as f:
+                    json.dump({"day": day, "next_day": day + 1, "passes_per_day": cfg["passes_per_day"]}, f)
+                tmp = os.path.join(out, "checkpoints", "latest.json.tmp")
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump({"day": day, "dir": os.path.relpath(ck, out)}, f)
+                os.replace(tmp, os.path.join(out, "checkpoints", "latest.json"))
+            rt.barrier()
+        ev = _run_eval(job, rt, cfg, source, day)
+        if ev is not None:
+            rec = {"event": "eval", "day": day, "end_day_deleted": deleted, **ev}
+            _log(rt, _fmt_pass(f"day {day} -> next day", rec))
+            if writer:
+                writer.write(rec)
+    seconds = time.perf_counter() - t_job
+    records: List[Dict[str, Any]] = []
+    if rt.rank == 0:
+        from .plotting import plot_metrics, summary_table
+
+        records = read_jsonl(os.path.join(out, "metrics.jsonl"))
+        writer.write({"event": "end", "seconds": seconds, "days": days, "embedding": e["kind"]})
+        table = summary_table(records)
+        print(table, flush=True)
+        with open(os.path.join(out, "summary.txt"), "w", encoding="utf-8") as f:
+            f.write(table + "\n")
+        if cfg["plot"]:
+            png = plot_metrics(records, os.path.join(out, "metrics.png"),
+                               title=f"{cfg['data']['kind']} / {e['kind']} / {cfg['model']['kind']}")
+            print(f"[psembed-train] plot: {png}", flush=True)
+        print(f"[psembed-train] done in {seconds:.1f}s; metrics: {os.path.join(out, 'metrics.jsonl')}", flush=True)
+    rt.barrier()
+    return {"out": out, "records": records, "seconds": seconds}
+
+
+if __name__ == "__main__":
+    main()
