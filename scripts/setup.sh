@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what torch_psembed needs into the current Python environment, then builds and installs the package
+# from source (editable, so tests and the main job run against this checkout).
+#
+# torch is installed only when missing, pinned to the CPU build 2.13.0 (an unpinned `torch` pulls a multi-GB
+# CUDA build). Set PYTHON to choose the interpreter.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  echo "[setup] torch missing: installing torch==2.13.0"
+  "$PY" -m pip install --quiet "torch==2.13.0"
+fi
+
+# Build tools (the same as pyproject's build-system.requires) and runtime/test dependencies.
+"$PY" -m pip install --quiet "setuptools>=64" wheel pybind11 cmake ninja numpy tqdm matplotlib pytest
+
+# --no-build-isolation: reuse the tools above instead of downloading them again into a throwaway environment.
+"$PY" -m pip install --quiet --no-build-isolation --no-deps -e .
+"$PY" -c "import torch_psembed as pse; print('[setup] torch_psembed', pse.__version__, 'ready')"
