@@ -36,7 +36,7 @@ from .data import BatchStream, FileSource, SimulatorConfig, SyntheticSource, mak
 from .metrics import JsonlWriter, PassMetrics, read_jsonl
 from .models import HashedSlotEmbedding, PSSlotEmbedding, build_model
 
-__all__ = ["main", "DEFAULTS", "load_config"]
+__all__ = ["main", "run", "DEFAULTS", "load_config"]
 
 DEFAULTS: Dict[str, Any] = {
     "out": None,
@@ -316,9 +316,6 @@ class _Job:
         dense = [p for n, p in self.model.named_parameters() if not n.startswith("embedding.")]
         self.dense_opt = torch.optim.Adam(dense, lr=m["lr"])
         if e["kind"] == "hashed":
-            # Adagrad builds its sparse update tensors from coalesced gradients: valid by construction, so
-            # opt out of the (costly) invariant checks explicitly, which also silences torch's warning.
-            torch.sparse.check_sparse_tensor_invariants.disable()
             self.sparse_opt = torch.optim.Adagrad(list(emb.parameters()), lr=e["hashed_lr"])
         if rt.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -409,13 +406,26 @@ class _Job:
             self.sparse_opt.load_state_dict(state["sparse_opt"])
 
 
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix(self, **kw: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _progress(rt: _Runtime, cfg: Dict[str, Any], total: Optional[int], desc: str):
-    from tqdm import tqdm
-
+    try:
+        from tqdm import tqdm
+    except ImportError:  # no progress bar without tqdm
+        return _NoBar()
     enabled = bool(cfg["progress"]) and rt.rank == 0 and sys.stderr.isatty()
     return tqdm(total=total, desc=desc, unit="sample", unit_scale=True, disable=not enabled, leave=False,
                 dynamic_ncols=True)
@@ -486,8 +496,13 @@ def _latest_checkpoint(out: str) -> Optional[Dict[str, Any]]:
         return json.load(f)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """Run the job; returns a summary dict (``out``, ``records``) on every rank."""
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """The ``psembed-train`` / ``python -m torch_psembed.train`` entry point (see :func:`run`)."""
+    run(argv)
+
+
+def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Run the job with command-line ``argv``; returns ``{"out", "records", "seconds"}`` (records on rank 0)."""
     cfg = load_config(argv)
     rt = _Runtime(cfg)
     try:
@@ -568,7 +583,7 @@ def _main(cfg: Dict[str, Any], rt: _Runtime) -> Dict[str, Any]:
     seconds = time.perf_counter() - t_job
     records: List[Dict[str, Any]] = []
     if rt.rank == 0:
-        from .plotting import plot_metrics, summary_table
+        from .plotting import plot_metrics, summary_table  # matplotlib is imported only inside plot_metrics
 
         records = read_jsonl(os.path.join(out, "metrics.jsonl"))
         writer.write({"event": "end", "seconds": seconds, "days": days, "embedding": e["kind"]})
@@ -577,9 +592,12 @@ def _main(cfg: Dict[str, Any], rt: _Runtime) -> Dict[str, Any]:
         with open(os.path.join(out, "summary.txt"), "w", encoding="utf-8") as f:
             f.write(table + "\n")
         if cfg["plot"]:
-            png = plot_metrics(records, os.path.join(out, "metrics.png"),
-                               title=f"{cfg['data']['kind']} / {e['kind']} / {cfg['model']['kind']}")
-            print(f"[psembed-train] plot: {png}", flush=True)
+            try:
+                png = plot_metrics(records, os.path.join(out, "metrics.png"),
+                                   title=f"{cfg['data']['kind']} / {e['kind']} / {cfg['model']['kind']}")
+                print(f"[psembed-train] plot: {png}", flush=True)
+            except ImportError as err:
+                print(f"[psembed-train] no plot: matplotlib is not installed ({err})", flush=True)
         print(f"[psembed-train] done in {seconds:.1f}s; metrics: {os.path.join(out, 'metrics.jsonl')}", flush=True)
     rt.barrier()
     return {"out": out, "records": records, "seconds": seconds}

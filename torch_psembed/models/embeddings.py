@@ -108,6 +108,9 @@ class HashedSlotEmbedding(nn.Module):
         self.lr_col: Optional[int] = 0
         self.mf_cols = slice(1, dim)
         self.bag = nn.EmbeddingBag(num_buckets, dim, mode="sum", sparse=True)
+        # Sparse optimizers build their update tensors from coalesced gradients, valid by construction: opt out
+        # of torch's (costly) sparse invariant checks explicitly, which also silences its warning about them.
+        torch.sparse.check_sparse_tensor_invariants.disable()
         with torch.no_grad():
             self.bag.weight.uniform_(-init_range, init_range)
             self.bag.weight[:, 0] = 0.0
@@ -124,11 +127,11 @@ class HashedSlotEmbedding(nn.Module):
         return out.view(-1, S, self.width)
 
     def memory_bytes(self, optimizer: Optional[torch.optim.Optimizer] = None) -> int:
-        """Bytes of the weight plus the optimizer's state tensors for it."""
+        """Bytes of the weight plus the optimizer's per-row state tensors for it (e.g. Adagrad's sum)."""
         w = self.bag.weight
         total = w.numel() * w.element_size()
         if optimizer is not None:
             for t in optimizer.state.get(w, {}).values():
-                if isinstance(t, Tensor):
+                if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == w.shape[0]:
                     total += t.numel() * t.element_size()
         return total

@@ -1,0 +1,270 @@
+"""Data: the click-log simulator, the Criteo and slot-format readers, the per-rank/worker split, bad rows."""
+
+import math
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from torch_psembed.data import (
+    BadDataWarning,
+    BatchStream,
+    ClickLogSimulator,
+    CriteoParser,
+    FileSource,
+    SimulatorConfig,
+    SlotParser,
+    SyntheticSource,
+    make_loader,
+)
+from torch_psembed.data.hashing import feasigns, mix64
+
+CRITEO = "/work/shared/data/criteo_kaggle_sample"
+MASK = (1 << 64) - 1
+
+
+def ref_mix64(x: int) -> int:
+    """splitmix64 finalizer, written from its definition with Python ints."""
+    z = x & MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
+    return z ^ (z >> 31)
+
+
+def ref_feasign(value: int, slot: int) -> int:
+    salt = ref_mix64((slot * 0x9E3779B97F4A7C15 + 1) & MASK)
+    f = ref_mix64(value ^ salt)
+    return f - (1 << 64) if f >= 1 << 63 else f
+
+
+def test_mix64_matches_python_reference():
+    xs = [0, 1, 2, 12345, (1 << 63) + 5, MASK]
+    got = mix64(np.array(xs, dtype=np.uint64))
+    assert [int(v) for v in got] == [ref_mix64(x) for x in xs]
+    assert int(feasigns(np.array([77], np.uint64), np.array([3], np.uint64))[0]) == ref_feasign(77, 3)
+
+
+# ----------------------------------------------------------------------------------------------- simulator
+SMALL = SimulatorConfig(num_slots=6, samples_per_day=4000, test_samples=1000, vocab_min=50, vocab_max=500,
+                        chunk_size=500, num_pairs=3, seed=3)
+
+
+def test_simulator_is_deterministic_and_shaped():
+    a = ClickLogSimulator(SMALL).chunk(1, "train", 2)
+    b = ClickLogSimulator(SMALL).chunk(1, "train", 2)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert a["labels"].shape == (500,) and a["keys"].shape == (3000,)
+    assert torch.equal(a["offsets"], torch.arange(3000))
+    assert torch.equal(a["slots"][:6], torch.arange(6, dtype=torch.int32))
+    c = ClickLogSimulator(SMALL).chunk(1, "test", 1)
+    assert not torch.equal(a["keys"], c["keys"]) and c["labels"].shape == (500,)  # the test split: other samples
+    last = ClickLogSimulator(SMALL).chunk(0, "train", 7)
+    assert last["labels"].shape == (500,)
+    with pytest.raises(ValueError, match="index"):
+        ClickLogSimulator(SMALL).chunk(0, "train", 8)
+    with pytest.raises(ValueError, match="split"):
+        ClickLogSimulator(SMALL).chunk(0, "valid", 0)
+
+
+def test_simulator_zipf_ranks_and_churn():
+    sim = ClickLogSimulator(SimulatorConfig(num_slots=4, vocab_min=1000, vocab_max=1000, zipf_min=1.2,
+                                            zipf_max=1.2, churn=0.25, num_pairs=2, seed=1))
+    u = np.random.default_rng(0).random((200_000, 4))
+    r = sim.ranks(u)
+    assert r.min() >= 0 and r.max() <= 999
+    counts = np.bincount(r[:, 0], minlength=1000)
+    # P(rank k) ~ (k+1)^-1.2: rank 0 vs rank 9 is about 10^1.2 = 15.8 (continuous approximation)
+    assert 10 < counts[0] / counts[9] < 25
+    assert counts[0] > counts[1] > counts[5] > counts[50]
+    ranks = np.tile(np.arange(1000)[:, None], (1, 4))
+    changed = np.mean(sim.ids(ranks, 3) != sim.ids(ranks, 4))
+    assert abs(changed - 0.25) < 0.03  # a quarter of the positions get a new id each day
+    assert np.array_equal(sim.ids(ranks, 3), sim.ids(ranks, 3))
+    # ids are distinct across ranks and slots
+    assert len(np.unique(sim.ids(ranks, 0))) == 4000
+
+
+def test_simulator_clicks_follow_probability_and_oracle_beats_chance():
+    sim = ClickLogSimulator(SimulatorConfig(num_slots=8, samples_per_day=40_000, chunk_size=40_000, seed=5))
+    b = sim.chunk(0, "train", 0)
+    p = b["prob"].double().numpy()
+    y = b["labels"].double().numpy()
+    assert abs(y.mean() - p.mean()) < 4 * math.sqrt(p.mean() * (1 - p.mean()) / len(p))
+    assert 0.08 < p.mean() < 0.25
+    from torch_psembed.metrics import auc
+
+    assert auc(p, y) > 0.7
+    # the probability is the logistic of bias + first-order + pairwise terms
+    keys = b["keys"].numpy().reshape(-1, 8)
+    z = sim.bias + sim.weights(keys)
+    for (i, j) in sim.pairs:
+        z = z + sim.pair_coef * (sim.latent(keys[:, i]) * sim.latent(keys[:, j])).sum(1)
+    np.testing.assert_allclose(sim.probability(keys), 1 / (1 + np.exp(-z)), rtol=1e-12)
+    assert len(sim.pairs) == 8 and np.all(sim.pairs[:, 0] != sim.pairs[:, 1])
+
+
+def test_simulator_config_errors():
+    with pytest.raises(ValueError, match="churn"):
+        SimulatorConfig(churn=0.0)
+    with pytest.raises(ValueError, match="zipf"):
+        SimulatorConfig(zipf_min=0.9)
+    with pytest.raises(TypeError, match="SimulatorConfig"):
+        ClickLogSimulator({"num_slots": 3})
+
+
+def _collect(datasets, workers):
+    keys, labels = [], []
+    for ds in datasets:
+        for b in BatchStream(make_loader(ds, workers)):
+            keys.append(b["keys"].numpy())
+            labels.append(b["labels"].numpy())
+    return np.concatenate(keys), np.concatenate(labels)
+
+
+def test_synthetic_split_over_ranks_workers_and_passes_is_a_partition():
+    src = SyntheticSource(SMALL)
+    whole, _ = _collect([src.train_dataset(0)], 0)
+    parts, _ = _collect([src.train_dataset(0, p, 2, r, 2) for p in range(2) for r in range(2)], 2)
+    assert len(parts) == len(whole) == 4000 * 6
+    assert np.array_equal(np.sort(parts), np.sort(whole))
+    ev, _ = _collect([src.eval_dataset(0, r, 3) for r in range(3)], 0)
+    assert len(ev) == 1000 * 6
+
+
+# ----------------------------------------------------------------------------------------------- criteo
+def _criteo_row(label="1", ints=None, cats=None):
+    ints = ints if ints is not None else ["5", "", "0", "-2", "1000", "1", "2", "3", "4", "7", "8", "9", "1"]
+    cats = cats if cats is not None else ["68fd1e64", "", "zz not hex"] + ["a%07x" % i for i in range(23)]
+    return "\t".join([label] + ints + cats) + "\n"
+
+
+def test_criteo_parser_buckets_and_hashes():
+    label, idx, vals = CriteoParser().parse(_criteo_row())
+    assert label == 1.0 and idx is None and len(vals) == 39
+
+    def bucket(v):
+        return math.floor(math.log2(v)) + 1 if v > 0 else v
+
+    off = 1 << 33
+    assert vals[0] == bucket(5) + off == 3 + off
+    assert vals[1] == 1 << 63  # missing
+    assert vals[2] == off and vals[3] == off - 2
+    assert vals[4] == bucket(1000) + off == 10 + off
+    assert vals[13] == 0x68FD1E64
+    assert vals[14] == 1 << 63
+    assert vals[15] not in (0, 1 << 63)  # blake2b of the non-hex string
+    from torch_psembed.data import assemble
+
+    b = assemble(CriteoParser(), [(label, idx, vals)] * 2)
+    assert b["keys"].shape == (78,) and torch.equal(b["offsets"], torch.arange(78))
+    assert int(b["keys"][13]) == ref_feasign(0x68FD1E64, 13)
+    assert int(b["keys"][39 + 4]) == ref_feasign(10 + off, 4)
+
+
+@pytest.mark.parametrize(
+    "line,match",
+    [
+        ("1\t2\t3\n", "40 tab-separated columns"),
+        (_criteo_row(label="2"), "label"),
+        (_criteo_row(ints=["x"] + [""] * 12), "I1"),
+    ],
+)
+def test_criteo_parser_rejects(line, match):
+    with pytest.raises(ValueError, match=match):
+        CriteoParser().parse(line)
+
+
+def test_bad_rows_are_counted_skipped_and_warned(tmp_path):
+    f = tmp_path / "day.txt"
+    rows = [_criteo_row(label=str(i % 2)) for i in range(10)]
+    rows[3] = "garbage\n"
+    rows[7] = _criteo_row(ints=["1.5"] + [""] * 12)
+    f.write_text("".join(rows))
+    src = FileSource(str(f), batch_size=4)
+    stream = BatchStream(make_loader(src.train_dataset(0), 0))
+    n = sum(len(b["labels"]) for b in stream)
+    assert n == 8 and stream.bad_rows == 2 and stream.rows == 8
+    with pytest.warns(BadDataWarning, match=r"skipped 2 bad row\(s\) of 10.*day.txt:4:.*day.txt:8:"):
+        stream.warn("test")
+
+
+def test_entirely_bad_or_empty_file_is_an_error(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a,b,c\n" * 5)
+    with pytest.raises(ValueError, match=r"bad.txt.*not in criteo format.*line 1"):
+        FileSource(str(bad))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="empty.txt.*no rows"):
+        FileSource(str(empty))
+    with pytest.raises(FileNotFoundError, match="nope"):
+        FileSource(str(tmp_path / "nope"))
+    d = tmp_path / "days"
+    d.mkdir()
+    (d / "0.txt").write_text(_criteo_row())
+    (d / "1.txt").write_text("junk\n")
+    with pytest.raises(ValueError, match="1.txt"):
+        FileSource(str(d))
+
+
+def test_file_days_passes_and_ranks(tmp_path):
+    f = tmp_path / "all.txt"
+    f.write_text("".join(_criteo_row(label=str(i % 2), ints=[str(i)] + [""] * 12) for i in range(30)))
+    t = tmp_path / "test.txt"
+    t.write_text(_criteo_row() * 3)
+    src = FileSource(str(f), days=3, test_path=str(t), batch_size=4)
+    assert src.num_days() == 3
+
+    def first_ints(datasets, workers=0):
+        out = []
+        for ds in datasets:
+            for b in BatchStream(make_loader(ds, workers)):
+                out += b["keys"].view(-1, 39)[:, 0].tolist()
+        return sorted(out)
+
+    day1 = first_ints([src.train_dataset(1)])
+    split = first_ints([src.train_dataset(1, p, 2, r, 2) for p in range(2) for r in range(2)], workers=2)
+    assert day1 == split and len(day1) == 10
+    expect = sorted(ref_feasign(((i).bit_length() if i > 0 else 0) + (1 << 33), 0) for i in range(10, 20))
+    assert day1 == expect
+    assert first_ints([src.eval_dataset(0)]) == first_ints([src.train_dataset(1)])
+    assert len(first_ints([src.eval_dataset(2)])) == 3  # the test file after the last day
+    assert FileSource(str(f), days=3).eval_dataset(2) is None
+
+
+# ----------------------------------------------------------------------------------------------- slot format
+def test_slot_format(tmp_path):
+    p = SlotParser([10, 20, 30])
+    assert p.parse("1 1 20:5 10:7 20:9\n") == (1.0, [1, 0, 1], [5, 7, 9])
+    assert p.parse("0 1\n") == (0.0, [], [])
+    for line, match in [("1 1 40:5", "slot 40"), ("1 1 20-5", "slot:feasign"), ("x 1 20:5", "click"),
+                        ("1 1 20:-5", "feasign")]:
+        with pytest.raises(ValueError, match=match):
+            p.parse(line)
+    f = tmp_path / "s.txt"
+    f.write_text("1 1 20:5 10:7 20:9\n0 1\n0 1 30:18446744073709551615\n1 1 99:1\n")
+    src = FileSource(str(f), fmt="slot", slots=[10, 20, 30], batch_size=8)
+    stream = BatchStream(make_loader(src.train_dataset(0), 0))
+    (b,) = list(stream)
+    assert stream.bad_rows == 1
+    assert b["labels"].tolist() == [1.0, 0.0, 0.0]
+    # bags in (sample, slot) order: s0: [7], [5, 9], []; s1: [], [], []; s2: [], [], [2**64-1]
+    assert b["keys"].tolist() == [7, 5, 9, -1]
+    assert b["offsets"].tolist() == [0, 1, 3, 3, 3, 3, 3, 3, 3]
+    assert b["slots"].tolist() == [0, 1, 1, 2]
+    with pytest.raises(ValueError, match="slots"):
+        FileSource(str(f), fmt="slot")
+
+
+@pytest.mark.skipif(not os.path.isdir(CRITEO), reason="Criteo sample not present")
+def test_real_criteo_sample_parses_cleanly():
+    src = FileSource(os.path.join(CRITEO, "train.txt"), days=4, test_path=os.path.join(CRITEO, "dev.txt"))
+    stream = BatchStream(make_loader(src.train_dataset(0), 1))
+    n = sum(len(b["labels"]) for b in stream)
+    assert n == 1800 and stream.bad_rows == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stream.warn()

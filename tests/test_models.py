@@ -1,0 +1,141 @@
+"""Models: slot embeddings (PS and hashed) against numpy references, CTR DNN and DeepFM math."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import torch_psembed as pse
+from torch_psembed.data.hashing import mix64
+from torch_psembed.models import CTRDNN, DeepFM, HashedSlotEmbedding, PSSlotEmbedding, build_model
+
+
+class FixedEmbedding(nn.Module):
+    """A stand-in slot embedding returning a given (B, S, W) block."""
+
+    def __init__(self, block, lr_col=0, mf_cols=slice(1, None)):
+        super().__init__()
+        self.block = block
+        self.num_slots = block.shape[1]
+        self.width = block.shape[2]
+        self.lr_col = lr_col
+        self.mf_cols = mf_cols
+
+    def forward(self, keys, offsets):
+        return self.block
+
+
+def test_hashed_embedding_matches_numpy_lookup():
+    torch.manual_seed(0)
+    emb = HashedSlotEmbedding(97, 5, num_slots=3)
+    assert torch.all(emb.bag.weight[:, 0] == 0)
+    with torch.no_grad():
+        emb.bag.weight.copy_(torch.randn(97, 5))
+    keys = torch.tensor([5, -3, 2**62, 7, 7, 11, 12], dtype=torch.int64)
+    offsets = torch.tensor([0, 1, 3, 3, 5, 6])  # 2 samples x 3 slots, one empty bag
+    out = emb(keys, offsets)
+    assert out.shape == (2, 3, 5)
+    W = emb.bag.weight.detach().numpy()
+    rows = [int(mix64(np.array([k], dtype=np.int64).view(np.uint64))[0] % 97) for k in keys.tolist()]
+    ends = offsets.tolist()[1:] + [7]
+    ref = np.stack([W[rows[a:b]].sum(0) if b > a else np.zeros(5) for a, b in zip(offsets.tolist(), ends)])
+    np.testing.assert_allclose(out.detach().numpy().reshape(6, 5), ref, rtol=1e-6, atol=1e-6)
+    out.sum().backward()
+    assert emb.bag.weight.grad.is_sparse
+    opt = torch.optim.Adagrad(emb.parameters(), lr=0.1)
+    opt.step()
+    assert emb.memory_bytes(opt) == 2 * 97 * 5 * 4
+    with pytest.raises(ValueError, match="num_slots"):
+        emb(keys, offsets[:4])
+    with pytest.raises(ValueError, match="num_buckets"):
+        HashedSlotEmbedding(0, 5, 3)
+
+
+def test_ctr_dnn_wide_part_and_shapes():
+    torch.manual_seed(0)
+    block = torch.randn(4, 3, 5)
+    model = CTRDNN(FixedEmbedding(block), hidden=(8,))
+    with torch.no_grad():
+        for p in model.mlp.parameters():
+            p.zero_()
+    out = model(None, None)
+    assert out.shape == (4,)
+    torch.testing.assert_close(out, block[:, :, 0].sum(1))
+    nowide = CTRDNN(FixedEmbedding(block), hidden=(8,), wide=False)
+    with torch.no_grad():
+        for p in nowide.mlp.parameters():
+            p.zero_()
+    torch.testing.assert_close(nowide(None, None), torch.zeros(4))
+
+
+def test_deepfm_fm_term_is_pairwise_dot_products():
+    torch.manual_seed(1)
+    block = torch.randn(2, 4, 6)
+    model = DeepFM(FixedEmbedding(block), hidden=(4,), wide=False)
+    with torch.no_grad():
+        for p in model.mlp.parameters():
+            p.zero_()
+    v = block[:, :, 1:].double().numpy()
+    ref = np.array([sum(v[b, i] @ v[b, j] for i in range(4) for j in range(i + 1, 4)) for b in range(2)])
+    np.testing.assert_allclose(model(None, None).detach().double().numpy(), ref, rtol=1e-5)
+    with pytest.raises(ValueError, match="model kind"):
+        build_model("lr", FixedEmbedding(block))
+
+
+def _filled_table(keys, dim=4):
+    table = pse.SparseTable(pse.TableConfig(dim=dim, accessor=pse.CtrAccessorConfig(embedx_threshold=0.0)))
+    k = torch.tensor(sorted(set(keys)), dtype=torch.int64)
+    g = torch.randn(len(k), 1 + dim)
+    table.push(k, g, torch.full((len(k),), 3.0), torch.ones(len(k)))
+    table.push(k, g, torch.full((len(k),), 3.0), torch.ones(len(k)))
+    return table
+
+
+def _reference_bags(table, keys, offsets, S):
+    """Sum of the cvm_lr_mf rows of each bag, from table.pull(with_stats=True) and the cvm formula."""
+    n = len(keys)
+    full = table.pull(torch.tensor(keys, dtype=torch.int64), with_stats=True).double().numpy()
+    show, click = full[:, 0], full[:, 1]
+    rows = np.concatenate([np.log(show + 1)[:, None], (np.log(click + 1) - np.log(show + 1))[:, None], full[:, 2:]], 1)
+    ends = list(offsets[1:]) + [n]
+    out = np.stack([rows[a:b].sum(0) if b > a else np.zeros(rows.shape[1]) for a, b in zip(offsets, ends)])
+    return out.reshape(-1, S, rows.shape[1])
+
+
+def test_ps_slot_embedding_single_and_per_slot_layouts_match_reference():
+    torch.manual_seed(0)
+    S = 3
+    one_per_bag = [11, 12, 13, 21, 12, 23]  # 2 samples x 3 slots
+    table = _filled_table(one_per_bag + [31, 32])
+    emb = PSSlotEmbedding(table, S).eval()
+    out = emb(torch.tensor(one_per_bag), torch.arange(6))
+    assert out.shape == (2, 3, 7) and emb.lr_col == 2 and emb.mf_cols == slice(3, 7)
+    ref = _reference_bags(table, one_per_bag, list(range(6)), S)
+    np.testing.assert_allclose(out.double().numpy(), ref, rtol=1e-5, atol=1e-6)
+    # variable bags: per-slot modules
+    keys = [11, 31, 12, 13, 32, 12, 23]
+    offsets = [0, 2, 3, 5, 5, 6]  # sample 1 slot 1 is empty
+    out2 = emb(torch.tensor(keys), torch.tensor(offsets))
+    ref2 = _reference_bags(table, keys, offsets, S)
+    np.testing.assert_allclose(out2.double().numpy(), ref2, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="num_slots"):
+        emb(torch.tensor(keys), torch.tensor(offsets[:4]))
+
+
+def test_ps_slot_embedding_trains_and_pushes_slots():
+    torch.manual_seed(0)
+    table = pse.SparseTable(pse.TableConfig(dim=4))
+    emb = PSSlotEmbedding(table, 2)
+    model = CTRDNN(emb, hidden=(8,))
+    assert [n for n, _ in model.named_parameters() if n.startswith("embedding")] == []
+    keys = torch.tensor([1, 2, 3, 4, 5])
+    offsets = torch.tensor([0, 2, 3, 3])  # variable bags -> per-slot modules with slot ids 0, 1
+    labels = torch.tensor([1.0, 0.0])
+    with pse.feed(clicks=labels):
+        loss = nn.functional.binary_cross_entropy_with_logits(model(keys, offsets), labels)
+        loss.backward()
+    assert len(table) == 5
+    stats = table.pull(keys, with_stats=True)
+    # shows: one per occurrence; clicks: the label of the sample holding the key
+    assert stats[:, 0].tolist() == [1, 1, 1, 1, 1]
+    assert stats[:, 1].tolist() == [1, 1, 1, 0, 0]
