@@ -1,0 +1,515 @@
+"""Saving and loading tables: exact round trips, N -> M parts, base/delta predicates, chains, bad input.
+
+The expected contents of base and delta saves are computed here, in numpy, from the table's exported state
+(``_backend.export("checkpoint")``) and the predicates of the issue, never by asking the checkpoint code.
+Shows and clicks are small integers, the score coefficients dyadic (0.25, 1.0) and the decay 0.5, so
+scores are exact in float32 and the predicates cannot flip by rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import torch_psembed as pse
+from torch_psembed import _C
+from torch_psembed.checkpoint import LocalParts, load_group, save_group
+from torch_psembed.checkpoint import _format as F
+from torch_psembed.checkpoint import _rows as R
+from torch_psembed.errors import CheckpointMismatchError, CorruptCheckpointError
+
+DIM = 4
+ACC = pse.CtrAccessorConfig(
+    nonclk_coeff=0.25,
+    click_coeff=1.0,
+    embedx_threshold=3.0,
+    base_threshold=1.5,
+    delta_threshold=0.5,
+    delta_keep_days=1,
+    show_click_decay_rate=0.5,
+    delete_threshold=0.8,
+    delete_after_unseen_days=2,
+)
+OPTIMIZERS = {
+    "adagrad": (pse.AdaGrad(learning_rate=0.1), pse.AdaGrad(learning_rate=0.1, initial_range=0.01)),
+    "std_adagrad": (pse.StdAdaGrad(learning_rate=0.1), pse.StdAdaGrad(learning_rate=0.1, initial_range=0.01)),
+    "adam": (pse.Adam(learning_rate=0.01), pse.Adam(learning_rate=0.01, initial_range=0.01)),
+    "ftrl": (pse.FTRL(learning_rate=0.1, l1=0.01), pse.FTRL(learning_rate=0.1, initial_range=0.01)),
+    "sgd": (pse.SGD(learning_rate=0.1), pse.SGD(learning_rate=0.1, initial_range=0.01)),
+}
+ROW_KEYS = ("keys", "base", "has_mf", "mf")
+
+
+def config(opt: str = "adagrad", dim: int = DIM, **kw) -> pse.TableConfig:
+    lr, mf = OPTIMIZERS[opt]
+    return pse.TableConfig(dim=dim, accessor=ACC, lr_optimizer=lr, mf_optimizer=mf, num_shards=8, **kw)
+
+
+def score(base: np.ndarray) -> np.ndarray:
+    show, click = base[:, 0].astype(np.float64), base[:, 1].astype(np.float64)
+    return (show - click) * ACC.nonclk_coeff + click * ACC.click_coeff
+
+
+def push_random(table, rng, keys: np.ndarray, frac: float = 0.6) -> np.ndarray:
+    """Push a random subset of ``keys`` with integer shows/clicks, random gradients and slots."""
+    k = keys[rng.random(keys.shape[0]) < frac]
+    shows = rng.integers(1, 4, k.shape[0]).astype(np.float32)
+    clicks = np.minimum(shows, rng.integers(0, 3, k.shape[0])).astype(np.float32)
+    grads = (rng.standard_normal((k.shape[0], 1 + table.dim)) * 0.3).astype(np.float32)
+    slots = rng.integers(0, 50, k.shape[0]).astype(np.int32)
+    table.push(k, grads, shows, clicks, slots)
+    return k
+
+
+def populated(opt: str = "adagrad", n: int = 600, days: int = 3, seed: int = 0):
+    """A table after a few simulated days: rows with and without mf, aged rows, pending tombstones."""
+    rng = np.random.default_rng(seed)
+    t = pse.SparseTable(config(opt))
+    pool = rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64)
+    for day in range(days):
+        for _ in range(3):
+            push_random(t, rng, pool[: n * (day + 1) // days])
+        t.end_day(day)
+    push_random(t, rng, pool, 0.3)
+    return t
+
+
+def state(local) -> dict:
+    return local.export("checkpoint")
+
+
+def assert_rows_equal(a: dict, b: dict, keys=ROW_KEYS) -> None:
+    """Bit for bit (float arrays compared through their uint32 bits)."""
+    for k in keys:
+        x, y = np.asarray(a[k]), np.asarray(b[k])
+        assert x.shape == y.shape, (k, x.shape, y.shape)
+        if x.dtype == np.float32:
+            x, y = x.view(np.uint32), y.view(np.uint32)
+        assert np.array_equal(x, y), f"{k} differs"
+
+
+def saved_rows(path) -> dict:
+    m = F.read_manifest(path)
+    rows = R.sort_by_key(R.read_rows(path, m))
+    rows["tombstones"] = R.read_rows(path, m)["tombstones"]
+    return rows
+
+
+# -- checkpoint round trip ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+def test_checkpoint_round_trip_is_bit_exact(tmp_path, opt):
+    t = populated(opt)
+    before = state(t._backend)
+    assert before["keys"].size > 100 and 0 < before["has_mf"].sum() < before["keys"].size
+    assert before["tombstones"].size > 0, "the scenario must leave pending tombstones"
+    assert np.unique(before["base"][:, 3]).size > 1, "the scenario must leave rows of several unseen_days"
+    summary = t.save(tmp_path / "ck")
+    assert summary["rows"] == before["keys"].size and summary["tombstones"] == before["tombstones"].size
+
+    t2 = pse.SparseTable(config(opt))
+    t2.push(np.array([12345], np.int64), np.ones((1, 1 + DIM), np.float32), np.ones(1, np.float32),
+            np.zeros(1, np.float32))  # a row the checkpoint does not hold: load replaces everything
+    t2.load(tmp_path / "ck")
+    assert_rows_equal(state(t2._backend), before)
+    assert t2.day == t.day == 2
+    keys = torch.from_numpy(before["keys"])
+    assert torch.equal(t2.pull(keys, with_stats=True), t.pull(keys, with_stats=True))
+
+    # The pending tombstones come back too: a checkpoint of the restored table holds the same ones, and
+    # the next delta carries them.
+    t2.save(tmp_path / "ck2")
+    assert_rows_equal(saved_rows(tmp_path / "ck2"), saved_rows(tmp_path / "ck"), ROW_KEYS + ("tombstones",))
+    assert np.array_equal(saved_rows(tmp_path / "ck")["tombstones"], before["tombstones"])
+    t.save(tmp_path / "d_orig", "delta")
+    t2.save(tmp_path / "d_rest", "delta")
+    assert_rows_equal(saved_rows(tmp_path / "d_rest"), saved_rows(tmp_path / "d_orig"), ROW_KEYS + ("tombstones",))
+    after_t, after_t2 = state(t._backend), state(t2._backend)
+    assert after_t["tombstones"].size == 0 and after_t2["tombstones"].size == 0
+    assert t2.save(tmp_path / "d2", "delta")["tombstones"] == 0
+
+    # Training goes on identically from the restored state.
+    rng1, rng2 = np.random.default_rng(7), np.random.default_rng(7)
+    for _ in range(2):
+        push_random(t, rng1, before["keys"])
+        push_random(t2, rng2, before["keys"])
+    t.end_day(3)
+    t2.end_day(3)
+    s1, s2 = state(t._backend), state(t2._backend)
+    assert_rows_equal(s2, s1)
+    # (the order of deletions within one end_day follows the hash layout, which a load does not keep)
+    assert sorted(s2["tombstones"].tolist()) == sorted(s1["tombstones"].tolist())
+
+
+def test_mf_survives_score_decay_below_embedx_threshold(tmp_path):
+    t = pse.SparseTable(config())
+    k = np.array([5, 6], np.int64)
+    t.push(k, np.ones((2, 1 + DIM), np.float32), np.array([4, 4], np.float32), np.array([4, 0], np.float32))
+    t.end_day(0)  # score of key 5: 4 -> 2 (< embedx 3, >= delete 0.8); key 6: 1 -> 0.5: deleted
+    s = state(t._backend)
+    assert s["keys"].tolist() == [5] and s["has_mf"].tolist() == [1] and score(s["base"])[0] < ACC.embedx_threshold
+    t.save(tmp_path / "ck")
+    t2 = pse.SparseTable(config())
+    t2.load(tmp_path / "ck")
+    assert_rows_equal(state(t2._backend), s)
+    assert saved_rows(tmp_path / "ck")["tombstones"].tolist() == [6]
+
+
+# -- N -> M parts ------------------------------------------------------------------------------------------
+
+def _parts(n: int, cfg) -> list:
+    return [_C.Table(cfg.to_dict()) for _ in range(n)]
+
+
+def test_save_from_2_parts_loads_into_1_and_3(tmp_path):
+    cfg = config()
+    whole = populated("adagrad", n=900, seed=3)
+    snap = state(whole._backend)
+    # Split the table between 2 parts by the server routing, as 2 ranks would hold it.
+    two = _parts(2, cfg)
+    owner = _C.route(snap["keys"], 2)
+    towner = _C.route(snap["tombstones"], 2)
+    for i, part in enumerate(two):
+        rows = R.take_rows(snap, owner == i)
+        part.load_rows(rows["keys"], rows["base"], rows["has_mf"], rows["mf"])
+        part.day = whole.day
+    chain = {"base_id": None, "sequence": 0}
+    s = save_group(LocalParts(two), cfg.to_dict(), chain, tmp_path / "two", "checkpoint", num_buckets=16)
+    assert s["parts"] == 2 and s["rows"] == snap["keys"].size
+    m = F.read_manifest(tmp_path / "two")
+    assert m["num_parts"] == 2 and m["num_buckets"] == 16
+    assert {e["part"] for e in m["files"]} == {0, 1}
+
+    for m_parts in (1, 3):
+        dest = _parts(m_parts, cfg)
+        load_group(LocalParts(dest), cfg.to_dict(), chain, tmp_path / "two")
+        got = [state(p) for p in dest]
+        for j, g in enumerate(got):
+            assert np.all(_C.route(g["keys"], m_parts) == j), "a part holds a key it does not own"
+            assert g["keys"].size > 0
+            assert int(dest[j].day) == whole.day
+        union = R.sort_by_key(R.concat_rows(got))
+        assert_rows_equal(union, snap)
+    # The pending tombstones of a checkpoint follow their keys to the new owners.
+    whole.save(tmp_path / "whole")
+    dest = _parts(3, cfg)
+    load_group(LocalParts(dest), cfg.to_dict(), chain, tmp_path / "whole")
+    save_group(LocalParts(dest), cfg.to_dict(), chain, tmp_path / "three", "checkpoint")
+    got = saved_rows(tmp_path / "three")
+    assert sorted(got["tombstones"].tolist()) == sorted(snap["tombstones"].tolist())
+    assert towner.size == snap["tombstones"].size > 0
+    for j in range(3):
+        part_tombs = R.read_rows(tmp_path / "three", F.read_manifest(tmp_path / "three"), owner=(j, 3))["tombstones"]
+        assert np.all(_C.route(part_tombs, 3) == j)
+
+
+def test_buckets_are_frozen_and_independent_of_server_routing():
+    keys = np.array([0, 1, -1, 2**62, 123456789, -(2**63)], np.int64)
+    # Golden values: changing the bucket rule orphans saved models (docs/format.md).
+    assert F.bucket_of(keys, 64).tolist() == [34, 59, 39, 52, 19, 38]
+
+    def mix64(z):  # the splitmix64 finalizer, in Python integers
+        m = (1 << 64) - 1
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+        return z ^ (z >> 31)
+
+    salt = 0x5EEDC0DEB0C4E75A
+    assert [mix64((int(k) & ((1 << 64) - 1)) ^ salt) % 64 for k in keys] == F.bucket_of(keys, 64).tolist()
+    many = np.random.default_rng(0).integers(-(2**63), 2**63 - 1, 20000, dtype=np.int64)
+    b, s = F.bucket_of(many, 8), _C.route(many, 2)
+    counts = np.zeros((8, 2))
+    np.add.at(counts, (b, s), 1)
+    assert counts.min() > 0.8 * counts.mean(), "buckets must mix keys of every server"
+
+
+# -- base and delta saves ----------------------------------------------------------------------------------
+
+def _expected(snap: dict, mode: str) -> np.ndarray:
+    """Rows a base/delta save must hold, from the issue's predicates."""
+    b = snap["base"]
+    mask = (score(b) >= ACC.base_threshold) & (b[:, 3] <= ACC.delta_keep_days)
+    if mode == "delta":
+        mask &= b[:, 2] >= ACC.delta_threshold
+    return mask
+
+
+def test_base_and_delta_follow_the_predicates_and_rebuild_the_serving_view(tmp_path):
+    rng = np.random.default_rng(11)
+    producer = pse.SparseTable(config())
+    consumer = pse.SparseTable(config())
+    pool = rng.integers(-(2**63), 2**63 - 1, 800, dtype=np.int64)
+    view = R.empty_rows(producer._backend.base_width, producer._backend.mf_width)  # reference serving view
+    pending: list = []  # keys deleted since the last base/delta
+    plan = [("push", 0), ("base", 0), ("push", 1), ("delta", 1), ("end", 1), ("push", 2), ("delta", 2),
+            ("delta", 2), ("end", 2), ("end", 3), ("push", 4), ("base", 4), ("push", 4), ("end", 4),
+            ("delta", 4), ("push", 5), ("end", 6), ("delta", 6)]
+    checked = {"base": 0, "delta": 0, "tombstones": 0, "excluded": 0}
+    for step, (op, day) in enumerate(plan):
+        if op == "push":
+            for _ in range(2):
+                push_random(producer, rng, pool[: 300 + 100 * day], 0.5)
+            continue
+        if op == "end":
+            before = set(state(producer._backend)["keys"].tolist())
+            producer.end_day(day)
+            after = set(state(producer._backend)["keys"].tolist())
+            pending += sorted(before - after)
+            continue
+        snap = state(producer._backend)
+        path = tmp_path / f"{step:02d}-{op}"
+        producer.save(path, op)
+        mask = _expected(snap, op)
+        got = saved_rows(path)
+        assert_rows_equal(got, R.take_rows(snap, mask))
+        checked[op] += int(mask.sum())
+        checked["excluded"] += int((~mask).sum())
+        if op == "delta":
+            assert sorted(got["tombstones"].tolist()) == sorted(pending)
+            checked["tombstones"] += len(pending)
+        else:
+            assert got["tombstones"].size == 0
+        pending = []
+        # Side effect, applied after the write: delta_score of the saved rows is reset, nothing else changes.
+        after = state(producer._backend)
+        assert np.array_equal(after["keys"], snap["keys"])
+        want = snap["base"].copy()
+        want[mask, 2] = 0.0
+        assert np.array_equal(after["base"], want)
+        assert after["tombstones"].size == 0
+        # Reference serving view, then the consumer loading the same files in order.
+        if op == "base":
+            view = R.take_rows(snap, mask)
+            view["tombstones"] = np.zeros(0, np.int64)
+        else:
+            delta = R.take_rows(snap, mask)
+            delta["tombstones"] = got["tombstones"]
+            keep = ~np.isin(view["keys"], delta["tombstones"]) & ~np.isin(view["keys"], delta["keys"])
+            view = R.sort_by_key(R.concat_rows([R.take_rows(view, keep), {**delta, "tombstones": view["tombstones"][:0]}]))
+        consumer.load(path)
+        assert_rows_equal(state(consumer._backend), view)
+        assert consumer.day == producer.day
+    assert checked["base"] > 50 and checked["delta"] > 50 and checked["tombstones"] > 20 and checked["excluded"] > 50
+
+
+def test_delta_chain_is_checked_and_a_failed_load_changes_nothing(tmp_path):
+    rng = np.random.default_rng(5)
+    p = pse.SparseTable(config())
+    pool = rng.integers(0, 2**40, 300, dtype=np.int64)
+    push_random(p, rng, pool, 0.9)
+    push_random(p, rng, pool, 0.9)
+    p.save(tmp_path / "base1", "base")
+    for i in (1, 2):
+        push_random(p, rng, pool)
+        p.save(tmp_path / f"d{i}", "delta")
+    p.save(tmp_path / "base2", "base")
+    push_random(p, rng, pool)
+    p.save(tmp_path / "b2d1", "delta")
+    for name, seq in (("base1", 0), ("d1", 1), ("d2", 2), ("base2", 0), ("b2d1", 1)):
+        assert F.read_manifest(tmp_path / name)["sequence"] == seq
+
+    c = pse.SparseTable(config())
+    with pytest.raises(CheckpointMismatchError, match="follows base"):
+        c.load(tmp_path / "d1")  # no base loaded
+    c.load(tmp_path / "base1")
+    before = state(c._backend)
+    with pytest.raises(CheckpointMismatchError, match="out of order"):
+        c.load(tmp_path / "d2")  # skips d1
+    with pytest.raises(CheckpointMismatchError, match="follows base"):
+        c.load(tmp_path / "b2d1")  # another base's delta
+    assert_rows_equal(state(c._backend), before, ROW_KEYS + ("tombstones",))
+    c.load(tmp_path / "d1")
+    c.load(tmp_path / "d2")
+    with pytest.raises(CheckpointMismatchError, match="out of order"):
+        c.load(tmp_path / "d2")  # twice
+    c.load(tmp_path / "base2")
+    c.load(tmp_path / "b2d1")
+
+    # A checkpoint keeps the chain position: its restore can go on with the next delta.
+    p.save(tmp_path / "ck")
+    push_random(p, rng, pool)
+    p.save(tmp_path / "b2d2", "delta")
+    r = pse.SparseTable(config())
+    r.load(tmp_path / "ck")
+    r.load(tmp_path / "b2d2")
+    c.load(tmp_path / "b2d2")
+
+
+def test_resaving_to_the_same_path_replaces_it_and_cleans_up(tmp_path):
+    t = populated(n=200)
+    t.save(tmp_path / "ck")
+    first = F.read_manifest(tmp_path / "ck")["save_id"]
+    push_random(t, np.random.default_rng(1), state(t._backend)["keys"])
+    t.save(tmp_path / "ck")
+    m = F.read_manifest(tmp_path / "ck")
+    assert m["save_id"] != first
+    assert sorted(os.listdir(tmp_path / "ck")) == sorted([F.MANIFEST, m["data_dir"]])
+    t2 = pse.SparseTable(config())
+    t2.load(tmp_path / "ck")
+    assert_rows_equal(state(t2._backend), state(t._backend))
+
+
+# -- bad input ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def saved(tmp_path):
+    t = populated(n=300)
+    pse.checkpoint.save_table(t, tmp_path / "ck", num_buckets=4)
+    return tmp_path / "ck", t
+
+
+def _victim(path, column="base"):
+    m = F.read_manifest(path)
+    e = next(e for e in m["files"] if e["column"] == column and e["rows"] > 0)
+    return os.path.join(path, m["data_dir"], e["name"])
+
+
+def _loaded_target():
+    t = populated(n=100, seed=9)
+    return t, state(t._backend)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "extend", "delete"])
+@pytest.mark.parametrize("column", ["keys", "base", "mf"])
+def test_damaged_file_is_named_and_the_table_is_unchanged(saved, damage, column):
+    path, _ = saved
+    victim = _victim(path, column)
+    data = bytearray(open(victim, "rb").read())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x10
+        open(victim, "wb").write(bytes(data))
+        match = "checksum mismatch"
+    elif damage == "truncate":
+        open(victim, "wb").write(bytes(data[: len(data) - 3]))
+        match = "truncated"
+    elif damage == "extend":
+        open(victim, "wb").write(bytes(data) + b"\0")
+        match = "longer than expected"
+    else:
+        os.remove(victim)
+        match = "missing"
+    t, before = _loaded_target()
+    with pytest.raises(CorruptCheckpointError, match=match) as ei:
+        t.load(path)
+    assert ei.value.path == victim and os.path.basename(victim) in str(ei.value)
+    assert_rows_equal(state(t._backend), before, ROW_KEYS + ("tombstones",))
+
+
+@pytest.mark.parametrize("problem", ["version", "json", "missing", "format", "bytes"])
+def test_bad_manifest_is_refused(saved, problem):
+    path, _ = saved
+    mpath = os.path.join(path, F.MANIFEST)
+    m = json.load(open(mpath))
+    match = {"version": "unknown format_version 99", "json": "not valid JSON", "missing": "manifest.json: missing",
+             "format": "format is", "bytes": "malformed manifest"}[problem]
+    if problem == "version":
+        m["format_version"] = 99
+    elif problem == "format":
+        m["format"] = "something.else"
+    elif problem == "bytes":
+        m["files"][0]["bytes"] += 4
+    if problem == "json":
+        open(mpath, "w").write(json.dumps(m)[:-20])
+    elif problem == "missing":
+        os.remove(mpath)
+    else:
+        json.dump(m, open(mpath, "w"))
+    t, before = _loaded_target()
+    with pytest.raises(CorruptCheckpointError, match=match) as ei:
+        t.load(path)
+    assert ei.value.path == mpath
+    assert_rows_equal(state(t._backend), before)
+
+
+@pytest.mark.parametrize("other", ["dim", "optimizer", "hyper"])
+def test_config_mismatch_is_refused(saved, other):
+    path, _ = saved
+    if other == "dim":
+        cfg = config(dim=DIM + 1)
+    elif other == "optimizer":
+        cfg = config("adam")
+    else:
+        cfg = pse.TableConfig(dim=DIM, accessor=ACC, lr_optimizer=pse.AdaGrad(learning_rate=0.2),
+                              mf_optimizer=OPTIMIZERS["adagrad"][1])
+    t = pse.SparseTable(cfg)
+    with pytest.raises(CheckpointMismatchError, match="different model config"):
+        t.load(path)
+    assert len(t) == 0
+    # Thresholds, shards and threads are not part of the model: a table differing only there loads it.
+    ok = pse.TableConfig(dim=DIM, accessor=pse.CtrAccessorConfig(), lr_optimizer=OPTIMIZERS["adagrad"][0],
+                         mf_optimizer=OPTIMIZERS["adagrad"][1], num_shards=3, num_threads=1)
+    t = pse.SparseTable(ok)
+    t.load(path)
+    assert len(t) == F.read_manifest(path)["rows"]
+
+
+def test_bad_arguments(tmp_path):
+    t = populated(n=50)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        t.save(tmp_path / "x", "serving")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="path must be a directory"):
+        t.save(tmp_path / "file")
+    with pytest.raises(ValueError, match="num_buckets"):
+        pse.checkpoint.save_table(t, tmp_path / "y", num_buckets=0)
+    with pytest.raises(CorruptCheckpointError, match="not a directory"):
+        t.load(tmp_path / "nothing")
+
+
+# -- consistency under concurrent pushes -------------------------------------------------------------------
+
+def test_save_is_one_moment_under_concurrent_pushes(tmp_path):
+    # Property: every push call below touches all GROUP keys with show 1, so in any one moment of the table
+    # the GROUP keys have equal shows; a save must show them equal. And nothing pushed during a base/delta
+    # save is lost: a key's final delta_score is everything pushed minus what the saves wrote.
+    cfg = config()
+    t = pse.SparseTable(cfg)
+    group = np.arange(1000, 1064, dtype=np.int64)
+    other = np.arange(5000, 7000, dtype=np.int64)
+    stop = threading.Event()
+    counts = [0, 0]
+
+    def pusher(i):
+        g = np.zeros((group.size, 1 + DIM), np.float32)
+        ones = np.ones(group.size, np.float32)
+        zeros = np.zeros(group.size, np.float32)
+        og = np.zeros((other.size, 1 + DIM), np.float32)
+        while not stop.is_set():
+            t.push(group, g, ones, zeros)
+            t.push(other, og, np.ones(other.size, np.float32), np.zeros(other.size, np.float32))
+            counts[i] += 1
+
+    threads = [threading.Thread(target=pusher, args=(i,)) for i in range(2)]
+    for th in threads:
+        th.start()
+    saved_delta = np.zeros(group.size)
+    shows = []
+    try:
+        for i in range(8):
+            mode = ("checkpoint", "delta", "base")[i % 3]
+            path = tmp_path / f"s{i}"
+            t.save(path, mode)
+            rows = saved_rows(path)
+            sel = np.isin(rows["keys"], group)
+            if mode == "checkpoint" or sel.any():
+                assert sel.sum() == group.size
+                s = rows["base"][sel, 0]
+                assert np.all(s == s[0]), f"save {i} ({mode}) mixes moments: shows {np.unique(s)}"
+                shows.append(float(s[0]))
+            if mode != "checkpoint" and sel.any():
+                saved_delta += rows["base"][sel, 2]
+    finally:
+        stop.set()
+        for th in threads:
+            th.join()
+    assert len(shows) >= 4 and shows[-1] > shows[0], "the pushers must have run during the saves"
+    final = state(t._backend)
+    sel = np.isin(final["keys"], group)
+    total = sum(counts) * ACC.nonclk_coeff  # each push: show 1, click 0 -> score 0.25 per key
+    assert np.all(final["base"][sel, 0] == sum(counts))
+    np.testing.assert_array_equal(final["base"][sel, 2] + saved_delta, np.full(group.size, total))
