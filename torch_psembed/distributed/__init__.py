@@ -1,5 +1,33 @@
-"""Sharding tables across torchrun ranks (placeholder until the distributed issue lands)."""
+"""Sharding tables across torchrun ranks with ``torch.distributed.rpc``.
 
-from .runtime import init, is_initialized, shutdown
+``pse.init()`` reads torchrun's environment; ``SparseTable(config, name)`` then splits its rows over the server
+ranks by a mixing hash of the key. See ``docs/distributed.md``.
+"""
 
-__all__ = ["init", "shutdown", "is_initialized"]
+from .runtime import (
+    get_rank,
+    get_world_size,
+    init,
+    is_initialized,
+    is_server,
+    is_trainer,
+    num_servers,
+    num_trainers,
+    shutdown,
+    trainer_group,
+    trainer_rank,
+)
+
+__all__ = [
+    "init",
+    "shutdown",
+    "is_initialized",
+    "trainer_group",
+    "is_trainer",
+    "is_server",
+    "get_rank",
+    "get_world_size",
+    "num_servers",
+    "num_trainers",
+    "trainer_rank",
+]

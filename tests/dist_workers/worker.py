@@ -1,0 +1,274 @@
+"""Job script for tests/test_distributed.py; run under torchrun (or with torchrun's env set by hand).
+
+    python worker.py SCENARIO OUT_JSON [options]
+
+Scenarios:
+  routing  1 trainer + S dedicated servers, max_staleness=0: a sequence of pull/push/shrink/new_day/end_day
+           on the sharded table is compared row for row with a local _C.Table fed the same sequence; also the
+           error paths (table before init, init twice, same name with another config, malformed request).
+  train    logistic regression over hashed features (sparse lr weights in a SparseTable) plus a dense
+           nn.Linear under DistributedDataParallel over pse.distributed.trainer_group(); trainers split the
+           data; the first trainer writes the test AUC. With WORLD_SIZE unset it is the single-process run.
+  fault    colocated training in a loop; the rank given by --kill-rank SIGKILLs itself at step 5. The
+           survivors must fail with PeerUnavailableError naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root
+
+import torch_psembed as pse  # noqa: E402
+from torch_psembed import _C  # noqa: E402
+from torch_psembed.errors import NotInitializedError  # noqa: E402
+
+torch.set_num_threads(1)
+if os.environ.get("PSEMBED_TEST_DUMP_AFTER"):  # debugging aid: stacks of a hung job
+    import faulthandler
+
+    faulthandler.dump_traceback_later(float(os.environ["PSEMBED_TEST_DUMP_AFTER"]), exit=True)
+
+# -- synthetic click log ----------------------------------------------------------------------------------
+FIELDS = 8
+VOCAB = 300
+DENSE = 4
+
+
+def make_data(n: int, seed: int):
+    """Hashed categorical features (Zipf-like per field), dense features, labels from a known logistic model."""
+    rng = np.random.default_rng(1234)  # the true model is fixed
+    w_true = rng.normal(0.0, 1.0, size=(FIELDS, VOCAB))
+    wd_true = rng.normal(0.0, 1.0, size=DENSE)
+    rng = np.random.default_rng(seed)
+    ranks = np.minimum(rng.zipf(1.3, size=(n, FIELDS)) - 1, VOCAB - 1)
+    dense = rng.normal(0.0, 1.0, size=(n, DENSE)).astype(np.float32)
+    logit = w_true[np.arange(FIELDS)[None, :], ranks].sum(1) + dense @ wd_true - 0.5
+    y = (rng.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
+    keys = (np.arange(FIELDS)[None, :].astype(np.int64) << 40) + ranks.astype(np.int64) * 2654435761 + 17
+    return keys.astype(np.int64), dense, y
+
+
+def table_config(dim: int = 4) -> pse.TableConfig:
+    return pse.TableConfig(
+        dim=dim,
+        accessor=pse.CtrAccessorConfig(embedx_threshold=1e9),
+        lr_optimizer=pse.AdaGrad(learning_rate=0.1, initial_range=0.0),
+        mf_optimizer=pse.AdaGrad(learning_rate=0.05, initial_range=1e-3),
+        num_shards=4,
+        num_threads=1,
+    )
+
+
+def auc(y: np.ndarray, p: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, p))
+
+
+def train(args) -> dict:
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    pse.init(max_staleness=args.staleness, num_servers=args.num_servers, rpc_timeout=args.rpc_timeout)
+    # dedicated servers never get here (init serves, then ends the process)
+    table = pse.SparseTable(table_config(), name="feasign")
+    rank = pse.distributed.trainer_rank()
+    ntr = pse.distributed.num_trainers()
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(DENSE, 1)
+    model = dense
+    if distributed:
+        model = torch.nn.parallel.DistributedDataParallel(dense, process_group=pse.distributed.trainer_group())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    keys, x, y = make_data(args.samples, seed=1)
+    batch = args.batch
+    steps = 0
+    for epoch in range(args.epochs):
+        for start in range(0, len(y), batch):
+            sl = slice(start, start + batch)
+            # this trainer's part of the global batch
+            kb, xb, yb = keys[sl][rank::ntr], x[sl][rank::ntr], y[sl][rank::ntr]
+            flat = np.ascontiguousarray(kb.reshape(-1))
+            rows = table.pull(flat)
+            w = rows[:, 0].reshape(kb.shape)
+            logit = w.sum(1) + model(torch.from_numpy(xb)).squeeze(1)
+            yt = torch.from_numpy(yb)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, yt)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                g = (torch.sigmoid(logit) - yt).numpy()
+            grads = np.zeros((flat.shape[0], 1 + table.dim), np.float32)
+            grads[:, 0] = np.repeat(g, FIELDS)
+            table.push(flat, grads, np.ones(flat.shape[0], np.float32), np.repeat(yb, FIELDS).astype(np.float32))
+            steps += 1
+            if args.kill_rank >= 0 and steps == 5 and pse.distributed.get_rank() == args.kill_rank:
+                sys.stdout.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            if args.step_sleep:
+                time.sleep(args.step_sleep)
+    table.flush()
+    kt, xt, yt = make_data(4000, seed=2)
+    w = table.pull(np.ascontiguousarray(kt.reshape(-1)))[:, 0].reshape(kt.shape)
+    with torch.no_grad():
+        p = (w.sum(1) + dense(torch.from_numpy(xt)).squeeze(1)).numpy()
+    stats = table.stats()
+    out = {
+        "rank": pse.distributed.get_rank(),
+        "trainer_rank": rank,
+        "auc": auc(yt, p),
+        "steps": steps,
+        "keys": stats["keys"],
+        "len": len(table),
+        "dense": dense.weight.detach().numpy().ravel().tolist(),
+        "pred_head": p[:8].tolist(),
+    }
+    pse.shutdown()
+    return out
+
+
+def routing(args) -> dict:
+    checks = {}
+    # A table before init in a torchrun job is an error naming init.
+    try:
+        pse.SparseTable(table_config(), name="early")
+        checks["before_init"] = "no error"
+    except NotInitializedError as e:
+        checks["before_init"] = str(e)
+    pse.init(max_staleness=0, num_servers=args.num_servers, rpc_timeout=args.rpc_timeout)
+    try:
+        pse.init(max_staleness=0)
+        checks["init_twice"] = "no error"
+    except RuntimeError as e:
+        checks["init_twice"] = str(e)
+    cfg = table_config(dim=3)
+    table = pse.SparseTable(cfg, name="feasign")
+    local = _C.Table(cfg.to_dict())
+    backend = table._backend
+    try:
+        pse.SparseTable(table_config(dim=5), name="feasign")
+        checks["other_config"] = "no error"
+    except ValueError as e:
+        checks["other_config"] = str(e)
+    pse.SparseTable(cfg, name="feasign")  # same config: fine
+
+    rng = np.random.default_rng(7)
+    universe = rng.integers(-(2**63), 2**63 - 1, size=400, dtype=np.int64)
+    mismatches = []
+
+    def compare(what, a, b):
+        if a.shape != b.shape or not np.array_equal(a, b):
+            mismatches.append(what)
+
+    for step in range(12):
+        keys = universe[rng.integers(0, 400, size=300)]  # with duplicates
+        compare(f"pull {step}", table.pull(keys, with_stats=True).numpy(), local.pull(keys, True))
+        grads = rng.normal(0, 1, size=(300, 4)).astype(np.float32)
+        shows = rng.integers(1, 3, size=300).astype(np.float32)
+        clicks = (rng.random(300) < 0.3).astype(np.float32)
+        slots = rng.integers(0, 5, size=300).astype(np.int32)
+        table.push(keys, grads, shows, clicks, slots)
+        local.push(keys, grads, shows, clicks, slots)
+        if step % 4 == 3:
+            a, b = table.shrink(), local.shrink()
+            if a != b:
+                mismatches.append(f"shrink {step}: {a} != {b}")
+        if step == 5:
+            table.new_day()
+            local.new_day()
+        if step == 8:
+            a, b = table.end_day(3), local.end_day(3)
+            if a != b:
+                mismatches.append(f"end_day: {a} != {b}")
+    compare("final pull", table.pull(universe, with_stats=True).numpy(), local.pull(universe, True))
+    checks["mismatches"] = mismatches
+    checks["len"] = [len(table), len(local)]
+    st, lst = table.stats(), local.stats()
+    checks["stats"] = {k: [st[k], lst[k]] for k in ("keys", "inserts", "deleted", "pull_misses")}
+    checks["day"] = [table.day, local.day]
+    present = [int(k) for k in universe if int(k) in local]
+    checks["contains"] = all(k in table for k in present[:20]) and not (12345 in table)
+    # Each server holds exactly the keys routed to it.
+    owners = _C.route(universe, args.num_servers)
+    per_server = backend.collective(_held_keys, universe)
+    checks["routing"] = all(
+        sorted(per_server[s]) == sorted(int(k) for k, o in zip(universe, owners) if o == s and int(k) in local)
+        for s in range(args.num_servers)
+    )
+    checks["hook"] = [backend.is_sharded, backend.num_servers, backend.trainer_rank, backend.num_trainers]
+    try:
+        backend.collective(_raise_on_server)
+        checks["collective_error"] = "no error"
+    except ValueError as e:
+        checks["collective_error"] = str(e)
+    # A malformed request gets an error back and the server keeps serving.
+    from torch.distributed import rpc
+
+    from torch_psembed.distributed import server
+    from torch_psembed.distributed.rpc_transport import worker_name
+
+    errs = []
+    for bad in [
+        (server.pull, ("feasign", torch.zeros(3, dtype=torch.float32), False)),
+        (server.pull, ("nosuchtable", torch.zeros(3, dtype=torch.int64), False)),
+        (server.push, ("feasign", torch.zeros(2, dtype=torch.int64), torch.zeros(2, 9), torch.ones(2), torch.ones(2))),
+        (server.create_table, ("x", "not a dict")),
+    ]:
+        try:
+            rpc.rpc_sync(worker_name(0), bad[0], args=bad[1], timeout=20)
+            errs.append("no error")
+        except Exception as e:  # noqa: BLE001
+            errs.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    checks["malformed"] = errs
+    compare("pull after malformed", table.pull(universe).numpy(), local.pull(universe, False))
+    checks["mismatches_after"] = mismatches
+    pse.shutdown()
+    try:
+        table.pull(universe[:3])
+        checks["after_shutdown"] = "no error"
+    except NotInitializedError as e:
+        checks["after_shutdown"] = str(e)
+    return checks
+
+
+def _held_keys(table, server_index, num_servers, candidates):
+    return [int(k) for k in candidates if int(k) in table]
+
+
+def _raise_on_server(table, server_index, num_servers):
+    raise ValueError(f"boom on server {server_index}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("scenario", choices=["routing", "train", "fault"])
+    ap.add_argument("out")
+    ap.add_argument("--num-servers", type=int, default=0)
+    ap.add_argument("--staleness", type=int, default=0)
+    ap.add_argument("--rpc-timeout", type=float, default=30.0)
+    ap.add_argument("--samples", type=int, default=12000)
+    ap.add_argument("--batch", type=int, default=400)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--kill-rank", type=int, default=-1)
+    ap.add_argument("--step-sleep", type=float, default=0.0)
+    args = ap.parse_args()
+    if args.scenario == "routing":
+        out = routing(args)
+    else:
+        out = train(args)
+    rank = os.environ.get("RANK", "0")
+    with open(f"{args.out}.{rank}", "w") as f:
+        json.dump(out, f)
+
+
+if __name__ == "__main__":
+    main()

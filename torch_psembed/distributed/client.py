@@ -1,0 +1,331 @@
+"""The trainer side of a sharded table: dedup, route, fan out, reassemble, bounded asynchronous pushes.
+
+:class:`ShardedTable` is the backend ``SparseTable`` forwards to when ``pse.init()`` started several ranks. It
+offers the ``_C.Table`` data-path methods (numpy in, numpy out) plus the collective hook used by checkpoint
+code (``is_sharded``, ``num_servers``, ``trainer_rank``, ``num_trainers``, ``collective``).
+
+Routing: ``_C.route(keys, num_servers)`` (a mixing hash of the key, modulo the number of servers) picks the
+server of each key; the server's table splits its part further into its internal shards.
+
+Staleness: pushes issued after the latest pull form one *step*. Before a pull, the client waits until at most
+``max_staleness`` steps of pushes are still unacknowledged, so with ``max_staleness=k`` the pull of step ``t``
+sees every push of step ``t-k-1`` and earlier. ``max_staleness=0`` also waits for the previous push before
+issuing the next one, so every push is applied, in order, before anything else (deterministic mode).
+At most ``max_inflight`` push requests are outstanding; a push beyond that waits for the oldest.
+
+Thread safety: one ShardedTable is driven by one training thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import pickle
+import time
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .. import _C
+from . import server
+from .transport import Handle, Transport
+
+__all__ = ["ShardedTable"]
+
+_TIMER_NAMES = ("dedup", "rpc_wait", "assembly", "push", "staleness_wait")
+
+
+class ShardedTable:
+    """A table whose rows live on ``transport.num_servers`` servers.
+
+    Args:
+        name (str): the table's name (the same on every rank).
+        config (TableConfig): the table's config; sent to every server, which creates or checks its part.
+        transport (Transport): how to reach the servers.
+        max_staleness (int): steps of pushes a pull may run ahead of (see module docstring).
+        trainer_rank (int), num_trainers (int): this trainer's index and the number of trainers.
+        check_alive (callable): raises NotInitializedError once the runtime is shut down.
+    """
+
+    is_sharded = True
+
+    def __init__(
+        self,
+        name: str,
+        config,
+        transport: Transport,
+        max_staleness: int,
+        trainer_rank: int,
+        num_trainers: int,
+        check_alive: Callable[[], None],
+        max_inflight: Optional[int] = None,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.dim = config.dim
+        self._transport = transport
+        self.num_servers = transport.num_servers
+        self.max_staleness = int(max_staleness)
+        self.trainer_rank = trainer_rank
+        self.num_trainers = num_trainers
+        self._check_alive = check_alive
+        self._nan_raise = config.nan_policy == "raise"
+        # Each entry: the handles of one step's pushes. Written only by the training thread.
+        self._steps: Deque[List[Handle]] = collections.deque()
+        self._step_open = False
+        self._inflight = 0
+        self.max_inflight = max_inflight or max(4, 2 * (self.max_staleness + 1)) * self.num_servers
+        self.timers: Dict[str, float] = dict.fromkeys(_TIMER_NAMES, 0.0)
+        cfg = config.to_dict()
+        handles = [transport.create_table(s, name, cfg) for s in range(self.num_servers)]
+        for h in handles:
+            h.wait()
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    def _split(self, keys: np.ndarray) -> List[Tuple[int, np.ndarray]]:
+        """``(server, positions into keys)`` for each server owning some of ``keys`` (keys already unique)."""
+        if self.num_servers == 1:
+            return [(0, None)]
+        owners = _C.route(keys, self.num_servers)
+        order = np.argsort(owners, kind="stable")
+        counts = np.bincount(owners, minlength=self.num_servers)
+        out = []
+        start = 0
+        for s in range(self.num_servers):
+            n = int(counts[s])
+            if n:
+                out.append((s, order[start : start + n]))
+            start += n
+        return out
+
+    def _wait_steps(self, keep: int) -> None:
+        """Wait until at most ``keep`` steps of pushes are unacknowledged."""
+        while len(self._steps) > keep:
+            step = self._steps.popleft()
+            try:
+                for h in step:
+                    h.wait()
+            finally:
+                self._inflight -= len(step)
+
+    def _wait_oldest_push(self) -> None:
+        step = self._steps[0]
+        h = step.pop(0)
+        self._inflight -= 1
+        if not step:
+            self._steps.popleft()
+        h.wait()
+
+    # -- data path ----------------------------------------------------------------------------------------
+    def pull(self, keys: np.ndarray, with_stats: bool = False) -> np.ndarray:
+        self._check_alive()
+        t0 = time.perf_counter()
+        self._wait_steps(self.max_staleness)
+        self._step_open = False
+        t1 = time.perf_counter()
+        width = 1 + self.dim + (2 if with_stats else 0)
+        n = keys.shape[0]
+        if n == 0:
+            return np.zeros((0, width), np.float32)
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        parts = self._split(uniq)
+        t2 = time.perf_counter()
+        local = None
+        handles = []
+        for s, pos in parts:
+            k = uniq if pos is None else uniq[pos]
+            if s == self._transport.local_server:
+                local = (s, pos, k)
+                continue
+            handles.append((pos, self._transport.pull(s, self.name, k, with_stats)))
+        rows = np.empty((uniq.shape[0], width), np.float32)
+        t_local = 0.0
+        if local is not None:
+            tl = time.perf_counter()
+            r = self._transport.pull(local[0], self.name, local[2], with_stats).wait()
+            if local[1] is None:
+                rows = r
+            else:
+                rows[local[1]] = r
+            t_local = time.perf_counter() - tl
+        t3 = time.perf_counter()
+        wait_time = 0.0
+        for pos, h in handles:
+            tw = time.perf_counter()
+            r = h.wait()
+            wait_time += time.perf_counter() - tw
+            if pos is None:
+                rows = r
+            else:
+                rows[pos] = r
+        out = rows[inverse.reshape(-1)]
+        t4 = time.perf_counter()
+        tm = self.timers
+        tm["staleness_wait"] += t1 - t0
+        tm["dedup"] += t2 - t1
+        tm["rpc_wait"] += wait_time
+        tm["assembly"] += (t4 - t2) - wait_time - t_local
+        tm["local_pull"] = tm.get("local_pull", 0.0) + t_local
+        del t3
+        return out
+
+    def _check_push(self, keys, grads, shows, clicks, slots) -> None:
+        n = keys.shape[0]
+        if grads.ndim != 2 or grads.shape[0] != n or grads.shape[1] != 1 + self.dim:
+            raise ValueError(f"grads must have shape ({n}, {1 + self.dim}), got {tuple(grads.shape)}")
+        for name, a in (("shows", shows), ("clicks", clicks)):
+            if a.shape != (n,):
+                raise ValueError(f"{name} must have shape ({n},), got {tuple(a.shape)}")
+            if not np.isfinite(a).all():
+                raise ValueError(f"{name} must be finite (no NaN/Inf)")
+            if (a < 0).any():
+                raise ValueError(f"{name} must be >= 0, got a negative value")
+        if slots is not None and slots.shape != (n,):
+            raise ValueError(f"slots must have shape ({n},), got {tuple(slots.shape)}")
+
+    def push(self, keys, grads, shows, clicks, slots=None) -> int:
+        self._check_alive()
+        t0 = time.perf_counter()
+        self._check_push(keys, grads, shows, clicks, slots)
+        n = keys.shape[0]
+        bad = ~np.isfinite(grads).all(axis=1)
+        skipped = int(bad.sum())
+        if skipped and self._nan_raise:
+            row = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"grads has a NaN/Inf value in row {row} (nan_policy='raise')")
+        if n == 0:
+            return 0
+        if self.max_staleness == 0:
+            self._wait_steps(0)
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        u = uniq.shape[0]
+        if u == n:
+            # no duplicates: a permutation
+            order = np.empty(n, np.int64)
+            order[inverse] = np.arange(n)
+            g = grads[order]
+            s_m = shows[order]
+            c_m = clicks[order]
+            sl_m = None if slots is None else slots[order]
+        else:
+            inv_t = torch.from_numpy(inverse)
+            g = torch.zeros((u, grads.shape[1]), dtype=torch.float32)
+            g.index_add_(0, inv_t, torch.from_numpy(grads))
+            g = g.numpy()
+            s_m = np.bincount(inverse, weights=shows, minlength=u).astype(np.float32)
+            c_m = np.bincount(inverse, weights=clicks, minlength=u).astype(np.float32)
+            sl_m = None
+            if slots is not None:
+                sl_m = np.empty(u, np.int32)
+                sl_m[inverse] = slots  # the last occurrence wins
+        if not self._step_open:
+            self._steps.append([])
+            self._step_open = True
+        step = self._steps[-1]
+        for s, pos in self._split(uniq):
+            while self._inflight >= self.max_inflight and self._steps and self._steps[0] is not step:
+                self._wait_oldest_push()
+            if pos is None:
+                args = (uniq, g, s_m, c_m, sl_m)
+            else:
+                args = (
+                    uniq[pos],
+                    np.ascontiguousarray(g[pos]),
+                    s_m[pos],
+                    c_m[pos],
+                    None if sl_m is None else sl_m[pos],
+                )
+            step.append(self._transport.push(s, self.name, *args))
+            self._inflight += 1
+        if self.max_staleness == 0:
+            self._wait_steps(0)
+        self.timers["push"] += time.perf_counter() - t0
+        return skipped
+
+    def flush(self) -> None:
+        """Wait until every push issued by this trainer has been applied."""
+        self._wait_steps(0)
+
+    # -- table-wide ---------------------------------------------------------------------------------------
+    def collective(self, fn: Callable, *args: Any) -> List[Any]:
+        """Run ``fn(local_c_table, server_index, num_servers, *args)`` once on every server; collective.
+
+        Every trainer must call it. Barrier over trainers, flush of every trainer's pushes, the first
+        trainer runs ``fn`` on every server, then every trainer returns the same list (server order). An
+        error raised by ``fn`` is raised on every trainer.
+        """
+        self._check_alive()
+        self.flush()
+        self._transport.trainer_barrier()
+        payload = None
+        if self.trainer_rank == 0:
+            try:
+                payload = ("ok", self._transport.call_all(self.name, fn, args))
+            except Exception as e:  # noqa: BLE001 - sent to every trainer
+                if _is_peer_error(e):
+                    raise
+                payload = ("error", _picklable(e))
+        payload = self._transport.broadcast_from_first_trainer(payload)
+        self._transport.trainer_barrier()
+        if payload is None:
+            raise RuntimeError(f"collective on table {self.name!r}: the first trainer sent no result")
+        kind, value = payload
+        if kind == "error":
+            raise value
+        return value
+
+    def shrink(self) -> int:
+        return int(sum(self.collective(server.op_shrink)))
+
+    def new_day(self) -> None:
+        self.collective(server.op_new_day)
+
+    def end_day(self, day: int) -> int:
+        return int(sum(self.collective(server.op_end_day, int(day))))
+
+    @property
+    def day(self) -> int:
+        self._check_alive()
+        return int(self._transport.call(0, self.name, server.op_get_day).wait())
+
+    def stats(self) -> Dict[str, Any]:
+        """Global totals (sum over servers); not collective."""
+        self._check_alive()
+        total: Dict[str, Any] = {}
+        for st in self._transport.call_all(self.name, server.op_stats):
+            for k, v in st.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    total[k] = total.get(k, 0) + v
+                else:
+                    total.setdefault(k, v)
+        return total
+
+    def __len__(self) -> int:
+        self._check_alive()
+        return int(sum(self._transport.call_all(self.name, server.op_len)))
+
+    def __contains__(self, key: int) -> bool:
+        self._check_alive()
+        key = int(key)
+        if key >= 2**63:  # a uint64 feasign: same bits as int64
+            key -= 2**64
+        owner = int(_C.route(np.array([key], dtype=np.int64), self.num_servers)[0])
+        return bool(self._transport.call(owner, self.name, server.op_contains, (int(key),)).wait())
+
+    def reset_timers(self) -> None:
+        self.timers = dict.fromkeys(_TIMER_NAMES, 0.0)
+
+
+def _picklable(e: BaseException) -> BaseException:
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(e).__name__}: {e}")
+
+
+def _is_peer_error(e: BaseException) -> bool:
+    from ..errors import PeerUnavailableError
+
+    return isinstance(e, PeerUnavailableError)

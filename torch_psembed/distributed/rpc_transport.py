@@ -1,0 +1,220 @@
+"""The :class:`~.transport.Transport` over ``torch.distributed.rpc`` (TensorPipe), plus gloo for barriers.
+
+Arrays cross as CPU tensors (TensorPipe ships tensor storage without pickling it). The server in this process
+(colocated layout) is called directly, without RPC. Each RPC carries ``rpc_timeout``; a failure to reach the
+peer becomes :class:`~torch_psembed.errors.PeerUnavailableError` naming its rank, while an exception raised by
+the server code is re-raised with its own type.
+"""
+
+from __future__ import annotations
+
+import ast
+import datetime
+import re
+from typing import Any, Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed import rpc
+
+from ..errors import PeerUnavailableError
+from . import server
+from .transport import DoneHandle, Handle, Transport
+
+__all__ = ["RpcTransport", "worker_name"]
+
+
+def worker_name(rank: int) -> str:
+    return f"psembed{rank}"
+
+
+# TensorPipe/RPC phrases of a transport failure (as opposed to an exception raised by the remote function,
+# which RPC re-raises with its own type and an "On WorkerInfo(...)" prefix).
+_TRANSPORT_FAILURE = re.compile(
+    r"timeout|timed out|ran for more than|connection|pipe|EOF|eof|reset by peer|refused|closed|unreachable|"
+    r"shut ?down|Broken|ECONN|unknown destination|unavailable",
+    re.IGNORECASE,
+)
+
+
+def is_transport_failure(exc: BaseException) -> bool:
+    """True when ``exc`` means the peer could not be reached (not an error raised by the server code)."""
+    if isinstance(exc, PeerUnavailableError):
+        return True
+    if type(exc) is not RuntimeError:
+        return False
+    msg = str(exc)
+    if "On WorkerInfo(" in msg:  # the remote function raised
+        return False
+    return bool(_TRANSPORT_FAILURE.search(msg))
+
+
+_REMOTE_HEAD = re.compile(r"^On WorkerInfo\(id=(\d+)[^)]*\):\n\w+(?:\.\w+)*\((.*?)\)\nTraceback", re.S)
+
+
+def _concise_remote_error(e: BaseException, rank: int) -> BaseException:
+    """The server's exception, same type, without RPC's remote-traceback wrapping: "<message> (rank r)"."""
+    m = _REMOTE_HEAD.search(str(e))
+    if m is None:
+        return e
+    try:
+        inner = ast.literal_eval(m.group(2))
+    except (ValueError, SyntaxError):
+        return e
+    if not isinstance(inner, str):
+        return e
+    try:
+        return type(e)(f"{inner} (raised by rank {rank})")
+    except Exception:  # noqa: BLE001 - a type that does not take one message
+        return e
+
+
+class _RpcHandle(Handle):
+    __slots__ = ("_fut", "_rank", "_what", "_on_failure", "_convert")
+
+    def __init__(self, fut, rank: int, what: str, on_failure: Callable, convert: Optional[Callable] = None):
+        self._fut = fut
+        self._rank = rank
+        self._what = what
+        self._on_failure = on_failure
+        self._convert = convert
+
+    def wait(self) -> Any:
+        try:
+            value = self._fut.wait()
+        except Exception as e:  # noqa: BLE001 - re-raised with the peer named
+            if is_transport_failure(e):
+                raise self._on_failure(self._rank, self._what, e) from e
+            raise _concise_remote_error(e, self._rank) from None
+        return self._convert(value) if self._convert is not None else value
+
+    def done(self) -> bool:
+        return self._fut.done()
+
+
+def _tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.numpy()
+
+
+def _run_local(fn: Callable, *args) -> DoneHandle:
+    try:
+        return DoneHandle(fn(*args))
+    except Exception as e:  # noqa: BLE001 - delivered through wait(), like a remote error
+        return DoneHandle(error=e)
+
+
+class RpcTransport(Transport):
+    """Transport over an initialised RPC agent.
+
+    Args:
+        server_ranks (list of int): global rank of each server, in server order.
+        trainer_ranks (list of int): global rank of each trainer, in trainer order.
+        rank (int): this process's global rank.
+        rpc_timeout (float): seconds per call.
+        trainer_group: the gloo process group of the trainers (barriers and broadcasts).
+        on_failure: ``on_failure(rank, what, exc) -> Exception`` builds the error for an unreachable peer.
+    """
+
+    def __init__(
+        self,
+        server_ranks: List[int],
+        trainer_ranks: List[int],
+        rank: int,
+        rpc_timeout: float,
+        trainer_group,
+        on_failure: Callable,
+    ) -> None:
+        self.server_ranks = list(server_ranks)
+        self.trainer_ranks = list(trainer_ranks)
+        self.rank = rank
+        self.num_servers = len(self.server_ranks)
+        self.local_server = self.server_ranks.index(rank) if rank in self.server_ranks else None
+        self.rpc_timeout = float(rpc_timeout)
+        self.trainer_group = trainer_group
+        self._on_failure = on_failure
+        self._names = [worker_name(r) for r in self.server_ranks]
+
+    def server_rank(self, server: int) -> int:
+        return self.server_ranks[server]
+
+    def _async(self, server: int, what: str, fn: Callable, args: tuple, convert=None) -> Handle:
+        rank = self.server_ranks[server]
+        try:
+            fut = rpc.rpc_async(self._names[server], fn, args=args, timeout=self.rpc_timeout)
+        except Exception as e:  # noqa: BLE001
+            if is_transport_failure(e):
+                raise self._on_failure(rank, what, e) from e
+            raise
+        return _RpcHandle(fut, rank, what, self._on_failure, convert)
+
+    # -- data path ----------------------------------------------------------------------------------------
+    def pull(self, server: int, table: str, keys: np.ndarray, with_stats: bool) -> Handle:
+        if server == self.local_server:
+            return _run_local(lambda: server_pull_numpy(table, keys, with_stats))
+        return self._async(
+            server, f"pull of table {table!r}", server_mod.pull, (table, torch.from_numpy(keys), with_stats),
+            _tensor_to_numpy,
+        )
+
+    def push(self, server, table, keys, grads, shows, clicks, slots) -> Handle:
+        if server == self.local_server:
+            return _run_local(server_mod.push, table, keys, grads, shows, clicks, slots)
+        args = (
+            table,
+            torch.from_numpy(keys),
+            torch.from_numpy(grads),
+            torch.from_numpy(shows),
+            torch.from_numpy(clicks),
+            None if slots is None else torch.from_numpy(slots),
+        )
+        return self._async(server, f"push to table {table!r}", server_mod.push, args)
+
+    # -- control ------------------------------------------------------------------------------------------
+    def call(self, server: int, table: str, fn: Callable, args: Sequence[Any] = ()) -> Handle:
+        if server == self.local_server:
+            return _run_local(server_mod.call, table, fn, tuple(args))
+        return self._async(server, f"call {getattr(fn, '__name__', fn)!s} on table {table!r}", server_mod.call,
+                           (table, fn, tuple(args)))
+
+    def create_table(self, server: int, table: str, config: dict) -> Handle:
+        if server == self.local_server:
+            return _run_local(server_mod.create_table, table, config)
+        return self._async(server, f"create table {table!r}", server_mod.create_table, (table, config))
+
+    def trainer_barrier(self) -> None:
+        barrier(self.trainer_group, self.rpc_timeout, self._on_failure, "trainer barrier")
+
+    def broadcast_from_first_trainer(self, obj: Any) -> Any:
+        box = [obj]
+        try:
+            dist.broadcast_object_list(box, src=self.trainer_ranks[0], group=self.trainer_group)
+        except Exception as e:  # noqa: BLE001
+            raise self._on_failure(self.trainer_ranks[0], "broadcast from the first trainer", e) from e
+        return box[0]
+
+
+server_mod = server
+
+
+def server_pull_numpy(table: str, keys: np.ndarray, with_stats: bool) -> np.ndarray:
+    return server.local_table(table).pull(keys, bool(with_stats))
+
+
+_FAILED_RANK = re.compile(r"[Rr]anks? ([0-9][0-9, ]*) failed")
+
+
+def barrier(group, timeout_s: float, on_failure: Callable, what: str) -> None:
+    """A gloo barrier over ``group`` that times out after ``timeout_s`` and names the rank that failed."""
+    try:
+        dist.monitored_barrier(group=group, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except Exception as e:  # noqa: BLE001
+        m = _FAILED_RANK.search(str(e))
+        rank = int(m.group(1).split(",")[0]) if m else -1
+        if m and group is not None and group is not dist.group.WORLD:
+            # monitored_barrier reports ranks within the group
+            try:
+                rank = dist.get_global_rank(group, rank)
+            except Exception:  # noqa: BLE001
+                pass
+        raise on_failure(rank, what, e) from e

@@ -1,0 +1,117 @@
+"""The one interface between the sharded-table client and the servers that own the shards.
+
+The client (``client.py``) only ever talks to servers through a :class:`Transport`: pull, push and control
+calls addressed to a *server index* in ``[0, num_servers)``. ``rpc_transport.py`` implements it over
+``torch.distributed.rpc``; a collective (all-to-all) transport can be added later without touching the client,
+the table or the server.
+
+Every asynchronous call returns a :class:`Handle`; ``Handle.wait()`` returns the result or raises. A transport
+failure (the peer died, or did not answer within ``rpc_timeout``) is raised as
+:class:`~torch_psembed.errors.PeerUnavailableError` naming the peer's rank; an error raised by the server-side
+code (bad input, unknown table) keeps its own type.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable, List, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["Handle", "DoneHandle", "Transport"]
+
+
+class Handle(abc.ABC):
+    """A pending result of an asynchronous transport call."""
+
+    @abc.abstractmethod
+    def wait(self) -> Any:
+        """Block until the call completes; return its result or raise its error."""
+
+    @abc.abstractmethod
+    def done(self) -> bool:
+        """True once ``wait()`` would not block."""
+
+
+class DoneHandle(Handle):
+    """A handle for a call that already ran in this process (the local shard)."""
+
+    __slots__ = ("_value", "_error")
+
+    def __init__(self, value: Any = None, error: Optional[BaseException] = None) -> None:
+        self._value = value
+        self._error = error
+
+    def wait(self) -> Any:
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def done(self) -> bool:
+        return True
+
+
+class Transport(abc.ABC):
+    """Routes table calls to server indices.
+
+    Attributes:
+        num_servers (int): how many servers hold shards of every table.
+        local_server (int or None): the index of the server living in this process (colocated layout), or None.
+        rpc_timeout (float): seconds a call may take before its peer counts as unavailable.
+    """
+
+    num_servers: int
+    local_server: Optional[int]
+    rpc_timeout: float
+
+    @abc.abstractmethod
+    def server_rank(self, server: int) -> int:
+        """The global rank of server ``server`` (for error messages)."""
+
+    # -- data path ----------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def pull(self, server: int, table: str, keys: np.ndarray, with_stats: bool) -> Handle:
+        """Rows of ``keys`` (all owned by ``server``) as a float32 array; never inserts."""
+
+    @abc.abstractmethod
+    def push(
+        self,
+        server: int,
+        table: str,
+        keys: np.ndarray,
+        grads: np.ndarray,
+        shows: np.ndarray,
+        clicks: np.ndarray,
+        slots: Optional[np.ndarray],
+    ) -> Handle:
+        """Apply merged gradients on ``server``; the handle's value is the number of rows skipped."""
+
+    # -- control ------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def call(self, server: int, table: str, fn: Callable, args: Sequence[Any] = ()) -> Handle:
+        """Run ``fn(local_table, server, num_servers, *args)`` on ``server``; ``fn`` is a module-level function."""
+
+    @abc.abstractmethod
+    def create_table(self, server: int, table: str, config: dict) -> Handle:
+        """Create ``table`` on ``server`` from ``config`` (a ``TableConfig.to_dict()``), or check it matches."""
+
+    @abc.abstractmethod
+    def trainer_barrier(self) -> None:
+        """Block until every trainer reached this barrier; times out after ``rpc_timeout``."""
+
+    @abc.abstractmethod
+    def broadcast_from_first_trainer(self, obj: Any) -> Any:
+        """Every trainer returns the object the first trainer passed (others pass None)."""
+
+    def call_all(self, table: str, fn: Callable, args: Sequence[Any] = ()) -> List[Any]:
+        """``call`` on every server concurrently; the results in server order."""
+        handles = [self.call(s, table, fn, args) for s in range(self.num_servers) if s != self.local_server]
+        local = None
+        if self.local_server is not None:
+            local = self.call(self.local_server, table, fn, args)
+        results = []
+        it = iter(handles)
+        for s in range(self.num_servers):
+            h = local if s == self.local_server else next(it)
+            results.append(h.wait())
+        return results
