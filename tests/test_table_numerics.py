@@ -224,7 +224,8 @@ def test_mix64_and_route_match_reference():
     got = _C.mix64(keys)
     np.testing.assert_array_equal(np.asarray(got).view(np.uint64), mix64(keys))
     for parts in (1, 3, 8):
-        np.testing.assert_array_equal(np.asarray(_C.route(keys, parts)), (mix64(keys) % np.uint64(parts)).astype(np.int32))
+        expected = (mix64(keys) % np.uint64(parts)).astype(np.int32)
+        np.testing.assert_array_equal(np.asarray(_C.route(keys, parts)), expected)
 
 
 # ----------------------------------------------------------------------------------------------------------
