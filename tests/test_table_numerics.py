@@ -640,3 +640,47 @@ def test_admission_matches_documented_generator():
         n = len(keys)
         ref.push(keys, np.zeros((n, 3), np.float32), np.full(n, 2.0, np.float32), np.zeros(n, np.float32))
         np.testing.assert_array_equal(_admitted(t, keys), np.array([int(k) in ref for k in keys]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bigger batches through the parallel path; NaN rows under nan_policy="skip"
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_large_batches_parallel_path(num_threads):
+    cfg = TableConfig(dim=8, accessor=_accessor(embedx_threshold=1.0), lr_optimizer=_rule("adagrad", "lr"),
+                      mf_optimizer=_rule("adam", "mf"), seed=123, num_shards=16, num_threads=num_threads)
+    table, ref = _pair(cfg)
+    rng = np.random.default_rng(77)
+    universe = _universe(rng, 800)
+    for step in range(3):
+        n = 3000
+        keys = universe[rng.integers(0, len(universe), n)]
+        shows = rng.integers(0, 3, n)
+        _push_both(table, ref, keys, rng.standard_normal((n, 9)) * 2.0, shows, rng.binomial(shows, 0.3),
+                   rng.integers(0, 9, n))
+        assert_match(table, ref, universe[:200], f"step {step}")
+    assert _shrink_both(table, ref) > 0
+    assert_match(table, ref, universe[:200], "after shrink")
+
+
+def test_nan_rows_skipped_match_reference_without_them():
+    cfg = TableConfig(dim=3, accessor=_accessor(embedx_threshold=0.0), lr_optimizer=_rule("std_adagrad", "lr"),
+                      mf_optimizer=_rule("ftrl", "mf"), seed=4, num_shards=4, nan_policy="skip")
+    table, ref = _pair(cfg)
+    rng = np.random.default_rng(8)
+    n = 200
+    keys = rng.integers(0, 50, n).astype(np.int64)
+    grads = (rng.standard_normal((n, 4)) * 2).astype(np.float32)
+    bad = rng.random(n) < 0.1
+    grads[bad, rng.integers(0, 4, n)[bad]] = np.array([np.nan, np.inf, -np.inf])[rng.integers(0, 3, int(bad.sum()))]
+    shows = rng.integers(0, 4, n).astype(np.float32)
+    clicks = np.zeros(n, np.float32)
+    slots = np.zeros(n, np.int32)
+    skipped = table.push(keys, grads, shows, clicks, slots)
+    assert skipped == int(bad.sum()) > 0
+    assert table.stats()["rejected"] == skipped
+    good = ~bad
+    ref.push(keys[good], grads[good], shows[good], clicks[good], slots[good])
+    assert_match(table, ref, np.arange(50))
