@@ -166,7 +166,8 @@ def _srv_abort(local, index, num, path, save_id):
 
 
 def _remove_stale(path: str, keep: Optional[str], save_id: str) -> None:
-    """Delete data directories the manifest no longer names, and this save's temporary directory."""
+    """Delete what the manifest does not name: older ``data-*`` directories and the temporary directories
+    of saves that were killed (one directory takes one save at a time)."""
     try:
         with open(os.path.join(path, F.MANIFEST), "rb") as f:
             current = json.loads(f.read()).get("data_dir")
@@ -174,8 +175,13 @@ def _remove_stale(path: str, keep: Optional[str], save_id: str) -> None:
         current = keep
     for name in os.listdir(path):
         full = os.path.join(path, name)
-        if name == ".tmp-" + save_id or (name.startswith("data-") and name != current):
+        if name.startswith(".tmp-") or (name.startswith("data-") and name != current):
             shutil.rmtree(full, ignore_errors=True)
+        elif name == F.MANIFEST + ".tmp":
+            try:
+                os.remove(full)
+            except OSError:
+                pass
 
 
 def _srv_stage_load(local, index, num, path, m):
