@@ -90,6 +90,7 @@ void SparseTable::Push(const uint64_t* keys, size_t n, const float* grads, const
   }
   Partition part;
   PartitionKeys(keys, n, skip, &part);
+  ReaderMutexLock gate(&gate_);
   const size_t gw = 1 + static_cast<size_t>(layout().dim());
   RunShards(n, [&](size_t s) {
     const uint32_t b = part.begin[s], e = part.begin[s + 1];
@@ -139,6 +140,7 @@ void SparseTable::Push(const uint64_t* keys, size_t n, const float* grads, const
 }
 
 size_t SparseTable::DecayAndDeleteAll(double factor, uint32_t add_unseen) {
+  ReaderMutexLock gate(&gate_);
   std::vector<std::vector<uint64_t>> deleted(shards_.size());
   pool_->ParallelFor(shards_.size(), [&](size_t s) { shards_[s]->DecayAndDelete(factor, add_unseen, &deleted[s]); });
   size_t total = 0;
@@ -153,6 +155,7 @@ size_t SparseTable::DecayAndDeleteAll(double factor, uint32_t add_unseen) {
 size_t SparseTable::Shrink() { return DecayAndDeleteAll(options().accessor.show_click_decay_rate, 0); }
 
 void SparseTable::NewDay() {
+  ReaderMutexLock gate(&gate_);
   pool_->ParallelFor(shards_.size(), [&](size_t s) { shards_[s]->NewDay(); });
 }
 
@@ -224,7 +227,9 @@ void SparseTable::Export(ExportMode mode, uint32_t buckets, int64_t bucket, Expo
   std::vector<uint8_t> has_mf;
   std::vector<float> mf;
   std::vector<uint64_t> mf_of;  // position in `mf` (in rows) of entry i, if has_mf
-  // One consistent moment: every shard lock (ascending), then the tombstones.
+  // One consistent moment: no mutating call in flight (gate_), every shard lock (ascending), then
+  // the tombstones. Pulls may still read rows meanwhile.
+  WriterMutexLock gate(&gate_);
   for (auto& shard : shards_) shard->mu()->Lock();
   for (auto& shard : shards_) {
     shard->ForEachLocked([&](uint64_t key, const RowHeader& h, const float* m) {
@@ -294,6 +299,7 @@ void SparseTable::Export(ExportMode mode, uint32_t buckets, int64_t bucket, Expo
 void SparseTable::CommitSave(ExportMode mode, const uint64_t* keys, const float* delta_scores, size_t n,
                              size_t tombstones) {
   if (mode != ExportMode::kBase && mode != ExportMode::kDelta) return;
+  ReaderMutexLock gate(&gate_);
   const uint32_t num_shards = static_cast<uint32_t>(shards_.size());
   for (size_t i = 0; i < n; ++i) {
     const uint64_t h = TableHash(keys[i]);
@@ -313,6 +319,7 @@ void SparseTable::LoadRows(const uint64_t* keys, size_t n, const float* base, co
   const size_t bw = lay.base_export_width();
   const size_t mw = lay.mf_width();
   const uint32_t num_shards = static_cast<uint32_t>(shards_.size());
+  ReaderMutexLock gate(&gate_);
   size_t m = 0;
   for (size_t i = 0; i < n; ++i) {
     const uint64_t h = TableHash(keys[i]);
@@ -325,6 +332,7 @@ void SparseTable::LoadRows(const uint64_t* keys, size_t n, const float* base, co
 size_t SparseTable::Erase(const uint64_t* keys, size_t n) {
   const uint32_t num_shards = static_cast<uint32_t>(shards_.size());
   size_t erased = 0;
+  ReaderMutexLock gate(&gate_);
   for (size_t i = 0; i < n; ++i) {
     const uint64_t h = TableHash(keys[i]);
     erased += shards_[ShardOf(h, num_shards)]->Erase(keys[i], h) ? 1 : 0;
@@ -333,6 +341,7 @@ size_t SparseTable::Erase(const uint64_t* keys, size_t n) {
 }
 
 void SparseTable::Clear() {
+  ReaderMutexLock gate(&gate_);
   for (auto& shard : shards_) shard->Clear();
   MutexLock l(&tomb_mu_);
   tombstones_.clear();

@@ -6,10 +6,13 @@
 //
 // Thread safety: every method may be called from many threads at once. Pull/Push bucket the keys by
 // shard (a stable counting sort on TableHash) and run one task per non-empty shard on the pool;
-// each task holds only its shard's mutex. Export locks all shards in index order, then the
-// tombstone mutex, so its snapshot is one moment of the whole table: a concurrent push lands wholly
-// before or wholly after it (a push applies each shard's part under that shard's lock, and export
-// holds every shard lock at once). Lock order: day_mu_ -> shard mutexes (ascending) -> tomb_mu_.
+// each task holds only its shard's mutex, so a pull racing a push sees each row wholly before or
+// wholly after it. Every mutating call (push, shrink, new_day, end_day, commit_save, load_rows,
+// erase, clear) also holds gate_ in shared mode for its whole duration, and export holds gate_
+// exclusively (plus every shard lock in index order, then the tombstone mutex), so an export is one
+// moment of the whole table: a concurrent push lands wholly before or wholly after it even though
+// the push spans many shards. Pulls do not take gate_ (they change no row).
+// Lock order: day_mu_ -> gate_ -> shard mutexes (ascending) -> tomb_mu_.
 //
 // Row semantics: see CtrAccessor.
 
@@ -114,6 +117,8 @@ class SparseTable {
   CtrAccessor accessor_;  // immutable after construction
   std::vector<std::unique_ptr<Shard>> shards_;  // immutable vector; each shard locks itself
   std::unique_ptr<ThreadPool> pool_;
+
+  SharedMutex gate_;  // shared: mutating calls; exclusive: export (see the thread-safety note)
 
   Mutex day_mu_;
   int64_t day_ GUARDED_BY(day_mu_) = -1;

@@ -7,6 +7,7 @@
 #ifndef PSEMBED_UTIL_MUTEX_H_
 #define PSEMBED_UTIL_MUTEX_H_
 
+#include <condition_variable>
 #include <mutex>
 
 #if defined(__clang__)
@@ -50,6 +51,70 @@ class SCOPED_CAPABILITY MutexLock {
 
  private:
   Mutex* const mu_;
+};
+
+// A writer-preferring reader/writer lock. Many holders in shared mode, or one in exclusive mode; a
+// waiting writer blocks new readers, so a stream of overlapping readers cannot starve it (glibc's
+// default rwlock prefers readers). Not reentrant: a thread holding it in shared mode must not take it
+// again (a waiting writer would deadlock them both).
+class CAPABILITY("shared_mutex") SharedMutex {
+ public:
+  SharedMutex() = default;
+  SharedMutex(const SharedMutex&) = delete;
+  SharedMutex& operator=(const SharedMutex&) = delete;
+
+  void LockShared() PSEMBED_THREAD_ANNOTATION(acquire_shared_capability()) {
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait(l, [this] { return !writer_ && writers_waiting_ == 0; });
+    ++readers_;
+  }
+  void UnlockShared() PSEMBED_THREAD_ANNOTATION(release_shared_capability()) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (--readers_ == 0 && writers_waiting_ > 0) cv_.notify_all();
+  }
+  void Lock() ACQUIRE() {
+    std::unique_lock<std::mutex> l(mu_);
+    ++writers_waiting_;
+    cv_.wait(l, [this] { return !writer_ && readers_ == 0; });
+    --writers_waiting_;
+    writer_ = true;
+  }
+  void Unlock() RELEASE() {
+    std::lock_guard<std::mutex> l(mu_);
+    writer_ = false;
+    cv_.notify_all();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int readers_ = 0;          // guarded by mu_
+  int writers_waiting_ = 0;  // guarded by mu_
+  bool writer_ = false;      // guarded by mu_
+};
+
+class SCOPED_CAPABILITY ReaderMutexLock {
+ public:
+  explicit ReaderMutexLock(SharedMutex* mu) PSEMBED_THREAD_ANNOTATION(acquire_shared_capability(mu)) : mu_(mu) {
+    mu_->LockShared();
+  }
+  ~ReaderMutexLock() RELEASE() { mu_->UnlockShared(); }
+  ReaderMutexLock(const ReaderMutexLock&) = delete;
+  ReaderMutexLock& operator=(const ReaderMutexLock&) = delete;
+
+ private:
+  SharedMutex* const mu_;
+};
+
+class SCOPED_CAPABILITY WriterMutexLock {
+ public:
+  explicit WriterMutexLock(SharedMutex* mu) ACQUIRE(mu) : mu_(mu) { mu_->Lock(); }
+  ~WriterMutexLock() RELEASE() { mu_->Unlock(); }
+  WriterMutexLock(const WriterMutexLock&) = delete;
+  WriterMutexLock& operator=(const WriterMutexLock&) = delete;
+
+ private:
+  SharedMutex* const mu_;
 };
 
 }  // namespace psembed

@@ -1,0 +1,85 @@
+// Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
+//
+// HashIndex against std::unordered_map under random insert/erase/update churn (backward-shift
+// deletion must keep every remaining key reachable), plus the out-of-line key 0.
+
+#include "table/row_store/hash_index.h"
+
+#include <random>
+#include <unordered_map>
+#include <vector>
+
+#include "table/row_store/slab_pool.h"
+#include "util/testharness.h"
+
+namespace psembed {
+namespace {
+
+void TestChurnAgainstStdMap() {
+  HashIndex index;
+  std::unordered_map<uint64_t, uint32_t> ref;
+  std::mt19937_64 rng(7);
+  for (int step = 0; step < 200000; ++step) {
+    // Small key space so that clusters form and erase shifts entries.
+    const uint64_t key = rng() % 3000 == 0 ? 0 : (rng() % 5000) * 0x10001ULL;
+    const uint64_t h = TableHash(key);
+    const int op = static_cast<int>(rng() % 3);
+    auto it = ref.find(key);
+    if (op == 0) {
+      if (it == ref.end()) {
+        index.Insert(key, h, static_cast<uint32_t>(step));
+        ref[key] = static_cast<uint32_t>(step);
+      } else {
+        CHECK(index.Update(key, h, static_cast<uint32_t>(step)));
+        it->second = static_cast<uint32_t>(step);
+      }
+    } else if (op == 1) {
+      const uint32_t v = index.Erase(key, h);
+      if (it == ref.end()) {
+        CHECK_EQ(v, HashIndex::kNotFound);
+      } else {
+        CHECK_EQ(v, it->second);
+        ref.erase(it);
+      }
+    } else {
+      const uint32_t v = index.Find(key, h);
+      CHECK_EQ(v, it == ref.end() ? HashIndex::kNotFound : it->second);
+    }
+    CHECK_EQ(index.size(), ref.size());
+  }
+  size_t seen = 0;
+  index.ForEach([&](uint64_t k, uint32_t v) {
+    CHECK_EQ(ref.at(k), v);
+    ++seen;
+  });
+  CHECK_EQ(seen, ref.size());
+  CHECK(index.bytes() == index.capacity() * 12);
+  CHECK_LE(index.size() * 5, index.capacity() * 4);
+  index.Clear();
+  CHECK_EQ(index.size(), 0u);
+  CHECK_EQ(index.Find(5, TableHash(5)), HashIndex::kNotFound);
+}
+
+void TestSlabPoolReusesFreedRecords() {
+  SlabPool pool(12);
+  std::vector<uint32_t> ids;
+  for (int i = 0; i < 3000; ++i) {
+    ids.push_back(pool.Allocate());
+    *reinterpret_cast<uint32_t*>(pool.At(ids.back()) + 8) = static_cast<uint32_t>(i);
+  }
+  const size_t bytes = pool.bytes();
+  for (int i = 0; i < 3000; i += 2) pool.Free(ids[i]);
+  CHECK_EQ(pool.live(), 1500u);
+  for (int i = 0; i < 1500; ++i) pool.Allocate();
+  CHECK_EQ(pool.bytes(), bytes);  // freed records were reused, no new chunk
+  for (int i = 1; i < 3000; i += 2) CHECK_EQ(*reinterpret_cast<uint32_t*>(pool.At(ids[i]) + 8), uint32_t(i));
+}
+
+}  // namespace
+}  // namespace psembed
+
+int main() {
+  RUN_TEST(psembed::TestChurnAgainstStdMap);
+  RUN_TEST(psembed::TestSlabPoolReusesFreedRecords);
+  return 0;
+}

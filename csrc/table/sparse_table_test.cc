@@ -1,0 +1,210 @@
+// Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
+//
+// SparseTable tests: single-threaded scaffolding first, then std::threads doing pull/push/shrink/
+// new_day/export at once (run under TSan and ASan/UBSan by scripts/sanitize.sh).
+//
+// Properties hammered (with SGD lr = 1, every gradient component -1, show 1 per key occurrence,
+// decay 1.0 and delete threshold 0, so nothing is deleted and every number is a small exact integer):
+//  (1) no torn row: any pull sees show == lr_w and all mf components equal (a push updates the
+//      whole row under its shard lock);
+//  (2) nothing lost: at the end the total show over rows == the number of key occurrences pushed;
+//  (3) export is one moment: each push call adds exactly B to the total show, so every export's
+//      total show is a multiple of B (a push lands wholly before or wholly after the snapshot).
+// The churn test adds real deletions and checks inserts - deleted == size and that tombstones
+// account for every deletion.
+
+#include "table/sparse_table.h"
+
+#include <atomic>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "util/testharness.h"
+
+namespace psembed {
+namespace {
+
+TableOptions CountingOptions(int num_threads) {
+  TableOptions o;
+  o.dim = 4;
+  o.num_shards = 16;
+  o.num_threads = num_threads;
+  RuleOptions sgd;
+  sgd.kind = RuleOptions::kSgd;
+  sgd.learning_rate = 1.0;
+  sgd.initial_range = 0.0;
+  sgd.min_bound = -1e9;
+  sgd.max_bound = 1e9;
+  o.lr_rule = sgd;
+  o.mf_rule = sgd;
+  o.accessor.embedx_threshold = 0.0;
+  o.accessor.show_click_decay_rate = 1.0;
+  o.accessor.delete_threshold = 0.0;
+  o.accessor.delete_after_unseen_days = 1 << 20;
+  return o;
+}
+
+struct Batch {
+  std::vector<uint64_t> keys;
+  std::vector<float> grads, shows, clicks;
+  std::vector<int32_t> slots;
+  Batch(size_t n, int dim, uint64_t key_space, std::mt19937_64* rng)
+      : keys(n), grads(n * (1 + dim), -1.0f), shows(n, 1.0f), clicks(n, 0.0f), slots(n, 3) {
+    for (auto& k : keys) k = (*rng)() % key_space * 0x9e3779b97f4a7c15ULL;  // spread, include 0
+  }
+};
+
+void CheckRowsWhole(const std::vector<float>& out, size_t n, int dim) {
+  const size_t w = 3 + dim;
+  for (size_t i = 0; i < n; ++i) {
+    const float* r = &out[i * w];
+    if (r[0] == 0) continue;  // not inserted yet
+    CHECK_EQ(r[0], r[2]);      // show == lr_w
+    for (int d = 1; d < dim; ++d) CHECK_EQ(r[3], r[3 + d]);
+  }
+}
+
+void TestSingleThreaded() {
+  TableOptions o = CountingOptions(1);
+  SparseTable t(o);
+  std::mt19937_64 rng(1);
+  Batch b(1000, o.dim, 300, &rng);
+  t.Push(b.keys.data(), b.keys.size(), b.grads.data(), b.shows.data(), b.clicks.data(), b.slots.data(), nullptr);
+  std::vector<float> out(b.keys.size() * (3 + o.dim));
+  t.Pull(b.keys.data(), b.keys.size(), true, out.data());
+  CheckRowsWhole(out, b.keys.size(), o.dim);
+  ExportResult e;
+  t.Export(ExportMode::kCheckpoint, 1, -1, &e);
+  double total = 0;
+  for (size_t i = 0; i < e.keys.size(); ++i) total += e.base[i * t.layout().base_export_width()];
+  CHECK_EQ(total, 1000.0);
+  CHECK_EQ(e.keys.size(), t.Size());
+  for (size_t i = 1; i < e.keys.size(); ++i) CHECK_LT(e.keys[i - 1], e.keys[i]);
+  CHECK_EQ(t.Stats().inserts, e.keys.size());
+  CHECK_EQ(t.Shrink(), 0u);
+  size_t deleted = 0;
+  CHECK(t.EndDay(1, &deleted).ok());
+  CHECK(!t.EndDay(0, &deleted).ok());
+  CHECK_EQ(t.Erase(e.keys.data(), e.keys.size()), e.keys.size());
+  CHECK_EQ(t.Size(), 0u);
+}
+
+void TestConcurrentPushPullShrinkExport() {
+  TableOptions o = CountingOptions(2);
+  SparseTable t(o);
+  constexpr int kPushers = 3;
+  constexpr int kIters = 40;
+  constexpr size_t kBatch = 5000;  // above the parallel threshold: the pool runs shard tasks
+  constexpr uint64_t kKeySpace = 20000;
+  std::atomic<int> pushers_left{kPushers};
+  std::atomic<long> exports{0}, pulls{0};
+  std::vector<std::thread> threads;
+  for (int p = 0; p < kPushers; ++p) {
+    threads.emplace_back([&, p] {
+      std::mt19937_64 rng(100 + p);
+      for (int it = 0; it < kIters; ++it) {
+        Batch b(kBatch, o.dim, kKeySpace, &rng);
+        t.Push(b.keys.data(), kBatch, b.grads.data(), b.shows.data(), b.clicks.data(), b.slots.data(), nullptr);
+      }
+      pushers_left.fetch_sub(1);
+    });
+  }
+  threads.emplace_back([&] {  // puller: never a torn row
+    std::mt19937_64 rng(7);
+    while (pushers_left.load() > 0) {
+      Batch b(6000, o.dim, kKeySpace, &rng);
+      std::vector<float> out(b.keys.size() * (3 + o.dim));
+      t.Pull(b.keys.data(), b.keys.size(), true, out.data());
+      CheckRowsWhole(out, b.keys.size(), o.dim);
+      pulls.fetch_add(1);
+    }
+  });
+  threads.emplace_back([&] {  // lifecycle: decay 1.0, nothing may be deleted
+    while (pushers_left.load() > 0) {
+      CHECK_EQ(t.Shrink(), 0u);
+      t.NewDay();
+      (void)t.Stats();
+      std::this_thread::yield();
+    }
+  });
+  threads.emplace_back([&] {  // exporter: one consistent moment
+    while (pushers_left.load() > 0) {
+      ExportResult e;
+      t.Export(ExportMode::kCheckpoint, 1, -1, &e);
+      double total = 0;
+      for (size_t i = 0; i < e.keys.size(); ++i) {
+        const float* r = &e.base[i * t.layout().base_export_width()];
+        total += r[0];
+        CHECK_EQ(r[0], r[5]);  // show == lr_w
+      }
+      CHECK_EQ(static_cast<long>(total) % static_cast<long>(kBatch), 0L);
+      exports.fetch_add(1);
+    }
+  });
+  for (auto& th : threads) th.join();
+  ExportResult e;
+  t.Export(ExportMode::kCheckpoint, 1, -1, &e);
+  double total = 0;
+  for (size_t i = 0; i < e.keys.size(); ++i) total += e.base[i * t.layout().base_export_width()];
+  CHECK_EQ(total, static_cast<double>(kPushers) * kIters * kBatch);
+  const TableStats st = t.Stats();
+  CHECK_EQ(st.inserts, e.keys.size());
+  CHECK_EQ(st.keys_with_mf, e.keys.size());
+  CHECK_EQ(st.deleted, 0u);
+  std::fprintf(stderr, "  %ld pulls, %ld exports raced %d pushers\n", pulls.load(), exports.load(), kPushers);
+}
+
+void TestConcurrentChurnWithDeletes() {
+  TableOptions o = CountingOptions(2);
+  o.accessor.delete_threshold = 0.5;  // S = 0.1 * show: rows with show < 5 get deleted
+  o.accessor.show_click_decay_rate = 0.5;
+  SparseTable t(o);
+  std::atomic<bool> done{false};
+  std::vector<std::thread> threads;
+  for (int p = 0; p < 2; ++p) {
+    threads.emplace_back([&, p] {
+      std::mt19937_64 rng(200 + p);
+      for (int it = 0; it < 30; ++it) {
+        Batch b(4500, o.dim, 6000, &rng);
+        t.Push(b.keys.data(), b.keys.size(), b.grads.data(), b.shows.data(), b.clicks.data(), nullptr, nullptr);
+        std::vector<uint64_t> gone(b.keys.begin(), b.keys.begin() + 50);
+        t.Erase(gone.data(), gone.size());
+      }
+    });
+  }
+  threads.emplace_back([&] {
+    int day = 0;
+    while (!done.load()) {
+      size_t deleted = 0;
+      CHECK(t.EndDay(++day, &deleted).ok());
+      t.Shrink();
+      std::this_thread::yield();
+    }
+  });
+  threads[0].join();
+  threads[1].join();
+  done.store(true);
+  threads[2].join();
+  const TableStats st = t.Stats();
+  ExportResult e;
+  t.Export(ExportMode::kCheckpoint, 1, -1, &e);
+  CHECK_EQ(e.keys.size(), st.keys);
+  CHECK_EQ(e.tombstones.size(), st.deleted);
+  // Erase removes rows without counting them as deleted, so inserts >= deleted + size.
+  CHECK_LE(st.deleted + st.keys, st.inserts);
+  size_t with_mf = 0;
+  for (uint8_t h : e.has_mf) with_mf += h;
+  CHECK_EQ(with_mf, st.keys_with_mf);
+  CHECK_EQ(e.mf.size(), with_mf * 4);
+}
+
+}  // namespace
+}  // namespace psembed
+
+int main() {
+  RUN_TEST(psembed::TestSingleThreaded);
+  RUN_TEST(psembed::TestConcurrentPushPullShrinkExport);
+  RUN_TEST(psembed::TestConcurrentChurnWithDeletes);
+  return 0;
+}

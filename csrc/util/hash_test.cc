@@ -1,0 +1,58 @@
+// Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
+//
+// Golden values: saved shards and the owner rank of every key depend on Mix64/Route. If one of these
+// fails, the hash changed and existing checkpoints are orphaned: do not "fix" the numbers.
+
+#include "util/hash.h"
+
+#include "util/testharness.h"
+
+namespace psembed {
+namespace {
+
+void TestMix64Golden() {
+  CHECK_EQ(Mix64(0), 0ULL);
+  CHECK_EQ(Mix64(1), 6238072747940578789ULL);
+  CHECK_EQ(Mix64(~0ULL), 13029008266876403067ULL);  // key -1 as int64
+  CHECK_EQ(Mix64(0x7fffffffffffffffULL), 6514504133438201533ULL);
+  CHECK_EQ(Mix64(0x8000000000000000ULL), 2720858781877447050ULL);
+  CHECK_EQ(Mix64(123456789ULL), 17445968401720671584ULL);
+}
+
+void TestRouteIsMix64Mod() {
+  for (uint64_t k = 0; k < 1000; ++k) {
+    const uint64_t key = k * 0x9e3779b97f4a7c15ULL;
+    CHECK_EQ(Route(key, 7), Mix64(key) % 7);
+    CHECK_EQ(Route(key, 1), 0u);
+  }
+}
+
+void TestUniformRangeAndDeterminism() {
+  double sum = 0;
+  for (uint64_t k = 0; k < 10000; ++k) {
+    const double u = Uniform01(42, k, kStreamMfInit, 3);
+    CHECK(u >= 0.0 && u < 1.0);
+    CHECK_EQ(u, Uniform01(42, k, kStreamMfInit, 3));
+    sum += u;
+  }
+  CHECK(sum / 10000 > 0.48 && sum / 10000 < 0.52);
+  CHECK_NE(Uniform01(1, 5, 1, 0), Uniform01(1, 5, 2, 0));
+}
+
+void TestShardsSpreadEvenly() {
+  const uint32_t shards = 64;
+  uint32_t counts[64] = {0};
+  for (uint64_t k = 0; k < 64000; ++k) ++counts[ShardOf(TableHash(k), shards)];
+  for (uint32_t c : counts) CHECK(c > 800 && c < 1200);
+}
+
+}  // namespace
+}  // namespace psembed
+
+int main() {
+  RUN_TEST(psembed::TestMix64Golden);
+  RUN_TEST(psembed::TestRouteIsMix64Mod);
+  RUN_TEST(psembed::TestUniformRangeAndDeterminism);
+  RUN_TEST(psembed::TestShardsSpreadEvenly);
+  return 0;
+}

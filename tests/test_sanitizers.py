@@ -1,0 +1,41 @@
+"""Runs scripts/sanitize.sh: the C++ core and its tests under ASan+UBSan and under TSan.
+
+Part of the default test run (marked slow: ~1-3 minutes on 2 cores from a cold build, seconds when
+the build trees in build/sanitize-* are warm). Skipped only when no C++ compiler or cmake exists.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _missing_tools() -> list[str]:
+    missing = []
+    if not (shutil.which("g++") or shutil.which("c++")):
+        missing.append("a C++ compiler (g++)")
+    if not shutil.which("cmake"):
+        missing.append("cmake")
+    return missing
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["asan", "tsan"])
+def test_core_is_clean_under_sanitizers(which):
+    missing = _missing_tools()
+    if missing:
+        pytest.skip("sanitizer build needs " + " and ".join(missing) + ", not found on PATH")
+    env = dict(os.environ)
+    env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", "2")
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "sanitize.sh"), which],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, f"sanitize.sh {which} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    assert "all clean" in proc.stdout
