@@ -70,18 +70,27 @@ def table_config(dim: int = 4) -> pse.TableConfig:
 
 
 def auc(y: np.ndarray, p: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(y, p))
+    """ROC AUC by the rank-sum (Mann-Whitney) formula, ties averaged."""
+    order = np.argsort(p, kind="stable")
+    ranks = np.empty(len(p), np.float64)
+    ranks[order] = np.arange(1, len(p) + 1)
+    _, inv, counts = np.unique(p, return_inverse=True, return_counts=True)
+    sums = np.bincount(inv.reshape(-1), weights=ranks)
+    ranks = (sums / counts)[inv.reshape(-1)]
+    pos = y > 0.5
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def train(args) -> dict:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    pse.init(max_staleness=args.staleness, num_servers=args.num_servers, rpc_timeout=args.rpc_timeout)
-    # dedicated servers never get here (init serves, then ends the process)
+    rank, ntr = 0, 1
+    if distributed:  # the single-process baseline runs inside pytest, without pse.init()
+        pse.init(max_staleness=args.staleness, num_servers=args.num_servers, rpc_timeout=args.rpc_timeout)
+        # dedicated servers never get here (init serves, then ends the process)
+        rank = pse.distributed.trainer_rank()
+        ntr = pse.distributed.num_trainers()
     table = pse.SparseTable(table_config(), name="feasign")
-    rank = pse.distributed.trainer_rank()
-    ntr = pse.distributed.num_trainers()
     torch.manual_seed(0)
     dense = torch.nn.Linear(DENSE, 1)
     model = dense
@@ -111,7 +120,7 @@ def train(args) -> dict:
             grads[:, 0] = np.repeat(g, FIELDS)
             table.push(flat, grads, np.ones(flat.shape[0], np.float32), np.repeat(yb, FIELDS).astype(np.float32))
             steps += 1
-            if args.kill_rank >= 0 and steps == 5 and pse.distributed.get_rank() == args.kill_rank:
+            if args.kill_rank >= 0 and steps == 5 and int(os.environ["RANK"]) == args.kill_rank:
                 sys.stdout.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
             if args.step_sleep:
@@ -123,7 +132,7 @@ def train(args) -> dict:
         p = (w.sum(1) + dense(torch.from_numpy(xt)).squeeze(1)).numpy()
     stats = table.stats()
     out = {
-        "rank": pse.distributed.get_rank(),
+        "rank": int(os.environ.get("RANK", "0")),
         "trainer_rank": rank,
         "auc": auc(yt, p),
         "steps": steps,
@@ -132,7 +141,8 @@ def train(args) -> dict:
         "dense": dense.weight.detach().numpy().ravel().tolist(),
         "pred_head": p[:8].tolist(),
     }
-    pse.shutdown()
+    if distributed:
+        pse.shutdown()
     return out
 
 
@@ -248,7 +258,7 @@ def _raise_on_server(table, server_index, num_servers):
     raise ValueError(f"boom on server {server_index}")
 
 
-def main() -> None:
+def parse_args(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("scenario", choices=["routing", "train", "fault"])
     ap.add_argument("out")
@@ -260,7 +270,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--kill-rank", type=int, default=-1)
     ap.add_argument("--step-sleep", type=float, default=0.0)
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     if args.scenario == "routing":
         out = routing(args)
     else:

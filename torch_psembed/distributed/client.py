@@ -112,7 +112,7 @@ class ShardedTable:
         step = self._steps[0]
         h = step.pop(0)
         self._inflight -= 1
-        if not step:
+        if not step and len(self._steps) > 1:  # the open (last) step stays, even empty
             self._steps.popleft()
         h.wait()
 
@@ -224,7 +224,7 @@ class ShardedTable:
             self._step_open = True
         step = self._steps[-1]
         for s, pos in self._split(uniq):
-            while self._inflight >= self.max_inflight and self._steps and self._steps[0] is not step:
+            while self._inflight >= self.max_inflight:
                 self._wait_oldest_push()
             if pos is None:
                 args = (uniq, g, s_m, c_m, sl_m)

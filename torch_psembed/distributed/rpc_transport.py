@@ -50,7 +50,7 @@ def is_transport_failure(exc: BaseException) -> bool:
     return bool(_TRANSPORT_FAILURE.search(msg))
 
 
-_REMOTE_HEAD = re.compile(r"^On WorkerInfo\(id=(\d+)[^)]*\):\n\w+(?:\.\w+)*\((.*?)\)\nTraceback", re.S)
+_REMOTE_HEAD = re.compile(r"On WorkerInfo\(id=(\d+)[^)]*\):\n\w+(?:\.\w+)*\((.*?)\)\nTraceback", re.S)
 
 
 def _concise_remote_error(e: BaseException, rank: int) -> BaseException:

@@ -1,0 +1,517 @@
+"""Tests of torch_psembed.distributed: sharding tables over torchrun ranks with RPC.
+
+In-process tests drive the client (dedup, routing, staleness window, bounded pushes, collectives) through an
+in-memory transport. Multi-process tests launch real jobs (tests/dist_workers/worker.py) on 127.0.0.1, with
+torchrun or with torchrun's environment set by hand, and kill their whole process group on failure or timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+import torch_psembed as pse
+from torch_psembed import _C
+from torch_psembed.distributed import runtime, server
+from torch_psembed.distributed.client import ShardedTable
+from torch_psembed.distributed.rpc_transport import _concise_remote_error, is_transport_failure
+from torch_psembed.distributed.transport import DoneHandle, Handle, Transport
+from torch_psembed.errors import NotInitializedError, PeerUnavailableError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(REPO, "tests", "dist_workers", "worker.py")
+sys.path.insert(0, os.path.join(REPO, "tests", "dist_workers"))
+import worker  # noqa: E402
+
+JOB_TIMEOUT = 150  # seconds; a hung job is killed and the test fails
+
+
+# ---------------------------------------------------------------------------------------------------------
+# In-process: the client over an in-memory transport
+# ---------------------------------------------------------------------------------------------------------
+class _Lazy(Handle):
+    """A push that is applied only when waited on: models a request still in flight."""
+
+    def __init__(self, fn, log, tag):
+        self._fn, self._log, self._tag, self._done, self._value = fn, log, tag, False, None
+
+    def wait(self):
+        if not self._done:
+            self._value = self._fn()
+            self._done = True
+            self._log.append(self._tag)
+        return self._value
+
+    def done(self):
+        return self._done
+
+
+class MemoryTransport(Transport):
+    """Servers are _C.Tables in this process; pushes stay pending until waited on."""
+
+    def __init__(self, num_servers):
+        self.num_servers = num_servers
+        self.local_server = None
+        self.rpc_timeout = 1.0
+        self.tables = {}
+        self.applied = []  # tags of pushes, in the order they were applied
+        self.pending = 0
+        self.max_pending = 0
+        self.barriers = 0
+
+    def server_rank(self, server):
+        return server
+
+    def pull(self, s, table, keys, with_stats):
+        return DoneHandle(self.tables[(s, table)].pull(keys, with_stats))
+
+    def push(self, s, table, keys, grads, shows, clicks, slots):
+        self.pending += 1
+        self.max_pending = max(self.max_pending, self.pending)
+        tag = getattr(self, "step_tag", None)
+
+        def apply():
+            self.pending -= 1
+            return self.tables[(s, table)].push(keys, grads, shows, clicks, slots)
+
+        return _Lazy(apply, self.applied, tag)
+
+    def call(self, s, table, fn, args=()):
+        try:
+            return DoneHandle(fn(self.tables[(s, table)], s, self.num_servers, *args))
+        except Exception as e:  # noqa: BLE001
+            return DoneHandle(error=e)
+
+    def create_table(self, s, table, config):
+        self.tables.setdefault((s, table), _C.Table(config))
+        return DoneHandle(True)
+
+    def trainer_barrier(self):
+        self.barriers += 1
+
+    def broadcast_from_first_trainer(self, obj):
+        return obj
+
+
+def _cfg(dim=3):
+    return worker.table_config(dim=dim)
+
+
+def _sharded(num_servers=3, max_staleness=0, dim=3, **kw):
+    tr = MemoryTransport(num_servers)
+    t = ShardedTable("t", _cfg(dim), tr, max_staleness, 0, 1, lambda: None, **kw)
+    return t, tr
+
+
+def _batch(rng, universe, n, dim):
+    keys = universe[rng.integers(0, len(universe), size=n)]
+    grads = rng.normal(0, 1, size=(n, 1 + dim)).astype(np.float32)
+    shows = rng.integers(1, 3, size=n).astype(np.float32)
+    clicks = (rng.random(n) < 0.3).astype(np.float32)
+    slots = rng.integers(0, 9, size=n).astype(np.int32)
+    return keys, grads, shows, clicks, slots
+
+
+def test_staleness_zero_matches_one_local_table_exactly():
+    # Property: with max_staleness=0 the sharded table is indistinguishable from one local table fed the
+    # same calls (duplicates merged in input order, pushes applied before the next pull).
+    t, tr = _sharded(num_servers=3, max_staleness=0)
+    local = _C.Table(_cfg().to_dict())
+    rng = np.random.default_rng(0)
+    universe = rng.integers(-(2**63), 2**63 - 1, size=300, dtype=np.int64)
+    for step in range(10):
+        keys, grads, shows, clicks, slots = _batch(rng, universe, 257, 3)
+        np.testing.assert_array_equal(t.pull(keys, True), local.pull(keys, True))
+        assert t.push(keys, grads, shows, clicks, slots) == local.push(keys, grads, shows, clicks, slots) == 0
+        if step % 3 == 2:
+            assert t.shrink() == local.shrink()
+    assert t.end_day(2) == local.end_day(2)
+    assert t.day == local.day == 2
+    np.testing.assert_array_equal(t.pull(universe, True), local.pull(universe, True))
+    assert len(t) == len(local)
+    st, lst = t.stats(), local.stats()
+    for k in ("keys", "inserts", "deleted", "keys_with_mf", "bytes"):
+        if k == "bytes":
+            assert st[k] > 0
+        else:
+            assert st[k] == lst[k], k
+    # each server holds exactly the keys the routing hash gives it
+    owners = _C.route(universe, 3)
+    for k, o in zip(universe[:50], owners[:50]):
+        assert (int(k) in tr.tables[(int(o), "t")]) == (int(k) in local)
+        for other in range(3):
+            if other != o:
+                assert int(k) not in tr.tables[(other, "t")]
+    # table-wide ops went through the collective (two barriers each)
+    assert tr.barriers == 2 * 4  # 3 shrinks + 1 end_day
+
+
+def test_route_spreads_keys_and_is_stable():
+    keys = np.arange(20000, dtype=np.int64)
+    owners = _C.route(keys, 3)
+    counts = np.bincount(owners, minlength=3)
+    assert counts.min() > 20000 / 3 * 0.9  # sequential ids are mixed, not taken modulo
+    np.testing.assert_array_equal(_C.route(keys, 3), owners)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_staleness_window(k):
+    # Property: before the pull of step t, the pushes of steps t-k-1 and earlier are applied, and no more
+    # than k steps of pushes are left unapplied.
+    t, tr = _sharded(num_servers=2, max_staleness=k)
+    rng = np.random.default_rng(1)
+    universe = np.arange(1, 100, dtype=np.int64)
+    for step in range(8):
+        t.pull(universe[:10])
+        applied_steps = set(tr.applied)
+        for old in range(step - k):
+            assert old in applied_steps, (step, old)
+        tr.step_tag = step
+        t.push(*_batch(rng, universe, 64, 3))
+        unapplied = set(range(step + 1)) - set(tr.applied)
+        assert len(unapplied) <= (k + 1 if k else 0), (step, unapplied)
+        if k and step >= 1:
+            assert step - 1 in unapplied  # the window lets the previous step's push stay in flight
+    t.flush()
+    assert tr.pending == 0
+
+
+def test_inflight_pushes_are_bounded():
+    t, tr = _sharded(num_servers=2, max_staleness=3, max_inflight=4)
+    rng = np.random.default_rng(2)
+    universe = np.arange(1, 1000, dtype=np.int64)
+    for _ in range(30):  # pushes without pulls: one ever-growing step unless bounded
+        t.push(*_batch(rng, universe, 64, 3))
+    assert tr.max_pending <= 4
+    t.flush()
+    assert tr.pending == 0
+
+
+def test_push_checks_its_arguments_before_sending():
+    t, tr = _sharded()
+    k = np.array([1, 2], np.int64)
+    ok = dict(grads=np.zeros((2, 4), np.float32), shows=np.ones(2, np.float32), clicks=np.zeros(2, np.float32))
+    with pytest.raises(ValueError, match="grads"):
+        t.push(k, np.zeros((2, 3), np.float32), ok["shows"], ok["clicks"])
+    with pytest.raises(ValueError, match="shows"):
+        t.push(k, ok["grads"], -ok["shows"], ok["clicks"])
+    bad = ok["grads"].copy()
+    bad[1, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        t.push(k, bad, ok["shows"], ok["clicks"])
+    assert tr.pending == 0 and len(t) == 0
+
+
+def test_collective_runs_once_per_server_and_propagates_errors():
+    t, tr = _sharded(num_servers=3)
+    assert t.collective(_server_info) == [(0, 3), (1, 3), (2, 3)]
+    with pytest.raises(ValueError, match="boom 1"):
+        t.collective(_boom_on_one)
+    assert (t.is_sharded, t.num_servers, t.trainer_rank, t.num_trainers) == (True, 3, 0, 1)
+
+
+def _server_info(table, server_index, num_servers):
+    return (server_index, num_servers)
+
+
+def _boom_on_one(table, server_index, num_servers):
+    if server_index == 1:
+        raise ValueError("boom 1")
+    return 0
+
+
+def test_server_endpoints_reject_malformed_requests_and_keep_serving():
+    server.configure(0, 1)
+    try:
+        assert server.create_table("srv", _cfg().to_dict()) is True
+        assert server.create_table("srv", _cfg().to_dict()) is False
+        with pytest.raises(ValueError, match="already exists with a different config.*dim"):
+            server.create_table("srv", _cfg(dim=5).to_dict())
+        with pytest.raises(TypeError, match="keys"):
+            server.pull("srv", np.zeros(3, np.float32))
+        with pytest.raises(ValueError, match="no table named 'nope'"):
+            server.pull("nope", np.zeros(3, np.int64))
+        with pytest.raises(TypeError, match="config"):
+            server.create_table("x", "not a dict")
+        with pytest.raises((ValueError, TypeError)):
+            server.push("srv", np.zeros(2, np.int64), np.zeros((2, 9), np.float32), np.ones(2, np.float32),
+                        np.ones(2, np.float32))
+        k = np.array([5, 6], np.int64)
+        server.push("srv", k, np.ones((2, 4), np.float32), np.ones(2, np.float32), np.zeros(2, np.float32))
+        assert server.pull("srv", k).shape == (2, 4)
+    finally:
+        server.configure(-1, 0)
+
+
+def test_transport_failure_classification():
+    assert is_transport_failure(RuntimeError("eof (this error originated at tensorpipe/transport/shm/...)"))
+    assert is_transport_failure(RuntimeError("RPC ran for more than set timeout (10000 ms) and will now be marked"))
+    assert not is_transport_failure(ValueError("keys must be int64"))
+    remote = "On WorkerInfo(id=1, name=psembed1):\nValueError('bad (thing)')\nTraceback (most recent call last):\n"
+    assert not is_transport_failure(RuntimeError(remote))
+    e = _concise_remote_error(ValueError(remote), 1)
+    assert type(e) is ValueError and str(e) == "bad (thing) (raised by rank 1)"
+
+
+def test_init_argument_errors(monkeypatch):
+    monkeypatch.setattr(runtime, "_state", None)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match="max_staleness"):
+        pse.init(max_staleness=-1)
+    with pytest.raises(ValueError, match="num_servers"):
+        pse.init(num_servers=-2)
+    with pytest.raises(ValueError, match="rpc_timeout"):
+        pse.init(rpc_timeout=0)
+    with pytest.raises(ValueError, match="num_servers=1 needs at least 2 processes"):
+        pse.init(num_servers=1)
+    assert runtime._state is None
+
+
+def test_table_before_init_under_torchrun_env_is_an_error(monkeypatch):
+    monkeypatch.setattr(runtime, "_state", None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(NotInitializedError, match=r"before pse.init\(\).*WORLD_SIZE=2"):
+        pse.SparseTable(_cfg(), name="early")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert len(pse.SparseTable(_cfg(), name="fine")) == 0  # one process: a local table
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Multi-process jobs
+# ---------------------------------------------------------------------------------------------------------
+def _free_port_pair() -> int:
+    """A port p with p and p+1 free on 127.0.0.1 (the process group and RPC stores)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            p = s.getsockname()[1]
+        if p >= 65535:
+            continue
+        try:
+            with socket.socket() as s2:
+                s2.bind(("127.0.0.1", p + 1))
+            return p
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair")
+
+
+def _child_env(extra=None):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE",
+                        "TORCHELASTIC_USE_AGENT_STORE", "PSEMBED_RPC_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra or {})
+    return env
+
+
+class _Job:
+    """Processes started in their own sessions; kill() ends every process they started."""
+
+    def __init__(self):
+        self.procs = []
+
+    def start(self, cmd, env, name):
+        p = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True, text=True)
+        p.name = name
+        self.procs.append(p)
+        return p
+
+    def wait(self, timeout=JOB_TIMEOUT):
+        deadline = time.monotonic() + timeout
+        outs = {}
+        for p in self.procs:
+            try:
+                out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.kill()
+                out, _ = p.communicate()
+                outs[p.name] = (None, out)
+                continue
+            outs[p.name] = (p.returncode, out)
+        return outs
+
+    def kill(self):
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def _run(job_specs, timeout=JOB_TIMEOUT):
+    job = _Job()
+    try:
+        for cmd, env, name in job_specs:
+            job.start(cmd, env, name)
+        return job.wait(timeout)
+    finally:
+        job.kill()
+
+
+def _by_hand(world, scenario, out, args, extra_env=None):
+    """torchrun's environment set by hand: one process per rank (so a dead rank is not reaped by torchrun)."""
+    port = _free_port_pair()
+    specs = []
+    for r in range(world):
+        env = _child_env({"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
+                          "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **(extra_env or {})})
+        specs.append(([sys.executable, WORKER, scenario, out] + args, env, f"rank{r}"))
+    return specs
+
+
+def _torchrun(nproc, scenario, out, args):
+    port = _free_port_pair()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(port), WORKER, scenario, out] + args
+    return [(cmd, _child_env(), "torchrun")]
+
+
+def _load(out, rank):
+    with open(f"{out}.{rank}") as f:
+        return json.load(f)
+
+
+def _show(outs):
+    return "\n".join(f"--- {n} rc={rc}\n{(o or '')[-3000:]}" for n, (rc, o) in outs.items())
+
+
+@pytest.fixture(scope="module")
+def baseline():
+    """The single-process run of the training job (local table, no DDP), in this process."""
+    return worker.train(worker.parse_args(["train", "unused"]))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_routing_one_trainer_two_servers_matches_local_table(tmp_path):
+    out = str(tmp_path / "routing")
+    outs = _run(_by_hand(3, "routing", out, ["--num-servers", "2", "--rpc-timeout", "30"]))
+    assert all(rc == 0 for rc, _ in outs.values()), _show(outs)
+    c = _load(out, 2)  # the trainer
+    assert c["mismatches"] == [] and c["mismatches_after"] == []
+    assert c["len"][0] == c["len"][1] > 0
+    for k, (a, b) in c["stats"].items():
+        if k != "pull_misses":  # the client dedups before pulling, so it counts unique misses
+            assert a == b, k
+    assert c["day"] == [3, 3]
+    assert c["contains"] and c["routing"]
+    assert c["hook"] == [True, 2, 0, 1]
+    assert "before pse.init()" in c["before_init"]
+    assert "already called" in c["init_twice"]
+    assert "table 'feasign' already exists with a different config (dim: existing 3, requested 5)" in c[
+        "other_config"]
+    assert "boom on server 0" in c["collective_error"]
+    assert [m.split(":")[0] for m in c["malformed"]] == ["TypeError", "ValueError", "ValueError", "TypeError"]
+    assert "shutdown" in c["after_shutdown"]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_colocated_two_trainers_ddp_staleness2_converges(tmp_path, baseline):
+    out = str(tmp_path / "colo")
+    outs = _run(_torchrun(2, "train", out, ["--staleness", "2"]))
+    assert all(rc == 0 for rc, _ in outs.values()), _show(outs)
+    r0, r1 = _load(out, 0), _load(out, 1)
+    assert abs(r0["auc"] - baseline["auc"]) <= 0.01, (r0["auc"], baseline["auc"])
+    assert r0["dense"] == r1["dense"]  # DDP kept the dense replicas in sync
+    assert r0["keys"] == r0["len"] == baseline["keys"]
+    assert r0["steps"] == r1["steps"] == baseline["steps"]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_dedicated_server_two_trainers_ddp_staleness0_converges(tmp_path, baseline):
+    out = str(tmp_path / "dedicated")
+    outs = _run(_torchrun(3, "train", out, ["--staleness", "0", "--num-servers", "1"]))
+    assert all(rc == 0 for rc, _ in outs.values()), _show(outs)
+    assert not os.path.exists(f"{out}.0")  # the server's init never returned into the script
+    r1, r2 = _load(out, 1), _load(out, 2)
+    assert (r1["trainer_rank"], r2["trainer_rank"]) == (0, 1)
+    assert abs(r1["auc"] - baseline["auc"]) <= 0.01, (r1["auc"], baseline["auc"])
+    assert r1["dense"] == r2["dense"]
+    assert r1["keys"] == baseline["keys"]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_killed_rank_is_named_and_the_others_exit_nonzero(tmp_path):
+    out = str(tmp_path / "fault")
+    args = ["--kill-rank", "2", "--rpc-timeout", "10", "--step-sleep", "0.05", "--epochs", "50"]
+    outs = _run(_by_hand(3, "train", out, args))
+    assert outs["rank2"][0] == -signal.SIGKILL, _show(outs)
+    for name in ("rank0", "rank1"):
+        rc, text = outs[name]
+        assert rc is not None, f"{name} hung\n" + _show(outs)
+        assert rc != 0, _show(outs)
+        assert "PeerUnavailableError: rank 2 is unavailable" in text, _show(outs)
+
+
+def _netns_unavailable() -> str:
+    if os.geteuid() != 0:
+        return "needs root to create network namespaces"
+    if shutil.which("ip") is None:
+        return "needs the `ip` tool (iproute2)"
+    name = f"psechk{uuid.uuid4().hex[:6]}"
+    r = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"`ip netns add` failed: {r.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    return ""
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_hosts_in_network_namespaces(tmp_path, baseline):
+    why = _netns_unavailable()
+    if why:
+        pytest.skip(why)
+    tag = uuid.uuid4().hex[:5]
+    ns = [f"pse{tag}a", f"pse{tag}b"]
+    dev = [f"pv{tag}a", f"pv{tag}b"]
+    addr = ["10.200.0.1", "10.200.0.2"]
+
+    def ip(*a):
+        subprocess.run(["ip", *a], check=True, capture_output=True)
+
+    out = str(tmp_path / "twohost")
+    try:
+        for n in ns:
+            ip("netns", "add", n)
+        ip("link", "add", dev[0], "type", "veth", "peer", "name", dev[1])
+        for i in range(2):
+            ip("link", "set", dev[i], "netns", ns[i])
+            ip("-n", ns[i], "addr", "add", f"{addr[i]}/24", "dev", dev[i])
+            ip("-n", ns[i], "link", "set", dev[i], "up")
+            ip("-n", ns[i], "link", "set", "lo", "up")
+        port = 29400 + int(tag, 16) % 2000  # namespaces are fresh: every port is free there
+        specs = []
+        for i in range(2):
+            cmd = ["ip", "netns", "exec", ns[i], sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+                   "--node_rank", str(i), "--nproc_per_node", "1", "--master_addr", addr[0],
+                   "--master_port", str(port), WORKER, "train", out, "--num-servers", "1", "--staleness", "0"]
+            env = _child_env({"GLOO_SOCKET_IFNAME": dev[i], "TP_SOCKET_IFNAME": dev[i]})
+            specs.append((cmd, env, f"node{i}"))
+        outs = _run(specs)
+    finally:
+        for n in ns:  # deleting a namespace deletes its end of the veth pair, and with it the pair
+            subprocess.run(["ip", "netns", "del", n], capture_output=True)
+    assert all(rc == 0 for rc, _ in outs.values()), _show(outs)
+    r = _load(out, 1)  # the trainer, on the second host
+    # one trainer + one server at staleness 0 is the single-process run, bit for bit
+    assert r["auc"] == baseline["auc"]
+    assert r["pred_head"] == baseline["pred_head"]
+    assert r["keys"] == baseline["keys"]
