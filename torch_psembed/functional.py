@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import _autograd
 
-__all__ = ["ps_embedding", "pool", "output_dim", "Batch", "check_input", "dedup", "MODES", "OUTPUTS"]
+__all__ = ["ps_embedding", "pool", "pool_forward", "pool_backward", "output_dim", "Batch", "check_input", "dedup", "MODES", "OUTPUTS"]
 
 MODES = (None, "sum", "mean")
 
@@ -224,6 +224,9 @@ def pool(
 ) -> Tensor:
     """The output from the unique rows: ``nn.Embedding``/``nn.EmbeddingBag`` over ``rows`` at ``inverse``.
 
+    The forward runs ``F.embedding``/``F.embedding_bag`` themselves; the backward (:class:`~torch_psembed.
+    _autograd.Pool`) is a gather + ``index_add_`` that is several times faster on CPU than their dense backward.
+
     Args:
         rows (Tensor): ``(U, D)`` rows, any float dtype (``batch.per_sample_weights`` must match it).
         inverse (Tensor): int64 row index of each id, like ``batch.ids``.
@@ -232,12 +235,14 @@ def pool(
         padding_row (int, optional): a row left out of bags (and of mean's count), as ``padding_idx`` does in
             ``nn.EmbeddingBag``. For ``mode=None`` it is read like any row: the caller keeps it at zero.
     """
-    idx = inverse.view(batch.shape)
+    return _autograd.Pool.apply(rows, batch.per_sample_weights, inverse, batch, mode, padding_row)
+
+
+def pool_forward(rows: Tensor, psw: Optional[Tensor], inverse: Tensor, batch: Batch, mode, padding_row) -> Tensor:
+    """The forward of :func:`pool` (no autograd)."""
     if mode is None:
-        # The padding row is all zeros (PullPush appends it), so plain indexing reads zeros there; its gradient
-        # is never pushed. No padding_idx here keeps the math a plain gather (gradcheck-able with any rows).
-        return F.embedding(idx, rows)
-    psw = batch.per_sample_weights
+        return rows.index_select(0, inverse).view(batch.shape + (rows.shape[1],))
+    idx = inverse.view(batch.shape)
     if psw is not None:
         psw = psw.reshape(batch.shape)
     return F.embedding_bag(
@@ -249,6 +254,55 @@ def pool(
         include_last_offset=batch.include_last_offset,
         padding_idx=padding_row,
     )
+
+
+def pool_backward(
+    grad: Tensor,
+    rows: Tensor,
+    psw: Optional[Tensor],
+    inverse: Tensor,
+    batch: Batch,
+    mode,
+    padding_row,
+    need_rows: bool,
+    need_psw: bool,
+) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """Gradients of :func:`pool` for ``rows`` (one row per unique id) and ``per_sample_weights``.
+
+    Each id ``i`` contributes ``w_i * grad[out_i]`` to its row, where ``out_i`` is its output row (its own for
+    ``mode=None``, its bag otherwise) and ``w_i`` is 1, its per-sample weight, or ``1 / (ids in the bag)``
+    for ``"mean"``; the padding row is in no bag (``w_i = 0``).
+    """
+    d = grad.shape[-1]
+    if mode is None:
+        g_occ = grad.reshape(-1, d)
+        w = None
+    else:
+        bag = batch.instance_of_each_id()
+        g_occ = grad.index_select(0, bag)
+        valid = None if padding_row is None else (inverse != padding_row)
+        if mode == "mean":
+            counted = bag if valid is None else bag[valid]
+            counts = torch.bincount(counted, minlength=batch.num_instances).clamp_(min=1).to(grad.dtype)
+            w = counts.reciprocal().index_select(0, bag)
+            if valid is not None:
+                w = w * valid
+        elif psw is not None:
+            w = psw.reshape(-1).to(grad.dtype)
+            if valid is not None:
+                w = w * valid
+        else:
+            w = None if valid is None else valid.to(grad.dtype)
+    grad_rows = grad_psw = None
+    if need_rows:
+        src = g_occ if w is None else g_occ * w.unsqueeze(1)
+        grad_rows = torch.zeros(rows.shape, dtype=grad.dtype).index_add_(0, inverse, src)
+    if need_psw and psw is not None:
+        gp = (g_occ * rows.index_select(0, inverse)).sum(1)
+        if padding_row is not None:
+            gp = gp * (inverse != padding_row)
+        grad_psw = gp.view(psw.shape)
+    return grad_rows, grad_psw
 
 
 def ps_embedding(
