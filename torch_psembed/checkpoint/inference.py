@@ -33,13 +33,13 @@ class _ServingRows:
         return idx, self.keys[idx] == ids
 
     def pull(self, keys: Tensor, with_stats: bool = False) -> Tensor:
+        if with_stats and self.stats is None:
+            raise ValueError("output='cvm_lr_mf' needs show/click: export with pse.export(..., with_stats=True)")
+        if self.keys.numel() == 0:
+            return torch.zeros(keys.shape[0], (3 if with_stats else 1) + self.dim)
         idx, hit = self.find(keys)
         rows = self.values[idx].to(torch.float32)
         if with_stats:
-            if self.stats is None:
-                raise ValueError(
-                    "output='cvm_lr_mf' needs show/click: export with pse.export(..., with_stats=True)"
-                )
             rows = torch.cat([self.stats[idx], rows], dim=1)
         rows.masked_fill_(~hit.unsqueeze(1), 0.0)
         return rows

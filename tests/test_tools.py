@@ -1,0 +1,131 @@
+"""``python -m torch_psembed.tools inspect|verify|merge|export``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import torch_psembed as pse
+from torch_psembed.checkpoint import _format as F
+from torch_psembed.checkpoint import _rows as R
+from torch_psembed.tools.__main__ import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIM = 4
+CFG = pse.TableConfig(
+    dim=DIM,
+    accessor=pse.CtrAccessorConfig(nonclk_coeff=0.25, embedx_threshold=1.5, base_threshold=0.75,
+                                   delta_threshold=0.5, show_click_decay_rate=0.8, delete_threshold=0.6),
+)
+
+
+@pytest.fixture
+def chain(tmp_path):
+    """A base and two deltas (with tombstones) of one producer, and the producer."""
+    rng = np.random.default_rng(0)
+    t = pse.SparseTable(CFG)
+    keys = rng.integers(-(2**63), 2**63 - 1, 500, dtype=np.int64)
+
+    def push(frac):
+        k = keys[rng.random(keys.size) < frac]
+        t.push(k, rng.standard_normal((k.size, 1 + DIM)).astype(np.float32),
+               rng.integers(1, 4, k.size).astype(np.float32), np.zeros(k.size, np.float32))
+
+    push(0.9)
+    push(0.9)
+    t.save(tmp_path / "base", "base")
+    paths = [str(tmp_path / "base")]
+    for i in range(2):
+        push(0.4)
+        t.end_day(i)
+        t.save(tmp_path / f"delta{i}", "delta")
+        paths.append(str(tmp_path / f"delta{i}"))
+    assert sum(F.read_manifest(p)["tombstones"] for p in paths[1:]) > 0
+    return paths, t
+
+
+def test_inspect_prints_a_summary(chain, capsys):
+    paths, t = chain
+    assert main(["inspect", paths[1]]) == 0
+    out = capsys.readouterr().out
+    m = F.read_manifest(paths[1])
+    assert "delta save" in out and m["save_id"] in out and f"sequence {m['sequence']}" in out
+    assert f"{m['rows']:,} (" in out and f"tombstones {m['tombstones']:,}" in out and "bytes/key" in out
+    assert main(["inspect", "--json", paths[0]]) == 0
+    assert '"mode": "base"' in capsys.readouterr().out
+
+
+def test_verify_reports_ok_and_names_a_damaged_file(chain, capsys):
+    paths, _ = chain
+    assert main(["verify"] + paths) == 0
+    out = capsys.readouterr().out
+    assert out.count("OK ") == 3
+    m = F.read_manifest(paths[0])
+    e = next(e for e in m["files"] if e["column"] == "mf" and e["rows"])
+    victim = os.path.join(paths[0], m["data_dir"], e["name"])
+    with open(victim, "r+b") as f:
+        f.seek(5)
+        b = f.read(1)
+        f.seek(5)
+        f.write(bytes([b[0] ^ 0xFF]))
+    assert main(["verify", paths[0]]) == 1
+    err = capsys.readouterr().err
+    assert "CorruptCheckpointError" in err and e["name"] in err and "checksum mismatch" in err
+
+
+def test_merge_equals_loading_base_then_deltas(chain, tmp_path):
+    paths, producer = chain
+    assert main(["merge"] + paths + ["-o", str(tmp_path / "merged"), "--buckets", "8"]) == 0
+    m = F.read_manifest(tmp_path / "merged")
+    assert m["mode"] == "base" and m["num_buckets"] == 8 and m["sequence"] == 2 and m["tombstones"] == 0
+    c = pse.SparseTable(CFG)
+    for p in paths:
+        c.load(p)
+    want = c._backend.export("checkpoint")
+    got = R.sort_by_key(R.read_rows(str(tmp_path / "merged"), m))
+    for k in ("keys", "base", "has_mf", "mf"):
+        assert np.array_equal(got[k], want[k]), k
+    # The merged base keeps the chain position: the producer's next delta loads on top of it.
+    producer.push(want["keys"][:20], np.ones((20, 1 + DIM), np.float32), np.full(20, 3, np.float32),
+                  np.zeros(20, np.float32))
+    producer.save(tmp_path / "delta2", "delta")
+    m2 = pse.SparseTable(CFG)
+    m2.load(tmp_path / "merged")
+    m2.load(tmp_path / "delta2")
+    c.load(tmp_path / "delta2")
+    a, b = m2._backend.export("checkpoint"), c._backend.export("checkpoint")
+    for k in ("keys", "base", "has_mf", "mf"):
+        assert np.array_equal(a[k], b[k]), k
+    # Deltas out of order are refused.
+    assert main(["merge", paths[0], paths[2], "-o", str(tmp_path / "bad")]) == 1
+
+
+def test_export_command_and_module_entry_point(chain, tmp_path, capsys):
+    paths, _ = chain
+    out = tmp_path / "srv"
+    r = subprocess.run(
+        [sys.executable, "-m", "torch_psembed.tools", "export"] + paths + ["-o", str(out), "--dtype", "float32"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "exported" in r.stdout
+    inf = pse.InferenceEmbedding.load(out, output="lr_mf")
+    c = pse.SparseTable(CFG)
+    for p in paths:
+        c.load(p)
+    snap = c._backend.export("serving")
+    assert len(inf) == snap["keys"].size > 0
+    import torch
+
+    keys = torch.from_numpy(snap["keys"])
+    assert torch.equal(inf(keys), c.pull(keys))
+    assert main(["inspect", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "serving export" in printed and "float32" in printed
+    assert main(["verify", str(out), str(tmp_path / "nothing")]) == 1
+    captured = capsys.readouterr()
+    assert "OK " in captured.out and "not a directory" in captured.err
