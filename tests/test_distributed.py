@@ -7,6 +7,7 @@ torchrun or with torchrun's environment set by hand, and kill their whole proces
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -154,6 +155,25 @@ def test_staleness_zero_matches_one_local_table_exactly():
                 assert int(k) not in tr.tables[(other, "t")]
     # table-wide ops went through the collective (two barriers each)
     assert tr.barriers == 2 * 4  # 3 shrinks + 1 end_day
+
+
+def test_nan_skip_policy_matches_local_table():
+    # Property: under nan_policy="skip" each bad input row is skipped and counted, as in one local table;
+    # a bad row never poisons the merged gradient of the good rows with the same key.
+    cfg = dataclasses.replace(_cfg(), nan_policy="skip")
+    tr = MemoryTransport(2)
+    t = ShardedTable("t", cfg, tr, 1, 0, 1, lambda: None)
+    local = _C.Table(cfg.to_dict())
+    rng = np.random.default_rng(5)
+    universe = np.arange(1, 40, dtype=np.int64)
+    for _ in range(4):
+        keys, grads, shows, clicks, slots = _batch(rng, universe, 64, 3)
+        grads[rng.random(64) < 0.1, 1] = np.nan
+        grads[3, 0] = np.inf
+        assert t.push(keys, grads, shows, clicks, slots) == local.push(keys, grads, shows, clicks, slots) > 0
+        t.flush()
+        np.testing.assert_array_equal(t.pull(universe, True), local.pull(universe, True))
+    assert t.stats()["rejected"] == local.stats()["rejected"] > 0
 
 
 def test_route_spreads_keys_and_is_stable():

@@ -76,6 +76,7 @@ class ShardedTable:
         self._inflight = 0
         self.max_inflight = max_inflight or max(4, 2 * (self.max_staleness + 1)) * self.num_servers
         self.timers: Dict[str, float] = dict.fromkeys(_TIMER_NAMES, 0.0)
+        self._plan_cache = None
         cfg = config.to_dict()
         handles = [transport.create_table(s, name, cfg) for s in range(self.num_servers)]
         for h in handles:
@@ -98,6 +99,23 @@ class ShardedTable:
             start += n
         return out
 
+    def _plan(self, keys: np.ndarray):
+        """``(unique keys, inverse index, parts by server)`` of ``keys``.
+
+        A push usually carries the keys of the pull just before it, so the last plan is kept with a copy of
+        its keys and reused when the new keys are equal (a 0.1 ms comparison instead of a new dedup).
+        """
+        cached = self._plan_cache
+        if cached is not None and cached[0].shape == keys.shape and np.array_equal(cached[0], keys):
+            return cached[1]
+        # torch.unique(sorted=False) is a hash-based dedup, about twice as fast as np.unique's sort
+        u, inv = torch.unique(torch.from_numpy(keys), sorted=False, return_inverse=True)
+        uniq = u.numpy()
+        inverse = inv.numpy()
+        plan = (uniq, inverse, self._split(uniq))
+        self._plan_cache = (keys.copy(), plan)
+        return plan
+
     def _wait_steps(self, keep: int) -> None:
         """Wait until at most ``keep`` steps of pushes are unacknowledged."""
         while len(self._steps) > keep:
@@ -109,7 +127,11 @@ class ShardedTable:
                 self._inflight -= len(step)
 
     def _wait_oldest_push(self) -> None:
+        while len(self._steps) > 1 and not self._steps[0]:
+            self._steps.popleft()
         step = self._steps[0]
+        if not step:
+            return
         h = step.pop(0)
         self._inflight -= 1
         if not step and len(self._steps) > 1:  # the open (last) step stays, even empty
@@ -127,8 +149,7 @@ class ShardedTable:
         n = keys.shape[0]
         if n == 0:
             return np.zeros((0, width), np.float32)
-        uniq, inverse = np.unique(keys, return_inverse=True)
-        parts = self._split(uniq)
+        uniq, inverse, parts = self._plan(keys)
         t2 = time.perf_counter()
         local = None
         handles = []
@@ -158,7 +179,7 @@ class ShardedTable:
                 rows = r
             else:
                 rows[pos] = r
-        out = rows[inverse.reshape(-1)]
+        out = rows[inverse]
         t4 = time.perf_counter()
         tm = self.timers
         tm["staleness_wait"] += t1 - t0
@@ -197,51 +218,59 @@ class ShardedTable:
             return 0
         if self.max_staleness == 0:
             self._wait_steps(0)
-        uniq, inverse = np.unique(keys, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        u = uniq.shape[0]
-        if u == n:
-            # no duplicates: a permutation
-            order = np.empty(n, np.int64)
-            order[inverse] = np.arange(n)
-            g = grads[order]
-            s_m = shows[order]
-            c_m = clicks[order]
-            sl_m = None if slots is None else slots[order]
-        else:
-            inv_t = torch.from_numpy(inverse)
-            g = torch.zeros((u, grads.shape[1]), dtype=torch.float32)
-            g.index_add_(0, inv_t, torch.from_numpy(grads))
-            g = g.numpy()
-            s_m = np.bincount(inverse, weights=shows, minlength=u).astype(np.float32)
-            c_m = np.bincount(inverse, weights=clicks, minlength=u).astype(np.float32)
-            sl_m = None
-            if slots is not None:
-                sl_m = np.empty(u, np.int32)
-                sl_m[inverse] = slots  # the last occurrence wins
         if not self._step_open:
             self._steps.append([])
             self._step_open = True
-        step = self._steps[-1]
-        for s, pos in self._split(uniq):
-            while self._inflight >= self.max_inflight:
-                self._wait_oldest_push()
-            if pos is None:
-                args = (uniq, g, s_m, c_m, sl_m)
-            else:
-                args = (
-                    uniq[pos],
-                    np.ascontiguousarray(g[pos]),
-                    s_m[pos],
-                    c_m[pos],
-                    None if sl_m is None else sl_m[pos],
-                )
-            step.append(self._transport.push(s, self.name, *args))
-            self._inflight += 1
+        if skipped:
+            # nan_policy="skip": the table skips (and counts) each bad input row; merging one into a good
+            # row would poison the sum, so the bad rows travel unmerged to their owners.
+            for s, pos in self._split(keys[bad]):
+                idx = np.flatnonzero(bad) if pos is None else np.flatnonzero(bad)[pos]
+                self._send(s, keys[idx], grads[idx], shows[idx], clicks[idx], None if slots is None else slots[idx])
+            good = ~bad
+            keys, grads, shows, clicks = keys[good], grads[good], shows[good], clicks[good]
+            slots = None if slots is None else slots[good]
+            n = keys.shape[0]
+        if n:
+            self._push_merged(keys, grads, shows, clicks, slots)
         if self.max_staleness == 0:
             self._wait_steps(0)
         self.timers["push"] += time.perf_counter() - t0
         return skipped
+
+    def _push_merged(self, keys, grads, shows, clicks, slots) -> None:
+        """Merge duplicates exactly as ``_C.Table.push`` does (float32 sums in input order, last slot) and send."""
+        n = keys.shape[0]
+        uniq, inverse, parts = self._plan(keys)
+        u = uniq.shape[0]
+        if u == n:  # no duplicates: a permutation
+            order = np.empty(n, np.int64)
+            order[inverse] = np.arange(n)
+            g, s_m, c_m = grads[order], shows[order], clicks[order]
+            sl_m = None if slots is None else slots[order]
+        else:
+            inv_t = torch.from_numpy(inverse)
+            g = torch.zeros((u, grads.shape[1]), dtype=torch.float32).index_add_(0, inv_t, torch.from_numpy(grads))
+            g = g.numpy()
+            s_m = torch.zeros(u, dtype=torch.float32).index_add_(0, inv_t, torch.from_numpy(shows)).numpy()
+            c_m = torch.zeros(u, dtype=torch.float32).index_add_(0, inv_t, torch.from_numpy(clicks)).numpy()
+            sl_m = None
+            if slots is not None:  # the slot of the last occurrence
+                last = torch.full((u,), -1, dtype=torch.int64)
+                last.scatter_reduce_(0, inv_t, torch.arange(n), reduce="amax")
+                sl_m = slots[last.numpy()]
+        for s, pos in parts:
+            if pos is None:
+                self._send(s, uniq, g, s_m, c_m, sl_m)
+            else:
+                self._send(s, uniq[pos], np.ascontiguousarray(g[pos]), s_m[pos], c_m[pos],
+                           None if sl_m is None else sl_m[pos])
+
+    def _send(self, s, keys, grads, shows, clicks, slots) -> None:
+        while self._inflight >= self.max_inflight:
+            self._wait_oldest_push()
+        self._steps[-1].append(self._transport.push(s, self.name, keys, grads, shows, clicks, slots))
+        self._inflight += 1
 
     def flush(self) -> None:
         """Wait until every push issued by this trainer has been applied."""
