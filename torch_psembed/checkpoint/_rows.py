@@ -75,50 +75,53 @@ def write_part(dirpath: str, part: int, rows: Dict[str, np.ndarray], num_buckets
     """Write one writer part of a save into ``dirpath`` (bucketed, checksummed, fsynced).
 
     Returns the part's manifest fragment: ``{"part", "rows", "rows_with_mf", "tombstones", "files": [...]}``.
-    Buckets without rows get no files.
+    Buckets without rows get no files. Rows keep their input order inside a bucket.
     """
     keys = rows["keys"]
     n = keys.shape[0]
     buckets = F.bucket_of(keys, num_buckets) if n else np.zeros(0, np.int32)
-    small = buckets.astype(np.uint8 if num_buckets <= 256 else np.uint16)
-    # Stable radix sort on a small integer type: O(n) and keeps the key order inside each bucket.
-    order = np.argsort(small, kind="stable")
     counts = np.bincount(buckets, minlength=num_buckets)
+    # Stable radix sort on a small integer type: O(n) and keeps the input order inside each bucket.
+    order = np.argsort(buckets.astype(np.uint8 if num_buckets <= 256 else np.uint16), kind="stable")
+    del buckets
     bounds = np.concatenate([[0], np.cumsum(counts)])
-    sorted_rows = take_rows(rows, order)
-    has = sorted_rows["has_mf"]
-    mf_bounds = np.concatenate([[0], np.cumsum(has, dtype=np.int64)])[bounds]
+    has_all = rows["has_mf"]
+    mf_pos = mf_index(has_all)
 
-    jobs: List[Tuple[str, np.ndarray, Dict[str, Any]]] = []
-    for b in np.flatnonzero(counts):
-        lo, hi = int(bounds[b]), int(bounds[b + 1])
-        mlo, mhi = int(mf_bounds[b]), int(mf_bounds[b + 1])
+    def bucket_job(b: int) -> List[Dict[str, Any]]:
+        # Each thread gathers its own bucket (numpy fancy indexing releases the GIL), then checksums,
+        # writes and fsyncs it: no whole-table reordered copy is ever made.
+        idx = order[bounds[b]:bounds[b + 1]]
+        has = has_all[idx]
+        out = []
         for col, arr in (
-            ("keys", sorted_rows["keys"][lo:hi]),
-            ("base", sorted_rows["base"][lo:hi]),
-            ("has_mf", has[lo:hi]),
-            ("mf", sorted_rows["mf"][mlo:mhi]),
+            ("keys", keys[idx]),
+            ("base", rows["base"][idx]),
+            ("has_mf", has),
+            ("mf", rows["mf"][mf_pos[idx[has.astype(bool)]]]),
         ):
-            name = F.bucket_file(int(b), part, col)
-            jobs.append((name, arr, {"name": name, "column": col, "bucket": int(b), "part": part,
-                                     "rows": int(arr.shape[0])}))
-    tomb = np.ascontiguousarray(rows["tombstones"], dtype=np.int64)
-    name = F.tombstone_file(part)
-    jobs.append((name, tomb, {"name": name, "column": "tombstones", "bucket": None, "part": part,
-                              "rows": int(tomb.shape[0])}))
+            name = F.bucket_file(b, part, col)
+            entry = {"name": name, "column": col, "bucket": b, "part": part, "rows": int(arr.shape[0])}
+            entry.update(F.write_array(os.path.join(dirpath, name), arr))
+            out.append(entry)
+        return out
 
-    def one(job):
-        fname, arr, entry = job
-        entry.update(F.write_array(os.path.join(dirpath, fname), arr))
-        return entry
+    def tomb_job() -> List[Dict[str, Any]]:
+        tomb = np.ascontiguousarray(rows["tombstones"], dtype=np.int64)
+        name = F.tombstone_file(part)
+        entry = {"name": name, "column": "tombstones", "bucket": None, "part": part, "rows": int(tomb.shape[0])}
+        entry.update(F.write_array(os.path.join(dirpath, name), tomb))
+        return [entry]
 
     with ThreadPoolExecutor(IO_THREADS) as pool:
-        files = list(pool.map(one, jobs))
+        futures = [pool.submit(bucket_job, int(b)) for b in np.flatnonzero(counts)]
+        futures.append(pool.submit(tomb_job))
+        files = [e for f in futures for e in f.result()]
     return {
         "part": part,
         "rows": int(n),
         "rows_with_mf": int(rows["mf"].shape[0]),
-        "tombstones": int(tomb.shape[0]),
+        "tombstones": int(rows["tombstones"].shape[0]),
         "files": files,
     }
 

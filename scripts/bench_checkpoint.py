@@ -1,0 +1,128 @@
+"""Checkpoint save/load throughput, beside torch.save/torch.load of the same rows as dense tensors.
+
+Workloads (one process = one rank; the table is filled with load_rows, not trained):
+  save       SparseTable.save(path, "checkpoint"): export + bucketed column files + crc32 + fsync + manifest
+  load       SparseTable.load(path) into an empty table: read + verify every file + load_rows
+  export     the _C export alone (the in-memory snapshot that save starts with)
+  load_rows  the _C load_rows alone (the insert that load ends with)
+  torch.save torch.save of {keys, base, has_mf, mf} tensors (+ fsync, as the checkpoint does)
+  torch.load torch.load of that file
+MB/s counts the bytes of the row data (what the files hold). Both sides read files the page cache may hold
+(they were just written), so load figures are best cases for both.
+
+    python scripts/bench_checkpoint.py                 # 10M keys, dim 8, AdaGrad
+    python scripts/bench_checkpoint.py --keys 1000000  # a small run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch_psembed as pse  # noqa: E402
+from torch_psembed.checkpoint import _format as F  # noqa: E402
+
+
+def synthetic_rows(n: int, base_width: int, mf_width: int, mf_fraction: float, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    keys = rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64)
+    base = rng.random((n, base_width), dtype=np.float32)
+    base[:, 0] = rng.integers(0, 100, n)
+    base[:, 1] = np.floor(base[:, 0] * rng.random(n, dtype=np.float32))
+    base[:, 3] = rng.integers(0, 30, n)
+    base[:, 4] = rng.integers(0, 1000, n)
+    has = (rng.random(n) < mf_fraction).astype(np.uint8)
+    mf = rng.standard_normal((int(has.sum()), mf_width), dtype=np.float32)
+    return keys, base, has, mf
+
+
+def best(fn, repeat: int):
+    times = []
+    out = None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--keys", type=int, default=10_000_000)
+    p.add_argument("--dim", type=int, default=8)
+    p.add_argument("--mf-fraction", type=float, default=1.0, help="fraction of rows with an mf vector")
+    p.add_argument("--buckets", type=int, default=F.DEFAULT_NUM_BUCKETS)
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
+    args = p.parse_args()
+
+    cfg = pse.TableConfig(dim=args.dim, lr_optimizer=pse.AdaGrad(), mf_optimizer=pse.AdaGrad())
+    table = pse.SparseTable(cfg)
+    b = table._backend
+    t0 = time.perf_counter()
+    keys, base, has, mf = synthetic_rows(args.keys, b.base_width, b.mf_width, args.mf_fraction)
+    b.load_rows(keys, base, has, mf)
+    fill = time.perf_counter() - t0
+    data_bytes = keys.nbytes + base.nbytes + has.nbytes + mf.nbytes
+    del keys, base, has, mf
+    workdir = tempfile.mkdtemp(dir=args.dir)
+    ck = os.path.join(workdir, "ck")
+    print(f"# {args.keys:,} keys, dim {args.dim}, AdaGrad, {args.mf_fraction:.0%} with mf: "
+          f"{data_bytes / 1e6:.0f} MB of row data (filled in {fill:.1f} s); torch {torch.__version__}, "
+          f"{os.cpu_count()} cpus; dir {workdir}")
+
+    t_export, snap = best(lambda: b.export("checkpoint"), args.repeat)
+    t_save, summary = best(lambda: table.save(ck), args.repeat)
+    file_bytes = summary["bytes"]
+    t2 = pse.SparseTable(cfg)
+    t_load, _ = best(lambda: t2.load(ck), args.repeat)
+    assert len(t2) == args.keys
+    del t2
+    t3 = pse.SparseTable(cfg)
+    t_load_rows, _ = best(lambda: t3._backend.load_rows(snap["keys"], snap["base"], snap["has_mf"], snap["mf"]),
+                          args.repeat)
+    del t3
+
+    dense = {k: torch.from_numpy(snap[k]) for k in ("keys", "base", "has_mf", "mf")}
+    tpath = os.path.join(workdir, "dense.pt")
+
+    def torch_save():
+        torch.save(dense, tpath)
+        with open(tpath, "rb+") as f:
+            os.fsync(f.fileno())
+
+    t_tsave, _ = best(torch_save, args.repeat)
+    t_tload, loaded = best(lambda: torch.load(tpath), args.repeat)
+    assert torch.equal(loaded["keys"], dense["keys"])
+    tfile = os.path.getsize(tpath)
+    del loaded, dense, snap
+
+    mb = data_bytes / 1e6
+    rows = [
+        ("save (checkpoint)", t_save, mb / t_save),
+        ("  of which _C export", t_export, mb / t_export),
+        ("load", t_load, mb / t_load),
+        ("  of which _C load_rows", t_load_rows, mb / t_load_rows),
+        ("torch.save (+fsync)", t_tsave, mb / t_tsave),
+        ("torch.load", t_tload, mb / t_tload),
+    ]
+    print(f"{'workload':26s} {'seconds':>8s} {'MB/s':>8s}")
+    for name, s, r in rows:
+        print(f"{name:26s} {s:8.2f} {r:8.0f}")
+    print(f"file size per key: checkpoint {file_bytes / args.keys:.1f} B ({len(F.read_manifest(ck)['files'])} files), "
+          f"torch.save {tfile / args.keys:.1f} B")
+    print(f"ratios: save/torch.save time {t_save / t_tsave:.2f}x, load/torch.load time {t_load / t_tload:.2f}x")
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
