@@ -262,13 +262,20 @@ def _wait_for_trainers(st: _Runtime) -> None:
                 probes.append((r, rpc.rpc_async(worker_name(r), server.ping, timeout=st.rpc_timeout)))
             except Exception as e:  # noqa: BLE001
                 raise _failure(r, "liveness probe while waiting for the trainers to finish", e) from e
+        dead = []
         for r, fut in probes:
             try:
                 fut.wait()
             except Exception as e:  # noqa: BLE001
-                if r in server.done_ranks():
-                    continue  # finished meanwhile
-                raise _failure(r, "liveness probe while waiting for the trainers to finish", e) from e
+                if r not in server.done_ranks():  # (a rank that finished meanwhile is not dead)
+                    dead.append((r, e))
+        if dead:
+            # Name every rank that is gone: when one dies, others often fail right after it (DDP, requests).
+            names = ", ".join(str(r) for r, _ in dead)
+            what = "liveness probe while waiting for the trainers to finish"
+            if len(dead) > 1:
+                what += f" (ranks {names} are all unavailable)"
+            raise _failure(dead[0][0], what, dead[0][1]) from dead[0][1]
 
 
 def _serve_until_done(st: _Runtime) -> None:
