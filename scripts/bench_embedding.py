@@ -75,11 +75,16 @@ def time_steps(step, batches, warmup: int):
 
 
 def bench_psembed(args, batches, g):
-    cfg = pse.TableConfig(dim=args.dim, lr_optimizer=pse.AdaGrad(initial_range=0.0), mf_optimizer=pse.AdaGrad())
+    cfg = pse.TableConfig(
+        dim=args.dim,
+        lr_optimizer=pse.AdaGrad(initial_range=0.0),
+        mf_optimizer=pse.AdaGrad(),
+        num_threads=args.table_threads,
+    )
     table = pse.SparseTable(cfg)
     keys = torch.unique(torch.cat([b.reshape(-1) for b in batches]))
     # warm: every id of the run has its row and its mf vector (score 100 * nonclk 0.1 >= embedx_threshold)
-    for chunk in keys.split(1 << 20):
+    for chunk in keys.split(1 << 16):
         n = chunk.numel()
         table.push(chunk, torch.zeros(n, 1 + args.dim), torch.full((n,), 100.0), torch.zeros(n))
     emb = pse.PSEmbedding(table, output="mf")
@@ -176,6 +181,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="timed steps per system")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--ids", choices=["zipf", "uniform", "both"], default="both")
+    p.add_argument("--table-threads", type=int, default=0, help="TableConfig.num_threads (0: all cores)")
     p.add_argument("--skip", default="", help="comma list of systems to skip: eb_adagrad,eb_sparseadam,torchrec")
     args = p.parse_args(argv)
     skip = {s for s in args.skip.split(",") if s}

@@ -73,35 +73,45 @@ def _batch(mode, form):
     "mode,form", [(None, None), ("sum", "2d"), ("sum", "offsets"), ("mean", "2d"), ("mean", "include_last")]
 )
 @pytest.mark.parametrize("padding", [False, True])
-def test_pool_gradcheck_float64(mode, form, padding):
+@pytest.mark.parametrize("reducer", ["groups", "index_add"])
+def test_pool_gradcheck_float64(mode, form, padding, reducer):
     batch = _batch(mode, form)
-    keys, inverse, pad_row = PF.dedup(batch.ids, padding_id=3 if padding else None)
+    keys, inverse, pad_row, groups = PF.dedup(batch.ids, padding_id=3 if padding else None)
+    if reducer == "index_add":
+        groups = None  # the backward without the sort's groups
     u = keys.numel() + (pad_row is not None)
     rows = torch.randn(u, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda r: PF.pool(r, inverse, batch, mode, pad_row), (rows,))
+    assert torch.autograd.gradcheck(lambda r: PF.pool(r, inverse, batch, mode, pad_row, groups), (rows,))
 
 
 def test_pool_gradcheck_per_sample_weights_float64():
     ids = torch.tensor([4, 1, 4, 2, 2, 0, 4])
     psw = torch.rand(7, dtype=torch.float64, requires_grad=True)
-    keys, inverse, _ = PF.dedup(ids)
+    keys, inverse, _, groups = PF.dedup(ids)
     rows = torch.randn(keys.numel(), 4, dtype=torch.float64, requires_grad=True)
 
     def f(r, w):
         b = PF.check_input(ids, torch.tensor([0, 3, 3, 5]), w, mode="sum", weight_dtype=torch.float64)
-        return PF.pool(r, inverse, b, "sum")
+        return PF.pool(r, inverse, b, "sum", None, groups)
 
     assert torch.autograd.gradcheck(f, (rows, psw))
 
 
 def test_dedup_leaves_padding_out():
     ids = torch.tensor([9, -5, 7, -5, 9, 2**62])
-    keys, inverse, pad = PF.dedup(ids, padding_id=-5)
+    keys, inverse, pad, groups = PF.dedup(ids, padding_id=-5)
     assert keys.tolist() == [7, 9, 2**62] and pad == 3
     full = torch.cat([keys, torch.tensor([-5])])
     assert torch.equal(full[inverse], ids)
-    keys2, inverse2, pad2 = PF.dedup(ids, padding_id=123)
+    assert groups.padding_pos == 0 and groups.starts.tolist() == [0, 2, 3, 5]  # -5, -5 | 7 | 9, 9 | 2**62
+    assert ids[groups.order].tolist() == [-5, -5, 7, 9, 9, 2**62]
+    keys2, inverse2, pad2, _ = PF.dedup(ids, padding_id=123)
     assert pad2 is None and torch.equal(keys2[inverse2], ids)
+    u, inv = torch.unique(ids, sorted=True, return_inverse=True)
+    k3, inv3, _, _ = PF.dedup(ids)
+    assert torch.equal(k3, u) and torch.equal(inv3, inv)
+    empty = PF.dedup(torch.empty(0, dtype=torch.int64), padding_id=0)
+    assert empty.keys.numel() == 0 and empty.inverse.numel() == 0
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -180,16 +180,16 @@ class BackwardMark(torch.autograd.Function):
 class Pool(torch.autograd.Function):
     """The pooling math with a fast backward: see :func:`torch_psembed.functional.pool`.
 
-    ``apply(rows, per_sample_weights, inverse, batch, mode, padding_row)``; gradients for ``rows`` and
+    ``apply(rows, per_sample_weights, inverse, batch, mode, padding_row, groups)``; gradients for ``rows`` and
     ``per_sample_weights``.
     """
 
     @staticmethod
-    def forward(ctx, rows, psw, inverse, batch, mode, padding_row):  # type: ignore[override]
+    def forward(ctx, rows, psw, inverse, batch, mode, padding_row, groups=None):  # type: ignore[override]
         from .functional import pool_forward
 
         ctx.save_for_backward(rows, psw, inverse)
-        ctx.batch, ctx.mode, ctx.padding_row = batch, mode, padding_row
+        ctx.batch, ctx.mode, ctx.padding_row, ctx.groups = batch, mode, padding_row, groups
         return pool_forward(rows, psw, inverse, batch, mode, padding_row)
 
     @staticmethod
@@ -200,6 +200,6 @@ class Pool(torch.autograd.Function):
         rows, psw, inverse = ctx.saved_tensors
         need_rows, need_psw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_rows, grad_psw = pool_backward(
-            grad, rows, psw, inverse, ctx.batch, ctx.mode, ctx.padding_row, need_rows, need_psw
+            grad, rows, psw, inverse, ctx.batch, ctx.mode, ctx.padding_row, need_rows, need_psw, ctx.groups
         )
-        return grad_rows, grad_psw, None, None, None, None
+        return grad_rows, grad_psw, None, None, None, None, None

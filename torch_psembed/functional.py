@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import _autograd
 
-__all__ = ["ps_embedding", "pool", "pool_forward", "pool_backward", "output_dim", "Batch", "check_input", "dedup", "MODES", "OUTPUTS"]
+__all__ = ["ps_embedding", "pool", "pool_forward", "pool_backward", "output_dim", "Batch", "check_input", "dedup", "Dedup", "Groups", "MODES", "OUTPUTS"]
 
 MODES = (None, "sum", "mean")
 
@@ -196,23 +196,49 @@ def check_input(
     return Batch(input, (input.numel(),), offsets, per_sample_weights, b, include_last_offset)
 
 
-def dedup(ids: Tensor, padding_id: Optional[int] = None) -> Tuple[Tensor, Tensor, Optional[int]]:
-    """``(keys, inverse, padding_row)``: the unique ids to pull and where each id's row is.
+class Groups(NamedTuple):
+    """The ids grouped by value, from the sort :func:`dedup` does anyway: lets the backward reduce the gradient
+    with one ``embedding_bag`` (parallel) instead of a serial ``index_add_``.
 
-    ``keys[inverse] == ids`` except at ``padding_id``, which is left out of ``keys`` and mapped to
-    ``padding_row = len(keys)`` (a zero row appended after the pulled rows); ``padding_row`` is None when
-    ``padding_id`` does not occur.
+    ``order`` lists the positions of the ids sorted by id, so each id's occurrences are contiguous;
+    ``starts[j]`` is where the j-th distinct id (ascending, the padding id included) starts in ``order``;
+    ``padding_pos`` is the padding id's j (None without padding).
     """
-    keys, inverse = torch.unique(ids, sorted=True, return_inverse=True)
-    if padding_id is None or keys.numel() == 0:
-        return keys, inverse, None
+
+    order: Tensor
+    starts: Tensor
+    padding_pos: Optional[int]
+
+
+class Dedup(NamedTuple):
+    """``keys[inverse] == ids`` except at the padding id, which is left out of ``keys`` and mapped to
+    ``padding_row = len(keys)`` (a zero row appended after the pulled rows; None when the padding id does not
+    occur). ``keys`` is ascending."""
+
+    keys: Tensor
+    inverse: Tensor
+    padding_row: Optional[int]
+    groups: Groups
+
+
+def dedup(ids: Tensor, padding_id: Optional[int] = None) -> Dedup:
+    """The unique ids to pull and where each id's row is (``torch.unique(sorted=True, return_inverse=True)``
+    semantics, computed from one ``torch.sort`` whose permutation is kept for the backward)."""
+    n = ids.numel()
+    sorted_ids, order = torch.sort(ids)
+    keys, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    u = keys.numel()
+    inverse = torch.empty(n, dtype=torch.int64)
+    inverse[order] = torch.repeat_interleave(torch.arange(u), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    if padding_id is None or u == 0:
+        return Dedup(keys, inverse, None, Groups(order, starts, None))
     p = int(torch.searchsorted(keys, keys.new_tensor([padding_id]))[0])
-    if p == keys.numel() or int(keys[p]) != padding_id:
-        return keys, inverse, None
-    u = keys.numel() - 1
+    if p == u or int(keys[p]) != padding_id:
+        return Dedup(keys, inverse, None, Groups(order, starts, None))
     keys = torch.cat([keys[:p], keys[p + 1 :]])
-    inverse = torch.where(inverse == p, u, inverse - (inverse > p).long())
-    return keys, inverse, u
+    inverse = torch.where(inverse == p, u - 1, inverse - (inverse > p).long())
+    return Dedup(keys, inverse, u - 1, Groups(order, starts, p))
 
 
 def pool(
@@ -221,11 +247,13 @@ def pool(
     batch: Batch,
     mode: Optional[str],
     padding_row: Optional[int] = None,
+    groups: Optional[Groups] = None,
 ) -> Tensor:
     """The output from the unique rows: ``nn.Embedding``/``nn.EmbeddingBag`` over ``rows`` at ``inverse``.
 
     The forward runs ``F.embedding``/``F.embedding_bag`` themselves; the backward (:class:`~torch_psembed.
-    _autograd.Pool`) is a gather + ``index_add_`` that is several times faster on CPU than their dense backward.
+    _autograd.Pool`) reduces the gradient with one ``embedding_bag`` over the id groups of ``groups`` (or an
+    ``index_add_`` without them), several times faster on CPU than their own dense backward.
 
     Args:
         rows (Tensor): ``(U, D)`` rows, any float dtype (``batch.per_sample_weights`` must match it).
@@ -234,8 +262,9 @@ def pool(
         mode (str or None): ``None``, ``"sum"`` or ``"mean"``.
         padding_row (int, optional): a row left out of bags (and of mean's count), as ``padding_idx`` does in
             ``nn.EmbeddingBag``. For ``mode=None`` it is read like any row: the caller keeps it at zero.
+        groups (Groups, optional): from :func:`dedup`, for the fast backward.
     """
-    return _autograd.Pool.apply(rows, batch.per_sample_weights, inverse, batch, mode, padding_row)
+    return _autograd.Pool.apply(rows, batch.per_sample_weights, inverse, batch, mode, padding_row, groups)
 
 
 def pool_forward(rows: Tensor, psw: Optional[Tensor], inverse: Tensor, batch: Batch, mode, padding_row) -> Tensor:
@@ -266,6 +295,7 @@ def pool_backward(
     padding_row,
     need_rows: bool,
     need_psw: bool,
+    groups: Optional[Groups] = None,
 ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """Gradients of :func:`pool` for ``rows`` (one row per unique id) and ``per_sample_weights``.
 
@@ -275,16 +305,17 @@ def pool_backward(
     """
     d = grad.shape[-1]
     if mode is None:
-        g_occ = grad.reshape(-1, d)
+        src_rows = grad.reshape(-1, d)  # id i's gradient is row i
+        out_of_id = None  # identity
         w = None
     else:
-        bag = batch.instance_of_each_id()
-        g_occ = grad.index_select(0, bag)
+        src_rows = grad.contiguous()
+        out_of_id = batch.instance_of_each_id()
         valid = None if padding_row is None else (inverse != padding_row)
         if mode == "mean":
-            counted = bag if valid is None else bag[valid]
+            counted = out_of_id if valid is None else out_of_id[valid]
             counts = torch.bincount(counted, minlength=batch.num_instances).clamp_(min=1).to(grad.dtype)
-            w = counts.reciprocal().index_select(0, bag)
+            w = counts.reciprocal().index_select(0, out_of_id)
             if valid is not None:
                 w = w * valid
         elif psw is not None:
@@ -295,9 +326,20 @@ def pool_backward(
             w = None if valid is None else valid.to(grad.dtype)
     grad_rows = grad_psw = None
     if need_rows:
-        src = g_occ if w is None else g_occ * w.unsqueeze(1)
-        grad_rows = torch.zeros(rows.shape, dtype=grad.dtype).index_add_(0, inverse, src)
+        if groups is not None and inverse.numel() > 0:
+            # sum over each id's occurrences = an embedding_bag over the gradient rows, one bag per unique id
+            src = groups.order if out_of_id is None else out_of_id.index_select(0, groups.order)
+            wo = None if w is None else w.index_select(0, groups.order)
+            by_key = F.embedding_bag(src, src_rows, groups.starts, mode="sum", per_sample_weights=wo)
+            p = groups.padding_pos
+            grad_rows = by_key if p is None else torch.cat([by_key[:p], by_key[p + 1 :], by_key[p : p + 1]])
+        else:
+            src = src_rows if out_of_id is None else src_rows.index_select(0, out_of_id)
+            if w is not None:
+                src = src * w.unsqueeze(1)
+            grad_rows = torch.zeros(rows.shape, dtype=grad.dtype).index_add_(0, inverse, src)
     if need_psw and psw is not None:
+        g_occ = src_rows if out_of_id is None else src_rows.index_select(0, out_of_id)
         gp = (g_occ * rows.index_select(0, inverse)).sum(1)
         if padding_row is not None:
             gp = gp * (inverse != padding_row)
@@ -334,7 +376,7 @@ def ps_embedding(
         )
     t0 = time.perf_counter() if timings is not None else 0.0
     batch = check_input(input, offsets, per_sample_weights, mode, include_last_offset)
-    keys, inverse, padding_row = dedup(batch.ids, padding_id)
+    keys, inverse, padding_row, groups = dedup(batch.ids, padding_id)
     if timings is not None:
         t1 = time.perf_counter()
         timings.add("unique", t1 - t0)
@@ -367,7 +409,7 @@ def ps_embedding(
         with torch.no_grad():
             rows = _autograd.pull_rows(table, keys, output, padding_row, timings)
     t2 = time.perf_counter() if timings is not None else 0.0
-    out = pool(rows, inverse, batch, mode, padding_row)
+    out = pool(rows, inverse, batch, mode, padding_row, groups)
     if timings is not None:
         timings.add("pool", time.perf_counter() - t2)
         if grad_needed:
