@@ -513,3 +513,142 @@ def test_save_is_one_moment_under_concurrent_pushes(tmp_path):
     total = sum(counts) * ACC.nonclk_coeff  # each push: show 1, click 0 -> score 0.25 per key
     assert np.all(final["base"][sel, 0] == sum(counts))
     np.testing.assert_array_equal(final["base"][sel, 2] + saved_delta, np.full(group.size, total))
+
+
+# -- a real sharded table: save from 2 ranks, load into 1, 2 and 3 -----------------------------------------
+# This file is also the job script: `python tests/test_checkpoint.py dist-worker DIR` with torchrun's
+# environment, one process per rank (each rank trains and serves a part of the table).
+
+def _dump_state(local, index, num):
+    """Collective step: a server's whole state (module level so that it pickles by reference)."""
+    return local.export("checkpoint")
+
+
+def _dist_worker(workdir: str) -> None:
+    import torch_psembed.distributed as D
+
+    pse.init(max_staleness=0)
+    rank = D.trainer_rank()
+    rng = np.random.default_rng(100 + rank)
+    t = pse.SparseTable(config(), name="ck")
+    assert getattr(t._backend, "is_sharded", False)
+    pool = np.concatenate([np.arange(1, 200, dtype=np.int64), rng.integers(0, 2**62, 300, dtype=np.int64)])
+    for day in range(3):
+        for _ in range(3):
+            t.pull(pool[:8])  # a training step: pull, then push
+            push_random(t, rng, pool)
+        t.end_day(day)
+    t.save(os.path.join(workdir, "ck2"))
+    states = t._backend.collective(_dump_state)
+    t.save(os.path.join(workdir, "base"), "base")
+    t.pull(pool[:8])
+    push_random(t, rng, pool)
+    t.save(os.path.join(workdir, "delta"), "delta")
+    pse.export(t, os.path.join(workdir, "srv"), dtype="float32", with_stats=True)
+    serving = t._backend.collective(_dump_state)
+
+    # Load back into another 2-rank table: every server holds exactly what it held.
+    t2 = pse.SparseTable(config(), name="ck_b")
+    t2.load(os.path.join(workdir, "ck2"))
+    assert t2.day == 2
+    for a, b in zip(t2._backend.collective(_dump_state), states):
+        assert_rows_equal(a, b)
+    t2.save(os.path.join(workdir, "ck2_again"))  # the restored pending tombstones are saved again
+    # base then delta on a third table: the same as the files say (checked again by the parent).
+    t3 = pse.SparseTable(config(), name="ck_c")
+    t3.load(os.path.join(workdir, "base"))
+    t3.load(os.path.join(workdir, "delta"))
+    # A save of 1 process (written by the parent before the job) loads into the 2 ranks.
+    t4 = pse.SparseTable(config(), name="ck_d")
+    t4.load(os.path.join(workdir, "single"))
+    if rank == 0:
+        np.savez(os.path.join(workdir, "states.npz"),
+                 **{f"{k}{i}": s[k] for i, s in enumerate(states) for k in ROW_KEYS + ("tombstones",)},
+                 **{f"c_{k}{i}": s[k] for i, s in enumerate(t3._backend.collective(_dump_state)) for k in ROW_KEYS},
+                 **{f"d_{k}{i}": s[k] for i, s in enumerate(t4._backend.collective(_dump_state)) for k in ROW_KEYS},
+                 **{f"s_{k}{i}": s[k] for i, s in enumerate(serving) for k in ROW_KEYS})
+    else:
+        t3._backend.collective(_dump_state)
+        t4._backend.collective(_dump_state)
+    pse.shutdown()
+
+
+def _union(npz, prefix: str, parts: int) -> dict:
+    return R.sort_by_key({**{k: np.concatenate([npz[f"{prefix}{k}{i}"] for i in range(parts)]) for k in ROW_KEYS},
+                          "tombstones": np.zeros(0, np.int64)})
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_rank_save_loads_into_1_2_and_3_parts(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    single = populated(n=300, seed=21)
+    single.save(tmp_path / "single")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = []
+    for r in range(2):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   PSEMBED_RPC_PORT=str(port + 1), OMP_NUM_THREADS="1",
+                   PYTHONPATH=repo + os.pathsep + env.get("PYTHONPATH", ""))
+        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "dist-worker", str(tmp_path)],
+                                      env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True))
+    outs = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=240)
+            outs.append((p.returncode, out))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+                p.wait()
+    assert all(rc == 0 for rc, _ in outs), "\n".join(f"rc={rc}\n{o[-3000:]}" for rc, o in outs)
+
+    npz = np.load(tmp_path / "states.npz")
+    whole = _union(npz, "", 2)
+    m = F.read_manifest(tmp_path / "ck2")
+    assert m["num_parts"] == 2 and m["rows"] == whole["keys"].size > 300 and m["day"] == 2
+    assert m["tombstones"] == sum(npz[f"tombstones{i}"].size for i in range(2)) > 0
+    for i in range(2):
+        assert np.all(_C.route(npz[f"keys{i}"], 2) == i)
+    again = saved_rows(tmp_path / "ck2_again")
+    assert_rows_equal(again, saved_rows(tmp_path / "ck2"))
+    assert sorted(again["tombstones"].tolist()) == sorted(saved_rows(tmp_path / "ck2")["tombstones"].tolist())
+    chain = {"base_id": None, "sequence": 0}
+    for parts in (1, 3):
+        dest = _parts(parts, config())
+        load_group(LocalParts(dest), config().to_dict(), chain, tmp_path / "ck2")
+        assert_rows_equal(R.sort_by_key(R.concat_rows([state(p) for p in dest])), whole)
+    # base then delta written by 2 ranks = the union the 2-rank table held after loading them.
+    c = pse.SparseTable(config())
+    c.load(tmp_path / "base")
+    c.load(tmp_path / "delta")
+    assert_rows_equal(state(c._backend), _union(npz, "c_", 2))
+    # the 1-process save, loaded into 2 ranks, is the single table's state.
+    assert_rows_equal(_union(npz, "d_", 2), state(single._backend))
+    # the export of the sharded table serves its rows with mf.
+    srv = _union(npz, "s_", 2)
+    inf = pse.InferenceEmbedding.load(tmp_path / "srv", output="cvm_lr_mf")
+    mf_keys = srv["keys"][srv["has_mf"] == 1]
+    assert len(inf) == mf_keys.size > 0
+    got = inf.pull(torch.from_numpy(mf_keys), with_stats=True).numpy()
+    rows = R.take_rows(srv, srv["has_mf"] == 1)
+    assert np.array_equal(got[:, :2], rows["base"][:, :2]) and np.array_equal(got[:, 2], rows["base"][:, 5])
+    assert np.array_equal(got[:, 3:], rows["mf"][:, :DIM])
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "dist-worker":
+        _dist_worker(sys.argv[2])
+    else:
+        raise SystemExit("usage: python tests/test_checkpoint.py dist-worker DIR")
