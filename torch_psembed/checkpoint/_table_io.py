@@ -400,7 +400,11 @@ def load_group(group: _Group, config_dict: Dict[str, Any], chain: Dict[str, Any]
     check_compatible(m, config_dict, path)
     check_chain(m, chain, path)
     group.flush()
-    results = group.run(_srv_stage_load, path, m)
+    try:
+        results = group.run(_srv_stage_load, path, m)
+    except BaseException:
+        group.run(_srv_drop_load, m["save_id"])  # a server failed otherwise (e.g. memory): free the others
+        raise
     bad = [r for r in results if r is not None]
     if bad:
         group.run(_srv_drop_load, m["save_id"])
