@@ -11,9 +11,9 @@ ids and for uniform ids over an id space of --rows ids):
                     DistributedModelParallel on CPU (gloo, world size 1) with fused row-wise Adagrad applied
                     in backward; skipped, with a message, when torchrec/fbgemm_gpu are not installed.
 
-Each reports samples/s (instances per second, from the mean wall time of --steps timed steps after --warmup
+Each reports samples/s (instances per second, from the median wall time of --steps timed steps after --warmup
 untimed ones, on pre-built inputs) and its ratio to psembed; psembed also prints the time per phase
-(unique, pull, pool, backward, push). The loss is the same for all: sum(out * G) / batch, G fixed.
+(unique, pull, pool, backward, push; medians). The loss is the same for all: sum(out * G) / batch, G fixed.
 
 Usage:
   python scripts/bench_embedding.py                          # full size: 4096 x 26, 10M ids, dim 8
@@ -66,12 +66,15 @@ def make_batches(kind: str, count: int, batch: int, slots: int, rows: int, seed:
 
 
 def time_steps(step, batches, warmup: int):
+    """Median wall time of one step over the timed steps (robust to the odd stall of a shared machine)."""
     for b in batches[:warmup]:
         step(b)
-    t0 = time.perf_counter()
+    times = []
     for b in batches[warmup:]:
+        t0 = time.perf_counter()
         step(b)
-    return (time.perf_counter() - t0) / max(1, len(batches) - warmup)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
 def bench_psembed(args, batches, g):
@@ -94,15 +97,18 @@ def bench_psembed(args, batches, g):
         out = emb(ids)  # (B, slots, dim)
         (out * g).sum().div(ids.shape[0]).backward()
 
-    timings = emb.enable_timing(False)
     for b in batches[: args.warmup]:
         step(b)
     timings = emb.enable_timing(True)
-    t0 = time.perf_counter()
+    times, phases = [], []
     for b in batches[args.warmup :]:
+        timings.reset()
+        t0 = time.perf_counter()
         step(b)
-    sec = (time.perf_counter() - t0) / max(1, len(batches) - args.warmup)
-    per_step = {k: v / max(1, timings.calls) for k, v in timings.totals.items()}
+        times.append(time.perf_counter() - t0)
+        phases.append(dict(timings.totals))
+    sec = float(np.median(times))
+    per_step = {k: float(np.median([p[k] for p in phases])) for k in timings.PHASES}
     assert len(table) == warm_rows, "the warm table should not grow during the timed steps"
     del table, emb
     return sec, per_step, warm_rows
