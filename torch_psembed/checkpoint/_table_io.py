@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -219,9 +220,30 @@ def _srv_apply_load(local, index, num, save_id, mode, day):
         if mode == "checkpoint" and rows["tombstones"].size:
             _restore_tombstones(local, rows["tombstones"])
     if rows["keys"].size:
-        local.load_rows(rows["keys"], rows["base"], rows["has_mf"], rows["mf"])
+        _load_rows_parallel(local, rows)
     local.day = int(day)
     return int(rows["keys"].shape[0])
+
+
+LOAD_CHUNK_ROWS = 250_000
+
+
+def _load_rows_parallel(local, rows: Dict[str, np.ndarray]) -> None:
+    """``local.load_rows`` in contiguous chunks from a few threads (it releases the GIL; keys are unique)."""
+    n = rows["keys"].shape[0]
+    chunks = max(1, min(8, n // LOAD_CHUNK_ROWS))
+    if chunks == 1:
+        local.load_rows(rows["keys"], rows["base"], rows["has_mf"], rows["mf"])
+        return
+    bounds = np.linspace(0, n, chunks + 1).astype(np.int64)
+    mf_bounds = np.concatenate([[0], np.cumsum(rows["has_mf"], dtype=np.int64)])[bounds]
+
+    def one(i: int) -> None:
+        lo, hi, mlo, mhi = bounds[i], bounds[i + 1], mf_bounds[i], mf_bounds[i + 1]
+        local.load_rows(rows["keys"][lo:hi], rows["base"][lo:hi], rows["has_mf"][lo:hi], rows["mf"][mlo:mhi])
+
+    with ThreadPoolExecutor(min(chunks, 4)) as pool:
+        list(pool.map(one, range(chunks)))
 
 
 def _restore_tombstones(local, keys: np.ndarray) -> None:
