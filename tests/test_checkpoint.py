@@ -166,7 +166,10 @@ def _parts(n: int, cfg) -> list:
     return [_C.Table(cfg.to_dict()) for _ in range(n)]
 
 
-def test_save_from_2_parts_loads_into_1_and_3(tmp_path):
+def test_save_from_2_parts_loads_into_1_and_3(tmp_path, monkeypatch):
+    from torch_psembed.checkpoint import _table_io
+
+    monkeypatch.setattr(_table_io, "LOAD_CHUNK_ROWS", 64)  # load_rows in several threads, as for big loads
     cfg = config()
     whole = populated("adagrad", n=900, seed=3)
     snap = state(whole._backend)

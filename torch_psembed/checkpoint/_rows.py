@@ -196,7 +196,6 @@ def read_rows(
     if has.size and has.max() > 1:
         raise CorruptCheckpointError(f"{ddir}: a has_mf file holds a value other than 0 or 1", ddir)
     off = 0
-    moff = 0
     for key in row_groups:
         cols = groups[key]
         r = cols["keys"]["rows"]
@@ -210,7 +209,6 @@ def read_rows(
                 p = os.path.join(ddir, cols["keys"]["name"])
                 raise CorruptCheckpointError(f"{p}: holds keys of another bucket than {key[0]}", p)
         off += r
-        moff += got
 
     if owner is not None and owner[1] > 1:
         index, parts = owner
