@@ -19,6 +19,7 @@ Thread safety: one ShardedTable is driven by one training thread.
 from __future__ import annotations
 
 import collections
+import contextlib
 import pickle
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
@@ -293,6 +294,9 @@ class ShardedTable:
                 payload = ("ok", self._transport.call_all(self.name, fn, args))
             except Exception as e:  # noqa: BLE001 - sent to every trainer
                 if _is_peer_error(e):
+                    # tell the other trainers at once (they would otherwise wait for the broadcast to time out)
+                    with contextlib.suppress(Exception):
+                        self._transport.broadcast_from_first_trainer(("peer", (e.rank, str(e))))
                     raise
                 payload = ("error", _picklable(e))
         payload = self._transport.broadcast_from_first_trainer(payload)
@@ -302,6 +306,11 @@ class ShardedTable:
         kind, value = payload
         if kind == "error":
             raise value
+        if kind == "peer":
+            from ..errors import PeerUnavailableError
+            from .runtime import _failure
+
+            raise _failure(value[0], "collective", PeerUnavailableError(value[1], rank=value[0]))
         return value
 
     def shrink(self) -> int:

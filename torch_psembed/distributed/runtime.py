@@ -69,6 +69,7 @@ class _Runtime:
         self.all_group = None
         self.rpc_up = False
         self.failed = False
+        self.first_error: Optional[PeerUnavailableError] = None  # later calls re-raise it
         self.closed = False
         self.tables: "weakref.WeakSet" = weakref.WeakSet()
 
@@ -93,24 +94,75 @@ def _env_world_size() -> int:
 
 
 def _failure(rank: int, what: str, exc: BaseException) -> PeerUnavailableError:
-    """The error for peer ``rank`` not answering; marks the runtime failed (the process will exit non-zero)."""
+    """The error for peer ``rank`` not answering; marks the runtime failed (the process will exit non-zero).
+
+    The first time, the other live ranks are told which rank is gone (``server.report_failure``), so a rank
+    that only notices later, because the reporter itself stopped, still names the rank that died first.
+    """
     st = _state
     timeout = st.rpc_timeout if st is not None else float("nan")
     if st is not None:
         st.failed = True
     if isinstance(exc, PeerUnavailableError):
+        if st is not None and st.first_error is None:
+            st.first_error = exc
         return exc
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    who = f"rank {rank}" if rank >= 0 else "a peer rank"
-    return PeerUnavailableError(
-        f"{who} is unavailable: {what} failed (rpc_timeout={timeout:g}s): {detail}", rank=rank
-    )
+    report = server.first_failure_report()
+    own_rank = st.rank if st is not None else -1
+    if report is not None and report[0] not in (rank, own_rank):
+        dead, reporter, msg = report
+        err = PeerUnavailableError(
+            f"rank {dead} is unavailable (reported by rank {reporter}: {msg}); then {what} with rank {rank} "
+            f"failed (rpc_timeout={timeout:g}s): {detail}",
+            rank=dead,
+        )
+    else:
+        who = f"rank {rank}" if rank >= 0 else "a peer rank"
+        err = PeerUnavailableError(f"{who} is unavailable: {what} failed (rpc_timeout={timeout:g}s): {detail}",
+                                   rank=rank)
+    if st is not None and st.first_error is None:
+        st.first_error = err
+    _tell_others(st, err)
+    return err
+
+
+_told = threading.Event()
+
+
+def _tell_others(st: Optional[_Runtime], err: PeerUnavailableError) -> None:
+    """Once per process: tell every other rank which rank is gone (best effort, a few seconds at most)."""
+    if st is None or not st.rpc_up or err.rank < 0 or _told.is_set():
+        return
+    _told.set()
+    from torch.distributed import rpc
+
+    from .rpc_transport import worker_name
+
+    msg = str(err).splitlines()[0][:300]
+    futs = []
+    for r in range(st.world_size):
+        if r in (st.rank, err.rank):
+            continue
+        try:
+            futs.append(rpc.rpc_async(worker_name(r), server.report_failure, args=(err.rank, st.rank, msg),
+                                      timeout=min(5.0, st.rpc_timeout)))
+        except Exception:  # noqa: BLE001 - that rank may be gone too
+            pass
+    for f in futs:
+        try:
+            f.wait()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def _check_alive() -> None:
     st = _state
     if st is None:
         raise NotInitializedError("the distributed runtime is not initialised; call pse.init() first")
+    if st.first_error is not None:
+        # A peer is gone: fail fast with the same error instead of talking to the survivors again.
+        raise PeerUnavailableError(str(st.first_error), rank=st.first_error.rank)
     if st.closed:
         raise NotInitializedError("pse.shutdown() was called; sharded tables can no longer be used")
 

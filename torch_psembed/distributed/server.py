@@ -19,7 +19,7 @@ import torch
 
 from .. import _C
 
-__all__ = ["create_table", "pull", "push", "call", "ping", "mark_done", "local_table"]
+__all__ = ["create_table", "pull", "push", "call", "ping", "mark_done", "report_failure", "local_table"]
 
 _lock = threading.Lock()
 # name -> (config dict, _C.Table). Written only under _lock; a table is never removed while serving.
@@ -134,6 +134,21 @@ def mark_done(rank: int) -> None:
     with _done_cv:
         _done.add(int(rank))
         _done_cv.notify_all()
+
+
+_failure_reports: list = []  # (dead rank, reporting rank, message), guarded by _lock
+
+
+def report_failure(dead_rank: int, reporter: int, message: str) -> None:
+    """Rank ``reporter`` found rank ``dead_rank`` unavailable and is about to stop."""
+    with _lock:
+        _failure_reports.append((int(dead_rank), int(reporter), str(message)[:300]))
+
+
+def first_failure_report():
+    """The first failure another rank reported to this one, or None."""
+    with _lock:
+        return _failure_reports[0] if _failure_reports else None
 
 
 def done_ranks() -> frozenset:
