@@ -197,14 +197,16 @@ def main(argv=None) -> int:
     print(f"batch {args.batch} x {args.slots} slots, dim {args.dim}, id space {args.rows:,}, "
           f"{args.steps} timed steps after {args.warmup} warm-up")
     kinds = ["zipf", "uniform"] if args.ids == "both" else [args.ids]
+    data, results = {}, {}
     for kind in kinds:
         batches = make_batches(kind, args.warmup + args.steps, args.batch, args.slots, args.rows)
         g = torch.randn(args.slots, args.dim)
+        data[kind] = (batches, g)
         uniq = np.mean([torch.unique(b).numel() / b.numel() for b in batches])
         print(f"\n== {kind} ids: {uniq:.1%} of the ids of a batch are unique ==")
-        results = {}
+        res = results[kind] = {}
         sec, phases, warm = bench_psembed(args, batches, g)
-        results["psembed"] = sec
+        res["psembed"] = sec
         print(f"psembed        {args.batch / sec:12,.0f} samples/s  ({sec * 1e3:7.1f} ms/step, warm table "
               f"{warm:,} rows)")
         print("   breakdown    " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in phases.items()))
@@ -213,23 +215,30 @@ def main(argv=None) -> int:
             if name in skip:
                 print(f"{name:14s} skipped (--skip)")
                 continue
-            results[name] = bench_embedding_bag(args, batches, g, name[3:])
+            res[name] = bench_embedding_bag(args, batches, g, name[3:])
+            _print(name, args.batch, res)
             gc.collect()
+    # TorchRec last: importing fbgemm_gpu/torchrec and starting a process group must not disturb the others
+    for kind in kinds:
         if "torchrec" in skip:
-            print("torchrec       skipped (--skip)")
-        else:
-            sec_tr, why = bench_torchrec(args, batches, g)
-            if sec_tr is None:
-                print(f"torchrec       skipped: {why}")
-            else:
-                results["torchrec"] = sec_tr
-            gc.collect()
-        for name, sec in results.items():
-            if name == "psembed":
-                continue
-            print(f"{name:14s} {args.batch / sec:12,.0f} samples/s  ({sec * 1e3:7.1f} ms/step)  "
-                  f"psembed / {name} = {sec / results['psembed']:.2f}x")
+            print(f"torchrec ({kind}) skipped (--skip)")
+            continue
+        batches, g = data[kind]
+        sec_tr, why = bench_torchrec(args, batches, g)
+        if sec_tr is None:
+            print(f"torchrec       skipped: {why}")
+            break
+        results[kind]["torchrec"] = sec_tr
+        print(f"\n== {kind} ids ==")
+        _print("torchrec", args.batch, results[kind])
+        gc.collect()
     return 0
+
+
+def _print(name, batch, res):
+    sec = res[name]
+    print(f"{name:14s} {batch / sec:12,.0f} samples/s  ({sec * 1e3:7.1f} ms/step)  "
+          f"psembed / {name} = {sec / res['psembed']:.2f}x")
 
 
 if __name__ == "__main__":
