@@ -8,7 +8,8 @@ Workloads (one process = one rank; the table is filled with load_rows, not train
   torch.save torch.save of {keys, base, has_mf, mf} tensors (+ fsync, as the checkpoint does)
   torch.load torch.load of that file
 MB/s counts the bytes of the row data (what the files hold). Both sides read files the page cache may hold
-(they were just written), so load figures are best cases for both.
+(they were just written), so load figures are best cases for both. "cpu s" is the process CPU time of the
+run (all threads): on a shared machine it shows the work done when wall time is inflated by other load.
 
     python scripts/bench_checkpoint.py                 # 10M keys, dim 8, AdaGrad
     python scripts/bench_checkpoint.py --keys 1000000  # a small run
@@ -45,14 +46,20 @@ def synthetic_rows(n: int, base_width: int, mf_width: int, mf_fraction: float, s
     return keys, base, has, mf
 
 
+CPU = {}
+
+
 def best(fn, repeat: int):
-    times = []
+    """(best wall seconds, result); the CPU seconds of that run (all threads) go to CPU[fn]."""
+    runs = []
     out = None
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         out = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), out
+        runs.append((time.perf_counter() - t0, time.process_time() - c0))
+    wall, cpu = min(runs)
+    CPU[wall] = cpu
+    return wall, out
 
 
 def main() -> None:
@@ -115,9 +122,9 @@ def main() -> None:
         ("torch.save (+fsync)", t_tsave, mb / t_tsave),
         ("torch.load", t_tload, mb / t_tload),
     ]
-    print(f"{'workload':26s} {'seconds':>8s} {'MB/s':>8s}")
+    print(f"{'workload':26s} {'seconds':>8s} {'MB/s':>8s} {'cpu s':>8s}")
     for name, s, r in rows:
-        print(f"{name:26s} {s:8.2f} {r:8.0f}")
+        print(f"{name:26s} {s:8.2f} {r:8.0f} {CPU[s]:8.2f}")
     print(f"file size per key: checkpoint {file_bytes / args.keys:.1f} B ({len(F.read_manifest(ck)['files'])} files), "
           f"torch.save {tfile / args.keys:.1f} B")
     print(f"ratios: save/torch.save time {t_save / t_tsave:.2f}x, load/torch.load time {t_load / t_tload:.2f}x")

@@ -41,13 +41,13 @@ def take_rows(rows: Dict[str, np.ndarray], sel: np.ndarray) -> Dict[str, np.ndar
     """Rows ``sel`` (an index array or a boolean mask) of a row set; tombstones are kept as they are."""
     if sel.dtype == np.bool_:
         sel = np.flatnonzero(sel)
-    has = rows["has_mf"][sel]
-    mf_rows = mf_index(rows["has_mf"])[sel[has.astype(bool)]]
+    has = np.take(rows["has_mf"], sel)
+    mf_rows = np.take(mf_index(rows["has_mf"]), sel[has.astype(bool)])
     return {
-        "keys": rows["keys"][sel],
-        "base": rows["base"][sel],
+        "keys": np.take(rows["keys"], sel),
+        "base": np.take(rows["base"], sel, axis=0),
         "has_mf": has,
-        "mf": rows["mf"][mf_rows],
+        "mf": np.take(rows["mf"], mf_rows, axis=0),
         "tombstones": rows["tombstones"],
     }
 
@@ -92,13 +92,13 @@ def write_part(dirpath: str, part: int, rows: Dict[str, np.ndarray], num_buckets
         # Each thread gathers its own bucket (numpy fancy indexing releases the GIL), then checksums,
         # writes and fsyncs it: no whole-table reordered copy is ever made.
         idx = order[bounds[b]:bounds[b + 1]]
-        has = has_all[idx]
+        has = np.take(has_all, idx)
         out = []
-        for col, arr in (
-            ("keys", keys[idx]),
-            ("base", rows["base"][idx]),
+        for col, arr in (  # np.take(axis=0) copies rows about 3x faster than fancy indexing
+            ("keys", np.take(keys, idx)),
+            ("base", np.take(rows["base"], idx, axis=0)),
             ("has_mf", has),
-            ("mf", rows["mf"][mf_pos[idx[has.astype(bool)]]]),
+            ("mf", np.take(rows["mf"], np.take(mf_pos, idx[has.astype(bool)]), axis=0)),
         ):
             name = F.bucket_file(b, part, col)
             entry = {"name": name, "column": col, "bucket": b, "part": part, "rows": int(arr.shape[0])}
