@@ -197,7 +197,8 @@ def test_pushed_gradient_show_click_match_reference(case):
 
     uniq = sorted(set(flat.tolist()) - {pad})
     g2 = gout.reshape(-1, 1 + DIM).numpy().astype(np.float64)
-    grads, shows, bags = numpy_pushed(flat.tolist(), bag_of, g2.shape[0], g2, mode, None if psw is None else psw.numpy(), pad, uniq)
+    psw_np = None if psw is None else psw.numpy()
+    grads, shows, bags = numpy_pushed(flat.tolist(), bag_of, g2.shape[0], g2, mode, psw_np, pad, uniq)
     scale = grad_scale if grad_scale is not None else n_inst
     after = table.pull(torch.from_numpy(key_space), with_stats=True).numpy()
     for j, k in enumerate(key_space.tolist()):

@@ -95,7 +95,9 @@ def test_offsets_match_embedding_bag(loaded, mode, output, include_last_offset):
     else:
         offsets = torch.tensor([0, 3, 3, 9, 16])  # 5 bags, the last one runs to the end
     emb = pse.PSEmbedding(table, mode=mode, output=output, include_last_offset=include_last_offset)
-    ref = nn.EmbeddingBag.from_pretrained(cols(weight, output).clone(), mode=mode, include_last_offset=include_last_offset)
+    ref = nn.EmbeddingBag.from_pretrained(
+        cols(weight, output).clone(), mode=mode, include_last_offset=include_last_offset
+    )
     y = emb(keys[idx], offsets)
     expected = ref(idx, offsets)
     if include_last_offset:
@@ -201,7 +203,8 @@ BAD_BAG_INPUTS = [
     ("psw wrong shape", torch.tensor([1, 2, 3, 4]), torch.tensor([0, 2]), torch.ones(3), "sum", "per_sample_weights"),
     ("psw 2-D wrong shape", torch.tensor([[1, 2], [3, 4]]), None, torch.ones(4), "sum", "per_sample_weights"),
     ("psw with mean", torch.tensor([1, 2, 3, 4]), torch.tensor([0, 2]), torch.ones(4), "mean", "per_sample_weights"),
-    ("psw float64", torch.tensor([1, 2, 3, 4]), torch.tensor([0, 2]), torch.ones(4, dtype=torch.float64), "sum", "per_sample_weights"),
+    ("psw float64", torch.tensor([1, 2, 3, 4]), torch.tensor([0, 2]), torch.ones(4, dtype=torch.float64), "sum",
+     "per_sample_weights"),
     ("float ids", torch.tensor([1.0, 2.0]), torch.tensor([0, 1]), None, "sum", "input"),
 ]
 

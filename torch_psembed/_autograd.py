@@ -62,7 +62,9 @@ class Timings:
 class PushPlan:
     """What ``PullPush`` needs besides tensors requiring grad (kept on ``ctx``)."""
 
-    __slots__ = ("table", "keys", "inverse", "batch", "output", "padding_row", "grad_scale", "slot", "clicks", "timings")
+    __slots__ = (
+        "table", "keys", "inverse", "batch", "output", "padding_row", "grad_scale", "slot", "clicks", "timings",
+    )
 
     def __init__(self, table, keys, inverse, batch, output, padding_row, grad_scale, slot, clicks, timings):
         self.table = table

@@ -23,7 +23,20 @@ from torch import Tensor
 
 from . import _autograd
 
-__all__ = ["ps_embedding", "pool", "pool_forward", "pool_backward", "output_dim", "Batch", "check_input", "dedup", "Dedup", "Groups", "MODES", "OUTPUTS"]
+__all__ = [
+    "ps_embedding",
+    "pool",
+    "pool_forward",
+    "pool_backward",
+    "output_dim",
+    "Batch",
+    "check_input",
+    "dedup",
+    "Dedup",
+    "Groups",
+    "MODES",
+    "OUTPUTS",
+]
 
 MODES = (None, "sum", "mean")
 
@@ -65,7 +78,10 @@ class Batch(NamedTuple):
         if self.offsets is None:
             per = n // self.num_instances if self.num_instances else 0
             return torch.arange(self.num_instances).repeat_interleave(per)
-        ends = self.offsets[1:] if self.include_last_offset else torch.cat([self.offsets[1:], self.offsets.new_tensor([n])])
+        if self.include_last_offset:
+            ends = self.offsets[1:]
+        else:
+            ends = torch.cat([self.offsets[1:], self.offsets.new_tensor([n])])
         lengths = ends - self.offsets[: self.num_instances]
         return torch.arange(self.num_instances).repeat_interleave(lengths)
 
@@ -74,7 +90,9 @@ def _check_ids(input: Tensor) -> Tensor:
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a torch.Tensor of int64 ids, got {type(input).__name__}")
     if input.device.type != "cpu":
-        raise RuntimeError(f"input must be a CPU tensor (the table lives in host memory), got a tensor on {input.device}")
+        raise RuntimeError(
+            f"input must be a CPU tensor (the table lives in host memory), got a tensor on {input.device}"
+        )
     if input.layout != torch.strided:
         raise RuntimeError(f"input must be a dense (strided) tensor, got layout {input.layout}")
     if input.dtype == torch.int32:
@@ -88,7 +106,9 @@ def _check_ids(input: Tensor) -> Tensor:
 def _check_offsets(offsets: Tensor, n: int, include_last_offset: bool) -> Tensor:
     """Offsets as int64, checked as ``embedding_bag`` checks them (RuntimeError like its kernel)."""
     if offsets.dtype not in (torch.int64, torch.int32):
-        raise RuntimeError(f"offsets must be an integer tensor of dtype torch.int64 or torch.int32, got {offsets.dtype}")
+        raise RuntimeError(
+            f"offsets must be an integer tensor of dtype torch.int64 or torch.int32, got {offsets.dtype}"
+        )
     if offsets.device.type != "cpu":
         raise RuntimeError(f"offsets must be a CPU tensor, got a tensor on {offsets.device}")
     offsets = offsets.long()
