@@ -1,7 +1,8 @@
 """Benchmark of the sharded table: an embedding training step over RPC against the same step in one process.
 
 Workloads (each step: pull 4096 x 26 ids with dim 8, a dense layer forward/backward, push the gradients):
-  local       1 process, a local _C table: the baseline.
+  local       1 process, a local _C table: the baseline, measured inside each job by trainer 0 alone (the other
+              processes wait at a barrier), alternating with the sharded rounds so both see the same load.
   colocated   2 processes under torchrun's env (num_servers=0): each trains its own batches and serves half
               of the table. samples/s counts both processes.
   dedicated   1 trainer + 1 server (num_servers=1): every pull and push crosses RPC.
@@ -11,9 +12,10 @@ Per-step time is split into dedup (np.unique + routing), RPC wait (waiting for r
 
 One compute thread per process: torch.set_num_threads(1) and TableConfig(num_threads=1), OMP_NUM_THREADS=1.
 
-    python scripts/bench_distributed.py [--steps 30] [--batch 4096] [--slots 26] [--dim 8] [--staleness 1]
+    python scripts/bench_distributed.py [--rounds 3] [--steps 20] [--batch 4096] [--slots 26] [--dim 8]
+                                        [--staleness 1] [--only colocated,dedicated]
 
-Prints one row per workload and the samples/s ratio against the local run from the same invocation.
+Prints, per job, the local baseline and the sharded run (medians over rounds) and their samples/s ratio.
 """
 
 from __future__ import annotations
@@ -101,31 +103,53 @@ def _config(args):
     )
 
 
+class _LocalTable:
+    """A local _C table with SparseTable's pull/push surface (a SparseTable would be sharded in this job)."""
+
+    def __init__(self, config):
+        import torch_psembed._C as C
+
+        self._backend = C.Table(config.to_dict())
+
+    def pull(self, keys):
+        import torch
+
+        return torch.from_numpy(self._backend.pull(keys, False))
+
+    def push(self, keys, grads, shows, clicks):
+        return self._backend.push(keys, grads.numpy(), shows, clicks, None)
+
+    def flush(self):
+        pass
+
+
 def child(args) -> None:
-    """One rank (or the local run when WORLD_SIZE is unset); writes its figures to args.out.RANK."""
+    """One rank; alternates rounds of the local baseline (trainer 0 alone, the others idle at a barrier) and of
+    the sharded table (every trainer), so both see the same machine load. Writes figures to args.out.RANK."""
     import torch
+    import torch.distributed as dist
 
     import torch_psembed as pse
 
     torch.set_num_threads(1)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if world > 1:
-        pse.init(max_staleness=args.staleness, num_servers=args.num_servers, rpc_timeout=120.0)
+    pse.init(max_staleness=args.staleness, num_servers=args.num_servers, rpc_timeout=300.0)
+    # dedicated servers serve inside init and never get here
+    group = pse.distributed.trainer_group()
+    tr = pse.distributed.trainer_rank()
     table = pse.SparseTable(_config(args), name="bench")
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier(group=pse.distributed.trainer_group())  # start together
-    seconds, split = _run_steps(args, table, seed=100 + rank)
-    backend = table._backend
-    timers = dict(getattr(backend, "timers", {}))
-    if world > 1:
-        pse.shutdown()
-    out = {"rank": rank, "seconds": seconds, "steps": args.steps, "batch": args.batch, "split": split,
-           "timers": timers}
+    local = _LocalTable(_config(args)) if tr == 0 else None
+    rounds = []
+    for r in range(args.rounds):
+        dist.barrier(group=group)
+        loc = _run_steps(args, local, seed=100 + tr) if tr == 0 else None
+        dist.barrier(group=group)
+        table._backend.reset_timers()
+        seconds, split = _run_steps(args, table, seed=100 + tr)
+        rounds.append({"local": loc, "sharded": (seconds, split, dict(table._backend.timers))})
+    pse.shutdown()
     with open(f"{args.out}.{rank}", "w") as f:
-        json.dump(out, f)
+        json.dump({"rank": rank, "trainer": tr, "steps": args.steps, "batch": args.batch, "rounds": rounds}, f)
 
 
 def _free_port() -> int:
@@ -145,17 +169,14 @@ def _launch(args, world, num_servers, out):
     port = _free_port()
     procs = []
     base = [sys.executable, os.path.abspath(__file__), "--child", "--out", out, "--num-servers", str(num_servers)]
-    for flag in ("steps", "batch", "slots", "dim", "staleness", "warmup", "distinct_batches"):
+    for flag in ("steps", "batch", "slots", "dim", "staleness", "warmup", "distinct_batches", "rounds"):
         base += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     for r in range(world):
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-        for k in ("RANK", "WORLD_SIZE", "TORCHELASTIC_USE_AGENT_STORE"):
-            env.pop(k, None)
-        if world > 1:
-            env.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(port))
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, RANK=str(r), LOCAL_RANK=str(r),
+                   WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
         procs.append(subprocess.Popen(base, env=env))
-    rcs = [p.wait(timeout=900) for p in procs]
+    rcs = [p.wait(timeout=1800) for p in procs]
     if any(rcs):
         raise SystemExit(f"a benchmark process failed: exit codes {rcs}")
     results = []
@@ -167,10 +188,17 @@ def _launch(args, world, num_servers, out):
     return results
 
 
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--slots", type=int, default=26)
     ap.add_argument("--dim", type=int, default=8)
@@ -179,46 +207,57 @@ def main() -> None:
     ap.add_argument("--num-servers", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
-    ap.add_argument("--only", default="local,colocated,dedicated")
+    ap.add_argument("--only", default="colocated,dedicated")
     args = ap.parse_args()
     if args.child:
         child(args)
         return
     tmp = tempfile.mkdtemp(prefix="bench_dist_")
-    workloads = {"local": (1, 0), "colocated": (2, 0), "dedicated": (2, 1)}
-    rows = []
-    for name in args.only.split(","):
-        world, ns = workloads[name]
-        res = _launch(args, world, ns, os.path.join(tmp, name))
-        samples = sum(r["steps"] * r["batch"] for r in res)
-        sps = samples / max(r["seconds"] for r in res)
-        step_ms = 1000 * sum(r["seconds"] / r["steps"] for r in res) / len(res)
-        t = {}
-        for r in res:
-            for k, v in r["timers"].items():
-                t[k] = t.get(k, 0.0) + 1000 * v / r["steps"] / len(res)
-        pull_ms = sum(1000 * r["split"]["pull"] / r["steps"] for r in res) / len(res)
-        push_ms = sum(1000 * r["split"]["push"] / r["steps"] for r in res) / len(res)
-        rows.append((name, world, ns, sps, step_ms, pull_ms, push_ms, t))
-    base = rows[0][3] if rows and rows[0][0] == "local" else None
-    local_step = rows[0][4] if base else None
+    jobs = {"colocated": (2, 0), "dedicated": (2, 1)}
     print(f"batch {args.batch} x {args.slots} ids, dim {args.dim}, max_staleness {args.staleness}, "
-          f"{args.steps} steps after {args.warmup} warm-up, 1 compute thread per process")
+          f"{args.rounds} rounds x {args.steps} steps (+{args.warmup} warm-up), 1 compute thread per process; "
+          f"medians over rounds; each round runs the local baseline (1 process) then the sharded table")
     print(f"{'workload':<10} {'procs':>5} {'samples/s':>10} {'vs local':>8} {'step ms':>8} {'pull ms':>8} "
           f"{'push ms':>8} | {'dedup':>6} {'rpcwait':>7} {'assembly':>8} {'localpull':>9} {'stale':>6}")
-    for name, world, ns, sps, step_ms, pull_ms, push_ms, t in rows:
-        ratio = f"{sps / base:.2f}x" if base else "-"
-        print(f"{name:<10} {world:>5} {sps:>10.0f} {ratio:>8} {step_ms:>8.1f} {pull_ms:>8.1f} {push_ms:>8.1f} | "
-              f"{t.get('dedup', 0):>6.1f} {t.get('rpc_wait', 0):>7.1f} {t.get('assembly', 0):>8.1f} "
-              f"{t.get('local_pull', 0):>9.1f} {t.get('staleness_wait', 0):>6.1f}")
-    for name, world, ns, sps, step_ms, pull_ms, push_ms, t in rows:
-        if name == "dedicated" and local_step:
-            rpc = t.get("dedup", 0) + t.get("rpc_wait", 0) + t.get("assembly", 0) + t.get("staleness_wait", 0)
-            print(f"dedicated: RPC-side time (dedup + rpc wait + assembly + staleness wait) = {rpc:.1f} ms "
-                  f"= {100 * rpc / step_ms:.0f}% of the {step_ms:.1f} ms step; "
-                  f"step vs local: +{100 * (step_ms - local_step) / step_ms:.0f}% of the step")
-        if name == "colocated" and base:
-            print(f"colocated: 2 processes reach {sps / base:.2f}x the samples/s of 1 process (target >= 1.6x)")
+    for name in args.only.split(","):
+        world, ns = jobs[name]
+        res = _launch(args, world, ns, os.path.join(tmp, name))
+        per_round = []
+        for i in range(args.rounds):
+            loc = next(r["rounds"][i]["local"] for r in res if r["trainer"] == 0)
+            sh = [r["rounds"][i]["sharded"] for r in res]
+            local_sps = args.steps * args.batch / loc[0]
+            sps = len(sh) * args.steps * args.batch / max(x[0] for x in sh)
+            step = 1000 * sum(x[0] for x in sh) / len(sh) / args.steps
+            t = {}
+            for x in sh:
+                for k, v in x[2].items():
+                    t[k] = t.get(k, 0.0) + 1000 * v / args.steps / len(sh)
+            t["pull"] = 1000 * sum(x[1]["pull"] for x in sh) / len(sh) / args.steps
+            t["push"] = 1000 * sum(x[1]["push"] for x in sh) / len(sh) / args.steps
+            lt = {"step": 1000 * loc[0] / args.steps, "pull": 1000 * loc[1]["pull"] / args.steps,
+                  "push": 1000 * loc[1]["push"] / args.steps}
+            per_round.append((local_sps, sps, step, t, lt))
+        med = lambda f: _median([f(x) for x in per_round])  # noqa: E731
+        lsps, sps = med(lambda x: x[0]), med(lambda x: x[1])
+        print(f"{'local':<10} {1:>5} {lsps:>10.0f} {'1.00x':>8} {med(lambda x: x[4]['step']):>8.1f} "
+              f"{med(lambda x: x[4]['pull']):>8.1f} {med(lambda x: x[4]['push']):>8.1f} |")
+        keys = ("dedup", "rpc_wait", "assembly", "local_pull", "staleness_wait")
+        tm = {k: med(lambda x, k=k: x[3].get(k, 0.0)) for k in keys + ("pull", "push")}
+        ratio = med(lambda x: x[1] / x[0])
+        step = med(lambda x: x[2])
+        print(f"{name:<10} {world:>5} {sps:>10.0f} {ratio:>7.2f}x {step:>8.1f} {tm['pull']:>8.1f} "
+              f"{tm['push']:>8.1f} | {tm['dedup']:>6.1f} {tm['rpc_wait']:>7.1f} {tm['assembly']:>8.1f} "
+              f"{tm['local_pull']:>9.1f} {tm['staleness_wait']:>6.1f}")
+        if name == "dedicated":
+            rpc = tm["dedup"] + tm["rpc_wait"] + tm["assembly"] + tm["staleness_wait"]
+            over = med(lambda x: (x[2] - x[4]["step"]) / x[2])
+            print(f"  dedicated: dedup + RPC wait + assembly + staleness wait = {rpc:.1f} ms = {100 * rpc / step:.0f}% "
+                  f"of the {step:.1f} ms step; step time over the local step: {100 * over:+.0f}% of the step")
+        else:
+            print(f"  colocated: 2 processes reach {ratio:.2f}x the samples/s of 1 process (target >= 1.6x)")
+        print(f"  per round (samples/s local -> sharded): "
+              + ", ".join(f"{x[0]:.0f} -> {x[1]:.0f}" for x in per_round))
 
 
 if __name__ == "__main__":
