@@ -94,18 +94,9 @@ class PassMetrics:
         """``auc``, ``logloss``, ``samples``, ``ctr``, ``pred_ctr``, ``seconds``, ``samples_per_s`` and
         ``oracle_auc`` (when oracle probabilities were given), over all ranks of ``group`` (collective)."""
         seconds = time.perf_counter() - self.start
-        parts = [self._local()]
+        p, y, o = self._local()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            ws = torch.distributed.get_world_size(group)
-            gathered: List[Any] = [None] * ws
-            torch.distributed.all_gather_object(gathered, parts[0], group=group)
-            parts = gathered
-            t = [None] * ws
-            torch.distributed.all_gather_object(t, seconds, group=group)
-            seconds = max(t)
-        p = np.concatenate([x[0] for x in parts])
-        y = np.concatenate([x[1] for x in parts])
-        o = np.concatenate([x[2] for x in parts])
+            p, y, o, seconds = _gather(p, y, o, seconds, group)
         out: Dict[str, Any] = {
             "samples": int(p.size),
             "auc": auc(p, y),
@@ -119,6 +110,25 @@ class PassMetrics:
             out["oracle_auc"] = auc(o, y)
             out["oracle_logloss"] = log_loss(o, y)
         return out
+
+
+def _gather(p: np.ndarray, y: np.ndarray, o: np.ndarray, seconds: float, group):
+    """Concatenate every rank's (probs, labels, oracle) in rank order; the slowest rank's seconds."""
+    dist = torch.distributed
+    ws = dist.get_world_size(group)
+    local = torch.from_numpy(np.stack([p, y, o]) if o.size == p.size else np.stack([p, y, np.full_like(p, np.nan)]))
+    meta = torch.tensor([[float(p.size), seconds]], dtype=torch.float64)
+    metas = [torch.zeros_like(meta) for _ in range(ws)]
+    dist.all_gather(metas, meta, group=group)
+    sizes = [int(m[0, 0]) for m in metas]
+    n = max(sizes)
+    padded = torch.zeros(3, n, dtype=torch.float32)
+    padded[:, : p.size] = local
+    bufs = [torch.zeros_like(padded) for _ in range(ws)]
+    dist.all_gather(bufs, padded, group=group)
+    allv = torch.cat([b[:, :k] for b, k in zip(bufs, sizes)], 1).numpy()
+    oracle = allv[2] if allv.shape[1] and not np.isnan(allv[2]).any() else np.zeros(0, np.float32)
+    return allv[0], allv[1], oracle, max(float(m[0, 1]) for m in metas)
 
 
 def _clean(v: Any) -> Any:

@@ -59,7 +59,7 @@ DEFAULTS: Dict[str, Any] = {
             "vocab_max": 200_000,
         },
     },
-    "model": {"kind": "dnn", "hidden": [256, 128, 64], "wide": True, "lr": 0.001},
+    "model": {"kind": "dnn", "hidden": [256, 128, 64], "wide": True, "norm": "batch", "lr": 0.001},
     "embedding": {"kind": "ps", "dim": 8, "hashed_size": 1 << 20, "hashed_lr": 0.05},
     "table": {
         "accessor": {},
@@ -80,7 +80,7 @@ def _merge(base: Dict[str, Any], over: Dict[str, Any], where: str = "") -> Dict[
     out = copy.deepcopy(base)
     for k, v in over.items():
         if k not in out and where not in ("table.accessor", "data.synthetic", "table.lr_optimizer", "table.mf_optimizer"):
-            raise ValueError(f"unknown config key {where + '.' if where else ''}{k!r}")
+            raise ValueError(f"unknown config key {(where + '.' + k) if where else k!r}")
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = _merge(out[k], v, f"{where}.{k}" if where else k)
         else:
@@ -312,7 +312,7 @@ class _Job:
         else:
             emb = HashedSlotEmbedding(int(e["hashed_size"]), e["dim"] + 1, num_slots)
         m = cfg["model"]
-        self.model = build_model(m["kind"], emb, m["hidden"], m["wide"])
+        self.model = build_model(m["kind"], emb, m["hidden"], m["wide"], m["norm"])
         dense = [p for n, p in self.model.named_parameters() if not n.startswith("embedding.")]
         self.dense_opt = torch.optim.Adam(dense, lr=m["lr"])
         if e["kind"] == "hashed":
@@ -376,20 +376,14 @@ class _Job:
         if self.table is None:
             return None
         self.table.flush()
-        info = self.table.save(path, mode=mode)
-        self.rt.barrier()
-        return info
+        return self.table.save(path, mode=mode)  # collective when sharded
 
     def end_day(self, day: int) -> int:
+        """Close ``day`` on the table (collective when sharded: every trainer calls it). Returns rows deleted."""
         if self.table is None:
             return 0
         self.table.flush()
-        self.rt.barrier()
-        n = 0
-        if self.rt.rank == 0 or not self.rt.pse_started:
-            n = self.table.end_day(day)
-        self.rt.barrier()
-        return n
+        return int(self.table.end_day(day))
 
     def dense_state(self) -> Dict[str, Any]:
         state = {"model": self.model.state_dict(), "dense_opt": self.dense_opt.state_dict()}

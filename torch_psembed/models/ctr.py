@@ -15,6 +15,9 @@ from torch import Tensor, nn
 __all__ = ["CTRDNN", "DeepFM", "build_model", "MODELS"]
 
 
+NORMS = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm, "none": lambda n: nn.Identity()}
+
+
 def _mlp(n_in: int, hidden: Sequence[int]) -> nn.Sequential:
     layers = []
     for h in hidden:
@@ -33,26 +36,40 @@ class CTRDNN(nn.Module):
         embedding (nn.Module): a slot embedding with ``num_slots``, ``width`` and ``lr_col``.
         hidden (sequence of int): MLP hidden widths. Default: ``(256, 128, 64)``.
         wide (bool): add the summed lr column to the logit. Default: True.
+        norm (str): normalisation of the MLP input: ``"batch"`` (``BatchNorm1d``, per column, like Paddle's
+            data_norm), ``"layer"`` (``LayerNorm``) or ``"none"``. Default: ``"batch"``.
 
     Shape:
         - Input: ``keys (N,)``, ``offsets (B * S,)``
         - Output: ``(B,)`` logits
     """
 
-    def __init__(self, embedding: nn.Module, hidden: Sequence[int] = (256, 128, 64), wide: bool = True) -> None:
+    def __init__(
+        self, embedding: nn.Module, hidden: Sequence[int] = (256, 128, 64), wide: bool = True, norm: str = "batch"
+    ) -> None:
         super().__init__()
         self.embedding = embedding
         self.num_slots = embedding.num_slots
         self.wide = wide and embedding.lr_col is not None
-        self.norm = nn.LayerNorm(embedding.num_slots * embedding.width)
+        n_in = embedding.num_slots * embedding.width
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {tuple(NORMS)}, got {norm!r}")
+        self.norm = NORMS[norm](n_in)
         self.mlp = _mlp(embedding.num_slots * embedding.width, hidden)
 
     def features(self, keys: Tensor, offsets: Tensor) -> Tensor:
         return self.embedding(keys, offsets)
 
+    def _normed(self, x: Tensor) -> Tensor:
+        n = self.norm
+        if isinstance(n, nn.BatchNorm1d) and self.training and x.shape[0] < 2:
+            # a one-sample batch has no batch statistics: use the running ones (and leave them as they are)
+            return nn.functional.batch_norm(x, n.running_mean, n.running_var, n.weight, n.bias, False, 0.0, n.eps)
+        return n(x)
+
     def forward(self, keys: Tensor, offsets: Tensor) -> Tensor:
         e = self.features(keys, offsets)
-        logit = self.mlp(self.norm(e.flatten(1))).squeeze(1)
+        logit = self.mlp(self._normed(e.flatten(1))).squeeze(1)
         if self.wide:
             logit = logit + e[:, :, self.embedding.lr_col].sum(1)
         return logit
@@ -66,7 +83,7 @@ class DeepFM(CTRDNN):
 
     def forward(self, keys: Tensor, offsets: Tensor) -> Tensor:
         e = self.features(keys, offsets)
-        logit = self.mlp(self.norm(e.flatten(1))).squeeze(1)
+        logit = self.mlp(self._normed(e.flatten(1))).squeeze(1)
         if self.wide:
             logit = logit + e[:, :, self.embedding.lr_col].sum(1)
         v = e[:, :, self.embedding.mf_cols]
@@ -77,11 +94,13 @@ class DeepFM(CTRDNN):
 MODELS = {"dnn": CTRDNN, "deepfm": DeepFM}
 
 
-def build_model(kind: str, embedding: nn.Module, hidden: Sequence[int] = (256, 128, 64), wide: bool = True) -> nn.Module:
+def build_model(
+    kind: str, embedding: nn.Module, hidden: Sequence[int] = (256, 128, 64), wide: bool = True, norm: str = "batch"
+) -> nn.Module:
     """``CTRDNN`` (``kind="dnn"``) or ``DeepFM`` (``kind="deepfm"``) over ``embedding``."""
     if kind not in MODELS:
         raise ValueError(f"model kind must be one of {tuple(MODELS)}, got {kind!r}")
     hidden = [int(h) for h in hidden]
     if any(h < 1 for h in hidden):
         raise ValueError(f"hidden widths must be >= 1, got {hidden!r}")
-    return MODELS[kind](embedding, hidden, wide)
+    return MODELS[kind](embedding, hidden, wide, norm)

