@@ -365,12 +365,45 @@ class _Job:
         return outs
 
     def kill(self):
+        # torchrun starts its workers in sessions of their own, so killing our children's process groups is
+        # not enough: collect every descendant first (while the parent links exist), then SIGKILL them all.
+        pids = set()
+        for p in self.procs:
+            if p.poll() is None:
+                pids.add(p.pid)
+            pids |= _descendants(p.pid)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         for p in self.procs:
             if p.poll() is None:
                 try:
                     os.killpg(p.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+def _descendants(root: int) -> set:
+    """Pids of every live descendant of ``root`` (from /proc)."""
+    children = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = set(), [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
 
 
 def _run(job_specs, timeout=JOB_TIMEOUT):
