@@ -5,7 +5,7 @@
 #
 # Uses atheris (pip install atheris) with libFuzzer flags; without atheris, the seeded random-mutation loop.
 # Findings do not stop the run (PSE_FUZZ_COLLECT): one input per distinct (exception type, innermost frame)
-# is written to build/fuzz/findings/<target>/; new coverage-increasing inputs go to build/fuzz/corpus/<target>/.
+# not already among tests/fuzz/regressions/<target>/ (PSE_FUZZ_KNOWN) is written to build/fuzz/findings/<target>/; new coverage-increasing inputs go to build/fuzz/corpus/<target>/.
 # Turn each finding into a regression: copy it to tests/fuzz/regressions/<target>/<descriptive-name> and it is
 # replayed by tests/test_fuzz.py::test_saved_input from then on.
 #
@@ -36,14 +36,16 @@ for t in "${TARGETS[@]}"; do
   mkdir -p "$out" "$found" "$art"
   echo "== fuzz $t for ${SECS}s (seed $SEED, $([[ $have_atheris == 1 ]] && echo atheris || echo random-mutation))"
   if [[ $have_atheris == 1 ]]; then
-    PSE_FUZZ_COLLECT="$found" OMP_NUM_THREADS=1 timeout $((SECS + 120)) "$PY" "$script" atheris \
+    PSE_FUZZ_COLLECT="$found" PSE_FUZZ_KNOWN="tests/fuzz/regressions/$t" OMP_NUM_THREADS=1 \
+      timeout $((SECS + 120)) "$PY" "$script" atheris \
       -max_total_time="$SECS" -seed="$SEED" -max_len="${MAXLEN[$t]}" -timeout=30 -rss_limit_mb=4096 \
       ${JOBFLAGS[@]+"${JOBFLAGS[@]}"} -print_final_stats=1 -artifact_prefix="$art/" \
       "$out" "tests/fuzz/corpus/$t" 2>&1 | grep -v "^#\|^INFO: Instrumenting" | tail -40
     rc=${PIPESTATUS[0]}
   else
     # ~100 inputs/s: a run count that fits the time budget
-    PSE_FUZZ_COLLECT="$found" OMP_NUM_THREADS=1 timeout $((SECS + 120)) "$PY" "$script" random \
+    PSE_FUZZ_COLLECT="$found" PSE_FUZZ_KNOWN="tests/fuzz/regressions/$t" OMP_NUM_THREADS=1 \
+      timeout $((SECS + 120)) "$PY" "$script" random \
       --runs=$((SECS * 100)) --seed="$SEED" --corpus="tests/fuzz/corpus/$t" --corpus="$out" --artifacts="$art"
     rc=$?
   fi

@@ -1,7 +1,8 @@
 """Fuzzing in the test suite: replay of every saved input, a short bounded fuzz run, and readable regressions.
 
 The targets live in ``tests/fuzz/`` (``fuzz_checkpoint.py``: the checkpoint loader on mutated saves;
-``fuzz_push_pull.py``: argument validation of pull/push/erase/load_rows and of the config dict). Their property:
+``fuzz_push_pull.py``: argument validation of pull/push/erase/load_rows and of the config dict;
+``fuzz_server.py``: the RPC server endpoints called with malformed requests). Their property:
 any input either succeeds (and the result matches an independent numpy model) or raises a documented
 exception (ValueError and its subclasses CorruptCheckpointError/CheckpointMismatchError, TypeError, OSError)
 and leaves the table unchanged; never a crash, hang, MemoryError, KeyError, RecursionError or silent garbage.
@@ -33,10 +34,10 @@ from torch_psembed.errors import CheckpointMismatchError, CorruptCheckpointError
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 FUZZ = os.path.join(HERE, "fuzz")
-TARGETS = ("checkpoint", "push_pull")
+TARGETS = ("checkpoint", "push_pull", "server")
 # Bounded runs: iterations per target (deterministic with the fixed seed; ~5-10 s each on a quiet core).
-RUNS = {"checkpoint": 1500, "push_pull": 800}
-MAX_LEN = {"checkpoint": 8192, "push_pull": 2048}
+RUNS = {"checkpoint": 1200, "push_pull": 600, "server": 600}
+MAX_LEN = {"checkpoint": 8192, "push_pull": 2048, "server": 2048}
 HAVE_ATHERIS = importlib.util.find_spec("atheris") is not None
 
 sys.path.insert(0, FUZZ)
@@ -100,6 +101,8 @@ def test_bounded_fuzz_run(target, tmp_path):
     findings = tmp_path / "findings"
     env = _env()
     env["PSE_FUZZ_COLLECT"] = str(findings)
+    # Known bugs fail their own test_saved_input; this run looks for new ones.
+    env["PSE_FUZZ_KNOWN"] = os.path.join(FUZZ, "regressions", target)
     if HAVE_ATHERIS:
         out = tmp_path / "new"
         out.mkdir()
@@ -260,3 +263,21 @@ def test_fixup_keeps_valid_saves_loadable(tmp_path):
     t.load(save)
     assert len(t) == _manifest(files)["rows"]
     assert zlib.crc32(b"") == 0
+
+
+def test_server_endpoint_refuses_a_tensor_that_requires_grad():
+    """Finding of fuzz_server: ``server._as_array`` calls ``tensor.numpy()`` unguarded, so a request carrying a
+    tensor that requires grad (RPC pickles it as such) raised RuntimeError instead of TypeError/ValueError."""
+    import torch
+
+    from torch_psembed.distributed import server
+
+    server.configure(0, 1)
+    try:
+        server.create_table("t", pse.TableConfig(dim=2).to_dict())
+        g = torch.zeros(2, 3, requires_grad=True)
+        with pytest.raises((TypeError, ValueError), match="grads"):
+            server.push("t", torch.tensor([1, 2]), g, torch.ones(2), torch.zeros(2))
+        assert len(server.local_table("t")) == 0
+    finally:
+        server.configure(-1, 0)

@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import os
 import random
+import re
 import signal
 import sys
 import traceback
@@ -194,6 +195,11 @@ def _write_artifact(artifacts: str, data: bytes) -> str:
 def _signature(e: BaseException) -> str:
     """Type and innermost torch_psembed (or target) frame of a finding: one saved input per signature."""
     tb = traceback.extract_tb(e.__traceback__)
+    if isinstance(e, PropertyViolation):  # the target's check that failed, and what the message says (no numbers)
+        where = [f for f in tb if os.path.basename(f.filename) != "_common.py"] or list(tb)
+        top = where[-1] if where else None
+        what = re.sub(r"\s+", " ", re.sub(r"[-+]?\d[\d.e+-]*", "#", str(e)))[:60].strip()
+        return f"{type(e).__name__}@{os.path.basename(top.filename)}:{top.lineno}:{what}"
     where = [f for f in tb if "torch_psembed" in f.filename] or list(tb)
     top = where[-1] if where else None
     loc = f"{os.path.basename(top.filename)}:{top.lineno}" if top else "?"
@@ -203,21 +209,34 @@ def _signature(e: BaseException) -> str:
 def collecting(name: str, one_input: Callable[[bytes], None], outdir: str) -> Callable[[bytes], None]:
     """Wrap ``one_input`` so findings are saved (one input per signature) instead of stopping the run.
 
-    Used by scripts/fuzz.sh (``PSE_FUZZ_COLLECT=DIR``) to get past a first known bug. Crashes of the process
+    Used by scripts/fuzz.sh and the bounded run of tests/test_fuzz.py (``PSE_FUZZ_COLLECT=DIR``) to get past
+    a first known bug; with ``PSE_FUZZ_KNOWN=DIR[:DIR]`` the signatures of the saved regression inputs are not
+    reported again (each of those fails its own replay test instead). Crashes of the process
     itself (segfault, abort) still stop libFuzzer, which writes the input as usual.
     """
     seen = set()
     os.makedirs(outdir, exist_ok=True)
+    # Signatures of the saved regression inputs (PSE_FUZZ_KNOWN=DIR): bugs already reported are not new findings.
+    known = set()
+    for p in _files([d for d in os.environ.get("PSE_FUZZ_KNOWN", "").split(os.pathsep) if d]):
+        with open(p, "rb") as f:
+            data = f.read()
+        try:
+            one_input(data)
+        except Exception as e:
+            known.add(_signature(e))
+    if known:
+        print(f"[{name}] known findings (not reported again): {sorted(known)}", file=sys.stderr, flush=True)
 
     def wrapped(data: bytes) -> None:
         try:
             one_input(data)
         except Exception as e:
             sig = _signature(e)
-            if sig not in seen:
+            if sig not in seen and sig not in known:
                 seen.add(sig)
-                p = os.path.join(outdir, f"{name}-{sig.replace(':', '_').replace('@', '-')}-"
-                                 + hashlib.sha1(data).hexdigest()[:12])
+                slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", sig)[:80]
+                p = os.path.join(outdir, f"{name}-{slug}-" + hashlib.sha1(data).hexdigest()[:12])
                 with open(p, "wb") as f:
                     f.write(data)
                 print(f"[{name}] FINDING {sig}: {type(e).__name__}: {str(e)[:300]} -> {p}", file=sys.stderr,
@@ -232,19 +251,21 @@ def main(name: str, setup: Callable[[], None], one_input: Callable[[bytes], None
         print(__doc__)
         sys.exit(2)
     mode = sys.argv[1]
-    if os.environ.get("PSE_FUZZ_COLLECT") and mode in ("atheris", "random"):
-        one_input = collecting(name, one_input, os.environ["PSE_FUZZ_COLLECT"])
+    collect = os.environ.get("PSE_FUZZ_COLLECT") if mode in ("atheris", "random") else None
     if mode == "atheris":
         import atheris
 
         with atheris.instrument_imports(include=["torch_psembed"]):
             setup()
-
+        if collect:
+            one_input = collecting(name, one_input, collect)
         atheris.Setup([sys.argv[0]] + sys.argv[2:], one_input)
         atheris.Fuzz()
         return
 
     setup()
+    if collect:
+        one_input = collecting(name, one_input, collect)
     if mode == "seeds":
         out = sys.argv[2]
         os.makedirs(out, exist_ok=True)
