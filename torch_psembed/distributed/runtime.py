@@ -8,9 +8,9 @@ Layouts (``W`` = torchrun's ``WORLD_SIZE``):
 
 Start-up order: the default gloo process group first (``init_process_group("gloo", init_method="env://")``,
 made by ``init`` unless the user already made one), then two gloo subgroups (the trainers, for DDP and for the
-barriers of table-wide operations; all ranks, for shutdown), then RPC. RPC's rendezvous needs a TCPStore of its own: under torchrun it
-shares the agent's store on ``MASTER_PORT`` (as clients, with its own key prefix); with the env set by hand
-rank 0 hosts it on ``MASTER_PORT + 1``, since the process group's store holds ``MASTER_PORT``
+barriers of table-wide operations; all ranks, for shutdown), then RPC. RPC's rendezvous needs a TCPStore:
+under torchrun it shares the agent's store on ``MASTER_PORT`` (as clients, with its own key prefix); with the
+env set by hand rank 0 hosts it on ``MASTER_PORT + 1``, since the process group's store holds ``MASTER_PORT``
 (``PSEMBED_RPC_PORT`` overrides both).
 
 Failures: an unreachable peer raises :class:`~torch_psembed.errors.PeerUnavailableError` naming its rank
