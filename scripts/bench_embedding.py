@@ -188,9 +188,12 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--ids", choices=["zipf", "uniform", "both"], default="both")
     p.add_argument("--table-threads", type=int, default=0, help="TableConfig.num_threads (0: all cores)")
+    p.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--skip", default="", help="comma list of systems to skip: eb_adagrad,eb_sparseadam,torchrec")
     args = p.parse_args(argv)
     skip = {s for s in args.skip.split(",") if s}
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
 
     print(f"torch {torch.__version__}, torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
           f"torch_psembed {pse.__version__}")

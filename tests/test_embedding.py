@@ -342,3 +342,22 @@ def test_eval_stops_pushes(loaded):
 def test_docstring_examples_run():
     result = doctest.testmod(embedding_module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted >= 10 and result.failed == 0
+
+
+def test_bench_script_runs_small(capsys):
+    """scripts/bench_embedding.py at toy size (speed is not asserted: it only must run and report)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench_embedding.py")
+    spec = importlib.util.spec_from_file_location("bench_embedding", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = ["--rows", "2000", "--batch", "16", "--slots", "3", "--steps", "1", "--warmup", "1", "--skip", "torchrec"]
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    for word in ("psembed", "breakdown", "eb_adagrad", "eb_sparseadam", "zipf", "uniform"):
+        assert word in out
+    ranks = bench.zipf_ranks(np.random.default_rng(0), 1.1, 1000, 20000)
+    assert ranks.min() >= 0 and ranks.max() < 1000
+    assert (ranks == 0).mean() > (ranks == 10).mean() > (ranks == 500).mean()  # heavy head
