@@ -1,0 +1,165 @@
+#!/usr/bin/env python
+"""PS embeddings vs the hashed nn.EmbeddingBag baseline on the same data, side by side.
+
+Workloads (each one run of the main job, ``python -m torch_psembed.train``, under torchrun when --nproc > 1):
+
+  ps             PSEmbedding over the sharded table (admission, decay and eviction on): the job's defaults
+  hashed-<size>  nn.EmbeddingBag(size, dim + 1, sparse=True) over hashed feasigns + torch.optim.Adagrad,
+                 one run per table size in --sizes (same model, dense optimizer, data and seed)
+
+Printed per run: next-day AUC (mean over days, and the last day), next-day log loss, the oracle AUC
+(synthetic log), embedding memory (PS: the table's bytes at the end; hashed: weight + Adagrad state), peak RSS
+of rank 0, and training samples/s (mean over passes). Then the three targets of docs/benchmarks.md:
+
+  1. AUC:    PS next-day AUC - the best hashed next-day AUC (over the sizes)      target >= 0
+  2. memory: PS embedding bytes / bytes of the smallest hashed table reaching
+             the PS AUC (within --auc-tol)                                        target <= 0.5
+  3. speed:  PS samples/s / samples/s of the best-AUC hashed run                  target >= 1
+
+Usage::
+
+    python scripts/compare.py --preset synthetic            # the built-in click log
+    python scripts/compare.py --preset criteo               # /work/shared/data/criteo_kaggle_sample
+    python scripts/compare.py --preset synthetic --samples-per-day 100000 --days 3 --sizes 65536,262144,1048576
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from torch_psembed.metrics import read_jsonl  # noqa: E402
+
+CRITEO = "/work/shared/data/criteo_kaggle_sample"
+
+PRESETS = {
+    "synthetic": {"args": [], "sizes": [1 << 14, 1 << 16, 1 << 18, 1 << 20]},
+    "criteo": {
+        "args": ["--data", "criteo", "--data-path", os.path.join(CRITEO, "train.txt"), "--file-days", "4",
+                 "--test-path", os.path.join(CRITEO, "dev.txt"), "--batch-size", "256", "--passes", "1"],
+        "sizes": [1 << 10, 1 << 12, 1 << 14, 1 << 16, 1 << 18],
+    },
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_job(out: str, args: List[str], nproc: int, log) -> Dict[str, Any]:
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+               "127.0.0.1", "--master-port", str(_free_port()), "-m", "torch_psembed.train"]
+    else:
+        cmd = [sys.executable, "-m", "torch_psembed.train"]
+    cmd += ["--out", out, "--no-progress", "--no-save", *args]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    log.write(f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}\n")
+    if proc.returncode != 0:
+        raise RuntimeError(f"run failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return summarize(read_jsonl(os.path.join(out, "metrics.jsonl")), time.perf_counter() - t0)
+
+
+def summarize(recs: List[Dict[str, Any]], wall: float) -> Dict[str, Any]:
+    passes = [r for r in recs if r["event"] == "pass"]
+    evals = [r for r in recs if r["event"] == "eval" and r.get("auc") is not None]
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    out = {
+        "auc": mean([e["auc"] for e in evals]),
+        "auc_last": evals[-1]["auc"] if evals else float("nan"),
+        "logloss": mean([e["logloss"] for e in evals]),
+        "oracle_auc": mean([e["oracle_auc"] for e in evals if e.get("oracle_auc") is not None]),
+        "bytes": passes[-1]["bytes"] if passes else 0,
+        "keys": passes[-1]["keys"] if passes else 0,
+        "rss_mb": max((p.get("rss_mb") or 0) for p in passes) if passes else 0,
+        "samples_per_s": mean([p["samples_per_s"] for p in passes]),
+        "wall_s": wall,
+    }
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="synthetic")
+    ap.add_argument("--sizes", help="comma-separated hashed table sizes (rows)")
+    ap.add_argument("--nproc", type=int, default=2, help="processes per run (torchrun when > 1). Default: 2")
+    ap.add_argument("--days", type=int)
+    ap.add_argument("--samples-per-day", type=int)
+    ap.add_argument("--auc-tol", type=float, default=0.002, help="'equal AUC' tolerance for the memory target")
+    ap.add_argument("--out", help="directory for the runs (default: a temporary directory)")
+    ap.add_argument("--json", help="write the results here too")
+    ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more flags for every run")
+    a = ap.parse_args(argv)
+    preset = PRESETS[a.preset]
+    if a.preset == "criteo" and not os.path.isdir(CRITEO):
+        raise SystemExit(f"the Criteo sample is not at {CRITEO}")
+    sizes = [int(s) for s in a.sizes.split(",")] if a.sizes else preset["sizes"]
+    common = list(preset["args"])
+    if a.days:
+        common += ["--days", str(a.days)]
+    if a.samples_per_day:
+        common += ["--samples-per-day", str(a.samples_per_day)]
+    extra = [x for x in a.extra if x != "--"]
+    base = a.out or tempfile.mkdtemp(prefix="psembed-compare-")
+    os.makedirs(base, exist_ok=True)
+    results: Dict[str, Dict[str, Any]] = {}
+    with open(os.path.join(base, "compare.log"), "w") as log:
+        runs = [("ps", ["--embedding", "ps"])] + [
+            (f"hashed-{s}", ["--embedding", "hashed", "--hashed-size", str(s)]) for s in sizes
+        ]
+        for name, args in runs:
+            print(f"[compare] {a.preset}: {name} ...", flush=True)
+            results[name] = run_job(os.path.join(base, name), common + args + extra, a.nproc, log)
+
+    head = f"{'run':<16} {'next_auc':>8} {'last_auc':>8} {'oracle':>7} {'logloss':>8} {'emb_MiB':>9} {'rss_MiB':>8} {'samples/s':>10}"
+    print(f"\n{a.preset}: {a.nproc} process(es), common flags: {' '.join(common + extra) or '(defaults)'}")
+    print(head)
+    print("-" * len(head))
+    for name, r in results.items():
+        print(f"{name:<16} {r['auc']:>8.4f} {r['auc_last']:>8.4f} {r['oracle_auc']:>7.4f} {r['logloss']:>8.4f} "
+              f"{r['bytes'] / 2**20:>9.2f} {r['rss_mb']:>8.0f} {r['samples_per_s']:>10.0f}")
+    ps = results["ps"]
+    hashed = {k: v for k, v in results.items() if k != "ps"}
+    best_name = max(hashed, key=lambda k: hashed[k]["auc"])
+    best = hashed[best_name]
+    reach = [k for k in sorted(hashed, key=lambda k: hashed[k]["bytes"]) if hashed[k]["auc"] >= ps["auc"] - a.auc_tol]
+    targets = {
+        "auc_delta_vs_best_hashed": ps["auc"] - best["auc"],
+        "best_hashed": best_name,
+        "memory_ratio_at_equal_auc": (ps["bytes"] / hashed[reach[0]]["bytes"]) if reach else None,
+        "smallest_hashed_at_equal_auc": reach[0] if reach else None,
+        "speed_ratio_vs_best_hashed": ps["samples_per_s"] / best["samples_per_s"],
+    }
+    print(f"\n1. AUC:    PS - best hashed ({best_name}) = {targets['auc_delta_vs_best_hashed']:+.4f}   (target >= 0)")
+    if reach:
+        print(f"2. memory: PS / {reach[0]} (smallest hashed within {a.auc_tol} of the PS AUC) = "
+              f"{targets['memory_ratio_at_equal_auc']:.3f}   (target <= 0.5)")
+    else:
+        print(f"2. memory: no hashed size reached the PS AUC - {a.auc_tol}: PS wins at every size tried "
+              f"(largest: {max(hashed[k]['bytes'] for k in hashed) / 2**20:.1f} MiB vs PS {ps['bytes'] / 2**20:.1f} MiB)")
+    print(f"3. speed:  PS / {best_name} samples/s = {targets['speed_ratio_vs_best_hashed']:.2f}   (target >= 1)")
+    print(f"runs and logs: {base}")
+    summary = {"preset": a.preset, "nproc": a.nproc, "common": common + extra, "results": results, "targets": targets}
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
