@@ -136,42 +136,66 @@ def read_rows(
 ) -> Dict[str, np.ndarray]:
     """Read and verify every file of save ``m`` at ``path``; returns the row set (bucket, part order).
 
-    With ``owner=(index, n)`` only the keys with ``_C.route(key, n) == index`` are kept (rows and tombstones).
+    With ``owner=(index, n)`` only the keys with ``_C.route(key, n) == index`` are kept (rows and tombstones);
+    the files are then read a few buckets at a time, so memory holds this owner's rows plus those buckets.
     Raises CorruptCheckpointError naming the file on any size, checksum or consistency problem.
     """
     from .. import _C
 
-    ddir = F.data_path(path, m)
-    layout = m["layout"]
-    bw, mw = int(layout["base_width"]), int(layout["mf_width"])
     groups = F.group_files(m)
     row_groups = sorted((k for k in groups if k[0] is not None), key=lambda k: (k[0], k[1]))
     tomb_groups = sorted((k for k in groups if k[0] is None), key=lambda k: k[1])
-
-    n = m_rows = t = 0
-    plan = []  # (column, entry, row offset)
+    mpath = os.path.join(path, F.MANIFEST)
+    ddir = F.data_path(path, m)
     for key in row_groups:
         cols = groups[key]
         missing = [c for c in F.ROW_COLUMNS if c not in cols]
         if missing:
-            raise CorruptCheckpointError(
-                f"{os.path.join(path, F.MANIFEST)}: bucket {key[0]} part {key[1]} lists no {missing[0]} file",
-                os.path.join(path, F.MANIFEST),
-            )
+            raise CorruptCheckpointError(f"{mpath}: bucket {key[0]} part {key[1]} lists no {missing[0]} file", mpath)
         r = cols["keys"]["rows"]
         for c in ("base", "has_mf"):
             if cols[c]["rows"] != r:
                 p = os.path.join(ddir, cols[c]["name"])
                 raise CorruptCheckpointError(f"{p}: {cols[c]['rows']} rows, but its keys file has {r}", p)
+    tomb = _read_block(path, m, groups, [], tomb_groups, False)["tombstones"]
+    if owner is None or owner[1] <= 1:
+        out = _read_block(path, m, groups, row_groups, [], check_buckets)
+        out["tombstones"] = tomb
+        return out
+    index, parts = owner
+    pieces = []
+    buckets = sorted({k[0] for k in row_groups})
+    for lo in range(0, len(buckets), READ_BATCH_BUCKETS):
+        batch = set(buckets[lo:lo + READ_BATCH_BUCKETS])
+        block = _read_block(path, m, groups, [k for k in row_groups if k[0] in batch], [], check_buckets)
+        pieces.append(take_rows(block, _C.route(block["keys"], parts) == index))
+    layout = m["layout"]
+    out = concat_rows(pieces) if pieces else empty_rows(int(layout["base_width"]), int(layout["mf_width"]))
+    out["tombstones"] = tomb[_C.route(tomb, parts) == index] if tomb.size else tomb
+    return out
+
+
+# Buckets read at once when a server keeps only its own keys.
+READ_BATCH_BUCKETS = 8
+
+
+def _read_block(path, m, groups, row_groups, tomb_groups, check_buckets) -> Dict[str, np.ndarray]:
+    """Read the given (bucket, part) row groups and tombstone groups into fresh arrays, verified."""
+    ddir = F.data_path(path, m)
+    layout = m["layout"]
+    bw, mw = int(layout["base_width"]), int(layout["mf_width"])
+    n = m_rows = t = 0
+    plan = []  # (column, entry, row offset)
+    for key in row_groups:
+        cols = groups[key]
         plan += [("keys", cols["keys"], n), ("base", cols["base"], n), ("has_mf", cols["has_mf"], n),
                  ("mf", cols["mf"], m_rows)]
-        n += r
+        n += cols["keys"]["rows"]
         m_rows += cols["mf"]["rows"]
     for key in tomb_groups:
         e = groups[key]["tombstones"]
         plan.append(("tombstones", e, t))
         t += e["rows"]
-
     try:
         out = {
             "keys": np.empty(n, np.int64),
@@ -185,8 +209,7 @@ def read_rows(
 
     def one(item):
         col, entry, off = item
-        dest = out[col][off:off + entry["rows"]]
-        F.read_into(os.path.join(ddir, entry["name"]), dest, entry)
+        F.read_into(os.path.join(ddir, entry["name"]), out[col][off:off + entry["rows"]], entry)
 
     with ThreadPoolExecutor(IO_THREADS) as pool:
         list(pool.map(one, plan))
@@ -209,14 +232,6 @@ def read_rows(
                 p = os.path.join(ddir, cols["keys"]["name"])
                 raise CorruptCheckpointError(f"{p}: holds keys of another bucket than {key[0]}", p)
         off += r
-
-    if owner is not None and owner[1] > 1:
-        index, parts = owner
-        mine = _C.route(out["keys"], parts) == index
-        tomb = out["tombstones"]
-        tomb = tomb[_C.route(tomb, parts) == index] if tomb.size else tomb
-        out = take_rows(out, mine)
-        out["tombstones"] = tomb
     return out
 
 
