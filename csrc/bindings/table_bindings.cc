@@ -605,6 +605,12 @@ releases the GIL for the work; methods may be called from many threads at once.)
       .def_property_readonly("base_width", [](PyTable& t) { return t.t().layout().base_export_width(); })
       .def_property_readonly("mf_width", [](PyTable& t) { return t.t().layout().mf_width(); })
       .def_property_readonly("num_shards", [](PyTable& t) { return t.options().num_shards; })
+      .def_property("num_threads", [](PyTable& t) { return t.t().num_threads(); },
+                    [](PyTable& t, int n) {
+                      if (n < 1) throw py::value_error("num_threads must be >= 1, got " + std::to_string(n));
+                      t.t().set_num_threads(n);
+                    },
+                    R"doc(Threads one call may use (settable within [1, the pool size chosen by config num_threads]).)doc")
       .def("pull", &PyTable::Pull, py::arg("keys"), py::arg("with_stats") = false,
            R"doc(pull(keys: int64[n], with_stats=False) -> float32[n, 1+dim] ([n, 3+dim] with show, click first).
 Unknown keys and keys without mf read zeros in the missing part. Never inserts.)doc")

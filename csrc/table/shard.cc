@@ -15,42 +15,101 @@ Shard::Shard(const CtrAccessor* accessor)
       base_(accessor->layout().base_bytes()),
       mf_(accessor->layout().mf_bytes()) {}
 
+namespace {
+// How far ahead (in keys) each phase prefetches. Each phase walks the shard's keys once, so the
+// misses of one phase overlap (memory-level parallelism) instead of chaining index -> row -> mf.
+constexpr size_t kAhead = 16;
+
+// Per-thread scratch for the phases (no per-call allocation once warm).
+struct PhaseScratch {
+  std::vector<uint32_t> rows;
+  std::vector<uint32_t> mfs;
+};
+PhaseScratch& Scratch() {
+  thread_local PhaseScratch s;
+  return s;
+}
+}  // namespace
+
 void Shard::Pull(const uint64_t* keys, const uint64_t* hashes, const uint32_t* pos, size_t n, bool with_stats,
                  float* out) {
   const int dim = layout_.dim();
   const size_t width = (with_stats ? 3 : 1) + dim;
-  constexpr size_t kAhead = 8;
+  PhaseScratch& sc = Scratch();
+  sc.rows.resize(n);
+  sc.mfs.resize(n);
+  uint32_t* rows = sc.rows.data();
+  uint32_t* mfs = sc.mfs.data();
   MutexLock l(&mu_);
-  for (size_t j = 0; j < n && j < kAhead; ++j) index_.Prefetch(hashes[pos[j]]);
+  // Phase 1: index lookups.
+  for (size_t j = 0; j < n && j < kAhead; ++j) index_.Prefetch(hashes[j]);
   for (size_t j = 0; j < n; ++j) {
-    if (j + kAhead < n) index_.Prefetch(hashes[pos[j + kAhead]]);
-    const uint32_t p = pos[j];
-    float* o = out + static_cast<size_t>(p) * width;
-    const uint32_t row = index_.Find(keys[p], hashes[p]);
-    if (row == HashIndex::kNotFound) {
+    if (j + kAhead < n) index_.Prefetch(hashes[j + kAhead]);
+    rows[j] = index_.Find(keys[j], hashes[j]);
+  }
+  // Phase 2: base records -> show, click, lr_w; remember the mf block.
+  for (size_t j = 0; j < n; ++j) {
+    if (j + kAhead < n && rows[j + kAhead] != HashIndex::kNotFound) __builtin_prefetch(base_.At(rows[j + kAhead]));
+    float* o = out + static_cast<size_t>(pos[j]) * width;
+    if (rows[j] == HashIndex::kNotFound) {
       std::memset(o, 0, width * sizeof(float));
+      mfs[j] = kNoMf;
       ++counters_.pull_misses;
       continue;
     }
-    const RowHeader* h = Row(row);
+    const RowHeader* h = Row(rows[j]);
     if (with_stats) {
-      *o++ = h->show;
-      *o++ = h->click;
+      o[0] = h->show;
+      o[1] = h->click;
+      o += 2;
     }
-    *o++ = RowLayout::Lr(h)[0];
-    if (h->mf_index == kNoMf) {
-      std::memset(o, 0, dim * sizeof(float));
-    } else {
-      std::memcpy(o, Mf(h->mf_index), dim * sizeof(float));
+    o[0] = RowLayout::Lr(h)[0];
+    mfs[j] = h->mf_index;
+    if (h->mf_index == kNoMf) std::memset(o + 1, 0, dim * sizeof(float));
+  }
+  // Phase 3: mf blocks.
+  const size_t mf_off = width - dim;
+  for (size_t j = 0; j < n; ++j) {
+    if (j + kAhead < n && mfs[j + kAhead] != kNoMf) {
+      const char* p = mf_.At(mfs[j + kAhead]);
+      __builtin_prefetch(p);
+      __builtin_prefetch(p + layout_.mf_bytes() - 1);  // a block may straddle two cache lines
     }
+    if (mfs[j] == kNoMf) continue;
+    float* o = out + static_cast<size_t>(pos[j]) * width + mf_off;
+    const float* src = Mf(mfs[j]);
+    for (int d = 0; d < dim; ++d) o[d] = src[d];  // short: a loop beats a memcpy call
   }
 }
 
 void Shard::Push(const MergedPush* items, size_t n, bool has_slots) {
+  PhaseScratch& sc = Scratch();
+  sc.rows.resize(n);
+  sc.mfs.resize(n);
+  uint32_t* rows = sc.rows.data();
+  uint32_t* mfs = sc.mfs.data();
   MutexLock l(&mu_);
+  // Phase 1: index lookups (items hold distinct keys, so a key missing here is inserted in phase 3
+  // and nothing else can insert it in between: we hold the lock).
+  for (size_t j = 0; j < n && j < kAhead; ++j) index_.Prefetch(items[j].hash);
   for (size_t j = 0; j < n; ++j) {
+    if (j + kAhead < n) index_.Prefetch(items[j + kAhead].hash);
+    rows[j] = index_.Find(items[j].key, items[j].hash);
+  }
+  // Phase 2: the mf block of each existing row, prefetching base records ahead.
+  for (size_t j = 0; j < n; ++j) {
+    if (j + kAhead < n && rows[j + kAhead] != HashIndex::kNotFound) __builtin_prefetch(base_.At(rows[j + kAhead]));
+    mfs[j] = rows[j] == HashIndex::kNotFound ? kNoMf : Row(rows[j])->mf_index;
+  }
+  // Phase 3: admission/insert and the update, prefetching mf blocks and base records ahead.
+  for (size_t j = 0; j < n; ++j) {
+    if (j + kAhead < n) {
+      if (mfs[j + kAhead] != kNoMf) __builtin_prefetch(mf_.At(mfs[j + kAhead]), 1);
+      if (rows[j + kAhead] != HashIndex::kNotFound) __builtin_prefetch(base_.At(rows[j + kAhead]), 1);
+      __builtin_prefetch(items[j + kAhead].grad);
+    }
     const MergedPush& it = items[j];
-    uint32_t row = index_.Find(it.key, it.hash);
+    uint32_t row = rows[j];
     if (row == HashIndex::kNotFound) {
       const uint32_t prior = attempts_.Find(it.key, it.hash);
       const uint32_t attempt = prior == HashIndex::kNotFound ? 0 : prior;
@@ -81,7 +140,6 @@ void Shard::Push(const MergedPush* items, size_t n, bool has_slots) {
     float* mf = h->mf_index == kNoMf ? nullptr : Mf(h->mf_index);
     if (accessor_->Update(h, mf, it.grad, it.show, it.click, has_slots ? &it.slot : nullptr)) {
       const uint32_t idx = mf_.Allocate();
-      h = Row(row);
       h->mf_index = idx;
       accessor_->InitMf(Mf(idx), it.key);
       ++counters_.mf_created;

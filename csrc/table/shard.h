@@ -50,8 +50,8 @@ class Shard {
 
   Mutex* mu() { return &mu_; }
 
-  // For j in [0, n): copies row keys[pos[j]] into out + pos[j] * width (width = 1 + dim, or
-  // 3 + dim with stats: show, click first). A missing key writes zeros and counts a pull miss; a row
+  // For j in [0, n): copies the row of keys[j] (hashes[j] = TableHash(keys[j])) into
+  // out + pos[j] * width (width = 1 + dim, or 3 + dim with stats: show, click first). A missing key writes zeros and counts a pull miss; a row
   // without mf reads zeros in the mf part. Never inserts.
   void Pull(const uint64_t* keys, const uint64_t* hashes, const uint32_t* pos, size_t n, bool with_stats,
             float* out) LOCKS_EXCLUDED(mu_);

@@ -42,9 +42,10 @@ class AdaGradRule final : public SparseRule {
   void Update(float* w, float* state, const float* g, double scale) const override {
     const double g0 = options_.initial_g2sum;
     const double ratio = options_.learning_rate * std::sqrt(g0 / (g0 + double{state[0]}));
+    const double inv_scale = 1.0 / scale;  // in double: g * (1/s) rounds like g / s at float32
     double sum = 0.0;
     for (int i = 0; i < dim_; ++i) {
-      const double gs = g[i] / scale;
+      const double gs = g[i] * inv_scale;
       w[i] = static_cast<float>(Bound(double{w[i]} - gs * ratio));
       sum += gs * gs;
     }
@@ -62,8 +63,9 @@ class StdAdaGradRule final : public SparseRule {
   int StateDim() const override { return dim_; }
   void Update(float* w, float* state, const float* g, double scale) const override {
     const double g0 = options_.initial_g2sum;
+    const double inv_scale = 1.0 / scale;
     for (int i = 0; i < dim_; ++i) {
-      const double gs = g[i] / scale;
+      const double gs = g[i] * inv_scale;
       const double ratio = options_.learning_rate * std::sqrt(g0 / (g0 + double{state[i]}));
       w[i] = static_cast<float>(Bound(double{w[i]} - gs * ratio));
       state[i] = static_cast<float>(double{state[i]} + gs * gs);

@@ -20,18 +20,94 @@ size_t NextPow2(size_t x) {
   while (p < x) p <<= 1;
   return p;
 }
+
+// Scratch of one push task, reused across calls on a thread (no per-key allocation).
+struct MergeScratch {
+  std::vector<MergedPush> items;
+  std::vector<int32_t> buf_of;  // merge-buffer row of items[m], or -1 (its grad is the input row)
+  std::vector<float> mbuf;      // summed gradients of duplicated keys
+  std::vector<uint64_t> tkeys;  // open-addressing table: key ...
+  std::vector<int32_t> tidx;    // ... -> item index, -1 = empty
+};
+
+MergeScratch& ThreadMergeScratch() {
+  thread_local MergeScratch s;
+  return s;
+}
+
+// Merges duplicate keys of one shard's run (keys/hashes/pos in input order): sums grads, shows and
+// clicks in input order, last slot wins. Fills m->items in order of first occurrence; returns count.
+size_t MergeDuplicates(const uint64_t* keys, const uint64_t* hashes, const uint32_t* pos, size_t cnt,
+                       const float* grads, size_t gw, const float* shows, const float* clicks, const int32_t* slots,
+                       MergeScratch* m) {
+  const size_t cap = NextPow2(cnt * 2);
+  const size_t mask = cap - 1;
+  m->items.resize(cnt);
+  m->buf_of.resize(cnt);
+  m->mbuf.clear();
+  m->tkeys.resize(cap);
+  m->tidx.assign(cap, -1);
+  MergedPush* items = m->items.data();
+  int32_t* buf_of = m->buf_of.data();
+  uint64_t* tkeys = m->tkeys.data();
+  int32_t* tidx = m->tidx.data();
+  size_t num = 0;
+  constexpr size_t kAhead = 8;
+  for (size_t j = 0; j < cnt; ++j) {
+    if (j + kAhead < cnt) __builtin_prefetch(grads + static_cast<size_t>(pos[j + kAhead]) * gw);
+    const uint32_t p = pos[j];
+    const uint64_t key = keys[j];
+    size_t i = (hashes[j] >> 20) & mask;
+    while (tidx[i] != -1 && tkeys[i] != key) i = (i + 1) & mask;
+    const float* g = grads + static_cast<size_t>(p) * gw;
+    if (tidx[i] == -1) {
+      tidx[i] = static_cast<int32_t>(num);
+      tkeys[i] = key;
+      items[num] = MergedPush{key, hashes[j], g, shows[p], clicks[p], slots != nullptr ? slots[p] : -1};
+      buf_of[num] = -1;
+      ++num;
+      continue;
+    }
+    const int32_t k = tidx[i];
+    MergedPush& it = items[k];
+    if (buf_of[k] < 0) {
+      buf_of[k] = static_cast<int32_t>(m->mbuf.size() / gw);
+      m->mbuf.insert(m->mbuf.end(), it.grad, it.grad + gw);
+    }
+    float* acc = m->mbuf.data() + static_cast<size_t>(buf_of[k]) * gw;
+    for (size_t d = 0; d < gw; ++d) acc[d] += g[d];
+    it.show += shows[p];
+    it.click += clicks[p];
+    if (slots != nullptr) it.slot = slots[p];
+  }
+  // mbuf may have moved while growing: point merged items at it only now.
+  for (size_t k = 0; k < num; ++k) {
+    if (buf_of[k] >= 0) items[k].grad = m->mbuf.data() + static_cast<size_t>(buf_of[k]) * gw;
+  }
+  return num;
+}
 }  // namespace
 
 struct SparseTable::Partition {
   std::vector<uint64_t> hashes;  // TableHash(keys[i]), for every input position
   std::vector<uint32_t> order;   // input positions grouped by shard, input order within a shard
+  std::vector<uint64_t> skeys;   // keys[order[j]]
+  std::vector<uint64_t> shashes; // hashes[order[j]]
   std::vector<uint32_t> begin;   // shard s owns order[begin[s], begin[s+1])
+  std::vector<uint32_t> cursor;  // scratch of the counting sort
 };
+
 
 SparseTable::SparseTable(const TableOptions& options) : accessor_(options) {
   shards_.reserve(options.num_shards);
   for (int i = 0; i < options.num_shards; ++i) shards_.push_back(std::make_unique<Shard>(&accessor_));
   pool_ = std::make_unique<ThreadPool>(options.num_threads);
+  parallelism_.store(pool_->num_threads(), std::memory_order_relaxed);
+}
+
+void SparseTable::set_num_threads(int n) {
+  n = std::max(1, std::min(n, pool_->num_threads()));
+  parallelism_.store(n, std::memory_order_relaxed);
 }
 
 SparseTable::~SparseTable() = default;
@@ -40,24 +116,34 @@ void SparseTable::PartitionKeys(const uint64_t* keys, size_t n, const uint8_t* s
   const uint32_t num_shards = static_cast<uint32_t>(shards_.size());
   p->hashes.resize(n);
   p->begin.assign(num_shards + 1, 0);
-  std::vector<uint32_t> shard_of(n);
+  uint64_t* hashes = p->hashes.data();
+  uint32_t* begin = p->begin.data();
   size_t kept = 0;
   for (size_t i = 0; i < n; ++i) {
     const uint64_t h = TableHash(keys[i]);
-    p->hashes[i] = h;
-    const uint32_t s = ShardOf(h, num_shards);
-    shard_of[i] = s;
+    hashes[i] = h;
     if (skip == nullptr || !skip[i]) {
-      ++p->begin[s + 1];
+      ++begin[ShardOf(h, num_shards) + 1];
       ++kept;
     }
   }
   for (uint32_t s = 0; s < num_shards; ++s) p->begin[s + 1] += p->begin[s];
   p->order.resize(kept);
-  std::vector<uint32_t> cursor(p->begin.begin(), p->begin.end() - 1);
+  p->skeys.resize(kept);
+  p->shashes.resize(kept);
+  p->cursor.assign(p->begin.begin(), p->begin.end() - 1);
+  uint32_t* cursor = p->cursor.data();
+  uint32_t* order = p->order.data();
+  uint64_t* skeys = p->skeys.data();
+  uint64_t* shashes = p->shashes.data();
+  // Scatter into per-shard runs (sequential reads, one write stream per shard), so each shard task
+  // then reads its keys and hashes contiguously.
   for (size_t i = 0; i < n; ++i) {
     if (skip != nullptr && skip[i]) continue;
-    p->order[cursor[shard_of[i]]++] = static_cast<uint32_t>(i);
+    const uint32_t d = cursor[ShardOf(hashes[i], num_shards)]++;
+    order[d] = static_cast<uint32_t>(i);
+    skeys[d] = keys[i];
+    shashes[d] = hashes[i];
   }
 }
 
@@ -65,18 +151,22 @@ void SparseTable::RunShards(size_t num_keys, const std::function<void(size_t)>& 
   if (num_keys < kParallelMinKeys) {
     for (size_t s = 0; s < shards_.size(); ++s) fn(s);
   } else {
-    pool_->ParallelFor(shards_.size(), fn);
+    pool_->ParallelFor(shards_.size(), fn, num_threads());
   }
 }
 
 void SparseTable::Pull(const uint64_t* keys, size_t n, bool with_stats, float* out) {
   if (n == 0) return;
-  Partition part;
+  // The calling thread's scratch, reused across calls (no page faults for the per-call arrays once
+  // warm). Pool tasks read it by reference while this thread waits in RunShards.
+  // (A reference, so the lambda below sees the caller's object, not the worker's thread_local.)
+  thread_local Partition tls_part;
+  Partition& part = tls_part;
   PartitionKeys(keys, n, nullptr, &part);
   RunShards(n, [&](size_t s) {
     const uint32_t b = part.begin[s], e = part.begin[s + 1];
     if (b == e) return;
-    shards_[s]->Pull(keys, part.hashes.data(), part.order.data() + b, e - b, with_stats, out);
+    shards_[s]->Pull(part.skeys.data() + b, part.shashes.data() + b, part.order.data() + b, e - b, with_stats, out);
   });
 }
 
@@ -88,61 +178,26 @@ void SparseTable::Push(const uint64_t* keys, size_t n, const float* grads, const
     for (size_t i = 0; i < n; ++i) skipped += skip[i] ? 1 : 0;
     rejected_.fetch_add(skipped, std::memory_order_relaxed);
   }
-  Partition part;
+  thread_local Partition tls_part;  // see Pull
+  Partition& part = tls_part;
   PartitionKeys(keys, n, skip, &part);
   ReaderMutexLock gate(&gate_);
   const size_t gw = 1 + static_cast<size_t>(layout().dim());
   RunShards(n, [&](size_t s) {
     const uint32_t b = part.begin[s], e = part.begin[s + 1];
     if (b == e) return;
-    const size_t cnt = e - b;
-    // Scratch reused across calls on this thread: no per-key allocation.
-    thread_local std::vector<MergedPush> items;
-    thread_local std::vector<int32_t> buf_of;  // merge-buffer row of items[m], or -1 (use input row)
-    thread_local std::vector<float> mbuf;
-    thread_local std::vector<int32_t> slots_table;
-    items.clear();
-    buf_of.clear();
-    mbuf.clear();
-    const size_t cap = NextPow2(cnt * 2);
-    slots_table.assign(cap, -1);
-    const size_t mask = cap - 1;
-    for (uint32_t j = b; j < e; ++j) {
-      const uint32_t p = part.order[j];
-      const uint64_t key = keys[p];
-      const uint64_t h = part.hashes[p];
-      size_t i = (h >> 20) & mask;
-      while (slots_table[i] != -1 && items[slots_table[i]].key != key) i = (i + 1) & mask;
-      const float* g = grads + static_cast<size_t>(p) * gw;
-      if (slots_table[i] == -1) {
-        slots_table[i] = static_cast<int32_t>(items.size());
-        items.push_back(MergedPush{key, h, g, shows[p], clicks[p], slots != nullptr ? slots[p] : -1});
-        buf_of.push_back(-1);
-        continue;
-      }
-      const int32_t m = slots_table[i];
-      MergedPush& it = items[m];
-      if (buf_of[m] < 0) {
-        buf_of[m] = static_cast<int32_t>(mbuf.size() / gw);
-        mbuf.insert(mbuf.end(), it.grad, it.grad + gw);
-      }
-      float* acc = mbuf.data() + static_cast<size_t>(buf_of[m]) * gw;
-      for (size_t d = 0; d < gw; ++d) acc[d] += g[d];
-      it.show += shows[p];
-      it.click += clicks[p];
-      if (slots != nullptr) it.slot = slots[p];
-    }
-    for (size_t m = 0; m < items.size(); ++m) {
-      if (buf_of[m] >= 0) items[m].grad = mbuf.data() + static_cast<size_t>(buf_of[m]) * gw;
-    }
-    shards_[s]->Push(items.data(), items.size(), slots != nullptr);
+    MergeScratch& m = ThreadMergeScratch();  // one TLS lookup per task, raw pointers below
+    const size_t num = MergeDuplicates(part.skeys.data() + b, part.shashes.data() + b, part.order.data() + b, e - b,
+                                       grads, gw, shows, clicks, slots, &m);
+    shards_[s]->Push(m.items.data(), num, slots != nullptr);
   });
 }
 
 size_t SparseTable::DecayAndDeleteAll(double factor, uint32_t add_unseen) {
   ReaderMutexLock gate(&gate_);
   std::vector<std::vector<uint64_t>> deleted(shards_.size());
-  pool_->ParallelFor(shards_.size(), [&](size_t s) { shards_[s]->DecayAndDelete(factor, add_unseen, &deleted[s]); });
+  pool_->ParallelFor(
+      shards_.size(), [&](size_t s) { shards_[s]->DecayAndDelete(factor, add_unseen, &deleted[s]); }, num_threads());
   size_t total = 0;
   MutexLock l(&tomb_mu_);
   for (auto& d : deleted) {
@@ -156,7 +211,7 @@ size_t SparseTable::Shrink() { return DecayAndDeleteAll(options().accessor.show_
 
 void SparseTable::NewDay() {
   ReaderMutexLock gate(&gate_);
-  pool_->ParallelFor(shards_.size(), [&](size_t s) { shards_[s]->NewDay(); });
+  pool_->ParallelFor(shards_.size(), [&](size_t s) { shards_[s]->NewDay(); }, num_threads());
 }
 
 Status SparseTable::EndDay(int64_t day, size_t* deleted) {

@@ -90,6 +90,11 @@ class SparseTable {
   int64_t day();
   void set_day(int64_t day);
 
+  // Threads one call may use, in [1, the pool size fixed at construction]. Benchmarks use it to
+  // compare 1 thread with all threads on one table.
+  int num_threads() const { return parallelism_.load(std::memory_order_relaxed); }
+  void set_num_threads(int n);
+
   TableStats Stats();
   size_t Size();
   bool Contains(uint64_t key);
@@ -128,6 +133,8 @@ class SparseTable {
 
   // Relaxed: a statistic, read without ordering against rows.
   std::atomic<uint64_t> rejected_{0};
+  // Relaxed: a tuning knob; a call reads it once.
+  std::atomic<int> parallelism_{1};
 };
 
 }  // namespace psembed

@@ -2,6 +2,7 @@
 
 #include "util/thread_pool.h"
 
+#include <algorithm>
 #include <atomic>
 
 namespace psembed {
@@ -63,16 +64,16 @@ void ThreadPool::WorkerMain() {
   }
 }
 
-void ThreadPool::ParallelFor(size_t n, const std::function<void(size_t)>& fn) {
+void ThreadPool::ParallelFor(size_t n, const std::function<void(size_t)>& fn, int max_parallel) {
   if (n == 0) return;
-  if (n == 1 || workers_.empty()) {
+  if (n == 1 || workers_.empty() || max_parallel <= 1) {
     for (size_t i = 0; i < n; ++i) fn(i);
     return;
   }
   auto loop = std::make_shared<Loop>();
   loop->n = n;
   loop->fn = &fn;  // fn outlives the loop's work: we wait for done == n below
-  const size_t helpers = std::min(workers_.size(), n - 1);
+  const size_t helpers = std::min({workers_.size(), n - 1, static_cast<size_t>(max_parallel - 1)});
   {
     std::lock_guard<std::mutex> l(mu_);
     for (size_t i = 0; i < helpers; ++i) queue_.push_back(loop);

@@ -31,9 +31,9 @@ class ThreadPool {
 
   int num_threads() const { return num_threads_; }
 
-  // Runs fn(i) for every i in [0, n), in parallel, and returns when all calls returned.
-  // fn must not throw.
-  void ParallelFor(size_t n, const std::function<void(size_t)>& fn);
+  // Runs fn(i) for every i in [0, n), on at most max_parallel threads (the caller included), and
+  // returns when all calls returned. fn must not throw.
+  void ParallelFor(size_t n, const std::function<void(size_t)>& fn, int max_parallel = 1 << 30);
 
  private:
   struct Loop;

@@ -67,7 +67,10 @@ class HashIndex {
 
   // Hints the cache about the probe start of a key looked up soon.
   void Prefetch(uint64_t hash) const {
-    if (capacity_ != 0) __builtin_prefetch(&keys_[hash & mask_]);
+    if (capacity_ != 0) {
+      __builtin_prefetch(&keys_[hash & mask_]);
+      __builtin_prefetch(&values_[hash & mask_]);
+    }
   }
 
   // Adds key -> value. REQUIRES: key not present. May rehash (throws std::bad_alloc).

@@ -1,0 +1,181 @@
+"""Benchmark of the C++ sparse table against a dense torch baseline in the same run.
+
+Workloads (one line each, what it measures):
+  pull/uniform   keys/s of _C.Table.pull on batches of --batch keys drawn uniformly from --keys resident keys
+  pull/zipf      same, keys drawn Zipf(--zipf) by rank (hot keys repeat within a batch)
+  push/uniform   keys/s of _C.Table.push (AdaGrad on lr and mf, show/click stats, duplicate merging)
+  push/zipf      same with Zipf keys
+  baseline       torch index_select / index_add_ on a dense [--keys, 1+dim] float32 tensor with the
+                 same batch positions (the cheapest possible "embedding table"); ratios = ours / baseline
+  memory         bytes per key from RSS growth of a fresh process holding only the table (AdaGrad both
+                 parts): with mf (embedx_threshold=0: every row gets mf) and without (a huge threshold);
+                 compared with the payload 8 + 4*(5 + 1 + lr_state + dim + mf_state) bytes.
+Each throughput is measured with 1 thread and with all threads (table.num_threads / torch.set_num_threads).
+
+Targets (issue 2): pull >= 0.7x index_select; push >= 1.5x index_add_; bytes/key with mf <= 1.3x payload;
+without mf <= 64 bytes.
+
+  python scripts/bench_table.py                      # full size: 10M keys, dim 8, batches of 100k
+  python scripts/bench_table.py --keys 200000 --batches 5   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def make_config(dim: int, embedx_threshold: float, num_threads: int = 0):
+    from torch_psembed.config import AdaGrad, CtrAccessorConfig, TableConfig
+
+    return TableConfig(
+        dim=dim,
+        accessor=CtrAccessorConfig(embedx_threshold=embedx_threshold),
+        lr_optimizer=AdaGrad(initial_range=0.0),
+        mf_optimizer=AdaGrad(initial_range=1e-4),
+        num_threads=num_threads,
+    )
+
+
+def all_keys(n: int, seed: int = 0) -> np.ndarray:
+    """n distinct random 64-bit feasigns (realistic ids, not 0..n-1)."""
+    rng = np.random.default_rng(seed)
+    keys = np.unique(rng.integers(-(2**63), 2**63 - 1, size=int(n * 1.01) + 16, dtype=np.int64))
+    rng.shuffle(keys)
+    return np.ascontiguousarray(keys[:n])
+
+
+def populate(table, keys: np.ndarray, dim: int, chunk: int = 1_000_000) -> None:
+    for s in range(0, len(keys), chunk):
+        k = keys[s:s + chunk]
+        n = len(k)
+        table.push(k, np.zeros((n, 1 + dim), np.float32), np.ones(n, np.float32), np.zeros(n, np.float32))
+
+
+def memory_child(n: int, dim: int, with_mf: bool) -> dict:
+    """Runs in a fresh process: RSS growth of populating one table."""
+    from torch_psembed import _C
+
+    keys = all_keys(n)
+    gc.collect()
+    base = rss_bytes()
+    cfg = make_config(dim, 0.0 if with_mf else 1e30)
+    table = _C.Table(cfg.to_dict())
+    populate(table, keys, dim)
+    grown = rss_bytes() - base
+    st = table.stats()
+    assert st["keys"] == n and st["keys_with_mf"] == (n if with_mf else 0), st
+    lr_state, mf_state = table.lr_state_dim, table.mf_state_dim
+    payload = 8 + 4 * (5 + 1 + lr_state + (dim + mf_state if with_mf else 0))
+    return {"rss_per_key": grown / n, "stats_bytes_per_key": st["bytes"] / n, "payload": payload}
+
+
+def draw(rng, n_keys: int, batch: int, dist: str, zipf_a: float) -> np.ndarray:
+    if dist == "uniform":
+        return rng.integers(0, n_keys, size=batch)
+    return (rng.zipf(zipf_a, size=batch) - 1) % n_keys
+
+
+def timeit(fn, batches) -> float:
+    fn(batches[0])  # warm-up
+    t0 = time.perf_counter()
+    for b in batches:
+        fn(b)
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--keys", type=int, default=10_000_000, help="resident keys (default 10M)")
+    p.add_argument("--dim", type=int, default=8)
+    p.add_argument("--batch", type=int, default=100_000)
+    p.add_argument("--batches", type=int, default=20, help="timed batches per measurement")
+    p.add_argument("--zipf", type=float, default=1.1)
+    p.add_argument("--no-memory", action="store_true", help="skip the RSS measurement")
+    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--_memory-child", dest="memory_child", choices=["mf", "nomf"], help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.memory_child:
+        print(json.dumps(memory_child(args.keys, args.dim, args.memory_child == "mf")))
+        return 0
+
+    import torch
+
+    from torch_psembed import _C
+
+    all_threads = torch.get_num_threads()
+    results = {"keys": args.keys, "dim": args.dim, "batch": args.batch, "cpus": os.cpu_count(),
+               "torch_threads": all_threads, "load_avg_start": os.getloadavg()[0]}
+    print(f"# bench_table: {args.keys} keys, dim {args.dim}, batches of {args.batch}, "
+          f"{os.cpu_count()} cpus, load avg {os.getloadavg()[0]:.1f}")
+
+    if not args.no_memory:
+        for kind in ("mf", "nomf"):
+            out = subprocess.run([sys.executable, __file__, "--keys", str(args.keys), "--dim", str(args.dim),
+                                  "--_memory-child", kind], check=True, capture_output=True, text=True)
+            m = json.loads(out.stdout.strip().splitlines()[-1])
+            results[f"memory_{kind}"] = m
+            target = f"<= 1.3x payload ({1.3 * m['payload']:.1f})" if kind == "mf" else "<= 64"
+            print(f"memory/{kind:5s} rss {m['rss_per_key']:6.1f} B/key  stats {m['stats_bytes_per_key']:6.1f} B/key  "
+                  f"payload {m['payload']} B  ratio {m['rss_per_key'] / m['payload']:.2f}x  target {target}")
+
+    keys = all_keys(args.keys)
+    table = _C.Table(make_config(args.dim, 0.0).to_dict())
+    t0 = time.perf_counter()
+    populate(table, keys, args.dim)
+    print(f"populate: {args.keys / (time.perf_counter() - t0) / 1e6:.2f} M keys/s (first push inserts)")
+    dense = torch.zeros(args.keys, 1 + args.dim)
+    rng = np.random.default_rng(1)
+    width = 1 + args.dim
+    grads_np = rng.normal(size=(args.batch, width)).astype(np.float32)
+    grads_t = torch.from_numpy(grads_np)
+    shows = np.ones(args.batch, np.float32)
+    clicks = np.zeros(args.batch, np.float32)
+
+    for dist in ("uniform", "zipf"):
+        pos = [draw(rng, args.keys, args.batch, dist, args.zipf) for _ in range(args.batches)]
+        kb = [np.ascontiguousarray(keys[p]) for p in pos]
+        ib = [torch.from_numpy(p.astype(np.int64)) for p in pos]
+        for threads in (1, all_threads):
+            table.num_threads = threads
+            torch.set_num_threads(threads)
+            n = args.batch * args.batches
+            rows = {
+                "pull": timeit(lambda k: table.pull(k), kb),
+                "index_select": timeit(lambda i: dense.index_select(0, i), ib),
+                "push": timeit(lambda k: table.push(k, grads_np, shows, clicks), kb),
+                "index_add_": timeit(lambda i: dense.index_add_(0, i, grads_t), ib),
+            }
+            rate = {k: n / v for k, v in rows.items()}
+            r_pull = rate["pull"] / rate["index_select"]
+            r_push = rate["push"] / rate["index_add_"]
+            results[f"{dist}_t{threads}"] = {**{k: v for k, v in rate.items()}, "pull_ratio": r_pull,
+                                             "push_ratio": r_push}
+            print(f"{dist:7s} threads={threads}: pull {rate['pull'] / 1e6:6.2f} M/s vs index_select "
+                  f"{rate['index_select'] / 1e6:6.2f} M/s = {r_pull:.2f}x (target >= 0.7) | "
+                  f"push {rate['push'] / 1e6:6.2f} M/s vs index_add_ {rate['index_add_'] / 1e6:6.2f} M/s = "
+                  f"{r_push:.2f}x (target >= 1.5)")
+    torch.set_num_threads(all_threads)
+    results["load_avg_end"] = os.getloadavg()[0]
+    print(f"# load avg at end {os.getloadavg()[0]:.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
