@@ -462,6 +462,8 @@ def test_bad_arguments(tmp_path):
         pse.checkpoint.save_table(t, tmp_path / "y", num_buckets=0)
     with pytest.raises(CorruptCheckpointError, match="not a directory"):
         t.load(tmp_path / "nothing")
+    with pytest.raises(TypeError, match="path must be a str"):
+        t.save(None)
 
 
 # -- consistency under concurrent pushes -------------------------------------------------------------------

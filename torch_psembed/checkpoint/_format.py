@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import zlib
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List
 
 import numpy as np
 
@@ -53,7 +52,6 @@ COLUMN_DTYPES = {
 ROW_COLUMNS = ("keys", "base", "has_mf", "mf")
 
 _SALT_I64 = np.array([BUCKET_SALT], dtype=np.uint64).view(np.int64)[0]
-_FILE_RE = re.compile(r"^(bucket-\d{4}\.part-\d{3}\.(keys|base|has_mf|mf)|part-\d{3}\.tombstones)$")
 
 
 def bucket_of(keys: np.ndarray, num_buckets: int) -> np.ndarray:
@@ -261,10 +259,3 @@ def layout_for(dim: int, base_width: int, mf_width: int) -> Dict[str, Any]:
         "mf_columns": [f"mf_w{i}" for i in range(dim)] + [f"mf_state{i}" for i in range(mf_state)],
         "byte_order": "little",
     }
-
-
-def check_files_exist(path: str, names: Sequence[str]) -> Optional[str]:
-    for n in names:
-        if not os.path.exists(os.path.join(path, n)):
-            return n
-    return None

@@ -300,7 +300,7 @@ def save_group(
         raise ValueError(f"mode must be one of {F.MODES}, got {mode!r}")
     if not isinstance(num_buckets, int) or not 1 <= num_buckets <= 9999:
         raise ValueError(f"num_buckets must be an int in [1, 9999], got {num_buckets!r}")
-    path = os.path.abspath(os.fspath(path))
+    path = _check_path(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"path must be a directory (or not exist yet), got the file {path}")
     t0 = time.perf_counter()
@@ -350,6 +350,12 @@ def save_group(
         "write_seconds": t_write,
         "chain": new_chain,
     }
+
+
+def _check_path(path) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    return os.path.abspath(os.fspath(path))
 
 
 def _make_manifest(config_dict, mode, save_id, chain, parts, num_buckets) -> Dict[str, Any]:
@@ -416,7 +422,7 @@ def check_chain(m: Dict[str, Any], chain: Dict[str, Any], path: str) -> None:
 
 def load_group(group: _Group, config_dict: Dict[str, Any], chain: Dict[str, Any], path) -> Dict[str, Any]:
     """Load ``path`` into every part of ``group``; nothing changes unless every file verified."""
-    path = os.path.abspath(os.fspath(path))
+    path = _check_path(path)
     t0 = time.perf_counter()
     m = F.read_manifest(path)
     check_compatible(m, config_dict, path)
