@@ -325,7 +325,7 @@ def pool_backward(
     """
     d = grad.shape[-1]
     if mode is None:
-        src_rows = grad.reshape(-1, d)  # id i's gradient is row i
+        src_rows = grad.reshape(-1, d).contiguous()  # id i's gradient is row i
         out_of_id = None  # identity
         w = None
     else:
@@ -403,7 +403,8 @@ def ps_embedding(
 
     grad_needed = push and torch.is_grad_enabled()
     if grad_needed:
-        scale = float(batch.num_instances) if grad_scale is None else float(grad_scale)
+        grad_scale = _check_grad_scale(grad_scale)
+        scale = float(batch.num_instances) if grad_scale is None else grad_scale
         labels = None
         if clicks is not None:
             if clicks.shape != (batch.num_instances,):
