@@ -85,11 +85,12 @@ def _run_steps(args, table, seed, timers=None):
     backend = table._backend
     if hasattr(backend, "reset_timers"):
         backend.reset_timers()
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), time.process_time()
     for i in range(args.steps):
         step(args.warmup + i, True)
     table.flush()
     seconds = time.perf_counter() - start
+    split["cpu"] = time.process_time() - cpu0  # every thread of this process, RPC threads included
     return seconds, split
 
 
@@ -123,6 +124,10 @@ class _LocalTable:
         pass
 
 
+def _process_cpu(table, server_index, num_servers):
+    return time.process_time()
+
+
 def child(args) -> None:
     """One rank; alternates rounds of the local baseline (trainer 0 alone, the others idle at a barrier) and of
     the sharded table (every trainer), so both see the same machine load. Writes figures to args.out.RANK."""
@@ -145,7 +150,11 @@ def child(args) -> None:
         loc = _run_steps(args, local, seed=100 + tr) if tr == 0 else None
         dist.barrier(group=group)
         table._backend.reset_timers()
+        srv0 = table._backend.collective(_process_cpu) if args.num_servers else None
         seconds, split = _run_steps(args, table, seed=100 + tr)
+        if srv0 is not None:  # a dedicated server's CPU time: ask it (collective over the trainers)
+            srv1 = table._backend.collective(_process_cpu)
+            split["server_cpu"] = sum(b - a for a, b in zip(srv0, srv1)) / pse.distributed.num_trainers()
         rounds.append({"local": loc, "sharded": (seconds, split, dict(table._backend.timers))})
     pse.shutdown()
     with open(f"{args.out}.{rank}", "w") as f:
@@ -237,6 +246,9 @@ def main() -> None:
             t["push"] = 1000 * sum(x[1]["push"] for x in sh) / len(sh) / args.steps
             lt = {"step": 1000 * loc[0] / args.steps, "pull": 1000 * loc[1]["pull"] / args.steps,
                   "push": 1000 * loc[1]["push"] / args.steps}
+            # CPU seconds per sample, all processes of the job (load-independent, unlike wall time)
+            cpu = sum(x[1]["cpu"] + x[1].get("server_cpu", 0.0) for x in sh) / (len(sh) * args.steps * args.batch)
+            t["cpu_ratio"] = cpu / (loc[1]["cpu"] / (args.steps * args.batch))
             per_round.append((local_sps, sps, step, t, lt))
         med = lambda f: _median([f(x) for x in per_round])  # noqa: E731
         lsps, sps = med(lambda x: x[0]), med(lambda x: x[1])
@@ -249,6 +261,9 @@ def main() -> None:
         print(f"{name:<10} {world:>5} {sps:>10.0f} {ratio:>7.2f}x {step:>8.1f} {tm['pull']:>8.1f} "
               f"{tm['push']:>8.1f} | {tm['dedup']:>6.1f} {tm['rpc_wait']:>7.1f} {tm['assembly']:>8.1f} "
               f"{tm['local_pull']:>9.1f} {tm['staleness_wait']:>6.1f}")
+        cr = med(lambda x: x[3]["cpu_ratio"])
+        print(f"  CPU time per sample, all processes: {cr:.2f}x the local run's"
+              + (f" -> on {world} idle cores at most {world / cr:.2f}x the local samples/s" if ns == 0 else ""))
         if name == "dedicated":
             rpc = tm["dedup"] + tm["rpc_wait"] + tm["assembly"] + tm["staleness_wait"]
             over = med(lambda x: (x[2] - x[4]["step"]) / x[2])

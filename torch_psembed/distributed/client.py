@@ -33,7 +33,7 @@ from .transport import Handle, Transport
 
 __all__ = ["ShardedTable"]
 
-_TIMER_NAMES = ("dedup", "rpc_wait", "assembly", "push", "staleness_wait")
+_TIMER_NAMES = ("dedup", "rpc_wait", "assembly", "local_pull", "push", "staleness_wait")
 
 
 class ShardedTable:
@@ -170,7 +170,6 @@ class ShardedTable:
             else:
                 rows[local[1]] = r
             t_local = time.perf_counter() - tl
-        t3 = time.perf_counter()
         wait_time = 0.0
         for pos, h in handles:
             tw = time.perf_counter()
@@ -187,8 +186,7 @@ class ShardedTable:
         tm["dedup"] += t2 - t1
         tm["rpc_wait"] += wait_time
         tm["assembly"] += (t4 - t2) - wait_time - t_local
-        tm["local_pull"] = tm.get("local_pull", 0.0) + t_local
-        del t3
+        tm["local_pull"] += t_local
         return out
 
     def _check_push(self, keys, grads, shows, clicks, slots) -> None:

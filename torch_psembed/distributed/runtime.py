@@ -271,7 +271,8 @@ def _start(st: _Runtime) -> None:
     addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
     rpc_port = os.environ.get("PSEMBED_RPC_PORT") or _rpc_port()
     opts = rpc.TensorPipeRpcBackendOptions(
-        num_worker_threads=16, rpc_timeout=st.rpc_timeout, init_method=f"tcp://{addr}:{rpc_port}"
+        num_worker_threads=16, rpc_timeout=st.rpc_timeout, init_method=f"tcp://{addr}:{rpc_port}",
+        _transports=_transports(),
     )
     with warnings.catch_warnings():
         # TensorPipe's own device-map exchange uses a deprecated call inside torch; not ours to fix.
@@ -279,6 +280,16 @@ def _start(st: _Runtime) -> None:
         rpc.init_rpc(worker_name(st.rank), rank=st.rank, world_size=st.world_size, rpc_backend_options=opts)
     st.rpc_up = True
     st.transport = RpcTransport(st.server_ranks, st.trainer_ranks, st.rank, st.rpc_timeout, st.ctl_group, _failure)
+
+
+def _transports():
+    """TensorPipe transports: ``uv`` (TCP, event driven) unless ``PSEMBED_TP_TRANSPORTS`` says otherwise.
+
+    TensorPipe's default adds ``shm`` for ranks on one host, whose reactor polls without sleeping: about 16%
+    of a core per idle process, measured, which the colocated layout cannot afford on small machines.
+    """
+    names = os.environ.get("PSEMBED_TP_TRANSPORTS", "uv")
+    return None if names == "default" else [n.strip() for n in names.split(",") if n.strip()]
 
 
 def _rpc_port() -> str:
