@@ -327,6 +327,24 @@ def test_admission_counts_and_is_deterministic(make_c_table):
     assert 300 < len(expected) < 700
 
 
+def test_admission_draw_index_continues_per_key(make_c_table):
+    """Draw i of a key is its i-th attempt, also after the row was admitted and deleted again."""
+    acc = CtrAccessorConfig(create_probability_from_score=True, embedx_threshold=100.0)
+    t = make_c_table(dim=2, accessor=acc, seed=11)
+    cand = np.arange(20000, dtype=np.int64)
+    u0 = _C.uniform(11, cand, 3, 0)
+    u1 = _C.uniform(11, cand, 3, 1)
+    in_then_out = cand[(u0 < 0.1) & (u1 >= 0.1)][:20]   # admitted by draw 0, refused by draw 1
+    out_then_in = cand[(u0 >= 0.1) & (u1 < 0.1)][:20]   # refused by draw 0, admitted by draw 1
+    keys = np.concatenate([in_then_out, out_then_in])
+    push(t, keys, 2, show=1.0)  # score 0.1: draw 0
+    assert {int(k) for k in keys if k in t} == set(in_then_out.tolist())
+    assert t.erase(in_then_out) == 20
+    push(t, keys, 2, show=1.0)  # draw 1 for every key
+    assert {int(k) for k in keys if k in t} == set(out_then_in.tolist())
+    assert t.stats()["admission_rejected"] == 40
+
+
 def test_end_day_is_idempotent_and_decays_by_elapsed_days(make_c_table):
     acc = CtrAccessorConfig(show_click_decay_rate=0.5, delete_threshold=0.0, delete_after_unseen_days=30)
     t = make_c_table(dim=2, accessor=acc)

@@ -28,7 +28,7 @@ void CtrAccessor::InitRow(RowHeader* h, uint64_t key) const {
   h->delta_score = 0.0f;
   h->slot = -1;
   h->unseen_days = 0;
-  h->reserved = 0;
+  h->admission_attempts = 0;
   h->mf_index = kNoMf;
   float* lr = RowLayout::Lr(h);
   lr_rule_->Init(lr, lr + 1, options_.seed, key, kStreamLrInit);

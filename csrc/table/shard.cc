@@ -134,6 +134,8 @@ void Shard::Push(const MergedPush* items, size_t n, bool has_slots) {
         throw;
       }
       accessor_->InitRow(Row(row), it.key);
+      const uint32_t used = attempt + (drew ? 1 : 0);
+      Row(row)->admission_attempts = static_cast<uint16_t>(used > 0xffff ? 0xffff : used);
       ++counters_.inserts;
     }
     RowHeader* h = Row(row);
@@ -151,6 +153,8 @@ void Shard::DeleteRowLocked(uint64_t key, uint64_t hash) {
   const uint32_t row = index_.Erase(key, hash);
   if (row == HashIndex::kNotFound) return;
   RowHeader* h = Row(row);
+  // Keep the key's admission draw count: a re-pushed key continues its draw sequence.
+  if (h->admission_attempts > 0) attempts_.Insert(key, hash, h->admission_attempts);
   if (h->mf_index != kNoMf) mf_.Free(h->mf_index);
   base_.Free(row);
 }
@@ -210,7 +214,9 @@ void Shard::Load(uint64_t key, uint64_t hash, const float* base, const float* mf
       throw;
     }
     Row(row)->mf_index = kNoMf;
-    attempts_.Erase(key, hash);
+    const uint32_t prior = attempts_.Erase(key, hash);
+    Row(row)->admission_attempts =
+        static_cast<uint16_t>(prior == HashIndex::kNotFound ? 0 : (prior > 0xffff ? 0xffff : prior));
   }
   RowHeader* h = Row(row);
   h->show = base[0];
@@ -218,7 +224,6 @@ void Shard::Load(uint64_t key, uint64_t hash, const float* base, const float* mf
   h->delta_score = base[2];
   h->unseen_days = static_cast<uint16_t>(base[3]);
   h->slot = static_cast<int32_t>(base[4]);
-  h->reserved = 0;
   std::memcpy(RowLayout::Lr(h), base + 5, layout_.lr_width() * sizeof(float));
   if (mf == nullptr) {
     if (h->mf_index != kNoMf) {

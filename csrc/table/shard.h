@@ -7,7 +7,8 @@
 // consistent snapshot). Calls on different shards run concurrently; calls on one shard serialize.
 // Invariants: (1) index_ maps a key to a live base record and nothing else does; (2) a record's
 // mf_index is kNoMf or a live mf block owned by it alone; (3) attempts_ holds only keys not in
-// index_ (admission attempt counts of rejected keys).
+// index_: the admission draw counts of rejected or deleted keys (a row keeps its own count in
+// RowHeader::admission_attempts and hands it back to attempts_ when deleted).
 
 #ifndef PSEMBED_TABLE_SHARD_H_
 #define PSEMBED_TABLE_SHARD_H_
