@@ -57,7 +57,7 @@ def all_keys(n: int, seed: int = 0) -> np.ndarray:
     return np.ascontiguousarray(keys[:n])
 
 
-def populate(table, keys: np.ndarray, dim: int, chunk: int = 1_000_000) -> None:
+def populate(table, keys: np.ndarray, dim: int, chunk: int = 100_000) -> None:
     for s in range(0, len(keys), chunk):
         k = keys[s:s + chunk]
         n = len(k)
@@ -70,6 +70,12 @@ def memory_child(n: int, dim: int, with_mf: bool) -> dict:
 
     keys = all_keys(n)
     gc.collect()
+    try:  # return freed heap pages to the OS, so the table cannot reuse memory the baseline counted
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
     base = rss_bytes()
     cfg = make_config(dim, 0.0 if with_mf else 1e30)
     table = _C.Table(cfg.to_dict())

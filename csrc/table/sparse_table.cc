@@ -95,6 +95,13 @@ struct SparseTable::Partition {
   std::vector<uint64_t> shashes; // hashes[order[j]]
   std::vector<uint32_t> begin;   // shard s owns order[begin[s], begin[s+1])
   std::vector<uint32_t> cursor;  // scratch of the counting sort
+
+  // Calls up to this many keys keep their scratch for the next call; a bigger call frees it
+  // afterwards, so one huge push does not pin ~28 bytes/key of scratch in its thread forever.
+  static constexpr size_t kKeepKeys = size_t{1} << 20;
+  void Trim() {
+    if (hashes.capacity() > kKeepKeys) *this = Partition();
+  }
 };
 
 
@@ -168,6 +175,7 @@ void SparseTable::Pull(const uint64_t* keys, size_t n, bool with_stats, float* o
     if (b == e) return;
     shards_[s]->Pull(part.skeys.data() + b, part.shashes.data() + b, part.order.data() + b, e - b, with_stats, out);
   });
+  part.Trim();
 }
 
 void SparseTable::Push(const uint64_t* keys, size_t n, const float* grads, const float* shows, const float* clicks,
@@ -191,6 +199,7 @@ void SparseTable::Push(const uint64_t* keys, size_t n, const float* grads, const
                                        grads, gw, shows, clicks, slots, &m);
     shards_[s]->Push(m.items.data(), num, slots != nullptr);
   });
+  part.Trim();
 }
 
 size_t SparseTable::DecayAndDeleteAll(double factor, uint32_t add_unseen) {
