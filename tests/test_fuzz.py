@@ -200,6 +200,21 @@ def test_load_file_entry_without_a_field_is_corrupt(tmp_path, field):
     _refuses_and_keeps(_write(tmp_path, _with_manifest(files, m), fix_crc=False))
 
 
+@pytest.mark.parametrize("field", ["column", "part"])
+def test_read_serving_file_entry_without_a_field_is_corrupt(tmp_path, field):
+    """Finding of fuzz_checkpoint: read_serving raised KeyError for a file entry without 'column'."""
+    from torch_psembed.checkpoint import read_serving
+
+    with open(os.path.join(FUZZ, "corpus", "checkpoint", "seed-09"), "rb") as f:
+        files = fuzz_checkpoint.unpack(f.read())[1]
+    m = _manifest(files)
+    assert m["format"] == "torch_psembed.serving"
+    assert read_serving(_write(tmp_path / "ok", files, fix_crc=False))["keys"].size > 0
+    del m["files"][0][field]
+    with pytest.raises(CorruptCheckpointError, match="manifest.json"):
+        read_serving(_write(tmp_path / "bad", _with_manifest(files, m), fix_crc=False))
+
+
 def test_load_deeply_nested_manifest_is_corrupt_not_recursionerror(tmp_path):
     files = _seed_files()
     files["manifest.json"] = b'{"format": "torch_psembed.table", "x": ' + b"[" * 100000 + b"]" * 100000 + b"}"

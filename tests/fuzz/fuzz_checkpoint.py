@@ -4,11 +4,12 @@ An input is a whole save directory in a small container::
 
     flags: 1 byte     bit 0: recompute every file's crc32 in the manifest after mutation (reach past checksums)
                       bit 1: set every file's "bytes" to rows * row width first (consistent absurd sizes)
-                      bit 2: also read the directory with read_serving / tools-style verification paths
+                      bit 2: also read the directory with read_serving (the serving-export reader)
     records:          name (utf-8, NUL-terminated), u32 little-endian length, that many bytes (a short last
                       record takes what is left)
 
-The seeds (``seeds`` mode) are small valid checkpoint, base and delta saves of a 2-dim table. Each input is
+The seeds (``seeds`` mode) are small valid checkpoint, base and delta saves of a 2-dim table, and serving
+exports of it (for read_serving, which must also return or raise a documented exception). Each input is
 written to a fresh directory and loaded into a table that already holds other rows.
 
 Property: the load either succeeds and the table then holds exactly the rows the files describe (checked by an
@@ -101,11 +102,13 @@ def fix_manifest(files: dict, flags: int) -> None:
     try:
         m = json.loads(raw)
         ddir = m["data_dir"]
-        layout = m["layout"]
-        widths = {"keys": 8, "tombstones": 8, "has_mf": 1, "base": 4 * int(layout["base_width"]),
-                  "mf": 4 * int(layout["mf_width"])}
+        widths = None
+        if flags & 2:
+            layout = m["layout"]
+            widths = {"keys": 8, "tombstones": 8, "has_mf": 1, "base": 4 * int(layout["base_width"]),
+                      "mf": 4 * int(layout["mf_width"])}
         for e in m["files"]:
-            if flags & 2:
+            if widths is not None:
                 e["bytes"] = int(e["rows"]) * widths[e["column"]]
             if flags & 1:
                 content = files.get(f"{ddir}/{e['name']}", b"")
@@ -262,6 +265,14 @@ def make_seeds():
             seeds += [pack(0, fs), pack(1, fs)]
             if mode == "checkpoint":
                 seeds += [pack(3, fs), pack(5, fs)]
+        # serving exports (read by read_serving when flag bit 2 is set)
+        from torch_psembed.checkpoint import export
+
+        for dtype, stats in (("float16", False), ("float32", True)):
+            p = os.path.join(root, f"serving-{dtype}")
+            export(t, p, dtype=dtype, with_stats=stats, rows="all")
+            fs = _dir_files(p)
+            seeds += [pack(4, fs), pack(5, fs)]
         # an empty table's checkpoint
         e = pse.SparseTable(config())
         p = os.path.join(root, "empty")
