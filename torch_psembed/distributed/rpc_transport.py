@@ -111,7 +111,8 @@ class RpcTransport(Transport):
         server_ranks (list of int): global rank of each server, in server order.
         trainer_ranks (list of int): global rank of each trainer, in trainer order.
         rank (int): this process's global rank.
-        rpc_timeout (float): seconds per call.
+        rpc_timeout (float): seconds per data-path call.
+        collective_timeout (float): seconds per ``call`` (the servers' part of table-wide operations).
         trainer_group: the gloo process group of the trainers (barriers and broadcasts).
         on_failure: ``on_failure(rank, what, exc) -> Exception`` builds the error for an unreachable peer.
     """
@@ -124,6 +125,7 @@ class RpcTransport(Transport):
         rpc_timeout: float,
         trainer_group,
         on_failure: Callable,
+        collective_timeout: Optional[float] = None,
     ) -> None:
         self.server_ranks = list(server_ranks)
         self.trainer_ranks = list(trainer_ranks)
@@ -131,6 +133,7 @@ class RpcTransport(Transport):
         self.num_servers = len(self.server_ranks)
         self.local_server = self.server_ranks.index(rank) if rank in self.server_ranks else None
         self.rpc_timeout = float(rpc_timeout)
+        self.collective_timeout = float(collective_timeout or rpc_timeout)
         self.trainer_group = trainer_group
         self._on_failure = on_failure
         self._names = [worker_name(r) for r in self.server_ranks]
@@ -138,10 +141,10 @@ class RpcTransport(Transport):
     def server_rank(self, server: int) -> int:
         return self.server_ranks[server]
 
-    def _async(self, server: int, what: str, fn: Callable, args: tuple, convert=None) -> Handle:
+    def _async(self, server: int, what: str, fn: Callable, args: tuple, convert=None, timeout=None) -> Handle:
         rank = self.server_ranks[server]
         try:
-            fut = rpc.rpc_async(self._names[server], fn, args=args, timeout=self.rpc_timeout)
+            fut = rpc.rpc_async(self._names[server], fn, args=args, timeout=timeout or self.rpc_timeout)
         except Exception as e:  # noqa: BLE001
             if is_transport_failure(e):
                 raise self._on_failure(rank, what, e) from e
@@ -175,7 +178,7 @@ class RpcTransport(Transport):
         if server == self.local_server:
             return _run_local(server_mod.call, table, fn, tuple(args))
         return self._async(server, f"call {getattr(fn, '__name__', fn)!s} on table {table!r}", server_mod.call,
-                           (table, fn, tuple(args)))
+                           (table, fn, tuple(args)), timeout=self.collective_timeout)
 
     def create_table(self, server: int, table: str, config: dict) -> Handle:
         if server == self.local_server:

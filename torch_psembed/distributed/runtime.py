@@ -50,6 +50,11 @@ __all__ = [
 ]
 
 
+# Seconds the servers' part of a table-wide operation (fn of collective(), e.g. writing a save) may take; a
+# dead server is still noticed at once (its connection closes), only a hung one waits this long.
+COLLECTIVE_TIMEOUT = 1800.0
+
+
 class _Runtime:
     """Everything ``init`` decided. Written by init/shutdown on the main thread; ``failed`` by any thread."""
 
@@ -59,6 +64,7 @@ class _Runtime:
         self.world_size = 1
         self.max_staleness = 0
         self.rpc_timeout = 60.0
+        self.collective_timeout = COLLECTIVE_TIMEOUT
         self.dedicated = False
         self.server_ranks: List[int] = [0]
         self.trainer_ranks: List[int] = [0]
@@ -211,6 +217,7 @@ def init(max_staleness: int = 1, num_servers: int = 0, rpc_timeout: float = 60.0
         st = _Runtime()
         st.max_staleness = max_staleness
         st.rpc_timeout = float(rpc_timeout)
+        st.collective_timeout = max(st.rpc_timeout, COLLECTIVE_TIMEOUT)
         world = _env_world_size()
         if world <= 1:
             if num_servers:
@@ -263,7 +270,11 @@ def _start(st: _Runtime) -> None:
             f"but torchrun's env says RANK={st.rank} WORLD_SIZE={st.world_size}"
         )
     # Every rank must take part in creating every group, in the same order.
-    st.ctl_group = dist.new_group(st.trainer_ranks, timeout=timeout, backend="gloo")
+    # The trainers' group carries the broadcast that ends a collective, which waits for the servers' part of
+    # it (a save can take minutes): its timeout is collective_timeout; barriers pass rpc_timeout themselves.
+    st.ctl_group = dist.new_group(
+        st.trainer_ranks, timeout=datetime.timedelta(seconds=st.collective_timeout), backend="gloo"
+    )
     st.all_group = dist.new_group(list(range(st.world_size)), timeout=timeout, backend="gloo")
     st.trainer_group = st.ctl_group if st.dedicated else dist.group.WORLD
     server_index = st.server_ranks.index(st.rank) if st.is_server else -1
@@ -279,7 +290,8 @@ def _start(st: _Runtime) -> None:
         warnings.filterwarnings("ignore", message="You are using a Backend", category=UserWarning)
         rpc.init_rpc(worker_name(st.rank), rank=st.rank, world_size=st.world_size, rpc_backend_options=opts)
     st.rpc_up = True
-    st.transport = RpcTransport(st.server_ranks, st.trainer_ranks, st.rank, st.rpc_timeout, st.ctl_group, _failure)
+    st.transport = RpcTransport(st.server_ranks, st.trainer_ranks, st.rank, st.rpc_timeout, st.ctl_group, _failure,
+                                collective_timeout=st.collective_timeout)
 
 
 def _transports():
