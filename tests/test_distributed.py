@@ -177,6 +177,21 @@ def test_nan_skip_policy_matches_local_table():
     assert t.stats()["rejected"] == local.stats()["rejected"] > 0
 
 
+def test_empty_calls_and_uint64_keys():
+    t, tr = _sharded(num_servers=2)
+    local = _C.Table(_cfg().to_dict())
+    empty = np.zeros(0, np.int64)
+    assert t.pull(empty).shape == (0, 4) and t.pull(empty, True).shape == (0, 6)
+    assert t.push(empty, np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32)) == 0
+    keys = np.array([-1, 2**63 - 1, -(2**63)], np.int64)  # feasigns 2**64-1, 2**63-1, 2**63
+    args = (np.ones((3, 4), np.float32), np.ones(3, np.float32), np.zeros(3, np.float32))
+    t.push(keys, *args)
+    local.push(keys, *args)
+    np.testing.assert_array_equal(t.pull(keys, True), local.pull(keys, True))
+    assert (2**64 - 1) in t and (2**63) in t and -1 in t and 5 not in t
+    assert len(t) == 3 and tr.pending == 0
+
+
 def test_route_spreads_keys_and_is_stable():
     keys = np.arange(20000, dtype=np.int64)
     owners = _C.route(keys, 3)
