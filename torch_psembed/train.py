@@ -60,12 +60,14 @@ DEFAULTS: Dict[str, Any] = {
         },
     },
     "model": {"kind": "dnn", "hidden": [256, 128, 64], "wide": True, "norm": "batch", "lr": 0.001},
-    "embedding": {"kind": "ps", "dim": 8, "hashed_size": 1 << 20, "hashed_lr": 0.05},
+    "embedding": {"kind": "ps", "dim": 8, "output": "cvm_lr_mf", "hashed_size": 1 << 20, "hashed_lr": 0.05},
     "table": {
-        "accessor": {},
+        # probabilistic admission: an unknown feasign gets a row with probability = its show/click score of
+        # the push (0.1 a non-click show), so one-off ids mostly never cost memory
+        "accessor": {"create_probability_from_score": True},
         "lr_optimizer": {"name": "adagrad", "learning_rate": 0.05, "initial_g2sum": 3.0, "initial_range": 0.0},
         "mf_optimizer": {"name": "adagrad", "learning_rate": 0.05, "initial_g2sum": 3.0, "initial_range": 1e-4},
-        "num_shards": 16,
+        "num_shards": 4,
         "num_threads": 1,
     },
     "ps": {"max_staleness": 1, "num_servers": 0, "rpc_timeout": 60.0},
@@ -308,7 +310,7 @@ class _Job:
             import torch_psembed as pse
 
             self.table = pse.SparseTable(_table_config(cfg), name="ctr")
-            emb = PSSlotEmbedding(self.table, num_slots, output="cvm_lr_mf")
+            emb = PSSlotEmbedding(self.table, num_slots, output=e["output"])
         else:
             emb = HashedSlotEmbedding(int(e["hashed_size"]), e["dim"] + 1, num_slots)
         m = cfg["model"]
@@ -532,6 +534,12 @@ def _main(cfg: Dict[str, Any], rt: _Runtime) -> Dict[str, Any]:
             rt.barrier()
         job.load_dense_state(torch.load(os.path.join(ck, "dense.pt"), weights_only=False))
         start_day = int(latest["day"]) + 1
+        mpath = os.path.join(out, "metrics.jsonl")
+        if rt.rank == 0 and os.path.exists(mpath):  # drop what a crashed run logged after the checkpoint
+            kept = [r for r in read_jsonl(mpath) if r.get("event") in ("pass", "eval") and r["day"] < start_day]
+            os.remove(mpath)
+            for r in kept:
+                writer.write(r)
         _log(rt, f"[psembed-train] resumed from {ck}: continuing at day {start_day}")
     else:
         if rt.rank == 0 and os.path.exists(os.path.join(out, "metrics.jsonl")):
