@@ -99,12 +99,13 @@ def test_one_process_then_resume(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not os.path.isdir(CRITEO), reason="Criteo sample not present")
-@pytest.mark.parametrize("embedding", ["ps", "hashed"])
-def test_criteo_sample(tmp_path, embedding):
+@pytest.mark.parametrize("embedding,model", [("ps", "deepfm"), ("hashed", "dnn")])
+def test_criteo_sample(tmp_path, embedding, model):
     out = str(tmp_path / embedding)
     res = run(["--out", out, "--data", "criteo", "--data-path", os.path.join(CRITEO, "train.txt"), "--file-days", "2",
                "--test-path", os.path.join(CRITEO, "dev.txt"), "--days", "2", "--passes", "1", "--embedding", embedding,
-               "--hashed-size", "100000", "--no-progress", "--no-plot", "--batch-size", "256", "--num-workers", "0"])
+               "--model", model,
+               "--hashed-size", "20000", "--no-progress", "--no-plot", "--batch-size", "256", "--num-workers", "0"])
     evals = [r for r in res["records"] if r["event"] == "eval"]
     assert [e["samples"] for e in evals] == [3600, 409]  # day 1, then dev.txt after the last day
     assert evals[-1]["auc"] > 0.6 and "oracle_auc" not in evals[-1]
