@@ -87,7 +87,8 @@ def _replay(target, tmp_path_factory):
 @pytest.mark.parametrize(
     "target,path",
     [(t, p) for t in TARGETS for p in _inputs(t)],
-    ids=[f"{t}/{os.path.basename(os.path.dirname(p))}/{os.path.basename(p)}" for t in TARGETS for p in _inputs(t)],
+    ids=[f"{os.path.basename(os.path.dirname(os.path.dirname(p)))}/{t}/{os.path.basename(p)}"
+         for t in TARGETS for p in _inputs(t)],
 )
 def test_saved_input(target, path, tmp_path_factory):
     res = _replay(target, tmp_path_factory).get(path, "not replayed (an earlier input killed the process)")
