@@ -492,6 +492,8 @@ def test_save_is_one_moment_under_concurrent_pushes(tmp_path):
     threads = [threading.Thread(target=pusher, args=(i,)) for i in range(2)]
     for th in threads:
         th.start()
+    while min(counts) == 0:  # both pushers running before the first save
+        threading.Event().wait(0.001)
     saved_delta = np.zeros(group.size)
     shows = []
     try:
@@ -502,7 +504,9 @@ def test_save_is_one_moment_under_concurrent_pushes(tmp_path):
             rows = saved_rows(path)
             sel = np.isin(rows["keys"], group)
             if mode == "checkpoint" or sel.any():
-                assert sel.sum() == group.size
+                assert sel.sum() == group.size, (
+                    f"save {i} ({mode}) holds {sel.sum()} of the {group.size} keys pushed together: "
+                    f"shows {np.unique(rows['base'][sel, 0])}, delta_scores {np.unique(rows['base'][sel, 2])}")
                 s = rows["base"][sel, 0]
                 assert np.all(s == s[0]), f"save {i} ({mode}) mixes moments: shows {np.unique(s)}"
                 shows.append(float(s[0]))
