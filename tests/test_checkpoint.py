@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -492,8 +493,12 @@ def test_save_is_one_moment_under_concurrent_pushes(tmp_path):
     threads = [threading.Thread(target=pusher, args=(i,)) for i in range(2)]
     for th in threads:
         th.start()
+    deadline = time.monotonic() + 120
     while min(counts) == 0:  # both pushers running before the first save
-        threading.Event().wait(0.001)
+        if time.monotonic() > deadline or not all(th.is_alive() for th in threads):
+            stop.set()
+            raise AssertionError("the pusher threads did not start pushing")
+        time.sleep(0.001)
     saved_delta = np.zeros(group.size)
     shows = []
     try:
