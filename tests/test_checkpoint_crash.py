@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -108,6 +109,8 @@ def _run_and_kill(tmp_path, point):
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(root=ROOT, dim=DIM))
     proc = subprocess.Popen([sys.executable, str(script), path, point, str(N)], stdout=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(240, proc.kill)  # a child that hangs fails the test instead of blocking it
+    watchdog.start()
     try:
         lines = []
         for line in proc.stdout:
@@ -118,6 +121,7 @@ def _run_and_kill(tmp_path, point):
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
     finally:
+        watchdog.cancel()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
