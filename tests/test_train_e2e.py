@@ -128,3 +128,38 @@ def test_config_errors(tmp_path):
     from torch_psembed.train import DEFAULTS
 
     assert {k: v for k, v in cfg.items() if k != "resume"} == DEFAULTS
+
+
+def test_slot_format_directory_with_bad_rows(tmp_path):
+    """Daily slot-format files, variable bags (one PSEmbedding per slot), a bad row warned about and skipped."""
+    import random
+
+    from torch_psembed.data import BadDataWarning
+
+    rng = random.Random(0)
+    d = tmp_path / "days"
+    d.mkdir()
+    for day in range(3):
+        lines = []
+        for _ in range(1500):
+            a = rng.randrange(20)
+            click = 1 if rng.random() < (0.6 if a < 5 else 0.1) else 0
+            toks = [f"101:{a}"] + [f"102:{1000 + rng.randrange(50)}" for _ in range(rng.randrange(3))]
+            toks += [f"103:{2000 + rng.randrange(10)}"]
+            lines.append(f"{click} 1 " + " ".join(toks))
+        if day == 1:
+            lines[7] = "1 1 101:x"
+        (d / f"day{day}.txt").write_text("\n".join(lines) + "\n")
+    with pytest.warns(BadDataWarning) as caught:
+        res = run(["--out", str(tmp_path / "run"), "--data", "slot", "--data-path", str(d), "--set",
+                   "data.slots=[101,102,103]", "--days", "3", "--passes", "1", "--batch-size", "100",
+                   "--num-workers", "0", "--no-progress", "--no-plot", "--set", "table.accessor.embedx_threshold=1.0",
+                   "--set", "table.accessor.create_probability_from_score=false"])
+    msgs = sorted(str(w.message) for w in caught if w.category is BadDataWarning)
+    assert len(msgs) == 2  # day 1 is read by the test after day 0 and by day 1's training
+    assert msgs[0].startswith("day 1 pass 0 (rank 0): skipped 1 bad row(s) of 1500; first: ")
+    assert msgs[1].startswith("evaluation after day 0 (rank 0): skipped 1 bad row(s) of 1500")
+    assert all("day1.txt:8: slot and feasign must be integers" in m for m in msgs)
+    evals = [r for r in res["records"] if r["event"] == "eval"]
+    assert len(evals) == 2  # no day after the last one and no --test-path
+    assert evals[-1]["auc"] > 0.7
