@@ -404,6 +404,29 @@ def test_damaged_file_is_named_and_the_table_is_unchanged(saved, damage, column)
     assert_rows_equal(state(t._backend), before, ROW_KEYS + ("tombstones",))
 
 
+def test_damaged_file_fails_a_load_into_several_parts_and_no_part_changes(saved, monkeypatch):
+    from torch_psembed.checkpoint import _table_io
+
+    monkeypatch.setattr(R, "READ_BATCH_BUCKETS", 1)  # one bucket at a time
+    path, _ = saved
+    cfg = config()
+    dest = _parts(3, cfg)
+    load_group(LocalParts(dest), cfg.to_dict(), {"base_id": None, "sequence": 0}, path)
+    before = [state(p) for p in dest]
+    m = F.read_manifest(path)
+    last = max(e["bucket"] for e in m["files"] if e["bucket"] is not None)
+    e = next(e for e in m["files"] if e["bucket"] == last and e["column"] == "keys")
+    victim = os.path.join(path, m["data_dir"], e["name"])
+    with open(victim, "r+b") as f:
+        f.truncate(e["bytes"] - 8)  # the last bucket: found after the first buckets were read and kept
+    with pytest.raises(CorruptCheckpointError, match="truncated") as ei:
+        load_group(LocalParts(dest), cfg.to_dict(), {"base_id": None, "sequence": 0}, path)
+    assert ei.value.path == victim
+    for p, b in zip(dest, before):
+        assert_rows_equal(state(p), b)
+    assert not _table_io._STASH, "staged rows must be dropped on every part"
+
+
 @pytest.mark.parametrize("problem", ["version", "json", "missing", "format", "bytes"])
 def test_bad_manifest_is_refused(saved, problem):
     path, _ = saved
