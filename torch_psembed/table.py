@@ -139,11 +139,17 @@ class SparseTable:
         """``keys``, ``keys_with_mf``, ``bytes`` and the counters (global totals when sharded)."""
         return dict(self._backend.stats())
 
-    def save(self, path: str, mode: str = "checkpoint") -> Dict[str, Any]:
-        """Save to directory ``path``; ``mode`` is ``checkpoint``, ``base`` or ``delta`` (see docs/format.md)."""
+    def save(self, path: str, mode: str = "checkpoint", num_buckets: Optional[int] = None) -> Dict[str, Any]:
+        """Save to directory ``path``; ``mode`` is ``checkpoint``, ``base`` or ``delta`` (see docs/format.md).
+
+        ``num_buckets`` (default 64) fixes how keys are partitioned into files; it does not depend on the
+        number of ranks, so a save from N ranks loads into M. Collective when the table is sharded.
+        """
         from .checkpoint import save_table
 
-        return save_table(self, path, mode)
+        if num_buckets is None:
+            return save_table(self, path, mode)
+        return save_table(self, path, mode, num_buckets=num_buckets)
 
     def load(self, path: str) -> Dict[str, Any]:
         """Load a saved directory (a checkpoint restores exactly; base/delta rebuild the serving view)."""
