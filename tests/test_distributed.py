@@ -583,3 +583,24 @@ def test_two_hosts_in_network_namespaces(tmp_path, baseline):
     assert r["auc"] == baseline["auc"]
     assert r["pred_head"] == baseline["pred_head"]
     assert r["keys"] == baseline["keys"]
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_pushes_back_to_back_and_after_a_collective(k):
+    # Regression: a push right after another push (staleness 0) or after a collective (which drains every
+    # step) found the step bookkeeping empty but still marked open, and raised IndexError.
+    t, tr = _sharded(num_servers=2, max_staleness=k)
+    local = _C.Table(_cfg().to_dict())
+    rng = np.random.default_rng(1)
+    universe = rng.integers(0, 2**40, size=50, dtype=np.int64)
+    for _ in range(2):
+        batch = _batch(rng, universe, 40, 3)
+        t.push(*batch)
+        local.push(*batch)
+    t.shrink()
+    local.shrink()
+    batch = _batch(rng, universe, 40, 3)
+    t.push(*batch)
+    local.push(*batch)
+    t.flush()
+    np.testing.assert_array_equal(t.pull(universe, True), local.pull(universe, True))

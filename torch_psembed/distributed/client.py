@@ -126,6 +126,8 @@ class ShardedTable:
                     h.wait()
             finally:
                 self._inflight -= len(step)
+        if not self._steps:  # the open step (if any) was drained too: the next push opens a new one
+            self._step_open = False
 
     def _wait_oldest_push(self) -> None:
         while len(self._steps) > 1 and not self._steps[0]:
