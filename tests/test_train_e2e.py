@@ -87,9 +87,9 @@ def test_torchrun_two_processes(tmp_path):
 @pytest.mark.slow
 def test_one_process_then_resume(tmp_path, capsys):
     out = str(tmp_path / "run")
-    run(["--out", out, *TINY, "--days", "1", "--num-workers", "0"])
+    run(["--out", out, *TINY, "--days", "1", "--num-workers", "0", "--set", "threads=1"])
     assert len(read_jsonl(os.path.join(out, "metrics.jsonl"))) == 2 + 1 + 1
-    res = run(["--out", out, *TINY, "--resume", "--num-workers", "0"])
+    res = run(["--out", out, *TINY, "--resume", "--num-workers", "0", "--set", "threads=1"])
     text = capsys.readouterr().out
     assert "resumed from" in text and "continuing at day 1" in text
     recs = _check_run(out)
@@ -99,16 +99,25 @@ def test_one_process_then_resume(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not os.path.isdir(CRITEO), reason="Criteo sample not present")
-@pytest.mark.parametrize("embedding,model", [("ps", "deepfm"), ("hashed", "dnn")])
-def test_criteo_sample(tmp_path, embedding, model):
-    out = str(tmp_path / embedding)
-    res = run(["--out", out, "--data", "criteo", "--data-path", os.path.join(CRITEO, "train.txt"), "--file-days", "2",
-               "--test-path", os.path.join(CRITEO, "dev.txt"), "--days", "2", "--passes", "1", "--embedding", embedding,
-               "--model", model,
-               "--hashed-size", "20000", "--no-progress", "--no-plot", "--batch-size", "256", "--num-workers", "0"])
+def test_criteo_sample_deepfm_over_ps(tmp_path):
+    res = run(["--out", str(tmp_path / "ps"), "--data", "criteo", "--data-path", os.path.join(CRITEO, "train.txt"),
+               "--file-days", "2", "--test-path", os.path.join(CRITEO, "dev.txt"), "--days", "2", "--passes", "1",
+               "--model", "deepfm", "--no-progress", "--no-plot", "--no-save", "--batch-size", "256", "--num-workers", "0", "--set", "threads=1"])
     evals = [r for r in res["records"] if r["event"] == "eval"]
     assert [e["samples"] for e in evals] == [3600, 409]  # day 1, then dev.txt after the last day
     assert evals[-1]["auc"] > 0.6 and "oracle_auc" not in evals[-1]
+
+
+@pytest.mark.skipif(not os.path.isdir(CRITEO), reason="Criteo sample not present")
+def test_criteo_sample_hashed_baseline(tmp_path):
+    res = run(["--out", str(tmp_path / "hashed"), "--data", "criteo", "--data-path",
+               os.path.join(CRITEO, "train.txt"), "--file-days", "4", "--days", "1", "--passes", "1",
+               "--embedding", "hashed", "--hashed-size", "20000", "--no-progress", "--no-plot", "--batch-size", "256",
+               "--num-workers", "0", "--set", "threads=1"])
+    (ev,) = [r for r in res["records"] if r["event"] == "eval"]
+    (ps,) = [r for r in res["records"] if r["event"] == "pass"]
+    assert ev["samples"] == 1800 and ev["auc"] > 0.6
+    assert ps["keys"] == 20000 and ps["bytes"] == 2 * 20000 * 9 * 4  # weight + Adagrad sum
 
 
 def test_config_errors(tmp_path):
@@ -152,8 +161,8 @@ def test_slot_format_directory_with_bad_rows(tmp_path):
         (d / f"day{day}.txt").write_text("\n".join(lines) + "\n")
     with pytest.warns(BadDataWarning) as caught:
         res = run(["--out", str(tmp_path / "run"), "--data", "slot", "--data-path", str(d), "--set",
-                   "data.slots=[101,102,103]", "--days", "3", "--passes", "1", "--batch-size", "100",
-                   "--num-workers", "0", "--no-progress", "--no-plot", "--set", "table.accessor.embedx_threshold=1.0",
+                   "data.slots=[101,102,103]", "--days", "3", "--passes", "1", "--batch-size", "250",
+                   "--num-workers", "0", "--set", "threads=1", "--no-progress", "--no-plot", "--set", "table.accessor.embedx_threshold=1.0",
                    "--set", "table.accessor.create_probability_from_score=false"])
     msgs = sorted(str(w.message) for w in caught if w.category is BadDataWarning)
     assert len(msgs) == 2  # day 1 is read by the test after day 0 and by day 1's training

@@ -74,6 +74,7 @@ DEFAULTS: Dict[str, Any] = {
     "save": {"delta": True, "base": True, "checkpoint": True},
     "plot": True,
     "progress": True,
+    "threads": None,  # torch intra-op threads per process (None: torch's default; torchrun sets 1)
 }
 
 
@@ -500,11 +501,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run the job with command-line ``argv``; returns ``{"out", "records", "seconds"}`` (records on rank 0)."""
     cfg = load_config(argv)
+    threads = torch.get_num_threads()
+    if cfg["threads"] is not None:
+        if not isinstance(cfg["threads"], int) or cfg["threads"] < 1:
+            raise ValueError(f"threads must be null or an int >= 1, got {cfg['threads']!r}")
+        torch.set_num_threads(cfg["threads"])
     rt = _Runtime(cfg)
     try:
         return _main(cfg, rt)
     finally:
         rt.shutdown()
+        torch.set_num_threads(threads)
 
 
 def _main(cfg: Dict[str, Any], rt: _Runtime) -> Dict[str, Any]:
