@@ -53,8 +53,8 @@ DEFAULTS: Dict[str, Any] = {
         "num_workers": 1,
         "synthetic": {
             "num_slots": 26,
-            "samples_per_day": 200_000,
-            "test_samples": 50_000,
+            "samples_per_day": 400_000,
+            "test_samples": 100_000,
             "churn": 0.2,
             "vocab_max": 200_000,
         },
