@@ -131,6 +131,12 @@ def test_config_errors(tmp_path):
     bad.write_text("{nope")
     with pytest.raises(ValueError, match="c.json.*not valid JSON"):
         load_config(["--config", str(bad)])
+    with pytest.raises(ValueError, match="table.accessor.*bogus"):
+        run(["--out", str(tmp_path / "x"), "--set", "table.accessor.bogus=1", "--no-progress"])
+    with pytest.raises(ValueError, match="data.synthetic.*nslots"):
+        run(["--out", str(tmp_path / "x"), "--set", "data.synthetic.nslots=1", "--no-progress"])
+    with pytest.raises(ValueError, match=r"table.mf_optimizer.name must be one of"):
+        run(["--out", str(tmp_path / "x"), "--set", "table.mf_optimizer.name=\"rmsprop\"", "--no-progress"])
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         run(["--out", str(tmp_path / "empty"), "--resume", "--no-progress"])
     cfg = load_config(["--config", os.path.join(ROOT, "configs", "default.json")])

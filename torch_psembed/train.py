@@ -256,7 +256,10 @@ def _make_source(cfg: Dict[str, Any]):
         sim = dict(d["synthetic"])
         sim.setdefault("seed", cfg["seed"])
         sim.setdefault("chunk_size", d["batch_size"])
-        return SyntheticSource(SimulatorConfig(**sim))
+        try:
+            return SyntheticSource(SimulatorConfig(**sim))
+        except TypeError as e:
+            raise ValueError(f"data.synthetic: {e}") from None
     return FileSource(
         d["path"],
         fmt="criteo" if d["kind"] == "criteo" else "slot",
@@ -287,9 +290,13 @@ def _table_config(cfg: Dict[str, Any]):
     from .config import CtrAccessorConfig, TableConfig
 
     t = cfg["table"]
+    try:
+        accessor = CtrAccessorConfig(**t["accessor"])
+    except TypeError as e:
+        raise ValueError(f"table.accessor: {e}") from None
     return TableConfig(
         dim=cfg["embedding"]["dim"],
-        accessor=CtrAccessorConfig(**t["accessor"]),
+        accessor=accessor,
         lr_optimizer=_optimizer("table.lr_optimizer", t["lr_optimizer"]),
         mf_optimizer=_optimizer("table.mf_optimizer", t["mf_optimizer"]),
         seed=cfg["seed"],
