@@ -66,7 +66,14 @@ def local_table(name: str):
 
 def _as_array(name: str, x: Any, dtype: np.dtype, ndim: int) -> np.ndarray:
     if isinstance(x, torch.Tensor):
-        x = x.numpy()
+        if x.requires_grad:
+            raise TypeError(f"{name} must not require grad (send tensor.detach()), got a tensor with requires_grad=True")
+        if x.layout != torch.strided or x.device.type != "cpu":
+            raise TypeError(f"{name} must be a dense CPU tensor, got layout {x.layout} on device {x.device}")
+        try:
+            x = x.resolve_conj().resolve_neg().numpy()
+        except (RuntimeError, TypeError) as e:
+            raise TypeError(f"{name} cannot be read as a numpy array ({e})") from None
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a tensor or array, got {type(x).__name__}")
     if x.dtype != dtype:
