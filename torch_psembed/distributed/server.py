@@ -67,7 +67,7 @@ def local_table(name: str):
 def _as_array(name: str, x: Any, dtype: np.dtype, ndim: int) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         if x.requires_grad:
-            raise TypeError(f"{name} must not require grad (send tensor.detach()), got a tensor with requires_grad=True")
+            raise TypeError(f"{name} must not require grad (send tensor.detach()); got requires_grad=True")
         if x.layout != torch.strided or x.device.type != "cpu":
             raise TypeError(f"{name} must be a dense CPU tensor, got layout {x.layout} on device {x.device}")
         try:
