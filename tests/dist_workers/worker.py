@@ -32,11 +32,6 @@ import torch_psembed as pse  # noqa: E402
 from torch_psembed import _C  # noqa: E402
 from torch_psembed.errors import NotInitializedError  # noqa: E402
 
-torch.set_num_threads(1)
-if os.environ.get("PSEMBED_TEST_DUMP_AFTER"):  # debugging aid: stacks of a hung job
-    import faulthandler
-
-    faulthandler.dump_traceback_later(float(os.environ["PSEMBED_TEST_DUMP_AFTER"]), exit=True)
 
 # -- synthetic click log ----------------------------------------------------------------------------------
 FIELDS = 8
@@ -274,6 +269,13 @@ def parse_args(argv=None):
 
 
 def main() -> None:
+    # Here, not at import: tests/test_distributed.py imports this module, and a process-wide thread count
+    # set at import would change torch's behaviour for every later test in the pytest process.
+    torch.set_num_threads(1)
+    if os.environ.get("PSEMBED_TEST_DUMP_AFTER"):  # debugging aid: stacks of a hung job
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["PSEMBED_TEST_DUMP_AFTER"]), exit=True)
     args = parse_args()
     if args.scenario == "routing":
         out = routing(args)
