@@ -501,3 +501,51 @@ def test_thread_count_does_not_change_results(make_c_table):
     for e in exports[1:]:
         for k in ("keys", "base", "has_mf", "mf"):
             np.testing.assert_array_equal(exports[0][k], e[k])
+
+
+# ------------------------------------------------------------------------------------ set_tombstones
+
+
+def test_set_tombstones_replaces_the_pending_list_in_order(make_c_table):
+    t = make_c_table(dim=2)
+    push(t, [1, 2, 3], 2)
+    before_rows = t.export("checkpoint")
+    restored = np.array([9, -5, 7, 9, 2**62], np.int64)  # order and duplicates kept as given
+    t.set_tombstones(restored)
+    e = t.export("checkpoint")
+    assert e["tombstones"].tolist() == restored.tolist() and e["pending_tombstones"] == 5
+    assert t.export("delta")["tombstones"].tolist() == restored.tolist()
+    assert len(t.export("base")["tombstones"]) == 0  # base lists none but still sees the pending count
+    for k in ("keys", "base", "has_mf", "mf"):  # rows untouched
+        np.testing.assert_array_equal(before_rows[k], e[k])
+    # bucketed exports filter the restored list like the table's own
+    b0 = t.export("checkpoint", buckets=2, bucket=0)["tombstones"].tolist()
+    b1 = t.export("checkpoint", buckets=2, bucket=1)["tombstones"].tolist()
+    assert sorted(b0 + b1) == sorted(restored.tolist())
+    assert all(int(_C.mix64(np.array([k], np.int64)).view(np.uint64)[0]) % 2 == 0 for k in b0)
+    # a delta commit drops the first ones, as with the table's own list
+    t.commit_save("delta", np.zeros(0, np.int64), np.zeros(0, np.float32), 2)
+    assert t.export("checkpoint")["tombstones"].tolist() == restored[2:].tolist()
+    # shrink appends after the restored ones
+    t.set_tombstones(np.array([100], np.int64))
+    acc_t = make_c_table(dim=2, accessor=CtrAccessorConfig(delete_threshold=0.5))
+    push(acc_t, [4], 2, show=0.1)
+    acc_t.set_tombstones(np.array([100, 101], np.int64))
+    assert acc_t.shrink() == 1
+    assert acc_t.export("checkpoint")["tombstones"].tolist() == [100, 101, 4]
+    t.set_tombstones(np.zeros(0, np.int64))
+    assert len(t.export("checkpoint")["tombstones"]) == 0 and t.export("checkpoint")["pending_tombstones"] == 0
+
+
+def test_set_tombstones_validates_input(make_c_table):
+    t = make_c_table(dim=2)
+    t.set_tombstones(np.array([5, 6], np.int64))
+    with pytest.raises((ValueError, TypeError), match="keys.*int64"):
+        t.set_tombstones(np.array([1, 2], np.int32))
+    with pytest.raises((ValueError, TypeError), match="keys.*1-D"):
+        t.set_tombstones(np.zeros((2, 2), np.int64))
+    with pytest.raises((ValueError, TypeError), match="keys.*contiguous"):
+        t.set_tombstones(np.arange(10, dtype=np.int64)[::2])
+    with pytest.raises((ValueError, TypeError), match="keys"):
+        t.set_tombstones([1, 2])
+    assert t.export("checkpoint")["tombstones"].tolist() == [5, 6]  # refused calls change nothing

@@ -494,6 +494,14 @@ class PyTable {
     table_->LoadRows(k, n, b, hm, f);
   }
 
+  void SetTombstones(const py::handle& keys_obj) {
+    py::array keys = CheckKeys(keys_obj);
+    const uint64_t* k = KeyPtr(keys);
+    const size_t n = keys.shape(0);
+    py::gil_scoped_release release;
+    table_->SetTombstones(k, n);
+  }
+
   size_t Erase(const py::handle& keys_obj) {
     py::array keys = CheckKeys(keys_obj);
     const uint64_t* k = KeyPtr(keys);
@@ -653,6 +661,9 @@ One consistent snapshot, rows sorted by key (uint64). bucket >= 0 keeps keys wit
       .def("commit_save", &PyTable::CommitSave, py::arg("mode"), py::arg("keys"), py::arg("delta_scores"),
            py::arg("tombstones"))
       .def("load_rows", &PyTable::LoadRows, py::arg("keys"), py::arg("base"), py::arg("has_mf"), py::arg("mf"))
+      .def("set_tombstones", &PyTable::SetTombstones, py::arg("keys"),
+           R"doc(set_tombstones(keys: int64[n]) -> None: replace the pending tombstone list with keys, in order.
+Used to restore a checkpoint's pending list; the next checkpoint/delta export lists them.)doc")
       .def("erase", &PyTable::Erase, py::arg("keys"))
       .def("clear", [](PyTable& t) {
         py::gil_scoped_release r;

@@ -204,6 +204,24 @@ bool Shard::Erase(uint64_t key, uint64_t hash) {
 
 void Shard::Load(uint64_t key, uint64_t hash, const float* base, const float* mf) {
   MutexLock l(&mu_);
+  LoadLocked(key, hash, base, mf);
+}
+
+void Shard::LoadMany(const uint64_t* keys, const uint64_t* hashes, const uint32_t* pos, size_t n, const float* base,
+                     const float* mf, const uint32_t* mf_row) {
+  const size_t bw = layout_.base_export_width();
+  const size_t mw = layout_.mf_width();
+  MutexLock l(&mu_);
+  index_.Reserve(index_.size() + n);
+  for (size_t j = 0; j < n; ++j) {
+    if (j + kAhead < n) index_.Prefetch(hashes[j + kAhead]);
+    const uint32_t p = pos[j];
+    const float* m = mf_row[p] == kNoMfRow ? nullptr : mf + static_cast<size_t>(mf_row[p]) * mw;
+    LoadLocked(keys[j], hashes[j], base + static_cast<size_t>(p) * bw, m);
+  }
+}
+
+void Shard::LoadLocked(uint64_t key, uint64_t hash, const float* base, const float* mf) {
   uint32_t row = index_.Find(key, hash);
   if (row == HashIndex::kNotFound) {
     row = base_.Allocate();

@@ -74,6 +74,11 @@ class Shard {
   // Inserts or overwrites a row from export columns (base: base_export_width floats; mf: mf_width
   // floats or nullptr for a row without mf).
   void Load(uint64_t key, uint64_t hash, const float* base, const float* mf) LOCKS_EXCLUDED(mu_);
+  // Load for many keys under one lock: for j in [0, n), row pos[j] of base (base_export_width
+  // floats each) and, if mf_row[pos[j]] != kNoMfRow, row mf_row[pos[j]] of mf. Presizes the index.
+  static constexpr uint32_t kNoMfRow = 0xffffffffu;
+  void LoadMany(const uint64_t* keys, const uint64_t* hashes, const uint32_t* pos, size_t n, const float* base,
+                const float* mf, const uint32_t* mf_row) LOCKS_EXCLUDED(mu_);
   // delta_score -= saved, if key is present.
   void SubtractDelta(uint64_t key, uint64_t hash, float saved) LOCKS_EXCLUDED(mu_);
   void Clear() LOCKS_EXCLUDED(mu_);
@@ -97,6 +102,7 @@ class Shard {
   }
   float* Mf(uint32_t idx) const EXCLUSIVE_LOCKS_REQUIRED(mu_) { return reinterpret_cast<float*>(mf_.At(idx)); }
   void DeleteRowLocked(uint64_t key, uint64_t hash) EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void LoadLocked(uint64_t key, uint64_t hash, const float* base, const float* mf) EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const CtrAccessor* const accessor_;  // not owned; outlives the shard
   const RowLayout& layout_;

@@ -279,54 +279,104 @@ bool SparseTable::Contains(uint64_t key) {
   return shards_[ShardOf(h, static_cast<uint32_t>(shards_.size()))]->Contains(key, h);
 }
 
+namespace {
+struct KeyPos {
+  uint64_t key;
+  uint32_t pos;
+};
+inline bool KeyPosLess(const KeyPos& a, const KeyPos& b) { return a.key < b.key; }
+
+// Even split of [0, n) into parts: part i is [Split(n, parts, i), Split(n, parts, i + 1)).
+inline size_t Split(size_t n, size_t parts, size_t i) { return n / parts * i + std::min(i, n % parts); }
+}  // namespace
+
 void SparseTable::Export(ExportMode mode, uint32_t buckets, int64_t bucket, ExportResult* out) {
   const RowLayout& lay = layout();
   const size_t bw = lay.base_export_width();
   const size_t mw = lay.mf_width();
+  const size_t lw = lay.lr_width();
+  const size_t num_shards = shards_.size();
+  const int threads = num_threads();
   auto in_bucket = [&](uint64_t key) {
     return bucket < 0 || Mix64(key) % buckets == static_cast<uint64_t>(bucket);
   };
-  std::vector<uint64_t> keys;
+  auto keep = [&](uint64_t key, const RowHeader& h, const float* m) {
+    bool k = false;
+    switch (mode) {
+      case ExportMode::kCheckpoint:
+        k = true;
+        break;
+      case ExportMode::kBase:
+        k = accessor_.SaveBase(h);
+        break;
+      case ExportMode::kDelta:
+        k = accessor_.SaveDelta(h);
+        break;
+      case ExportMode::kServing:
+        k = m != nullptr;
+        break;
+    }
+    return k && in_bucket(key);
+  };
+  // Unsorted copy: shard s writes rows [row_begin[s], row_begin[s+1]) and mf rows
+  // [mf_begin[s], mf_begin[s+1]) of these presized buffers.
+  std::vector<size_t> row_begin(num_shards + 1, 0), mf_begin(num_shards + 1, 0);
+  std::vector<KeyPos> kp;
   std::vector<float> base;
   std::vector<uint8_t> has_mf;
+  std::vector<uint32_t> mf_of;  // mf row of unsorted row i (when has_mf)
   std::vector<float> mf;
-  std::vector<uint64_t> mf_of;  // position in `mf` (in rows) of entry i, if has_mf
-  // One consistent moment: no mutating call in flight (gate_), every shard lock (ascending), then
-  // the tombstones. Pulls may still read rows meanwhile.
-  WriterMutexLock gate(&gate_);
-  for (auto& shard : shards_) shard->mu()->Lock();
-  for (auto& shard : shards_) {
-    shard->ForEachLocked([&](uint64_t key, const RowHeader& h, const float* m) {
-      bool keep = false;
-      switch (mode) {
-        case ExportMode::kCheckpoint:
-          keep = true;
-          break;
-        case ExportMode::kBase:
-          keep = accessor_.SaveBase(h);
-          break;
-        case ExportMode::kDelta:
-          keep = accessor_.SaveDelta(h);
-          break;
-        case ExportMode::kServing:
-          keep = m != nullptr;
-          break;
-      }
-      if (!keep || !in_bucket(key)) return;
-      keys.push_back(key);
-      base.push_back(h.show);
-      base.push_back(h.click);
-      base.push_back(h.delta_score);
-      base.push_back(static_cast<float>(h.unseen_days));
-      base.push_back(static_cast<float>(h.slot));
-      const float* lr = RowLayout::Lr(&h);
-      base.insert(base.end(), lr, lr + lay.lr_width());
-      has_mf.push_back(m != nullptr ? 1 : 0);
-      mf_of.push_back(mf.size() / (mw ? mw : 1));
-      if (m != nullptr) mf.insert(mf.end(), m, m + mw);
-    });
-  }
   {
+    // One consistent moment: gate_ held exclusively means no mutating call is in flight (they all
+    // hold it shared for their whole duration), so the shards can be copied one by one, in
+    // parallel, each under its own lock (pulls may still read rows meanwhile). Two passes: count,
+    // then each shard fills its slice of the presized buffers.
+    WriterMutexLock gate(&gate_);
+    pool_->ParallelFor(num_shards, [&](size_t s) {
+      Shard* sh = shards_[s].get();
+      MutexLock l(sh->mu());
+      size_t rows = 0, mfs = 0;
+      sh->ForEachLocked([&](uint64_t key, const RowHeader& h, const float* m) {
+        if (!keep(key, h, m)) return;
+        ++rows;
+        mfs += m != nullptr ? 1 : 0;
+      });
+      row_begin[s + 1] = rows;
+      mf_begin[s + 1] = mfs;
+    }, threads);
+    for (size_t s = 0; s < num_shards; ++s) {
+      row_begin[s + 1] += row_begin[s];
+      mf_begin[s + 1] += mf_begin[s];
+    }
+    const size_t n = row_begin[num_shards], m = mf_begin[num_shards];
+    kp.resize(n);
+    base.resize(n * bw);
+    has_mf.resize(n);
+    mf_of.resize(n);
+    mf.resize(m * mw);
+    pool_->ParallelFor(num_shards, [&](size_t s) {
+      Shard* sh = shards_[s].get();
+      MutexLock l(sh->mu());
+      size_t i = row_begin[s], j = mf_begin[s];
+      sh->ForEachLocked([&](uint64_t key, const RowHeader& h, const float* m) {
+        if (!keep(key, h, m)) return;
+        kp[i] = KeyPos{key, static_cast<uint32_t>(i)};
+        float* b = base.data() + i * bw;
+        b[0] = h.show;
+        b[1] = h.click;
+        b[2] = h.delta_score;
+        b[3] = static_cast<float>(h.unseen_days);
+        b[4] = static_cast<float>(h.slot);
+        std::memcpy(b + 5, RowLayout::Lr(&h), lw * sizeof(float));
+        has_mf[i] = m != nullptr ? 1 : 0;
+        if (m != nullptr) {
+          mf_of[i] = static_cast<uint32_t>(j);
+          std::memcpy(mf.data() + j * mw, m, mw * sizeof(float));
+          ++j;
+        }
+        ++i;
+      });
+    }, threads);
     MutexLock l(&tomb_mu_);
     out->pending_tombstones = tombstones_.size();
     out->tombstones.clear();
@@ -336,28 +386,58 @@ void SparseTable::Export(ExportMode mode, uint32_t buckets, int64_t bucket, Expo
       }
     }
   }
-  for (auto it = shards_.rbegin(); it != shards_.rend(); ++it) (*it)->mu()->Unlock();
 
-  // Sort by key (as uint64) outside the locks.
-  const size_t n = keys.size();
-  std::vector<uint32_t> perm(n);
-  std::iota(perm.begin(), perm.end(), 0u);
-  std::sort(perm.begin(), perm.end(), [&](uint32_t a, uint32_t b) { return keys[a] < keys[b]; });
+  // Sort by key (as uint64) outside the gate: each shard's run in parallel, then pairwise merges
+  // (the order does not depend on the shard count, so files are deterministic).
+  const size_t n = kp.size();
+  {
+    std::vector<size_t> runs(row_begin);  // run r is [runs[r], runs[r+1])
+    pool_->ParallelFor(num_shards, [&](size_t s) {
+      std::sort(kp.begin() + row_begin[s], kp.begin() + row_begin[s + 1], KeyPosLess);
+    }, threads);
+    std::vector<KeyPos> tmp(n);
+    while (runs.size() > 2) {
+      const size_t num_runs = runs.size() - 1;
+      const size_t pairs = (num_runs + 1) / 2;
+      pool_->ParallelFor(pairs, [&](size_t p) {
+        const size_t lo = runs[2 * p], mid = runs[std::min(2 * p + 1, num_runs)], hi = runs[std::min(2 * p + 2, num_runs)];
+        std::merge(kp.begin() + lo, kp.begin() + mid, kp.begin() + mid, kp.begin() + hi, tmp.begin() + lo, KeyPosLess);
+      }, threads);
+      kp.swap(tmp);
+      std::vector<size_t> next;
+      for (size_t r = 0; r < runs.size(); r += 2) next.push_back(runs[r]);
+      if (next.back() != runs.back()) next.push_back(runs.back());
+      runs.swap(next);
+    }
+  }
+
+  // Gather in sorted order, in parallel over contiguous output ranges; the mf slice of each range
+  // starts at the number of has_mf rows before it.
   out->keys.resize(n);
   out->base.resize(n * bw);
   out->has_mf.resize(n);
-  out->mf.clear();
-  out->mf.reserve(mf.size());
-  for (size_t i = 0; i < n; ++i) {
-    const uint32_t src = perm[i];
-    out->keys[i] = keys[src];
-    std::memcpy(&out->base[i * bw], &base[src * bw], bw * sizeof(float));
-    out->has_mf[i] = has_mf[src];
-    if (has_mf[src]) {
-      const float* m = &mf[mf_of[src] * mw];
-      out->mf.insert(out->mf.end(), m, m + mw);
+  out->mf.resize(mf.size());
+  const size_t parts = n < kParallelMinKeys ? 1 : static_cast<size_t>(threads) * 4;
+  std::vector<size_t> mf_start(parts + 1, 0);
+  pool_->ParallelFor(parts, [&](size_t p) {
+    size_t c = 0;
+    for (size_t i = Split(n, parts, p), e = Split(n, parts, p + 1); i < e; ++i) c += has_mf[kp[i].pos];
+    mf_start[p + 1] = c;
+  }, threads);
+  for (size_t p = 0; p < parts; ++p) mf_start[p + 1] += mf_start[p];
+  pool_->ParallelFor(parts, [&](size_t p) {
+    size_t j = mf_start[p];
+    for (size_t i = Split(n, parts, p), e = Split(n, parts, p + 1); i < e; ++i) {
+      const uint32_t src = kp[i].pos;
+      out->keys[i] = kp[i].key;
+      std::memcpy(&out->base[i * bw], &base[static_cast<size_t>(src) * bw], bw * sizeof(float));
+      out->has_mf[i] = has_mf[src];
+      if (has_mf[src]) {
+        std::memcpy(&out->mf[j * mw], &mf[static_cast<size_t>(mf_of[src]) * mw], mw * sizeof(float));
+        ++j;
+      }
     }
-  }
+  }, threads);
 }
 
 void SparseTable::CommitSave(ExportMode mode, const uint64_t* keys, const float* delta_scores, size_t n,
@@ -379,18 +459,27 @@ void SparseTable::CommitSave(ExportMode mode, const uint64_t* keys, const float*
 
 void SparseTable::LoadRows(const uint64_t* keys, size_t n, const float* base, const uint8_t* has_mf,
                            const float* mf) {
-  const RowLayout& lay = layout();
-  const size_t bw = lay.base_export_width();
-  const size_t mw = lay.mf_width();
-  const uint32_t num_shards = static_cast<uint32_t>(shards_.size());
+  if (n == 0) return;
+  // mf row of each input row (prefix count of has_mf), then the shard partition push uses.
+  std::vector<uint32_t> mf_row(n);
+  uint32_t m = 0;
+  for (size_t i = 0; i < n; ++i) mf_row[i] = has_mf[i] ? m++ : Shard::kNoMfRow;
+  Partition part;
+  PartitionKeys(keys, n, nullptr, &part);
   ReaderMutexLock gate(&gate_);
-  size_t m = 0;
-  for (size_t i = 0; i < n; ++i) {
-    const uint64_t h = TableHash(keys[i]);
-    const float* mrow = nullptr;
-    if (has_mf[i]) mrow = mf + (m++) * mw;
-    shards_[ShardOf(h, num_shards)]->Load(keys[i], h, base + i * bw, mrow);
-  }
+  RunShards(n, [&](size_t s) {
+    const uint32_t b = part.begin[s], e = part.begin[s + 1];
+    if (b == e) return;
+    shards_[s]->LoadMany(part.skeys.data() + b, part.shashes.data() + b, part.order.data() + b, e - b, base, mf,
+                         mf_row.data());
+  });
+}
+
+void SparseTable::SetTombstones(const uint64_t* keys, size_t n) {
+  std::vector<uint64_t> list(keys, keys + n);  // copy outside the locks
+  ReaderMutexLock gate(&gate_);
+  MutexLock l(&tomb_mu_);
+  tombstones_.swap(list);
 }
 
 size_t SparseTable::Erase(const uint64_t* keys, size_t n) {

@@ -8,6 +8,7 @@
 // shard (a stable counting sort on TableHash) and run one task per non-empty shard on the pool;
 // each task holds only its shard's mutex, so a pull racing a push sees each row wholly before or
 // wholly after it. Every mutating call (push, shrink, new_day, end_day, commit_save, load_rows,
+// set_tombstones,
 // erase, clear) also holds gate_ in shared mode for its whole duration, and export holds gate_
 // exclusively (plus every shard lock in index order, then the tombstone mutex), so an export is one
 // moment of the whole table: a concurrent push lands wholly before or wholly after it even though
@@ -107,6 +108,8 @@ class SparseTable {
   void CommitSave(ExportMode mode, const uint64_t* keys, const float* delta_scores, size_t n, size_t tombstones);
   // Insert/overwrite rows. base: n x base_export_width; has_mf: n; mf: (#has_mf) x mf_width.
   void LoadRows(const uint64_t* keys, size_t n, const float* base, const uint8_t* has_mf, const float* mf);
+  // Replaces the pending tombstone list with keys[0..n), in order (restores a checkpoint's list).
+  void SetTombstones(const uint64_t* keys, size_t n);
   // Deletes present keys (no tombstones). Returns how many existed.
   size_t Erase(const uint64_t* keys, size_t n);
   void Clear();

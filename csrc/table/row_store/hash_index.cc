@@ -25,6 +25,12 @@ void HashIndex::Clear() {
   zero_value_ = 0;
 }
 
+void HashIndex::Reserve(size_t n) {
+  size_t cap = capacity_ == 0 ? kMinCapacity : capacity_;
+  while (OverLoad(n, cap)) cap *= 2;
+  if (cap != capacity_) Rehash(cap);
+}
+
 void HashIndex::Rehash(size_t new_capacity) {
   auto* keys = static_cast<uint64_t*>(std::calloc(new_capacity, sizeof(uint64_t)));
   auto* values = static_cast<uint32_t*>(std::malloc(new_capacity * sizeof(uint32_t)));

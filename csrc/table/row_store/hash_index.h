@@ -92,6 +92,9 @@ class HashIndex {
     }
   }
 
+  // Grows the arrays (once) so that n keys in all fit without a rehash. Never shrinks.
+  void Reserve(size_t n);
+
   // Removes everything and frees the arrays.
   void Clear();
 
