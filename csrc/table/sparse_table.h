@@ -8,12 +8,11 @@
 // shard (a stable counting sort on TableHash) and run one task per non-empty shard on the pool;
 // each task holds only its shard's mutex, so a pull racing a push sees each row wholly before or
 // wholly after it. Every mutating call (push, shrink, new_day, end_day, commit_save, load_rows,
-// set_tombstones,
-// erase, clear) also holds gate_ in shared mode for its whole duration, and export holds gate_
-// exclusively (plus every shard lock in index order, then the tombstone mutex), so an export is one
-// moment of the whole table: a concurrent push lands wholly before or wholly after it even though
-// the push spans many shards. Pulls do not take gate_ (they change no row).
-// Lock order: day_mu_ -> gate_ -> shard mutexes (ascending) -> tomb_mu_.
+// set_tombstones, erase, clear) also holds gate_ in shared mode for its whole duration, and export
+// holds gate_ exclusively while it copies (the shards in parallel, each under its own lock, then the
+// tombstone list), so an export is one moment of the whole table: a concurrent push lands wholly
+// before or wholly after it even though the push spans many shards. Pulls do not take gate_ (they
+// change no row). Lock order: day_mu_ -> gate_ -> one shard mutex at a time -> tomb_mu_.
 //
 // Row semantics: see CtrAccessor.
 
@@ -51,7 +50,8 @@ struct TableStats {
   uint64_t admission_rejected = 0;  // pushes of unknown keys refused by probabilistic admission
 };
 
-// export(): rows sorted by key (as uint64); mf holds rows with has_mf == 1, in order.
+// export(): rows sorted by key (as uint64; sorted after the gate is released); mf holds rows with
+// has_mf == 1, in order.
 struct ExportResult {
   std::vector<uint64_t> keys;
   std::vector<float> base;  // keys.size() x base_export_width
