@@ -116,13 +116,9 @@ def write_json_atomic(path: str, obj: Any) -> None:
 
 # -- reads ----------------------------------------------------------------------------------------------------
 
-def read_into(path: str, dest: np.ndarray, entry: Dict[str, Any]) -> None:
-    """Fill ``dest`` (C-contiguous) from file ``path``, checking its size and crc32 against ``entry``."""
+def check_size(path: str, entry: Dict[str, Any]) -> None:
+    """The file ``path`` exists and has the byte count ``entry`` says (no allocation, no read)."""
     expected = int(entry["bytes"])
-    if dest.nbytes != expected:
-        raise CorruptCheckpointError(
-            f"{path}: manifest says {expected} bytes but {entry.get('rows')} rows need {dest.nbytes}", path
-        )
     try:
         size = os.path.getsize(path)
     except OSError as e:
@@ -130,6 +126,16 @@ def read_into(path: str, dest: np.ndarray, entry: Dict[str, Any]) -> None:
     if size != expected:
         what = "truncated" if size < expected else "longer than expected"
         raise CorruptCheckpointError(f"{path}: {what}: {size} bytes on disk, manifest says {expected}", path)
+
+
+def read_into(path: str, dest: np.ndarray, entry: Dict[str, Any]) -> None:
+    """Fill ``dest`` (C-contiguous) from file ``path``, checking its size and crc32 against ``entry``."""
+    expected = int(entry["bytes"])
+    if dest.nbytes != expected:
+        raise CorruptCheckpointError(
+            f"{path}: manifest says {expected} bytes but {entry.get('rows')} rows need {dest.nbytes}", path
+        )
+    check_size(path, entry)
     mv = memoryview(dest.reshape(-1)).cast("B") if dest.size else memoryview(b"")
     if expected:
         with open(path, "rb", buffering=0) as f:
@@ -146,8 +152,22 @@ def read_into(path: str, dest: np.ndarray, entry: Dict[str, Any]) -> None:
         )
 
 
+def parse_json(raw: bytes) -> Any:
+    """``json.loads`` whose failures, absurd nesting included, are all ValueError."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(str(e)) from None
+
+
 def read_manifest(path: str, expect_format: str = FORMAT_NAME) -> Dict[str, Any]:
-    """Parse and validate ``PATH/manifest.json``; raises CorruptCheckpointError naming the file."""
+    """Parse and validate ``PATH/manifest.json`` against the schema of its format.
+
+    Every reader goes through here, so a manifest that comes back has every field the readers use, of the
+    right type and range (see :func:`validate_manifest`). Raises CorruptCheckpointError naming the file.
+    """
     path = os.fspath(path)
     mpath = os.path.join(path, MANIFEST)
     if not os.path.isdir(path):
@@ -160,8 +180,8 @@ def read_manifest(path: str, expect_format: str = FORMAT_NAME) -> Dict[str, Any]
             f"{mpath}: missing; {path} holds no committed save (an interrupted first save leaves none)", mpath
         ) from None
     try:
-        m = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+        m = parse_json(raw)
+    except ValueError as e:
         raise CorruptCheckpointError(f"{mpath}: not valid JSON ({e})", mpath) from None
     if not isinstance(m, dict):
         raise CorruptCheckpointError(f"{mpath}: expected a JSON object", mpath)
@@ -169,55 +189,140 @@ def read_manifest(path: str, expect_format: str = FORMAT_NAME) -> Dict[str, Any]
     if fmt != expect_format:
         raise CorruptCheckpointError(f"{mpath}: format is {fmt!r}, expected {expect_format!r}", mpath)
     ver = m.get("format_version")
-    if ver != FORMAT_VERSION:
+    if ver != FORMAT_VERSION or isinstance(ver, bool):
         raise CorruptCheckpointError(
             f"{mpath}: unknown format_version {ver!r}; this torch_psembed reads version {FORMAT_VERSION}", mpath
         )
     try:
-        _validate_manifest(m, expect_format)
-    except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, CorruptCheckpointError):
-            raise
-        raise CorruptCheckpointError(f"{mpath}: malformed manifest ({type(e).__name__}: {e})", mpath) from None
+        validate_manifest(m, expect_format)
+    except _SchemaError as e:
+        raise CorruptCheckpointError(f"{mpath}: malformed manifest: {e}", mpath) from None
     return m
 
 
-def _validate_manifest(m: Dict[str, Any], fmt: str) -> None:
-    files = m["files"]
+class _SchemaError(Exception):
+    pass
+
+
+INT64_MAX = 2**63 - 1
+# The table's day: -1 (no end_day yet) up to int64 (what _C.Table.day accepts).
+DAY_RANGE = (-1, INT64_MAX)
+SERVING_COLUMNS = ("keys", "values", "stats")
+SERVING_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _get(d: Dict[str, Any], key: str, where: str) -> Any:
+    if key not in d:
+        raise _SchemaError(f"{where}no field {key!r}")
+    return d[key]
+
+
+def _int(d: Dict[str, Any], key: str, where: str = "", lo: int = 0, hi: int = INT64_MAX) -> int:
+    v = _get(d, key, where)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise _SchemaError(f"{where}{key} must be an int in [{lo}, {hi}], got {_short(v)}")
+    return v
+
+
+def _str(d: Dict[str, Any], key: str, where: str = "", name_like: bool = False) -> str:
+    v = _get(d, key, where)
+    bad_name = name_like and isinstance(v, str) and (not v or v.startswith(".") or any(c in v for c in "/\\\0"))
+    if not isinstance(v, str) or bad_name:
+        raise _SchemaError(f"{where}{key} must be a {'file name' if name_like else 'str'}, got {_short(v)}")
+    return v
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def validate_manifest(m: Dict[str, Any], fmt: str) -> None:
+    """Check every field a reader uses (presence, type, range, consistency); raises _SchemaError.
+
+    Per manifest, not per row: cost is linear in the number of files.
+    """
+    _str(m, "save_id", name_like=True)
+    _str(m, "data_dir", name_like=True)
+    _int(m, "day", lo=DAY_RANGE[0], hi=DAY_RANGE[1])
+    num_parts = _int(m, "num_parts", lo=1, hi=1 << 20)
+    _int(m, "rows")
+    files = _get(m, "files", "")
     if not isinstance(files, list):
-        raise ValueError("files must be a list")
-    data_dir = m["data_dir"]
-    if not isinstance(data_dir, str) or "/" in data_dir or data_dir in ("", ".", ".."):
-        raise ValueError(f"bad data_dir {data_dir!r}")
-    for e in files:
-        name = e["name"]
-        if not isinstance(name, str) or "/" in name or name.startswith("."):
-            raise ValueError(f"bad file name {name!r}")
-        for k in ("bytes", "crc32", "rows"):
-            if not isinstance(e[k], int) or e[k] < 0:
-                raise ValueError(f"file {name}: {k} must be an int >= 0")
+        raise _SchemaError(f"files must be a list, got {type(files).__name__}")
     if fmt == FORMAT_NAME:
-        if m["mode"] not in MODES:
-            raise ValueError(f"unknown mode {m['mode']!r}")
-        nb = m["num_buckets"]
-        if not isinstance(nb, int) or nb < 1:
-            raise ValueError("num_buckets must be an int >= 1")
-        if not isinstance(m["num_parts"], int) or m["num_parts"] < 1:
-            raise ValueError("num_parts must be an int >= 1")
-        layout = m["layout"]
-        for k in ("dim", "base_width", "mf_width"):
-            if not isinstance(layout[k], int) or layout[k] < 1:
-                raise ValueError(f"layout.{k} must be an int >= 1")
-        for e in files:
-            if e["column"] not in COLUMN_DTYPES:
-                raise ValueError(f"file {e['name']}: unknown column {e['column']!r}")
-            w = row_width(e["column"], layout) * COLUMN_DTYPES[e["column"]].itemsize
-            if e["bytes"] != e["rows"] * w:
-                raise ValueError(f"file {e['name']}: {e['bytes']} bytes do not hold {e['rows']} rows of {w} bytes")
-        if not isinstance(m["day"], int):
-            raise ValueError("day must be an int")
-        if not isinstance(m["sequence"], int) or m["sequence"] < 0:
-            raise ValueError("sequence must be an int >= 0")
+        _validate_table_fields(m)
+        widths = {c: row_width(c, m["layout"]) * COLUMN_DTYPES[c].itemsize for c in COLUMN_DTYPES}
+        columns = tuple(COLUMN_DTYPES)
+        num_buckets = m["num_buckets"]
+    else:
+        dim = _int(m, "dim", lo=1, hi=1 << 20)
+        dtype = _get(m, "dtype", "")
+        if dtype not in SERVING_DTYPE_BYTES:
+            raise _SchemaError(f"unknown dtype {_short(dtype)}; expected one of {sorted(SERVING_DTYPE_BYTES)}")
+        if not isinstance(_get(m, "with_stats", ""), bool):
+            raise _SchemaError(f"with_stats must be true or false, got {_short(m['with_stats'])}")
+        widths = {"keys": 8, "values": (1 + dim) * SERVING_DTYPE_BYTES[dtype], "stats": 8}
+        columns = SERVING_COLUMNS
+        num_buckets = 0
+    names = set()
+    slots = set()
+    sums = {c: 0 for c in columns}
+    for i, e in enumerate(files):
+        where = f"files[{i}]: "
+        if not isinstance(e, dict):
+            raise _SchemaError(f"{where}expected an object, got {_short(e)}")
+        name = _str(e, "name", where, name_like=True)
+        where = f"file {name}: "
+        col = _get(e, "column", where)
+        if col not in columns:
+            raise _SchemaError(f"{where}unknown column {_short(col)}; expected one of {list(columns)}")
+        part = _int(e, "part", where, 0, num_parts - 1)
+        rows = _int(e, "rows", where)
+        nbytes = _int(e, "bytes", where)
+        _int(e, "crc32", where, 0, 0xFFFFFFFF)
+        if nbytes != rows * widths[col]:
+            raise _SchemaError(f"{where}{nbytes} bytes do not hold {rows} rows of {widths[col]} bytes")
+        bucket = None
+        if fmt == FORMAT_NAME:
+            if col == "tombstones":
+                if e.get("bucket") is not None:
+                    raise _SchemaError(f"{where}a tombstone file has no bucket, got {_short(e['bucket'])}")
+            else:
+                bucket = _int(e, "bucket", where, 0, num_buckets - 1)
+        if name in names:
+            raise _SchemaError(f"{where}listed twice")
+        if (bucket, part, col) in slots:
+            raise _SchemaError(f"{where}a second {col} file for bucket {bucket} part {part}")
+        names.add(name)
+        slots.add((bucket, part, col))
+        sums[col] += rows
+    if sums["keys"] != m["rows"]:
+        raise _SchemaError(f"rows is {m['rows']}, but the keys files hold {sums['keys']}")
+    if fmt == FORMAT_NAME:
+        if sums["tombstones"] != m["tombstones"]:
+            raise _SchemaError(f"tombstones is {m['tombstones']}, but the tombstone files hold {sums['tombstones']}")
+        if sums["mf"] != m["rows_with_mf"]:
+            raise _SchemaError(f"rows_with_mf is {m['rows_with_mf']}, but the mf files hold {sums['mf']}")
+
+
+def _validate_table_fields(m: Dict[str, Any]) -> None:
+    if _get(m, "mode", "") not in MODES:
+        raise _SchemaError(f"unknown mode {_short(m['mode'])}; expected one of {list(MODES)}")
+    base_id = _get(m, "base_id", "")
+    if base_id is not None and not isinstance(base_id, str):
+        raise _SchemaError(f"base_id must be a str or null, got {_short(base_id)}")
+    _int(m, "sequence")
+    _int(m, "num_buckets", lo=1, hi=9999)
+    _int(m, "rows_with_mf")
+    _int(m, "tombstones")
+    for k in ("config", "signature", "layout"):
+        if not isinstance(_get(m, k, ""), dict):
+            raise _SchemaError(f"{k} must be an object, got {_short(m[k])}")
+    layout = m["layout"]
+    _int(layout, "dim", "layout.", 1, 1 << 20)
+    _int(layout, "base_width", "layout.", len(BASE_COLUMNS_HEAD), 1 << 20)
+    _int(layout, "mf_width", "layout.", 1, 1 << 20)
 
 
 def data_path(path: str, m: Dict[str, Any]) -> str:

@@ -196,6 +196,10 @@ def _read_block(path, m, groups, row_groups, tomb_groups, check_buckets) -> Dict
         e = groups[key]["tombstones"]
         plan.append(("tombstones", e, t))
         t += e["rows"]
+    # Every file's size on disk before allocating what the manifest claims (a forged row count is refused
+    # here, not by a MemoryError); read_into checks it again, with the checksum, while reading.
+    for _col, entry, _off in plan:
+        F.check_size(os.path.join(ddir, entry["name"]), entry)
     try:
         out = {
             "keys": np.empty(n, np.int64),
@@ -233,6 +237,47 @@ def _read_block(path, m, groups, row_groups, tomb_groups, check_buckets) -> Dict
                 raise CorruptCheckpointError(f"{p}: holds keys of another bucket than {key[0]}", p)
         off += r
     return out
+
+
+MAX_UNSEEN_DAYS = 65535  # _C's saturation point (kMaxUnseenDays)
+INT32_MAX = 2147483647
+
+
+def check_values(rows: Dict[str, np.ndarray], where: str) -> None:
+    """Refuse, as CorruptCheckpointError naming ``where``, the values ``_C.Table.load_rows`` would refuse.
+
+    The same rules as load_rows (finite floats, show/click >= 0, unseen_days an integer in [0, 65535], slot an
+    int32, has_mf 0/1), checked vectorised before the table is touched, so a refused load changes nothing.
+    """
+    base, mf, has = rows["base"], rows["mf"], rows["has_mf"]
+
+    def bad(msg, mask):
+        i = int(np.flatnonzero(mask)[0])
+        raise CorruptCheckpointError(f"{where}: {msg} (row {i}, key {int(rows['keys'][i])})", where)
+
+    if has.size and has.max() > 1:
+        bad("has_mf holds a value other than 0 or 1", has > 1)
+    if base.size:
+        fin = np.isfinite(base).all(axis=1)
+        if not fin.all():
+            bad("base holds a NaN or infinite value", ~fin)
+        neg = (base[:, 0] < 0) | (base[:, 1] < 0)
+        if neg.any():
+            bad("base holds a negative show or click", neg)
+        u = base[:, 3]
+        wrong = (u < 0) | (u > MAX_UNSEEN_DAYS) | (u != np.floor(u))
+        if wrong.any():
+            bad("unseen_days (base column 3) is not an integer in [0, 65535]", wrong)
+        s = base[:, 4]
+        wrong = (np.abs(s) > INT32_MAX) | (s != np.floor(s))
+        if wrong.any():
+            bad("slot (base column 4) is not an int32", wrong)
+    if mf.size and not np.isfinite(mf).all():
+        rows_bad = ~np.isfinite(mf).all(axis=1)
+        j = int(np.flatnonzero(rows_bad)[0])
+        i = int(np.flatnonzero(has)[j])
+        raise CorruptCheckpointError(f"{where}: mf holds a NaN or infinite value (row {i}, key {int(rows['keys'][i])})",
+                                     where)
 
 
 # -- merging ---------------------------------------------------------------------------------------------------

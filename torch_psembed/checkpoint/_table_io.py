@@ -147,8 +147,8 @@ def _srv_finish(local, index, num, path, save_id, mode):
     pending = _stash_pop(local, "save:" + save_id)
     try:
         with open(os.path.join(path, F.MANIFEST), "rb") as f:
-            committed = json.loads(f.read()).get("save_id") == save_id
-    except (OSError, ValueError):
+            committed = F.parse_json(f.read()).get("save_id") == save_id
+    except (OSError, ValueError, AttributeError):
         committed = False
     if committed and pending is not None:
         keys, delta_scores, tombstones = pending
@@ -171,8 +171,8 @@ def _remove_stale(path: str, keep: Optional[str], save_id: str) -> None:
     of saves that were killed (one directory takes one save at a time)."""
     try:
         with open(os.path.join(path, F.MANIFEST), "rb") as f:
-            current = json.loads(f.read()).get("data_dir")
-    except (OSError, ValueError):
+            current = F.parse_json(f.read()).get("data_dir")
+    except (OSError, ValueError, AttributeError):
         current = keep
     for name in os.listdir(path):
         full = os.path.join(path, name)
@@ -194,6 +194,7 @@ def _srv_stage_load(local, index, num, path, m):
             return (p, f"{p}: saved {k} is {layout[k]}, the table's is {getattr(local, k)}")
     try:
         rows = R.read_rows(path, m, owner=(index, num))
+        R.check_values(rows, F.data_path(path, m))
     except CorruptCheckpointError as e:
         return (e.path, str(e))
     except OSError as e:
