@@ -18,7 +18,6 @@ when all of them succeeded (``_srv_apply_load``).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
