@@ -427,7 +427,19 @@ void SparseTable::Export(ExportMode mode, uint32_t buckets, int64_t bucket, Expo
   for (size_t p = 0; p < parts; ++p) mf_start[p + 1] += mf_start[p];
   pool_->ParallelFor(parts, [&](size_t p) {
     size_t j = mf_start[p];
+    constexpr size_t kAhead = 16;
     for (size_t i = Split(n, parts, p), e = Split(n, parts, p + 1); i < e; ++i) {
+      if (i + kAhead < e) {  // the reads are random: overlap their misses
+        const uint32_t ahead = kp[i + kAhead].pos;
+        const char* b = reinterpret_cast<const char*>(&base[static_cast<size_t>(ahead) * bw]);
+        __builtin_prefetch(b);
+        __builtin_prefetch(b + bw * sizeof(float) - 1);
+        if (has_mf[ahead]) {
+          const char* f = reinterpret_cast<const char*>(&mf[static_cast<size_t>(mf_of[ahead]) * mw]);
+          __builtin_prefetch(f);
+          __builtin_prefetch(f + mw * sizeof(float) - 1);
+        }
+      }
       const uint32_t src = kp[i].pos;
       out->keys[i] = kp[i].key;
       std::memcpy(&out->base[i * bw], &base[static_cast<size_t>(src) * bw], bw * sizeof(float));
