@@ -549,3 +549,26 @@ def test_set_tombstones_validates_input(make_c_table):
     with pytest.raises((ValueError, TypeError), match="keys"):
         t.set_tombstones([1, 2])
     assert t.export("checkpoint")["tombstones"].tolist() == [5, 6]  # refused calls change nothing
+
+
+# ------------------------------------------------------------------------------------------- dedup
+
+
+def test_dedup_first_occurrence_order_and_inverse():
+    rng = np.random.default_rng(5)
+    for keys in (np.array([5, 3, 5, 0, -1, 3, 7, 0, -(2**63), 2**63 - 1], np.int64),
+                 rng.integers(-50, 50, 5000).astype(np.int64),
+                 rng.integers(-(2**63), 2**63 - 1, 3000, dtype=np.int64),
+                 np.zeros(0, np.int64)):
+        u, inv = _C.dedup(keys)
+        assert u.dtype == np.int64 and inv.dtype == np.int64 and inv.shape == keys.shape
+        # independent reference: first occurrence order from a Python dict
+        first = {}
+        for k in keys.tolist():
+            first.setdefault(k, len(first))
+        assert u.tolist() == list(first)
+        assert inv.tolist() == [first[k] for k in keys.tolist()]
+    with pytest.raises((ValueError, TypeError), match="keys"):
+        _C.dedup(np.array([1, 2], np.int32))
+    with pytest.raises((ValueError, TypeError), match="keys"):
+        _C.dedup(np.arange(6, dtype=np.int64)[::2])

@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <set>
@@ -580,6 +581,23 @@ py::array_t<int32_t> RouteArray(const py::handle& keys_obj, int64_t num_parts) {
   return out;
 }
 
+py::tuple DedupArray(const py::handle& keys_obj) {
+  py::array keys = CheckKeys(keys_obj);
+  const size_t n = keys.shape(0);
+  const uint64_t* k = KeyPtr(keys);
+  std::vector<uint64_t> uniq(n);
+  py::array_t<int64_t> inverse(static_cast<py::ssize_t>(n));
+  int64_t* inv = inverse.mutable_data();
+  size_t u = 0;
+  {
+    py::gil_scoped_release release;
+    u = Dedup(k, n, uniq.data(), inv);
+  }
+  py::array_t<int64_t> out(static_cast<py::ssize_t>(u));
+  std::memcpy(out.mutable_data(), uniq.data(), u * sizeof(uint64_t));
+  return py::make_tuple(out, inverse);
+}
+
 py::array_t<double> UniformArray(uint64_t seed, const py::handle& keys_obj, uint64_t stream, uint64_t index) {
   py::array keys = CheckKeys(keys_obj);
   const size_t n = keys.shape(0);
@@ -595,6 +613,9 @@ py::array_t<double> UniformArray(uint64_t seed, const py::handle& keys_obj, uint
 void RegisterTableBindings(py::module_& m) {
   m.def("mix64", &Mix64Array, py::arg("keys"),
         R"doc(mix64(keys: int64[n]) -> int64[n]: the frozen splitmix64 finalizer of each key (uint64 bits).)doc");
+  m.def("dedup", &DedupArray, py::arg("keys"),
+        R"doc(dedup(keys: int64[n]) -> (unique int64[u], inverse int64[n]): distinct keys in order of first
+occurrence, and unique[inverse] == keys. Hash-based; releases the GIL.)doc");
   m.def("route", &RouteArray, py::arg("keys"), py::arg("num_parts"),
         R"doc(route(keys: int64[n], num_parts: int) -> int32[n]: owner part mix64(k) % num_parts (unsigned).)doc");
   m.def("uniform", &UniformArray, py::arg("seed"), py::arg("keys"), py::arg("stream"), py::arg("index"),

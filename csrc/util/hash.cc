@@ -1,12 +1,42 @@
 // Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
 //
-// Everything in hash.h is inline (it sits on the pull/push fast path); this file only anchors the
-// translation unit so the library layout mirrors the headers.
+// Most of hash.h is inline (it sits on the pull/push fast path); Dedup lives here.
 
 #include "util/hash.h"
+
+#include <vector>
 
 namespace psembed {
 namespace {
 static_assert(sizeof(uint64_t) == 8, "feasigns are 64-bit");
 }  // namespace
+
+size_t Dedup(const uint64_t* keys, size_t n, uint64_t* unique, int64_t* inverse) {
+  if (n == 0) return 0;
+  size_t cap = 16;
+  while (cap < n * 2) cap <<= 1;
+  const size_t mask = cap - 1;
+  // Open addressing on Mix64(key); slot value = 1 + position in unique (0 = empty), so any key,
+  // 0 included, can be stored.
+  std::vector<uint32_t> slot_pos(cap, 0);
+  std::vector<uint64_t> slot_key(cap);
+  uint32_t* pos = slot_pos.data();
+  uint64_t* skey = slot_key.data();
+  size_t u = 0;
+  constexpr size_t kAhead = 8;
+  for (size_t i = 0; i < n; ++i) {
+    if (i + kAhead < n) __builtin_prefetch(pos + (Mix64(keys[i + kAhead]) & mask));
+    const uint64_t k = keys[i];
+    size_t j = Mix64(k) & mask;
+    while (pos[j] != 0 && skey[j] != k) j = (j + 1) & mask;
+    if (pos[j] == 0) {
+      skey[j] = k;
+      unique[u] = k;
+      pos[j] = static_cast<uint32_t>(++u);
+    }
+    inverse[i] = static_cast<int64_t>(pos[j]) - 1;
+  }
+  return u;
+}
+
 }  // namespace psembed

@@ -8,6 +8,7 @@
 #ifndef PSEMBED_UTIL_HASH_H_
 #define PSEMBED_UTIL_HASH_H_
 
+#include <cstddef>
 #include <cstdint>
 
 namespace psembed {
@@ -48,6 +49,10 @@ inline double Uniform01(uint64_t seed, uint64_t key, uint64_t stream, uint64_t i
   const uint64_t x = SplitMix64(seed ^ Mix64(key) ^ ((stream << 56) + i));
   return static_cast<double>(x >> 40) * (1.0 / 16777216.0);
 }
+
+// Hash dedup of keys[0..n): writes the distinct keys to unique (room for n) in order of first
+// occurrence and, for each i, inverse[i] = the position of keys[i] in unique. Returns the count.
+size_t Dedup(const uint64_t* keys, size_t n, uint64_t* unique, int64_t* inverse);
 
 }  // namespace psembed
 
