@@ -199,6 +199,64 @@ void TestConcurrentChurnWithDeletes() {
   CHECK_EQ(e.mf.size(), with_mf * 4);
 }
 
+// LoadRows runs per shard in parallel, export copies shards in parallel under the gate: each load
+// call inserts kRows new keys (show 1, has_mf on even keys), so every export sees a multiple of
+// kRows rows, sorted, with mf rows matching their keys; set_tombstones races them.
+void TestConcurrentLoadRowsExport() {
+  TableOptions o = CountingOptions(2);
+  SparseTable t(o);
+  const size_t bw = t.layout().base_export_width(), mw = t.layout().mf_width();
+  constexpr size_t kRows = 5000;  // above the parallel threshold
+  constexpr int kCalls = 12;
+  std::atomic<bool> done{false};
+  std::thread loader([&] {
+    for (int c = 0; c < kCalls; ++c) {
+      std::vector<uint64_t> keys(kRows);
+      std::vector<float> base(kRows * bw, 0.0f), mf;
+      std::vector<uint8_t> has(kRows);
+      for (size_t i = 0; i < kRows; ++i) {
+        keys[i] = static_cast<uint64_t>(c) * kRows + i + 1;
+        base[i * bw] = 1.0f;
+        has[i] = keys[i] % 2 == 0;
+        if (has[i]) mf.insert(mf.end(), mw, static_cast<float>(keys[i]));
+      }
+      t.LoadRows(keys.data(), kRows, base.data(), has.data(), mf.data());
+    }
+    done.store(true);
+  });
+  std::thread tomb([&] {
+    uint64_t k = 0;
+    while (!done.load()) {
+      std::vector<uint64_t> list = {++k, k + 1};
+      t.SetTombstones(list.data(), list.size());
+      std::this_thread::yield();
+    }
+  });
+  long exports = 0;
+  while (!done.load() || exports == 0) {
+    ExportResult e;
+    t.Export(ExportMode::kCheckpoint, 1, -1, &e);
+    CHECK_EQ(e.keys.size() % kRows, 0u);
+    size_t j = 0;
+    for (size_t i = 0; i < e.keys.size(); ++i) {
+      if (i > 0) CHECK(e.keys[i - 1] < e.keys[i]);
+      CHECK_EQ(e.base[i * bw], 1.0f);
+      CHECK_EQ(static_cast<int>(e.has_mf[i]), static_cast<int>(e.keys[i] % 2 == 0));
+      if (e.has_mf[i]) {
+        CHECK_EQ(e.mf[j * mw], static_cast<float>(e.keys[i]));
+        ++j;
+      }
+    }
+    CHECK_EQ(j * mw, e.mf.size());
+    CHECK(e.tombstones.size() == 0 || e.tombstones.size() == 2);
+    ++exports;
+  }
+  loader.join();
+  tomb.join();
+  CHECK_EQ(t.Size(), kRows * kCalls);
+  std::fprintf(stderr, "  %ld exports raced %d load_rows calls\n", exports, kCalls);
+}
+
 }  // namespace
 }  // namespace psembed
 
@@ -206,5 +264,6 @@ int main() {
   RUN_TEST(psembed::TestSingleThreaded);
   RUN_TEST(psembed::TestConcurrentPushPullShrinkExport);
   RUN_TEST(psembed::TestConcurrentChurnWithDeletes);
+  RUN_TEST(psembed::TestConcurrentLoadRowsExport);
   return 0;
 }

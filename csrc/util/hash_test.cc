@@ -5,6 +5,8 @@
 
 #include "util/hash.h"
 
+#include <vector>
+
 #include "util/testharness.h"
 
 namespace psembed {
@@ -46,6 +48,24 @@ void TestShardsSpreadEvenly() {
   for (uint32_t c : counts) CHECK(c > 800 && c < 1200);
 }
 
+void TestDedup() {
+  const uint64_t keys[] = {5, 0, 5, ~0ULL, 0, 7, 5, ~0ULL};
+  uint64_t uniq[8];
+  int64_t inv[8];
+  CHECK_EQ(Dedup(keys, 8, uniq, inv), 4u);
+  const uint64_t want_u[] = {5, 0, ~0ULL, 7};
+  const int64_t want_i[] = {0, 1, 0, 2, 1, 3, 0, 2};
+  for (int i = 0; i < 4; ++i) CHECK_EQ(uniq[i], want_u[i]);
+  for (int i = 0; i < 8; ++i) CHECK_EQ(inv[i], want_i[i]);
+  CHECK_EQ(Dedup(keys, 0, uniq, inv), 0u);
+  std::vector<uint64_t> many(20000), u(20000);
+  std::vector<int64_t> iv(20000);
+  for (size_t i = 0; i < many.size(); ++i) many[i] = (i * 7919) % 3001;
+  const size_t n = Dedup(many.data(), many.size(), u.data(), iv.data());
+  CHECK_EQ(n, 3001u);
+  for (size_t i = 0; i < many.size(); ++i) CHECK_EQ(u[static_cast<size_t>(iv[i])], many[i]);
+}
+
 }  // namespace
 }  // namespace psembed
 
@@ -54,5 +74,6 @@ int main() {
   RUN_TEST(psembed::TestRouteIsMix64Mod);
   RUN_TEST(psembed::TestUniformRangeAndDeterminism);
   RUN_TEST(psembed::TestShardsSpreadEvenly);
+  RUN_TEST(psembed::TestDedup);
   return 0;
 }
