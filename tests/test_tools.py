@@ -129,3 +129,12 @@ def test_export_command_and_module_entry_point(chain, tmp_path, capsys):
     assert main(["verify", str(out), str(tmp_path / "nothing")]) == 1
     captured = capsys.readouterr()
     assert "OK " in captured.out and "not a directory" in captured.err
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_deeply_nested_manifest_is_reported_not_a_recursion_error(tmp_path, command, capsys):
+    # Regression (fuzzing): the tools' format sniffing parsed the manifest with bare json.loads.
+    (tmp_path / F.MANIFEST).write_text("[" * 100_000 + "]" * 100_000)
+    assert main([command, str(tmp_path)]) != 0
+    out = capsys.readouterr()
+    assert "CorruptCheckpointError" in out.out + out.err and "nested too deeply" in out.out + out.err

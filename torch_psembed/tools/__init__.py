@@ -22,12 +22,10 @@ __all__ = ["inspect_path", "verify", "merge"]
 
 def _kind(path: str) -> str:
     """``"table"`` or ``"serving"``, from the manifest's format field."""
-    import json
-
     mpath = os.path.join(path, F.MANIFEST)
     try:
         with open(mpath, "rb") as f:
-            fmt = json.loads(f.read()).get("format")
+            fmt = F.parse_json(f.read()).get("format")
     except (OSError, ValueError, AttributeError):
         return "table"  # read_manifest reports the precise problem
     return "serving" if fmt == F.SERVING_FORMAT_NAME else "table"
