@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from torch_psembed.distributed.ports import free_port_pair  # noqa: E402
 
 
 def _make_batches(args, seed):
@@ -161,21 +161,8 @@ def child(args) -> None:
         json.dump({"rank": rank, "trainer": tr, "steps": args.steps, "batch": args.batch, "rounds": rounds}, f)
 
 
-def _free_port() -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            p = s.getsockname()[1]
-        try:
-            with socket.socket() as s2:
-                s2.bind(("127.0.0.1", p + 1))
-            return p
-        except OSError:
-            continue
-
-
 def _launch(args, world, num_servers, out):
-    port = _free_port()
+    port = free_port_pair()
     procs = []
     base = [sys.executable, os.path.abspath(__file__), "--child", "--out", out, "--num-servers", str(num_servers)]
     for flag in ("steps", "batch", "slots", "dim", "staleness", "warmup", "distinct_batches", "rounds"):

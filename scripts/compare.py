@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from torch_psembed.metrics import read_jsonl  # noqa: E402
+from torch_psembed.distributed.ports import free_port  # noqa: E402
 
 CRITEO = "/work/shared/data/criteo_kaggle_sample"
 
@@ -52,16 +52,10 @@ PRESETS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_job(out: str, args: List[str], nproc: int, log) -> Dict[str, Any]:
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-               "127.0.0.1", "--master-port", str(_free_port()), "-m", "torch_psembed.train"]
+               "127.0.0.1", "--master-port", str(free_port()), "-m", "torch_psembed.train"]
     else:
         cmd = [sys.executable, "-m", "torch_psembed.train"]
     cmd += ["--out", out, "--no-progress", "--no-save", *args]

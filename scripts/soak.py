@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -133,20 +132,6 @@ def worker(a) -> None:
 
 # -- launcher ------------------------------------------------------------------------------------------------
 
-def _free_port_pair() -> int:
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            p = s.getsockname()[1]
-        if p >= 65535:
-            continue
-        try:
-            with socket.socket() as s2:
-                s2.bind(("127.0.0.1", p + 1))
-            return p
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair on 127.0.0.1")
 
 
 def _rss_bytes(pid: int) -> int:
@@ -163,8 +148,11 @@ def _rss_bytes(pid: int) -> int:
 def launch(a) -> int:
     import tempfile
 
+    sys.path.insert(0, ROOT)
+    from torch_psembed.distributed.ports import free_port_pair
+
     workdir = tempfile.mkdtemp(prefix="psembed-soak-")
-    port = _free_port_pair()
+    port = free_port_pair()
     procs = []
     args = [sys.executable, os.path.abspath(__file__), "--worker", "--workdir", workdir, "--minutes", str(a.minutes),
             "--staleness", str(a.staleness), "--batch", str(a.batch), "--slots", str(a.slots), "--dim", str(a.dim),

@@ -22,6 +22,7 @@ from torch_psembed import _C
 from torch_psembed.checkpoint import LocalParts, load_group, save_group
 from torch_psembed.checkpoint import _format as F
 from torch_psembed.checkpoint import _rows as R
+from torch_psembed.distributed.ports import free_port_pair
 from torch_psembed.errors import CheckpointMismatchError, CorruptCheckpointError
 
 DIM = 4
@@ -618,15 +619,12 @@ def _union(npz, prefix: str, parts: int) -> dict:
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_two_rank_save_loads_into_1_2_and_3_parts(tmp_path):
-    import socket
     import subprocess
     import sys
 
     single = populated(n=300, seed=21)
     single.save(tmp_path / "single")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port_pair()  # the process group on port, RPC on port + 1
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     procs = []
     for r in range(2):

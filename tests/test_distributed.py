@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import torch_psembed as pse
 from torch_psembed import _C
 from torch_psembed.distributed import runtime, server
 from torch_psembed.distributed.client import ShardedTable
+from torch_psembed.distributed.ports import free_port_pair
 from torch_psembed.distributed.rpc_transport import _concise_remote_error, is_transport_failure
 from torch_psembed.distributed.transport import DoneHandle, Handle, Transport
 from torch_psembed.errors import NotInitializedError, PeerUnavailableError
@@ -324,23 +324,6 @@ def test_table_before_init_under_torchrun_env_is_an_error(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------
 # Multi-process jobs
 # ---------------------------------------------------------------------------------------------------------
-def _free_port_pair() -> int:
-    """A port p with p and p+1 free on 127.0.0.1 (the process group and RPC stores)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            p = s.getsockname()[1]
-        if p >= 65535:
-            continue
-        try:
-            with socket.socket() as s2:
-                s2.bind(("127.0.0.1", p + 1))
-            return p
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair")
-
-
 def _child_env(extra=None):
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE",
@@ -432,7 +415,7 @@ def _run(job_specs, timeout=JOB_TIMEOUT):
 
 def _by_hand(world, scenario, out, args, extra_env=None):
     """torchrun's environment set by hand: one process per rank (so a dead rank is not reaped by torchrun)."""
-    port = _free_port_pair()
+    port = free_port_pair()
     specs = []
     for r in range(world):
         env = _child_env({"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
@@ -442,7 +425,7 @@ def _by_hand(world, scenario, out, args, extra_env=None):
 
 
 def _torchrun(nproc, scenario, out, args):
-    port = _free_port_pair()
+    port = free_port_pair()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(port), WORKER, scenario, out] + args
     return [(cmd, _child_env(), "torchrun")]

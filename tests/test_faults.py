@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+
+from torch_psembed.distributed.ports import free_port_pair
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB = os.path.join(REPO, "tests", "fault_workers", "job.py")
@@ -29,22 +30,6 @@ JOB_TIMEOUT = 120  # seconds for a whole job, start-up included (2 loaded cores)
 RPC_TIMEOUT = "5"
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-
-
-def _free_port_pair() -> int:
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            p = s.getsockname()[1]
-        if p >= 65535:
-            continue
-        try:
-            with socket.socket() as s2:
-                s2.bind(("127.0.0.1", p + 1))
-            return p
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair on 127.0.0.1")
 
 
 def _env(rank: int, world: int, port: int) -> dict:
@@ -62,7 +47,7 @@ class Job:
 
     def __init__(self, world: int, args: list, out: str) -> None:
         self.world, self.out = world, out
-        port = _free_port_pair()
+        port = free_port_pair()
         self.procs = []
         for r in range(world):
             log = open(os.path.join(out, f"log{r}.txt"), "w")

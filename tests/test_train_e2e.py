@@ -3,7 +3,6 @@ checking the metrics file, the plot, the base/delta/checkpoint saves (they load)
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ import pytest
 
 import torch_psembed as pse
 from torch_psembed.metrics import read_jsonl
+from torch_psembed.distributed.ports import free_port
 from torch_psembed.train import load_config, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,19 +64,13 @@ def _check_run(out, days=2, passes=2, min_auc=0.6):
     return recs
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_torchrun_two_processes(tmp_path):
     out = str(tmp_path / "run")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "torch_psembed.train", "--out", out, *TINY]
+           "--master-port", str(free_port()), "-m", "torch_psembed.train", "--out", out, *TINY]
     proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "ranks=2" in proc.stdout and "next_auc" in proc.stdout  # the summary table
