@@ -15,6 +15,8 @@ fi
 
 # Build tools (the same as pyproject's build-system.requires) and runtime/test dependencies.
 "$PY" -m pip install --quiet "setuptools>=64" wheel pybind11 cmake ninja numpy tqdm matplotlib pytest
+# Coverage-guided fuzzing (tests/test_fuzz.py); without it those tests fall back to seeded random mutation.
+"$PY" -m pip install --quiet atheris || echo "[setup] atheris unavailable: fuzz tests use random mutation"
 
 # --no-build-isolation: reuse the tools above instead of downloading them again into a throwaway environment.
 "$PY" -m pip install --quiet --no-build-isolation --no-deps -e .
