@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <exception>
 
 namespace psembed {
 
@@ -15,19 +16,27 @@ struct ThreadPool::Loop {
   std::atomic<size_t> next{0};
   std::mutex mu;
   std::condition_variable cv;
-  size_t done = 0;  // guarded by mu
+  size_t done = 0;               // guarded by mu
+  std::exception_ptr error;      // guarded by mu: the first exception a task threw
 
-  // Runs claimed indices until none remain.
+  // Runs claimed indices until none remain. A throwing task still counts as done (so the caller's
+  // wait ends); its exception is kept for the caller instead of reaching std::terminate on a worker.
   void Work() {
     size_t mine = 0;
+    std::exception_ptr first;
     for (;;) {
       const size_t i = next.fetch_add(1, std::memory_order_relaxed);
       if (i >= n) break;
-      (*fn)(i);
+      try {
+        (*fn)(i);
+      } catch (...) {
+        if (!first) first = std::current_exception();
+      }
       ++mine;
     }
     if (mine > 0) {
       std::lock_guard<std::mutex> l(mu);
+      if (first && !error) error = first;
       done += mine;
       if (done == n) cv.notify_all();
     }
@@ -87,6 +96,7 @@ void ThreadPool::ParallelFor(size_t n, const std::function<void(size_t)>& fn, in
   std::unique_lock<std::mutex> l(loop->mu);
   loop->cv.wait(l, [&] { return loop->done == n; });
   // A helper that pops `loop` later finds no index left and never touches fn.
+  if (loop->error) std::rethrow_exception(loop->error);
 }
 
 }  // namespace psembed

@@ -32,7 +32,8 @@ class ThreadPool {
   int num_threads() const { return num_threads_; }
 
   // Runs fn(i) for every i in [0, n), on at most max_parallel threads (the caller included), and
-  // returns when all calls returned. fn must not throw.
+  // returns when all calls returned. If some fn(i) threw (std::bad_alloc, say), the other indices still
+  // run and the first exception is rethrown here, on the calling thread, after all calls returned.
   void ParallelFor(size_t n, const std::function<void(size_t)>& fn, int max_parallel = 1 << 30);
 
  private:

@@ -1,0 +1,56 @@
+// Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
+//
+// ThreadPool: every index runs exactly once, and a task's exception reaches the caller (never
+// std::terminate on a worker), so a std::bad_alloc inside a table call becomes a Python MemoryError.
+
+#include "util/thread_pool.h"
+
+#include <atomic>
+#include <new>
+#include <stdexcept>
+#include <vector>
+
+#include "util/testharness.h"
+
+namespace psembed {
+namespace {
+
+void TestEveryIndexRunsOnce() {
+  ThreadPool pool(4);
+  for (size_t n : {0u, 1u, 3u, 1000u}) {
+    std::vector<std::atomic<int>> hits(n);
+    pool.ParallelFor(n, [&](size_t i) { hits[i].fetch_add(1, std::memory_order_relaxed); });
+    for (size_t i = 0; i < n; ++i) CHECK_EQ(hits[i].load(), 1);
+  }
+}
+
+void TestExceptionReachesTheCaller() {
+  ThreadPool pool(4);
+  for (int round = 0; round < 50; ++round) {
+    std::atomic<int> ran{0};
+    bool caught = false;
+    try {
+      pool.ParallelFor(64, [&](size_t i) {
+        ran.fetch_add(1, std::memory_order_relaxed);
+        if (i % 7 == 3) throw std::bad_alloc();
+      });
+    } catch (const std::bad_alloc&) {
+      caught = true;
+    }
+    CHECK(caught);
+    CHECK_EQ(ran.load(), 64);  // the other indices still ran
+  }
+  // The pool is still usable afterwards.
+  std::atomic<int> ran{0};
+  pool.ParallelFor(100, [&](size_t) { ran.fetch_add(1); });
+  CHECK_EQ(ran.load(), 100);
+}
+
+}  // namespace
+}  // namespace psembed
+
+int main() {
+  RUN_TEST(psembed::TestEveryIndexRunsOnce);
+  RUN_TEST(psembed::TestExceptionReachesTheCaller);
+  return 0;
+}
