@@ -345,6 +345,59 @@ def test_admission_draw_index_continues_per_key(make_c_table):
     assert t.stats()["admission_rejected"] == 40
 
 
+def test_admission_draw_index_restarts_each_day(make_c_table):
+    """Draw index i = (day_index << 32) | attempts_today: end_day restarts the counts and moves day_index to
+    day + 1 (0 before the first end_day); shrink and new_day are not day boundaries."""
+    acc = CtrAccessorConfig(create_probability_from_score=True, embedx_threshold=100.0, delete_threshold=0.0)
+    t = make_c_table(dim=2, accessor=acc, seed=13)
+    keys = np.arange(3000, dtype=np.int64)
+
+    def draws(i):
+        return np.array([uniform_py(13, int(k), 3, i) for k in keys])
+
+    seen = set()
+    for day_index, attempts_today in [(0, 0), (0, 1), (1, 0), (1, 1), (5, 0)]:
+        if attempts_today == 0 and day_index > 0:
+            t.end_day(day_index - 1)
+        before = set(t.export("checkpoint")["keys"].tolist())
+        t.shrink()
+        t.new_day()
+        push(t, keys, 2, show=1.0)  # score 0.1
+        got = set(t.export("checkpoint")["keys"].tolist()) - before
+        u = draws((day_index << 32) | attempts_today)
+        expected = {int(k) for k in keys[u < 0.1]} - before
+        assert got == expected, (day_index, attempts_today)
+        seen |= got
+    assert len(seen) > 1000
+
+
+def test_admission_memory_bounded_across_days(make_c_table):
+    """Draw counts of rejected keys are dropped at end_day: bytes stay bounded by one day's keys, while
+    admission stays reproducible per seed and admits about s per attempt."""
+    acc = CtrAccessorConfig(create_probability_from_score=True, embedx_threshold=100.0, delete_threshold=0.5)
+    a, b = (make_c_table(dim=2, accessor=acc, seed=17, num_threads=n) for n in (1, 2))
+    n, s = 200_000, 0.1  # one show, no click: score 0.1 (admitted rows are deleted at end_day: 0.1 < 0.5)
+    empty = a.stats()["bytes"]
+    day_bytes = []
+    for day in range(6):
+        keys = np.arange(n, dtype=np.int64) + (day + 1) * 10_000_000  # new ids every day
+        for t in (a, b):
+            push(t, keys, 2, show=1.0)
+        frac = len(a) / n
+        assert abs(frac - s) < 5 * np.sqrt(s * (1 - s) / n), (day, frac)
+        np.testing.assert_array_equal(np.sort(a.export("checkpoint")["keys"]), np.sort(b.export("checkpoint")["keys"]))
+        day_bytes.append(a.stats()["bytes"])
+        admitted = len(a)
+        assert a.end_day(day) == admitted
+        assert len(a) == 0
+        b.end_day(day)
+        for t in (a, b):  # drain the deleted keys' tombstones, as a delta save would
+            t.set_tombstones(np.zeros(0, np.int64))
+    assert day_bytes[0] > empty + n * 8  # the rejected keys' counts are held during the day ...
+    assert max(day_bytes[1:]) <= 1.2 * day_bytes[0], day_bytes  # ... and dropped at each end_day
+    assert a.stats()["admission_rejected"] == b.stats()["admission_rejected"]
+
+
 def test_end_day_is_idempotent_and_decays_by_elapsed_days(make_c_table):
     acc = CtrAccessorConfig(show_click_decay_rate=0.5, delete_threshold=0.0, delete_after_unseen_days=30)
     t = make_c_table(dim=2, accessor=acc)

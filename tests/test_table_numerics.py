@@ -631,15 +631,20 @@ def test_admission_reproducible_per_seed_and_independent_of_sharding():
 
 
 def test_admission_matches_documented_generator():
-    """The admitted set is the one the documented counter-based draw gives (u < s, attempt i = 0, 1, ...)."""
+    """The admitted set is the one the documented counter-based draw gives: u < s with draw index
+    i = (day_index << 32) | attempts_today (attempts 0, 1, ... restart at every end_day, day_index = day + 1)."""
     keys = np.random.default_rng(4).integers(-(2**63), 2**63 - 1, 2000, dtype=np.int64)
     t = _admission_table(seed=21)
     ref = CtrTableRef(t.config.to_dict())
-    for _ in range(2):
-        _push_keys(t, keys, 2.0, 0.0)
-        n = len(keys)
-        ref.push(keys, np.zeros((n, 3), np.float32), np.full(n, 2.0, np.float32), np.zeros(n, np.float32))
-        np.testing.assert_array_equal(_admitted(t, keys), np.array([int(k) in ref for k in keys]))
+    n = len(keys)
+    for day in (None, 0, 3):
+        if day is not None:
+            assert t.end_day(day) == ref.end_day(day)
+        for _ in range(2):
+            _push_keys(t, keys, 2.0, 0.0)
+            ref.push(keys, np.zeros((n, 3), np.float32), np.full(n, 2.0, np.float32), np.zeros(n, np.float32))
+            np.testing.assert_array_equal(_admitted(t, keys), np.array([int(k) in ref for k in keys]))
+    assert len(t) < n  # some keys were still being drawn for on the last day
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -12,14 +12,14 @@ CtrAccessor::CtrAccessor(const TableOptions& options)
       mf_rule_(SparseRule::Create(options.mf_rule, options.dim)),
       layout_(options.dim, lr_rule_->StateDim(), mf_rule_->StateDim()) {}
 
-bool CtrAccessor::Admit(uint64_t key, double show, double click, uint32_t attempt, bool* drew) const {
+bool CtrAccessor::Admit(uint64_t key, double show, double click, uint64_t draw, bool* drew) const {
   *drew = false;
   if (!options_.accessor.create_probability_from_score) return true;
   const double s = Score(show, click);
   if (!(s > 0.0)) return false;
   if (s >= 1.0) return true;
   *drew = true;
-  return Uniform01(options_.seed, key, kStreamAdmission, attempt) < s;
+  return Uniform01(options_.seed, key, kStreamAdmission, draw) < s;
 }
 
 void CtrAccessor::InitRow(RowHeader* h, uint64_t key) const {

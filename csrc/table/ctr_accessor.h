@@ -39,9 +39,10 @@ class CtrAccessor {
   }
 
   // Admission of an unknown key pushed with (show, click) when create_probability_from_score:
-  // s = Score; reject if s <= 0, admit if s >= 1, else admit iff u(seed, key, 3, attempt) < s.
-  // *drew is set when a random draw was consumed (the caller then advances the key's attempt count).
-  bool Admit(uint64_t key, double show, double click, uint32_t attempt, bool* drew) const;
+  // s = Score; reject if s <= 0, admit if s >= 1, else admit iff u(seed, key, 3, draw) < s, where
+  // draw = (day_index << 32) | attempts_today (see Shard). *drew is set when a random draw was
+  // consumed (the caller then advances the key's attempt count).
+  bool Admit(uint64_t key, double show, double click, uint64_t draw, bool* drew) const;
 
   // A fresh row: zero stats, slot -1, no mf, lr block from the lr rule's Init (stream 1).
   void InitRow(RowHeader* h, uint64_t key) const;

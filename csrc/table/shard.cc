@@ -114,7 +114,8 @@ void Shard::Push(const MergedPush* items, size_t n, bool has_slots) {
       const uint32_t prior = attempts_.Find(it.key, it.hash);
       const uint32_t attempt = prior == HashIndex::kNotFound ? 0 : prior;
       bool drew = false;
-      if (!accessor_->Admit(it.key, it.show, it.click, attempt, &drew)) {
+      const uint64_t draw = (uint64_t{admission_day_} << 32) | attempt;
+      if (!accessor_->Admit(it.key, it.show, it.click, draw, &drew)) {
         ++counters_.admission_rejected;
         if (drew) {
           if (prior == HashIndex::kNotFound) {
@@ -153,20 +154,27 @@ void Shard::DeleteRowLocked(uint64_t key, uint64_t hash) {
   const uint32_t row = index_.Erase(key, hash);
   if (row == HashIndex::kNotFound) return;
   RowHeader* h = Row(row);
-  // Keep the key's admission draw count: a re-pushed key continues its draw sequence.
+  // Keep the key's admission draw count for today: a re-pushed key continues its draw sequence.
   if (h->admission_attempts > 0) attempts_.Insert(key, hash, h->admission_attempts);
   if (h->mf_index != kNoMf) mf_.Free(h->mf_index);
   base_.Free(row);
 }
 
-size_t Shard::DecayAndDelete(double factor, uint32_t add_unseen, std::vector<uint64_t>* deleted) {
+size_t Shard::DecayAndDelete(double factor, uint32_t add_unseen, std::vector<uint64_t>* deleted,
+                             int64_t new_day_index) {
   MutexLock l(&mu_);
+  const bool boundary = new_day_index >= 0;
+  if (boundary) {
+    attempts_.Clear();
+    admission_day_ = static_cast<uint32_t>(new_day_index);
+  }
   // Two passes: backward-shift deletion moves entries, so deleting while scanning could visit an
   // entry twice (and decay it twice).
   std::vector<uint64_t> doomed;
   index_.ForEach([&](uint64_t key, uint32_t row) {
     RowHeader* h = Row(row);
     accessor_->Decay(h, factor);
+    if (boundary) h->admission_attempts = 0;
     const uint32_t u = uint32_t{h->unseen_days} + add_unseen;
     h->unseen_days = static_cast<uint16_t>(u > kMaxUnseenDays ? kMaxUnseenDays : u);
     if (accessor_->ShouldDelete(*h)) doomed.push_back(key);
@@ -175,6 +183,11 @@ size_t Shard::DecayAndDelete(double factor, uint32_t add_unseen, std::vector<uin
   counters_.deleted += doomed.size();
   deleted->insert(deleted->end(), doomed.begin(), doomed.end());
   return doomed.size();
+}
+
+void Shard::SetAdmissionDay(uint32_t day_index) {
+  MutexLock l(&mu_);
+  admission_day_ = day_index;
 }
 
 void Shard::NewDay() {
@@ -269,7 +282,7 @@ void Shard::SubtractDelta(uint64_t key, uint64_t hash, float saved) {
 void Shard::Clear() {
   MutexLock l(&mu_);
   index_.Clear();
-  attempts_.Clear();
+  attempts_.Clear();  // admission_day_ stays: Clear() keeps the table's day
   base_.Clear();
   mf_.Clear();
 }

@@ -202,11 +202,12 @@ void SparseTable::Push(const uint64_t* keys, size_t n, const float* grads, const
   part.Trim();
 }
 
-size_t SparseTable::DecayAndDeleteAll(double factor, uint32_t add_unseen) {
+size_t SparseTable::DecayAndDeleteAll(double factor, uint32_t add_unseen, int64_t new_day_index) {
   ReaderMutexLock gate(&gate_);
   std::vector<std::vector<uint64_t>> deleted(shards_.size());
   pool_->ParallelFor(
-      shards_.size(), [&](size_t s) { shards_[s]->DecayAndDelete(factor, add_unseen, &deleted[s]); }, num_threads());
+      shards_.size(),
+      [&](size_t s) { shards_[s]->DecayAndDelete(factor, add_unseen, &deleted[s], new_day_index); }, num_threads());
   size_t total = 0;
   MutexLock l(&tomb_mu_);
   for (auto& d : deleted) {
@@ -235,7 +236,8 @@ Status SparseTable::EndDay(int64_t day, size_t* deleted) {
   if (elapsed == 0) return Status::OK();
   const double factor = std::pow(options().accessor.show_click_decay_rate, static_cast<double>(elapsed));
   const uint32_t add = elapsed > kMaxUnseenDays ? kMaxUnseenDays : static_cast<uint32_t>(elapsed);
-  *deleted = DecayAndDeleteAll(factor, add);
+  // A day boundary: admission draw counts restart and draws use day index day + 1.
+  *deleted = DecayAndDeleteAll(factor, add, day + 1);
   day_ = day;
   return Status::OK();
 }
@@ -248,6 +250,8 @@ int64_t SparseTable::day() {
 void SparseTable::set_day(int64_t day) {
   MutexLock l(&day_mu_);
   day_ = day;
+  ReaderMutexLock gate(&gate_);
+  for (auto& shard : shards_) shard->SetAdmissionDay(static_cast<uint32_t>(day + 1));
 }
 
 TableStats SparseTable::Stats() {

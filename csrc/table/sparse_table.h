@@ -119,7 +119,7 @@ class SparseTable {
   // Buckets keys[0..n) by shard, stable, skipping rows marked in skip.
   void PartitionKeys(const uint64_t* keys, size_t n, const uint8_t* skip, Partition* p) const;
   // Decay by factor, unseen += add_unseen, delete; appends tombstones. Returns deleted.
-  size_t DecayAndDeleteAll(double factor, uint32_t add_unseen);
+  size_t DecayAndDeleteAll(double factor, uint32_t add_unseen, int64_t new_day_index = -1);
   void RunShards(size_t num_keys, const std::function<void(size_t)>& fn);
 
   CtrAccessor accessor_;  // immutable after construction

@@ -14,7 +14,9 @@ Random numbers follow the documented counter-based generator::
 
 read with C operator precedence (``+`` binds tighter than ``^``), where ``mix64`` is the splitmix64 finalizer
 and ``splitmix64(x)`` adds the golden gamma to ``x`` and then applies the finalizer. Streams: 1 = lr init,
-2 = mf init, 3 = admission draw (i = the key's admission attempt count, starting at 0).
+2 = mf init, 3 = admission draw with ``i = (day_index << 32) | attempts_today``, where ``day_index`` is the
+table's day + 1 (0 before the first end_day) and ``attempts_today`` counts the key's draws since the last
+end_day that closed a day (end_day clears every count; shrink and new_day do not).
 """
 
 from __future__ import annotations
@@ -294,8 +296,9 @@ class CtrTableRef:
             return False
         if s >= 1:
             return True
-        i = self.attempts.get(key, 0)
-        self.attempts[key] = i + 1
+        n = self.attempts.get(key, 0)
+        self.attempts[key] = n + 1
+        i = ((self.day + 1) << 32) | n
         u = float(uniform(self.seed, np.array([key], np.int64), 3, i)[0])
         return u < s
 
@@ -391,6 +394,7 @@ class CtrTableRef:
             raise ValueError(f"day {day} is before the table's day {self.day}")
         n = self._decay_and_delete(float(self.acc["show_click_decay_rate"]) ** elapsed, elapsed)
         self.day = day
+        self.attempts.clear()  # a day boundary: admission draw counts restart
         return n
 
     # -- saves -------------------------------------------------------------------------------------------
