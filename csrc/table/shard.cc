@@ -29,6 +29,17 @@ PhaseScratch& Scratch() {
   thread_local PhaseScratch s;
   return s;
 }
+
+// Phase 1 of a batch, shared by Pull and Push: rows[j] = the row of the j-th key (kNotFound if
+// absent), prefetching index slots kAhead keys ahead. key_at(j)/hash_at(j) give the j-th key and hash.
+template <typename KeyAt, typename HashAt>
+void FindRows(const HashIndex& index, size_t n, KeyAt key_at, HashAt hash_at, uint32_t* rows) {
+  for (size_t j = 0; j < n && j < kAhead; ++j) index.Prefetch(hash_at(j));
+  for (size_t j = 0; j < n; ++j) {
+    if (j + kAhead < n) index.Prefetch(hash_at(j + kAhead));
+    rows[j] = index.Find(key_at(j), hash_at(j));
+  }
+}
 }  // namespace
 
 void Shard::Pull(const uint64_t* keys, const uint64_t* hashes, const uint32_t* pos, size_t n, bool with_stats,
@@ -42,11 +53,7 @@ void Shard::Pull(const uint64_t* keys, const uint64_t* hashes, const uint32_t* p
   uint32_t* mfs = sc.mfs.data();
   MutexLock l(&mu_);
   // Phase 1: index lookups.
-  for (size_t j = 0; j < n && j < kAhead; ++j) index_.Prefetch(hashes[j]);
-  for (size_t j = 0; j < n; ++j) {
-    if (j + kAhead < n) index_.Prefetch(hashes[j + kAhead]);
-    rows[j] = index_.Find(keys[j], hashes[j]);
-  }
+  FindRows(index_, n, [keys](size_t j) { return keys[j]; }, [hashes](size_t j) { return hashes[j]; }, rows);
   // Phase 2: base records -> show, click, lr_w; remember the mf block.
   for (size_t j = 0; j < n; ++j) {
     if (j + kAhead < n && rows[j + kAhead] != HashIndex::kNotFound) __builtin_prefetch(base_.At(rows[j + kAhead]));
@@ -91,11 +98,7 @@ void Shard::Push(const MergedPush* items, size_t n, bool has_slots) {
   MutexLock l(&mu_);
   // Phase 1: index lookups (items hold distinct keys, so a key missing here is inserted in phase 3
   // and nothing else can insert it in between: we hold the lock).
-  for (size_t j = 0; j < n && j < kAhead; ++j) index_.Prefetch(items[j].hash);
-  for (size_t j = 0; j < n; ++j) {
-    if (j + kAhead < n) index_.Prefetch(items[j + kAhead].hash);
-    rows[j] = index_.Find(items[j].key, items[j].hash);
-  }
+  FindRows(index_, n, [items](size_t j) { return items[j].key; }, [items](size_t j) { return items[j].hash; }, rows);
   // Phase 2: the mf block of each existing row, prefetching base records ahead.
   for (size_t j = 0; j < n; ++j) {
     if (j + kAhead < n && rows[j + kAhead] != HashIndex::kNotFound) __builtin_prefetch(base_.At(rows[j + kAhead]));
