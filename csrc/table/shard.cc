@@ -9,11 +9,11 @@
 
 namespace psembed {
 
-Shard::Shard(const CtrAccessor* accessor)
+Shard::Shard(const CtrAccessor* accessor, ChunkArena* arena)
     : accessor_(accessor),
       layout_(accessor->layout()),
-      base_(accessor->layout().base_bytes()),
-      mf_(accessor->layout().mf_bytes()) {}
+      base_(accessor->layout().base_bytes(), arena),
+      mf_(accessor->layout().mf_bytes(), arena) {}
 
 namespace {
 // How far ahead (in keys) each phase prefetches. Each phase walks the shard's keys once, so the

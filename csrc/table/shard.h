@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "table/ctr_accessor.h"
+#include "table/row_store/chunk_arena.h"
 #include "table/row_store/feature_value.h"
 #include "table/row_store/hash_index.h"
 #include "table/row_store/slab_pool.h"
@@ -49,7 +50,8 @@ struct ShardCounters {
 
 class Shard {
  public:
-  explicit Shard(const CtrAccessor* accessor);
+  // Both outlive the shard; the arena holds the memory of the shard's slab chunks.
+  Shard(const CtrAccessor* accessor, ChunkArena* arena);
   Shard(const Shard&) = delete;
   Shard& operator=(const Shard&) = delete;
 

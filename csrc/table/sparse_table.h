@@ -28,6 +28,7 @@
 
 #include "table/accessor_options.h"
 #include "table/ctr_accessor.h"
+#include "table/row_store/chunk_arena.h"
 #include "table/shard.h"
 #include "util/mutex.h"
 #include "util/status.h"
@@ -123,6 +124,7 @@ class SparseTable {
   void RunShards(size_t num_keys, const std::function<void(size_t)>& fn);
 
   CtrAccessor accessor_;  // immutable after construction
+  ChunkArena arena_;      // the shards' slab memory; declared before shards_ so it outlives them
   std::vector<std::unique_ptr<Shard>> shards_;  // immutable vector; each shard locks itself
   std::unique_ptr<ThreadPool> pool_;
 

@@ -2,8 +2,9 @@
 
 #include "table/row_store/hash_index.h"
 
-#include <cstdlib>
 #include <new>
+
+#include "util/huge_pages.h"
 
 namespace psembed {
 
@@ -16,10 +17,8 @@ inline bool OverLoad(size_t size, size_t capacity) { return (size + 1) * 5 > cap
 HashIndex::~HashIndex() { Clear(); }
 
 void HashIndex::Clear() {
-  std::free(keys_);
-  std::free(values_);
-  keys_ = nullptr;
-  values_ = nullptr;
+  HugePageFree(slots_, capacity_ * sizeof(Slot));
+  slots_ = nullptr;
   capacity_ = mask_ = size_ = 0;
   has_zero_ = false;
   zero_value_ = 0;
@@ -32,26 +31,18 @@ void HashIndex::Reserve(size_t n) {
 }
 
 void HashIndex::Rehash(size_t new_capacity) {
-  auto* keys = static_cast<uint64_t*>(std::calloc(new_capacity, sizeof(uint64_t)));
-  auto* values = static_cast<uint32_t*>(std::malloc(new_capacity * sizeof(uint32_t)));
-  if (keys == nullptr || values == nullptr) {
-    std::free(keys);
-    std::free(values);
-    throw std::bad_alloc();
-  }
+  auto* slots = static_cast<Slot*>(HugePageAlloc(new_capacity * sizeof(Slot)));  // zeroed: all empty
   const size_t mask = new_capacity - 1;
   for (size_t i = 0; i < capacity_; ++i) {
-    const uint64_t k = keys_[i];
+    const uint64_t k = slots_[i].key;
     if (k == 0) continue;
     size_t j = TableHash(k) & mask;
-    while (keys[j] != 0) j = (j + 1) & mask;
-    keys[j] = k;
-    values[j] = values_[i];
+    while (slots[j].key != 0) j = (j + 1) & mask;
+    slots[j].key = k;
+    slots[j].value = slots_[i].value;
   }
-  std::free(keys_);
-  std::free(values_);
-  keys_ = keys;
-  values_ = values;
+  HugePageFree(slots_, capacity_ * sizeof(Slot));
+  slots_ = slots;
   capacity_ = new_capacity;
   mask_ = mask;
 }
@@ -66,9 +57,9 @@ void HashIndex::Insert(uint64_t key, uint64_t hash, uint32_t value) {
     Rehash(capacity_ == 0 ? kMinCapacity : capacity_ * 2);
   }
   size_t i = hash & mask_;
-  while (keys_[i] != 0) i = (i + 1) & mask_;
-  keys_[i] = key;
-  values_[i] = value;
+  while (slots_[i].key != 0) i = (i + 1) & mask_;
+  slots_[i].key = key;
+  slots_[i].value = value;
   ++size_;
 }
 
@@ -81,9 +72,9 @@ bool HashIndex::Update(uint64_t key, uint64_t hash, uint32_t value) {
   if (capacity_ == 0) return false;
   size_t i = hash & mask_;
   for (;;) {
-    const uint64_t k = keys_[i];
+    const uint64_t k = slots_[i].key;
     if (k == key) {
-      values_[i] = value;
+      slots_[i].value = value;
       return true;
     }
     if (k == 0) return false;
@@ -100,27 +91,27 @@ uint32_t HashIndex::Erase(uint64_t key, uint64_t hash) {
   if (capacity_ == 0) return kNotFound;
   size_t i = hash & mask_;
   for (;;) {
-    const uint64_t k = keys_[i];
+    const uint64_t k = slots_[i].key;
     if (k == 0) return kNotFound;
     if (k == key) break;
     i = (i + 1) & mask_;
   }
-  const uint32_t value = values_[i];
+  const uint32_t value = slots_[i].value;
   // Backward-shift: pull later entries of the cluster into the hole when their home slot is at or
   // before the hole (cyclically), so every entry stays reachable from its home without tombstones.
   size_t hole = i;
   size_t j = (i + 1) & mask_;
-  while (keys_[j] != 0) {
-    const size_t home = TableHash(keys_[j]) & mask_;
+  while (slots_[j].key != 0) {
+    const size_t home = TableHash(slots_[j].key) & mask_;
     // Distance from home to j, and from hole to j (both cyclic). Move if home is not in (hole, j].
     if (((j - home) & mask_) >= ((j - hole) & mask_)) {
-      keys_[hole] = keys_[j];
-      values_[hole] = values_[j];
+      slots_[hole].key = slots_[j].key;
+      slots_[hole].value = slots_[j].value;
       hole = j;
     }
     j = (j + 1) & mask_;
   }
-  keys_[hole] = 0;
+  slots_[hole].key = 0;
   --size_;
   return value;
 }

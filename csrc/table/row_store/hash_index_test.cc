@@ -60,8 +60,35 @@ void TestChurnAgainstStdMap() {
   CHECK_EQ(index.Find(5, TableHash(5)), HashIndex::kNotFound);
 }
 
+// Big enough that the slot array is mapped on huge pages (> 2 MiB) and rehashes several times.
+void TestLargeIndexAcrossRehashes() {
+  HashIndex index;
+  constexpr uint64_t kKeys = 400000;
+  for (uint64_t i = 1; i <= kKeys; ++i) {
+    const uint64_t k = i * 0x9E3779B97F4A7C15ULL;
+    index.Insert(k, TableHash(k), static_cast<uint32_t>(i));
+  }
+  CHECK_EQ(index.size(), kKeys);
+  CHECK_LE(size_t{2} << 20, index.bytes());
+  for (uint64_t i = 1; i <= kKeys; i += 2) {
+    const uint64_t k = i * 0x9E3779B97F4A7C15ULL;
+    CHECK_EQ(index.Erase(k, TableHash(k)), static_cast<uint32_t>(i));
+  }
+  for (uint64_t i = 1; i <= kKeys; ++i) {
+    const uint64_t k = i * 0x9E3779B97F4A7C15ULL;
+    CHECK_EQ(index.Find(k, TableHash(k)), i % 2 == 1 ? HashIndex::kNotFound : static_cast<uint32_t>(i));
+  }
+  size_t seen = 0;
+  index.ForEach([&](uint64_t k, uint32_t v) {
+    CHECK_EQ(k, uint64_t{v} * 0x9E3779B97F4A7C15ULL);
+    ++seen;
+  });
+  CHECK_EQ(seen, kKeys / 2);
+}
+
 void TestSlabPoolReusesFreedRecords() {
-  SlabPool pool(12);
+  ChunkArena arena;
+  SlabPool pool(12, &arena);
   std::vector<uint32_t> ids;
   for (int i = 0; i < 3000; ++i) {
     ids.push_back(pool.Allocate());
@@ -80,6 +107,7 @@ void TestSlabPoolReusesFreedRecords() {
 
 int main() {
   RUN_TEST(psembed::TestChurnAgainstStdMap);
+  RUN_TEST(psembed::TestLargeIndexAcrossRehashes);
   RUN_TEST(psembed::TestSlabPoolReusesFreedRecords);
   return 0;
 }

@@ -2,18 +2,19 @@
 //
 // SlabPool: fixed-size records in fixed-size chunks, addressed by a uint32 index, with an intrusive
 // free list. No per-record heap allocation; growing never moves records (unlike a doubling vector),
-// so growth costs one chunk allocation and never a copy of the table.
+// so growth costs one chunk allocation and never a copy of the table. Chunks come from the table's
+// ChunkArena (huge pages, chunk_arena.h) and start on a cache line.
 //
-// Thread safety: none; the owning shard's mutex protects it.
+// Thread safety: none; the owning shard's mutex protects it (the arena locks itself).
 
 #ifndef PSEMBED_TABLE_ROW_STORE_SLAB_POOL_H_
 #define PSEMBED_TABLE_ROW_STORE_SLAB_POOL_H_
 
 #include <cassert>
 #include <cstdint>
-#include <cstdlib>
-#include <new>
 #include <vector>
+
+#include "table/row_store/chunk_arena.h"
 
 namespace psembed {
 
@@ -23,8 +24,10 @@ class SlabPool {
   static constexpr uint32_t kChunkRecords = 1u << kChunkShift;
   static constexpr uint32_t kNone = 0xffffffffu;
 
-  // REQUIRES: stride_bytes >= 4 and a multiple of 4.
-  explicit SlabPool(size_t stride_bytes) : stride_(stride_bytes) { assert(stride_ >= 4 && stride_ % 4 == 0); }
+  // REQUIRES: stride_bytes >= 4 and a multiple of 4; arena outlives the pool.
+  SlabPool(size_t stride_bytes, ChunkArena* arena) : stride_(stride_bytes), arena_(arena) {
+    assert(stride_ >= 4 && stride_ % 4 == 0 && arena_ != nullptr);
+  }
   ~SlabPool() { Clear(); }
   SlabPool(const SlabPool&) = delete;
   SlabPool& operator=(const SlabPool&) = delete;
@@ -38,9 +41,9 @@ class SlabPool {
       return idx;
     }
     if ((next_ >> kChunkShift) >= chunks_.size()) {
-      void* p = std::malloc(stride_ * kChunkRecords);
-      if (p == nullptr) throw std::bad_alloc();
-      chunks_.push_back(static_cast<char*>(p));
+      // Grow the directory first, so push_back cannot throw with the chunk in hand.
+      if (chunks_.size() == chunks_.capacity()) chunks_.reserve(2 * chunks_.size() + 1);
+      chunks_.push_back(static_cast<char*>(arena_->Allocate(chunk_bytes())));
     }
     ++live_;
     return next_++;
@@ -56,7 +59,7 @@ class SlabPool {
   char* At(uint32_t idx) const { return chunks_[idx >> kChunkShift] + (idx & (kChunkRecords - 1)) * stride_; }
 
   void Clear() {
-    for (char* c : chunks_) std::free(c);
+    for (char* c : chunks_) arena_->Free(c, chunk_bytes());
     chunks_.clear();
     chunks_.shrink_to_fit();
     next_ = 0;
@@ -66,11 +69,14 @@ class SlabPool {
 
   size_t live() const { return live_; }
   // Bytes held (capacity): the chunks and the chunk directory.
-  size_t bytes() const { return chunks_.size() * stride_ * kChunkRecords + chunks_.capacity() * sizeof(char*); }
+  size_t bytes() const { return chunks_.size() * chunk_bytes() + chunks_.capacity() * sizeof(char*); }
 
  private:
+  size_t chunk_bytes() const { return stride_ * kChunkRecords; }
+
   const size_t stride_;
-  std::vector<char*> chunks_;  // owned (malloc)
+  ChunkArena* const arena_;    // not owned
+  std::vector<char*> chunks_;  // owned (from arena_)
   uint32_t next_ = 0;          // records ever handed out from the chunks (high-water mark)
   uint32_t free_head_ = kNone; // intrusive list through the first 4 bytes of freed records
   size_t live_ = 0;

@@ -1,0 +1,34 @@
+// Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
+//
+// Large zeroed allocations backed by transparent huge pages where the kernel allows it.
+//
+// Why: a table lookup is a few random reads spread over gigabytes. With 4 KiB pages nearly every
+// one of them also misses the TLB (and, in a VM, pays a two-level page walk); 2 MiB pages cut the
+// page-walk misses by ~500x. scripts/bench_table.py measures the effect (docs/benchmarks.md).
+//
+// HugePageAlloc maps fresh anonymous memory (mmap: zeroed, page-aligned, start 2 MiB-aligned) and
+// asks for huge pages (madvise MADV_HUGEPAGE) on the whole 2 MiB units inside it only, so a tail
+// that is not a multiple of 2 MiB stays on 4 KiB pages and never costs a huge page of RSS that the
+// caller did not touch. Where THP is off ("never") or unknown, the advice is a no-op and this is a
+// plain mmap. Small requests (< 2 MiB) are plain calloc: they would gain nothing.
+//
+// Thread safety: both functions are thread-safe.
+
+#ifndef PSEMBED_UTIL_HUGE_PAGES_H_
+#define PSEMBED_UTIL_HUGE_PAGES_H_
+
+#include <cstddef>
+
+namespace psembed {
+
+constexpr size_t kHugePageBytes = size_t{2} << 20;
+
+// Zeroed memory of `bytes` bytes (bytes > 0), 64-byte aligned at least. Throws std::bad_alloc.
+void* HugePageAlloc(size_t bytes);
+
+// Releases memory from HugePageAlloc(bytes), with the same `bytes`. p == nullptr is a no-op.
+void HugePageFree(void* p, size_t bytes);
+
+}  // namespace psembed
+
+#endif  // PSEMBED_UTIL_HUGE_PAGES_H_
