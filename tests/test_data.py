@@ -106,6 +106,29 @@ def test_simulator_clicks_follow_probability_and_oracle_beats_chance():
     assert len(sim.pairs) == 8 and np.all(sim.pairs[:, 0] != sim.pairs[:, 1])
 
 
+@pytest.mark.parametrize("cfg", [
+    SimulatorConfig(chunk_size=1024),                                    # the job's shape: 26 slots, 8 pairs
+    SimulatorConfig(num_slots=5, num_pairs=10, vocab_max=300, seed=3),   # every pair, slots in several pairs
+    SimulatorConfig(num_slots=2, num_pairs=1, vocab_min=10, vocab_max=50, seed=1),
+    SimulatorConfig(num_slots=4, num_pairs=0),
+])
+def test_simulator_probability_equals_per_pair_latents_exactly(cfg):
+    # probability() computes the latent vectors once per distinct feasign of the paired slots; the data is
+    # frozen (saved tables are keyed by it), so it must equal the column-by-column formula bit for bit
+    sim = ClickLogSimulator(cfg)
+    for day in (0, 3):
+        b = sim.chunk(day, "train", 0)
+        keys = b["keys"].numpy().reshape(-1, cfg.num_slots)
+        z = sim.bias + sim.weights(keys)
+        if len(sim.pairs):
+            va = sim.latent(keys[:, sim.pairs[:, 0]])
+            vb = sim.latent(keys[:, sim.pairs[:, 1]])
+            z = z + sim.pair_coef * (va * vb).sum(axis=(1, 2))
+        ref = 1.0 / (1.0 + np.exp(-z))
+        assert np.array_equal(sim.probability(keys), ref)
+        assert np.array_equal(b["prob"].numpy(), ref.astype(np.float32))
+
+
 def test_simulator_config_errors():
     with pytest.raises(ValueError, match="churn"):
         SimulatorConfig(churn=0.0)

@@ -127,6 +127,9 @@ class ClickLogSimulator:
         self.bias = logit * math.sqrt(1.0 + math.pi * total_std**2 / 8.0)
         self.lifetime = 1.0 / c.churn
         self._slot_ids = np.arange(S, dtype=np.uint64)
+        self._pair_slots = np.unique(self.pairs)  # the slots in some pair, and each pair's two positions there
+        self._pair_a = np.searchsorted(self._pair_slots, self.pairs[:, 0])
+        self._pair_b = np.searchsorted(self._pair_slots, self.pairs[:, 1])
 
     # -- pieces of the model (exposed for tests) ----------------------------------------------------------
     def ranks(self, u: np.ndarray) -> np.ndarray:
@@ -164,8 +167,14 @@ class ClickLogSimulator:
         """True click probability of each sample (keys ``(B, num_slots)`` int64)."""
         z = self.bias + self.weights(keys)
         if len(self.pairs):
-            va = self.latent(keys[:, self.pairs[:, 0]])
-            vb = self.latent(keys[:, self.pairs[:, 1]])
+            # The latent vectors are a pure function of the feasign, and the paired slots have small
+            # vocabularies: compute them once per distinct feasign of those slots (~1.5k of 16k in a
+            # 1024-sample chunk), then gather. Same values as latent() on every column, ~2x faster chunks.
+            sub = keys[:, self._pair_slots]
+            uniq, inverse = np.unique(sub, return_inverse=True)
+            lat = self.latent(uniq)[inverse.reshape(sub.shape)]  # (B, len(pair_slots), latent_dim)
+            va = lat[:, self._pair_a]
+            vb = lat[:, self._pair_b]
             z = z + self.pair_coef * (va * vb).sum(axis=(1, 2))
         return 1.0 / (1.0 + np.exp(-z))
 
