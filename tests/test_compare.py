@@ -1,0 +1,61 @@
+"""scripts/compare.py: the three targets computed from run summaries (the runs themselves are the main job,
+covered by test_train_e2e.py)."""
+
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _compare():
+    spec = importlib.util.spec_from_file_location("compare", os.path.join(ROOT, "scripts", "compare.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _r(auc, mib, sps):
+    return {"auc": auc, "bytes": int(mib * 2**20), "samples_per_s": sps}
+
+
+def test_targets_bracket_the_memory_ratio():
+    c = _compare()
+    results = {
+        "ps": _r(0.7050, 6.0, 30000),
+        "hashed-32768": _r(0.6950, 2.25, 31000),
+        "hashed-65536": _r(0.6996, 4.5, 29000),
+        "hashed-131072": _r(0.7042, 9.0, 28000),   # within 0.002 of 0.7050: the smallest reaching it
+        "hashed-262144": _r(0.7049, 18.0, 27000),
+        "hashed-1048576": _r(0.7052, 72.0, 25000),  # the best AUC
+    }
+    t = c.compute_targets(results, auc_tol=0.002)
+    assert t["best_hashed"] == "hashed-1048576"
+    assert t["auc_delta_vs_best_hashed"] == pytest.approx(0.7050 - 0.7052)
+    assert t["smallest_hashed_at_equal_auc"] == "hashed-131072"
+    assert t["memory_ratio_at_equal_auc"] == pytest.approx(6.0 / 9.0, rel=1e-6)
+    assert t["largest_hashed_below"] == "hashed-65536"
+    assert t["memory_ratio_upper"] == pytest.approx(6.0 / 4.5, rel=1e-6)
+    assert t["speed_ratio_vs_best_hashed"] == pytest.approx(30000 / 25000)
+    # a coarser grid (x4) reports a lower ratio for the same runs: why the bracket is printed
+    coarse = {k: v for k, v in results.items() if k not in ("hashed-32768", "hashed-131072")}
+    tc = c.compute_targets(coarse, auc_tol=0.002)
+    assert tc["smallest_hashed_at_equal_auc"] == "hashed-262144"
+    assert tc["memory_ratio_at_equal_auc"] == pytest.approx(6.0 / 18.0, rel=1e-6)
+    assert tc["memory_ratio_upper"] == pytest.approx(6.0 / 4.5, rel=1e-6)
+
+
+def test_targets_when_no_hashed_size_reaches_or_the_smallest_does():
+    c = _compare()
+    ps_wins = {"ps": _r(0.72, 6.0, 1.0), "hashed-1024": _r(0.70, 1.0, 1.0), "hashed-4096": _r(0.71, 4.0, 2.0)}
+    t = c.compute_targets(ps_wins)
+    assert t["memory_ratio_at_equal_auc"] is None and t["smallest_hashed_at_equal_auc"] is None
+    assert t["largest_hashed_below"] is None and t["memory_ratio_upper"] is None
+    assert t["best_hashed"] == "hashed-4096" and t["speed_ratio_vs_best_hashed"] == pytest.approx(0.5)
+    smallest = {"ps": _r(0.70, 2.0, 1.0), "hashed-1024": _r(0.6985, 1.0, 1.0), "hashed-4096": _r(0.71, 4.0, 1.0)}
+    t = c.compute_targets(smallest)
+    assert t["smallest_hashed_at_equal_auc"] == "hashed-1024" and t["memory_ratio_at_equal_auc"] == pytest.approx(2.0)
+    assert t["largest_hashed_below"] is None and t["memory_ratio_upper"] is None
+    with pytest.raises(ValueError, match="no hashed runs"):
+        c.compute_targets({"ps": _r(0.7, 1.0, 1.0)})
