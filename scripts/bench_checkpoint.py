@@ -1,10 +1,10 @@
 """Checkpoint save/load throughput, beside torch.save/torch.load of the same rows as dense tensors.
 
 Workloads (one process = one rank; the table is filled with load_rows, not trained):
-  save       SparseTable.save(path, "checkpoint"): export + bucketed column files + crc32 + fsync + manifest
-  load       SparseTable.load(path) into an empty table: read + verify every file + load_rows
-  export     the _C export alone (the in-memory snapshot that save starts with)
-  load_rows  the _C load_rows alone (the insert that load ends with)
+  save       SparseTable.save(path, "checkpoint"): export_buckets + column files + crc32 + fsync + manifest
+  load       SparseTable.load(path) into an empty table: map + verify every file + load_segments
+  export     the _C export_buckets alone (the in-memory snapshot, grouped by bucket, that save starts with)
+  load_segments  the _C load_segments alone (the insert that load ends with), from in-memory arrays
   torch.save torch.save of {keys, base, has_mf, mf} tensors (+ fsync, as the checkpoint does)
   torch.load torch.load of that file
 MB/s counts the bytes of the row data (what the files hold). Both sides read files the page cache may hold
@@ -87,19 +87,24 @@ def main() -> None:
           f"{data_bytes / 1e6:.0f} MB of row data (filled in {fill:.1f} s); torch {torch.__version__}, "
           f"{os.cpu_count()} cpus; dir {workdir}")
 
-    t_export, snap = best(lambda: b.export("checkpoint"), args.repeat)
-    t_save, summary = best(lambda: table.save(ck), args.repeat)
+    t_export, snap = best(lambda: b.export_buckets("checkpoint", args.buckets, F.BUCKET_SALT), args.repeat)
+    t_save, summary = best(lambda: table.save(ck, num_buckets=args.buckets), args.repeat)
     file_bytes = summary["bytes"]
     t2 = pse.SparseTable(cfg)
     t_load, _ = best(lambda: t2.load(ck), args.repeat)
     assert len(t2) == args.keys
     del t2
+    # The rows as one dense row set (mf compacted), and as the per-bucket segments load_segments takes.
+    rb, mfr = snap["row_begin"], snap["mf_rows"]
+    segments = [(snap["keys"][rb[i]:rb[i + 1]], snap["base"][rb[i]:rb[i + 1]], snap["has_mf"][rb[i]:rb[i + 1]],
+                 snap["mf"][rb[i]:rb[i] + mfr[i]]) for i in range(args.buckets)]
     t3 = pse.SparseTable(cfg)
-    t_load_rows, _ = best(lambda: t3._backend.load_rows(snap["keys"], snap["base"], snap["has_mf"], snap["mf"]),
-                          args.repeat)
+    t_load_rows, _ = best(lambda: t3._backend.load_segments(segments), args.repeat)
     del t3
 
-    dense = {k: torch.from_numpy(snap[k]) for k in ("keys", "base", "has_mf", "mf")}
+    dense = {k: torch.from_numpy(np.concatenate([s[i] for s in segments]))
+             for i, k in enumerate(("keys", "base", "has_mf", "mf"))}
+    del segments
     tpath = os.path.join(workdir, "dense.pt")
 
     def torch_save():
@@ -116,15 +121,15 @@ def main() -> None:
     mb = data_bytes / 1e6
     rows = [
         ("save (checkpoint)", t_save, mb / t_save),
-        ("  of which _C export", t_export, mb / t_export),
+        ("  of which _C export_buckets", t_export, mb / t_export),
         ("load", t_load, mb / t_load),
-        ("  of which _C load_rows", t_load_rows, mb / t_load_rows),
+        ("  of which _C load_segments", t_load_rows, mb / t_load_rows),
         ("torch.save (+fsync)", t_tsave, mb / t_tsave),
         ("torch.load", t_tload, mb / t_tload),
     ]
-    print(f"{'workload':26s} {'seconds':>8s} {'MB/s':>8s} {'cpu s':>8s}")
+    print(f"{'workload':30s} {'seconds':>8s} {'MB/s':>8s} {'cpu s':>8s}")
     for name, s, r in rows:
-        print(f"{name:26s} {s:8.2f} {r:8.0f} {CPU[s]:8.2f}")
+        print(f"{name:30s} {s:8.2f} {r:8.0f} {CPU[s]:8.2f}")
     print(f"file size per key: checkpoint {file_bytes / args.keys:.1f} B ({len(F.read_manifest(ck)['files'])} files), "
           f"torch.save {tfile / args.keys:.1f} B")
     print(f"ratios: save/torch.save time {t_save / t_tsave:.2f}x, load/torch.load time {t_load / t_tload:.2f}x")

@@ -168,10 +168,7 @@ def _parts(n: int, cfg) -> list:
     return [_C.Table(cfg.to_dict()) for _ in range(n)]
 
 
-def test_save_from_2_parts_loads_into_1_and_3(tmp_path, monkeypatch):
-    from torch_psembed.checkpoint import _table_io
-
-    monkeypatch.setattr(_table_io, "LOAD_CHUNK_ROWS", 64)  # load_rows in several threads, as for big loads
+def test_save_from_2_parts_loads_into_1_and_3(tmp_path):
     cfg = config()
     whole = populated("adagrad", n=900, seed=3)
     snap = state(whole._backend)
@@ -405,10 +402,9 @@ def test_damaged_file_is_named_and_the_table_is_unchanged(saved, damage, column)
     assert_rows_equal(state(t._backend), before, ROW_KEYS + ("tombstones",))
 
 
-def test_damaged_file_fails_a_load_into_several_parts_and_no_part_changes(saved, monkeypatch):
+def test_damaged_file_fails_a_load_into_several_parts_and_no_part_changes(saved):
     from torch_psembed.checkpoint import _table_io
 
-    monkeypatch.setattr(R, "READ_BATCH_BUCKETS", 1)  # one bucket at a time
     path, _ = saved
     cfg = config()
     dest = _parts(3, cfg)
@@ -419,7 +415,7 @@ def test_damaged_file_fails_a_load_into_several_parts_and_no_part_changes(saved,
     e = next(e for e in m["files"] if e["bucket"] == last and e["column"] == "keys")
     victim = os.path.join(path, m["data_dir"], e["name"])
     with open(victim, "r+b") as f:
-        f.truncate(e["bytes"] - 8)  # the last bucket: found after the first buckets were read and kept
+        f.truncate(e["bytes"] - 8)  # the last bucket: found after the other buckets were verified
     with pytest.raises(CorruptCheckpointError, match="truncated") as ei:
         load_group(LocalParts(dest), cfg.to_dict(), {"base_id": None, "sequence": 0}, path)
     assert ei.value.path == victim

@@ -304,6 +304,17 @@ ExportMode ParseMode(const std::string& mode) {
   throw py::value_error("mode must be one of 'checkpoint', 'base', 'delta', 'serving', got '" + mode + "'");
 }
 
+// A numpy array that owns a moved-in ExportBuffer (no copy).
+template <typename T>
+py::array BufferToArray(ExportBuffer&& buf, std::vector<py::ssize_t> shape) {
+  auto* holder = new ExportBuffer(std::move(buf));
+  py::capsule owner(holder, [](void* p) { delete static_cast<ExportBuffer*>(p); });
+  // An empty buffer has no memory: give numpy a valid dummy pointer for its zero-size array.
+  static T empty_dummy{};
+  T* data = holder->data() != nullptr ? holder->as<T>() : &empty_dummy;
+  return py::array_t<T>(shape, data, owner);
+}
+
 // A numpy array that owns a moved-in vector (no copy).
 template <typename T, typename V>
 py::array VectorToArray(std::vector<V>&& v, std::vector<py::ssize_t> shape) {
@@ -430,6 +441,32 @@ class PyTable {
     return d;
   }
 
+  py::dict ExportBuckets(const std::string& mode_name, int64_t buckets, uint64_t salt) {
+    const ExportMode mode = ParseMode(mode_name);
+    if (buckets < 1 || buckets > (int64_t{1} << 20)) {
+      throw py::value_error("buckets must be in [1, 2**20], got " + std::to_string(buckets));
+    }
+    BucketExport r;
+    {
+      py::gil_scoped_release release;
+      table_->ExportBuckets(mode, static_cast<uint32_t>(buckets), salt, &r);
+    }
+    const RowLayout& lay = table_->layout();
+    const py::ssize_t n = static_cast<py::ssize_t>(r.rows);
+    const py::ssize_t nb = static_cast<py::ssize_t>(buckets);
+    const py::ssize_t nt = static_cast<py::ssize_t>(r.tombstones.size());
+    py::dict d;
+    d["keys"] = BufferToArray<int64_t>(std::move(r.keys), {n});
+    d["base"] = BufferToArray<float>(std::move(r.base), {n, lay.base_export_width()});
+    d["has_mf"] = BufferToArray<uint8_t>(std::move(r.has_mf), {n});
+    d["mf"] = BufferToArray<float>(std::move(r.mf), {n, lay.mf_width()});
+    d["row_begin"] = VectorToArray<int64_t>(std::move(r.row_begin), {nb + 1});
+    d["mf_rows"] = VectorToArray<int64_t>(std::move(r.mf_rows), {nb});
+    d["tombstones"] = VectorToArray<int64_t>(std::move(r.tombstones), {nt});
+    d["pending_tombstones"] = r.pending_tombstones;
+    return d;
+  }
+
   void CommitSave(const std::string& mode_name, const py::handle& keys_obj, const py::handle& ds_obj,
                   int64_t tombstones) {
     const ExportMode mode = ParseMode(mode_name);
@@ -493,6 +530,49 @@ class PyTable {
     const uint64_t* k = KeyPtr(keys);
     py::gil_scoped_release release;
     table_->LoadRows(k, n, b, hm, f);
+  }
+
+  void LoadSegments(const py::handle& segs_obj) {
+    if (!py::isinstance<py::sequence>(segs_obj) || py::isinstance<py::str>(segs_obj)) {
+      throw py::type_error("segments must be a sequence of (keys, base, has_mf, mf) tuples");
+    }
+    const RowLayout& lay = table_->layout();
+    const size_t bw = lay.base_export_width(), mw = lay.mf_width();
+    auto seq = py::reinterpret_borrow<py::sequence>(segs_obj);
+    std::vector<py::array> keep;  // the arrays stay alive (and unchanged: the GIL is ours) below
+    std::vector<RowSegment> segs;
+    for (size_t i = 0; i < seq.size(); ++i) {
+      py::object item = seq[i];
+      if (!py::isinstance<py::tuple>(item) || py::len(item) != 4) {
+        throw py::type_error("segments[" + std::to_string(i) + "] must be a (keys, base, has_mf, mf) tuple");
+      }
+      auto t = py::reinterpret_borrow<py::tuple>(item);
+      py::array keys = CheckKeys(t[0]);
+      const size_t n = keys.shape(0);
+      py::array base = CheckArray(t[1], "base", 'f', 4, "float32", 2);
+      CheckMatrix(base, "base", n, bw, "len(keys)");
+      py::array has_mf = CheckArray(t[2], "has_mf", 'u', 1, "uint8", 1);
+      CheckRows(has_mf, "has_mf", n, "len(keys)");
+      py::array mf = CheckArray(t[3], "mf", 'f', 4, "float32", 2);
+      if (static_cast<size_t>(mf.shape(1)) != mw) {
+        throw py::value_error("mf must have shape [m, " + std::to_string(mw) + "], got " + ShapeString(mf));
+      }
+      RowSegment seg;
+      seg.keys = KeyPtr(keys);
+      seg.n = n;
+      seg.base = Ptr<float>(base);
+      seg.has_mf = Ptr<uint8_t>(has_mf);
+      seg.mf = Ptr<float>(mf);
+      seg.mf_rows = static_cast<size_t>(mf.shape(0));
+      segs.push_back(seg);
+      keep.insert(keep.end(), {keys, base, has_mf, mf});
+    }
+    Status st;
+    {
+      py::gil_scoped_release release;
+      st = table_->LoadRowSegments(segs.data(), segs.size());
+    }
+    if (!st.ok()) throw py::value_error(st.message());
   }
 
   void SetTombstones(const py::handle& keys_obj) {
@@ -679,8 +759,18 @@ Duplicate keys are merged in input order. Returns the rows skipped for NaN/Inf (
       .def("export", &PyTable::Export, py::arg("mode"), py::arg("buckets") = 1, py::arg("bucket") = -1,
            R"doc(export(mode, buckets=1, bucket=-1) -> dict(keys, base, has_mf, mf, tombstones, pending_tombstones).
 One consistent snapshot, rows sorted by key (uint64). bucket >= 0 keeps keys with mix64(k) % buckets == bucket.)doc")
+      .def("export_buckets", &PyTable::ExportBuckets, py::arg("mode"), py::arg("buckets"), py::arg("salt"),
+           R"doc(export_buckets(mode, buckets, salt) -> dict(keys, base, has_mf, mf, row_begin, mf_rows, tombstones,
+pending_tombstones): the rows export(mode) returns, of one moment, grouped by bucket mix64(key ^ salt) % buckets.
+Bucket b is rows row_begin[b]:row_begin[b+1] of keys/base/has_mf, ascending by key as uint64; its mf rows are
+rows row_begin[b]:row_begin[b]+mf_rows[b] of mf (mf has one row of room per row; the rest is unused).
+tombstones: the whole pending list (checkpoint, delta) or empty. The save path (docs/format.md).)doc")
       .def("commit_save", &PyTable::CommitSave, py::arg("mode"), py::arg("keys"), py::arg("delta_scores"),
            py::arg("tombstones"))
+      .def("load_segments", &PyTable::LoadSegments, py::arg("segments"),
+           R"doc(load_segments(segments: [(keys, base, has_mf, mf), ...]): load_rows of many blocks at once (the
+checkpoint load path): every value is checked first (ValueError naming the segment and row; nothing changes),
+then all rows are loaded, each shard in parallel. A key in several segments: the last one wins.)doc")
       .def("load_rows", &PyTable::LoadRows, py::arg("keys"), py::arg("base"), py::arg("has_mf"), py::arg("mf"))
       .def("set_tombstones", &PyTable::SetTombstones, py::arg("keys"),
            R"doc(set_tombstones(keys: int64[n]) -> None: replace the pending tombstone list with keys, in order.

@@ -223,17 +223,33 @@ void Shard::Load(uint64_t key, uint64_t hash, const float* base, const float* mf
   LoadLocked(key, hash, base, mf);
 }
 
-void Shard::LoadMany(const uint64_t* keys, const uint64_t* hashes, const uint32_t* pos, size_t n, const float* base,
-                     const float* mf, const uint32_t* mf_row) {
+void Shard::LoadBlockLocked(const uint64_t* keys, const float* base, const float* mf, const uint32_t* rows,
+                            const uint32_t* mf_rows, size_t n) {
   const size_t bw = layout_.base_export_width();
   const size_t mw = layout_.mf_width();
-  MutexLock l(&mu_);
-  index_.Reserve(index_.size() + n);
+  // Input rows of one shard are spread over the whole block (1 in num_shards): prefetch the key and
+  // the input rows 2 * kAhead rows ahead, then the index slot of that key kAhead rows ahead.
+  auto prefetch_input = [&](size_t j) {
+    const uint32_t r = rows[j];
+    __builtin_prefetch(keys + r);
+    const char* b = reinterpret_cast<const char*>(base + static_cast<size_t>(r) * bw);
+    __builtin_prefetch(b);
+    __builtin_prefetch(b + bw * sizeof(float) - 1);
+    if (mf_rows[j] != kNoMfRow) {
+      const char* m = reinterpret_cast<const char*>(mf + static_cast<size_t>(mf_rows[j]) * mw);
+      __builtin_prefetch(m);
+      __builtin_prefetch(m + mw * sizeof(float) - 1);
+    }
+  };
+  for (size_t j = 0; j < n && j < 2 * kAhead; ++j) prefetch_input(j);
+  for (size_t j = 0; j < n && j < kAhead; ++j) index_.Prefetch(TableHash(keys[rows[j]]));
   for (size_t j = 0; j < n; ++j) {
-    if (j + kAhead < n) index_.Prefetch(hashes[j + kAhead]);
-    const uint32_t p = pos[j];
-    const float* m = mf_row[p] == kNoMfRow ? nullptr : mf + static_cast<size_t>(mf_row[p]) * mw;
-    LoadLocked(keys[j], hashes[j], base + static_cast<size_t>(p) * bw, m);
+    if (j + 2 * kAhead < n) prefetch_input(j + 2 * kAhead);
+    if (j + kAhead < n) index_.Prefetch(TableHash(keys[rows[j + kAhead]]));
+    const uint32_t r = rows[j];
+    const uint64_t key = keys[r];
+    const float* m = mf_rows[j] == kNoMfRow ? nullptr : mf + static_cast<size_t>(mf_rows[j]) * mw;
+    LoadLocked(key, TableHash(key), base + static_cast<size_t>(r) * bw, m);
   }
 }
 

@@ -86,11 +86,14 @@ class Shard {
   // Inserts or overwrites a row from export columns (base: base_export_width floats; mf: mf_width
   // floats or nullptr for a row without mf).
   void Load(uint64_t key, uint64_t hash, const float* base, const float* mf) LOCKS_EXCLUDED(mu_);
-  // Load for many keys under one lock: for j in [0, n), row pos[j] of base (base_export_width
-  // floats each) and, if mf_row[pos[j]] != kNoMfRow, row mf_row[pos[j]] of mf. Presizes the index.
+  // The load path (SparseTable::LoadRowSegments), under mu(): grow the index once for `extra` more
+  // keys, then insert/overwrite rows rows[j] (j in [0, n)) of one block of input: key keys[rows[j]],
+  // base row rows[j] of base (base_export_width floats each) and, if mf_rows[j] != kNoMfRow, row
+  // mf_rows[j] of mf. REQUIRES: every key belongs to this shard.
   static constexpr uint32_t kNoMfRow = 0xffffffffu;
-  void LoadMany(const uint64_t* keys, const uint64_t* hashes, const uint32_t* pos, size_t n, const float* base,
-                const float* mf, const uint32_t* mf_row) LOCKS_EXCLUDED(mu_);
+  void ReserveLocked(size_t extra) EXCLUSIVE_LOCKS_REQUIRED(mu_) { index_.Reserve(index_.size() + extra); }
+  void LoadBlockLocked(const uint64_t* keys, const float* base, const float* mf, const uint32_t* rows,
+                       const uint32_t* mf_rows, size_t n) EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // delta_score -= saved, if key is present.
   void SubtractDelta(uint64_t key, uint64_t hash, float saved) LOCKS_EXCLUDED(mu_);
   void Clear() LOCKS_EXCLUDED(mu_);
@@ -106,6 +109,20 @@ class Shard {
       const float* mf = h->mf_index == kNoMf ? nullptr : reinterpret_cast<const float*>(mf_.At(h->mf_index));
       fn(key, *h, mf);
     });
+  }
+
+  // Export access (SparseTable::ExportBuckets). fn(key, row id) for every row, in index order,
+  // without reading the row. REQUIRES: mu() held.
+  template <typename Fn>
+  void ForEachRowIdLocked(Fn&& fn) const EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    index_.ForEach(fn);
+  }
+  // The record of a row id from ForEachRowIdLocked, and its mf block (nullptr without mf).
+  // REQUIRES: the shard is not mutated meanwhile (the table's gate held exclusively). No lock is
+  // needed beyond that: nothing else writes rows, so any number of threads may read at once.
+  const RowHeader* ExportRow(uint32_t row) const NO_THREAD_SAFETY_ANALYSIS { return Row(row); }
+  const float* ExportMf(const RowHeader* h) const NO_THREAD_SAFETY_ANALYSIS {
+    return h->mf_index == kNoMf ? nullptr : Mf(h->mf_index);
   }
 
  private:

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <numeric>
 
@@ -476,19 +477,20 @@ void SparseTable::CommitSave(ExportMode mode, const uint64_t* keys, const float*
 void SparseTable::LoadRows(const uint64_t* keys, size_t n, const float* base, const uint8_t* has_mf,
                            const float* mf) {
   if (n == 0) return;
-  // mf row of each input row (prefix count of has_mf), then the shard partition push uses.
-  std::vector<uint32_t> mf_row(n);
-  uint32_t m = 0;
-  for (size_t i = 0; i < n; ++i) mf_row[i] = has_mf[i] ? m++ : Shard::kNoMfRow;
-  Partition part;
-  PartitionKeys(keys, n, nullptr, &part);
-  ReaderMutexLock gate(&gate_);
-  RunShards(n, [&](size_t s) {
-    const uint32_t b = part.begin[s], e = part.begin[s + 1];
-    if (b == e) return;
-    shards_[s]->LoadMany(part.skeys.data() + b, part.shashes.data() + b, part.order.data() + b, e - b, base, mf,
-                         mf_row.data());
-  });
+  size_t m = 0;
+  for (size_t i = 0; i < n; ++i) m += has_mf[i] ? 1 : 0;
+  RowSegment seg;
+  seg.keys = keys;
+  seg.n = n;
+  seg.base = base;
+  seg.has_mf = has_mf;
+  seg.mf = mf;
+  seg.mf_rows = m;
+  LoadSegments(&seg, 1, /*check=*/false);
+}
+
+Status SparseTable::LoadRowSegments(const RowSegment* segs, size_t num_segs) {
+  return LoadSegments(segs, num_segs, /*check=*/true);
 }
 
 void SparseTable::SetTombstones(const uint64_t* keys, size_t n) {
@@ -515,6 +517,349 @@ void SparseTable::Clear() {
   MutexLock l(&tomb_mu_);
   tombstones_.clear();
   tombstones_.shrink_to_fit();
+}
+
+// ---------------------------------------------------------------------- ExportBuckets (the save path)
+
+namespace {
+// A row of one shard found by ExportBuckets: ref = shard << 32 | row id.
+struct BucketEntry {
+  uint64_t key;
+  uint64_t ref;
+};
+
+// LSD radix sort of e[0, n) by key (as uint64), one byte a pass; tmp has room for n entries. A pass
+// whose byte is the same in every key is skipped (small keys sort in a few passes). Result in e.
+void RadixSortByKey(BucketEntry* e, BucketEntry* tmp, size_t n) {
+  if (n < 2) return;
+  if (n < 64) {
+    std::sort(e, e + n, [](const BucketEntry& a, const BucketEntry& b) { return a.key < b.key; });
+    return;
+  }
+  std::vector<size_t> hist(8 * 256, 0);
+  for (size_t i = 0; i < n; ++i) {
+    const uint64_t k = e[i].key;
+    for (int d = 0; d < 8; ++d) ++hist[d * 256 + ((k >> (8 * d)) & 255)];
+  }
+  BucketEntry* src = e;
+  BucketEntry* dst = tmp;
+  for (int d = 0; d < 8; ++d) {
+    size_t* h = &hist[d * 256];
+    const int shift = 8 * d;
+    if (h[(src[0].key >> shift) & 255] == n) continue;  // every key has this byte
+    size_t sum = 0;
+    for (int v = 0; v < 256; ++v) {
+      const size_t c = h[v];
+      h[v] = sum;
+      sum += c;
+    }
+    for (size_t i = 0; i < n; ++i) {
+      const BucketEntry x = src[i];
+      dst[h[(x.key >> shift) & 255]++] = x;
+    }
+    std::swap(src, dst);
+  }
+  if (src != e) std::memcpy(e, src, n * sizeof(BucketEntry));
+}
+}  // namespace
+
+void SparseTable::ExportBuckets(ExportMode mode, uint32_t buckets, uint64_t salt, BucketExport* out) {
+  const RowLayout& lay = layout();
+  const size_t bw = lay.base_export_width();
+  const size_t mw = lay.mf_width();
+  const size_t lw = lay.lr_width();
+  const size_t num_shards = shards_.size();
+  const size_t nb = buckets;
+  const int threads = num_threads();
+  auto bucket_of = [&](uint64_t key) { return static_cast<size_t>(Mix64(key ^ salt) % buckets); };
+  auto keep = [&](const Shard* sh, uint32_t row) {
+    switch (mode) {
+      case ExportMode::kCheckpoint:
+        return true;
+      case ExportMode::kBase:
+        return accessor_.SaveBase(*sh->ExportRow(row));
+      case ExportMode::kDelta:
+        return accessor_.SaveDelta(*sh->ExportRow(row));
+      case ExportMode::kServing:
+        return sh->ExportRow(row)->mf_index != kNoMf;
+    }
+    return false;
+  };
+  out->row_begin.assign(nb + 1, 0);
+  out->mf_rows.assign(nb, 0);
+  std::vector<uint64_t> cursor(num_shards * nb, 0);  // [s * nb + b]: rows of shard s in bucket b, then
+                                                     // where shard s writes its next row of bucket b
+
+  // One consistent moment: gate_ held exclusively means no mutating call is in flight (they all hold
+  // it shared for their whole duration), so no row changes until the copy is done. Pulls may still
+  // read rows meanwhile (they only read).
+  WriterMutexLock gate(&gate_);
+  // 1. Count the rows of each (shard, bucket): reads the index only (and the row for a filtered mode).
+  pool_->ParallelFor(num_shards, [&](size_t s) {
+    Shard* sh = shards_[s].get();
+    MutexLock l(sh->mu());
+    uint64_t* c = &cursor[s * nb];
+    sh->ForEachRowIdLocked([&](uint64_t key, uint32_t row) {
+      if (keep(sh, row)) ++c[bucket_of(key)];
+    });
+  }, threads);
+  uint64_t n = 0;
+  for (size_t b = 0; b < nb; ++b) {
+    out->row_begin[b] = n;
+    for (size_t s = 0; s < num_shards; ++s) {
+      const uint64_t c = cursor[s * nb + b];
+      cursor[s * nb + b] = n;  // bucket-major, shard-minor
+      n += c;
+    }
+  }
+  out->row_begin[nb] = n;
+  out->rows = n;
+  out->keys = ExportBuffer(n * sizeof(uint64_t));
+  out->base = ExportBuffer(n * bw * sizeof(float));
+  out->has_mf = ExportBuffer(n);
+  out->mf = ExportBuffer(n * mw * sizeof(float));
+  ExportBuffer entry_buf(n * sizeof(BucketEntry));
+  BucketEntry* entries = entry_buf.as<BucketEntry>();
+  // Sort scratch: one buffer of the largest bucket per running task, reused from bucket to bucket (fresh
+  // memory is slow to first-touch: see export_buffer.h).
+  uint64_t max_bucket = 0;
+  for (size_t b = 0; b < nb; ++b) max_bucket = std::max(max_bucket, out->row_begin[b + 1] - out->row_begin[b]);
+  Mutex scratch_mu;
+  std::vector<ExportBuffer> scratch;  // idle buffers
+  // 2. Each shard lists its rows into its slice of every bucket.
+  pool_->ParallelFor(num_shards, [&](size_t s) {
+    Shard* sh = shards_[s].get();
+    MutexLock l(sh->mu());
+    uint64_t* cur = &cursor[s * nb];
+    const uint64_t tag = static_cast<uint64_t>(s) << 32;
+    sh->ForEachRowIdLocked([&](uint64_t key, uint32_t row) {
+      if (keep(sh, row)) entries[cur[bucket_of(key)]++] = BucketEntry{key, tag | row};
+    });
+  }, threads);
+  // 3. Per bucket: sort by key, then copy each row from its shard into the final layout. The reads
+  // are random: the record is prefetched kAhead rows ahead, its mf block kMfAhead rows ahead (from
+  // the record's mf_index, which has arrived by then).
+  uint64_t* keys = out->keys.as<uint64_t>();
+  float* base = out->base.as<float>();
+  uint8_t* has_mf = out->has_mf.as<uint8_t>();
+  float* mf = out->mf.as<float>();
+  const size_t rec_bytes = lay.base_bytes();
+  const size_t mf_bytes = lay.mf_bytes();
+  pool_->ParallelFor(nb, [&](size_t b) {
+    const uint64_t lo = out->row_begin[b], hi = out->row_begin[b + 1];
+    ExportBuffer tmp;
+    {
+      MutexLock l(&scratch_mu);
+      if (!scratch.empty()) {
+        tmp = std::move(scratch.back());
+        scratch.pop_back();
+      }
+    }
+    if (tmp.data() == nullptr) tmp = ExportBuffer(max_bucket * sizeof(BucketEntry));
+    RadixSortByKey(entries + lo, tmp.as<BucketEntry>(), hi - lo);
+    {
+      MutexLock l(&scratch_mu);
+      scratch.push_back(std::move(tmp));
+    }
+    auto shard_of = [&](uint64_t i) { return shards_[entries[i].ref >> 32].get(); };
+    auto row_of = [&](uint64_t i) { return shard_of(i)->ExportRow(static_cast<uint32_t>(entries[i].ref)); };
+    constexpr uint64_t kAhead = 16, kMfAhead = 8;
+    float* mf_out = mf + lo * mw;
+    uint64_t j = 0;
+    for (uint64_t i = lo; i < hi; ++i) {
+      if (i + kAhead < hi) {
+        const char* r = reinterpret_cast<const char*>(row_of(i + kAhead));
+        __builtin_prefetch(r);
+        __builtin_prefetch(r + rec_bytes - 1);
+      }
+      if (i + kMfAhead < hi) {
+        const float* m = shard_of(i + kMfAhead)->ExportMf(row_of(i + kMfAhead));
+        if (m != nullptr) {
+          __builtin_prefetch(m);
+          __builtin_prefetch(reinterpret_cast<const char*>(m) + mf_bytes - 1);
+        }
+      }
+      const Shard* sh = shard_of(i);
+      const RowHeader* h = sh->ExportRow(static_cast<uint32_t>(entries[i].ref));
+      keys[i] = entries[i].key;
+      float* o = base + i * bw;
+      o[0] = h->show;
+      o[1] = h->click;
+      o[2] = h->delta_score;
+      o[3] = static_cast<float>(h->unseen_days);
+      o[4] = static_cast<float>(h->slot);
+      std::memcpy(o + 5, RowLayout::Lr(h), lw * sizeof(float));
+      const float* m = sh->ExportMf(h);
+      has_mf[i] = m != nullptr ? 1 : 0;
+      if (m != nullptr) {
+        std::memcpy(mf_out + j * mw, m, mw * sizeof(float));
+        ++j;
+      }
+    }
+    out->mf_rows[b] = j;
+  }, threads);
+  MutexLock l(&tomb_mu_);
+  out->pending_tombstones = tombstones_.size();
+  out->tombstones.clear();
+  if (mode == ExportMode::kCheckpoint || mode == ExportMode::kDelta) out->tombstones = tombstones_;
+}
+
+// ---------------------------------------------------------------------- LoadRowSegments (the load path)
+
+namespace {
+// Rows [lo, hi) of segment seg: the unit of the check and partition passes.
+struct LoadPiece {
+  size_t seg;
+  size_t lo, hi;
+  uint64_t mf_before = 0;  // has_mf rows of the segment before lo
+};
+constexpr size_t kLoadPieceRows = size_t{1} << 16;
+
+std::string ShortFloat(float v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.9g", static_cast<double>(v));
+  return buf;
+}
+
+// The first bad value of rows [lo, hi) of seg, as a message ("" if none; mf rows are checked
+// apart); counts the has_mf ones.
+std::string CheckPiece(const RowSegment& seg, size_t si, size_t lo, size_t hi, size_t bw, uint64_t* ones) {
+  auto where = [&](size_t i) { return "segment " + std::to_string(si) + ": row " + std::to_string(i); };
+  uint64_t m = 0;
+  for (size_t i = lo; i < hi; ++i) {
+    const uint8_t h = seg.has_mf[i];
+    if (h > 1) return where(i) + ": has_mf must be 0 or 1, got " + std::to_string(int{h});
+    m += h;
+    const float* row = seg.base + i * bw;
+    for (size_t j = 0; j < bw; ++j) {
+      if (!std::isfinite(row[j])) return where(i) + ": base column " + std::to_string(j) + " is not finite";
+    }
+    if (row[0] < 0 || row[1] < 0) return where(i) + ": show and click must be >= 0";
+    if (row[3] < 0 || row[3] > kMaxUnseenDays || row[3] != std::floor(row[3])) {
+      return where(i) + ": unseen_days (base column 3) must be an integer in [0, 65535], got " + ShortFloat(row[3]);
+    }
+    if (row[4] != std::floor(row[4]) || std::fabs(static_cast<double>(row[4])) > 2147483647.0) {
+      return where(i) + ": slot (base column 4) must be an int32, got " + ShortFloat(row[4]);
+    }
+  }
+  *ones = m;
+  return std::string();
+}
+}  // namespace
+
+Status SparseTable::LoadSegments(const RowSegment* segs, size_t num_segs, bool check) {
+  const size_t bw = layout().base_export_width();
+  const size_t mw = layout().mf_width();
+  const uint32_t num_shards = static_cast<uint32_t>(shards_.size());
+  const int threads = num_threads();
+  std::vector<LoadPiece> pieces;
+  for (size_t si = 0; si < num_segs; ++si) {
+    if (segs[si].n >= (size_t{1} << 32)) {
+      return Status::InvalidArgument("segment " + std::to_string(si) + " has 2^32 rows or more");
+    }
+    for (size_t lo = 0; lo < segs[si].n; lo += kLoadPieceRows) {
+      pieces.push_back(LoadPiece{si, lo, std::min(segs[si].n, lo + kLoadPieceRows)});
+    }
+  }
+  if (pieces.empty()) return Status::OK();
+  const size_t np = pieces.size();
+  // 1. has_mf ones per piece (and, if check, every value but the mf rows), in parallel.
+  std::vector<uint64_t> ones(np, 0);
+  std::vector<std::string> errors(np);
+  pool_->ParallelFor(np, [&](size_t p) {
+    const LoadPiece& pc = pieces[p];
+    const RowSegment& seg = segs[pc.seg];
+    if (check) {
+      // mf rows are checked in pass 2, once each piece knows where its mf rows start.
+      errors[p] = CheckPiece(seg, pc.seg, pc.lo, pc.hi, bw, &ones[p]);
+    } else {
+      uint64_t m = 0;
+      for (size_t i = pc.lo; i < pc.hi; ++i) m += seg.has_mf[i] ? 1 : 0;
+      ones[p] = m;
+    }
+  }, threads);
+  for (size_t p = 0; p < np; ++p) {
+    if (!errors[p].empty()) return Status::InvalidArgument(errors[p]);
+  }
+  for (size_t p = 0, run = 0; p < np; ++p) {
+    if (p > 0 && pieces[p].seg != pieces[p - 1].seg) run = 0;
+    pieces[p].mf_before = run;
+    run += ones[p];
+    const bool last = p + 1 == np || pieces[p + 1].seg != pieces[p].seg;
+    if (last && run != segs[pieces[p].seg].mf_rows) {
+      return Status::InvalidArgument("segment " + std::to_string(pieces[p].seg) + ": has_mf marks " +
+                                     std::to_string(run) + " rows, but mf holds " +
+                                     std::to_string(segs[pieces[p].seg].mf_rows));
+    }
+  }
+  // 2. mf values (if check) and rows per (piece, shard), in parallel.
+  std::vector<uint64_t> at(np * num_shards, 0);  // rows of piece p in shard s, then where they go
+  pool_->ParallelFor(np, [&](size_t p) {
+    const LoadPiece& pc = pieces[p];
+    const RowSegment& seg = segs[pc.seg];
+    if (check) {
+      const float* f = seg.mf + pc.mf_before * mw;
+      for (size_t k = 0; k < ones[p] * mw; ++k) {
+        if (!std::isfinite(f[k])) {
+          errors[p] = "segment " + std::to_string(pc.seg) + ": mf row " + std::to_string(pc.mf_before + k / mw) +
+                      " column " + std::to_string(k % mw) + " is not finite";
+          return;
+        }
+      }
+    }
+    uint64_t* c = &at[p * num_shards];
+    for (size_t i = pc.lo; i < pc.hi; ++i) ++c[ShardOf(TableHash(seg.keys[i]), num_shards)];
+  }, threads);
+  for (size_t p = 0; p < np; ++p) {
+    if (!errors[p].empty()) return Status::InvalidArgument(errors[p]);
+  }
+  // Shard-major, piece-minor: shard s loads its rows piece by piece, in input order (last one wins).
+  std::vector<uint64_t> shard_rows(num_shards, 0);
+  uint64_t total = 0;
+  for (uint32_t s = 0; s < num_shards; ++s) {
+    for (size_t p = 0; p < np; ++p) {
+      const uint64_t c = at[p * num_shards + s];
+      at[p * num_shards + s] = total;
+      total += c;
+      shard_rows[s] += c;
+    }
+  }
+  // 3. Scatter: the row (within its segment) and mf row of every input row, grouped by shard.
+  ExportBuffer rows_buf(total * sizeof(uint32_t)), mf_buf(total * sizeof(uint32_t));
+  uint32_t* rows = rows_buf.as<uint32_t>();
+  uint32_t* mf_rows = mf_buf.as<uint32_t>();
+  pool_->ParallelFor(np, [&](size_t p) {
+    const LoadPiece& pc = pieces[p];
+    const RowSegment& seg = segs[pc.seg];
+    uint64_t* cur = &at[p * num_shards];
+    uint64_t m = pc.mf_before;
+    for (size_t i = pc.lo; i < pc.hi; ++i) {
+      const uint64_t d = cur[ShardOf(TableHash(seg.keys[i]), num_shards)]++;
+      rows[d] = static_cast<uint32_t>(i);
+      mf_rows[d] = seg.has_mf[i] ? static_cast<uint32_t>(m++) : Shard::kNoMfRow;
+    }
+  }, threads);
+  // Now at[p * num_shards + s] is the end of block (p, s); it starts where the block before it in
+  // shard-major order ends (shard s starts at the sum of shard_rows before s).
+  // 4. Load, one task per shard, each under its own lock with its index grown once.
+  ReaderMutexLock gate(&gate_);
+  RunShards(total, [&](size_t s) {
+    if (shard_rows[s] == 0) return;
+    Shard* sh = shards_[s].get();
+    MutexLock l(sh->mu());
+    sh->ReserveLocked(shard_rows[s]);
+    uint64_t start = 0;
+    for (uint32_t t = 0; t < s; ++t) start += shard_rows[t];
+    for (size_t p = 0; p < np; ++p) {
+      const uint64_t end = at[p * num_shards + s];
+      if (end > start) {
+        const RowSegment& seg = segs[pieces[p].seg];
+        sh->LoadBlockLocked(seg.keys, seg.base, seg.mf, rows + start, mf_rows + start, end - start);
+      }
+      start = end;
+    }
+  });
+  return Status::OK();
 }
 
 }  // namespace psembed

@@ -28,6 +28,7 @@
 
 #include "table/accessor_options.h"
 #include "table/ctr_accessor.h"
+#include "table/export_buffer.h"
 #include "table/row_store/chunk_arena.h"
 #include "table/shard.h"
 #include "util/mutex.h"
@@ -60,6 +61,34 @@ struct ExportResult {
   std::vector<float> mf;    // (#has_mf) x mf_width
   std::vector<uint64_t> tombstones;
   size_t pending_tombstones = 0;  // length of the whole pending list at the snapshot
+};
+
+// ExportBuckets(): the rows of one moment grouped by checkpoint bucket, ready to be written file by
+// file without any reordering. Bucket of a key: Mix64(key ^ salt) % buckets. Bucket b holds rows
+// [row_begin[b], row_begin[b + 1]) of keys/base/has_mf, ascending by key (as uint64); its mf rows
+// (one per has_mf == 1 row, in order) are rows [row_begin[b], row_begin[b] + mf_rows[b]) of mf, which
+// has room for one mf row per row (the rest of each bucket's range is unused, never written).
+struct BucketExport {
+  size_t rows = 0;               // total rows
+  ExportBuffer keys;             // uint64[rows]
+  ExportBuffer base;             // float[rows x base_export_width]
+  ExportBuffer has_mf;           // uint8[rows]
+  ExportBuffer mf;               // float[rows x mf_width], see above
+  std::vector<uint64_t> row_begin;  // buckets + 1 entries
+  std::vector<uint64_t> mf_rows;    // buckets entries
+  std::vector<uint64_t> tombstones;  // checkpoint/delta: the whole pending list, in order
+  size_t pending_tombstones = 0;
+};
+
+// One block of rows for LoadRowSegments, in the layout LoadRows takes: keys[n], base[n x
+// base_export_width], has_mf[n], mf[mf_rows x mf_width] (the has_mf == 1 rows, in order).
+struct RowSegment {
+  const uint64_t* keys = nullptr;
+  size_t n = 0;
+  const float* base = nullptr;
+  const uint8_t* has_mf = nullptr;
+  const float* mf = nullptr;
+  size_t mf_rows = 0;
 };
 
 class SparseTable {
@@ -104,11 +133,22 @@ class SparseTable {
   // buckets >= 1; bucket in [-1, buckets): -1 = all rows, else only keys with
   // Mix64(key) % buckets == bucket (rows and tombstones). No side effects.
   void Export(ExportMode mode, uint32_t buckets, int64_t bucket, ExportResult* out);
+  // The rows Export(mode) would return, of one moment, grouped by bucket (see BucketExport):
+  // the save path. Copies straight from the shards into the final layout, in parallel: no
+  // intermediate copy, no global sort. buckets >= 1. No side effects.
+  void ExportBuckets(ExportMode mode, uint32_t buckets, uint64_t salt, BucketExport* out);
   // base/delta: delta_score -= saved for each present key; drops the first `tombstones` pending
   // tombstones (base: all of them). checkpoint/serving: no effect.
   void CommitSave(ExportMode mode, const uint64_t* keys, const float* delta_scores, size_t n, size_t tombstones);
   // Insert/overwrite rows. base: n x base_export_width; has_mf: n; mf: (#has_mf) x mf_width.
+  // REQUIRES: values valid (as LoadRowSegments checks them; bindings/ does it).
   void LoadRows(const uint64_t* keys, size_t n, const float* base, const uint8_t* has_mf, const float* mf);
+  // LoadRows of many blocks at once (the load path; a key in several blocks: the last one wins).
+  // First checks every value, in parallel: finite floats, show/click >= 0, unseen_days an integer in
+  // [0, 65535], slot an int32, has_mf 0/1 with mf_rows ones. A bad value is InvalidArgument naming
+  // the segment and row, and nothing changes. Then partitions the rows by shard (4 bytes of scratch
+  // per row) and loads every shard in parallel, its index grown once. REQUIRES: segs[i].n < 2^32.
+  Status LoadRowSegments(const RowSegment* segs, size_t num_segs);
   // Replaces the pending tombstone list with keys[0..n), in order (restores a checkpoint's list).
   void SetTombstones(const uint64_t* keys, size_t n);
   // Deletes present keys (no tombstones). Returns how many existed.
@@ -122,6 +162,7 @@ class SparseTable {
   // Decay by factor, unseen += add_unseen, delete; appends tombstones. Returns deleted.
   size_t DecayAndDeleteAll(double factor, uint32_t add_unseen, int64_t new_day_index = -1);
   void RunShards(size_t num_keys, const std::function<void(size_t)>& fn);
+  Status LoadSegments(const RowSegment* segs, size_t num_segs, bool check);
 
   CtrAccessor accessor_;  // immutable after construction
   ChunkArena arena_;      // the shards' slab memory; declared before shards_ so it outlives them

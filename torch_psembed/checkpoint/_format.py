@@ -18,6 +18,7 @@ All little-endian, no headers; each file's byte count and ``zlib.crc32`` are in 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import zlib
 from typing import Any, Dict, List
@@ -150,6 +151,35 @@ def read_into(path: str, dest: np.ndarray, entry: Dict[str, Any]) -> None:
         raise CorruptCheckpointError(
             f"{path}: checksum mismatch (crc32 {crc:#010x}, manifest says {int(entry['crc32']):#010x})", path
         )
+
+
+def map_array(path: str, entry: Dict[str, Any], column: str, layout: Dict[str, Any]) -> np.ndarray:
+    """The rows of file ``path`` as a read-only array mapped from it (mmap, no copy), after checking its
+    size and crc32 against ``entry``. The mapping lives as long as the array (or a view of it) does."""
+    expected = int(entry["bytes"])
+    width = row_width(column, layout)
+    rows = int(entry["rows"])
+    if rows * width * COLUMN_DTYPES[column].itemsize != expected:
+        raise CorruptCheckpointError(f"{path}: manifest says {expected} bytes for {rows} rows of {column}", path)
+    check_size(path, entry)
+    shape = (rows, width) if column in ("base", "mf") else (rows,)
+    if expected == 0:
+        arr = np.zeros(shape, COLUMN_DTYPES[column])
+    else:
+        try:
+            with open(path, "rb") as f:
+                mm = mmap.mmap(f.fileno(), expected, access=mmap.ACCESS_READ)
+        except OSError as e:
+            raise CorruptCheckpointError(f"{path}: cannot be read ({e.strerror or e})", path) from None
+        except ValueError as e:  # the file shrank since check_size: mmap refuses a length past its end
+            raise CorruptCheckpointError(f"{path}: truncated while reading ({e})", path) from None
+        arr = np.frombuffer(mm, dtype=COLUMN_DTYPES[column]).reshape(shape)
+    crc = zlib.crc32(arr)
+    if crc != int(entry["crc32"]):
+        raise CorruptCheckpointError(
+            f"{path}: checksum mismatch (crc32 {crc:#010x}, manifest says {int(entry['crc32']):#010x})", path
+        )
+    return arr
 
 
 def parse_json(raw: bytes) -> Any:

@@ -74,8 +74,9 @@ def check_row_set(rows: Dict[str, np.ndarray], base_width: int, mf_width: int, w
 def write_part(dirpath: str, part: int, rows: Dict[str, np.ndarray], num_buckets: int) -> Dict[str, Any]:
     """Write one writer part of a save into ``dirpath`` (bucketed, checksummed, fsynced).
 
-    Returns the part's manifest fragment: ``{"part", "rows", "rows_with_mf", "tombstones", "files": [...]}``.
-    Buckets without rows get no files. Rows keep their input order inside a bucket.
+    ``rows`` is a row set in any order. Returns the part's manifest fragment: ``{"part", "rows",
+    "rows_with_mf", "tombstones", "files": [...]}``. Buckets without rows get no files. Rows keep their
+    input order inside a bucket. (A table save uses :func:`write_buckets`, which needs no reordering.)
     """
     keys = rows["keys"]
     n = keys.shape[0]
@@ -88,35 +89,15 @@ def write_part(dirpath: str, part: int, rows: Dict[str, np.ndarray], num_buckets
     has_all = rows["has_mf"]
     mf_pos = mf_index(has_all)
 
-    def bucket_job(b: int) -> List[Dict[str, Any]]:
-        # Each thread gathers its own bucket (numpy fancy indexing releases the GIL), then checksums,
-        # writes and fsyncs it: no whole-table reordered copy is ever made.
+    def columns(b: int):
+        # Each thread gathers its own bucket (numpy fancy indexing releases the GIL): no whole-table
+        # reordered copy is ever made. np.take(axis=0) copies rows about 3x faster than fancy indexing.
         idx = order[bounds[b]:bounds[b + 1]]
         has = np.take(has_all, idx)
-        out = []
-        for col, arr in (  # np.take(axis=0) copies rows about 3x faster than fancy indexing
-            ("keys", np.take(keys, idx)),
-            ("base", np.take(rows["base"], idx, axis=0)),
-            ("has_mf", has),
-            ("mf", np.take(rows["mf"], np.take(mf_pos, idx[has.astype(bool)]), axis=0)),
-        ):
-            name = F.bucket_file(b, part, col)
-            entry = {"name": name, "column": col, "bucket": b, "part": part, "rows": int(arr.shape[0])}
-            entry.update(F.write_array(os.path.join(dirpath, name), arr))
-            out.append(entry)
-        return out
+        return (np.take(keys, idx), np.take(rows["base"], idx, axis=0), has,
+                np.take(rows["mf"], np.take(mf_pos, idx[has.astype(bool)]), axis=0))
 
-    def tomb_job() -> List[Dict[str, Any]]:
-        tomb = np.ascontiguousarray(rows["tombstones"], dtype=np.int64)
-        name = F.tombstone_file(part)
-        entry = {"name": name, "column": "tombstones", "bucket": None, "part": part, "rows": int(tomb.shape[0])}
-        entry.update(F.write_array(os.path.join(dirpath, name), tomb))
-        return [entry]
-
-    with ThreadPoolExecutor(IO_THREADS) as pool:
-        futures = [pool.submit(bucket_job, int(b)) for b in np.flatnonzero(counts)]
-        futures.append(pool.submit(tomb_job))
-        files = [e for f in futures for e in f.result()]
+    files = _write_files(dirpath, part, np.flatnonzero(counts), columns, rows["tombstones"])
     return {
         "part": part,
         "rows": int(n),
@@ -124,6 +105,53 @@ def write_part(dirpath: str, part: int, rows: Dict[str, np.ndarray], num_buckets
         "tombstones": int(rows["tombstones"].shape[0]),
         "files": files,
     }
+
+
+def write_buckets(dirpath: str, part: int, snap: Dict[str, np.ndarray]) -> Dict[str, Any]:
+    """Like :func:`write_part`, from a ``_C.Table.export_buckets`` snapshot: rows already grouped by
+    bucket (and sorted by key inside one), so each file is written straight from a slice, no copy."""
+    rb = snap["row_begin"]
+    mf_rows = snap["mf_rows"]
+
+    def columns(b: int):
+        lo, hi = int(rb[b]), int(rb[b + 1])
+        return (snap["keys"][lo:hi], snap["base"][lo:hi], snap["has_mf"][lo:hi],
+                snap["mf"][lo:lo + int(mf_rows[b])])
+
+    files = _write_files(dirpath, part, np.flatnonzero(np.diff(rb)), columns, snap["tombstones"])
+    return {
+        "part": part,
+        "rows": int(rb[-1]),
+        "rows_with_mf": int(mf_rows.sum()),
+        "tombstones": int(snap["tombstones"].shape[0]),
+        "files": files,
+    }
+
+
+def _write_files(dirpath: str, part: int, buckets, columns, tombstones: np.ndarray) -> List[Dict[str, Any]]:
+    """Write the four column files of every bucket in ``buckets`` (``columns(b)`` gives the arrays) and
+    the part's tombstone file, from IO_THREADS threads (checksum, write and fsync release the GIL)."""
+
+    def bucket_job(b: int) -> List[Dict[str, Any]]:
+        out = []
+        for col, arr in zip(F.ROW_COLUMNS, columns(b)):
+            name = F.bucket_file(b, part, col)
+            entry = {"name": name, "column": col, "bucket": b, "part": part, "rows": int(arr.shape[0])}
+            entry.update(F.write_array(os.path.join(dirpath, name), arr))
+            out.append(entry)
+        return out
+
+    def tomb_job() -> List[Dict[str, Any]]:
+        tomb = np.ascontiguousarray(tombstones, dtype=np.int64)
+        name = F.tombstone_file(part)
+        entry = {"name": name, "column": "tombstones", "bucket": None, "part": part, "rows": int(tomb.shape[0])}
+        entry.update(F.write_array(os.path.join(dirpath, name), tomb))
+        return [entry]
+
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        futures = [pool.submit(bucket_job, int(b)) for b in buckets]
+        futures.append(pool.submit(tomb_job))
+        return [e for f in futures for e in f.result()]
 
 
 # -- reading ---------------------------------------------------------------------------------------------------
@@ -134,11 +162,34 @@ def read_rows(
     owner: Optional[Tuple[int, int]] = None,
     check_buckets: bool = True,
 ) -> Dict[str, np.ndarray]:
-    """Read and verify every file of save ``m`` at ``path``; returns the row set (bucket, part order).
+    """Read and verify every file of save ``m`` at ``path``; returns the row set (bucket, part order) in
+    fresh arrays. ``owner`` and the checks are those of :func:`read_segments`."""
+    segments, tomb = read_segments(path, m, owner=owner, check_buckets=check_buckets)
+    layout = m["layout"]
+    segments.append(empty_rows(int(layout["base_width"]), int(layout["mf_width"])))
+    out = {c: np.concatenate([s[c] for s in segments]) for c in F.ROW_COLUMNS}
+    out["tombstones"] = tomb
+    return out
 
-    With ``owner=(index, n)`` only the keys with ``_C.route(key, n) == index`` are kept (rows and tombstones);
-    the files are then read a few buckets at a time, so memory holds this owner's rows plus those buckets.
-    Raises CorruptCheckpointError naming the file on any size, checksum or consistency problem.
+
+def read_segments(
+    path: str,
+    m: Dict[str, Any],
+    owner: Optional[Tuple[int, int]] = None,
+    check_buckets: bool = True,
+    check_values_too: bool = False,
+) -> Tuple[List[Dict[str, np.ndarray]], np.ndarray]:
+    """Read and verify every file of save ``m`` at ``path``: ``(segments, tombstones)``, one row set
+    (without tombstones) per (bucket, part) file group, in (bucket, part) order.
+
+    The files are memory-mapped, read-only: a segment's arrays are views of the page cache (no copy, no
+    fresh memory), valid as long as they are referenced, even after the files are deleted. (Do not
+    truncate the files of a save while it is being loaded: docs/format.md.) With ``owner=(index, n)``
+    only the keys with ``_C.route(key, n) == index`` are kept (rows and tombstones), copied out of the
+    mapping, so memory holds this owner's rows only. Every group is verified from IO_THREADS threads:
+    size, crc32, has_mf flags and count, keys in their bucket (``check_buckets``), and with
+    ``check_values_too`` the values (:func:`check_values`). Raises CorruptCheckpointError naming the file
+    on any problem (the first group in order that has one).
     """
     from .. import _C
 
@@ -147,6 +198,7 @@ def read_rows(
     tomb_groups = sorted((k for k in groups if k[0] is None), key=lambda k: k[1])
     mpath = os.path.join(path, F.MANIFEST)
     ddir = F.data_path(path, m)
+    layout = m["layout"]
     for key in row_groups:
         cols = groups[key]
         missing = [c for c in F.ROW_COLUMNS if c not in cols]
@@ -157,86 +209,47 @@ def read_rows(
             if cols[c]["rows"] != r:
                 p = os.path.join(ddir, cols[c]["name"])
                 raise CorruptCheckpointError(f"{p}: {cols[c]['rows']} rows, but its keys file has {r}", p)
-    tomb = _read_block(path, m, groups, [], tomb_groups, False)["tombstones"]
-    if owner is None or owner[1] <= 1:
-        out = _read_block(path, m, groups, row_groups, [], check_buckets)
-        out["tombstones"] = tomb
-        return out
-    index, parts = owner
-    pieces = []
-    buckets = sorted({k[0] for k in row_groups})
-    for lo in range(0, len(buckets), READ_BATCH_BUCKETS):
-        batch = set(buckets[lo:lo + READ_BATCH_BUCKETS])
-        block = _read_block(path, m, groups, [k for k in row_groups if k[0] in batch], [], check_buckets)
-        pieces.append(take_rows(block, _C.route(block["keys"], parts) == index))
-    layout = m["layout"]
-    out = concat_rows(pieces) if pieces else empty_rows(int(layout["base_width"]), int(layout["mf_width"]))
-    out["tombstones"] = tomb[_C.route(tomb, parts) == index] if tomb.size else tomb
-    return out
+    # Every file's size before anything is mapped or allocated.
+    for key in row_groups + tomb_groups:
+        for entry in groups[key].values():
+            F.check_size(os.path.join(ddir, entry["name"]), entry)
+    split = owner is not None and owner[1] > 1
 
-
-# Buckets read at once when a server keeps only its own keys.
-READ_BATCH_BUCKETS = 8
-
-
-def _read_block(path, m, groups, row_groups, tomb_groups, check_buckets) -> Dict[str, np.ndarray]:
-    """Read the given (bucket, part) row groups and tombstone groups into fresh arrays, verified."""
-    ddir = F.data_path(path, m)
-    layout = m["layout"]
-    bw, mw = int(layout["base_width"]), int(layout["mf_width"])
-    n = m_rows = t = 0
-    plan = []  # (column, entry, row offset)
-    for key in row_groups:
+    def group_job(key) -> Dict[str, np.ndarray]:
         cols = groups[key]
-        plan += [("keys", cols["keys"], n), ("base", cols["base"], n), ("has_mf", cols["has_mf"], n),
-                 ("mf", cols["mf"], m_rows)]
-        n += cols["keys"]["rows"]
-        m_rows += cols["mf"]["rows"]
-    for key in tomb_groups:
-        e = groups[key]["tombstones"]
-        plan.append(("tombstones", e, t))
-        t += e["rows"]
-    # Every file's size on disk before allocating what the manifest claims (a forged row count is refused
-    # here, not by a MemoryError); read_into checks it again, with the checksum, while reading.
-    for _col, entry, _off in plan:
-        F.check_size(os.path.join(ddir, entry["name"]), entry)
-    try:
-        out = {
-            "keys": np.empty(n, np.int64),
-            "base": np.empty((n, bw), np.float32),
-            "has_mf": np.empty(n, np.uint8),
-            "mf": np.empty((m_rows, mw), np.float32),
-            "tombstones": np.empty(t, np.int64),
-        }
-    except MemoryError:
-        raise MemoryError(f"{path}: not enough memory to read {n} rows") from None
-
-    def one(item):
-        col, entry, off = item
-        F.read_into(os.path.join(ddir, entry["name"]), out[col][off:off + entry["rows"]], entry)
-
-    with ThreadPoolExecutor(IO_THREADS) as pool:
-        list(pool.map(one, plan))
-
-    # Consistency beyond checksums: mf rows match has_mf, flags are 0/1, keys sit in their bucket.
-    has = out["has_mf"]
-    if has.size and has.max() > 1:
-        raise CorruptCheckpointError(f"{ddir}: a has_mf file holds a value other than 0 or 1", ddir)
-    off = 0
-    for key in row_groups:
-        cols = groups[key]
-        r = cols["keys"]["rows"]
-        got = int(np.count_nonzero(has[off:off + r]))
+        seg = {c: F.map_array(os.path.join(ddir, cols[c]["name"]), cols[c], c, layout) for c in F.ROW_COLUMNS}
+        has = seg["has_mf"]
+        if has.size and has.max() > 1:
+            p = os.path.join(ddir, cols["has_mf"]["name"])
+            raise CorruptCheckpointError(f"{p}: holds a value other than 0 or 1", p)
+        got = int(np.count_nonzero(has))
         if got != cols["mf"]["rows"]:
             p = os.path.join(ddir, cols["mf"]["name"])
             raise CorruptCheckpointError(f"{p}: holds {cols['mf']['rows']} rows, but has_mf marks {got}", p)
-        if check_buckets and r:
-            b = F.bucket_of(out["keys"][off:off + r], m["num_buckets"])
-            if not np.all(b == key[0]):
+        if check_buckets and has.size:
+            if not np.all(F.bucket_of(seg["keys"], m["num_buckets"]) == key[0]):
                 p = os.path.join(ddir, cols["keys"]["name"])
                 raise CorruptCheckpointError(f"{p}: holds keys of another bucket than {key[0]}", p)
-        off += r
-    return out
+        if check_values_too:
+            check_values(seg, ddir)
+        if split:
+            seg = take_rows(dict(seg, tombstones=None), _C.route(seg["keys"], owner[1]) == owner[0])
+            del seg["tombstones"]
+        return seg
+
+    def tomb_job(key) -> np.ndarray:
+        e = groups[key]["tombstones"]
+        return np.array(F.map_array(os.path.join(ddir, e["name"]), e, "tombstones", layout))
+
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        seg_futures = [pool.submit(group_job, k) for k in row_groups]
+        tomb_futures = [pool.submit(tomb_job, k) for k in tomb_groups]
+        segments = [f.result() for f in seg_futures]
+        tombs = [f.result() for f in tomb_futures]
+    tomb = np.concatenate(tombs) if tombs else np.zeros(0, np.int64)
+    if split and tomb.size:
+        tomb = tomb[_C.route(tomb, owner[1]) == owner[0]]
+    return segments, tomb
 
 
 MAX_UNSEEN_DAYS = 65535  # _C's saturation point (kMaxUnseenDays)

@@ -5,15 +5,17 @@ The work is split into *server steps*: module-level functions ``fn(local_c_table
 this process otherwise), and the *writer step* (the manifest), done by one trainer. A save is:
 
 1. ``_srv_begin``: agree on a save id (server 0's) and create ``PATH/.tmp-<id>/``;
-2. ``_srv_write_part``: each server exports its rows at one moment (``_C.Table.export`` holds every shard
-   lock for the copy) and writes its bucket files, fsynced; the side-effect inputs are kept in memory;
+2. ``_srv_write_part``: each server exports its rows at one moment, grouped by bucket
+   (``_C.Table.export_buckets`` blocks mutating calls for the copy) and writes its bucket files straight
+   from slices of that snapshot, fsynced; the side-effect inputs are kept in memory;
 3. the writer renames ``.tmp-<id>`` to ``data-<id>`` and atomically replaces ``PATH/manifest.json`` (the
    commit point: until it is replaced, ``PATH`` still holds the previous save, whole);
 4. ``_srv_finish``: each server sees the new manifest, then applies ``commit_save`` (base/delta) and drops
    older ``data-*`` directories.
 
-A load reads and verifies every file on every server first (``_srv_stage_load``), and changes the tables only
-when all of them succeeded (``_srv_apply_load``).
+A load maps and verifies every file on every server first (``_srv_stage_load``: sizes, checksums, flags,
+buckets and values), and changes the tables only when all of them succeeded (``_srv_apply_load``:
+``_C.Table.load_segments`` inserts the mapped bucket files as they are).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import threading
 import time
 import uuid
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -123,7 +124,11 @@ def _srv_begin(local, index, num, path):
 def _srv_write_part(local, index, num, path, save_id, mode, num_buckets):
     tmp = os.path.join(path, ".tmp-" + save_id)
     os.makedirs(tmp, exist_ok=True)
-    snap = local.export(mode)
+    bucketed = hasattr(local, "export_buckets")
+    if bucketed:  # rows of one moment, already grouped by bucket and sorted inside one
+        snap = local.export_buckets(mode, num_buckets, F.BUCKET_SALT)
+    else:
+        snap = local.export(mode)
     day = int(local.day)
     table_tombstones = int(snap["tombstones"].shape[0])
     restored = _restored_tombstones(local)
@@ -136,7 +141,7 @@ def _srv_write_part(local, index, num, path, save_id, mode, num_buckets):
             np.ascontiguousarray(snap["base"][:, 2]),
             table_tombstones,
         ))
-    part = R.write_part(tmp, index, snap, num_buckets)
+    part = R.write_buckets(tmp, index, snap) if bucketed else R.write_part(tmp, index, snap, num_buckets)
     part.update(day=day, dim=int(local.dim), base_width=int(local.base_width), mf_width=int(local.mf_width))
     return part
 
@@ -192,8 +197,7 @@ def _srv_stage_load(local, index, num, path, m):
             p = os.path.join(path, F.MANIFEST)
             return (p, f"{p}: saved {k} is {layout[k]}, the table's is {getattr(local, k)}")
     try:
-        rows = R.read_rows(path, m, owner=(index, num))
-        R.check_values(rows, F.data_path(path, m))
+        rows = R.read_segments(path, m, owner=(index, num), check_values_too=True)
     except CorruptCheckpointError as e:
         return (e.path, str(e))
     except OSError as e:
@@ -208,42 +212,33 @@ def _srv_drop_load(local, index, num, save_id):
 
 
 def _srv_apply_load(local, index, num, save_id, mode, day):
-    rows = _stash_pop(local, "load:" + save_id)
-    if rows is None:
+    staged = _stash_pop(local, "load:" + save_id)
+    if staged is None:
         raise RuntimeError(f"server {index}: no staged rows for save {save_id}")
+    segments, tombstones = staged
     if mode == "delta":
-        if rows["tombstones"].size:
-            local.erase(rows["tombstones"])
+        if tombstones.size:
+            local.erase(tombstones)
     else:
         local.clear()
         _set_restored_tombstones(local, None)
-        if mode == "checkpoint" and rows["tombstones"].size:
-            _restore_tombstones(local, rows["tombstones"])
-    if rows["keys"].size:
-        _load_rows_parallel(local, rows)
+        if mode == "checkpoint" and tombstones.size:
+            _restore_tombstones(local, tombstones)
+    segments = [s for s in segments if s["keys"].size]
+    if segments:
+        _load_segments(local, segments)
     local.day = int(day)
-    return int(rows["keys"].shape[0])
+    return int(sum(s["keys"].shape[0] for s in segments))
 
 
-LOAD_CHUNK_ROWS = 250_000
-
-
-def _load_rows_parallel(local, rows: Dict[str, np.ndarray]) -> None:
-    """``local.load_rows`` in contiguous chunks from a few threads (it releases the GIL; keys are unique)."""
-    n = rows["keys"].shape[0]
-    chunks = max(1, min(8, n // LOAD_CHUNK_ROWS))
-    if chunks == 1:
-        local.load_rows(rows["keys"], rows["base"], rows["has_mf"], rows["mf"])
+def _load_segments(local, segments: List[Dict[str, np.ndarray]]) -> None:
+    """Insert the staged rows: ``_C.Table.load_segments`` takes the mapped files as they are (it checks the
+    values again, partitions by shard and loads every shard in parallel, GIL released)."""
+    if hasattr(local, "load_segments"):
+        local.load_segments([(s["keys"], s["base"], s["has_mf"], s["mf"]) for s in segments])
         return
-    bounds = np.linspace(0, n, chunks + 1).astype(np.int64)
-    mf_bounds = np.concatenate([[0], np.cumsum(rows["has_mf"], dtype=np.int64)])[bounds]
-
-    def one(i: int) -> None:
-        lo, hi, mlo, mhi = bounds[i], bounds[i + 1], mf_bounds[i], mf_bounds[i + 1]
-        local.load_rows(rows["keys"][lo:hi], rows["base"][lo:hi], rows["has_mf"][lo:hi], rows["mf"][mlo:mhi])
-
-    with ThreadPoolExecutor(min(chunks, 4)) as pool:
-        list(pool.map(one, range(chunks)))
+    rows = {c: np.concatenate([s[c] for s in segments]) for c in F.ROW_COLUMNS}
+    local.load_rows(rows["keys"], rows["base"], rows["has_mf"], rows["mf"])
 
 
 def _restore_tombstones(local, keys: np.ndarray) -> None:
