@@ -100,16 +100,30 @@ def test_pool_gradcheck_per_sample_weights_float64():
 def test_dedup_leaves_padding_out():
     ids = torch.tensor([9, -5, 7, -5, 9, 2**62])
     keys, inverse, pad, groups = PF.dedup(ids, padding_id=-5)
-    assert keys.tolist() == [7, 9, 2**62] and pad == 3
+    assert keys.tolist() == [9, 7, 2**62] and pad == 3  # order of first occurrence, padding id left out
     full = torch.cat([keys, torch.tensor([-5])])
     assert torch.equal(full[inverse], ids)
-    assert groups.padding_pos == 0 and groups.starts.tolist() == [0, 2, 3, 5]  # -5, -5 | 7 | 9, 9 | 2**62
-    assert ids[groups.order].tolist() == [-5, -5, 7, 9, 9, 2**62]
+    assert groups.padding_pos == 1 and groups.starts.tolist() == [0, 2, 4, 5]  # 9, 9 | -5, -5 | 7 | 2**62
+    assert groups.order.tolist() == [0, 4, 1, 3, 2, 5]
     keys2, inverse2, pad2, _ = PF.dedup(ids, padding_id=123)
     assert pad2 is None and torch.equal(keys2[inverse2], ids)
-    u, inv = torch.unique(ids, sorted=True, return_inverse=True)
-    k3, inv3, _, _ = PF.dedup(ids)
-    assert torch.equal(k3, u) and torch.equal(inv3, inv)
+
+
+def test_dedup_matches_a_python_reference():
+    rng = np.random.default_rng(3)
+    for n, space in [(1, 5), (50, 7), (5000, 300), (20000, None)]:  # None: any 64-bit id, negatives included
+        raw = rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64)
+        ids = torch.from_numpy(raw if space is None else raw % space - space // 2)
+        keys, inverse, pad, groups = PF.dedup(ids)
+        first = list(dict.fromkeys(ids.tolist()))  # distinct ids in order of first occurrence
+        assert keys.tolist() == first and pad is None
+        assert torch.equal(keys[inverse], ids)
+        where = {}
+        for i, k in enumerate(ids.tolist()):
+            where.setdefault(k, []).append(i)
+        expect_order = [i for k in first for i in where[k]]
+        expect_starts = np.cumsum([0] + [len(where[k]) for k in first])[:-1].tolist()
+        assert groups.order.tolist() == expect_order and groups.starts.tolist() == expect_starts
     empty = PF.dedup(torch.empty(0, dtype=torch.int64), padding_id=0)
     assert empty.keys.numel() == 0 and empty.inverse.numel() == 0
 

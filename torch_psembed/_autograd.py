@@ -29,7 +29,7 @@ ANCHOR = torch.empty(0, requires_grad=True)
 class Timings:
     """Seconds spent per phase, summed over calls; for ``scripts/bench_embedding.py``.
 
-    Phases: ``unique`` (input checks + ``torch.unique``), ``pull`` (``table.pull`` + output columns),
+    Phases: ``unique`` (input checks + the dedup), ``pull`` (``table.pull`` + output columns),
     ``pool`` (the gather/bag op), ``backward`` (the pooling op's backward: from the output's gradient to the
     unique rows' gradient), ``push`` (show/click counts + ``table.push``). ``calls`` counts forwards.
     """

@@ -1,7 +1,7 @@
 """The stateless computation behind :class:`~torch_psembed.PSEmbedding`.
 
 ``ps_embedding`` checks the input the way ``torch.nn.functional.embedding_bag`` does, dedups the ids
-(``torch.unique`` with the inverse index), pulls the unique rows once through
+(a hash dedup with the inverse index, :func:`dedup`), pulls the unique rows once through
 :class:`~torch_psembed._autograd.PullPush` and builds the output with the very ops ``nn.Embedding`` and
 ``nn.EmbeddingBag`` use, run over the pulled ``(U, D)`` rows with the inverse index as input. So the output is
 that of ``nn.Embedding``/``nn.EmbeddingBag`` over a weight holding the same rows, and autograd reduces the
@@ -217,12 +217,12 @@ def check_input(
 
 
 class Groups(NamedTuple):
-    """The ids grouped by value, from the sort :func:`dedup` does anyway: lets the backward reduce the gradient
-    with one ``embedding_bag`` (parallel) instead of a serial ``index_add_``.
+    """The ids grouped by value, from :func:`dedup`: lets the backward reduce the gradient with one
+    ``embedding_bag`` (parallel) instead of a serial ``index_add_``.
 
-    ``order`` lists the positions of the ids sorted by id, so each id's occurrences are contiguous;
-    ``starts[j]`` is where the j-th distinct id (ascending, the padding id included) starts in ``order``;
-    ``padding_pos`` is the padding id's j (None without padding).
+    ``order`` lists the positions of the ids grouped by id (ascending within a group), so each id's occurrences
+    are contiguous; ``starts[j]`` is where the j-th distinct id (in order of first occurrence, the padding id
+    included) starts in ``order``; ``padding_pos`` is the padding id's j (None without padding).
     """
 
     order: Tensor
@@ -233,7 +233,7 @@ class Groups(NamedTuple):
 class Dedup(NamedTuple):
     """``keys[inverse] == ids`` except at the padding id, which is left out of ``keys`` and mapped to
     ``padding_row = len(keys)`` (a zero row appended after the pulled rows; None when the padding id does not
-    occur). ``keys`` is ascending."""
+    occur). ``keys`` are in order of first occurrence in ``ids``."""
 
     keys: Tensor
     inverse: Tensor
@@ -242,20 +242,23 @@ class Dedup(NamedTuple):
 
 
 def dedup(ids: Tensor, padding_id: Optional[int] = None) -> Dedup:
-    """The unique ids to pull and where each id's row is (``torch.unique(sorted=True, return_inverse=True)``
-    semantics, computed from one ``torch.sort`` whose permutation is kept for the backward)."""
-    n = ids.numel()
-    sorted_ids, order = torch.sort(ids)
-    keys, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    """The unique ids to pull and where each id's row is (like ``torch.unique(return_inverse=True)``, in order of
+    first occurrence), with the groups the backward reduces over.
+
+    One pass of the C++ hash dedup plus a counting sort (``_C.dedup(groups=True)``): O(n), where a sort-based
+    ``torch.unique`` is O(n log n) and, on a busy machine, pays for its parallel sort's threads.
+    """
+    from . import _C
+
+    ids = ids.contiguous()
+    keys, inverse, order, starts = (torch.from_numpy(a) for a in _C.dedup(ids.numpy(), groups=True))
     u = keys.numel()
-    inverse = torch.empty(n, dtype=torch.int64)
-    inverse[order] = torch.repeat_interleave(torch.arange(u), counts)
-    starts = torch.cumsum(counts, 0) - counts
     if padding_id is None or u == 0:
         return Dedup(keys, inverse, None, Groups(order, starts, None))
-    p = int(torch.searchsorted(keys, keys.new_tensor([padding_id]))[0])
-    if p == u or int(keys[p]) != padding_id:
+    hit = (keys == padding_id).nonzero()
+    if hit.numel() == 0:
         return Dedup(keys, inverse, None, Groups(order, starts, None))
+    p = int(hit[0, 0])
     keys = torch.cat([keys[:p], keys[p + 1 :]])
     inverse = torch.where(inverse == p, u - 1, inverse - (inverse > p).long())
     return Dedup(keys, inverse, u - 1, Groups(order, starts, p))

@@ -104,6 +104,18 @@ size_t FirstBadCount(const float* v, size_t n) {
   return n;
 }
 
+// Whether every float of v[0..n) is finite: an OR over exponent bits that the compiler vectorizes,
+// so the common all-finite push pays one streaming pass instead of a per-row check.
+bool AllFinite(const float* v, size_t n) {
+  uint32_t bad = 0;
+  for (size_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, v + i, sizeof(bits));
+    bad |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);  // exponent all ones: Inf or NaN
+  }
+  return bad == 0;
+}
+
 // -------------------------------------------------------------------- config
 
 class DictReader {
@@ -378,7 +390,8 @@ class PyTable {
       py::gil_scoped_release release;
       bad_show = FirstBadCount(s, n);
       bad_click = FirstBadCount(c, n);
-      for (size_t i = 0; i < n; ++i) {
+      const bool all_finite = AllFinite(g, n * gw);
+      for (size_t i = 0; i < n && !all_finite; ++i) {  // rows are searched only if a value is bad
         const float* row = g + i * gw;
         bool finite = true;
         for (size_t d = 0; d < gw; ++d) finite &= std::isfinite(row[d]);
@@ -661,21 +674,30 @@ py::array_t<int32_t> RouteArray(const py::handle& keys_obj, int64_t num_parts) {
   return out;
 }
 
-py::tuple DedupArray(const py::handle& keys_obj) {
+py::tuple DedupArray(const py::handle& keys_obj, bool groups) {
   py::array keys = CheckKeys(keys_obj);
   const size_t n = keys.shape(0);
   const uint64_t* k = KeyPtr(keys);
   std::vector<uint64_t> uniq(n);
   py::array_t<int64_t> inverse(static_cast<py::ssize_t>(n));
+  py::array_t<int64_t> order(static_cast<py::ssize_t>(groups ? n : 0));
   int64_t* inv = inverse.mutable_data();
+  std::vector<int64_t> starts;
   size_t u = 0;
   {
     py::gil_scoped_release release;
     u = Dedup(k, n, uniq.data(), inv);
+    if (groups) {
+      starts.resize(u);
+      GroupByInverse(inv, n, u, order.mutable_data(), starts.data());
+    }
   }
   py::array_t<int64_t> out(static_cast<py::ssize_t>(u));
   std::memcpy(out.mutable_data(), uniq.data(), u * sizeof(uint64_t));
-  return py::make_tuple(out, inverse);
+  if (!groups) return py::make_tuple(out, inverse);
+  py::array_t<int64_t> st(static_cast<py::ssize_t>(u));
+  std::memcpy(st.mutable_data(), starts.data(), u * sizeof(int64_t));
+  return py::make_tuple(out, inverse, order, st);
 }
 
 py::array_t<double> UniformArray(uint64_t seed, const py::handle& keys_obj, uint64_t stream, uint64_t index) {
@@ -693,9 +715,11 @@ py::array_t<double> UniformArray(uint64_t seed, const py::handle& keys_obj, uint
 void RegisterTableBindings(py::module_& m) {
   m.def("mix64", &Mix64Array, py::arg("keys"),
         R"doc(mix64(keys: int64[n]) -> int64[n]: the frozen splitmix64 finalizer of each key (uint64 bits).)doc");
-  m.def("dedup", &DedupArray, py::arg("keys"),
-        R"doc(dedup(keys: int64[n]) -> (unique int64[u], inverse int64[n]): distinct keys in order of first
-occurrence, and unique[inverse] == keys. Hash-based; releases the GIL.)doc");
+  m.def("dedup", &DedupArray, py::arg("keys"), py::arg("groups") = false,
+        R"doc(dedup(keys: int64[n], groups=False) -> (unique int64[u], inverse int64[n]): distinct keys in order
+of first occurrence, and unique[inverse] == keys. With groups=True also (order int64[n], starts int64[u]):
+order[starts[j]:starts[j+1]] are the positions of unique[j] in keys, ascending (a counting sort by inverse).
+Hash-based; releases the GIL.)doc");
   m.def("route", &RouteArray, py::arg("keys"), py::arg("num_parts"),
         R"doc(route(keys: int64[n], num_parts: int) -> int32[n]: owner part mix64(k) % num_parts (unsigned).)doc");
   m.def("uniform", &UniformArray, py::arg("seed"), py::arg("keys"), py::arg("stream"), py::arg("index"),

@@ -39,4 +39,19 @@ size_t Dedup(const uint64_t* keys, size_t n, uint64_t* unique, int64_t* inverse)
   return u;
 }
 
+void GroupByInverse(const int64_t* inverse, size_t n, size_t u, int64_t* order, int64_t* starts) {
+  for (size_t j = 0; j < u; ++j) starts[j] = 0;
+  for (size_t i = 0; i < n; ++i) ++starts[inverse[i]];
+  int64_t sum = 0;
+  for (size_t j = 0; j < u; ++j) {  // counts -> exclusive prefix sums
+    const int64_t c = starts[j];
+    starts[j] = sum;
+    sum += c;
+  }
+  // Fill with a cursor per group; starts[] doubles as the cursor and is shifted back afterwards.
+  for (size_t i = 0; i < n; ++i) order[starts[inverse[i]]++] = static_cast<int64_t>(i);
+  for (size_t j = u; j-- > 1;) starts[j] = starts[j - 1];
+  if (u > 0) starts[0] = 0;
+}
+
 }  // namespace psembed

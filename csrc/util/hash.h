@@ -54,6 +54,11 @@ inline double Uniform01(uint64_t seed, uint64_t key, uint64_t stream, uint64_t i
 // occurrence and, for each i, inverse[i] = the position of keys[i] in unique. Returns the count.
 size_t Dedup(const uint64_t* keys, size_t n, uint64_t* unique, int64_t* inverse);
 
+// The positions grouped by distinct key, from Dedup's inverse (u distinct keys): for each j < u,
+// order[starts[j] .. starts[j + 1]) (starts[u] = n implied) are the i with inverse[i] == j,
+// ascending. A counting sort: O(n + u). REQUIRES: every inverse[i] in [0, u).
+void GroupByInverse(const int64_t* inverse, size_t n, size_t u, int64_t* order, int64_t* starts);
+
 }  // namespace psembed
 
 #endif  // PSEMBED_UTIL_HASH_H_
