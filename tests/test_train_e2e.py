@@ -172,3 +172,22 @@ def test_slot_format_directory_with_bad_rows(tmp_path):
     evals = [r for r in res["records"] if r["event"] == "eval"]
     assert len(evals) == 2  # no day after the last one and no --test-path
     assert evals[-1]["auc"] > 0.7
+
+
+def test_num_workers_default_follows_spare_cores(monkeypatch):
+    import torch_psembed.train as T
+
+    cfg = load_config([])
+    assert cfg["data"]["num_workers"] is None
+    monkeypatch.setattr(T, "_cores", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert T._num_workers(cfg) == 0  # no spare core: the trainers generate their own batches
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert T._num_workers(cfg) == 1
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setattr(T, "_cores", lambda: 1)
+    assert T._num_workers(cfg) == 0
+    assert T._num_workers(load_config(["--num-workers", "3"])) == 3  # an explicit value is kept
+    for bad in ("-1", "1.5", "true"):
+        with pytest.raises(ValueError, match="num_workers"):
+            load_config(["--set", f"data.num_workers={bad}"])

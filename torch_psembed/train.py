@@ -50,7 +50,9 @@ DEFAULTS: Dict[str, Any] = {
         "file_days": None,
         "slots": None,
         "batch_size": 1024,
-        "num_workers": 1,
+        # DataLoader workers per process; None: 1 when this machine has more cores than local ranks, else 0
+        # (without a spare core a worker only adds inter-process copies: ~40% fewer samples/s on 2 cores)
+        "num_workers": None,
         "synthetic": {
             "num_slots": 26,
             "samples_per_day": 400_000,
@@ -138,7 +140,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-day", type=int, help="synthetic: training samples per day")
     p.add_argument("--test-samples", type=int, help="synthetic: evaluation samples per day")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--num-workers", type=int, help="DataLoader workers per process")
+    p.add_argument("--num-workers", type=int,
+                   help="DataLoader workers per process (default: 1 if there are more cores than local ranks, else 0)")
     p.add_argument("--model", choices=["dnn", "deepfm"])
     p.add_argument("--embedding", choices=["ps", "hashed"], help="PS table or the hashed EmbeddingBag baseline")
     p.add_argument("--dim", type=int, help="mf width (the hashed baseline uses dim + 1 columns)")
@@ -204,6 +207,9 @@ def _validate(cfg: Dict[str, Any]) -> None:
         raise ValueError(f"data.kind must be 'synthetic', 'criteo' or 'slot', got {cfg['data']['kind']!r}")
     if cfg["data"]["kind"] != "synthetic" and not cfg["data"]["path"]:
         raise ValueError(f"data.kind={cfg['data']['kind']!r} needs data.path (--data-path)")
+    nw = cfg["data"]["num_workers"]
+    if nw is not None and (isinstance(nw, bool) or not isinstance(nw, int) or nw < 0):
+        raise ValueError(f"data.num_workers must be null or an int >= 0, got {nw!r}")
     if cfg["embedding"]["kind"] not in ("ps", "hashed"):
         raise ValueError(f"embedding.kind must be 'ps' or 'hashed', got {cfg['embedding']['kind']!r}")
     if cfg["resume"] and not cfg["out"]:
@@ -454,9 +460,24 @@ def _expected(source, cfg: Dict[str, Any], rt: _Runtime, split: str) -> Optional
     return None
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def _num_workers(cfg: Dict[str, Any]) -> int:
+    """``data.num_workers``, or when it is None: 1 if the machine has more cores than local ranks, else 0."""
+    n = cfg["data"]["num_workers"]
+    if n is None:
+        return 1 if _cores() > int(os.environ.get("LOCAL_WORLD_SIZE", "1")) else 0
+    return n
+
+
 def _run_pass(job: _Job, rt: _Runtime, cfg: Dict[str, Any], source, day: int, p: int) -> Dict[str, Any]:
     ds = source.train_dataset(day, p, cfg["passes_per_day"], rt.rank, rt.world)
-    stream = BatchStream(make_loader(ds, cfg["data"]["num_workers"]))
+    stream = BatchStream(make_loader(ds, _num_workers(cfg)))
     metrics = PassMetrics()
     job.model.train()
     bar = _progress(rt, cfg, _expected(source, cfg, rt, "train"), f"day {day} pass {p}")
@@ -479,7 +500,7 @@ def _run_eval(job: _Job, rt: _Runtime, cfg: Dict[str, Any], source, day: int) ->
     ds = source.eval_dataset(day, rt.rank, rt.world)
     if ds is None:
         return None
-    stream = BatchStream(make_loader(ds, cfg["data"]["num_workers"]))
+    stream = BatchStream(make_loader(ds, _num_workers(cfg)))
     metrics = PassMetrics()
     job.model.eval()
     bar = _progress(rt, cfg, _expected(source, cfg, rt, "test"), f"eval after day {day}")
@@ -572,7 +593,8 @@ def _main(cfg: Dict[str, Any], rt: _Runtime) -> Dict[str, Any]:
             os.remove(os.path.join(out, "metrics.jsonl"))
     e = cfg["embedding"]
     _log(rt, f"[psembed-train] out={out} ranks={rt.world} data={cfg['data']['kind']} embedding={e['kind']} "
-             f"model={cfg['model']['kind']} days={days} passes/day={cfg['passes_per_day']}")
+             f"model={cfg['model']['kind']} days={days} passes/day={cfg['passes_per_day']} "
+             f"workers={_num_workers(cfg)}")
     t_job = time.perf_counter()
     for day in range(start_day, days):
         for p in range(cfg["passes_per_day"]):
