@@ -59,3 +59,19 @@ def test_targets_when_no_hashed_size_reaches_or_the_smallest_does():
     assert t["largest_hashed_below"] is None and t["memory_ratio_upper"] is None
     with pytest.raises(ValueError, match="no hashed runs"):
         c.compute_targets({"ps": _r(0.7, 1.0, 1.0)})
+
+
+def test_summarize_takes_the_peak_bytes_and_the_mean_next_day_auc():
+    c = _compare()
+    recs = [
+        {"event": "pass", "day": 0, "bytes": 100, "keys": 10, "samples_per_s": 10.0, "rss_mb": 5},
+        {"event": "pass", "day": 1, "bytes": 300, "keys": 30, "samples_per_s": 20.0, "rss_mb": 7},
+        {"event": "eval", "day": 0, "auc": 0.6, "logloss": 0.5, "oracle_auc": 0.8},
+        {"event": "pass", "day": 2, "bytes": 200, "keys": 20, "samples_per_s": 30.0, "rss_mb": 6},
+        {"event": "eval", "day": 1, "auc": 0.7, "logloss": 0.3, "oracle_auc": 0.9},
+        {"event": "end", "seconds": 1.0},
+    ]
+    s = c.summarize(recs, wall=2.0)
+    assert s["bytes"] == 300 and s["bytes_last"] == 200 and s["keys"] == 20 and s["rss_mb"] == 7
+    assert s["auc"] == pytest.approx(0.65) and s["auc_last"] == 0.7 and s["logloss"] == pytest.approx(0.4)
+    assert s["oracle_auc"] == pytest.approx(0.85) and s["samples_per_s"] == pytest.approx(20.0)
