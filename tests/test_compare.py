@@ -16,19 +16,19 @@ def _compare():
     return mod
 
 
-def _r(auc, mib, sps):
-    return {"auc": auc, "bytes": int(mib * 2**20), "samples_per_s": sps}
+def _r(auc, mib, sps, cpu_sps=None):
+    return {"auc": auc, "bytes": int(mib * 2**20), "samples_per_s": sps, "samples_per_cpu_s": cpu_sps}
 
 
 def test_targets_bracket_the_memory_ratio():
     c = _compare()
     results = {
-        "ps": _r(0.7050, 6.0, 30000),
+        "ps": _r(0.7050, 6.0, 30000, 18000),
         "hashed-32768": _r(0.6950, 2.25, 31000),
         "hashed-65536": _r(0.6996, 4.5, 29000),
         "hashed-131072": _r(0.7042, 9.0, 28000),   # within 0.002 of 0.7050: the smallest reaching it
         "hashed-262144": _r(0.7049, 18.0, 27000),
-        "hashed-1048576": _r(0.7052, 72.0, 25000),  # the best AUC
+        "hashed-1048576": _r(0.7052, 72.0, 25000, 12000),  # the best AUC
     }
     t = c.compute_targets(results, auc_tol=0.002)
     assert t["best_hashed"] == "hashed-1048576"
@@ -38,6 +38,7 @@ def test_targets_bracket_the_memory_ratio():
     assert t["largest_hashed_below"] == "hashed-65536"
     assert t["memory_ratio_upper"] == pytest.approx(6.0 / 4.5, rel=1e-6)
     assert t["speed_ratio_vs_best_hashed"] == pytest.approx(30000 / 25000)
+    assert t["cpu_speed_ratio_vs_best_hashed"] == pytest.approx(18000 / 12000)
     # a coarser grid (x4) reports a lower ratio for the same runs: why the bracket is printed
     coarse = {k: v for k, v in results.items() if k not in ("hashed-32768", "hashed-131072")}
     tc = c.compute_targets(coarse, auc_tol=0.002)
@@ -53,6 +54,7 @@ def test_targets_when_no_hashed_size_reaches_or_the_smallest_does():
     assert t["memory_ratio_at_equal_auc"] is None and t["smallest_hashed_at_equal_auc"] is None
     assert t["largest_hashed_below"] is None and t["memory_ratio_upper"] is None
     assert t["best_hashed"] == "hashed-4096" and t["speed_ratio_vs_best_hashed"] == pytest.approx(0.5)
+    assert t["cpu_speed_ratio_vs_best_hashed"] is None  # not recorded
     smallest = {"ps": _r(0.70, 2.0, 1.0), "hashed-1024": _r(0.6985, 1.0, 1.0), "hashed-4096": _r(0.71, 4.0, 1.0)}
     t = c.compute_targets(smallest)
     assert t["smallest_hashed_at_equal_auc"] == "hashed-1024" and t["memory_ratio_at_equal_auc"] == pytest.approx(2.0)
@@ -64,10 +66,10 @@ def test_targets_when_no_hashed_size_reaches_or_the_smallest_does():
 def test_summarize_takes_the_peak_bytes_and_the_mean_next_day_auc():
     c = _compare()
     recs = [
-        {"event": "pass", "day": 0, "bytes": 100, "keys": 10, "samples_per_s": 10.0, "rss_mb": 5},
-        {"event": "pass", "day": 1, "bytes": 300, "keys": 30, "samples_per_s": 20.0, "rss_mb": 7},
+        {"event": "pass", "day": 0, "bytes": 100, "keys": 10, "samples_per_s": 10.0, "rss_mb": 5, "samples_per_cpu_s": 4.0},
+        {"event": "pass", "day": 1, "bytes": 300, "keys": 30, "samples_per_s": 20.0, "rss_mb": 7, "samples_per_cpu_s": 6.0},
         {"event": "eval", "day": 0, "auc": 0.6, "logloss": 0.5, "oracle_auc": 0.8},
-        {"event": "pass", "day": 2, "bytes": 200, "keys": 20, "samples_per_s": 30.0, "rss_mb": 6},
+        {"event": "pass", "day": 2, "bytes": 200, "keys": 20, "samples_per_s": 30.0, "rss_mb": 6, "samples_per_cpu_s": 8.0},
         {"event": "eval", "day": 1, "auc": 0.7, "logloss": 0.3, "oracle_auc": 0.9},
         {"event": "end", "seconds": 1.0},
     ]
@@ -75,3 +77,4 @@ def test_summarize_takes_the_peak_bytes_and_the_mean_next_day_auc():
     assert s["bytes"] == 300 and s["bytes_last"] == 200 and s["keys"] == 20 and s["rss_mb"] == 7
     assert s["auc"] == pytest.approx(0.65) and s["auc_last"] == 0.7 and s["logloss"] == pytest.approx(0.4)
     assert s["oracle_auc"] == pytest.approx(0.85) and s["samples_per_s"] == pytest.approx(20.0)
+    assert s["samples_per_cpu_s"] == pytest.approx(6.0)

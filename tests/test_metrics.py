@@ -4,6 +4,8 @@ import itertools
 import json
 import math
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -74,6 +76,7 @@ def test_pass_metrics_single_process():
     assert r["oracle_auc"] == pytest.approx(r["auc"])
     assert r["ctr"] == pytest.approx(Y.mean()) and r["pred_ctr"] == pytest.approx(P.mean())
     assert r["samples_per_s"] > 0
+    assert r["cpu_seconds"] >= 0 and r["samples_per_cpu_s"] == pytest.approx(320 / r["cpu_seconds"])
     # running AUC: the last whole batches covering >= window samples (here 2 batches of 64)
     assert m.running_auc() == pytest.approx(auc(np.concatenate(ps[-2:]), np.concatenate(ys[-2:])))
     assert "oracle_auc" not in PassMetrics().result() and PassMetrics().result()["samples"] == 0
@@ -107,3 +110,15 @@ def test_plot_and_summary(tmp_path):
     lines = table.splitlines()
     assert len(lines) == 4 and lines[2].split()[:4] == ["0", "0.7000", "0.6900", "0.8000"]
     assert lines[3].split()[5] == "200"
+
+
+def test_pass_metrics_cpu_seconds_count_this_process():
+    m = PassMetrics()
+    t0 = time.process_time()
+    x = 0
+    while time.process_time() - t0 < 0.05:  # burn 50 ms of CPU, however long that takes on a busy machine
+        x += 1
+    m.add(torch.full((10,), 0.5), torch.ones(10))
+    r = m.result()
+    assert r["cpu_seconds"] >= 0.05 and r["seconds"] > 0
+    assert r["samples_per_cpu_s"] == pytest.approx(10 / r["cpu_seconds"])

@@ -40,6 +40,7 @@ def _check_run(out, days=2, passes=2, min_auc=0.6):
     for r in recs:
         if r["event"] == "pass":
             assert r["samples"] > 0 and r["keys"] > 0 and r["bytes"] > 0 and r["samples_per_s"] > 0
+            assert r["cpu_seconds"] > 0 and r["samples_per_cpu_s"] > 0
             assert 0.0 <= r["auc"] <= 1.0 and r["logloss"] > 0 and "created" in r and "deleted" in r
     last = [r for r in recs if r["event"] == "eval"][-1]
     assert last["auc"] > min_auc, last  # clearly above chance

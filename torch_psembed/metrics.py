@@ -69,6 +69,7 @@ class PassMetrics:
         self._oracle: List[np.ndarray] = []
         self.samples = 0
         self.start = time.perf_counter()
+        self.cpu_start = time.process_time()
 
     def add(self, probs: torch.Tensor, labels: torch.Tensor, oracle: Optional[torch.Tensor] = None) -> None:
         self._probs.append(probs.detach().reshape(-1).float().numpy().copy())
@@ -91,12 +92,19 @@ class PassMetrics:
         return cat(self._probs), cat(self._labels), cat(self._oracle)
 
     def result(self, group=None) -> Dict[str, Any]:
-        """``auc``, ``logloss``, ``samples``, ``ctr``, ``pred_ctr``, ``seconds``, ``samples_per_s`` and
-        ``oracle_auc`` (when oracle probabilities were given), over all ranks of ``group`` (collective)."""
+        """``auc``, ``logloss``, ``samples``, ``ctr``, ``pred_ctr``, ``seconds``, ``samples_per_s``,
+        ``cpu_seconds``, ``samples_per_cpu_s`` and ``oracle_auc`` (when oracle probabilities were given), over
+        all ranks of ``group`` (collective).
+
+        ``seconds`` is the slowest rank's wall time; ``cpu_seconds`` the sum over ranks of the CPU time of
+        each process (all its threads, user + system; not DataLoader worker processes), which other jobs on a
+        shared machine disturb much less than wall time.
+        """
         seconds = time.perf_counter() - self.start
+        cpu = time.process_time() - self.cpu_start
         p, y, o = self._local()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            p, y, o, seconds = _gather(p, y, o, seconds, group)
+            p, y, o, seconds, cpu = _gather(p, y, o, seconds, cpu, group)
         out: Dict[str, Any] = {
             "samples": int(p.size),
             "auc": auc(p, y),
@@ -105,6 +113,8 @@ class PassMetrics:
             "pred_ctr": float(p.mean()) if p.size else float("nan"),
             "seconds": seconds,
             "samples_per_s": p.size / seconds if seconds > 0 else float("nan"),
+            "cpu_seconds": cpu,
+            "samples_per_cpu_s": p.size / cpu if cpu > 0 else float("nan"),
         }
         if o.size == p.size and o.size:
             out["oracle_auc"] = auc(o, y)
@@ -112,12 +122,13 @@ class PassMetrics:
         return out
 
 
-def _gather(p: np.ndarray, y: np.ndarray, o: np.ndarray, seconds: float, group):
-    """Concatenate every rank's (probs, labels, oracle) in rank order; the slowest rank's seconds."""
+def _gather(p: np.ndarray, y: np.ndarray, o: np.ndarray, seconds: float, cpu: float, group):
+    """Concatenate every rank's (probs, labels, oracle) in rank order; the slowest rank's seconds; the sum
+    of the ranks' CPU seconds."""
     dist = torch.distributed
     ws = dist.get_world_size(group)
     local = torch.from_numpy(np.stack([p, y, o]) if o.size == p.size else np.stack([p, y, np.full_like(p, np.nan)]))
-    meta = torch.tensor([[float(p.size), seconds]], dtype=torch.float64)
+    meta = torch.tensor([[float(p.size), seconds, cpu]], dtype=torch.float64)
     metas = [torch.zeros_like(meta) for _ in range(ws)]
     dist.all_gather(metas, meta, group=group)
     sizes = [int(m[0, 0]) for m in metas]
@@ -128,7 +139,7 @@ def _gather(p: np.ndarray, y: np.ndarray, o: np.ndarray, seconds: float, group):
     dist.all_gather(bufs, padded, group=group)
     allv = torch.cat([b[:, :k] for b, k in zip(bufs, sizes)], 1).numpy()
     oracle = allv[2] if allv.shape[1] and not np.isnan(allv[2]).any() else np.zeros(0, np.float32)
-    return allv[0], allv[1], oracle, max(float(m[0, 1]) for m in metas)
+    return allv[0], allv[1], oracle, max(float(m[0, 1]) for m in metas), sum(float(m[0, 2]) for m in metas)
 
 
 def _clean(v: Any) -> Any:
