@@ -625,3 +625,20 @@ def test_dedup_first_occurrence_order_and_inverse():
         _C.dedup(np.array([1, 2], np.int32))
     with pytest.raises((ValueError, TypeError), match="keys"):
         _C.dedup(np.arange(6, dtype=np.int64)[::2])
+
+
+def test_group_by_owner_is_a_stable_counting_sort_by_route():
+    rng = np.random.default_rng(6)
+    for parts in (1, 2, 3, 7):
+        for keys in (rng.integers(-(2**63), 2**63 - 1, 2000, dtype=np.int64), np.zeros(0, np.int64)):
+            order, starts = _C.group_by_owner(keys, parts)
+            owners = np.asarray(_C.route(keys, parts))
+            # reference: positions of part p, ascending, one part after the other
+            expect = [i for p in range(parts) for i in np.flatnonzero(owners == p).tolist()]
+            counts = np.bincount(owners, minlength=parts)
+            assert order.tolist() == expect
+            assert starts.tolist() == (np.cumsum(counts) - counts).tolist()
+    with pytest.raises(ValueError, match="num_parts"):
+        _C.group_by_owner(np.arange(3, dtype=np.int64), 0)
+    with pytest.raises((ValueError, TypeError), match="keys"):
+        _C.group_by_owner(np.array([1.0]), 2)

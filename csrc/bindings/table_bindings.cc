@@ -674,6 +674,27 @@ py::array_t<int32_t> RouteArray(const py::handle& keys_obj, int64_t num_parts) {
   return out;
 }
 
+py::tuple GroupByOwnerArray(const py::handle& keys_obj, int64_t num_parts) {
+  if (num_parts < 1 || num_parts > std::numeric_limits<int32_t>::max()) {
+    throw py::value_error("num_parts must be in [1, 2**31), got " + std::to_string(num_parts));
+  }
+  py::array keys = CheckKeys(keys_obj);
+  const size_t n = keys.shape(0);
+  const size_t parts = static_cast<size_t>(num_parts);
+  py::array_t<int64_t> order(static_cast<py::ssize_t>(n));
+  py::array_t<int64_t> starts(static_cast<py::ssize_t>(parts));
+  const uint64_t* k = KeyPtr(keys);
+  int64_t* o = order.mutable_data();
+  int64_t* st = starts.mutable_data();
+  {
+    py::gil_scoped_release release;
+    std::vector<int64_t> owner(n);
+    for (size_t i = 0; i < n; ++i) owner[i] = Route(k[i], static_cast<uint32_t>(parts));
+    GroupByInverse(owner.data(), n, parts, o, st);
+  }
+  return py::make_tuple(order, starts);
+}
+
 py::tuple DedupArray(const py::handle& keys_obj, bool groups) {
   py::array keys = CheckKeys(keys_obj);
   const size_t n = keys.shape(0);
@@ -722,6 +743,10 @@ order[starts[j]:starts[j+1]] are the positions of unique[j] in keys, ascending (
 Hash-based; releases the GIL.)doc");
   m.def("route", &RouteArray, py::arg("keys"), py::arg("num_parts"),
         R"doc(route(keys: int64[n], num_parts: int) -> int32[n]: owner part mix64(k) % num_parts (unsigned).)doc");
+  m.def("group_by_owner", &GroupByOwnerArray, py::arg("keys"), py::arg("num_parts"),
+        R"doc(group_by_owner(keys: int64[n], num_parts) -> (order int64[n], starts int64[num_parts]): the positions
+of keys grouped by owner route(k, num_parts): order[starts[p]:starts[p+1]] (the last up to n) are those of part p,
+ascending. A counting sort; releases the GIL.)doc");
   m.def("uniform", &UniformArray, py::arg("seed"), py::arg("keys"), py::arg("stream"), py::arg("index"),
         R"doc(uniform(seed, keys, stream, index) -> float64[n]: the counter-based generator,
 (splitmix64(seed ^ mix64(key) ^ ((stream << 56) + index)) >> 40) * 2**-24, where

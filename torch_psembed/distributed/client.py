@@ -88,17 +88,10 @@ class ShardedTable:
         """``(server, positions into keys)`` for each server owning some of ``keys`` (keys already unique)."""
         if self.num_servers == 1:
             return [(0, None)]
-        owners = _C.route(keys, self.num_servers)
-        order = np.argsort(owners, kind="stable")
-        counts = np.bincount(owners, minlength=self.num_servers)
-        out = []
-        start = 0
-        for s in range(self.num_servers):
-            n = int(counts[s])
-            if n:
-                out.append((s, order[start : start + n]))
-            start += n
-        return out
+        # a counting sort in C++: O(n), where a stable argsort of the owners is O(n log n)
+        order, starts = _C.group_by_owner(keys, self.num_servers)
+        ends = np.append(starts[1:], keys.shape[0])
+        return [(s, order[starts[s] : ends[s]]) for s in range(self.num_servers) if ends[s] > starts[s]]
 
     def _plan(self, keys: np.ndarray):
         """``(unique keys, inverse index, parts by server)`` of ``keys``.
@@ -180,7 +173,10 @@ class ShardedTable:
                 rows = r
             else:
                 rows[pos] = r
-        out = np.take(rows, inverse, axis=0)  # np.take is ~3x faster than rows[inverse] for 2-D rows
+        if uniq.shape[0] == n:  # distinct keys (PSEmbedding pulls its unique ids): inverse is the identity
+            out = rows
+        else:
+            out = np.take(rows, inverse, axis=0)  # np.take is ~3x faster than rows[inverse] for 2-D rows
         t4 = time.perf_counter()
         tm = self.timers
         tm["staleness_wait"] += t1 - t0
@@ -243,11 +239,8 @@ class ShardedTable:
         n = keys.shape[0]
         uniq, inverse, parts = self._plan(keys)
         u = uniq.shape[0]
-        if u == n:  # no duplicates: a permutation
-            order = np.empty(n, np.int64)
-            order[inverse] = np.arange(n)
-            g, s_m, c_m = grads[order], shows[order], clicks[order]
-            sl_m = None if slots is None else slots[order]
+        if u == n:  # distinct keys (PSEmbedding pushes its unique ids): the dedup kept their order
+            g, s_m, c_m, sl_m = grads, shows, clicks, slots
         else:
             inv_t = torch.from_numpy(inverse)
             g = torch.zeros((u, grads.shape[1]), dtype=torch.float32).index_add_(0, inv_t, torch.from_numpy(grads))
@@ -261,6 +254,9 @@ class ShardedTable:
                 sl_m = slots[last.numpy()]
         for s, pos in parts:
             if pos is None:
+                if g is grads:  # the caller's arrays: copy, the push is in flight after we return
+                    g, s_m, c_m = g.copy(), s_m.copy(), c_m.copy()
+                    sl_m = None if sl_m is None else sl_m.copy()
                 self._send(s, uniq, g, s_m, c_m, sl_m)
             else:
                 self._send(s, uniq[pos], np.take(g, pos, axis=0), s_m[pos], c_m[pos],
