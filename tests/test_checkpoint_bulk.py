@@ -190,3 +190,39 @@ def test_read_segments_maps_the_files_and_splits_by_owner(tmp_path):
         assert np.all(_C.route(pk, 3) == j) and np.all(_C.route(ptomb, 3) == j)
         got += pk.tolist()
     assert sorted(got) == sorted(whole["keys"].tolist())
+
+
+@pytest.mark.parametrize("num_buckets", [1, 6])
+def test_save_buckets_writes_what_export_buckets_holds(tmp_path, num_buckets):
+    import zlib
+
+    t = populated("ftrl", n=800, seed=9)._backend
+    x = t.export_buckets("checkpoint", num_buckets, F.BUCKET_SALT)
+    paths = [str(tmp_path / f"b{b}.{c}") for b in range(num_buckets) for c in F.ROW_COLUMNS]
+    r = t.save_buckets("checkpoint", num_buckets, F.BUCKET_SALT, paths)
+    assert r["rows"] == x["keys"].shape[0] and r["mf_rows"] == int(x["mf_rows"].sum())
+    assert r["tombstones"].tolist() == x["tombstones"].tolist()
+    assert r["pending_tombstones"] == x["pending_tombstones"]
+    written = {(b, c) for b, c, *_ in r["files"]}
+    for b in range(num_buckets):
+        want = bucket_slices(x, b)
+        if not want["keys"].size:
+            assert not any((b, c) in written for c in range(4))
+            continue
+        for c, col in enumerate(F.ROW_COLUMNS):
+            data = open(paths[4 * b + c], "rb").read()
+            assert data == np.ascontiguousarray(want[col]).tobytes(), (b, col)
+            entry = next(f for f in r["files"] if f[:2] == (b, c))
+            assert entry[2] == want[col].shape[0] and entry[3] == len(data)
+            assert entry[4] == zlib.crc32(data), "zlib's crc32"
+
+
+def test_save_buckets_reports_a_failed_write_naming_the_file(tmp_path):
+    t = populated(n=200, seed=1)._backend
+    paths = [str(tmp_path / "missing-dir" / f"{b}.{c}") for b in range(2) for c in F.ROW_COLUMNS]
+    with pytest.raises(OSError, match="missing-dir"):
+        t.save_buckets("checkpoint", 2, F.BUCKET_SALT, paths)
+    with pytest.raises(ValueError, match="4 paths per bucket"):
+        t.save_buckets("checkpoint", 2, F.BUCKET_SALT, paths[:7])
+    t.push(np.array([12345], np.int64), np.ones((1, 1 + t.dim), np.float32), np.ones(1, np.float32),
+           np.zeros(1, np.float32))  # the gate was released

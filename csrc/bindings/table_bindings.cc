@@ -480,6 +480,37 @@ class PyTable {
     return d;
   }
 
+  py::dict SaveBuckets(const std::string& mode_name, int64_t buckets, uint64_t salt, const std::vector<std::string>& paths) {
+    const ExportMode mode = ParseMode(mode_name);
+    if (buckets < 1 || buckets > (int64_t{1} << 20)) {
+      throw py::value_error("buckets must be in [1, 2**20], got " + std::to_string(buckets));
+    }
+    if (paths.size() != static_cast<size_t>(buckets) * 4) {
+      throw py::value_error("paths must hold 4 paths per bucket (keys, base, has_mf, mf), got " +
+                            std::to_string(paths.size()) + " for " + std::to_string(buckets) + " buckets");
+    }
+    BucketSave r;
+    Status st;
+    {
+      py::gil_scoped_release release;
+      st = table_->SaveBuckets(mode, static_cast<uint32_t>(buckets), salt, paths, &r);
+    }
+    if (!st.ok()) {
+      PyErr_SetString(st.code() == Status::kIOError ? PyExc_OSError : PyExc_ValueError, st.message().c_str());
+      throw py::error_already_set();
+    }
+    py::list files;
+    for (const SavedFile& f : r.files) files.append(py::make_tuple(f.bucket, f.column, f.rows, f.bytes, f.crc32));
+    const py::ssize_t nt = static_cast<py::ssize_t>(r.tombstones.size());
+    py::dict d;
+    d["files"] = files;
+    d["rows"] = r.rows;
+    d["mf_rows"] = r.mf_rows;
+    d["tombstones"] = VectorToArray<int64_t>(std::move(r.tombstones), {nt});
+    d["pending_tombstones"] = r.pending_tombstones;
+    return d;
+  }
+
   void CommitSave(const std::string& mode_name, const py::handle& keys_obj, const py::handle& ds_obj,
                   int64_t tombstones) {
     const ExportMode mode = ParseMode(mode_name);
@@ -814,6 +845,11 @@ pending_tombstones): the rows export(mode) returns, of one moment, grouped by bu
 Bucket b is rows row_begin[b]:row_begin[b+1] of keys/base/has_mf, ascending by key as uint64; its mf rows are
 rows row_begin[b]:row_begin[b]+mf_rows[b] of mf (mf has one row of room per row; the rest is unused).
 tombstones: the whole pending list (checkpoint, delta) or empty. The save path (docs/format.md).)doc")
+      .def("save_buckets", &PyTable::SaveBuckets, py::arg("mode"), py::arg("buckets"), py::arg("salt"), py::arg("paths"),
+           R"doc(save_buckets(mode, buckets, salt, paths) -> dict(files, rows, mf_rows, tombstones, pending_tombstones):
+the rows export_buckets returns, written straight to paths[4*b + c] (c: keys, base, has_mf, mf) bucket by bucket
+while mutating calls wait; buckets without rows get no files. files: (bucket, column index, rows, bytes, crc32)
+per file written, by bucket then column. Not fsynced. OSError naming the file if a write fails.)doc")
       .def("commit_save", &PyTable::CommitSave, py::arg("mode"), py::arg("keys"), py::arg("delta_scores"),
            py::arg("tombstones"))
       .def("load_segments", &PyTable::LoadSegments, py::arg("segments"),

@@ -2,10 +2,16 @@
 
 #include "table/sparse_table.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <mutex>
 #include <numeric>
 
 #include "util/hash.h"
@@ -563,7 +569,9 @@ void RadixSortByKey(BucketEntry* e, BucketEntry* tmp, size_t n) {
 }
 }  // namespace
 
-void SparseTable::ExportBuckets(ExportMode mode, uint32_t buckets, uint64_t salt, BucketExport* out) {
+void SparseTable::ExportBucketsWith(ExportMode mode, uint32_t buckets, uint64_t salt,
+                                    std::vector<uint64_t>* row_begin, const BucketPlace& place,
+                                    const BucketDone& done, std::vector<uint64_t>* tombstones, size_t* pending) {
   const RowLayout& lay = layout();
   const size_t bw = lay.base_export_width();
   const size_t mw = lay.mf_width();
@@ -585,8 +593,7 @@ void SparseTable::ExportBuckets(ExportMode mode, uint32_t buckets, uint64_t salt
     }
     return false;
   };
-  out->row_begin.assign(nb + 1, 0);
-  out->mf_rows.assign(nb, 0);
+  row_begin->assign(nb + 1, 0);
   std::vector<uint64_t> cursor(num_shards * nb, 0);  // [s * nb + b]: rows of shard s in bucket b, then
                                                      // where shard s writes its next row of bucket b
 
@@ -605,25 +612,20 @@ void SparseTable::ExportBuckets(ExportMode mode, uint32_t buckets, uint64_t salt
   }, threads);
   uint64_t n = 0;
   for (size_t b = 0; b < nb; ++b) {
-    out->row_begin[b] = n;
+    (*row_begin)[b] = n;
     for (size_t s = 0; s < num_shards; ++s) {
       const uint64_t c = cursor[s * nb + b];
       cursor[s * nb + b] = n;  // bucket-major, shard-minor
       n += c;
     }
   }
-  out->row_begin[nb] = n;
-  out->rows = n;
-  out->keys = ExportBuffer(n * sizeof(uint64_t));
-  out->base = ExportBuffer(n * bw * sizeof(float));
-  out->has_mf = ExportBuffer(n);
-  out->mf = ExportBuffer(n * mw * sizeof(float));
+  (*row_begin)[nb] = n;
   ExportBuffer entry_buf(n * sizeof(BucketEntry));
   BucketEntry* entries = entry_buf.as<BucketEntry>();
   // Sort scratch: one buffer of the largest bucket per running task, reused from bucket to bucket (fresh
   // memory is slow to first-touch: see export_buffer.h).
   uint64_t max_bucket = 0;
-  for (size_t b = 0; b < nb; ++b) max_bucket = std::max(max_bucket, out->row_begin[b + 1] - out->row_begin[b]);
+  for (size_t b = 0; b < nb; ++b) max_bucket = std::max(max_bucket, (*row_begin)[b + 1] - (*row_begin)[b]);
   Mutex scratch_mu;
   std::vector<ExportBuffer> scratch;  // idle buffers
   // 2. Each shard lists its rows into its slice of every bucket.
@@ -636,17 +638,13 @@ void SparseTable::ExportBuckets(ExportMode mode, uint32_t buckets, uint64_t salt
       if (keep(sh, row)) entries[cur[bucket_of(key)]++] = BucketEntry{key, tag | row};
     });
   }, threads);
-  // 3. Per bucket: sort by key, then copy each row from its shard into the final layout. The reads
-  // are random: the record is prefetched kAhead rows ahead, its mf block kMfAhead rows ahead (from
-  // the record's mf_index, which has arrived by then).
-  uint64_t* keys = out->keys.as<uint64_t>();
-  float* base = out->base.as<float>();
-  uint8_t* has_mf = out->has_mf.as<uint8_t>();
-  float* mf = out->mf.as<float>();
+  // 3. Per bucket: sort by key, then copy each row from its shard to where place() says, and hand the
+  // bucket to done(). The reads are random: the record is prefetched kAhead rows ahead, its mf block
+  // kMfAhead rows ahead (from the record's mf_index, which has arrived by then).
   const size_t rec_bytes = lay.base_bytes();
   const size_t mf_bytes = lay.mf_bytes();
   pool_->ParallelFor(nb, [&](size_t b) {
-    const uint64_t lo = out->row_begin[b], hi = out->row_begin[b + 1];
+    const uint64_t lo = (*row_begin)[b], hi = (*row_begin)[b + 1];
     ExportBuffer tmp;
     {
       MutexLock l(&scratch_mu);
@@ -661,10 +659,10 @@ void SparseTable::ExportBuckets(ExportMode mode, uint32_t buckets, uint64_t salt
       MutexLock l(&scratch_mu);
       scratch.push_back(std::move(tmp));
     }
+    const BucketRows dest = place(b, lo, hi - lo);
     auto shard_of = [&](uint64_t i) { return shards_[entries[i].ref >> 32].get(); };
     auto row_of = [&](uint64_t i) { return shard_of(i)->ExportRow(static_cast<uint32_t>(entries[i].ref)); };
     constexpr uint64_t kAhead = 16, kMfAhead = 8;
-    float* mf_out = mf + lo * mw;
     uint64_t j = 0;
     for (uint64_t i = lo; i < hi; ++i) {
       if (i + kAhead < hi) {
@@ -681,8 +679,9 @@ void SparseTable::ExportBuckets(ExportMode mode, uint32_t buckets, uint64_t salt
       }
       const Shard* sh = shard_of(i);
       const RowHeader* h = sh->ExportRow(static_cast<uint32_t>(entries[i].ref));
-      keys[i] = entries[i].key;
-      float* o = base + i * bw;
+      const uint64_t k = i - lo;
+      dest.keys[k] = entries[i].key;
+      float* o = dest.base + k * bw;
       o[0] = h->show;
       o[1] = h->click;
       o[2] = h->delta_score;
@@ -690,18 +689,183 @@ void SparseTable::ExportBuckets(ExportMode mode, uint32_t buckets, uint64_t salt
       o[4] = static_cast<float>(h->slot);
       std::memcpy(o + 5, RowLayout::Lr(h), lw * sizeof(float));
       const float* m = sh->ExportMf(h);
-      has_mf[i] = m != nullptr ? 1 : 0;
+      dest.has_mf[k] = m != nullptr ? 1 : 0;
       if (m != nullptr) {
-        std::memcpy(mf_out + j * mw, m, mw * sizeof(float));
+        std::memcpy(dest.mf + j * mw, m, mw * sizeof(float));
         ++j;
       }
     }
-    out->mf_rows[b] = j;
+    done(b, dest, hi - lo, j);
   }, threads);
   MutexLock l(&tomb_mu_);
-  out->pending_tombstones = tombstones_.size();
-  out->tombstones.clear();
-  if (mode == ExportMode::kCheckpoint || mode == ExportMode::kDelta) out->tombstones = tombstones_;
+  *pending = tombstones_.size();
+  tombstones->clear();
+  if (mode == ExportMode::kCheckpoint || mode == ExportMode::kDelta) *tombstones = tombstones_;
+}
+
+void SparseTable::ExportBuckets(ExportMode mode, uint32_t buckets, uint64_t salt, BucketExport* out) {
+  const size_t bw = layout().base_export_width();
+  const size_t mw = layout().mf_width();
+  out->mf_rows.assign(buckets, 0);
+  // The buffers are sized once the rows are counted (the first place() call), under the gate.
+  std::once_flag sized;
+  const BucketPlace place = [&](size_t, uint64_t lo, uint64_t) {
+    std::call_once(sized, [&] {
+      const uint64_t n = out->row_begin[buckets];
+      out->rows = n;
+      out->keys = ExportBuffer(n * sizeof(uint64_t));
+      out->base = ExportBuffer(n * bw * sizeof(float));
+      out->has_mf = ExportBuffer(n);
+      out->mf = ExportBuffer(n * mw * sizeof(float));
+    });
+    return BucketRows{out->keys.as<uint64_t>() + lo, out->base.as<float>() + lo * bw,
+                      out->has_mf.as<uint8_t>() + lo, out->mf.as<float>() + lo * mw};
+  };
+  const BucketDone done = [&](size_t b, const BucketRows&, uint64_t, uint64_t mf_rows) { out->mf_rows[b] = mf_rows; };
+  ExportBucketsWith(mode, buckets, salt, &out->row_begin, place, done, &out->tombstones, &out->pending_tombstones);
+  out->rows = out->row_begin[buckets];
+}
+
+// ---------------------------------------------------------------------- SaveBuckets (the save path)
+
+namespace {
+// zlib's crc32 (reflected polynomial 0xEDB88320), slicing by 8 bytes.
+struct Crc32Tables {
+  uint32_t t[8][256];
+  Crc32Tables() {
+    for (uint32_t i = 0; i < 256; ++i) {
+      uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = (c & 1) ? (c >> 1) ^ 0xEDB88320u : c >> 1;
+      t[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; ++i) {
+      for (int k = 1; k < 8; ++k) t[k][i] = (t[k - 1][i] >> 8) ^ t[0][t[k - 1][i] & 0xff];
+    }
+  }
+};
+
+uint32_t Crc32(const void* data, size_t n) {
+  static const Crc32Tables tables;
+  const auto& t = tables.t;
+  const uint8_t* p = static_cast<const uint8_t*>(data);
+  uint32_t c = 0xffffffffu;
+  while (n > 0 && (reinterpret_cast<uintptr_t>(p) & 7) != 0) {
+    c = t[0][(c ^ *p++) & 0xff] ^ (c >> 8);
+    --n;
+  }
+  while (n >= 8) {
+    uint64_t v;
+    std::memcpy(&v, p, 8);  // little-endian (x86-64, aarch64)
+    v ^= c;
+    c = t[7][v & 0xff] ^ t[6][(v >> 8) & 0xff] ^ t[5][(v >> 16) & 0xff] ^ t[4][(v >> 24) & 0xff] ^
+        t[3][(v >> 32) & 0xff] ^ t[2][(v >> 40) & 0xff] ^ t[1][(v >> 48) & 0xff] ^ t[0][v >> 56];
+    p += 8;
+    n -= 8;
+  }
+  while (n-- > 0) c = t[0][(c ^ *p++) & 0xff] ^ (c >> 8);
+  return ~c;
+}
+
+// Creates (or truncates) path and writes bytes to it; no fsync (the caller syncs every file later).
+Status WriteWholeFile(const std::string& path, const void* data, size_t bytes) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return Status::IOError(path + ": " + std::strerror(errno));
+  const char* p = static_cast<const char*>(data);
+  while (bytes > 0) {
+    const ssize_t w = ::write(fd, p, bytes);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      const int e = errno;
+      ::close(fd);
+      return Status::IOError(path + ": " + std::strerror(e));
+    }
+    p += w;
+    bytes -= static_cast<size_t>(w);
+  }
+  if (::close(fd) != 0) return Status::IOError(path + ": " + std::strerror(errno));
+  return Status::OK();
+}
+}  // namespace
+
+Status SparseTable::SaveBuckets(ExportMode mode, uint32_t buckets, uint64_t salt,
+                                const std::vector<std::string>& paths, BucketSave* out) {
+  if (paths.size() != static_cast<size_t>(buckets) * 4) {
+    return Status::InvalidArgument("SaveBuckets needs 4 paths per bucket");
+  }
+  const size_t bw = layout().base_export_width();
+  const size_t mw = layout().mf_width();
+  // Per running task: one bucket's columns (sized for the largest bucket), reused from bucket to
+  // bucket, so the only fresh memory of the save is the page cache of the files it writes.
+  std::vector<uint64_t> row_begin;
+  Mutex mu;
+  std::vector<ExportBuffer> idle;               // GUARDED_BY(mu)
+  std::vector<std::pair<size_t, ExportBuffer>> busy;  // bucket -> its buffer, GUARDED_BY(mu)
+  std::vector<SavedFile> files;                 // GUARDED_BY(mu)
+  Status first_error;                           // GUARDED_BY(mu)
+  std::atomic<bool> failed{false};
+  uint64_t max_bucket = 0;
+  std::once_flag sized;
+  const BucketPlace place = [&](size_t b, uint64_t, uint64_t) {
+    std::call_once(sized, [&] {
+      for (size_t i = 0; i < buckets; ++i) max_bucket = std::max(max_bucket, row_begin[i + 1] - row_begin[i]);
+    });
+    const size_t row_bytes = 8 + bw * 4 + 1 + mw * 4;
+    ExportBuffer buf;
+    {
+      MutexLock l(&mu);
+      if (!idle.empty()) {
+        buf = std::move(idle.back());
+        idle.pop_back();
+      }
+    }
+    if (buf.data() == nullptr) buf = ExportBuffer(max_bucket * row_bytes + 64);
+    char* p = buf.data();
+    BucketRows r;
+    r.keys = reinterpret_cast<uint64_t*>(p);
+    r.base = reinterpret_cast<float*>(p + max_bucket * 8);
+    r.mf = reinterpret_cast<float*>(p + max_bucket * (8 + bw * 4));
+    r.has_mf = reinterpret_cast<uint8_t*>(p + max_bucket * (8 + bw * 4 + mw * 4));
+    MutexLock l(&mu);
+    busy.emplace_back(b, std::move(buf));
+    return r;
+  };
+  const BucketDone done = [&](size_t b, const BucketRows& r, uint64_t rows, uint64_t mf_rows) {
+    std::vector<SavedFile> mine;
+    Status st;
+    if (rows > 0 && !failed.load(std::memory_order_relaxed)) {
+      const void* data[4] = {r.keys, r.base, r.has_mf, r.mf};
+      const uint64_t counts[4] = {rows, rows, rows, mf_rows};
+      const uint64_t widths[4] = {8, bw * 4, 1, mw * 4};
+      for (uint32_t c = 0; c < 4 && st.ok(); ++c) {
+        const uint64_t bytes = counts[c] * widths[c];
+        st = WriteWholeFile(paths[b * 4 + c], data[c], bytes);
+        mine.push_back(SavedFile{static_cast<uint32_t>(b), c, counts[c], bytes, Crc32(data[c], bytes)});
+      }
+    }
+    MutexLock l(&mu);
+    for (auto it = busy.begin(); it != busy.end(); ++it) {
+      if (it->first == b) {
+        idle.push_back(std::move(it->second));
+        busy.erase(it);
+        break;
+      }
+    }
+    if (!st.ok()) {
+      if (first_error.ok()) first_error = st;
+      failed.store(true, std::memory_order_relaxed);
+    }
+    files.insert(files.end(), mine.begin(), mine.end());
+    out->mf_rows += mf_rows;
+  };
+  out->mf_rows = 0;
+  ExportBucketsWith(mode, buckets, salt, &row_begin, place, done, &out->tombstones, &out->pending_tombstones);
+  if (!first_error.ok()) return first_error;
+  std::sort(files.begin(), files.end(), [](const SavedFile& a, const SavedFile& b) {
+    return a.bucket != b.bucket ? a.bucket < b.bucket : a.column < b.column;
+  });
+  out->files = std::move(files);
+  out->rows = row_begin[buckets];
+  return Status::OK();
 }
 
 // ---------------------------------------------------------------------- LoadRowSegments (the load path)

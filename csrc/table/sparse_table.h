@@ -22,6 +22,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -91,6 +92,23 @@ struct RowSegment {
   size_t mf_rows = 0;
 };
 
+// SaveBuckets(): one written file (column: 0 keys, 1 base, 2 has_mf, 3 mf).
+struct SavedFile {
+  uint32_t bucket = 0;
+  uint32_t column = 0;
+  uint64_t rows = 0;
+  uint64_t bytes = 0;
+  uint32_t crc32 = 0;  // zlib's crc32 of the whole file
+};
+
+struct BucketSave {
+  std::vector<SavedFile> files;      // 4 per bucket with rows, by bucket then column
+  uint64_t rows = 0;
+  uint64_t mf_rows = 0;
+  std::vector<uint64_t> tombstones;  // as in BucketExport
+  size_t pending_tombstones = 0;
+};
+
 class SparseTable {
  public:
   // REQUIRES: options validated (bindings/ does it).
@@ -137,6 +155,14 @@ class SparseTable {
   // the save path. Copies straight from the shards into the final layout, in parallel: no
   // intermediate copy, no global sort. buckets >= 1. No side effects.
   void ExportBuckets(ExportMode mode, uint32_t buckets, uint64_t salt, BucketExport* out);
+  // ExportBuckets written straight to files, bucket by bucket, while mutating calls wait: the rows of
+  // bucket b go to paths[4 * b + c] for the columns c = keys, base, has_mf, mf (the layout of
+  // docs/format.md; buckets without rows get no files), each copied into a buffer that is reused for
+  // the next bucket and checksummed. Files are not fsynced (the caller does). The only fresh memory is
+  // 16 bytes per row of sort entries and one bucket per thread. A failed write is IOError naming the
+  // file (files already written stay; the caller removes the directory).
+  Status SaveBuckets(ExportMode mode, uint32_t buckets, uint64_t salt, const std::vector<std::string>& paths,
+                     BucketSave* out);
   // base/delta: delta_score -= saved for each present key; drops the first `tombstones` pending
   // tombstones (base: all of them). checkpoint/serving: no effect.
   void CommitSave(ExportMode mode, const uint64_t* keys, const float* delta_scores, size_t n, size_t tombstones);
@@ -163,6 +189,21 @@ class SparseTable {
   size_t DecayAndDeleteAll(double factor, uint32_t add_unseen, int64_t new_day_index = -1);
   void RunShards(size_t num_keys, const std::function<void(size_t)>& fn);
   Status LoadSegments(const RowSegment* segs, size_t num_segs, bool check);
+  // Where the rows of one bucket go, and what happens to them once copied (both under the gate).
+  struct BucketRows {
+    uint64_t* keys;
+    float* base;
+    uint8_t* has_mf;
+    float* mf;
+  };
+  using BucketPlace = std::function<BucketRows(size_t bucket, uint64_t first_row, uint64_t rows)>;
+  using BucketDone = std::function<void(size_t bucket, const BucketRows& rows_at, uint64_t rows, uint64_t mf_rows)>;
+  // The one-moment bucketed copy behind ExportBuckets and SaveBuckets: row_begin gets the bucket
+  // bounds; for every bucket (in parallel), place() gives the destination of its rows (sorted by key),
+  // then done() runs.
+  void ExportBucketsWith(ExportMode mode, uint32_t buckets, uint64_t salt, std::vector<uint64_t>* row_begin,
+                         const BucketPlace& place, const BucketDone& done, std::vector<uint64_t>* tombstones,
+                         size_t* pending);
 
   CtrAccessor accessor_;  // immutable after construction
   ChunkArena arena_;      // the shards' slab memory; declared before shards_ so it outlives them

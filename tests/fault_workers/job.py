@@ -92,8 +92,22 @@ def _install_kill_in_save(save_number: int) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
         return orig_write(path, arr, fsync)
 
+    orig_sync = F.fsync_file
+
+    def fsync_file(path):  # a checkpoint's bucket files are written by the table, then synced one by one
+        if state["saves"] == save_number:
+            state["writes"] += 1
+            if state["writes"] == 3:
+                with open(path, "r+b") as f:
+                    f.truncate(os.path.getsize(path) // 2)
+                    os.fsync(f.fileno())
+                print(f"[job] rank {os.environ['RANK']}: SIGKILL in the middle of save {save_number}", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+        return orig_sync(path)
+
     T._srv_write_part = write_part
     F.write_array = write_array
+    F.fsync_file = fsync_file
 
 
 def train(a) -> dict:

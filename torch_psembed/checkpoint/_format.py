@@ -90,6 +90,14 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_array(path: str, arr: np.ndarray, fsync: bool = True) -> Dict[str, int]:
     """Write ``arr``'s raw bytes to a new file ``path``; returns ``{"bytes", "crc32"}``."""
     arr = np.ascontiguousarray(arr)

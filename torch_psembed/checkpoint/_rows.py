@@ -128,6 +128,43 @@ def write_buckets(dirpath: str, part: int, snap: Dict[str, np.ndarray]) -> Dict[
     }
 
 
+def stream_part(local, dirpath: str, part: int, num_buckets: int,
+                restored_tombstones: Optional[np.ndarray] = None) -> Dict[str, Any]:
+    """A checkpoint-mode part written by ``_C.Table.save_buckets``: the rows go from the table to the files
+    bucket by bucket (no snapshot of the whole table in memory); then every file is fsynced from IO_THREADS
+    threads. ``restored_tombstones`` go before the table's own in the tombstone file. Same files and
+    fragment as :func:`write_buckets` of ``export_buckets("checkpoint")``."""
+    paths = [os.path.join(dirpath, F.bucket_file(b, part, c)) for b in range(num_buckets) for c in F.ROW_COLUMNS]
+    r = local.save_buckets("checkpoint", num_buckets, F.BUCKET_SALT, paths)
+    files = []
+    for b, c, rows, nbytes, crc in r["files"]:
+        col = F.ROW_COLUMNS[c]
+        files.append({"name": F.bucket_file(b, part, col), "column": col, "bucket": int(b), "part": part,
+                      "rows": int(rows), "bytes": int(nbytes), "crc32": int(crc)})
+    tomb = r["tombstones"]
+    if restored_tombstones is not None:
+        tomb = np.concatenate([restored_tombstones, tomb])
+    tomb_entry = {"name": F.tombstone_file(part), "column": "tombstones", "bucket": None, "part": part,
+                  "rows": int(tomb.shape[0])}
+
+    def write_tombstones() -> None:
+        tomb_entry.update(F.write_array(os.path.join(dirpath, tomb_entry["name"]),
+                                        np.ascontiguousarray(tomb, dtype=np.int64)))
+
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        futures = [pool.submit(F.fsync_file, os.path.join(dirpath, e["name"])) for e in files]
+        futures.append(pool.submit(write_tombstones))
+        for f in futures:
+            f.result()
+    return {
+        "part": part,
+        "rows": int(r["rows"]),
+        "rows_with_mf": int(r["mf_rows"]),
+        "tombstones": int(tomb.shape[0]),
+        "files": files + [tomb_entry],
+    }
+
+
 def _write_files(dirpath: str, part: int, buckets, columns, tombstones: np.ndarray) -> List[Dict[str, Any]]:
     """Write the four column files of every bucket in ``buckets`` (``columns(b)`` gives the arrays) and
     the part's tombstone file, from IO_THREADS threads (checksum, write and fsync release the GIL)."""

@@ -5,9 +5,11 @@ The work is split into *server steps*: module-level functions ``fn(local_c_table
 this process otherwise), and the *writer step* (the manifest), done by one trainer. A save is:
 
 1. ``_srv_begin``: agree on a save id (server 0's) and create ``PATH/.tmp-<id>/``;
-2. ``_srv_write_part``: each server exports its rows at one moment, grouped by bucket
-   (``_C.Table.export_buckets`` blocks mutating calls for the copy) and writes its bucket files straight
-   from slices of that snapshot, fsynced; the side-effect inputs are kept in memory;
+2. ``_srv_write_part``: each server writes its rows of one moment, grouped by bucket: a checkpoint streams
+   them from the table into the bucket files (``_C.Table.save_buckets``: mutating calls wait until every
+   file is written, nothing but one bucket per thread is held in memory); a base/delta takes the snapshot
+   (``_C.Table.export_buckets``) and writes each file from a slice of it, keeping the side-effect inputs in
+   memory; every file is fsynced;
 3. the writer renames ``.tmp-<id>`` to ``data-<id>`` and atomically replaces ``PATH/manifest.json`` (the
    commit point: until it is replaced, ``PATH`` still holds the previous save, whole);
 4. ``_srv_finish``: each server sees the new manifest, then applies ``commit_save`` (base/delta) and drops
@@ -124,6 +126,13 @@ def _srv_begin(local, index, num, path):
 def _srv_write_part(local, index, num, path, save_id, mode, num_buckets):
     tmp = os.path.join(path, ".tmp-" + save_id)
     os.makedirs(tmp, exist_ok=True)
+    restored = _restored_tombstones(local)
+    if mode == "checkpoint" and hasattr(local, "save_buckets"):
+        # Streamed: the table writes its rows of one moment straight to the bucket files.
+        part = R.stream_part(local, tmp, index, num_buckets, restored)
+        part.update(day=int(local.day), dim=int(local.dim), base_width=int(local.base_width),
+                    mf_width=int(local.mf_width))
+        return part
     bucketed = hasattr(local, "export_buckets")
     if bucketed:  # rows of one moment, already grouped by bucket and sorted inside one
         snap = local.export_buckets(mode, num_buckets, F.BUCKET_SALT)
@@ -131,7 +140,6 @@ def _srv_write_part(local, index, num, path, save_id, mode, num_buckets):
         snap = local.export(mode)
     day = int(local.day)
     table_tombstones = int(snap["tombstones"].shape[0])
-    restored = _restored_tombstones(local)
     if restored is not None and mode in ("checkpoint", "delta"):
         snap["tombstones"] = np.concatenate([restored, snap["tombstones"]])
     if mode in ("base", "delta"):
