@@ -139,3 +139,22 @@ def test_ps_slot_embedding_trains_and_pushes_slots():
     # shows: one per occurrence; clicks: the label of the sample holding the key
     assert stats[:, 0].tolist() == [1, 1, 1, 1, 1]
     assert stats[:, 1].tolist() == [1, 1, 1, 0, 0]
+
+
+def test_ps_slot_embedding_timing_sums_its_modules():
+    table = pse.SparseTable(pse.TableConfig(dim=4))
+    emb = PSSlotEmbedding(table, 2)
+    assert emb.timing() is None  # off until enabled
+    emb.enable_timing()
+    labels = torch.tensor([1.0, 0.0])
+    for keys, offsets, calls in ((torch.tensor([1, 2, 3, 4]), torch.arange(4), 1),           # one PSEmbedding
+                                 (torch.tensor([1, 2, 3, 4, 5]), torch.tensor([0, 2, 3, 3]), 2)):  # one per slot
+        emb.reset_timing()
+        assert all(v == 0 for v in emb.timing().values())
+        with pse.feed(clicks=labels):
+            emb(keys, offsets).sum().backward()
+        t = emb.timing()
+        assert t["calls"] == calls and set(t) == {"calls", "unique", "pull", "pool", "backward", "push"}
+        assert t["pull"] > 0 and t["push"] > 0
+    emb.enable_timing(False)
+    assert emb.timing() is None

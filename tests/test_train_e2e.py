@@ -41,6 +41,10 @@ def _check_run(out, days=2, passes=2, min_auc=0.6):
         if r["event"] == "pass":
             assert r["samples"] > 0 and r["keys"] > 0 and r["bytes"] > 0 and r["samples_per_s"] > 0
             assert r["cpu_seconds"] > 0 and r["samples_per_cpu_s"] > 0
+            # PSEmbedding's phases, ms per step on rank 0 (the job enables PSEmbedding timing)
+            ms = r["emb_ms_per_step"]
+            assert set(ms) == {"unique", "pull", "pool", "backward", "push"} and min(ms.values()) >= 0
+            assert ms["pull"] > 0 and ms["push"] > 0
             assert 0.0 <= r["auc"] <= 1.0 and r["logloss"] > 0 and "created" in r and "deleted" in r
     last = [r for r in recs if r["event"] == "eval"][-1]
     assert last["auc"] > min_auc, last  # clearly above chance
@@ -113,6 +117,7 @@ def test_criteo_sample_hashed_baseline(tmp_path):
     (ps,) = [r for r in res["records"] if r["event"] == "pass"]
     assert ev["samples"] == 1800 and ev["auc"] > 0.6
     assert ps["keys"] == 20000 and ps["bytes"] == 2 * 20000 * 9 * 4  # weight + Adagrad sum
+    assert "emb_ms_per_step" not in ps  # no PSEmbedding
 
 
 def test_config_errors(tmp_path):

@@ -337,6 +337,7 @@ class _Job:
 
             self.table = pse.SparseTable(_table_config(cfg), name="ctr")
             emb = PSSlotEmbedding(self.table, num_slots, output=e["output"])
+            emb.enable_timing()  # a few clock reads a lookup: where the PS part of a step goes, per pass
         else:
             emb = HashedSlotEmbedding(int(e["hashed_size"]), e["dim"] + 1, num_slots)
         m = cfg["model"]
@@ -481,8 +482,13 @@ def _run_pass(job: _Job, rt: _Runtime, cfg: Dict[str, Any], source, day: int, p:
     metrics = PassMetrics()
     job.model.train()
     bar = _progress(rt, cfg, _expected(source, cfg, rt, "train"), f"day {day} pass {p}")
+    timed = job.table is not None and job.model.embedding.timing() is not None
+    if timed:
+        job.model.embedding.reset_timing()
+    steps = 0
     with job.join():
         for i, batch in enumerate(stream):
+            steps += 1
             logits = job.step(batch)
             metrics.add(torch.sigmoid(logits), batch["labels"], batch.get("prob"))
             bar.update(int(batch["labels"].numel()))
@@ -493,6 +499,10 @@ def _run_pass(job: _Job, rt: _Runtime, cfg: Dict[str, Any], source, day: int, p:
     res = metrics.result(rt.group)
     if res["samples"] == 0:
         raise RuntimeError(f"day {day} pass {p}: no training samples on any rank")
+    if timed and steps:
+        t = job.model.embedding.timing()
+        # this rank's PSEmbedding phases, milliseconds per training step (pull and push include the RPCs)
+        res["emb_ms_per_step"] = {k: 1e3 * t[k] / steps for k in t if k != "calls"}
     return res
 
 

@@ -7,7 +7,7 @@ the slice of the mf vector and ``cvm_cols`` the show/click columns (empty for th
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -55,6 +55,27 @@ class PSSlotEmbedding(nn.Module):
         self.per_slot = nn.ModuleList(
             [pse.PSEmbedding(table, mode="sum", output=output, slot=i) for i in range(num_slots)]
         )
+
+    def enable_timing(self, enabled: bool = True) -> None:
+        """Sum the seconds per ``PSEmbedding`` phase (``Timings``) over this module's lookups."""
+        for m in (self.single, *self.per_slot):
+            m.enable_timing(enabled)
+
+    def timing(self) -> Optional[Dict[str, float]]:
+        """Seconds per phase summed over the lookups since :meth:`enable_timing` (None when it is off)."""
+        timed = [m.timings for m in (self.single, *self.per_slot) if m.timings is not None]
+        if not timed:
+            return None
+        out: Dict[str, float] = {}
+        for t in timed:
+            for k, v in t.as_dict().items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+    def reset_timing(self) -> None:
+        for m in (self.single, *self.per_slot):
+            if m.timings is not None:
+                m.timings.reset()
 
     def forward(self, keys: Tensor, offsets: Tensor) -> Tensor:
         S = self.num_slots
