@@ -15,11 +15,16 @@
 
 #include "table/sparse_table.h"
 
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
+#include "util/hash.h"
 #include "util/testharness.h"
 
 namespace psembed {
@@ -297,6 +302,84 @@ void TestAdmissionCountsDroppedAtEndDay() {
 }
 
 }  // namespace
+// The bulk checkpoint paths racing each other: LoadRowSegments inserts kRows new keys a call (in 3
+// segments; show 1, mf on even keys holding the key), ExportBuckets and SaveBuckets take one moment
+// each: a multiple of kRows rows, every key in its bucket and ascending there, mf rows matching keys.
+void TestConcurrentBulkLoadExportSave() {
+  TableOptions o = CountingOptions(2);
+  SparseTable t(o);
+  const size_t bw = t.layout().base_export_width(), mw = t.layout().mf_width();
+  constexpr size_t kRows = 6000;
+  constexpr int kCalls = 10;
+  constexpr uint32_t kBuckets = 5;
+  constexpr uint64_t kSalt = 0x1234;
+  std::atomic<bool> done{false};
+  std::thread loader([&] {
+    for (int c = 0; c < kCalls; ++c) {
+      std::vector<uint64_t> keys(kRows);
+      std::vector<float> base(kRows * bw, 0.0f), mf;
+      std::vector<uint8_t> has(kRows);
+      std::vector<size_t> mf_at(kRows + 1, 0);
+      for (size_t i = 0; i < kRows; ++i) {
+        keys[i] = static_cast<uint64_t>(c) * kRows + i + 1;
+        base[i * bw] = 1.0f;
+        has[i] = keys[i] % 2 == 0;
+        if (has[i]) mf.insert(mf.end(), mw, static_cast<float>(keys[i]));
+        mf_at[i + 1] = mf_at[i] + has[i];
+      }
+      const size_t cut[4] = {0, 1000, 1000, kRows};  // an empty segment in the middle
+      RowSegment segs[3];
+      for (int k = 0; k < 3; ++k) {
+        segs[k].keys = keys.data() + cut[k];
+        segs[k].n = cut[k + 1] - cut[k];
+        segs[k].base = base.data() + cut[k] * bw;
+        segs[k].has_mf = has.data() + cut[k];
+        segs[k].mf = mf.data() + mf_at[cut[k]] * mw;
+        segs[k].mf_rows = mf_at[cut[k + 1]] - mf_at[cut[k]];
+      }
+      CHECK(t.LoadRowSegments(segs, 3).ok());
+    }
+    done.store(true);
+  });
+  const std::string dir = "/tmp/psembed_bulk_test_" + std::to_string(::getpid());
+  CHECK_EQ(::mkdir(dir.c_str(), 0755), 0);
+  std::vector<std::string> paths;
+  for (uint32_t b = 0; b < kBuckets; ++b) {
+    for (int c = 0; c < 4; ++c) paths.push_back(dir + "/" + std::to_string(b) + "." + std::to_string(c));
+  }
+  long rounds = 0;
+  while (!done.load() || rounds == 0) {
+    BucketExport e;
+    t.ExportBuckets(ExportMode::kCheckpoint, kBuckets, kSalt, &e);
+    CHECK_EQ(e.rows % kRows, 0u);
+    for (uint32_t b = 0; b < kBuckets; ++b) {
+      uint64_t j = 0;
+      for (uint64_t i = e.row_begin[b]; i < e.row_begin[b + 1]; ++i) {
+        const uint64_t key = e.keys.as<uint64_t>()[i];
+        CHECK_EQ(Mix64(key ^ kSalt) % kBuckets, b);
+        if (i > e.row_begin[b]) CHECK(e.keys.as<uint64_t>()[i - 1] < key);
+        CHECK_EQ(e.base.as<float>()[i * bw], 1.0f);
+        CHECK_EQ(static_cast<int>(e.has_mf.as<uint8_t>()[i]), static_cast<int>(key % 2 == 0));
+        if (key % 2 == 0) {
+          CHECK_EQ(e.mf.as<float>()[(e.row_begin[b] + j) * mw], static_cast<float>(key));
+          ++j;
+        }
+      }
+      CHECK_EQ(j, e.mf_rows[b]);
+    }
+    BucketSave s;
+    CHECK(t.SaveBuckets(ExportMode::kCheckpoint, kBuckets, kSalt, paths, &s).ok());
+    CHECK_EQ(s.rows % kRows, 0u);
+    CHECK_EQ(s.mf_rows * 2, s.rows);
+    ++rounds;
+  }
+  loader.join();
+  CHECK_EQ(t.Size(), kRows * kCalls);
+  for (const std::string& p : paths) ::unlink(p.c_str());
+  ::rmdir(dir.c_str());
+  std::fprintf(stderr, "  %ld export/save rounds raced %d load_segments calls\n", rounds, kCalls);
+}
+
 }  // namespace psembed
 
 int main() {
@@ -305,5 +388,6 @@ int main() {
   RUN_TEST(psembed::TestConcurrentChurnWithDeletes);
   RUN_TEST(psembed::TestConcurrentLoadRowsExport);
   RUN_TEST(psembed::TestAdmissionCountsDroppedAtEndDay);
+  RUN_TEST(psembed::TestConcurrentBulkLoadExportSave);
   return 0;
 }
