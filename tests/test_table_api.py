@@ -642,3 +642,22 @@ def test_group_by_owner_is_a_stable_counting_sort_by_route():
         _C.group_by_owner(np.arange(3, dtype=np.int64), 0)
     with pytest.raises((ValueError, TypeError), match="keys"):
         _C.group_by_owner(np.array([1.0]), 2)
+
+
+def test_sum_by_inverse_sums_rows_in_input_order():
+    rng = np.random.default_rng(7)
+    n, u, w = 3000, 200, 9
+    inverse = rng.integers(0, u, n).astype(np.int64)
+    values = rng.standard_normal((n, w)).astype(np.float32)
+    expect = np.zeros((u, w), np.float32)
+    for i in range(n):  # float32 accumulation in input order, as the table merges a push
+        expect[inverse[i]] += values[i]
+    got = _C.sum_by_inverse(inverse, u, values)
+    assert got.dtype == np.float32 and got.shape == (u, w)
+    np.testing.assert_array_equal(got, expect)
+    with pytest.raises(ValueError, match="inverse"):
+        _C.sum_by_inverse(np.array([0, 5], np.int64), 3, np.zeros((2, 1), np.float32))
+    with pytest.raises(ValueError, match="values"):
+        _C.sum_by_inverse(np.array([0, 1], np.int64), 3, np.zeros((3, 1), np.float32))
+    with pytest.raises((ValueError, TypeError), match="values"):
+        _C.sum_by_inverse(np.array([0, 1], np.int64), 3, np.zeros((2, 1), np.float64))

@@ -726,6 +726,41 @@ py::tuple GroupByOwnerArray(const py::handle& keys_obj, int64_t num_parts) {
   return py::make_tuple(order, starts);
 }
 
+// out[inverse[i]] += values[i] for every row i, in input order (the order the table's own merge sums
+// in, so a client-side merge rounds exactly like a local push). One pass; ~10x faster than
+// torch.index_add_ on [n, 9] rows, which loops per index on one thread.
+py::array_t<float> SumByInverseArray(const py::handle& inverse_obj, int64_t u, const py::handle& values_obj) {
+  py::array inverse = CheckArray(inverse_obj, "inverse", 'i', 8, "int64", 1);
+  py::array values = CheckArray(values_obj, "values", 'f', 4, "float32", 2);
+  const size_t n = inverse.shape(0);
+  if (static_cast<size_t>(values.shape(0)) != n) {
+    throw py::value_error("values must have len(inverse) = " + std::to_string(n) + " rows, got " +
+                          std::to_string(values.shape(0)));
+  }
+  if (u < 0) throw py::value_error("u must be >= 0, got " + std::to_string(u));
+  const size_t w = values.shape(1);
+  const int64_t* inv = Ptr<int64_t>(inverse);
+  const float* v = Ptr<float>(values);
+  for (size_t i = 0; i < n; ++i) {
+    if (inv[i] < 0 || inv[i] >= u) {
+      throw py::value_error("inverse[" + std::to_string(i) + "] = " + std::to_string(inv[i]) + " is outside [0, u = " +
+                            std::to_string(u) + ")");
+    }
+  }
+  py::array_t<float> out({static_cast<py::ssize_t>(u), static_cast<py::ssize_t>(w)});
+  float* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    std::memset(o, 0, static_cast<size_t>(u) * w * sizeof(float));
+    for (size_t i = 0; i < n; ++i) {
+      float* dst = o + static_cast<size_t>(inv[i]) * w;
+      const float* src = v + i * w;
+      for (size_t d = 0; d < w; ++d) dst[d] += src[d];
+    }
+  }
+  return out;
+}
+
 py::tuple DedupArray(const py::handle& keys_obj, bool groups) {
   py::array keys = CheckKeys(keys_obj);
   const size_t n = keys.shape(0);
@@ -774,6 +809,9 @@ order[starts[j]:starts[j+1]] are the positions of unique[j] in keys, ascending (
 Hash-based; releases the GIL.)doc");
   m.def("route", &RouteArray, py::arg("keys"), py::arg("num_parts"),
         R"doc(route(keys: int64[n], num_parts: int) -> int32[n]: owner part mix64(k) % num_parts (unsigned).)doc");
+  m.def("sum_by_inverse", &SumByInverseArray, py::arg("inverse"), py::arg("u"), py::arg("values"),
+        R"doc(sum_by_inverse(inverse: int64[n], u: int, values: float32[n, w]) -> float32[u, w]: out[inverse[i]] +=
+values[i], summed in input order (float32, as the table merges a push). Releases the GIL.)doc");
   m.def("group_by_owner", &GroupByOwnerArray, py::arg("keys"), py::arg("num_parts"),
         R"doc(group_by_owner(keys: int64[n], num_parts) -> (order int64[n], starts int64[num_parts]): the positions
 of keys grouped by owner route(k, num_parts): order[starts[p]:starts[p+1]] (the last up to n) are those of part p,

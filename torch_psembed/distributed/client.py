@@ -242,15 +242,14 @@ class ShardedTable:
         if u == n:  # distinct keys (PSEmbedding pushes its unique ids): the dedup kept their order
             g, s_m, c_m, sl_m = grads, shows, clicks, slots
         else:
-            inv_t = torch.from_numpy(inverse)
-            g = torch.zeros((u, grads.shape[1]), dtype=torch.float32).index_add_(0, inv_t, torch.from_numpy(grads))
-            g = g.numpy()
-            s_m = torch.zeros(u, dtype=torch.float32).index_add_(0, inv_t, torch.from_numpy(shows)).numpy()
-            c_m = torch.zeros(u, dtype=torch.float32).index_add_(0, inv_t, torch.from_numpy(clicks)).numpy()
+            # float32 sums in input order, one C++ pass each (torch's index_add_ loops per index: ~10x slower)
+            g = _C.sum_by_inverse(inverse, u, grads)
+            s_m = _C.sum_by_inverse(inverse, u, shows.reshape(n, 1)).reshape(u)
+            c_m = _C.sum_by_inverse(inverse, u, clicks.reshape(n, 1)).reshape(u)
             sl_m = None
             if slots is not None:  # the slot of the last occurrence
                 last = torch.full((u,), -1, dtype=torch.int64)
-                last.scatter_reduce_(0, inv_t, torch.arange(n), reduce="amax")
+                last.scatter_reduce_(0, torch.from_numpy(inverse), torch.arange(n), reduce="amax")
                 sl_m = slots[last.numpy()]
         for s, pos in parts:
             if pos is None:
