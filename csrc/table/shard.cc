@@ -90,6 +90,7 @@ void Shard::Pull(const uint64_t* keys, const uint64_t* hashes, const uint32_t* p
 }
 
 void Shard::Push(const MergedPush* items, size_t n, bool has_slots) {
+  const size_t grad_bytes = sizeof(float) * (1 + static_cast<size_t>(layout_.dim()));
   PhaseScratch& sc = Scratch();
   sc.rows.resize(n);
   sc.mfs.resize(n);
@@ -107,9 +108,15 @@ void Shard::Push(const MergedPush* items, size_t n, bool has_slots) {
   // Phase 3: admission/insert and the update, prefetching mf blocks and base records ahead.
   for (size_t j = 0; j < n; ++j) {
     if (j + kAhead < n) {
-      if (mfs[j + kAhead] != kNoMf) __builtin_prefetch(mf_.At(mfs[j + kAhead]), 1);
+      if (mfs[j + kAhead] != kNoMf) {
+        const char* m = mf_.At(mfs[j + kAhead]);
+        __builtin_prefetch(m, 1);
+        __builtin_prefetch(m + layout_.mf_bytes() - 1, 1);  // the rule's state is at the block's end
+      }
       if (rows[j + kAhead] != HashIndex::kNotFound) __builtin_prefetch(base_.At(rows[j + kAhead]), 1);
-      __builtin_prefetch(items[j + kAhead].grad);
+      const char* g = reinterpret_cast<const char*>(items[j + kAhead].grad);
+      __builtin_prefetch(g);
+      __builtin_prefetch(g + grad_bytes - 1);
     }
     const MergedPush& it = items[j];
     uint32_t row = rows[j];
