@@ -207,6 +207,31 @@ void TestConcurrentChurnWithDeletes() {
 // LoadRows runs per shard in parallel, export copies shards in parallel under the gate: each load
 // call inserts kRows new keys (show 1, has_mf on even keys), so every export sees a multiple of
 // kRows rows, sorted, with mf rows matching their keys; set_tombstones races them.
+// Rows for load_rows/load_segments calls of the concurrency tests: block c holds keys c * rows + 1 ..
+// (c + 1) * rows, show 1, and mf (every value = the key) on even keys; mf_at[i] = mf rows before row i.
+struct LoadBlock {
+  std::vector<uint64_t> keys;
+  std::vector<float> base, mf;
+  std::vector<uint8_t> has;
+  std::vector<size_t> mf_at;
+};
+
+LoadBlock MakeLoadBlock(int c, size_t rows, size_t bw, size_t mw) {
+  LoadBlock b;
+  b.keys.resize(rows);
+  b.base.assign(rows * bw, 0.0f);
+  b.has.resize(rows);
+  b.mf_at.assign(rows + 1, 0);
+  for (size_t i = 0; i < rows; ++i) {
+    b.keys[i] = static_cast<uint64_t>(c) * rows + i + 1;
+    b.base[i * bw] = 1.0f;
+    b.has[i] = b.keys[i] % 2 == 0;
+    if (b.has[i]) b.mf.insert(b.mf.end(), mw, static_cast<float>(b.keys[i]));
+    b.mf_at[i + 1] = b.mf_at[i] + b.has[i];
+  }
+  return b;
+}
+
 void TestConcurrentLoadRowsExport() {
   TableOptions o = CountingOptions(2);
   SparseTable t(o);
@@ -216,16 +241,8 @@ void TestConcurrentLoadRowsExport() {
   std::atomic<bool> done{false};
   std::thread loader([&] {
     for (int c = 0; c < kCalls; ++c) {
-      std::vector<uint64_t> keys(kRows);
-      std::vector<float> base(kRows * bw, 0.0f), mf;
-      std::vector<uint8_t> has(kRows);
-      for (size_t i = 0; i < kRows; ++i) {
-        keys[i] = static_cast<uint64_t>(c) * kRows + i + 1;
-        base[i * bw] = 1.0f;
-        has[i] = keys[i] % 2 == 0;
-        if (has[i]) mf.insert(mf.end(), mw, static_cast<float>(keys[i]));
-      }
-      t.LoadRows(keys.data(), kRows, base.data(), has.data(), mf.data());
+      const LoadBlock b = MakeLoadBlock(c, kRows, bw, mw);
+      t.LoadRows(b.keys.data(), kRows, b.base.data(), b.has.data(), b.mf.data());
     }
     done.store(true);
   });
@@ -316,17 +333,12 @@ void TestConcurrentBulkLoadExportSave() {
   std::atomic<bool> done{false};
   std::thread loader([&] {
     for (int c = 0; c < kCalls; ++c) {
-      std::vector<uint64_t> keys(kRows);
-      std::vector<float> base(kRows * bw, 0.0f), mf;
-      std::vector<uint8_t> has(kRows);
-      std::vector<size_t> mf_at(kRows + 1, 0);
-      for (size_t i = 0; i < kRows; ++i) {
-        keys[i] = static_cast<uint64_t>(c) * kRows + i + 1;
-        base[i * bw] = 1.0f;
-        has[i] = keys[i] % 2 == 0;
-        if (has[i]) mf.insert(mf.end(), mw, static_cast<float>(keys[i]));
-        mf_at[i + 1] = mf_at[i] + has[i];
-      }
+      const LoadBlock b = MakeLoadBlock(c, kRows, bw, mw);
+      const std::vector<uint64_t>& keys = b.keys;
+      const std::vector<float>& base = b.base;
+      const std::vector<float>& mf = b.mf;
+      const std::vector<uint8_t>& has = b.has;
+      const std::vector<size_t>& mf_at = b.mf_at;
       const size_t cut[4] = {0, 1000, 1000, kRows};  // an empty segment in the middle
       RowSegment segs[3];
       for (int k = 0; k < 3; ++k) {
