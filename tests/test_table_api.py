@@ -661,3 +661,16 @@ def test_sum_by_inverse_sums_rows_in_input_order():
         _C.sum_by_inverse(np.array([0, 1], np.int64), 3, np.zeros((3, 1), np.float32))
     with pytest.raises((ValueError, TypeError), match="values"):
         _C.sum_by_inverse(np.array([0, 1], np.int64), 3, np.zeros((2, 1), np.float64))
+
+
+def test_saved_tombstones_give_their_memory_back():
+    t = _C.Table(TableConfig(dim=4).to_dict())
+    keys = np.arange(1, 20001, dtype=np.int64)
+    push(t, keys, 4)  # score 0.1 < delete_threshold 0.8: shrink deletes every row
+    assert t.shrink() == len(keys)
+    before = t.stats()["bytes"]
+    assert len(t.export("delta")["tombstones"]) == len(keys)
+    t.commit_save("base", np.zeros(0, np.int64), np.zeros(0, np.float32), 0)  # a base drops every tombstone
+    assert len(t.export("delta")["tombstones"]) == 0
+    # the list's 8 bytes per key went back (stats()["bytes"] counts capacity)
+    assert before - t.stats()["bytes"] >= 8 * len(keys)

@@ -478,6 +478,9 @@ void SparseTable::CommitSave(ExportMode mode, const uint64_t* keys, const float*
   } else {
     tombstones_.erase(tombstones_.begin(), tombstones_.begin() + static_cast<std::ptrdiff_t>(tombstones));
   }
+  // A day's deletions can be millions of keys: give the memory back once the list has been saved,
+  // rather than holding the high-water mark forever (stats()["bytes"] counts the capacity).
+  if (tombstones_.capacity() > 2 * tombstones_.size() + 1024) tombstones_.shrink_to_fit();
 }
 
 void SparseTable::LoadRows(const uint64_t* keys, size_t n, const float* base, const uint8_t* has_mf,
