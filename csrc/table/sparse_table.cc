@@ -61,7 +61,11 @@ size_t MergeDuplicates(const uint64_t* keys, const uint64_t* hashes, const uint3
   size_t num = 0;
   constexpr size_t kAhead = 8;
   for (size_t j = 0; j < cnt; ++j) {
-    if (j + kAhead < cnt) __builtin_prefetch(grads + static_cast<size_t>(pos[j + kAhead]) * gw);
+    if (j + kAhead < cnt) {  // both ends: a gradient row (36 bytes at dim 8) straddles two lines half the time
+      const float* ahead = grads + static_cast<size_t>(pos[j + kAhead]) * gw;
+      __builtin_prefetch(ahead);
+      __builtin_prefetch(ahead + gw - 1);
+    }
     const uint32_t p = pos[j];
     const uint64_t key = keys[j];
     size_t i = (hashes[j] >> 20) & mask;
