@@ -691,10 +691,14 @@ py::array_t<int64_t> Mix64Array(const py::handle& keys_obj) {
   return out;
 }
 
-py::array_t<int32_t> RouteArray(const py::handle& keys_obj, int64_t num_parts) {
+void CheckNumParts(int64_t num_parts) {
   if (num_parts < 1 || num_parts > std::numeric_limits<int32_t>::max()) {
     throw py::value_error("num_parts must be in [1, 2**31), got " + std::to_string(num_parts));
   }
+}
+
+py::array_t<int32_t> RouteArray(const py::handle& keys_obj, int64_t num_parts) {
+  CheckNumParts(num_parts);
   py::array keys = CheckKeys(keys_obj);
   const size_t n = keys.shape(0);
   py::array_t<int32_t> out(static_cast<py::ssize_t>(n));
@@ -706,9 +710,7 @@ py::array_t<int32_t> RouteArray(const py::handle& keys_obj, int64_t num_parts) {
 }
 
 py::tuple GroupByOwnerArray(const py::handle& keys_obj, int64_t num_parts) {
-  if (num_parts < 1 || num_parts > std::numeric_limits<int32_t>::max()) {
-    throw py::value_error("num_parts must be in [1, 2**31), got " + std::to_string(num_parts));
-  }
+  CheckNumParts(num_parts);
   py::array keys = CheckKeys(keys_obj);
   const size_t n = keys.shape(0);
   const size_t parts = static_cast<size_t>(num_parts);
