@@ -76,14 +76,14 @@ class MemoryTransport(Transport):
     def pull(self, s, table, keys, with_stats):
         return DoneHandle(self.tables[(s, table)].pull(keys, with_stats))
 
-    def push(self, s, table, keys, grads, shows, clicks, slots):
+    def push(self, s, table, keys, grads, shows, clicks, slots, push_id):
         self.pending += 1
         self.max_pending = max(self.max_pending, self.pending)
         tag = getattr(self, "step_tag", None)
 
         def apply():
             self.pending -= 1
-            return self.tables[(s, table)].push(keys, grads, shows, clicks, slots)
+            return self.tables[(s, table)].push(keys, grads, shows, clicks, slots, push_id)
 
         return _Lazy(apply, self.applied, tag)
 

@@ -600,7 +600,7 @@ def test_admission_fraction_close_to_score():
         # 5 sigma of a binomial(n, s) fraction
         assert abs(frac - s) < 5 * np.sqrt(s * (1 - s) / n), (show, frac)
         assert t.stats()["admission_rejected"] == n - len(t)
-        # a second attempt draws again (a new counter), so about 1 - (1-s)^2 are in after two
+        # a second push draws again (a new push id), so about 1 - (1-s)^2 are in after two
         _push_keys(t, keys, show, 0.0)
         frac2 = _admitted(t, keys).mean()
         p2 = 1 - (1 - s) ** 2
@@ -620,11 +620,11 @@ def test_admission_deterministic_ends():
 
 def test_admission_reproducible_per_seed_and_independent_of_sharding():
     keys = np.random.default_rng(2).integers(-(2**63), 2**63 - 1, 3000, dtype=np.int64)
+    # the same pushes, in parts: the draw of a key depends on its push, not on the shard that applies it
     a, b, c = _admission_table(seed=10), _admission_table(seed=10, num_shards=1), _admission_table(seed=11)
-    _push_keys(a, keys, 2.0, 0.0)
-    for part in np.array_split(keys[::-1], 5):
-        _push_keys(b, part, 2.0, 0.0)
-    _push_keys(c, keys, 2.0, 0.0)
+    for t in (a, b, c):
+        for part in np.array_split(keys, 5):
+            _push_keys(t, part, 2.0, 0.0)
     ma, mb, mc = _admitted(a, keys), _admitted(b, keys), _admitted(c, keys)
     np.testing.assert_array_equal(ma, mb)
     assert (ma != mc).mean() > 0.3  # independent draws disagree on about half the keys
@@ -632,7 +632,7 @@ def test_admission_reproducible_per_seed_and_independent_of_sharding():
 
 def test_admission_matches_documented_generator():
     """The admitted set is the one the documented counter-based draw gives: u < s with draw index
-    i = (day_index << 32) | attempts_today (attempts 0, 1, ... restart at every end_day, day_index = day + 1)."""
+    i = (day_index << 48) | push_id (push_id = the table's count of pushes, day_index = day + 1)."""
     keys = np.random.default_rng(4).integers(-(2**63), 2**63 - 1, 2000, dtype=np.int64)
     t = _admission_table(seed=21)
     ref = CtrTableRef(t.config.to_dict())

@@ -362,7 +362,14 @@ class PyTable {
   }
 
   size_t Push(const py::handle& keys_obj, const py::handle& grads_obj, const py::handle& shows_obj,
-              const py::handle& clicks_obj, const py::handle& slots_obj) {
+              const py::handle& clicks_obj, const py::handle& slots_obj, const py::handle& push_id_obj) {
+    uint64_t push_id = SparseTable::kOwnPushId;
+    if (!push_id_obj.is_none()) {
+      // An int in [0, 2^63): the Python caller's (trainer << 32) | count.
+      const int64_t v = py::cast<int64_t>(push_id_obj);
+      if (v < 0) throw py::value_error("push_id must be >= 0, got " + std::to_string(v));
+      push_id = static_cast<uint64_t>(v);
+    }
     py::array keys = CheckKeys(keys_obj);
     const size_t n = keys.shape(0);
     const size_t gw = 1 + options_.dim;
@@ -421,7 +428,7 @@ class PyTable {
     }
     {
       py::gil_scoped_release release;
-      table_->Push(k, n, g, s, c, sl, skip.empty() ? nullptr : skip.data());
+      table_->Push(k, n, g, s, c, sl, skip.empty() ? nullptr : skip.data(), push_id);
     }
     return skipped;
   }
@@ -844,9 +851,11 @@ releases the GIL for the work; methods may be called from many threads at once.)
            R"doc(pull(keys: int64[n], with_stats=False) -> float32[n, 1+dim] ([n, 3+dim] with show, click first).
 Unknown keys and keys without mf read zeros in the missing part. Never inserts.)doc")
       .def("push", &PyTable::Push, py::arg("keys"), py::arg("grads"), py::arg("shows"), py::arg("clicks"),
-           py::arg("slots") = py::none(),
-           R"doc(push(keys, grads f32[n, 1+dim], shows f32[n], clicks f32[n], slots int32[n] | None) -> int.
-Duplicate keys are merged in input order. Returns the rows skipped for NaN/Inf (nan_policy="skip").)doc")
+           py::arg("slots") = py::none(), py::arg("push_id") = py::none(),
+           R"doc(push(keys, grads f32[n, 1+dim], shows f32[n], clicks f32[n], slots int32[n] | None, push_id=None) -> int.
+Duplicate keys are merged in input order. Returns the rows skipped for NaN/Inf (nan_policy="skip").
+push_id (int >= 0) names the push for admission draws: (day + 1) << 48 | push_id mod 2^48; None takes
+the table's own count of pushes (a sharded table's trainer passes (trainer << 32) | its count).)doc")
       .def("shrink", [](PyTable& t) {
         py::gil_scoped_release r;
         return t.t().Shrink();

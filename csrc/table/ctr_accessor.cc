@@ -12,13 +12,11 @@ CtrAccessor::CtrAccessor(const TableOptions& options)
       mf_rule_(SparseRule::Create(options.mf_rule, options.dim)),
       layout_(options.dim, lr_rule_->StateDim(), mf_rule_->StateDim()) {}
 
-bool CtrAccessor::Admit(uint64_t key, double show, double click, uint64_t draw, bool* drew) const {
-  *drew = false;
+bool CtrAccessor::Admit(uint64_t key, double show, double click, uint64_t draw) const {
   if (!options_.accessor.create_probability_from_score) return true;
   const double s = Score(show, click);
   if (!(s > 0.0)) return false;
   if (s >= 1.0) return true;
-  *drew = true;
   return Uniform01(options_.seed, key, kStreamAdmission, draw) < s;
 }
 
@@ -28,7 +26,7 @@ void CtrAccessor::InitRow(RowHeader* h, uint64_t key) const {
   h->delta_score = 0.0f;
   h->slot = -1;
   h->unseen_days = 0;
-  h->admission_attempts = 0;
+  h->reserved = 0;
   h->mf_index = kNoMf;
   float* lr = RowLayout::Lr(h);
   lr_rule_->Init(lr, lr + 1, options_.seed, key, kStreamLrInit);

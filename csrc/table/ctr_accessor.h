@@ -22,6 +22,14 @@
 
 namespace psembed {
 
+// The draw index of admission for a push: (day_index << 48) | (push_id mod 2^48), day_index = table
+// day + 1. push_id = (trainer << 32) | that trainer's push count (a local table counts its own pushes),
+// so a key's attempts in different pushes draw independently, and the draw depends only on the push,
+// not on which shard or server applies it, nor on when it arrives. No per-key state is kept.
+inline uint64_t AdmissionDraw(uint64_t day_index, uint64_t push_id) {
+  return (day_index << 48) | (push_id & ((uint64_t{1} << 48) - 1));
+}
+
 class CtrAccessor {
  public:
   explicit CtrAccessor(const TableOptions& options);
@@ -39,10 +47,9 @@ class CtrAccessor {
   }
 
   // Admission of an unknown key pushed with (show, click) when create_probability_from_score:
-  // s = Score; reject if s <= 0, admit if s >= 1, else admit iff u(seed, key, 3, draw) < s, where
-  // draw = (day_index << 32) | attempts_today (see Shard). *drew is set when a random draw was
-  // consumed (the caller then advances the key's attempt count).
-  bool Admit(uint64_t key, double show, double click, uint64_t draw, bool* drew) const;
+  // s = Score; reject if s <= 0, admit if s >= 1, else admit iff u(seed, key, 3, draw) < s, with
+  // draw = AdmissionDraw(day_index, push_id) of the push that carries the key.
+  bool Admit(uint64_t key, double show, double click, uint64_t draw) const;
 
   // A fresh row: zero stats, slot -1, no mf, lr block from the lr rule's Init (stream 1).
   void InitRow(RowHeader* h, uint64_t key) const;

@@ -89,7 +89,7 @@ void Shard::Pull(const uint64_t* keys, const uint64_t* hashes, const uint32_t* p
   }
 }
 
-void Shard::Push(const MergedPush* items, size_t n, bool has_slots) {
+void Shard::Push(const MergedPush* items, size_t n, bool has_slots, uint64_t push_id) {
   const size_t grad_bytes = sizeof(float) * (1 + static_cast<size_t>(layout_.dim()));
   PhaseScratch& sc = Scratch();
   sc.rows.resize(n);
@@ -97,6 +97,7 @@ void Shard::Push(const MergedPush* items, size_t n, bool has_slots) {
   uint32_t* rows = sc.rows.data();
   uint32_t* mfs = sc.mfs.data();
   MutexLock l(&mu_);
+  const uint64_t draw = AdmissionDraw(admission_day_, push_id);
   // Phase 1: index lookups (items hold distinct keys, so a key missing here is inserted in phase 3
   // and nothing else can insert it in between: we hold the lock).
   FindRows(index_, n, [items](size_t j) { return items[j].key; }, [items](size_t j) { return items[j].hash; }, rows);
@@ -121,22 +122,10 @@ void Shard::Push(const MergedPush* items, size_t n, bool has_slots) {
     const MergedPush& it = items[j];
     uint32_t row = rows[j];
     if (row == HashIndex::kNotFound) {
-      const uint32_t prior = attempts_.Find(it.key, it.hash);
-      const uint32_t attempt = prior == HashIndex::kNotFound ? 0 : prior;
-      bool drew = false;
-      const uint64_t draw = (uint64_t{admission_day_} << 32) | attempt;
-      if (!accessor_->Admit(it.key, it.show, it.click, draw, &drew)) {
+      if (!accessor_->Admit(it.key, it.show, it.click, draw)) {
         ++counters_.admission_rejected;
-        if (drew) {
-          if (prior == HashIndex::kNotFound) {
-            attempts_.Insert(it.key, it.hash, 1);
-          } else {
-            attempts_.Update(it.key, it.hash, prior + 1);
-          }
-        }
         continue;
       }
-      if (prior != HashIndex::kNotFound) attempts_.Erase(it.key, it.hash);
       row = base_.Allocate();
       try {
         index_.Insert(it.key, it.hash, row);
@@ -145,8 +134,6 @@ void Shard::Push(const MergedPush* items, size_t n, bool has_slots) {
         throw;
       }
       accessor_->InitRow(Row(row), it.key);
-      const uint32_t used = attempt + (drew ? 1 : 0);
-      Row(row)->admission_attempts = static_cast<uint16_t>(used > 0xffff ? 0xffff : used);
       ++counters_.inserts;
     }
     RowHeader* h = Row(row);
@@ -164,8 +151,6 @@ void Shard::DeleteRowLocked(uint64_t key, uint64_t hash) {
   const uint32_t row = index_.Erase(key, hash);
   if (row == HashIndex::kNotFound) return;
   RowHeader* h = Row(row);
-  // Keep the key's admission draw count for today: a re-pushed key continues its draw sequence.
-  if (h->admission_attempts > 0) attempts_.Insert(key, hash, h->admission_attempts);
   if (h->mf_index != kNoMf) mf_.Free(h->mf_index);
   base_.Free(row);
 }
@@ -174,17 +159,13 @@ size_t Shard::DecayAndDelete(double factor, uint32_t add_unseen, std::vector<uin
                              int64_t new_day_index) {
   MutexLock l(&mu_);
   const bool boundary = new_day_index >= 0;
-  if (boundary) {
-    attempts_.Clear();
-    admission_day_ = static_cast<uint32_t>(new_day_index);
-  }
+  if (boundary) admission_day_ = static_cast<uint32_t>(new_day_index);
   // Two passes: backward-shift deletion moves entries, so deleting while scanning could visit an
   // entry twice (and decay it twice).
   std::vector<uint64_t> doomed;
   index_.ForEach([&](uint64_t key, uint32_t row) {
     RowHeader* h = Row(row);
     accessor_->Decay(h, factor);
-    if (boundary) h->admission_attempts = 0;
     const uint32_t u = uint32_t{h->unseen_days} + add_unseen;
     h->unseen_days = static_cast<uint16_t>(u > kMaxUnseenDays ? kMaxUnseenDays : u);
     if (accessor_->ShouldDelete(*h)) doomed.push_back(key);
@@ -271,9 +252,7 @@ void Shard::LoadLocked(uint64_t key, uint64_t hash, const float* base, const flo
       throw;
     }
     Row(row)->mf_index = kNoMf;
-    const uint32_t prior = attempts_.Erase(key, hash);
-    Row(row)->admission_attempts =
-        static_cast<uint16_t>(prior == HashIndex::kNotFound ? 0 : (prior > 0xffff ? 0xffff : prior));
+    Row(row)->reserved = 0;
   }
   RowHeader* h = Row(row);
   h->show = base[0];
@@ -308,7 +287,7 @@ void Shard::SubtractDelta(uint64_t key, uint64_t hash, float saved) {
 void Shard::Clear() {
   MutexLock l(&mu_);
   index_.Clear();
-  attempts_.Clear();  // admission_day_ stays: Clear() keeps the table's day
+  // admission_day_ stays: Clear() keeps the table's day
   base_.Clear();
   mf_.Clear();
 }
@@ -322,7 +301,7 @@ void Shard::GetStats(ShardCounters* c, size_t* keys, size_t* keys_with_mf, size_
   c->admission_rejected += counters_.admission_rejected;
   *keys += index_.size();
   *keys_with_mf += mf_.live();
-  *bytes += index_.bytes() + attempts_.bytes() + base_.bytes() + mf_.bytes() + sizeof(Shard);
+  *bytes += index_.bytes() + base_.bytes() + mf_.bytes() + sizeof(Shard);
 }
 
 }  // namespace psembed

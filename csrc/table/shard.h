@@ -6,13 +6,9 @@
 // which REQUIRE the caller to hold mu() (export takes all shard locks in index order for one
 // consistent snapshot). Calls on different shards run concurrently; calls on one shard serialize.
 // Invariants: (1) index_ maps a key to a live base record and nothing else does; (2) a record's
-// mf_index is kNoMf or a live mf block owned by it alone; (3) attempts_ holds only keys not in
-// index_: the admission draw counts of rejected or deleted keys (a row keeps its own count in
-// RowHeader::admission_attempts and hands it back to attempts_ when deleted); (4) all counts (in
-// attempts_ and in rows) are draws since the last day boundary: DecayAndDelete with a
-// new_day_index clears attempts_ and zeroes every row's count, so attempts_ holds only keys seen
-// since the last end_day and memory stays bounded. The admission draw of a key is
-// u(seed, key, 3, (day_index_ << 32) | attempts_today), so draws never repeat across days.
+// mf_index is kNoMf or a live mf block owned by it alone. Admission keeps no state for rejected
+// keys: the draw of a key pushed by push `push_id` is u(seed, key, 3, AdmissionDraw(day_index_,
+// push_id)) (ctr_accessor.h), a function of the push alone, so memory holds only admitted rows.
 
 #ifndef PSEMBED_TABLE_SHARD_H_
 #define PSEMBED_TABLE_SHARD_H_
@@ -64,16 +60,16 @@ class Shard {
             float* out) LOCKS_EXCLUDED(mu_);
 
   // Applies merged pushes in order (see CtrAccessor::Update and Admit). has_slots: take item.slot.
-  void Push(const MergedPush* items, size_t n, bool has_slots) LOCKS_EXCLUDED(mu_);
+  // push_id names the push for admission draws (SparseTable::Push).
+  void Push(const MergedPush* items, size_t n, bool has_slots, uint64_t push_id) LOCKS_EXCLUDED(mu_);
 
   // show, click *= factor; unseen_days += add_unseen (saturating); then deletes rows by the delete
   // predicate, appending their keys to *deleted. Returns the number deleted. If new_day_index >= 0
-  // this is a day boundary (end_day): the admission draw counts restart (attempts_ cleared, every
-  // row's count zeroed) and admission draws use day index new_day_index from now on.
+  // this is a day boundary (end_day): admission draws use day index new_day_index from now on.
   size_t DecayAndDelete(double factor, uint32_t add_unseen, std::vector<uint64_t>* deleted,
                         int64_t new_day_index = -1) LOCKS_EXCLUDED(mu_);
 
-  // Sets the day index of admission draws (table day + 1) without touching the counts (checkpoint load).
+  // Sets the day index of admission draws (table day + 1) (checkpoint load).
   void SetAdmissionDay(uint32_t day_index) LOCKS_EXCLUDED(mu_);
 
   // unseen_days += 1 for every row (saturating).
@@ -137,7 +133,6 @@ class Shard {
   const RowLayout& layout_;
   Mutex mu_;
   HashIndex index_ GUARDED_BY(mu_);     // key -> base record
-  HashIndex attempts_ GUARDED_BY(mu_);  // rejected/deleted key -> admission draws since the day boundary
   uint32_t admission_day_ GUARDED_BY(mu_) = 0;  // table day + 1 (0 before the first end_day)
   SlabPool base_ GUARDED_BY(mu_);
   SlabPool mf_ GUARDED_BY(mu_);

@@ -190,8 +190,9 @@ void SparseTable::Pull(const uint64_t* keys, size_t n, bool with_stats, float* o
 }
 
 void SparseTable::Push(const uint64_t* keys, size_t n, const float* grads, const float* shows, const float* clicks,
-                       const int32_t* slots, const uint8_t* skip) {
+                       const int32_t* slots, const uint8_t* skip, uint64_t push_id) {
   if (n == 0) return;
+  if (push_id == kOwnPushId) push_id = own_pushes_.fetch_add(1, std::memory_order_relaxed);
   if (skip != nullptr) {
     size_t skipped = 0;
     for (size_t i = 0; i < n; ++i) skipped += skip[i] ? 1 : 0;
@@ -208,7 +209,7 @@ void SparseTable::Push(const uint64_t* keys, size_t n, const float* grads, const
     MergeScratch& m = ThreadMergeScratch();  // one TLS lookup per task, raw pointers below
     const size_t num = MergeDuplicates(part.skeys.data() + b, part.shashes.data() + b, part.order.data() + b, e - b,
                                        grads, gw, shows, clicks, slots, &m);
-    shards_[s]->Push(m.items.data(), num, slots != nullptr);
+    shards_[s]->Push(m.items.data(), num, slots != nullptr, push_id);
   });
   part.Trim();
 }
@@ -247,7 +248,7 @@ Status SparseTable::EndDay(int64_t day, size_t* deleted) {
   if (elapsed == 0) return Status::OK();
   const double factor = std::pow(options().accessor.show_click_decay_rate, static_cast<double>(elapsed));
   const uint32_t add = elapsed > kMaxUnseenDays ? kMaxUnseenDays : static_cast<uint32_t>(elapsed);
-  // A day boundary: admission draw counts restart and draws use day index day + 1.
+  // A day boundary: admission draws use day index day + 1 from now on.
   *deleted = DecayAndDeleteAll(factor, add, day + 1);
   day_ = day;
   return Status::OK();

@@ -126,9 +126,13 @@ class SparseTable {
 
   // grads: n x (1 + dim); slots may be nullptr (slots unchanged); skip (may be nullptr) marks rows to
   // ignore (NaN/Inf under nan_policy="skip"), counted in stats().rejected. Duplicate keys are merged
-  // (sums in input order; last slot wins) before the rule runs. REQUIRES: n < 2^32.
+  // (sums in input order; last slot wins) before the rule runs. push_id names the push for admission
+  // draws (AdmissionDraw in ctr_accessor.h); kOwnPushId takes the next of this table's own count (one
+  // per push with n > 0), which is what a local table does; a sharded table's trainer passes its own.
+  // REQUIRES: n < 2^32.
+  static constexpr uint64_t kOwnPushId = ~uint64_t{0};
   void Push(const uint64_t* keys, size_t n, const float* grads, const float* shows, const float* clicks,
-            const int32_t* slots, const uint8_t* skip);
+            const int32_t* slots, const uint8_t* skip, uint64_t push_id = kOwnPushId);
 
   // Decay once, then delete by the predicates. Returns rows deleted (their keys become tombstones).
   size_t Shrink();
@@ -220,6 +224,7 @@ class SparseTable {
 
   // Relaxed: a statistic, read without ordering against rows.
   std::atomic<uint64_t> rejected_{0};
+  std::atomic<uint64_t> own_pushes_{0};  // pushes with n > 0 and kOwnPushId so far: the next own push id
   // Relaxed: a tuning knob; a call reads it once.
   std::atomic<int> parallelism_{1};
 };

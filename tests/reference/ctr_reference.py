@@ -14,9 +14,9 @@ Random numbers follow the documented counter-based generator::
 
 read with C operator precedence (``+`` binds tighter than ``^``), where ``mix64`` is the splitmix64 finalizer
 and ``splitmix64(x)`` adds the golden gamma to ``x`` and then applies the finalizer. Streams: 1 = lr init,
-2 = mf init, 3 = admission draw with ``i = (day_index << 32) | attempts_today``, where ``day_index`` is the
-table's day + 1 (0 before the first end_day) and ``attempts_today`` counts the key's draws since the last
-end_day that closed a day (end_day clears every count; shrink and new_day do not).
+2 = mf init, 3 = admission draw with ``i = (day_index << 48) | (push_id mod 2**48)``, where ``day_index`` is
+the table's day + 1 (0 before the first end_day) and ``push_id`` names the push: the table's own count of
+pushes with at least one key (0, 1, ...) unless the caller passes one (a trainer's ``(trainer << 32) | count``).
 """
 
 from __future__ import annotations
@@ -245,7 +245,7 @@ class CtrTableRef:
         self.mf_rule = make_rule(config["mf_optimizer"])
         self.rows: Dict[int, Row] = {}
         self.tombstones: List[int] = []
-        self.attempts: Dict[int, int] = {}
+        self.pushes = 0  # pushes with keys so far: the next own push id
         self.day = -1
         self.admission_rejected = 0
 
@@ -288,7 +288,7 @@ class CtrTableRef:
         row.mf = self._init_block(self.mf_rule, key, 2, self.dim)
         row.mf_state = self.mf_rule.init_state(self.dim)
 
-    def _admit(self, key: int, show: float, click: float) -> bool:
+    def _admit(self, key: int, show: float, click: float, push_id: int) -> bool:
         if not self.acc.get("create_probability_from_score", False):
             return True
         s = self.score(show, click)
@@ -296,9 +296,7 @@ class CtrTableRef:
             return False
         if s >= 1:
             return True
-        n = self.attempts.get(key, 0)
-        self.attempts[key] = n + 1
-        i = ((self.day + 1) << 32) | n
+        i = ((self.day + 1) << 48) | (push_id % (1 << 48))
         u = float(uniform(self.seed, np.array([key], np.int64), 3, i)[0])
         return u < s
 
@@ -318,8 +316,11 @@ class CtrTableRef:
                 out[j, off + 1 :] = r.mf
         return out
 
-    def push(self, keys, grads, shows, clicks, slots=None) -> int:
+    def push(self, keys, grads, shows, clicks, slots=None, push_id=None) -> int:
         keys = np.asarray(keys, dtype=np.int64)
+        if keys.shape[0] and push_id is None:
+            push_id = self.pushes
+            self.pushes += 1
         grads = np.asarray(grads, dtype=np.float32)
         shows = np.asarray(shows, dtype=np.float32)
         clicks = np.asarray(clicks, dtype=np.float32)
@@ -338,7 +339,7 @@ class CtrTableRef:
         for k, (g, show, click, slot) in merged.items():
             row = self.rows.get(k)
             if row is None:
-                if not self._admit(k, show, click):
+                if not self._admit(k, show, click, push_id):
                     self.admission_rejected += 1
                     continue
                 row = self._new_row(k)
@@ -394,7 +395,6 @@ class CtrTableRef:
             raise ValueError(f"day {day} is before the table's day {self.day}")
         n = self._decay_and_delete(float(self.acc["show_click_decay_rate"]) ** elapsed, elapsed)
         self.day = day
-        self.attempts.clear()  # a day boundary: admission draw counts restart
         return n
 
     # -- saves -------------------------------------------------------------------------------------------

@@ -78,6 +78,9 @@ class ShardedTable:
         self.max_inflight = max_inflight or max(4, 2 * (self.max_staleness + 1)) * self.num_servers
         self.timers: Dict[str, float] = dict.fromkeys(_TIMER_NAMES, 0.0)
         self._plan_cache = None
+        # Pushes with keys issued so far; (trainer_rank << 32) | count names a push for the servers'
+        # admission draws, as a local table's own count does (so 1 trainer matches a local table).
+        self._push_count = 0
         cfg = config.to_dict()
         handles = [transport.create_table(s, name, cfg) for s in range(self.num_servers)]
         for h in handles:
@@ -212,6 +215,8 @@ class ShardedTable:
             raise ValueError(f"grads has a NaN/Inf value in row {row} (nan_policy='raise')")
         if n == 0:
             return 0
+        push_id = (self.trainer_rank << 32) | (self._push_count & 0xFFFFFFFF)
+        self._push_count += 1
         if self.max_staleness == 0:
             self._wait_steps(0)
         if not self._step_open:
@@ -222,19 +227,20 @@ class ShardedTable:
             # row would poison the sum, so the bad rows travel unmerged to their owners.
             for s, pos in self._split(keys[bad]):
                 idx = np.flatnonzero(bad) if pos is None else np.flatnonzero(bad)[pos]
-                self._send(s, keys[idx], grads[idx], shows[idx], clicks[idx], None if slots is None else slots[idx])
+                self._send(s, keys[idx], grads[idx], shows[idx], clicks[idx], None if slots is None else slots[idx],
+                           push_id)
             good = ~bad
             keys, grads, shows, clicks = keys[good], grads[good], shows[good], clicks[good]
             slots = None if slots is None else slots[good]
             n = keys.shape[0]
         if n:
-            self._push_merged(keys, grads, shows, clicks, slots)
+            self._push_merged(keys, grads, shows, clicks, slots, push_id)
         if self.max_staleness == 0:
             self._wait_steps(0)
         self.timers["push"] += time.perf_counter() - t0
         return skipped
 
-    def _push_merged(self, keys, grads, shows, clicks, slots) -> None:
+    def _push_merged(self, keys, grads, shows, clicks, slots, push_id) -> None:
         """Merge duplicates exactly as ``_C.Table.push`` does (float32 sums in input order, last slot) and send."""
         n = keys.shape[0]
         uniq, inverse, parts = self._plan(keys)
@@ -256,15 +262,15 @@ class ShardedTable:
                 if g is grads:  # the caller's arrays: copy, the push is in flight after we return
                     g, s_m, c_m = g.copy(), s_m.copy(), c_m.copy()
                     sl_m = None if sl_m is None else sl_m.copy()
-                self._send(s, uniq, g, s_m, c_m, sl_m)
+                self._send(s, uniq, g, s_m, c_m, sl_m, push_id)
             else:
                 self._send(s, uniq[pos], np.take(g, pos, axis=0), s_m[pos], c_m[pos],
-                           None if sl_m is None else sl_m[pos])
+                           None if sl_m is None else sl_m[pos], push_id)
 
-    def _send(self, s, keys, grads, shows, clicks, slots) -> None:
+    def _send(self, s, keys, grads, shows, clicks, slots, push_id) -> None:
         while self._inflight >= self.max_inflight:
             self._wait_oldest_push()
-        self._steps[-1].append(self._transport.push(s, self.name, keys, grads, shows, clicks, slots))
+        self._steps[-1].append(self._transport.push(s, self.name, keys, grads, shows, clicks, slots, push_id))
         self._inflight += 1
 
     def flush(self) -> None:

@@ -160,9 +160,9 @@ class RpcTransport(Transport):
             _tensor_to_numpy,
         )
 
-    def push(self, server, table, keys, grads, shows, clicks, slots) -> Handle:
+    def push(self, server, table, keys, grads, shows, clicks, slots, push_id) -> Handle:
         if server == self.local_server:
-            return _run_local(server_mod.push, table, keys, grads, shows, clicks, slots)
+            return _run_local(server_mod.push, table, keys, grads, shows, clicks, slots, push_id)
         args = (
             table,
             torch.from_numpy(keys),
@@ -170,6 +170,7 @@ class RpcTransport(Transport):
             torch.from_numpy(shows),
             torch.from_numpy(clicks),
             None if slots is None else torch.from_numpy(slots),
+            push_id,
         )
         return self._async(server, f"push to table {table!r}", server_mod.push, args)
 

@@ -112,15 +112,20 @@ def pull(name: Any, keys: Any, with_stats: bool = False) -> torch.Tensor:
     return torch.from_numpy(table.pull(k, bool(with_stats)))
 
 
-def push(name: Any, keys: Any, grads: Any, shows: Any, clicks: Any, slots: Any = None) -> int:
-    """Apply a (merged) push to this server's part of ``name``; returns the rows skipped."""
+def push(name: Any, keys: Any, grads: Any, shows: Any, clicks: Any, slots: Any = None, push_id: Any = None) -> int:
+    """Apply a (merged) push to this server's part of ``name``; returns the rows skipped.
+
+    ``push_id`` (the trainer's ``(trainer << 32) | push count``) names the push for admission draws.
+    """
     table = _table(name)
     k = _as_array("keys", keys, np.int64, 1)
     g = _as_array("grads", grads, np.float32, 2)
     s = _as_array("shows", shows, np.float32, 1)
     c = _as_array("clicks", clicks, np.float32, 1)
     sl = None if slots is None else _as_array("slots", slots, np.int32, 1)
-    return int(table.push(k, g, s, c, sl))
+    if push_id is not None and (not isinstance(push_id, int) or isinstance(push_id, bool) or push_id < 0):
+        raise ValueError(f"push_id must be an int >= 0 or None, got {push_id!r}")
+    return int(table.push(k, g, s, c, sl, push_id))
 
 
 def call(name: Any, fn: Callable, args: Sequence[Any] = ()) -> Any:

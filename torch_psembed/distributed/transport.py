@@ -83,8 +83,12 @@ class Transport(abc.ABC):
         shows: np.ndarray,
         clicks: np.ndarray,
         slots: Optional[np.ndarray],
+        push_id: int,
     ) -> Handle:
-        """Apply merged gradients on ``server``; the handle's value is the number of rows skipped."""
+        """Apply merged gradients on ``server``; the handle's value is the number of rows skipped.
+
+        ``push_id`` names the trainer's push for admission draws (every part of one push carries the same).
+        """
 
     # -- control ------------------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -5,7 +5,7 @@
 //
 //   base record (RowLayout::base_bytes() bytes, 4-byte aligned):
 //     struct RowHeader { float show, click, delta_score; int32 slot; uint16 unseen_days;
-//                        uint16 admission_attempts; uint32 mf_index; } // 24 bytes
+//                        uint16 reserved; uint32 mf_index; } // 24 bytes
 //     float lr[1 + lr_state_dim]                                      // lr_w, then its rule state
 //   mf block (RowLayout::mf_bytes() bytes):
 //     float mf[dim + mf_state_dim]                                    // mf_w[dim], then rule state
@@ -31,9 +31,7 @@ struct RowHeader {
   float delta_score;
   int32_t slot;  // -1 until a push gives one
   uint16_t unseen_days;
-  // Admission draws this key consumed before it was admitted (the counter-based draw index of its
-  // next attempt, should it be deleted and pushed again); saturates at 0xffff. Not exported.
-  uint16_t admission_attempts;
+  uint16_t reserved;  // 0; padding that keeps mf_index aligned (the header stays 24 bytes)
   uint32_t mf_index;
 };
 static_assert(sizeof(RowHeader) == 24, "RowHeader layout is part of the memory budget");
