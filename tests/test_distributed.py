@@ -157,6 +157,39 @@ def test_staleness_zero_matches_one_local_table_exactly():
     assert tr.barriers == 2 * 4  # 3 shrinks + 1 end_day
 
 
+@pytest.mark.parametrize("trainer", [0, 1])
+def test_probabilistic_admission_is_the_same_on_every_layout(trainer):
+    # Property: admission draws depend on (day, push id) only. Trainer 0 of a 3-server table with
+    # asynchronous pushes admits exactly what one local table given the same calls admits; trainer 1 sends
+    # push ids (1 << 32) | count, so it matches a local table given those ids.
+    cfg = pse.TableConfig(dim=3, accessor=pse.CtrAccessorConfig(create_probability_from_score=True),
+                          lr_optimizer=pse.AdaGrad(initial_range=0.0), num_shards=4, seed=9)
+    tr = MemoryTransport(3)
+    t = ShardedTable("t", cfg, tr, 2, trainer, 2, lambda: None)
+    local = _C.Table(cfg.to_dict())
+    rng = np.random.default_rng(3)
+    pushes = 0
+    for day in range(3):
+        for step in range(4):
+            keys = rng.integers(0, 5000, size=700).astype(np.int64) + day * 3000  # new ids every day
+            n = keys.shape[0]
+            grads = rng.normal(0, 1, size=(n, 4)).astype(np.float32)
+            shows = np.ones(n, np.float32)
+            clicks = (rng.random(n) < 0.05).astype(np.float32)
+            t.push(keys, grads, shows, clicks)
+            local.push(keys, grads, shows, clicks, None, None if trainer == 0 else (1 << 32) | pushes)
+            pushes += 1
+        if trainer == 0:
+            assert t.end_day(day) == local.end_day(day)
+        else:  # a collective needs the first trainer: close the day on each server's table directly
+            t.flush()
+            assert sum(tr.tables[(s, "t")].end_day(day) for s in range(3)) == local.end_day(day)
+    universe = np.arange(0, 12000, dtype=np.int64)
+    np.testing.assert_array_equal(t.pull(universe, True), local.pull(universe, True))
+    assert 0 < len(t) == len(local) < 12000
+    assert t.stats()["admission_rejected"] == local.stats()["admission_rejected"] > 0
+
+
 def test_nan_skip_policy_matches_local_table():
     # Property: under nan_policy="skip" each bad input row is skipped and counted, as in one local table;
     # a bad row never poisons the merged gradient of the good rows with the same key.
