@@ -10,8 +10,15 @@ namespace psembed {
 
 namespace {
 constexpr size_t kMinCapacity = 16;
+// Home() multiplies 32 hash bits by the capacity in 64 bits.
+constexpr size_t kMaxCapacity = size_t{1} << 32;
 // Grow when size + 1 > capacity * 4 / 5.
 inline bool OverLoad(size_t size, size_t capacity) { return (size + 1) * 5 > capacity * 4; }
+// The next capacity: 3/2 of this one, a multiple of 16 (slots come in whole cache-line groups of 16 x 12 B).
+inline size_t GrownCapacity(size_t capacity) {
+  if (capacity == 0) return kMinCapacity;
+  return (capacity + capacity / 2 + 15) / 16 * 16;
+}
 }  // namespace
 
 HashIndex::~HashIndex() { Clear(); }
@@ -19,32 +26,33 @@ HashIndex::~HashIndex() { Clear(); }
 void HashIndex::Clear() {
   HugePageFree(slots_, capacity_ * sizeof(Slot));
   slots_ = nullptr;
-  capacity_ = mask_ = size_ = 0;
+  capacity_ = size_ = 0;
   has_zero_ = false;
   zero_value_ = 0;
 }
 
 void HashIndex::Reserve(size_t n) {
   size_t cap = capacity_ == 0 ? kMinCapacity : capacity_;
-  while (OverLoad(n, cap)) cap *= 2;
+  while (OverLoad(n, cap)) cap = GrownCapacity(cap);
   if (cap != capacity_) Rehash(cap);
 }
 
 void HashIndex::Rehash(size_t new_capacity) {
+  if (new_capacity > kMaxCapacity) throw std::bad_alloc();
   auto* slots = static_cast<Slot*>(HugePageAlloc(new_capacity * sizeof(Slot)));  // zeroed: all empty
-  const size_t mask = new_capacity - 1;
-  for (size_t i = 0; i < capacity_; ++i) {
-    const uint64_t k = slots_[i].key;
-    if (k == 0) continue;
-    size_t j = TableHash(k) & mask;
-    while (slots[j].key != 0) j = (j + 1) & mask;
-    slots[j].key = k;
-    slots[j].value = slots_[i].value;
-  }
-  HugePageFree(slots_, capacity_ * sizeof(Slot));
-  slots_ = slots;
+  Slot* old = slots_;
+  const size_t old_capacity = capacity_;
+  slots_ = slots;  // Home/Next now follow the new capacity
   capacity_ = new_capacity;
-  mask_ = mask;
+  for (size_t i = 0; i < old_capacity; ++i) {
+    const uint64_t k = old[i].key;
+    if (k == 0) continue;
+    size_t j = Home(TableHash(k));
+    while (slots_[j].key != 0) j = Next(j);
+    slots_[j].key = k;
+    slots_[j].value = old[i].value;
+  }
+  HugePageFree(old, old_capacity * sizeof(Slot));
 }
 
 void HashIndex::Insert(uint64_t key, uint64_t hash, uint32_t value) {
@@ -53,11 +61,9 @@ void HashIndex::Insert(uint64_t key, uint64_t hash, uint32_t value) {
     zero_value_ = value;
     return;
   }
-  if (capacity_ == 0 || OverLoad(size_, capacity_)) {
-    Rehash(capacity_ == 0 ? kMinCapacity : capacity_ * 2);
-  }
-  size_t i = hash & mask_;
-  while (slots_[i].key != 0) i = (i + 1) & mask_;
+  if (capacity_ == 0 || OverLoad(size_, capacity_)) Rehash(GrownCapacity(capacity_));
+  size_t i = Home(hash);
+  while (slots_[i].key != 0) i = Next(i);
   slots_[i].key = key;
   slots_[i].value = value;
   ++size_;
@@ -70,7 +76,7 @@ bool HashIndex::Update(uint64_t key, uint64_t hash, uint32_t value) {
     return true;
   }
   if (capacity_ == 0) return false;
-  size_t i = hash & mask_;
+  size_t i = Home(hash);
   for (;;) {
     const uint64_t k = slots_[i].key;
     if (k == key) {
@@ -78,7 +84,7 @@ bool HashIndex::Update(uint64_t key, uint64_t hash, uint32_t value) {
       return true;
     }
     if (k == 0) return false;
-    i = (i + 1) & mask_;
+    i = Next(i);
   }
 }
 
@@ -89,27 +95,29 @@ uint32_t HashIndex::Erase(uint64_t key, uint64_t hash) {
     return zero_value_;
   }
   if (capacity_ == 0) return kNotFound;
-  size_t i = hash & mask_;
+  size_t i = Home(hash);
   for (;;) {
     const uint64_t k = slots_[i].key;
     if (k == 0) return kNotFound;
     if (k == key) break;
-    i = (i + 1) & mask_;
+    i = Next(i);
   }
   const uint32_t value = slots_[i].value;
   // Backward-shift: pull later entries of the cluster into the hole when their home slot is at or
   // before the hole (cyclically), so every entry stays reachable from its home without tombstones.
   size_t hole = i;
-  size_t j = (i + 1) & mask_;
+  size_t j = Next(i);
+  // Cyclic distance from a forward to b.
+  auto dist = [this](size_t a, size_t b) { return b >= a ? b - a : b + capacity_ - a; };
   while (slots_[j].key != 0) {
-    const size_t home = TableHash(slots_[j].key) & mask_;
-    // Distance from home to j, and from hole to j (both cyclic). Move if home is not in (hole, j].
-    if (((j - home) & mask_) >= ((j - hole) & mask_)) {
+    const size_t home = Home(TableHash(slots_[j].key));
+    // Move if home is not in (hole, j] (cyclically): then the hole is on j's probe path.
+    if (dist(home, j) >= dist(hole, j)) {
       slots_[hole].key = slots_[j].key;
       slots_[hole].value = slots_[j].value;
       hole = j;
     }
-    j = (j + 1) & mask_;
+    j = Next(j);
   }
   slots_[hole].key = 0;
   --size_;

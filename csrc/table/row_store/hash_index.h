@@ -12,15 +12,17 @@
 //
 // When to choose it: integer keys, uint32 values, single-writer under an external lock.
 //
-// Layout (capacity C, a power of two, C = 0 before the first insert): one array of C packed
+// Layout (capacity C, a multiple of 16, C = 0 before the first insert): one array of C packed
 // 12-byte slots {uint64 key; uint32 value}, key 0 = empty (key 0 itself lives out of line:
 // has_zero_, zero_value_). Key and value share a cache line (a slot straddles two lines 1 time in
 // 16), so a hit costs one miss; two separate arrays cost two. The array is on huge pages once it
 // reaches 2 MiB (util/huge_pages.h).
-// Probing: linear, starting at hash & (C - 1), where hash = TableHash(key) (util/hash.h; the shard
-// was chosen from its high 32 bits, the probe start uses the low bits). Maximum load 0.8, then the
-// capacity doubles (a rehash). Erase uses backward-shift deletion: no tombstones, so probe lengths
-// do not degrade with churn.
+// Probing: linear (wrapping at C), starting at Home(hash) = ((hash mod 2^32) * C) >> 32, where
+// hash = TableHash(key) (util/hash.h; the shard was chosen from its high 32 bits, the probe start uses
+// the low 32). Maximum load 0.8, then the capacity grows by 3/2 (a rehash): a power-of-two capacity
+// doubling at 0.8 leaves the table between 0.4 and 0.8 full (24 B per key on average at 12-byte slots),
+// growth by 3/2 between 0.53 and 0.8 (18 B per key). Erase uses backward-shift deletion: no tombstones,
+// so probe lengths do not degrade with churn.
 //
 // Guarantees: exception safety is strong for Insert (a failed rehash allocation throws bad_alloc and
 // leaves the map unchanged); Find/Erase never throw. A rehash invalidates nothing outside (values
@@ -58,18 +60,18 @@ class HashIndex {
   uint32_t Find(uint64_t key, uint64_t hash) const {
     if (key == 0) return has_zero_ ? zero_value_ : kNotFound;
     if (capacity_ == 0) return kNotFound;
-    size_t i = hash & mask_;
+    size_t i = Home(hash);
     for (;;) {
       const uint64_t k = slots_[i].key;
       if (k == key) return slots_[i].value;
       if (k == 0) return kNotFound;
-      i = (i + 1) & mask_;
+      i = Next(i);
     }
   }
 
   // Hints the cache about the probe start of a key looked up soon.
   void Prefetch(uint64_t hash) const {
-    if (capacity_ != 0) __builtin_prefetch(&slots_[hash & mask_]);
+    if (capacity_ != 0) __builtin_prefetch(&slots_[Home(hash)]);
   }
 
   // Adds key -> value. REQUIRES: key not present. May rehash (throws std::bad_alloc).
@@ -107,10 +109,13 @@ class HashIndex {
   static_assert(sizeof(Slot) == 12, "the memory budget counts 12 bytes per slot");
 
   void Rehash(size_t new_capacity);
+  // The probe start of a hash, in [0, capacity_) (a multiply, not a modulo: capacity_ need not be a
+  // power of two). REQUIRES: capacity_ > 0.
+  size_t Home(uint64_t hash) const { return static_cast<size_t>(((hash & 0xffffffffu) * capacity_) >> 32); }
+  size_t Next(size_t i) const { return i + 1 == capacity_ ? 0 : i + 1; }
 
   Slot* slots_ = nullptr;  // owned (HugePageAlloc), capacity_ entries
   size_t capacity_ = 0;
-  size_t mask_ = 0;
   size_t size_ = 0;  // nonzero keys stored
   bool has_zero_ = false;
   uint32_t zero_value_ = 0;
