@@ -19,9 +19,9 @@
 // reaches 2 MiB (util/huge_pages.h).
 // Probing: linear (wrapping at C), starting at Home(hash) = ((hash mod 2^32) * C) >> 32, where
 // hash = TableHash(key) (util/hash.h; the shard was chosen from its high 32 bits, the probe start uses
-// the low 32). Maximum load 0.8, then the capacity grows by 3/2 (a rehash): a power-of-two capacity
-// doubling at 0.8 leaves the table between 0.4 and 0.8 full (24 B per key on average at 12-byte slots),
-// growth by 3/2 between 0.53 and 0.8 (18 B per key). Erase uses backward-shift deletion: no tombstones,
+// the low 32). Maximum load 0.8, then the capacity grows by 5/4 (a rehash), so the load stays in
+// [0.64, 0.8] whatever the key count: 15-19 B of index per key (a power-of-two capacity doubling at 0.8
+// would leave it anywhere in [0.4, 0.8]: 15-30 B per key). Erase uses backward-shift deletion: no tombstones,
 // so probe lengths do not degrade with churn.
 //
 // Guarantees: exception safety is strong for Insert (a failed rehash allocation throws bad_alloc and
