@@ -199,8 +199,8 @@ def test_num_workers_default_follows_spare_cores(monkeypatch):
             load_config(["--set", f"data.num_workers={bad}"])
 
 
-def test_default_accessor_is_the_reference_score_halved():
-    # docs/training.md: the job halves the score and every threshold with it, so in the reference's units
+def test_default_accessor_is_the_reference_score_scaled_by_an_eighth():
+    # docs/training.md: the job scales the score and every threshold by 1/8, so in the reference's units
     # only admission (probability = score) changes, besides embedx 20 and delete 2.5
     import numpy as np
 
@@ -211,10 +211,10 @@ def test_default_accessor_is_the_reference_score_halved():
     ref = CtrAccessorConfig()
     show = np.array([1.0, 10.0, 37.0, 200.0])
     click = np.array([0.0, 1.0, 5.0, 30.0])
-    assert np.allclose(acc.score(show, click), 0.5 * ref.score(show, click))
+    assert np.allclose(acc.score(show, click), ref.score(show, click) / 8)
     assert acc.create_probability_from_score
-    assert 2 * acc.base_threshold == ref.base_threshold and 2 * acc.delta_threshold == ref.delta_threshold
-    assert 2 * acc.embedx_threshold == 20.0 and 2 * acc.delete_threshold == 2.5
+    assert 8 * acc.base_threshold == ref.base_threshold and 8 * acc.delta_threshold == ref.delta_threshold
+    assert 8 * acc.embedx_threshold == 20.0 and 8 * acc.delete_threshold == 2.5
     # the rest is the reference's
     for f in ("delta_keep_days", "show_click_decay_rate", "delete_after_unseen_days", "show_scale"):
         assert getattr(acc, f) == getattr(ref, f)
