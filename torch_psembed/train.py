@@ -82,7 +82,7 @@ DEFAULTS: Dict[str, Any] = {
         },
         "lr_optimizer": {"name": "adagrad", "learning_rate": 0.05, "initial_g2sum": 3.0, "initial_range": 0.0},
         "mf_optimizer": {"name": "adagrad", "learning_rate": 0.05, "initial_g2sum": 3.0, "initial_range": 1e-4},
-        "num_shards": 4,
+        "num_shards": 1,
         "num_threads": 1,
     },
     "ps": {"max_staleness": 1, "num_servers": 0, "rpc_timeout": 60.0},
