@@ -9,11 +9,14 @@ Workloads (each step: pull 4096 x 26 ids with dim 8, a dense layer forward/backw
 Per-step time is split into dedup (np.unique + routing), RPC wait (waiting for remote pulls), pull assembly
 (scatter of the parts, gather in input order), local pull (colocated: this process's shard) and push
 (merge + send; the wait for acknowledgements happens in the next pull's staleness window).
+--prefetch pipelines the pulls: right after each push the trainer calls SparseTable.prefetch with the next
+step's ids, so the remote pulls run during the next dense step (the push column then includes that call;
+its dedup, assembly and staleness wait are counted in those columns, the pull column only what is left).
 
 One compute thread per process: torch.set_num_threads(1) and TableConfig(num_threads=1), OMP_NUM_THREADS=1.
 
     python scripts/bench_distributed.py [--rounds 3] [--steps 20] [--batch 4096] [--slots 26] [--dim 8]
-                                        [--staleness 1] [--only colocated,dedicated]
+                                        [--staleness 1] [--only colocated,dedicated] [--prefetch]
 
 Prints, per job, the local baseline and the sharded run (medians over rounds) and their samples/s ratio.
 """
@@ -74,6 +77,8 @@ def _run_steps(args, table, seed, timers=None):
         clicks = np.repeat(y, args.slots)
         t2 = time.perf_counter()
         table.push(keys, grads, shows, clicks)
+        if args.prefetch and hasattr(table, "prefetch"):  # pipelining: the next step's pull is on its way
+            table.prefetch(batches[(i + 1) % len(batches)][0])
         t3 = time.perf_counter()
         if measure:
             split["pull"] += t1 - t0
@@ -167,6 +172,8 @@ def _launch(args, world, num_servers, out):
     base = [sys.executable, os.path.abspath(__file__), "--child", "--out", out, "--num-servers", str(num_servers)]
     for flag in ("steps", "batch", "slots", "dim", "staleness", "warmup", "distinct_batches", "rounds"):
         base += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    if args.prefetch:
+        base.append("--prefetch")
     for r in range(world):
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, RANK=str(r), LOCAL_RANK=str(r),
                    WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -204,6 +211,8 @@ def main() -> None:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
     ap.add_argument("--only", default="colocated,dedicated")
+    ap.add_argument("--prefetch", action="store_true",
+                    help="after each push, prefetch the next step's rows (SparseTable.prefetch: pipelined pulls)")
     args = ap.parse_args()
     if args.child:
         child(args)
@@ -211,7 +220,8 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="bench_dist_")
     jobs = {"colocated": (2, 0), "dedicated": (2, 1)}
     print(f"batch {args.batch} x {args.slots} ids, dim {args.dim}, max_staleness {args.staleness}, "
-          f"{args.rounds} rounds x {args.steps} steps (+{args.warmup} warm-up), 1 compute thread per process; "
+          f"{args.rounds} rounds x {args.steps} steps (+{args.warmup} warm-up), 1 compute thread per process, "
+          f"prefetch {'on' if args.prefetch else 'off'}; "
           f"medians over rounds; each round runs the local baseline (1 process) then the sharded table")
     print(f"{'workload':<10} {'procs':>5} {'samples/s':>10} {'vs local':>8} {'step ms':>8} {'pull ms':>8} "
           f"{'push ms':>8} | {'dedup':>6} {'rpcwait':>7} {'assembly':>8} {'localpull':>9} {'stale':>6}")

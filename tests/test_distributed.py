@@ -254,6 +254,91 @@ def test_staleness_window(k):
     assert tr.pending == 0
 
 
+class _CountingTransport(MemoryTransport):
+    def __init__(self, num_servers):
+        super().__init__(num_servers)
+        self.pulls = 0
+
+    def pull(self, s, table, keys, with_stats):
+        self.pulls += 1
+        return super().pull(s, table, keys, with_stats)
+
+
+def _prefetching(k):
+    tr = _CountingTransport(2)
+    return ShardedTable("t", _cfg(3), tr, k, 0, 1, lambda: None), tr
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_prefetch_pipelined_training_equals_plain_training(k):
+    # Property: prefetching the next batch right after each push gives the pulls exactly the rows a plain
+    # pull would see (same staleness window), so the whole run ends in the same table; each pull then only
+    # takes the prefetched rows (no new requests), and the window still holds before every pull.
+    rng = np.random.default_rng(7)
+    universe = rng.integers(-(2**63), 2**63 - 1, size=200, dtype=np.int64)
+    batches = [_batch(rng, universe, 97, 3) for _ in range(10)]
+    results = []
+    for use_prefetch in (False, True):
+        t, tr = _prefetching(k)
+        pulled = []
+        for step, (keys, grads, shows, clicks, slots) in enumerate(batches):
+            before = tr.pulls
+            pulled.append(t.pull(keys, True))
+            if use_prefetch and step > 0:
+                assert tr.pulls == before  # taken from the prefetch
+            assert all(old in tr.applied for old in range(step - k))
+            tr.step_tag = step
+            t.push(keys, grads, shows, clicks, slots)
+            if use_prefetch and step + 1 < len(batches):
+                t.prefetch(batches[step + 1][0], True)
+                assert set(range(step - k + 1)) <= set(tr.applied)  # waited for steps <= t-k
+                assert step in set(range(step + 1)) - set(tr.applied)  # this step's push stays in flight
+        t.flush()
+        results.append((pulled, t.pull(universe, True)))
+    for a, b in zip(results[0][0], results[1][0]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+
+
+def test_prefetch_is_dropped_by_other_keys_flush_and_collectives():
+    t, tr = _prefetching(1)
+    rng = np.random.default_rng(8)
+    universe = np.arange(1, 300, dtype=np.int64)
+    t.push(*_batch(rng, universe, 64, 3))
+    t.pull(universe[:5])
+    t.push(*_batch(rng, universe, 64, 3))
+    # other keys: a fresh pull of those keys
+    t.prefetch(universe[:50])
+    before = tr.pulls
+    np.testing.assert_array_equal(t.pull(universe[50:90]), t.pull(universe[50:90]))
+    assert tr.pulls > before
+    # other with_stats: also fresh
+    t.prefetch(universe[:50])
+    assert t.pull(universe[:50], True).shape == (50, 6)
+    # a collective in between (shrink deletes rows): the pull sees its result, not the prefetched rows
+    t.prefetch(universe[:50], True)
+    stale = t._prefetched[2]
+    assert stale is not None
+    t.shrink()
+    assert t._prefetched is None
+    local = {s: tr.tables[(s, "t")] for s in range(2)}
+    expect = np.zeros((50, 6), np.float32)
+    owners = _C.route(universe[:50], 2)
+    for i, (key, o) in enumerate(zip(universe[:50], owners)):
+        expect[i] = local[int(o)].pull(np.array([key]), True)[0]
+    np.testing.assert_array_equal(t.pull(universe[:50], True), expect)
+    # flush drops it too
+    t.prefetch(universe[:50])
+    t.flush()
+    assert t._prefetched is None
+
+
+def test_prefetch_without_staleness_is_a_no_op():
+    t, tr = _prefetching(0)
+    t.prefetch(np.arange(1, 50, dtype=np.int64))
+    assert tr.pulls == 0 and t._prefetched is None
+
+
 def test_inflight_pushes_are_bounded():
     t, tr = _sharded(num_servers=2, max_staleness=3, max_inflight=4)
     rng = np.random.default_rng(2)

@@ -368,3 +368,48 @@ def test_bench_script_runs_small(capsys):
     ranks = bench.zipf_ranks(np.random.default_rng(0), 1.1, 1000, 20000)
     assert ranks.min() >= 0 and ranks.max() < 1000
     assert (ranks == 0).mean() > (ranks == 10).mean() > (ranks == 500).mean()  # heavy head
+
+
+def test_prefetch_starts_exactly_the_pull_forward_makes(loaded):
+    # PSEmbedding.prefetch dedups like forward: the table gets the same unique keys (first-occurrence order)
+    # and the same with_stats, so a sharded table's next pull takes the prefetched rows.
+    table, keys, weight = loaded
+    calls = []
+
+    class Recording:
+        dim = table.dim
+
+        def pull(self, k, with_stats=False):
+            calls.append(("pull", np.asarray(k).copy(), bool(with_stats)))
+            return table.pull(k, with_stats)
+
+        def push(self, *args, **kwargs):
+            return table.push(*args, **kwargs)
+
+        def prefetch(self, k, with_stats=False):
+            calls.append(("prefetch", np.asarray(k).copy(), bool(with_stats)))
+
+    ids = keys[[3, 1, 3, 7, 1, 20]]
+    offsets = torch.tensor([0, 2, 4])
+    for output in ("mf", "cvm_lr_mf"):
+        emb = pse.PSEmbedding(Recording(), mode="sum", output=output)
+        calls.clear()
+        emb.prefetch(ids, offsets)
+        emb(ids, offsets)
+        assert [c[0] for c in calls] == ["prefetch", "pull"]
+        np.testing.assert_array_equal(calls[0][1], calls[1][1])
+        np.testing.assert_array_equal(calls[0][1], keys[[3, 1, 7, 20]].numpy())
+        assert calls[0][2] == calls[1][2] == (output == "cvm_lr_mf")
+    with pytest.raises(RuntimeError, match="input must hold integer ids of dtype torch.int64"):
+        emb.prefetch(ids.float(), offsets)  # bad input: the error forward gives
+
+
+def test_prefetch_on_a_local_table_changes_nothing(loaded):
+    table, keys, weight = loaded
+    emb = pse.PSEmbedding(table, mode="sum", output="lr_mf")
+    ids, offsets = keys[[0, 5, 5, 20]], torch.tensor([0, 1])
+    emb.prefetch(ids, offsets)
+    np.testing.assert_array_equal(emb(ids, offsets).detach(), emb(ids, offsets).detach())
+    table.prefetch(keys[:3])  # a local table has nothing to overlap: only the keys are checked
+    with pytest.raises(TypeError):
+        table.prefetch(keys[:3].float())

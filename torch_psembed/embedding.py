@@ -251,6 +251,23 @@ class PSEmbedding(nn.Module):
             timings=self.timings,
         )
 
+    def prefetch(
+        self,
+        input: Tensor,
+        offsets: Optional[Tensor] = None,
+        per_sample_weights: Optional[Tensor] = None,
+    ) -> None:
+        """Start fetching the rows of the batch this module is called with next (same arguments as
+        :meth:`forward`), so that on a sharded table the RPCs overlap this step's compute. Call it once this
+        step's backward (its push) is issued; the next forward with the same ids then takes the rows. See
+        ``SparseTable.prefetch`` for the staleness bound; a forward with other ids just pulls afresh.
+        """
+        batch = PF.check_input(input, offsets, per_sample_weights, self.mode, self.include_last_offset)
+        keys = PF.dedup(batch.ids, self.padding_id).keys
+        start = getattr(self.table, "prefetch", None)
+        if start is not None:
+            start(keys, with_stats=self.output == "cvm_lr_mf")
+
     def enable_timing(self, enabled: bool = True) -> Optional[Timings]:
         """Start (or stop, with ``False``) summing the seconds per phase into :attr:`timings`."""
         self.timings = Timings() if enabled else None

@@ -93,6 +93,19 @@ class SparseTable:
         k = _as_numpy("keys", keys, np.int64, 1)
         return torch.from_numpy(self._backend.pull(k, bool(with_stats)))
 
+    def prefetch(self, keys: ArrayLike, with_stats: bool = False) -> None:
+        """Start the pull that the next ``pull(keys, with_stats)`` returns.
+
+        On a sharded table its RPCs then run while the caller computes (pipelining: call it with the next
+        batch's ids once this step's push is issued); the rows obey the staleness bound of that pull, and
+        with ``max_staleness=0`` nothing can start early (see ``docs/distributed.md``, "Prefetch"). A local
+        table has nothing to overlap: only the keys are checked.
+        """
+        k = _as_numpy("keys", keys, np.int64, 1)
+        start = getattr(self._backend, "prefetch", None)
+        if start is not None:
+            start(k, bool(with_stats))
+
     def push(
         self,
         keys: ArrayLike,

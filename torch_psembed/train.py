@@ -62,7 +62,8 @@ DEFAULTS: Dict[str, Any] = {
         },
     },
     "model": {"kind": "dnn", "hidden": [256, 128, 64], "wide": True, "norm": "batch", "lr": 0.001},
-    "embedding": {"kind": "ps", "dim": 8, "output": "cvm_lr_mf", "hashed_size": 1 << 20, "hashed_lr": 0.05},
+    "embedding": {"kind": "ps", "dim": 8, "output": "cvm_lr_mf", "hashed_size": 1 << 20, "hashed_lr": 0.05,
+                  "prefetch": True},
     "table": {
         # Probabilistic admission: an unknown feasign gets a row with probability = its show/click score of
         # the push, so one-off ids mostly never cost memory (and a rejected id costs none at all). The job
@@ -213,6 +214,8 @@ def _validate(cfg: Dict[str, Any]) -> None:
         raise ValueError(f"data.num_workers must be null or an int >= 0, got {nw!r}")
     if cfg["embedding"]["kind"] not in ("ps", "hashed"):
         raise ValueError(f"embedding.kind must be 'ps' or 'hashed', got {cfg['embedding']['kind']!r}")
+    if not isinstance(cfg["embedding"]["prefetch"], bool):
+        raise ValueError(f"embedding.prefetch must be true or false, got {cfg['embedding']['prefetch']!r}")
     if cfg["resume"] and not cfg["out"]:
         raise ValueError("--resume needs --out (the directory of the run to continue)")
 
@@ -363,7 +366,7 @@ class _Job:
 
         return pse.feed(clicks=labels)
 
-    def step(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def step(self, batch: Dict[str, torch.Tensor], next_batch: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         labels = batch["labels"]
         self.dense_opt.zero_grad(set_to_none=True)
         if self.sparse_opt is not None:
@@ -372,6 +375,10 @@ class _Job:
             logits = self.ddp(batch["keys"], batch["offsets"])
             loss = F.binary_cross_entropy_with_logits(logits, labels)
             loss.backward()
+        if next_batch is not None and self.table is not None and self.cfg["embedding"]["prefetch"]:
+            # the push went out in backward: start the next batch's pull, so its RPCs overlap the optimizer
+            # step, the metrics and the making of the batch after (rows within the same staleness bound)
+            self.model.embedding.prefetch(next_batch["keys"], next_batch["offsets"])
         self.dense_opt.step()
         if self.sparse_opt is not None:
             self.sparse_opt.step()
@@ -488,13 +495,19 @@ def _run_pass(job: _Job, rt: _Runtime, cfg: Dict[str, Any], source, day: int, p:
         job.model.embedding.reset_timing()
     steps = 0
     with job.join():
-        for i, batch in enumerate(stream):
+        batches = iter(stream)
+        batch = next(batches, None)
+        i = -1
+        while batch is not None:
+            i += 1
+            next_batch = next(batches, None)  # one batch ahead, for the embedding's prefetch
             steps += 1
-            logits = job.step(batch)
+            logits = job.step(batch, next_batch)
             metrics.add(torch.sigmoid(logits), batch["labels"], batch.get("prob"))
             bar.update(int(batch["labels"].numel()))
             if i % 20 == 19:
                 bar.set_postfix(auc=f"{metrics.running_auc():.4f}")
+            batch = next_batch
     bar.close()
     stream.warn(f"day {day} pass {p} (rank {rt.rank})")
     res = metrics.result(rt.group)

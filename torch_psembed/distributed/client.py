@@ -78,6 +78,7 @@ class ShardedTable:
         self.max_inflight = max_inflight or max(4, 2 * (self.max_staleness + 1)) * self.num_servers
         self.timers: Dict[str, float] = dict.fromkeys(_TIMER_NAMES, 0.0)
         self._plan_cache = None
+        self._prefetched = None  # (keys, with_stats, started pull) of prefetch(), until the pull takes it
         # Pushes with keys issued so far; (trainer_rank << 32) | count names a push for the servers'
         # admission draws, as a local table's own count does (so 1 trainer matches a local table).
         self._push_count = 0
@@ -140,53 +141,111 @@ class ShardedTable:
     def pull(self, keys: np.ndarray, with_stats: bool = False) -> np.ndarray:
         self._check_alive()
         t0 = time.perf_counter()
-        self._wait_steps(self.max_staleness)
+        pending = self._take_prefetch(keys, with_stats)
+        if pending is None:
+            self._wait_steps(self.max_staleness)
         self._step_open = False
+        self.timers["staleness_wait"] += time.perf_counter() - t0
+        if keys.shape[0] == 0:
+            return np.zeros((0, 1 + self.dim + (2 if with_stats else 0)), np.float32)
+        if pending is None:
+            pending = self._start_pull(keys, with_stats)
+        return self._finish_pull(pending)
+
+    def prefetch(self, keys: np.ndarray, with_stats: bool = False) -> None:
+        """Start the pull that the next ``pull(keys, with_stats)`` returns, so that its RPCs overlap the
+        caller's compute (call it with the next batch's ids once this step's push is issued).
+
+        The rows obey the bound of that pull: with ``max_staleness=k`` the pull of step ``t`` sees every push
+        of step ``t-k-1`` and earlier, so a prefetch during step ``t-1`` may leave the pushes of step ``t-1``
+        and of the ``k-1`` steps before unapplied, and waits for the older ones. With ``k=0`` the next pull
+        must see this step's pushes: nothing can start early, and this is a no-op. A pull of other keys
+        drops the prefetched rows (and pulls afresh), and so do ``flush`` and every table-wide operation.
+        """
+        self._check_alive()
+        self._drop_prefetch()
+        if self.max_staleness == 0 or keys.shape[0] == 0:
+            return
+        t0 = time.perf_counter()
+        # Entries of _steps are the steps with pushes; the open one (if any) is the current step t-1.
+        self._wait_steps(self.max_staleness if self._step_open else self.max_staleness - 1)
+        self.timers["staleness_wait"] += time.perf_counter() - t0
+        self._prefetched = (keys.copy(), bool(with_stats), self._start_pull(keys, with_stats))
+
+    def _take_prefetch(self, keys: np.ndarray, with_stats: bool):
+        """The prefetched pull of exactly these keys, or None (dropping a prefetch of other keys)."""
+        p = self._prefetched
+        if p is None:
+            return None
+        if p[1] == bool(with_stats) and p[0].shape == keys.shape and np.array_equal(p[0], keys):
+            self._prefetched = None
+            return p[2]
+        self._drop_prefetch()
+        return None
+
+    def _drop_prefetch(self) -> None:
+        p, self._prefetched = self._prefetched, None
+        if p is None:
+            return
+        for _, h in p[2]["handles"]:
+            # Its rows are not wanted; an error (a dead peer) is raised again by the next call that needs it.
+            with contextlib.suppress(Exception):
+                h.wait()
+
+    def _start_pull(self, keys: np.ndarray, with_stats: bool) -> Dict[str, Any]:
+        """Dedup, then one pull per owner: remote ones in flight, this rank's own shard served at once."""
         t1 = time.perf_counter()
-        width = 1 + self.dim + (2 if with_stats else 0)
-        n = keys.shape[0]
-        if n == 0:
-            return np.zeros((0, width), np.float32)
         uniq, inverse, parts = self._plan(keys)
         t2 = time.perf_counter()
-        local = None
+        width = 1 + self.dim + (2 if with_stats else 0)
+        rows = None
         handles = []
+        local = None
         for s, pos in parts:
             k = uniq if pos is None else uniq[pos]
             if s == self._transport.local_server:
-                local = (s, pos, k)
+                local = (s, pos, k)  # served after the remote pulls are on their way
                 continue
             handles.append((pos, self._transport.pull(s, self.name, k, with_stats)))
-        rows = np.empty((uniq.shape[0], width), np.float32)
         t_local = 0.0
         if local is not None:
             tl = time.perf_counter()
             r = self._transport.pull(local[0], self.name, local[2], with_stats).wait()
+            t_local = time.perf_counter() - tl
             if local[1] is None:
                 rows = r
             else:
+                rows = np.empty((uniq.shape[0], width), np.float32)
                 rows[local[1]] = r
-            t_local = time.perf_counter() - tl
+        tm = self.timers
+        tm["dedup"] += t2 - t1
+        tm["local_pull"] += t_local
+        tm["assembly"] += time.perf_counter() - t2 - t_local
+        return {"n": keys.shape[0], "width": width, "uniq": uniq, "inverse": inverse, "rows": rows,
+                "handles": handles}
+
+    def _finish_pull(self, p: Dict[str, Any]) -> np.ndarray:
+        """Wait for the remote parts of a started pull and assemble the rows in input order."""
+        t2 = time.perf_counter()
+        uniq, rows = p["uniq"], p["rows"]
         wait_time = 0.0
-        for pos, h in handles:
+        for pos, h in p["handles"]:
             tw = time.perf_counter()
             r = h.wait()
             wait_time += time.perf_counter() - tw
             if pos is None:
                 rows = r
             else:
+                if rows is None:
+                    rows = np.empty((uniq.shape[0], p["width"]), np.float32)
                 rows[pos] = r
-        if uniq.shape[0] == n:  # distinct keys (PSEmbedding pulls its unique ids): inverse is the identity
+        if uniq.shape[0] == p["n"]:  # distinct keys (PSEmbedding pulls its unique ids): inverse is the identity
             out = rows
         else:
-            out = np.take(rows, inverse, axis=0)  # np.take is ~3x faster than rows[inverse] for 2-D rows
-        t4 = time.perf_counter()
+            out = np.take(rows, p["inverse"], axis=0)  # np.take is ~3x faster than rows[inverse] for 2-D rows
         tm = self.timers
-        tm["staleness_wait"] += t1 - t0
-        tm["dedup"] += t2 - t1
         tm["rpc_wait"] += wait_time
-        tm["assembly"] += (t4 - t2) - wait_time - t_local
-        tm["local_pull"] += t_local
+        tm["assembly"] += time.perf_counter() - t2 - wait_time
         return out
 
     def _check_push(self, keys, grads, shows, clicks, slots) -> None:
@@ -274,7 +333,8 @@ class ShardedTable:
         self._inflight += 1
 
     def flush(self) -> None:
-        """Wait until every push issued by this trainer has been applied."""
+        """Wait until every push issued by this trainer has been applied (and drop a prefetched pull)."""
+        self._drop_prefetch()
         self._wait_steps(0)
 
     # -- table-wide ---------------------------------------------------------------------------------------

@@ -77,6 +77,14 @@ class PSSlotEmbedding(nn.Module):
             if m.timings is not None:
                 m.timings.reset()
 
+    def prefetch(self, keys: Tensor, offsets: Tensor) -> None:
+        """Start the pull of the batch :meth:`forward` gets next (``PSEmbedding.prefetch``). Only the single
+        lookup of one key per bag is prefetched: the per-slot lookups are several pulls of one table, and a
+        table holds one prefetched pull."""
+        S = self.num_slots
+        if offsets.numel() % S == 0 and keys.numel() == offsets.numel():
+            self.single.prefetch(keys.view(-1, S))
+
     def forward(self, keys: Tensor, offsets: Tensor) -> Tensor:
         S = self.num_slots
         n_bags = offsets.numel()
