@@ -47,15 +47,15 @@ void HashIndex::Rehash(size_t new_capacity) {
   mask_ = mask;
 }
 
+void HashIndex::Grow() { Rehash(capacity_ == 0 ? kMinCapacity : capacity_ * 2); }
+
 void HashIndex::Insert(uint64_t key, uint64_t hash, uint32_t value) {
   if (key == 0) {
     has_zero_ = true;
     zero_value_ = value;
     return;
   }
-  if (capacity_ == 0 || OverLoad(size_, capacity_)) {
-    Rehash(capacity_ == 0 ? kMinCapacity : capacity_ * 2);
-  }
+  if (capacity_ == 0 || OverLoad(size_, capacity_)) Grow();
   size_t i = hash & mask_;
   while (slots_[i].key != 0) i = (i + 1) & mask_;
   slots_[i].key = key;

@@ -75,6 +75,33 @@ class HashIndex {
   // Adds key -> value. REQUIRES: key not present. May rehash (throws std::bad_alloc).
   void Insert(uint64_t key, uint64_t hash, uint32_t value);
 
+  // One probe for "find, else insert" (the bulk load): returns the value of key if present; else adds
+  // key -> make_value() and returns kNotFound. make_value runs only for an absent key, after any rehash,
+  // so if the rehash (std::bad_alloc) or make_value throws, the map is unchanged. With capacity reserved
+  // beforehand (Reserve) there is no rehash.
+  template <typename MakeValue>
+  uint32_t FindOrInsert(uint64_t key, uint64_t hash, MakeValue&& make_value) {
+    if (key == 0) {
+      if (has_zero_) return zero_value_;
+      zero_value_ = make_value();
+      has_zero_ = true;
+      return kNotFound;
+    }
+    if (capacity_ == 0 || (size_ + 1) * 5 > capacity_ * 4) Grow();  // the load limit of Insert
+    size_t i = hash & mask_;
+    for (;;) {
+      const uint64_t k = slots_[i].key;
+      if (k == key) return slots_[i].value;
+      if (k == 0) break;
+      i = (i + 1) & mask_;
+    }
+    const uint32_t value = make_value();
+    slots_[i].key = key;
+    slots_[i].value = value;
+    ++size_;
+    return kNotFound;
+  }
+
   // Sets the value of a present key. Returns false if absent.
   bool Update(uint64_t key, uint64_t hash, uint32_t value);
 
@@ -107,6 +134,7 @@ class HashIndex {
   static_assert(sizeof(Slot) == 12, "the memory budget counts 12 bytes per slot");
 
   void Rehash(size_t new_capacity);
+  void Grow();  // Rehash to twice the capacity (kMinCapacity when empty)
 
   Slot* slots_ = nullptr;  // owned (HugePageAlloc), capacity_ entries
   size_t capacity_ = 0;
