@@ -576,7 +576,10 @@ class PyTable {
     table_->LoadRows(k, n, b, hm, f);
   }
 
-  void LoadSegments(const py::handle& segs_obj) {
+  void LoadSegments(const py::handle& segs_obj, bool check) { RunSegments(segs_obj, check, /*load=*/true); }
+  void CheckSegments(const py::handle& segs_obj) { RunSegments(segs_obj, /*check=*/true, /*load=*/false); }
+
+  void RunSegments(const py::handle& segs_obj, bool check, bool load) {
     if (!py::isinstance<py::sequence>(segs_obj) || py::isinstance<py::str>(segs_obj)) {
       throw py::type_error("segments must be a sequence of (keys, base, has_mf, mf) tuples");
     }
@@ -614,7 +617,8 @@ class PyTable {
     Status st;
     {
       py::gil_scoped_release release;
-      st = table_->LoadRowSegments(segs.data(), segs.size());
+      st = load ? table_->LoadRowSegments(segs.data(), segs.size(), check)
+                : table_->CheckRowSegments(segs.data(), segs.size());
     }
     if (!st.ok()) throw py::value_error(st.message());
   }
@@ -892,10 +896,14 @@ while mutating calls wait; buckets without rows get no files. files: (bucket, co
 per file written, by bucket then column. Not fsynced. OSError naming the file if a write fails.)doc")
       .def("commit_save", &PyTable::CommitSave, py::arg("mode"), py::arg("keys"), py::arg("delta_scores"),
            py::arg("tombstones"))
-      .def("load_segments", &PyTable::LoadSegments, py::arg("segments"),
-           R"doc(load_segments(segments: [(keys, base, has_mf, mf), ...]): load_rows of many blocks at once (the
-checkpoint load path): every value is checked first (ValueError naming the segment and row; nothing changes),
-then all rows are loaded, each shard in parallel. A key in several segments: the last one wins.)doc")
+      .def("load_segments", &PyTable::LoadSegments, py::arg("segments"), py::arg("check") = true,
+           R"doc(load_segments(segments: [(keys, base, has_mf, mf), ...], check=True): load_rows of many blocks at
+once (the checkpoint load path): every value is checked first (ValueError naming the segment and row; nothing
+changes), then all rows are loaded in parallel. A key in several segments: the last one wins. check=False skips
+the value checks (not the has_mf count) for rows check_segments passed already.)doc")
+      .def("check_segments", &PyTable::CheckSegments, py::arg("segments"),
+           R"doc(check_segments(segments): the checks of load_segments alone (ValueError naming the segment and
+row); changes nothing.)doc")
       .def("load_rows", &PyTable::LoadRows, py::arg("keys"), py::arg("base"), py::arg("has_mf"), py::arg("mf"))
       .def("set_tombstones", &PyTable::SetTombstones, py::arg("keys"),
            R"doc(set_tombstones(keys: int64[n]) -> None: replace the pending tombstone list with keys, in order.
