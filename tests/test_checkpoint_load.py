@@ -161,3 +161,20 @@ def test_load_of_bad_values_names_the_file_and_changes_nothing(tmp_path, column,
         assert f"key {int(keys[row])}" in str(info.value)
     for p, b in zip(parts, before):
         assert_rows_equal(state(p), b, ROW_KEYS + ("tombstones",))
+
+
+def test_crc32_is_zlibs():
+    """_C.crc32 (the checksum of every save file) equals zlib.crc32 for any length, start and seed."""
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 256, 5000, dtype=np.uint8)
+    for n in list(range(0, 130)) + [1000, 4096, 4999]:
+        for start in (0, 1, 7):
+            chunk = data[start:start + n]
+            assert _C.crc32(chunk) == zlib.crc32(chunk.tobytes())
+            assert _C.crc32(chunk, 12345) == zlib.crc32(chunk.tobytes(), 12345)
+    f = rng.standard_normal((300, 9), dtype=np.float32)
+    assert _C.crc32(f) == zlib.crc32(f.tobytes())
+    assert _C.crc32(b"") == 0 and _C.crc32(memoryview(b"123456789")) == 0xCBF43926
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _C.crc32(f[:, :3])
+    assert F.crc32 is _C.crc32

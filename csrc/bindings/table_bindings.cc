@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "table/sparse_table.h"
+#include "util/crc32.h"
 #include "util/hash.h"
 
 namespace py = pybind11;
@@ -805,7 +806,27 @@ py::array_t<double> UniformArray(uint64_t seed, const py::handle& keys_obj, uint
 
 }  // namespace
 
+uint32_t Crc32Buffer(const py::buffer& data, uint32_t value) {
+  const py::buffer_info info = data.request();
+  if (info.ndim > 1) {
+    ssize_t expect = info.itemsize;
+    for (ssize_t d = info.ndim - 1; d >= 0; --d) {
+      if (info.shape[d] != 1 && info.strides[d] != expect) throw py::value_error("crc32: data must be C-contiguous");
+      expect *= info.shape[d];
+    }
+  } else if (info.ndim == 1 && info.shape[0] > 1 && info.strides[0] != info.itemsize) {
+    throw py::value_error("crc32: data must be C-contiguous");
+  }
+  const size_t bytes = static_cast<size_t>(info.size) * static_cast<size_t>(info.itemsize);
+  const void* ptr = info.ptr;
+  py::gil_scoped_release release;
+  return Crc32(ptr, bytes, value);
+}
+
 void RegisterTableBindings(py::module_& m) {
+  m.def("crc32", &Crc32Buffer, py::arg("data"), py::arg("value") = 0,
+        R"doc(crc32(data: buffer, value=0) -> int: zlib.crc32(data, value), the checksum of the save files
+(carry-less multiply where the CPU has it). Any C-contiguous buffer (bytes, numpy array, mmap); releases the GIL.)doc");
   m.def("mix64", &Mix64Array, py::arg("keys"),
         R"doc(mix64(keys: int64[n]) -> int64[n]: the frozen splitmix64 finalizer of each key (uint64 bits).)doc");
   m.def("dedup", &DedupArray, py::arg("keys"), py::arg("groups") = false,

@@ -14,6 +14,7 @@
 #include <mutex>
 #include <numeric>
 
+#include "util/crc32.h"
 #include "util/hash.h"
 
 namespace psembed {
@@ -740,43 +741,6 @@ void SparseTable::ExportBuckets(ExportMode mode, uint32_t buckets, uint64_t salt
 // ---------------------------------------------------------------------- SaveBuckets (the save path)
 
 namespace {
-// zlib's crc32 (reflected polynomial 0xEDB88320), slicing by 8 bytes.
-struct Crc32Tables {
-  uint32_t t[8][256];
-  Crc32Tables() {
-    for (uint32_t i = 0; i < 256; ++i) {
-      uint32_t c = i;
-      for (int k = 0; k < 8; ++k) c = (c & 1) ? (c >> 1) ^ 0xEDB88320u : c >> 1;
-      t[0][i] = c;
-    }
-    for (uint32_t i = 0; i < 256; ++i) {
-      for (int k = 1; k < 8; ++k) t[k][i] = (t[k - 1][i] >> 8) ^ t[0][t[k - 1][i] & 0xff];
-    }
-  }
-};
-
-uint32_t Crc32(const void* data, size_t n) {
-  static const Crc32Tables tables;
-  const auto& t = tables.t;
-  const uint8_t* p = static_cast<const uint8_t*>(data);
-  uint32_t c = 0xffffffffu;
-  while (n > 0 && (reinterpret_cast<uintptr_t>(p) & 7) != 0) {
-    c = t[0][(c ^ *p++) & 0xff] ^ (c >> 8);
-    --n;
-  }
-  while (n >= 8) {
-    uint64_t v;
-    std::memcpy(&v, p, 8);  // little-endian (x86-64, aarch64)
-    v ^= c;
-    c = t[7][v & 0xff] ^ t[6][(v >> 8) & 0xff] ^ t[5][(v >> 16) & 0xff] ^ t[4][(v >> 24) & 0xff] ^
-        t[3][(v >> 32) & 0xff] ^ t[2][(v >> 40) & 0xff] ^ t[1][(v >> 48) & 0xff] ^ t[0][v >> 56];
-    p += 8;
-    n -= 8;
-  }
-  while (n-- > 0) c = t[0][(c ^ *p++) & 0xff] ^ (c >> 8);
-  return ~c;
-}
-
 // Creates (or truncates) path and writes bytes to it; no fsync (the caller syncs every file later).
 Status WriteWholeFile(const std::string& path, const void* data, size_t bytes) {
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
