@@ -178,3 +178,20 @@ def test_crc32_is_zlibs():
     with pytest.raises(ValueError, match="C-contiguous"):
         _C.crc32(f[:, :3])
     assert F.crc32 is _C.crc32
+
+
+@pytest.mark.parametrize("num_buckets", [1, 7, 64])
+def test_all_in_bucket_is_the_bucket_rule(num_buckets):
+    keys = np.random.default_rng(num_buckets).integers(-(2**63), 2**63 - 1, 5000, dtype=np.int64)
+    b = F.bucket_of(keys, num_buckets)
+    for bucket in range(min(num_buckets, 3)):
+        mine = keys[b == bucket]
+        assert F.all_in_bucket(mine, num_buckets, bucket)
+        assert _C.first_outside_bucket(mine, num_buckets, bucket, F.BUCKET_SALT) == -1
+        if num_buckets > 1:
+            mixed = np.concatenate([mine[:10], keys[b != bucket][:1], mine[10:]])
+            assert not F.all_in_bucket(mixed, num_buckets, bucket)
+            assert _C.first_outside_bucket(mixed, num_buckets, bucket, F.BUCKET_SALT) == min(10, mine.size)
+    assert F.all_in_bucket(keys[:0], num_buckets, 0)
+    with pytest.raises(ValueError, match="bucket"):
+        _C.first_outside_bucket(keys, num_buckets, num_buckets, F.BUCKET_SALT)

@@ -714,6 +714,24 @@ py::array_t<int32_t> RouteArray(const py::handle& keys_obj, int64_t num_parts) {
   return out;
 }
 
+// The checkpoint's bucket check (docs/format.md): the first i with mix64(keys[i] ^ salt) % num_buckets !=
+// bucket, or -1. No allocation; the GIL is released.
+int64_t FirstOutsideBucket(const py::handle& keys_obj, int64_t num_buckets, int64_t bucket, uint64_t salt) {
+  CheckNumParts(num_buckets);
+  if (bucket < 0 || bucket >= num_buckets) {
+    throw py::value_error("bucket must be in [0, num_buckets), got " + std::to_string(bucket));
+  }
+  py::array keys = CheckKeys(keys_obj);
+  const size_t n = keys.shape(0);
+  const uint64_t* k = KeyPtr(keys);
+  const uint32_t nb = static_cast<uint32_t>(num_buckets), b = static_cast<uint32_t>(bucket);
+  py::gil_scoped_release release;
+  for (size_t i = 0; i < n; ++i) {
+    if (Route(k[i] ^ salt, nb) != b) return static_cast<int64_t>(i);
+  }
+  return -1;
+}
+
 py::tuple GroupByOwnerArray(const py::handle& keys_obj, int64_t num_parts) {
   CheckNumParts(num_parts);
   py::array keys = CheckKeys(keys_obj);
@@ -827,6 +845,10 @@ void RegisterTableBindings(py::module_& m) {
   m.def("crc32", &Crc32Buffer, py::arg("data"), py::arg("value") = 0,
         R"doc(crc32(data: buffer, value=0) -> int: zlib.crc32(data, value), the checksum of the save files
 (carry-less multiply where the CPU has it). Any C-contiguous buffer (bytes, numpy array, mmap); releases the GIL.)doc");
+  m.def("first_outside_bucket", &FirstOutsideBucket, py::arg("keys"), py::arg("num_buckets"), py::arg("bucket"),
+        py::arg("salt"),
+        R"doc(first_outside_bucket(keys: int64[n], num_buckets, bucket, salt) -> int: the first i whose checkpoint
+bucket mix64(keys[i] ^ salt) % num_buckets is not bucket, or -1 (the load's bucket check; no allocation, GIL released).)doc");
   m.def("mix64", &Mix64Array, py::arg("keys"),
         R"doc(mix64(keys: int64[n]) -> int64[n]: the frozen splitmix64 finalizer of each key (uint64 bits).)doc");
   m.def("dedup", &DedupArray, py::arg("keys"), py::arg("groups") = false,

@@ -64,6 +64,15 @@ def bucket_of(keys: np.ndarray, num_buckets: int) -> np.ndarray:
     return _C.route(np.bitwise_xor(keys, _SALT_I64), int(num_buckets))
 
 
+def all_in_bucket(keys: np.ndarray, num_buckets: int, bucket: int) -> bool:
+    """Whether every key's bucket (:func:`bucket_of`) is ``bucket``; in one pass without temporaries where _C
+    has ``first_outside_bucket``."""
+    first = getattr(_C, "first_outside_bucket", None)
+    if first is not None:
+        return first(keys, int(num_buckets), int(bucket), BUCKET_SALT) < 0
+    return bool(np.all(bucket_of(keys, num_buckets) == bucket))
+
+
 def bucket_file(bucket: int, part: int, column: str) -> str:
     return f"bucket-{bucket:04d}.part-{part:03d}.{column}"
 

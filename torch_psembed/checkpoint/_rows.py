@@ -268,7 +268,7 @@ def read_segments(
             p = os.path.join(ddir, cols["mf"]["name"])
             raise CorruptCheckpointError(f"{p}: holds {cols['mf']['rows']} rows, but has_mf marks {got}", p)
         if check_buckets and has.size:
-            if not np.all(F.bucket_of(seg["keys"], m["num_buckets"]) == key[0]):
+            if not F.all_in_bucket(seg["keys"], m["num_buckets"], key[0]):
                 p = os.path.join(ddir, cols["keys"]["name"])
                 raise CorruptCheckpointError(f"{p}: holds keys of another bucket than {key[0]}", p)
         if check_values_too:
