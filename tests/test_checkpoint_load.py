@@ -195,3 +195,22 @@ def test_all_in_bucket_is_the_bucket_rule(num_buckets):
     assert F.all_in_bucket(keys[:0], num_buckets, 0)
     with pytest.raises(ValueError, match="bucket"):
         _C.first_outside_bucket(keys, num_buckets, num_buckets, F.BUCKET_SALT)
+
+
+def test_load_refuses_a_key_in_the_wrong_bucket_file(tmp_path):
+    src = populated(n=500, seed=6)
+    path = str(tmp_path / "ck")
+    src.save(path)
+    m = F.read_manifest(path)
+    e = max((e for e in m["files"] if e["column"] == "keys"), key=lambda e: e["rows"])
+    keys = np.fromfile(os.path.join(F.data_path(path, m), e["name"]), "<i8")
+    b = int(e["bucket"])
+    other = next(k for k in range(1, 10**6) if int(F.bucket_of(np.array([k], np.int64), m["num_buckets"])[0]) != b)
+    keys[len(keys) // 2] = other
+    bad = _rewrite(path, e["name"], keys)
+    t = pse.SparseTable(config())
+    before = state(t._backend)
+    with pytest.raises(CorruptCheckpointError, match=f"keys of another bucket than {b}") as info:
+        t.load(path)
+    assert info.value.path == bad
+    assert_rows_equal(state(t._backend), before, ROW_KEYS + ("tombstones",))
