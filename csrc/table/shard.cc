@@ -234,7 +234,7 @@ void Shard::Load(uint64_t key, uint64_t hash, const float* base, const float* mf
 bool Shard::LoadIndexBulk(uint64_t* io, const uint8_t* has_mf, size_t n, std::vector<uint32_t>* existing,
                           std::vector<LoadedAttempts>* attempts) {
   const size_t existing_before = existing->size(), attempts_before = attempts->size();
-  size_t j = 0;
+  size_t done = 0;  // io[0, done) hold results (a row or kLoadExisting); io[done, n) still keys
   try {
     index_.Reserve(index_.size() + n);
     const bool has_attempts = attempts_.size() > 0;
@@ -244,7 +244,7 @@ bool Shard::LoadIndexBulk(uint64_t* io, const uint8_t* has_mf, size_t n, std::ve
       ring[a] = TableHash(io[a]);
       index_.Prefetch(ring[a]);
     }
-    for (; j < n; ++j) {
+    for (size_t j = 0; j < n; ++j) {
       const uint64_t key = io[j];
       const uint64_t hash = ring[j % kAhead];
       if (j + kAhead < n) {
@@ -266,20 +266,29 @@ bool Shard::LoadIndexBulk(uint64_t* io, const uint8_t* has_mf, size_t n, std::ve
         return row;
       });
       if (found != HashIndex::kNotFound) {
+        existing->push_back(static_cast<uint32_t>(j));  // may throw: io[j] is still the key then
         io[j] = kLoadExisting;
-        existing->push_back(static_cast<uint32_t>(j));
+        done = j + 1;
         continue;
       }
-      io[j] = row | (uint64_t{mf} << 32);
+      io[j] = row | (uint64_t{mf} << 32);  // from here on the undo covers this row
+      done = j + 1;
       if (has_attempts) {
         const uint32_t prior = attempts_.Erase(key, hash);
-        if (prior != HashIndex::kNotFound) attempts->push_back(LoadedAttempts{key, row, prior});
+        if (prior != HashIndex::kNotFound) {
+          try {
+            attempts->push_back(LoadedAttempts{key, row, prior});
+          } catch (...) {
+            attempts_.Insert(key, hash, prior);  // no rehash: one key was just erased
+            throw;
+          }
+        }
       }
     }
   } catch (const std::bad_alloc&) {
-    // The vectors were reserved by the caller... or not: undo what this call did, in any case.
+    // Undo what this call did: the keys it inserted, their records, the admission counts it took.
     std::vector<LoadedAttempts> mine(attempts->begin() + attempts_before, attempts->end());
-    UndoLoadIndexBulk(io, j, mine);
+    UndoLoadIndexBulk(io, done, mine);
     existing->resize(existing_before);
     attempts->resize(attempts_before);
     return false;
