@@ -12,7 +12,9 @@
 // holds gate_ exclusively while it copies (the shards in parallel, each under its own lock, then the
 // tombstone list), so an export is one moment of the whole table: a concurrent push lands wholly
 // before or wholly after it even though the push spans many shards. Pulls do not take gate_ (they
-// change no row). Lock order: day_mu_ -> gate_ -> one shard mutex at a time -> tomb_mu_.
+// change no row). Lock order: day_mu_ -> gate_ -> one shard mutex at a time -> tomb_mu_; the one
+// exception, LoadRowSegments, holds every shard mutex at once, taken in index order (nothing else holds
+// two, so this cannot deadlock), so that a pull never sees a row it has inserted but not yet written.
 //
 // Row semantics: see CtrAccessor.
 
