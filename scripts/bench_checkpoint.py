@@ -3,9 +3,10 @@
 Workloads (one process = one rank; the table is filled with load_rows, not trained):
   save       SparseTable.save(path, "checkpoint"): _C save_buckets (the table writes the bucket files, crc32)
              + fsync + manifest
-  load       SparseTable.load(path) into an empty table: map + verify every file + load_segments
+  load       SparseTable.load(path) into an empty table: map every file, verify it (size, crc32, flags, buckets,
+             values with _C check_segments), then insert with _C load_segments(check=False)
   export     the _C export_buckets alone: the same rows as an in-memory snapshot (base/delta saves use it)
-  load_segments  the _C load_segments alone (the insert that load ends with), from in-memory arrays
+  load_segments  the _C load_segments alone, values checked (check=True), from in-memory arrays
   torch.save torch.save of {keys, base, has_mf, mf} tensors (+ fsync, as the checkpoint does)
   torch.load torch.load of that file
 MB/s counts the bytes of the row data (what the files hold). Both sides read files the page cache may hold

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "table/sparse_table.h"
+#include "util/crc32.h"
 #include "util/hash.h"
 
 namespace py = pybind11;
@@ -583,7 +584,10 @@ class PyTable {
     table_->LoadRows(k, n, b, hm, f);
   }
 
-  void LoadSegments(const py::handle& segs_obj) {
+  void LoadSegments(const py::handle& segs_obj, bool check) { RunSegments(segs_obj, check, /*load=*/true); }
+  void CheckSegments(const py::handle& segs_obj) { RunSegments(segs_obj, /*check=*/true, /*load=*/false); }
+
+  void RunSegments(const py::handle& segs_obj, bool check, bool load) {
     if (!py::isinstance<py::sequence>(segs_obj) || py::isinstance<py::str>(segs_obj)) {
       throw py::type_error("segments must be a sequence of (keys, base, has_mf, mf) tuples");
     }
@@ -621,7 +625,8 @@ class PyTable {
     Status st;
     {
       py::gil_scoped_release release;
-      st = table_->LoadRowSegments(segs.data(), segs.size());
+      st = load ? table_->LoadRowSegments(segs.data(), segs.size(), check)
+                : table_->CheckRowSegments(segs.data(), segs.size());
     }
     if (!st.ok()) throw py::value_error(st.message());
   }
@@ -716,6 +721,24 @@ py::array_t<int32_t> RouteArray(const py::handle& keys_obj, int64_t num_parts) {
   return out;
 }
 
+// The checkpoint's bucket check (docs/format.md): the first i with mix64(keys[i] ^ salt) % num_buckets !=
+// bucket, or -1. No allocation; the GIL is released.
+int64_t FirstOutsideBucket(const py::handle& keys_obj, int64_t num_buckets, int64_t bucket, uint64_t salt) {
+  CheckNumParts(num_buckets);
+  if (bucket < 0 || bucket >= num_buckets) {
+    throw py::value_error("bucket must be in [0, num_buckets), got " + std::to_string(bucket));
+  }
+  py::array keys = CheckKeys(keys_obj);
+  const size_t n = keys.shape(0);
+  const uint64_t* k = KeyPtr(keys);
+  const uint32_t nb = static_cast<uint32_t>(num_buckets), b = static_cast<uint32_t>(bucket);
+  py::gil_scoped_release release;
+  for (size_t i = 0; i < n; ++i) {
+    if (Route(k[i] ^ salt, nb) != b) return static_cast<int64_t>(i);
+  }
+  return -1;
+}
+
 py::tuple GroupByOwnerArray(const py::handle& keys_obj, int64_t num_parts) {
   CheckNumParts(num_parts);
   py::array keys = CheckKeys(keys_obj);
@@ -808,7 +831,31 @@ py::array_t<double> UniformArray(uint64_t seed, const py::handle& keys_obj, uint
 
 }  // namespace
 
+uint32_t Crc32Buffer(const py::buffer& data, uint32_t value) {
+  const py::buffer_info info = data.request();
+  if (info.ndim > 1) {
+    ssize_t expect = info.itemsize;
+    for (ssize_t d = info.ndim - 1; d >= 0; --d) {
+      if (info.shape[d] != 1 && info.strides[d] != expect) throw py::value_error("crc32: data must be C-contiguous");
+      expect *= info.shape[d];
+    }
+  } else if (info.ndim == 1 && info.shape[0] > 1 && info.strides[0] != info.itemsize) {
+    throw py::value_error("crc32: data must be C-contiguous");
+  }
+  const size_t bytes = static_cast<size_t>(info.size) * static_cast<size_t>(info.itemsize);
+  const void* ptr = info.ptr;
+  py::gil_scoped_release release;
+  return Crc32(ptr, bytes, value);
+}
+
 void RegisterTableBindings(py::module_& m) {
+  m.def("crc32", &Crc32Buffer, py::arg("data"), py::arg("value") = 0,
+        R"doc(crc32(data: buffer, value=0) -> int: zlib.crc32(data, value), the checksum of the save files
+(carry-less multiply where the CPU has it). Any C-contiguous buffer (bytes, numpy array, mmap); releases the GIL.)doc");
+  m.def("first_outside_bucket", &FirstOutsideBucket, py::arg("keys"), py::arg("num_buckets"), py::arg("bucket"),
+        py::arg("salt"),
+        R"doc(first_outside_bucket(keys: int64[n], num_buckets, bucket, salt) -> int: the first i whose checkpoint
+bucket mix64(keys[i] ^ salt) % num_buckets is not bucket, or -1 (the load's bucket check; no allocation, GIL released).)doc");
   m.def("mix64", &Mix64Array, py::arg("keys"),
         R"doc(mix64(keys: int64[n]) -> int64[n]: the frozen splitmix64 finalizer of each key (uint64 bits).)doc");
   m.def("dedup", &DedupArray, py::arg("keys"), py::arg("groups") = false,
@@ -901,10 +948,14 @@ while mutating calls wait; buckets without rows get no files. files: (bucket, co
 per file written, by bucket then column. Not fsynced. OSError naming the file if a write fails.)doc")
       .def("commit_save", &PyTable::CommitSave, py::arg("mode"), py::arg("keys"), py::arg("delta_scores"),
            py::arg("tombstones"))
-      .def("load_segments", &PyTable::LoadSegments, py::arg("segments"),
-           R"doc(load_segments(segments: [(keys, base, has_mf, mf), ...]): load_rows of many blocks at once (the
-checkpoint load path): every value is checked first (ValueError naming the segment and row; nothing changes),
-then all rows are loaded, each shard in parallel. A key in several segments: the last one wins.)doc")
+      .def("load_segments", &PyTable::LoadSegments, py::arg("segments"), py::arg("check") = true,
+           R"doc(load_segments(segments: [(keys, base, has_mf, mf), ...], check=True): load_rows of many blocks at
+once (the checkpoint load path): every value is checked first (ValueError naming the segment and row; nothing
+changes), then all rows are loaded in parallel. A key in several segments: the last one wins. check=False skips
+the value checks (not the has_mf count) for rows check_segments passed already.)doc")
+      .def("check_segments", &PyTable::CheckSegments, py::arg("segments"),
+           R"doc(check_segments(segments): the checks of load_segments alone (ValueError naming the segment and
+row); changes nothing.)doc")
       .def("load_rows", &PyTable::LoadRows, py::arg("keys"), py::arg("base"), py::arg("has_mf"), py::arg("mf"))
       .def("set_tombstones", &PyTable::SetTombstones, py::arg("keys"),
            R"doc(set_tombstones(keys: int64[n]) -> None: replace the pending tombstone list with keys, in order.

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <new>
 
 #include "util/hash.h"
 
@@ -211,33 +212,96 @@ void Shard::Load(uint64_t key, uint64_t hash, const float* base, const float* mf
   LoadLocked(key, hash, base, mf);
 }
 
-void Shard::LoadBlockLocked(const uint64_t* keys, const float* base, const float* mf, const uint32_t* rows,
-                            const uint32_t* mf_rows, size_t n) {
-  const size_t bw = layout_.base_export_width();
-  const size_t mw = layout_.mf_width();
-  // Input rows of one shard are spread over the whole block (1 in num_shards): prefetch the key and
-  // the input rows 2 * kAhead rows ahead, then the index slot of that key kAhead rows ahead.
-  auto prefetch_input = [&](size_t j) {
-    const uint32_t r = rows[j];
-    __builtin_prefetch(keys + r);
-    const char* b = reinterpret_cast<const char*>(base + static_cast<size_t>(r) * bw);
-    __builtin_prefetch(b);
-    __builtin_prefetch(b + bw * sizeof(float) - 1);
-    if (mf_rows[j] != kNoMfRow) {
-      const char* m = reinterpret_cast<const char*>(mf + static_cast<size_t>(mf_rows[j]) * mw);
-      __builtin_prefetch(m);
-      __builtin_prefetch(m + mw * sizeof(float) - 1);
+bool Shard::LoadIndexBulk(uint64_t* io, const uint8_t* has_mf, size_t n, std::vector<uint32_t>* existing) {
+  const size_t existing_before = existing->size();
+  size_t done = 0;  // io[0, done) hold results (a row or kLoadExisting); io[done, n) still keys
+  try {
+    index_.Reserve(index_.size() + n);
+    // Hashes of the keys kAhead ahead (their slots are being prefetched), in a ring.
+    uint64_t ring[kAhead];
+    for (size_t a = 0; a < n && a < kAhead; ++a) {
+      ring[a] = TableHash(io[a]);
+      index_.Prefetch(ring[a]);
     }
-  };
-  for (size_t j = 0; j < n && j < 2 * kAhead; ++j) prefetch_input(j);
-  for (size_t j = 0; j < n && j < kAhead; ++j) index_.Prefetch(TableHash(keys[rows[j]]));
+    for (size_t j = 0; j < n; ++j) {
+      const uint64_t key = io[j];
+      const uint64_t hash = ring[j % kAhead];
+      if (j + kAhead < n) {
+        const uint64_t ahead = TableHash(io[j + kAhead]);
+        ring[j % kAhead] = ahead;
+        index_.Prefetch(ahead);
+      }
+      uint32_t row = 0, mf = kNoMf;
+      const uint32_t found = index_.FindOrInsert(key, hash, [&] {
+        row = base_.Allocate();
+        if (has_mf[j]) {
+          try {
+            mf = mf_.Allocate();
+          } catch (...) {
+            base_.Free(row);
+            throw;
+          }
+        }
+        return row;
+      });
+      if (found != HashIndex::kNotFound) {
+        existing->push_back(static_cast<uint32_t>(j));  // may throw: io[j] is still the key then
+        io[j] = kLoadExisting;
+        done = j + 1;
+        continue;
+      }
+      io[j] = row | (uint64_t{mf} << 32);  // from here on the undo covers this row
+      done = j + 1;
+    }
+  } catch (const std::bad_alloc&) {
+    // Undo what this call did: the keys it inserted and their records.
+    UndoLoadIndexBulk(io, done);
+    existing->resize(existing_before);
+    return false;
+  }
+  return true;
+}
+
+void Shard::UndoLoadIndexBulk(const uint64_t* io, size_t n) {
+  // The keys are gone from io (it holds row ids now): find them through the index, by row id.
+  std::vector<uint8_t> made;
   for (size_t j = 0; j < n; ++j) {
-    if (j + 2 * kAhead < n) prefetch_input(j + 2 * kAhead);
-    if (j + kAhead < n) index_.Prefetch(TableHash(keys[rows[j + kAhead]]));
-    const uint32_t r = rows[j];
-    const uint64_t key = keys[r];
-    const float* m = mf_rows[j] == kNoMfRow ? nullptr : mf + static_cast<size_t>(mf_rows[j]) * mw;
-    LoadLocked(key, TableHash(key), base + static_cast<size_t>(r) * bw, m);
+    if (io[j] == kLoadExisting) continue;
+    const uint32_t row = static_cast<uint32_t>(io[j]);
+    if (row >= made.size()) made.resize(size_t{row} + 1, 0);
+    made[row] = 1;
+  }
+  std::vector<uint64_t> keys;
+  index_.ForEach([&](uint64_t key, uint32_t row) {
+    if (row < made.size() && made[row]) keys.push_back(key);
+  });
+  for (uint64_t key : keys) index_.Erase(key, TableHash(key));
+  for (size_t j = 0; j < n; ++j) {
+    if (io[j] == kLoadExisting) continue;
+    const uint32_t mf = static_cast<uint32_t>(io[j] >> 32);
+    if (mf != kNoMf) mf_.Free(mf);
+    base_.Free(static_cast<uint32_t>(io[j]));
+  }
+}
+
+void Shard::WriteNewRow(uint64_t io, const float* base, const float* mf) {
+  const uint32_t m = static_cast<uint32_t>(io >> 32);
+  RowHeader* h = Row(static_cast<uint32_t>(io));
+  h->show = base[0];
+  h->click = base[1];
+  h->delta_score = base[2];
+  h->slot = static_cast<int32_t>(base[4]);
+  h->unseen_days = static_cast<uint16_t>(base[3]);
+  h->reserved = 0;
+  h->mf_index = m;
+  // Short rows: plain loops (a memcpy call of a run-time size costs more than the copy).
+  float* lr = RowLayout::Lr(h);
+  const int lw = layout_.lr_width();
+  for (int k = 0; k < lw; ++k) lr[k] = base[5 + k];
+  if (m != kNoMf) {
+    float* d = Mf(m);
+    const int mw = layout_.mf_width();
+    for (int k = 0; k < mw; ++k) d[k] = mf[k];
   }
 }
 

@@ -22,6 +22,7 @@
 #include "table/row_store/feature_value.h"
 #include "table/row_store/hash_index.h"
 #include "table/row_store/slab_pool.h"
+#include "util/hash.h"
 #include "util/mutex.h"
 
 namespace psembed {
@@ -82,14 +83,43 @@ class Shard {
   // Inserts or overwrites a row from export columns (base: base_export_width floats; mf: mf_width
   // floats or nullptr for a row without mf).
   void Load(uint64_t key, uint64_t hash, const float* base, const float* mf) LOCKS_EXCLUDED(mu_);
-  // The load path (SparseTable::LoadRowSegments), under mu(): grow the index once for `extra` more
-  // keys, then insert/overwrite rows rows[j] (j in [0, n)) of one block of input: key keys[rows[j]],
-  // base row rows[j] of base (base_export_width floats each) and, if mf_rows[j] != kNoMfRow, row
-  // mf_rows[j] of mf. REQUIRES: every key belongs to this shard.
-  static constexpr uint32_t kNoMfRow = 0xffffffffu;
-  void ReserveLocked(size_t extra) EXCLUSIVE_LOCKS_REQUIRED(mu_) { index_.Reserve(index_.size() + extra); }
-  void LoadBlockLocked(const uint64_t* keys, const float* base, const float* mf, const uint32_t* rows,
-                       const uint32_t* mf_rows, size_t n) EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The bulk load (SparseTable::LoadSegments), in three phases. The load holds mu() of every shard for
+  // its whole duration, taken by the thread that started it, and runs these on pool threads while that
+  // thread waits; each phase works on disjoint shards or disjoint rows. Hence NO_THREAD_SAFETY_ANALYSIS:
+  // REQUIRES mu() held by the load for the whole call.
+  //
+  // Phase 1: io[0, n) holds this shard's keys of the load in input order, has_mf[j] their flags. Grows
+  // the index once, then finds or inserts each key (one probe; slots prefetched kAhead keys ahead). An
+  // absent key gets a new base record, and an mf block if has_mf[j]: io[j] = row | mf << 32 (mf = kNoMf
+  // without); the records are written in phase 2 (WriteNewRow). A key already present (in the table, or
+  // earlier in this load) gets io[j] = kLoadExisting and j is appended to *existing: phase 3 overwrites
+  // it in input order (LoadExistingRow), so the last row of a key wins. On std::bad_alloc returns false
+  // with this shard as it was before the call.
+  static constexpr uint64_t kLoadExisting = ~uint64_t{0};
+  bool LoadIndexBulk(uint64_t* io, const uint8_t* has_mf, size_t n, std::vector<uint32_t>* existing)
+      NO_THREAD_SAFETY_ANALYSIS;
+  // Undoes a LoadIndexBulk that succeeded on io[0, n) (another shard's failed): erases the keys it
+  // inserted and frees their records. O(index capacity).
+  void UndoLoadIndexBulk(const uint64_t* io, size_t n) NO_THREAD_SAFETY_ANALYSIS;
+  // Phase 2: writes the record (and mf block) of a row phase 1 made (io = its io[j]) from export columns:
+  // base has base_export_width floats, mf mf_width floats (nullptr when has_mf was 0).
+  void WriteNewRow(uint64_t io, const float* base, const float* mf) NO_THREAD_SAFETY_ANALYSIS;
+  // Hints the cache that WriteNewRow(io, ...) comes soon (both ends of the record and of the mf block).
+  void PrefetchNewRow(uint64_t io) const NO_THREAD_SAFETY_ANALYSIS {
+    const char* r = base_.At(static_cast<uint32_t>(io));
+    __builtin_prefetch(r, 1);
+    __builtin_prefetch(r + layout_.base_bytes() - 1, 1);
+    const uint32_t m = static_cast<uint32_t>(io >> 32);
+    if (m != kNoMf) {
+      const char* b = mf_.At(m);
+      __builtin_prefetch(b, 1);
+      __builtin_prefetch(b + layout_.mf_bytes() - 1, 1);
+    }
+  }
+  // Phase 3: overwrites the row of a present key (insert-or-overwrite, as Load).
+  void LoadExistingRow(uint64_t key, const float* base, const float* mf) NO_THREAD_SAFETY_ANALYSIS {
+    LoadLocked(key, TableHash(key), base, mf);
+  }
   // delta_score -= saved, if key is present.
   void SubtractDelta(uint64_t key, uint64_t hash, float saved) LOCKS_EXCLUDED(mu_);
   void Clear() LOCKS_EXCLUDED(mu_);

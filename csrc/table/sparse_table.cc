@@ -14,6 +14,7 @@
 #include <mutex>
 #include <numeric>
 
+#include "util/crc32.h"
 #include "util/hash.h"
 
 namespace psembed {
@@ -500,11 +501,15 @@ void SparseTable::LoadRows(const uint64_t* keys, size_t n, const float* base, co
   seg.has_mf = has_mf;
   seg.mf = mf;
   seg.mf_rows = m;
-  LoadSegments(&seg, 1, /*check=*/false);
+  LoadSegments(&seg, 1, /*check=*/false, /*load=*/true);
 }
 
-Status SparseTable::LoadRowSegments(const RowSegment* segs, size_t num_segs) {
-  return LoadSegments(segs, num_segs, /*check=*/true);
+Status SparseTable::LoadRowSegments(const RowSegment* segs, size_t num_segs, bool check) {
+  return LoadSegments(segs, num_segs, check, /*load=*/true);
+}
+
+Status SparseTable::CheckRowSegments(const RowSegment* segs, size_t num_segs) {
+  return LoadSegments(segs, num_segs, /*check=*/true, /*load=*/false);
 }
 
 void SparseTable::SetTombstones(const uint64_t* keys, size_t n) {
@@ -737,43 +742,6 @@ void SparseTable::ExportBuckets(ExportMode mode, uint32_t buckets, uint64_t salt
 // ---------------------------------------------------------------------- SaveBuckets (the save path)
 
 namespace {
-// zlib's crc32 (reflected polynomial 0xEDB88320), slicing by 8 bytes.
-struct Crc32Tables {
-  uint32_t t[8][256];
-  Crc32Tables() {
-    for (uint32_t i = 0; i < 256; ++i) {
-      uint32_t c = i;
-      for (int k = 0; k < 8; ++k) c = (c & 1) ? (c >> 1) ^ 0xEDB88320u : c >> 1;
-      t[0][i] = c;
-    }
-    for (uint32_t i = 0; i < 256; ++i) {
-      for (int k = 1; k < 8; ++k) t[k][i] = (t[k - 1][i] >> 8) ^ t[0][t[k - 1][i] & 0xff];
-    }
-  }
-};
-
-uint32_t Crc32(const void* data, size_t n) {
-  static const Crc32Tables tables;
-  const auto& t = tables.t;
-  const uint8_t* p = static_cast<const uint8_t*>(data);
-  uint32_t c = 0xffffffffu;
-  while (n > 0 && (reinterpret_cast<uintptr_t>(p) & 7) != 0) {
-    c = t[0][(c ^ *p++) & 0xff] ^ (c >> 8);
-    --n;
-  }
-  while (n >= 8) {
-    uint64_t v;
-    std::memcpy(&v, p, 8);  // little-endian (x86-64, aarch64)
-    v ^= c;
-    c = t[7][v & 0xff] ^ t[6][(v >> 8) & 0xff] ^ t[5][(v >> 16) & 0xff] ^ t[4][(v >> 24) & 0xff] ^
-        t[3][(v >> 32) & 0xff] ^ t[2][(v >> 40) & 0xff] ^ t[1][(v >> 48) & 0xff] ^ t[0][v >> 56];
-    p += 8;
-    n -= 8;
-  }
-  while (n-- > 0) c = t[0][(c ^ *p++) & 0xff] ^ (c >> 8);
-  return ~c;
-}
-
 // Creates (or truncates) path and writes bytes to it; no fsync (the caller syncs every file later).
 Status WriteWholeFile(const std::string& path, const void* data, size_t bytes) {
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
@@ -893,33 +861,72 @@ std::string ShortFloat(float v) {
   return buf;
 }
 
+// Whether a base row passes the checks of RowError, without a branch per column or a libm call (floor
+// is a call without SSE4.1, and this build has no -march): the fast path of CheckPiece.
+inline bool BaseRowOk(const float* row, size_t bw) {
+  bool ok = true;
+  for (size_t j = 0; j < bw; ++j) ok &= std::isfinite(row[j]);
+  if (!ok) return false;
+  const float u = row[3];
+  const double slot = row[4];
+  return row[0] >= 0 && row[1] >= 0 && u >= 0 && u <= static_cast<float>(kMaxUnseenDays) &&
+         static_cast<float>(static_cast<int32_t>(u)) == u && std::fabs(slot) <= 2147483647.0 &&
+         static_cast<double>(static_cast<int64_t>(slot)) == slot;
+}
+
+// The message for row i of seg if it is bad ("" if not): the rules BaseRowOk checks, spelled out.
+std::string RowError(const RowSegment& seg, size_t si, size_t i, size_t bw) {
+  const std::string where = "segment " + std::to_string(si) + ": row " + std::to_string(i);
+  const uint8_t h = seg.has_mf[i];
+  if (h > 1) return where + ": has_mf must be 0 or 1, got " + std::to_string(int{h});
+  const float* row = seg.base + i * bw;
+  for (size_t j = 0; j < bw; ++j) {
+    if (!std::isfinite(row[j])) return where + ": base column " + std::to_string(j) + " is not finite";
+  }
+  if (row[0] < 0 || row[1] < 0) return where + ": show and click must be >= 0";
+  if (row[3] < 0 || row[3] > kMaxUnseenDays || row[3] != std::floor(row[3])) {
+    return where + ": unseen_days (base column 3) must be an integer in [0, 65535], got " + ShortFloat(row[3]);
+  }
+  if (row[4] != std::floor(row[4]) || std::fabs(static_cast<double>(row[4])) > 2147483647.0) {
+    return where + ": slot (base column 4) must be an int32, got " + ShortFloat(row[4]);
+  }
+  return std::string();
+}
+
 // The first bad value of rows [lo, hi) of seg, as a message ("" if none; mf rows are checked
 // apart); counts the has_mf ones.
 std::string CheckPiece(const RowSegment& seg, size_t si, size_t lo, size_t hi, size_t bw, uint64_t* ones) {
-  auto where = [&](size_t i) { return "segment " + std::to_string(si) + ": row " + std::to_string(i); };
   uint64_t m = 0;
   for (size_t i = lo; i < hi; ++i) {
     const uint8_t h = seg.has_mf[i];
-    if (h > 1) return where(i) + ": has_mf must be 0 or 1, got " + std::to_string(int{h});
     m += h;
-    const float* row = seg.base + i * bw;
-    for (size_t j = 0; j < bw; ++j) {
-      if (!std::isfinite(row[j])) return where(i) + ": base column " + std::to_string(j) + " is not finite";
-    }
-    if (row[0] < 0 || row[1] < 0) return where(i) + ": show and click must be >= 0";
-    if (row[3] < 0 || row[3] > kMaxUnseenDays || row[3] != std::floor(row[3])) {
-      return where(i) + ": unseen_days (base column 3) must be an integer in [0, 65535], got " + ShortFloat(row[3]);
-    }
-    if (row[4] != std::floor(row[4]) || std::fabs(static_cast<double>(row[4])) > 2147483647.0) {
-      return where(i) + ": slot (base column 4) must be an int32, got " + ShortFloat(row[4]);
+    if (h > 1 || !BaseRowOk(seg.base + i * bw, bw)) {
+      std::string e = RowError(seg, si, i, bw);
+      if (!e.empty()) return e;
     }
   }
   *ones = m;
   return std::string();
 }
+
+// The first non-finite value of mf rows [first, first + rows) of seg, as a message ("" if none).
+std::string CheckMfRows(const RowSegment& seg, size_t si, uint64_t first, uint64_t rows, size_t mw) {
+  const float* f = seg.mf + first * mw;
+  const size_t n = rows * mw;
+  bool ok = true;
+  for (size_t k = 0; k < n; ++k) ok &= std::isfinite(f[k]);
+  if (ok) return std::string();
+  for (size_t k = 0; k < n; ++k) {
+    if (!std::isfinite(f[k])) {
+      return "segment " + std::to_string(si) + ": mf row " + std::to_string(first + k / mw) + " column " +
+             std::to_string(k % mw) + " is not finite";
+    }
+  }
+  return std::string();
+}
 }  // namespace
 
-Status SparseTable::LoadSegments(const RowSegment* segs, size_t num_segs, bool check) {
+Status SparseTable::LoadSegments(const RowSegment* segs, size_t num_segs, bool check, bool load) {
   const size_t bw = layout().base_export_width();
   const size_t mw = layout().mf_width();
   const uint32_t num_shards = static_cast<uint32_t>(shards_.size());
@@ -965,72 +972,129 @@ Status SparseTable::LoadSegments(const RowSegment* segs, size_t num_segs, bool c
     }
   }
   // 2. mf values (if check) and rows per (piece, shard), in parallel.
-  std::vector<uint64_t> at(np * num_shards, 0);  // rows of piece p in shard s, then where they go
+  std::vector<uint64_t> at(load ? np * num_shards : 0, 0);  // rows of piece p in shard s, then where they go
   pool_->ParallelFor(np, [&](size_t p) {
     const LoadPiece& pc = pieces[p];
     const RowSegment& seg = segs[pc.seg];
     if (check) {
-      const float* f = seg.mf + pc.mf_before * mw;
-      for (size_t k = 0; k < ones[p] * mw; ++k) {
-        if (!std::isfinite(f[k])) {
-          errors[p] = "segment " + std::to_string(pc.seg) + ": mf row " + std::to_string(pc.mf_before + k / mw) +
-                      " column " + std::to_string(k % mw) + " is not finite";
-          return;
-        }
-      }
+      errors[p] = CheckMfRows(seg, pc.seg, pc.mf_before, ones[p], mw);
+      if (!errors[p].empty()) return;
     }
+    if (!load) return;
     uint64_t* c = &at[p * num_shards];
     for (size_t i = pc.lo; i < pc.hi; ++i) ++c[ShardOf(TableHash(seg.keys[i]), num_shards)];
   }, threads);
   for (size_t p = 0; p < np; ++p) {
     if (!errors[p].empty()) return Status::InvalidArgument(errors[p]);
   }
-  // Shard-major, piece-minor: shard s loads its rows piece by piece, in input order (last one wins).
-  std::vector<uint64_t> shard_rows(num_shards, 0);
+  if (!load) return Status::OK();
+  // Shard-major, piece-minor: block (p, s) holds the rows of piece p that belong to shard s, so a shard's
+  // rows are contiguous and in input order (last one wins).
+  std::vector<uint64_t> shard_rows(num_shards, 0), shard_start(num_shards + 1, 0);
   uint64_t total = 0;
   for (uint32_t s = 0; s < num_shards; ++s) {
+    shard_start[s] = total;
     for (size_t p = 0; p < np; ++p) {
       const uint64_t c = at[p * num_shards + s];
-      at[p * num_shards + s] = total;
+      at[p * num_shards + s] = total;  // where block (p, s) starts
       total += c;
       shard_rows[s] += c;
     }
   }
-  // 3. Scatter: the row (within its segment) and mf row of every input row, grouped by shard.
-  ExportBuffer rows_buf(total * sizeof(uint32_t)), mf_buf(total * sizeof(uint32_t));
-  uint32_t* rows = rows_buf.as<uint32_t>();
-  uint32_t* mf_rows = mf_buf.as<uint32_t>();
+  shard_start[num_shards] = total;
+  // 3. Scatter the keys and has_mf flags into shard order (sequential reads, one write stream per shard),
+  // so phase 1 reads each shard's keys contiguously.
+  ExportBuffer io_buf(total * sizeof(uint64_t)), flag_buf(total);
+  uint64_t* io = io_buf.as<uint64_t>();
+  uint8_t* flags = flag_buf.as<uint8_t>();
+  const size_t par = total < kParallelMinKeys ? 1 : static_cast<size_t>(threads);
   pool_->ParallelFor(np, [&](size_t p) {
     const LoadPiece& pc = pieces[p];
     const RowSegment& seg = segs[pc.seg];
-    uint64_t* cur = &at[p * num_shards];
+    std::vector<uint64_t> cur(at.begin() + p * num_shards, at.begin() + (p + 1) * num_shards);
+    for (size_t i = pc.lo; i < pc.hi; ++i) {
+      const uint64_t key = seg.keys[i];
+      const uint64_t d = cur[ShardOf(TableHash(key), num_shards)]++;
+      io[d] = key;
+      flags[d] = seg.has_mf[i];
+    }
+  }, static_cast<int>(par));
+  // The load holds every shard's lock from here to the end, taken by this thread in index order (nothing
+  // else holds two shard locks, so the order cannot deadlock): a pull never sees a row of phase 1 before
+  // phase 2 wrote it. The pool tasks below work on disjoint shards or rows under these locks.
+  ReaderMutexLock gate(&gate_);
+  for (auto& sh : shards_) sh->mu()->Lock();
+  struct Unlocker {
+    std::vector<std::unique_ptr<Shard>>* shards;
+    ~Unlocker() NO_THREAD_SAFETY_ANALYSIS {
+      for (size_t s = shards->size(); s-- > 0;) (*shards)[s]->mu()->Unlock();
+    }
+  } unlock{&shards_};
+  // Phase 1, one task per shard: find or insert every key (its index grown once), allocating the new rows.
+  std::vector<std::vector<uint32_t>> existing(num_shards);
+  std::vector<uint8_t> ok(num_shards, 1);
+  pool_->ParallelFor(num_shards, [&](size_t s) {
+    if (shard_rows[s] == 0) return;
+    ok[s] = shards_[s]->LoadIndexBulk(io + shard_start[s], flags + shard_start[s], shard_rows[s], &existing[s]) ? 1 : 0;
+  }, static_cast<int>(par));
+  if (std::find(ok.begin(), ok.end(), 0) != ok.end()) {
+    for (uint32_t s = 0; s < num_shards; ++s) {
+      if (ok[s] && shard_rows[s] > 0) shards_[s]->UndoLoadIndexBulk(io + shard_start[s], shard_rows[s]);
+    }
+    throw std::bad_alloc();
+  }
+  // Phase 2, one task per piece: walk the input in order (sequential reads) and write each new row into
+  // its shard's records (sequential writes within each shard). A row of a present key instead leaves
+  // where it is in the input for phase 3: piece << 32 | row offset << 16 | mf row offset (pieces hold at
+  // most 2^16 rows).
+  static_assert(kLoadPieceRows <= (size_t{1} << 16), "phase 2 packs offsets in a piece into 16 bits");
+  pool_->ParallelFor(np, [&](size_t p) {
+    const LoadPiece& pc = pieces[p];
+    const RowSegment& seg = segs[pc.seg];
+    std::vector<uint64_t> cur(at.begin() + p * num_shards, at.begin() + (p + 1) * num_shards);
+    // The destinations kWriteAhead rows ahead are looked up early and prefetched for writing: the rows go
+    // to 2 x num_shards write streams, more than the hardware prefetchers follow.
+    constexpr size_t kWriteAhead = 16;
+    struct Ahead {
+      uint32_t shard;
+      uint64_t d;
+    } ring[kWriteAhead];
+    auto look = [&](size_t i) {
+      const uint32_t s = ShardOf(TableHash(seg.keys[i]), num_shards);
+      const uint64_t d = cur[s]++;
+      if (io[d] != Shard::kLoadExisting) shards_[s]->PrefetchNewRow(io[d]);
+      ring[i % kWriteAhead] = Ahead{s, d};
+    };
+    for (size_t i = pc.lo; i < pc.hi && i < pc.lo + kWriteAhead; ++i) look(i);
     uint64_t m = pc.mf_before;
     for (size_t i = pc.lo; i < pc.hi; ++i) {
-      const uint64_t d = cur[ShardOf(TableHash(seg.keys[i]), num_shards)]++;
-      rows[d] = static_cast<uint32_t>(i);
-      mf_rows[d] = seg.has_mf[i] ? static_cast<uint32_t>(m++) : Shard::kNoMfRow;
-    }
-  }, threads);
-  // Now at[p * num_shards + s] is the end of block (p, s); it starts where the block before it in
-  // shard-major order ends (shard s starts at the sum of shard_rows before s).
-  // 4. Load, one task per shard, each under its own lock with its index grown once.
-  ReaderMutexLock gate(&gate_);
-  RunShards(total, [&](size_t s) {
-    if (shard_rows[s] == 0) return;
-    Shard* sh = shards_[s].get();
-    MutexLock l(sh->mu());
-    sh->ReserveLocked(shard_rows[s]);
-    uint64_t start = 0;
-    for (uint32_t t = 0; t < s; ++t) start += shard_rows[t];
-    for (size_t p = 0; p < np; ++p) {
-      const uint64_t end = at[p * num_shards + s];
-      if (end > start) {
-        const RowSegment& seg = segs[pieces[p].seg];
-        sh->LoadBlockLocked(seg.keys, seg.base, seg.mf, rows + start, mf_rows + start, end - start);
+      const Ahead a = ring[i % kWriteAhead];
+      if (i + kWriteAhead < pc.hi) look(i + kWriteAhead);
+      const uint32_t s = a.shard;
+      const uint64_t d = a.d;
+      const uint8_t has = seg.has_mf[i];
+      const uint64_t v = io[d];
+      if (v != Shard::kLoadExisting) {
+        shards_[s]->WriteNewRow(v, seg.base + i * bw, has ? seg.mf + m * mw : nullptr);
+      } else {
+        io[d] = (uint64_t{p} << 32) | ((i - pc.lo) << 16) | (m - pc.mf_before);
       }
-      start = end;
+      m += has;
     }
-  });
+  }, static_cast<int>(par));
+  // Phase 3, one task per shard: rows of keys that were present, in input order; then the admission
+  // counts of the new keys.
+  pool_->ParallelFor(num_shards, [&](size_t s) {
+    Shard* sh = shards_[s].get();
+    for (uint32_t j : existing[s]) {
+      const uint64_t v = io[shard_start[s] + j];
+      const LoadPiece& pc = pieces[v >> 32];
+      const RowSegment& seg = segs[pc.seg];
+      const size_t i = pc.lo + ((v >> 16) & 0xffff);
+      const float* mf = seg.has_mf[i] ? seg.mf + (pc.mf_before + (v & 0xffff)) * mw : nullptr;
+      sh->LoadExistingRow(seg.keys[i], seg.base + i * bw, mf);
+    }
+  }, static_cast<int>(par));
   return Status::OK();
 }
 

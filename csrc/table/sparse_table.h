@@ -12,7 +12,9 @@
 // holds gate_ exclusively while it copies (the shards in parallel, each under its own lock, then the
 // tombstone list), so an export is one moment of the whole table: a concurrent push lands wholly
 // before or wholly after it even though the push spans many shards. Pulls do not take gate_ (they
-// change no row). Lock order: day_mu_ -> gate_ -> one shard mutex at a time -> tomb_mu_.
+// change no row). Lock order: day_mu_ -> gate_ -> one shard mutex at a time -> tomb_mu_; the one
+// exception, LoadRowSegments, holds every shard mutex at once, taken in index order (nothing else holds
+// two, so this cannot deadlock), so that a pull never sees a row it has inserted but not yet written.
 //
 // Row semantics: see CtrAccessor.
 
@@ -174,11 +176,20 @@ class SparseTable {
   // REQUIRES: values valid (as LoadRowSegments checks them; bindings/ does it).
   void LoadRows(const uint64_t* keys, size_t n, const float* base, const uint8_t* has_mf, const float* mf);
   // LoadRows of many blocks at once (the load path; a key in several blocks: the last one wins).
-  // First checks every value, in parallel: finite floats, show/click >= 0, unseen_days an integer in
-  // [0, 65535], slot an int32, has_mf 0/1 with mf_rows ones. A bad value is InvalidArgument naming
-  // the segment and row, and nothing changes. Then partitions the rows by shard (4 bytes of scratch
-  // per row) and loads every shard in parallel, its index grown once. REQUIRES: segs[i].n < 2^32.
-  Status LoadRowSegments(const RowSegment* segs, size_t num_segs);
+  // First (if check) checks every value, in parallel: finite floats, show/click >= 0, unseen_days an
+  // integer in [0, 65535], slot an int32, has_mf 0/1 with mf_rows ones. A bad value is InvalidArgument
+  // naming the segment and row, and nothing changes. check = false is for rows CheckRowSegments passed
+  // already (a checkpoint load checks while it verifies the files, before it clears the table); only
+  // the has_mf count is checked then. The load itself, with every shard lock held throughout (a
+  // concurrent pull sees a row wholly loaded or not at all): the keys and flags are scattered into shard
+  // order (9 bytes of scratch per row); phase 1, per shard, finds or inserts every key in its index
+  // (grown once), allocating the new rows' records; phase 2, per block of input, walks the input in
+  // order and writes each new row into its shard's records (sequential reads; writes sequential per
+  // shard); phase 3, per shard, overwrites the rows of keys that were present, in input order.
+  // REQUIRES: segs[i].n < 2^32.
+  Status LoadRowSegments(const RowSegment* segs, size_t num_segs, bool check = true);
+  // The checks of LoadRowSegments alone (in parallel; changes nothing).
+  Status CheckRowSegments(const RowSegment* segs, size_t num_segs);
   // Replaces the pending tombstone list with keys[0..n), in order (restores a checkpoint's list).
   void SetTombstones(const uint64_t* keys, size_t n);
   // Deletes present keys (no tombstones). Returns how many existed.
@@ -192,7 +203,7 @@ class SparseTable {
   // Decay by factor, unseen += add_unseen, delete; appends tombstones. Returns deleted.
   size_t DecayAndDeleteAll(double factor, uint32_t add_unseen, int64_t new_day_index = -1);
   void RunShards(size_t num_keys, const std::function<void(size_t)>& fn);
-  Status LoadSegments(const RowSegment* segs, size_t num_segs, bool check);
+  Status LoadSegments(const RowSegment* segs, size_t num_segs, bool check, bool load);
   // Where the rows of one bucket go, and what happens to them once copied (both under the gate).
   struct BucketRows {
     uint64_t* keys;

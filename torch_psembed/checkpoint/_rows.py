@@ -8,6 +8,7 @@ A *row set* is a dict ``{"keys": int64[n], "base": f32[n, base_width], "has_mf":
 from __future__ import annotations
 
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -215,6 +216,7 @@ def read_segments(
     owner: Optional[Tuple[int, int]] = None,
     check_buckets: bool = True,
     check_values_too: bool = False,
+    check_values_with: Any = None,
 ) -> Tuple[List[Dict[str, np.ndarray]], np.ndarray]:
     """Read and verify every file of save ``m`` at ``path``: ``(segments, tombstones)``, one row set
     (without tombstones) per (bucket, part) file group, in (bucket, part) order.
@@ -225,8 +227,10 @@ def read_segments(
     only the keys with ``_C.route(key, n) == index`` are kept (rows and tombstones), copied out of the
     mapping, so memory holds this owner's rows only. Every group is verified from IO_THREADS threads:
     size, crc32, has_mf flags and count, keys in their bucket (``check_buckets``), and with
-    ``check_values_too`` the values (:func:`check_values`). Raises CorruptCheckpointError naming the file
-    on any problem (the first group in order that has one).
+    ``check_values_too`` the values (:func:`check_values`, numpy). ``check_values_with``, a ``_C.Table``,
+    checks the values of the rows kept instead, with its ``check_segments`` (the checks of
+    ``load_segments``, in C++, in parallel; see :func:`check_segment_values`). Raises
+    CorruptCheckpointError naming the file on any problem (the first group in order that has one).
     """
     from .. import _C
 
@@ -264,7 +268,7 @@ def read_segments(
             p = os.path.join(ddir, cols["mf"]["name"])
             raise CorruptCheckpointError(f"{p}: holds {cols['mf']['rows']} rows, but has_mf marks {got}", p)
         if check_buckets and has.size:
-            if not np.all(F.bucket_of(seg["keys"], m["num_buckets"]) == key[0]):
+            if not F.all_in_bucket(seg["keys"], m["num_buckets"], key[0]):
                 p = os.path.join(ddir, cols["keys"]["name"])
                 raise CorruptCheckpointError(f"{p}: holds keys of another bucket than {key[0]}", p)
         if check_values_too:
@@ -286,7 +290,34 @@ def read_segments(
     tomb = np.concatenate(tombs) if tombs else np.zeros(0, np.int64)
     if split and tomb.size:
         tomb = tomb[_C.route(tomb, owner[1]) == owner[0]]
+    if check_values_with is not None:
+        check_segment_values(check_values_with, segments, [groups[k] for k in row_groups], ddir)
     return segments, tomb
+
+
+def check_segment_values(table, segments: List[Dict[str, np.ndarray]], group_files: List[Dict[str, Any]],
+                         ddir: str) -> None:
+    """The values of ``segments`` (row sets, one per file group ``group_files[i]``) checked by
+    ``table.check_segments``: the rules ``load_segments`` applies (finite floats, show/click >= 0,
+    unseen_days an integer in [0, 65535], slot an int32, has_mf 0/1). A refusal is CorruptCheckpointError
+    naming the file (base, has_mf or mf) of the segment, the row (among the rows kept) and its key."""
+    try:
+        table.check_segments([(s["keys"], s["base"], s["has_mf"], s["mf"]) for s in segments])
+    except ValueError as e:
+        msg = str(e)
+        found = re.match(r"segment (\d+): (.*)", msg)
+        if found is None or int(found.group(1)) >= len(group_files):
+            raise CorruptCheckpointError(f"{ddir}: {msg}", ddir) from None
+        seg, rest = int(found.group(1)), found.group(2)
+        column = "mf" if rest.startswith("mf row") else "has_mf" if "has_mf" in rest else "base"
+        p = os.path.join(ddir, group_files[seg][column]["name"])
+        row = re.match(r"(mf )?row (\d+)", rest)
+        if row is not None:
+            i = int(row.group(2))
+            if row.group(1):  # the i-th mf row belongs to the i-th row with has_mf == 1
+                i = int(np.flatnonzero(segments[seg]["has_mf"])[i])
+            rest += f" (key {int(segments[seg]['keys'][i])})"
+        raise CorruptCheckpointError(f"{p}: {rest}", p) from None
 
 
 MAX_UNSEEN_DAYS = 65535  # _C's saturation point (kMaxUnseenDays)

@@ -204,13 +204,17 @@ def _srv_stage_load(local, index, num, path, m):
         if int(getattr(local, k)) != int(layout[k]):
             p = os.path.join(path, F.MANIFEST)
             return (p, f"{p}: saved {k} is {layout[k]}, the table's is {getattr(local, k)}")
+    # The values are checked here, before any table changes, and only here: load_segments then skips its
+    # own check of the same rows. A _C.Table checks them in C++ (check_segments); numpy otherwise.
+    checker = local if hasattr(local, "check_segments") else None
     try:
-        rows = R.read_segments(path, m, owner=(index, num), check_values_too=True)
+        segments, tomb = R.read_segments(path, m, owner=(index, num), check_values_too=checker is None,
+                                         check_values_with=checker)
     except CorruptCheckpointError as e:
         return (e.path, str(e))
     except OSError as e:
         return (e.filename or path, f"{e.filename or path}: {e.strerror or e}")
-    _stash_put(local, "load:" + m["save_id"], rows)
+    _stash_put(local, "load:" + m["save_id"], (segments, tomb))
     return None
 
 
@@ -240,10 +244,10 @@ def _srv_apply_load(local, index, num, save_id, mode, day):
 
 
 def _load_segments(local, segments: List[Dict[str, np.ndarray]]) -> None:
-    """Insert the staged rows: ``_C.Table.load_segments`` takes the mapped files as they are (it checks the
-    values again, partitions by shard and loads every shard in parallel, GIL released)."""
+    """Insert the staged rows: ``_C.Table.load_segments`` takes the mapped files as they are and loads them in
+    parallel, GIL released, without checking the values again (``_srv_stage_load`` checked them)."""
     if hasattr(local, "load_segments"):
-        local.load_segments([(s["keys"], s["base"], s["has_mf"], s["mf"]) for s in segments])
+        local.load_segments([(s["keys"], s["base"], s["has_mf"], s["mf"]) for s in segments], check=False)
         return
     rows = {c: np.concatenate([s[c] for s in segments]) for c in F.ROW_COLUMNS}
     local.load_rows(rows["keys"], rows["base"], rows["has_mf"], rows["mf"])

@@ -59,13 +59,15 @@ void HashIndex::Rehash(size_t new_capacity) {
   HugePageFree(old, old_capacity * sizeof(Slot));
 }
 
+void HashIndex::Grow() { Rehash(GrownCapacity(capacity_)); }
+
 void HashIndex::Insert(uint64_t key, uint64_t hash, uint32_t value) {
   if (key == 0) {
     has_zero_ = true;
     zero_value_ = value;
     return;
   }
-  if (capacity_ == 0 || OverLoad(size_, capacity_)) Rehash(GrownCapacity(capacity_));
+  if (capacity_ == 0 || OverLoad(size_, capacity_)) Grow();
   size_t i = Home(hash);
   while (slots_[i].key != 0) i = Next(i);
   slots_[i].key = key;

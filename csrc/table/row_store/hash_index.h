@@ -77,6 +77,33 @@ class HashIndex {
   // Adds key -> value. REQUIRES: key not present. May rehash (throws std::bad_alloc).
   void Insert(uint64_t key, uint64_t hash, uint32_t value);
 
+  // One probe for "find, else insert" (the bulk load): returns the value of key if present; else adds
+  // key -> make_value() and returns kNotFound. make_value runs only for an absent key, after any rehash,
+  // so if the rehash (std::bad_alloc) or make_value throws, the map is unchanged. With capacity reserved
+  // beforehand (Reserve) there is no rehash.
+  template <typename MakeValue>
+  uint32_t FindOrInsert(uint64_t key, uint64_t hash, MakeValue&& make_value) {
+    if (key == 0) {
+      if (has_zero_) return zero_value_;
+      zero_value_ = make_value();
+      has_zero_ = true;
+      return kNotFound;
+    }
+    if (capacity_ == 0 || (size_ + 1) * 5 > capacity_ * 4) Grow();  // the load limit of Insert
+    size_t i = Home(hash);
+    for (;;) {
+      const uint64_t k = slots_[i].key;
+      if (k == key) return slots_[i].value;
+      if (k == 0) break;
+      i = Next(i);
+    }
+    const uint32_t value = make_value();
+    slots_[i].key = key;
+    slots_[i].value = value;
+    ++size_;
+    return kNotFound;
+  }
+
   // Sets the value of a present key. Returns false if absent.
   bool Update(uint64_t key, uint64_t hash, uint32_t value);
 
@@ -109,6 +136,7 @@ class HashIndex {
   static_assert(sizeof(Slot) == 12, "the memory budget counts 12 bytes per slot");
 
   void Rehash(size_t new_capacity);
+  void Grow();  // Rehash to the next capacity (5/4 of this one; kMinCapacity when empty)
   // The probe start of a hash, in [0, capacity_) (a multiply, not a modulo: capacity_ need not be a
   // power of two). REQUIRES: capacity_ > 0.
   size_t Home(uint64_t hash) const { return static_cast<size_t>(((hash & 0xffffffffu) * capacity_) >> 32); }

@@ -91,6 +91,52 @@ void TestLargeIndexAcrossRehashes() {
   CHECK_EQ(seen, kKeys / 2);
 }
 
+// FindOrInsert (the bulk load's one-probe insert) against std::unordered_map, key 0 and growth included;
+// make_value runs only for absent keys.
+void TestFindOrInsert() {
+  HashIndex index;
+  std::unordered_map<uint64_t, uint32_t> ref;
+  std::mt19937_64 rng(9);
+  uint32_t next = 0, made = 0;
+  for (int step = 0; step < 100000; ++step) {
+    const uint64_t key = rng() % 1000 == 0 ? 0 : (rng() % 40000) * 0x9E3779B97F4A7C15ULL;
+    const uint32_t got = index.FindOrInsert(key, TableHash(key), [&] {
+      ++made;
+      return next++;
+    });
+    auto it = ref.find(key);
+    if (it == ref.end()) {
+      CHECK_EQ(got, HashIndex::kNotFound);
+      ref[key] = next - 1;
+    } else {
+      CHECK_EQ(got, it->second);
+    }
+    CHECK_EQ(index.size(), ref.size());
+    CHECK_EQ(made, ref.size());
+  }
+  for (const auto& [k, v] : ref) CHECK_EQ(index.Find(k, TableHash(k)), v);
+  CHECK_LE(index.size() * 5, index.capacity() * 4);
+  // Reserved first: no growth while inserting up to the reserved count.
+  HashIndex reserved;
+  reserved.Reserve(5000);
+  const size_t cap = reserved.capacity();
+  for (uint32_t i = 1; i <= 5000; ++i) {
+    const uint64_t k = uint64_t{i} * 0x10001ULL;
+    CHECK_EQ(reserved.FindOrInsert(k, TableHash(k), [&] { return i; }), HashIndex::kNotFound);
+  }
+  CHECK_EQ(reserved.capacity(), cap);
+  // A throwing make_value leaves the map unchanged.
+  bool threw = false;
+  try {
+    reserved.FindOrInsert(7, TableHash(7), []() -> uint32_t { throw 1; });
+  } catch (int) {
+    threw = true;
+  }
+  CHECK(threw);
+  CHECK_EQ(reserved.size(), 5000u);
+  CHECK_EQ(reserved.Find(7, TableHash(7)), HashIndex::kNotFound);
+}
+
 void TestSlabPoolReusesFreedRecords() {
   ChunkArena arena;
   SlabPool pool(12, &arena);
@@ -113,6 +159,7 @@ void TestSlabPoolReusesFreedRecords() {
 int main() {
   RUN_TEST(psembed::TestChurnAgainstStdMap);
   RUN_TEST(psembed::TestLargeIndexAcrossRehashes);
+  RUN_TEST(psembed::TestFindOrInsert);
   RUN_TEST(psembed::TestSlabPoolReusesFreedRecords);
   return 0;
 }
