@@ -2,9 +2,9 @@
 //
 // HashIndex: an open-addressing map from a uint64 key to a uint32 value (a row index), one per shard.
 //
-// Why hand-written: the memory target is ~20 bytes of index per key on top of the row payload
-// (scripts/bench_table.py at 10M keys, dim 8, AdaGrad: 89.5 bytes/key with mf against a 72-byte
-// payload, 53.6 without mf; docs/benchmarks.md). std::unordered_map costs a heap node
+// Why hand-written: the memory target is ~16 bytes of index per key on top of the row payload
+// (scripts/bench_table.py at 10M keys, dim 8, AdaGrad: 84.6 bytes/key with mf against a 72-byte
+// payload, 48.6 without mf; docs/benchmarks.md). std::unordered_map costs a heap node
 // per key (~40-60 bytes plus the bucket array) and a pointer chase per lookup; good open-addressing
 // maps (absl::flat_hash_map, ska, robin_hood) store key+value pairs with per-slot control bytes and
 // would have to be vendored, which this build cannot do (no network). This one is small enough to
