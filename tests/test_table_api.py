@@ -691,3 +691,40 @@ def test_saved_tombstones_give_their_memory_back():
     assert len(t.export("delta")["tombstones"]) == 0
     # the list's 8 bytes per key went back (stats()["bytes"] counts capacity)
     assert before - t.stats()["bytes"] >= 8 * len(keys)
+
+
+def test_table_is_usable_and_collectable_in_a_forked_child(make_c_table):
+    """A DataLoader worker is a fork of the trainer: a table whose thread pool it copied (but not the pool's
+    threads) must pull correctly there and be destroyed by the child's garbage collection without aborting
+    or hanging it (CI once saw a worker abort when a test's leftover table was collected in it)."""
+    import gc
+    import os
+    import time
+
+    t = make_c_table(dim=2, num_threads=2, num_shards=8)
+    keys = np.arange(1, 20001, dtype=np.int64)  # big enough for the pool's parallel path
+    push(t, keys, 2, show=1.0)
+    t.pull(keys)  # the pool's workers have run in the parent
+    expected = t.pull(keys)
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        code = 3
+        try:
+            code = 0 if np.array_equal(t.pull(keys), expected) else 2
+            del t
+            gc.collect()
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung (destroying or using the table)")
+        time.sleep(0.05)
+    assert os.WIFEXITED(status), f"the forked child died: status {status}"
+    assert os.WEXITSTATUS(status) == 0
+    np.testing.assert_array_equal(t.pull(keys), expected)  # the parent's table is untouched

@@ -2,6 +2,8 @@
 
 #include "util/thread_pool.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <exception>
@@ -43,19 +45,29 @@ struct ThreadPool::Loop {
   }
 };
 
-ThreadPool::ThreadPool(int num_threads) {
+ThreadPool::ThreadPool(int num_threads) : owner_pid_(static_cast<int>(getpid())), shared_(new Shared) {
   if (num_threads <= 0) num_threads = static_cast<int>(std::thread::hardware_concurrency());
   if (num_threads <= 0) num_threads = 1;
   num_threads_ = num_threads;
   for (int i = 1; i < num_threads_; ++i) workers_.emplace_back([this] { WorkerMain(); });
 }
 
+bool ThreadPool::InForkedChild() const { return static_cast<int>(getpid()) != owner_pid_; }
+
 ThreadPool::~ThreadPool() {
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    stop_ = true;
+  if (InForkedChild()) {
+    // The workers are threads of the parent: joining them here is undefined (and may abort), and a
+    // std::thread destroyed while joinable terminates the process; their condition variable may still
+    // count them as waiters (destroying it would block). Leak both instead.
+    new std::vector<std::thread>(std::move(workers_));
+    shared_.release();
+    return;
   }
-  cv_.notify_all();
+  {
+    std::lock_guard<std::mutex> l(shared_->mu);
+    shared_->stop = true;
+  }
+  shared_->cv.notify_all();
   for (auto& t : workers_) t.join();
 }
 
@@ -63,11 +75,12 @@ void ThreadPool::WorkerMain() {
   for (;;) {
     std::shared_ptr<Loop> loop;
     {
-      std::unique_lock<std::mutex> l(mu_);
-      cv_.wait(l, [this] { return stop_ || !queue_.empty(); });
-      if (queue_.empty()) return;  // stop_ and nothing left
-      loop = std::move(queue_.front());
-      queue_.pop_front();
+      Shared& sh = *shared_;
+      std::unique_lock<std::mutex> l(sh.mu);
+      sh.cv.wait(l, [&sh] { return sh.stop || !sh.queue.empty(); });
+      if (sh.queue.empty()) return;  // stop and nothing left
+      loop = std::move(sh.queue.front());
+      sh.queue.pop_front();
     }
     loop->Work();
   }
@@ -75,7 +88,7 @@ void ThreadPool::WorkerMain() {
 
 void ThreadPool::ParallelFor(size_t n, const std::function<void(size_t)>& fn, int max_parallel) {
   if (n == 0) return;
-  if (n == 1 || workers_.empty() || max_parallel <= 1) {
+  if (n == 1 || workers_.empty() || max_parallel <= 1 || InForkedChild()) {
     for (size_t i = 0; i < n; ++i) fn(i);
     return;
   }
@@ -84,13 +97,13 @@ void ThreadPool::ParallelFor(size_t n, const std::function<void(size_t)>& fn, in
   loop->fn = &fn;  // fn outlives the loop's work: we wait for done == n below
   const size_t helpers = std::min({workers_.size(), n - 1, static_cast<size_t>(max_parallel - 1)});
   {
-    std::lock_guard<std::mutex> l(mu_);
-    for (size_t i = 0; i < helpers; ++i) queue_.push_back(loop);
+    std::lock_guard<std::mutex> l(shared_->mu);
+    for (size_t i = 0; i < helpers; ++i) shared_->queue.push_back(loop);
   }
   if (helpers == 1) {
-    cv_.notify_one();
+    shared_->cv.notify_one();
   } else {
-    cv_.notify_all();
+    shared_->cv.notify_all();
   }
   loop->Work();
   std::unique_lock<std::mutex> l(loop->mu);

@@ -5,6 +5,12 @@
 // Thread safety: ParallelFor may be called from many threads at once. The calling thread always
 // takes part in its own loop, so a loop finishes even if every worker is busy with other loops (no
 // deadlock when pools are saturated, and nested use from inside a task cannot starve).
+//
+// Fork: a child process (a DataLoader worker, say) gets a copy of the pool but none of its worker
+// threads, and possibly a copy of a mutex taken by one of them. There, ParallelFor runs every index on
+// the calling thread, and the destructor neither locks, joins nor destroys the shared state (it leaks
+// the thread handles, which name threads of the parent, and the state the parent's threads wait on), so
+// a pool garbage-collected in a forked child neither aborts nor hangs it.
 
 #ifndef PSEMBED_UTIL_THREAD_POOL_H_
 #define PSEMBED_UTIL_THREAD_POOL_H_
@@ -40,11 +46,20 @@ class ThreadPool {
   struct Loop;
   void WorkerMain();
 
+  bool InForkedChild() const;
+
+  // What the workers share. On the heap, so that a forked child can leak it: destroying a condition
+  // variable that the parent's (absent) workers were waiting on blocks forever in glibc.
+  struct Shared {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::deque<std::shared_ptr<Loop>> queue;  // guarded by mu
+    bool stop = false;                        // guarded by mu
+  };
+
   int num_threads_;  // immutable after construction
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<std::shared_ptr<Loop>> queue_;  // guarded by mu_
-  bool stop_ = false;                        // guarded by mu_
+  const int owner_pid_;  // the process that started the workers
+  std::unique_ptr<Shared> shared_;
   std::vector<std::thread> workers_;
 };
 

@@ -5,7 +5,11 @@
 
 #include "util/thread_pool.h"
 
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <atomic>
+#include <memory>
 #include <new>
 #include <stdexcept>
 #include <vector>
@@ -46,11 +50,41 @@ void TestExceptionReachesTheCaller() {
   CHECK_EQ(ran.load(), 100);
 }
 
+// A forked child (a DataLoader worker) has the pool but not its workers: its loops run on the calling
+// thread and destroying the pool there returns (joining the parent's threads would abort the child).
+void TestUsableAndDestructibleInAForkedChild() {
+  auto pool = std::make_unique<ThreadPool>(4);
+  std::atomic<int> warm{0};
+  pool->ParallelFor(100, [&](size_t) { warm.fetch_add(1); });  // the workers exist and have run
+  const pid_t pid = fork();
+  CHECK(pid >= 0);
+  if (pid == 0) {
+    std::vector<int> hits(1000, 0);
+    pool->ParallelFor(hits.size(), [&](size_t i) { hits[i] += 1; });
+    int bad = 0;
+    for (int h : hits) bad += h != 1;
+    pool.reset();
+    _exit(bad == 0 ? 0 : 1);
+  }
+  int status = 0;
+  CHECK_EQ(waitpid(pid, &status, 0), pid);
+  CHECK(WIFEXITED(status));
+  CHECK_EQ(WEXITSTATUS(status), 0);
+  std::atomic<int> ran{0};
+  pool->ParallelFor(100, [&](size_t) { ran.fetch_add(1); });  // the parent's pool is untouched
+  CHECK_EQ(ran.load(), 100);
+}
+
 }  // namespace
 }  // namespace psembed
 
 int main() {
   RUN_TEST(psembed::TestEveryIndexRunsOnce);
   RUN_TEST(psembed::TestExceptionReachesTheCaller);
+#if defined(__SANITIZE_THREAD__)
+  // TSan does not support a child of a multithreaded process running on (it may hang or report).
+#else
+  RUN_TEST(psembed::TestUsableAndDestructibleInAForkedChild);
+#endif
   return 0;
 }
