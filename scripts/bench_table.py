@@ -10,7 +10,8 @@ Workloads (one line each, what it measures):
   memory         bytes per key from RSS growth of a fresh process holding only the table (AdaGrad both
                  parts): with mf (embedx_threshold=0: every row gets mf) and without (a huge threshold);
                  compared with the payload 8 + 4*(5 + 1 + lr_state + dim + mf_state) bytes.
-Each throughput is measured with 1 thread and with all threads (table.num_threads / torch.set_num_threads).
+Each throughput is measured with 1 thread and with all threads (table.num_threads / torch.set_num_threads),
+as the median of --repeat passes over the batches, table and baseline interleaved.
 
 Targets (issue 2): pull >= 0.7x index_select; push >= 1.5x index_add_; bytes/key with mf <= 1.3x payload;
 without mf <= 64 bytes.
@@ -122,6 +123,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=100_000)
     p.add_argument("--batches", type=int, default=20, help="timed batches per measurement")
     p.add_argument("--zipf", type=float, default=1.1)
+    p.add_argument("--repeat", type=int, default=3,
+                   help="interleaved repetitions of each measurement; the median of each is reported (default 3)")
     p.add_argument("--no-memory", action="store_true", help="skip the RSS measurement")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--_memory-child", dest="memory_child", choices=["mf", "nomf"], help=argparse.SUPPRESS)
@@ -174,17 +177,24 @@ def main(argv=None) -> int:
             table.num_threads = threads
             torch.set_num_threads(threads)
             n = args.batch * args.batches
-            rows = {
-                "pull": timeit(lambda k: table.pull(k), kb),
-                "index_select": timeit(lambda i: dense.index_select(0, i), ib),
-                "push": timeit(lambda k: table.push(k, grads_np, shows, clicks), kb),
-                "index_add_": timeit(lambda i: dense.index_add_(0, i, grads_t), ib),
+            # Table and baseline alternate, --repeat times, and each reports its median: on a shared VM one
+            # pass of either can be off by 2x, and interleaving exposes both to the same disturbances.
+            work = {
+                "pull": (lambda k: table.pull(k), kb),
+                "index_select": (lambda i: dense.index_select(0, i), ib),
+                "push": (lambda k: table.push(k, grads_np, shows, clicks), kb),
+                "index_add_": (lambda i: dense.index_add_(0, i, grads_t), ib),
             }
-            rate = {k: n / v for k, v in rows.items()}
+            times = {k: [] for k in work}
+            for _ in range(max(1, args.repeat)):
+                for k, (fn, b) in work.items():
+                    times[k].append(timeit(fn, b))
+            rate = {k: n / float(np.median(v)) for k, v in times.items()}
             r_pull = rate["pull"] / rate["index_select"]
             r_push = rate["push"] / rate["index_add_"]
             results[f"{dist}_t{threads}"] = {**{k: v for k, v in rate.items()}, "pull_ratio": r_pull,
-                                             "push_ratio": r_push}
+                                             "push_ratio": r_push,
+                                             "seconds": {k: v for k, v in times.items()}}
             print(f"{dist:7s} threads={threads}: pull {rate['pull'] / 1e6:6.2f} M/s vs index_select "
                   f"{rate['index_select'] / 1e6:6.2f} M/s = {r_pull:.2f}x (target >= 0.7) | "
                   f"push {rate['push'] / 1e6:6.2f} M/s vs index_add_ {rate['index_add_'] / 1e6:6.2f} M/s = "
