@@ -413,3 +413,30 @@ def test_prefetch_on_a_local_table_changes_nothing(loaded):
     table.prefetch(keys[:3])  # a local table has nothing to overlap: only the keys are checked
     with pytest.raises(TypeError):
         table.prefetch(keys[:3].float())
+
+
+def test_prefetch_dedup_is_reused_by_the_next_forward_only_for_equal_ids(loaded, monkeypatch):
+    # forward after a prefetch of the same ids does not dedup again; other ids, or ids changed in place after
+    # the prefetch, get a fresh dedup and the right output
+    import torch_psembed.functional as PF
+
+    table, keys, weight = loaded
+    calls = []
+    real = PF.dedup
+    monkeypatch.setattr(PF, "dedup", lambda *a, **k: calls.append(1) or real(*a, **k))
+    emb = pse.PSEmbedding(table, mode="sum", output="lr_mf")
+    ids, offsets = keys[[0, 5, 5, 20]].clone(), torch.tensor([0, 1])
+    expected = emb(ids, offsets).detach()
+    calls.clear()
+    emb.prefetch(ids, offsets)
+    np.testing.assert_array_equal(emb(ids, offsets).detach(), expected)
+    assert len(calls) == 1  # the prefetch's dedup served the forward
+    emb.prefetch(ids, offsets)
+    other = keys[[1, 2, 3, 3]]
+    np.testing.assert_array_equal(emb(other, offsets).detach(), emb(other, offsets).detach())
+    calls.clear()
+    emb.prefetch(ids, offsets)
+    ids[0] = keys[7]  # changed in place after the prefetch
+    fresh = pse.PSEmbedding(table, mode="sum", output="lr_mf")
+    np.testing.assert_array_equal(emb(ids, offsets).detach(), fresh(ids, offsets).detach())
+    assert len(calls) == 3  # prefetch, then a new dedup for the changed ids, then fresh's

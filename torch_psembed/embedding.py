@@ -227,6 +227,7 @@ class PSEmbedding(nn.Module):
         self.grad_scale = PF._check_grad_scale(grad_scale)
         self.embedding_dim = PF.output_dim(output, int(table.dim))
         self.timings = None
+        self._prefetched_dedup = None  # (ids, their dedup) of the last prefetch, for the next forward
 
     def forward(
         self,
@@ -235,6 +236,7 @@ class PSEmbedding(nn.Module):
         per_sample_weights: Optional[Tensor] = None,
     ) -> Tensor:
         """Look up (and pool) ``input``; see the class docstring for shapes."""
+        cache, self._prefetched_dedup = self._prefetched_dedup, None
         return PF.ps_embedding(
             input,
             self.table,
@@ -249,6 +251,7 @@ class PSEmbedding(nn.Module):
             clicks=current_clicks(),
             push=self.training,
             timings=self.timings,
+            dedup_cache=cache,
         )
 
     def prefetch(
@@ -263,10 +266,12 @@ class PSEmbedding(nn.Module):
         ``SparseTable.prefetch`` for the staleness bound; a forward with other ids just pulls afresh.
         """
         batch = PF.check_input(input, offsets, per_sample_weights, self.mode, self.include_last_offset)
-        keys = PF.dedup(batch.ids, self.padding_id).keys
+        d = PF.dedup(batch.ids, self.padding_id)
+        # kept for the next forward (a copy of the ids: the caller may change its tensor in place meanwhile)
+        self._prefetched_dedup = (batch.ids.clone(), d)
         start = getattr(self.table, "prefetch", None)
         if start is not None:
-            start(keys, with_stats=self.output == "cvm_lr_mf")
+            start(d.keys, with_stats=self.output == "cvm_lr_mf")
 
     def enable_timing(self, enabled: bool = True) -> Optional[Timings]:
         """Start (or stop, with ``False``) summing the seconds per phase into :attr:`timings`."""

@@ -385,12 +385,15 @@ def ps_embedding(
     clicks: Optional[Tensor] = None,
     push: bool = True,
     timings: Optional[_autograd.Timings] = None,
+    dedup_cache: Optional[Tuple[Tensor, Dedup]] = None,
 ) -> Tensor:
     """Look up ``input`` in ``table`` and pool like ``nn.Embedding``/``nn.EmbeddingBag``.
 
     See :class:`~torch_psembed.PSEmbedding` for the arguments. ``push=False`` (eval) pulls without building the
     push: the rows are constants, and only ``per_sample_weights`` can get a gradient. ``clicks`` are the labels
     of the instances (shape ``(num_instances,)``); ``grad_scale`` defaults to ``num_instances``.
+    ``dedup_cache`` (ids, ``dedup(ids, padding_id)``), as ``PSEmbedding.prefetch`` keeps it, is used instead of a
+    new dedup when the ids are equal.
     """
     if torch._C._are_functorch_transforms_active():
         raise RuntimeError(
@@ -399,7 +402,10 @@ def ps_embedding(
         )
     t0 = time.perf_counter() if timings is not None else 0.0
     batch = check_input(input, offsets, per_sample_weights, mode, include_last_offset)
-    keys, inverse, padding_row, groups = dedup(batch.ids, padding_id)
+    if dedup_cache is not None and dedup_cache[0].shape == batch.ids.shape and torch.equal(dedup_cache[0], batch.ids):
+        keys, inverse, padding_row, groups = dedup_cache[1]
+    else:
+        keys, inverse, padding_row, groups = dedup(batch.ids, padding_id)
     if timings is not None:
         t1 = time.perf_counter()
         timings.add("unique", t1 - t0)
