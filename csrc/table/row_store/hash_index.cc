@@ -12,8 +12,6 @@ namespace {
 constexpr size_t kMinCapacity = 16;
 // Home() multiplies 32 hash bits by the capacity in 64 bits.
 constexpr size_t kMaxCapacity = size_t{1} << 32;
-// Grow when size + 1 > capacity * 4 / 5.
-inline bool OverLoad(size_t size, size_t capacity) { return (size + 1) * 5 > capacity * 4; }
 // The next capacity: 5/4 of this one rounded up to a multiple of 16 (16 slots of 12 B = 3 cache lines).
 // Growth by 5/4 keeps the load in [0.64, 0.8] (~17 B of index per key), where doubling leaves it
 // anywhere in [0.4, 0.8] (up to 30 B per key, by luck of the key count); the price is more rehashing
@@ -67,7 +65,7 @@ void HashIndex::Insert(uint64_t key, uint64_t hash, uint32_t value) {
     zero_value_ = value;
     return;
   }
-  if (capacity_ == 0 || OverLoad(size_, capacity_)) Grow();
+  GrowIfFull();
   size_t i = Home(hash);
   while (slots_[i].key != 0) i = Next(i);
   slots_[i].key = key;

@@ -89,7 +89,7 @@ class HashIndex {
       has_zero_ = true;
       return kNotFound;
     }
-    if (capacity_ == 0 || (size_ + 1) * 5 > capacity_ * 4) Grow();  // the load limit of Insert
+    GrowIfFull();
     size_t i = Home(hash);
     for (;;) {
       const uint64_t k = slots_[i].key;
@@ -137,6 +137,12 @@ class HashIndex {
 
   void Rehash(size_t new_capacity);
   void Grow();  // Rehash to the next capacity (5/4 of this one; kMinCapacity when empty)
+  // Whether size keys plus the one about to be added pass the maximum load 0.8 of capacity.
+  static bool OverLoad(size_t size, size_t capacity) { return (size + 1) * 5 > capacity * 4; }
+  // Before adding a key: grow if it would pass the maximum load (or there is no array yet).
+  void GrowIfFull() {
+    if (capacity_ == 0 || OverLoad(size_, capacity_)) Grow();
+  }
   // The probe start of a hash, in [0, capacity_) (a multiply, not a modulo: capacity_ need not be a
   // power of two). REQUIRES: capacity_ > 0.
   size_t Home(uint64_t hash) const { return static_cast<size_t>(((hash & 0xffffffffu) * capacity_) >> 32); }
