@@ -484,6 +484,16 @@ def _num_workers(cfg: Dict[str, Any]) -> int:
     return n
 
 
+def _with_next(items):
+    """(item, the next item or None) for each item of an iterable, reading one item ahead."""
+    it = iter(items)
+    cur = next(it, None)
+    while cur is not None:
+        nxt = next(it, None)
+        yield cur, nxt
+        cur = nxt
+
+
 def _run_pass(job: _Job, rt: _Runtime, cfg: Dict[str, Any], source, day: int, p: int) -> Dict[str, Any]:
     ds = source.train_dataset(day, p, cfg["passes_per_day"], rt.rank, rt.world)
     stream = BatchStream(make_loader(ds, _num_workers(cfg)))
@@ -495,19 +505,13 @@ def _run_pass(job: _Job, rt: _Runtime, cfg: Dict[str, Any], source, day: int, p:
         job.model.embedding.reset_timing()
     steps = 0
     with job.join():
-        batches = iter(stream)
-        batch = next(batches, None)
-        i = -1
-        while batch is not None:
-            i += 1
-            next_batch = next(batches, None)  # one batch ahead, for the embedding's prefetch
+        for i, (batch, next_batch) in enumerate(_with_next(stream)):  # one batch ahead, for the prefetch
             steps += 1
             logits = job.step(batch, next_batch)
             metrics.add(torch.sigmoid(logits), batch["labels"], batch.get("prob"))
             bar.update(int(batch["labels"].numel()))
             if i % 20 == 19:
                 bar.set_postfix(auc=f"{metrics.running_auc():.4f}")
-            batch = next_batch
     bar.close()
     stream.warn(f"day {day} pass {p} (rank {rt.rank})")
     res = metrics.result(rt.group)
