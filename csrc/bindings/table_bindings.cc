@@ -488,7 +488,8 @@ class PyTable {
     return d;
   }
 
-  py::dict SaveBuckets(const std::string& mode_name, int64_t buckets, uint64_t salt, const std::vector<std::string>& paths) {
+  py::dict SaveBuckets(const std::string& mode_name, int64_t buckets, uint64_t salt, const std::vector<std::string>& paths,
+                       bool sync) {
     const ExportMode mode = ParseMode(mode_name);
     if (buckets < 1 || buckets > (int64_t{1} << 20)) {
       throw py::value_error("buckets must be in [1, 2**20], got " + std::to_string(buckets));
@@ -501,7 +502,7 @@ class PyTable {
     Status st;
     {
       py::gil_scoped_release release;
-      st = table_->SaveBuckets(mode, static_cast<uint32_t>(buckets), salt, paths, &r);
+      st = table_->SaveBuckets(mode, static_cast<uint32_t>(buckets), salt, paths, sync, &r);
     }
     if (!st.ok()) {
       PyErr_SetString(st.code() == Status::kIOError ? PyExc_OSError : PyExc_ValueError, st.message().c_str());
@@ -942,10 +943,13 @@ Bucket b is rows row_begin[b]:row_begin[b+1] of keys/base/has_mf, ascending by k
 rows row_begin[b]:row_begin[b]+mf_rows[b] of mf (mf has one row of room per row; the rest is unused).
 tombstones: the whole pending list (checkpoint, delta) or empty. The save path (docs/format.md).)doc")
       .def("save_buckets", &PyTable::SaveBuckets, py::arg("mode"), py::arg("buckets"), py::arg("salt"), py::arg("paths"),
-           R"doc(save_buckets(mode, buckets, salt, paths) -> dict(files, rows, mf_rows, tombstones, pending_tombstones):
+           py::arg("sync") = true,
+           R"doc(save_buckets(mode, buckets, salt, paths, sync=True) -> dict(files, rows, mf_rows, tombstones, pending_tombstones):
 the rows export_buckets returns, written straight to paths[4*b + c] (c: keys, base, has_mf, mf) bucket by bucket
 while mutating calls wait; buckets without rows get no files. files: (bucket, column index, rows, bytes, crc32)
-per file written, by bucket then column. Not fsynced. OSError naming the file if a write fails.)doc")
+per file written, by bucket then column. sync: each file is fsynced on a background thread as soon as it is
+written, and the call returns once all are durable (False: the caller syncs). OSError naming the file if a write
+or an fsync fails.)doc")
       .def("commit_save", &PyTable::CommitSave, py::arg("mode"), py::arg("keys"), py::arg("delta_scores"),
            py::arg("tombstones"))
       .def("load_segments", &PyTable::LoadSegments, py::arg("segments"), py::arg("check") = true,

@@ -11,10 +11,12 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <numeric>
 
 #include "util/crc32.h"
+#include "util/file_syncer.h"
 #include "util/hash.h"
 
 namespace psembed {
@@ -764,7 +766,7 @@ Status WriteWholeFile(const std::string& path, const void* data, size_t bytes) {
 }  // namespace
 
 Status SparseTable::SaveBuckets(ExportMode mode, uint32_t buckets, uint64_t salt,
-                                const std::vector<std::string>& paths, BucketSave* out) {
+                                const std::vector<std::string>& paths, bool sync, BucketSave* out) {
   if (paths.size() != static_cast<size_t>(buckets) * 4) {
     return Status::InvalidArgument("SaveBuckets needs 4 paths per bucket");
   }
@@ -779,6 +781,8 @@ Status SparseTable::SaveBuckets(ExportMode mode, uint32_t buckets, uint64_t salt
   std::vector<SavedFile> files;                 // GUARDED_BY(mu)
   Status first_error;                           // GUARDED_BY(mu)
   std::atomic<bool> failed{false};
+  // Four threads: they mostly wait on the disk, and concurrent fsyncs share journal commits.
+  std::unique_ptr<FileSyncer> syncer(sync ? new FileSyncer(4) : nullptr);
   uint64_t max_bucket = 0;
   std::once_flag sized;
   const BucketPlace place = [&](size_t b, uint64_t, uint64_t) {
@@ -815,6 +819,7 @@ Status SparseTable::SaveBuckets(ExportMode mode, uint32_t buckets, uint64_t salt
       for (uint32_t c = 0; c < 4 && st.ok(); ++c) {
         const uint64_t bytes = counts[c] * widths[c];
         st = WriteWholeFile(paths[b * 4 + c], data[c], bytes);
+        if (st.ok() && syncer) syncer->Submit(paths[b * 4 + c]);
         mine.push_back(SavedFile{static_cast<uint32_t>(b), c, counts[c], bytes, Crc32(data[c], bytes)});
       }
     }
@@ -835,7 +840,9 @@ Status SparseTable::SaveBuckets(ExportMode mode, uint32_t buckets, uint64_t salt
   };
   out->mf_rows = 0;
   ExportBucketsWith(mode, buckets, salt, &row_begin, place, done, &out->tombstones, &out->pending_tombstones);
+  const Status synced = syncer ? syncer->Finish() : Status::OK();
   if (!first_error.ok()) return first_error;
+  if (!synced.ok()) return synced;
   std::sort(files.begin(), files.end(), [](const SavedFile& a, const SavedFile& b) {
     return a.bucket != b.bucket ? a.bucket < b.bucket : a.column < b.column;
   });

@@ -164,11 +164,13 @@ class SparseTable {
   // ExportBuckets written straight to files, bucket by bucket, while mutating calls wait: the rows of
   // bucket b go to paths[4 * b + c] for the columns c = keys, base, has_mf, mf (the layout of
   // docs/format.md; buckets without rows get no files), each copied into a buffer that is reused for
-  // the next bucket and checksummed. Files are not fsynced (the caller does). The only fresh memory is
-  // 16 bytes per row of sort entries and one bucket per thread. A failed write is IOError naming the
-  // file (files already written stay; the caller removes the directory).
+  // the next bucket and checksummed. With sync, each file is fsynced on a background thread as soon as
+  // it is written (util/file_syncer.h), and SaveBuckets returns once all are durable; without it, the
+  // caller syncs. The only fresh memory is 16 bytes per row of sort entries and one bucket per thread.
+  // A failed write or fsync is IOError naming the file (files already written stay; the caller removes
+  // the directory).
   Status SaveBuckets(ExportMode mode, uint32_t buckets, uint64_t salt, const std::vector<std::string>& paths,
-                     BucketSave* out);
+                     bool sync, BucketSave* out);
   // base/delta: delta_score -= saved for each present key; drops the first `tombstones` pending
   // tombstones (base: all of them). checkpoint/serving: no effect.
   void CommitSave(ExportMode mode, const uint64_t* keys, const float* delta_scores, size_t n, size_t tombstones);

@@ -403,7 +403,7 @@ void TestConcurrentBulkLoadExportSave() {
       CHECK_EQ(j, e.mf_rows[b]);
     }
     BucketSave s;
-    CHECK(t.SaveBuckets(ExportMode::kCheckpoint, kBuckets, kSalt, paths, &s).ok());
+    CHECK(t.SaveBuckets(ExportMode::kCheckpoint, kBuckets, kSalt, paths, /*sync=*/true, &s).ok());
     CHECK_EQ(s.rows % kRows, 0u);
     CHECK_EQ(s.mf_rows * 2, s.rows);
     ++rounds;

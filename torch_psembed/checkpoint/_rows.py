@@ -132,11 +132,12 @@ def write_buckets(dirpath: str, part: int, snap: Dict[str, np.ndarray]) -> Dict[
 def stream_part(local, dirpath: str, part: int, num_buckets: int,
                 restored_tombstones: Optional[np.ndarray] = None) -> Dict[str, Any]:
     """A checkpoint-mode part written by ``_C.Table.save_buckets``: the rows go from the table to the files
-    bucket by bucket (no snapshot of the whole table in memory); then every file is fsynced from IO_THREADS
-    threads. ``restored_tombstones`` go before the table's own in the tombstone file. Same files and
-    fragment as :func:`write_buckets` of ``export_buckets("checkpoint")``."""
+    bucket by bucket (no snapshot of the whole table in memory), and each file is fsynced in the background
+    as soon as it is written, so the disk works while the next buckets are copied. ``restored_tombstones``
+    go before the table's own in the tombstone file. Same files and fragment as :func:`write_buckets` of
+    ``export_buckets("checkpoint")``."""
     paths = [os.path.join(dirpath, F.bucket_file(b, part, c)) for b in range(num_buckets) for c in F.ROW_COLUMNS]
-    r = local.save_buckets("checkpoint", num_buckets, F.BUCKET_SALT, paths)
+    r = local.save_buckets("checkpoint", num_buckets, F.BUCKET_SALT, paths, sync=True)
     files = []
     for b, c, rows, nbytes, crc in r["files"]:
         col = F.ROW_COLUMNS[c]
@@ -148,15 +149,8 @@ def stream_part(local, dirpath: str, part: int, num_buckets: int,
     tomb_entry = {"name": F.tombstone_file(part), "column": "tombstones", "bucket": None, "part": part,
                   "rows": int(tomb.shape[0])}
 
-    def write_tombstones() -> None:
-        tomb_entry.update(F.write_array(os.path.join(dirpath, tomb_entry["name"]),
-                                        np.ascontiguousarray(tomb, dtype=np.int64)))
-
-    with ThreadPoolExecutor(IO_THREADS) as pool:
-        futures = [pool.submit(F.fsync_file, os.path.join(dirpath, e["name"])) for e in files]
-        futures.append(pool.submit(write_tombstones))
-        for f in futures:
-            f.result()
+    tomb_entry.update(F.write_array(os.path.join(dirpath, tomb_entry["name"]),
+                                    np.ascontiguousarray(tomb, dtype=np.int64)))
     return {
         "part": part,
         "rows": int(r["rows"]),
