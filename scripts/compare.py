@@ -65,8 +65,8 @@ def run_job(out: str, args: List[str], nproc: int, log) -> Dict[str, Any]:
                "127.0.0.1", "--master-port", str(free_port()), "-m", "torch_psembed.train"]
     else:
         cmd = [sys.executable, "-m", "torch_psembed.train"]
-    # delta and base saves on, as in the job (a delta save consumes the table's pending tombstones, which
-    # --no-save would let pile up in the PS memory figure); checkpoints off (they do not change the table)
+    # delta and base saves on, as in the job (each delta save drains the table's pending tombstones, so the
+    # PS memory figure includes what the job's publishing costs); checkpoints off (they do not change the table)
     cmd += ["--out", out, "--no-progress", "--no-plot", "--set", "save.checkpoint=false", *args]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.setdefault("OMP_NUM_THREADS", "1")

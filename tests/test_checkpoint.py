@@ -72,6 +72,7 @@ def populated(opt: str = "adagrad", n: int = 600, days: int = 3, seed: int = 0):
     """A table after a few simulated days: rows with and without mf, aged rows, pending tombstones."""
     rng = np.random.default_rng(seed)
     t = pse.SparseTable(config(opt))
+    t._backend.track_tombstones = True  # as on a chain with a committed base: its deletions are tombstones
     pool = rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64)
     for day in range(days):
         for _ in range(3):
@@ -159,7 +160,8 @@ def test_mf_survives_score_decay_below_embedx_threshold(tmp_path):
     t2 = pse.SparseTable(config())
     t2.load(tmp_path / "ck")
     assert_rows_equal(state(t2._backend), s)
-    assert saved_rows(tmp_path / "ck")["tombstones"].tolist() == [6]
+    # no base or delta committed yet: key 6's deletion needs (and got) no tombstone
+    assert saved_rows(tmp_path / "ck")["tombstones"].tolist() == []
 
 
 # -- N -> M parts ------------------------------------------------------------------------------------------
@@ -566,6 +568,9 @@ def _dist_worker(workdir: str) -> None:
     rng = np.random.default_rng(100 + rank)
     t = pse.SparseTable(config(), name="ck")
     assert getattr(t._backend, "is_sharded", False)
+    # A base first (of the empty table), as a job that publishes does: from here on every server turns
+    # its deletions into tombstones, which the checkpoint below must carry.
+    t.save(os.path.join(workdir, "base0"), "base")
     pool = np.concatenate([np.arange(1, 200, dtype=np.int64), rng.integers(0, 2**62, 300, dtype=np.int64)])
     for day in range(3):
         for _ in range(3):

@@ -80,7 +80,12 @@ def _accessor(**over) -> CtrAccessorConfig:
 
 
 def _pair(cfg: TableConfig):
-    return pse.SparseTable(cfg), CtrTableRef(cfg.to_dict())
+    """A SparseTable and its reference. Both list every deletion as a tombstone from the start, as a table
+    on a save chain with a committed base does (a new SparseTable starts without: see
+    test_tombstones_start_with_the_first_committed_base_or_delta)."""
+    t = pse.SparseTable(cfg)
+    t._backend.track_tombstones = True
+    return t, CtrTableRef(cfg.to_dict())
 
 
 def _first_bad_rows(gk, got, exp, rtol, atol, limit=4) -> str:
@@ -567,6 +572,61 @@ def test_tombstones_in_delta_and_dropped_by_commit():
     _save_both(table, ref, "base", "base")
     assert len(table._backend.export("delta")["tombstones"]) == 0
     assert_match(table, ref, np.arange(1, 6))
+
+
+def test_tombstones_start_with_the_first_committed_base_or_delta(tmp_path):
+    """A new SparseTable lists no tombstones: until a base or delta is committed no serving view can hold
+    its keys, and a job that only checkpoints would otherwise grow the list by 8 bytes per deleted key
+    forever. The first committed base (or delta) save starts them; a checkpoint load restores whether
+    they are kept, from the save chain it names. The reference follows the same rule."""
+    acc = dict(delete_threshold=1.0, show_click_decay_rate=1.0, base_threshold=0.0, delta_threshold=0.0)
+    cfg = TableConfig(dim=2, accessor=_accessor(**acc), lr_optimizer=SGD(), mf_optimizer=SGD(), num_shards=2)
+
+    def push(t, keys, show):
+        n = len(keys)
+        t.push(np.array(keys, np.int64), np.zeros((n, 3), np.float32), np.full(n, show, np.float32),
+               np.zeros(n, np.float32))
+
+    def pending(t):
+        return t._backend.export("checkpoint")["tombstones"].tolist()
+
+    t = pse.SparseTable(cfg)
+    ref = CtrTableRef(cfg.to_dict())
+    ref.track_tombstones = False
+    push(t, [1, 2, 3, 4], 8)
+    push(t, [5, 6], 1)
+    for k, show in ((1, 8), (2, 8), (3, 8), (4, 8), (5, 1), (6, 1)):
+        ref.push(np.array([k], np.int64), np.zeros((1, 3), np.float32), np.array([show], np.float32),
+                 np.zeros(1, np.float32), np.zeros(1, np.int32))
+    assert t.shrink() == ref.shrink() == 2  # keys 5 and 6
+    assert pending(t) == [] and ref.export("checkpoint")["tombstones"].tolist() == []
+    t.save(tmp_path / "ck_before")  # a checkpoint does not start them
+    push(t, [7], 1)
+    assert t.shrink() == 1 and pending(t) == []
+
+    t.save(tmp_path / "base", mode="base")  # committed: from now on deletions are tombstones
+    push(t, [8], 1)
+    assert t.shrink() == 1 and pending(t) == [8]
+    ref.commit_save("base", np.zeros(0, np.int64), np.zeros(0, np.float32), 0)
+    ref.push(np.array([8], np.int64), np.zeros((1, 3), np.float32), np.ones(1, np.float32),
+             np.zeros(1, np.float32), np.zeros(1, np.int32))
+    assert ref.shrink() == 1 and ref.export("checkpoint")["tombstones"].tolist() == [8]
+
+    t.save(tmp_path / "ck_after")
+    after = pse.SparseTable(cfg)
+    after.load(tmp_path / "ck_after")
+    push(after, [9], 1)
+    assert after.shrink() == 1 and pending(after) == [8, 9]
+    before = pse.SparseTable(cfg)
+    before.load(tmp_path / "ck_before")
+    push(before, [9], 1)
+    assert before.shrink() == 1 and pending(before) == []
+
+    d = pse.SparseTable(cfg)  # a delta without a base starts them too
+    push(d, [1], 8)
+    d.save(tmp_path / "delta", mode="delta")
+    push(d, [9], 1)
+    assert d.shrink() == 1 and pending(d) == [9]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -190,4 +190,8 @@ def _make_backend(config: TableConfig, name: str):
 
     if runtime.is_distributed():
         return runtime.make_table_backend(config, name)
-    return _C.Table(config.to_dict())
+    table = _C.Table(config.to_dict())
+    # No base or delta saved yet: no serving view holds its keys, so deletions need no tombstones (the
+    # first committed base/delta save turns them on; docs/lifecycle.md, "Tombstones").
+    table.track_tombstones = False
+    return table

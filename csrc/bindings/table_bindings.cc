@@ -964,6 +964,11 @@ row); changes nothing.)doc")
       .def("set_tombstones", &PyTable::SetTombstones, py::arg("keys"),
            R"doc(set_tombstones(keys: int64[n]) -> None: replace the pending tombstone list with keys, in order.
 Used to restore a checkpoint's pending list; the next checkpoint/delta export lists them.)doc")
+      .def_property("track_tombstones", [](PyTable& t) { return t.t().track_tombstones(); },
+                    [](PyTable& t, bool on) { t.t().SetTrackTombstones(on); },
+                    R"doc(Whether deletions (shrink, end_day) add their keys to the pending tombstone list (default True;
+commit_save of a base or delta sets it). The checkpoint code turns it off while the table's save chain has no base
+or delta: no serving view can hold its keys then, and the list would otherwise only grow.)doc")
       .def("erase", &PyTable::Erase, py::arg("keys"))
       .def("clear", [](PyTable& t) {
         py::gil_scoped_release r;

@@ -227,7 +227,7 @@ size_t SparseTable::DecayAndDeleteAll(double factor, uint32_t add_unseen, int64_
   MutexLock l(&tomb_mu_);
   for (auto& d : deleted) {
     total += d.size();
-    tombstones_.insert(tombstones_.end(), d.begin(), d.end());
+    if (track_tombstones_) tombstones_.insert(tombstones_.end(), d.begin(), d.end());
   }
   return total;
 }
@@ -481,6 +481,7 @@ void SparseTable::CommitSave(ExportMode mode, const uint64_t* keys, const float*
     shards_[ShardOf(h, num_shards)]->SubtractDelta(keys[i], h, delta_scores[i]);
   }
   MutexLock l(&tomb_mu_);
+  track_tombstones_ = true;  // a serving view now holds keys of this table: its deletions matter
   if (mode == ExportMode::kBase || tombstones >= tombstones_.size()) {
     tombstones_.clear();
   } else {
@@ -519,6 +520,16 @@ void SparseTable::SetTombstones(const uint64_t* keys, size_t n) {
   ReaderMutexLock gate(&gate_);
   MutexLock l(&tomb_mu_);
   tombstones_.swap(list);
+}
+
+void SparseTable::SetTrackTombstones(bool on) {
+  MutexLock l(&tomb_mu_);
+  track_tombstones_ = on;
+}
+
+bool SparseTable::track_tombstones() {
+  MutexLock l(&tomb_mu_);
+  return track_tombstones_;
 }
 
 size_t SparseTable::Erase(const uint64_t* keys, size_t n) {

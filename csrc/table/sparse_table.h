@@ -194,6 +194,13 @@ class SparseTable {
   Status CheckRowSegments(const RowSegment* segs, size_t num_segs);
   // Replaces the pending tombstone list with keys[0..n), in order (restores a checkpoint's list).
   void SetTombstones(const uint64_t* keys, size_t n);
+  // Whether deletions append their keys to the pending tombstone list. A tombstone only matters to a
+  // serving view built from this table's base/delta saves, so the Python layer turns this off for a
+  // table whose save chain has no base or delta yet (a job that only checkpoints would otherwise grow
+  // the list by 8 bytes per deleted key forever), and CommitSave of a base or delta turns it on.
+  // Default: on (a bare table lists every deletion).
+  void SetTrackTombstones(bool on);
+  bool track_tombstones();
   // Deletes present keys (no tombstones). Returns how many existed.
   size_t Erase(const uint64_t* keys, size_t n);
   void Clear();
@@ -234,6 +241,7 @@ class SparseTable {
 
   Mutex tomb_mu_;
   std::vector<uint64_t> tombstones_ GUARDED_BY(tomb_mu_);  // pending, in deletion order
+  bool track_tombstones_ GUARDED_BY(tomb_mu_) = true;     // see SetTrackTombstones
 
   // Relaxed: a statistic, read without ordering against rows.
   std::atomic<uint64_t> rejected_{0};

@@ -245,6 +245,9 @@ class CtrTableRef:
         self.mf_rule = make_rule(config["mf_optimizer"])
         self.rows: Dict[int, Row] = {}
         self.tombstones: List[int] = []
+        # Deletions become tombstones only on a save chain with a committed base or delta (a bare table
+        # lists them all; SparseTable starts with this off; commit_save of a base or delta turns it on).
+        self.track_tombstones = True
         self.pushes = 0  # pushes with keys so far: the next own push id
         self.day = -1
         self.admission_rejected = 0
@@ -377,7 +380,8 @@ class CtrTableRef:
                 dead.append(k)
         for k in dead:
             del self.rows[k]
-            self.tombstones.append(k)
+            if self.track_tombstones:
+                self.tombstones.append(k)
         return len(dead)
 
     def shrink(self) -> int:
@@ -436,6 +440,7 @@ class CtrTableRef:
     def commit_save(self, mode: str, keys, delta_scores, tombstones: int) -> None:
         if mode not in ("base", "delta"):
             return
+        self.track_tombstones = True
         for k, d in zip(np.asarray(keys, np.int64).tolist(), np.asarray(delta_scores, np.float32).tolist()):
             r = self.rows.get(k)
             if r is not None:
