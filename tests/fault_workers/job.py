@@ -69,6 +69,7 @@ def _touch(path: str) -> None:
 def _install_kill_in_save(save_number: int) -> None:
     """On the server: SIGKILL this process in the middle of writing its files of the ``save_number``-th save."""
     from torch_psembed.checkpoint import _format as F
+    from torch_psembed.checkpoint import _rows as R
     from torch_psembed.checkpoint import _table_io as T
 
     state = {"saves": 0, "writes": 0}
@@ -92,22 +93,24 @@ def _install_kill_in_save(save_number: int) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
         return orig_write(path, arr, fsync)
 
-    orig_sync = F.fsync_file
+    orig_stream = R.stream_part
 
-    def fsync_file(path):  # a checkpoint's bucket files are written by the table, then synced one by one
+    def stream_part(local, dirpath, *args, **kwargs):
+        # A checkpoint's bucket files are written and synced by the table itself (C++): let it write them,
+        # then leave what a kill during the write leaves (the 3rd file half written) and die.
+        out = orig_stream(local, dirpath, *args, **kwargs)
         if state["saves"] == save_number:
-            state["writes"] += 1
-            if state["writes"] == 3:
-                with open(path, "r+b") as f:
-                    f.truncate(os.path.getsize(path) // 2)
-                    os.fsync(f.fileno())
-                print(f"[job] rank {os.environ['RANK']}: SIGKILL in the middle of save {save_number}", flush=True)
-                os.kill(os.getpid(), signal.SIGKILL)
-        return orig_sync(path)
+            path = os.path.join(dirpath, sorted(n for n in os.listdir(dirpath) if n.startswith("bucket-"))[2])
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+                os.fsync(f.fileno())
+            print(f"[job] rank {os.environ['RANK']}: SIGKILL in the middle of save {save_number}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
 
     T._srv_write_part = write_part
     F.write_array = write_array
-    F.fsync_file = fsync_file
+    R.stream_part = stream_part
 
 
 def train(a) -> dict:
