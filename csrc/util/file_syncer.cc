@@ -30,7 +30,14 @@ Status SyncPath(const std::string& path) {
 FileSyncer::FileSyncer(int num_threads) {
   if (num_threads < 1) num_threads = 1;
   threads_.reserve(num_threads);
-  for (int i = 0; i < num_threads; ++i) threads_.emplace_back([this] { ThreadMain(); });
+  try {
+    for (int i = 0; i < num_threads; ++i) threads_.emplace_back([this] { ThreadMain(); });
+  } catch (...) {
+    // Out of threads (std::system_error): stop the ones started, so that no joinable std::thread is
+    // destroyed (std::terminate), then let the caller see the error.
+    Finish();
+    throw;
+  }
 }
 
 FileSyncer::~FileSyncer() { Finish(); }
