@@ -41,7 +41,9 @@ void HashIndex::Reserve(size_t n) {
 
 void HashIndex::Rehash(size_t new_capacity) {
   if (new_capacity > kMaxCapacity) throw std::bad_alloc();
-  auto* slots = static_cast<Slot*>(HugePageAlloc(new_capacity * sizeof(Slot)));  // zeroed: all empty
+  // Zeroed (all empty) and prefaulted: every slot is probed (read) before some are written, which on
+  // fresh pages would map the zero page first and cost a TLB shootdown per page (huge_pages.h).
+  auto* slots = static_cast<Slot*>(HugePageAlloc(new_capacity * sizeof(Slot), /*prefault=*/true));
   Slot* old = slots_;
   const size_t old_capacity = capacity_;
   slots_ = slots;  // Home/Next now follow the new capacity
