@@ -23,7 +23,8 @@ namespace psembed {
 
 constexpr size_t kHugePageBytes = size_t{2} << 20;
 
-// Zeroed memory of `bytes` bytes (bytes > 0), 64-byte aligned at least. Throws std::bad_alloc.
+// Zeroed memory of `bytes` bytes (bytes > 0): 16-byte aligned (calloc) below 2 MiB, 2 MiB-aligned from
+// there on. Throws std::bad_alloc.
 //
 // prefault: allocate every page now, writable (MADV_POPULATE_WRITE, or a write per page where the
 // kernel lacks it), for arrays that will be read and written all over soon (a hash index's slots).

@@ -6,6 +6,8 @@
 
 #include "table/row_store/chunk_arena.h"
 
+#include <sys/mman.h>
+
 #include <cstdint>
 #include <cstring>
 #include <thread>
@@ -18,14 +20,22 @@ namespace psembed {
 namespace {
 
 void TestHugePageAllocIsZeroedAndAligned() {
-  for (size_t bytes : {size_t{24}, size_t{1} << 20, kHugePageBytes, 3 * kHugePageBytes + 12, size_t{12} << 20}) {
-    auto* p = static_cast<unsigned char*>(HugePageAlloc(bytes));
-    CHECK_EQ(reinterpret_cast<uintptr_t>(p) % 16, 0u);
-    if (bytes >= kHugePageBytes) CHECK_EQ(reinterpret_cast<uintptr_t>(p) % kHugePageBytes, 0u);
-    for (size_t i = 0; i < bytes; i += 4093) CHECK_EQ(p[i], 0);
-    CHECK_EQ(p[bytes - 1], 0);
-    std::memset(p, 0xab, bytes);  // the whole range is writable
-    HugePageFree(p, bytes);
+  for (bool prefault : {false, true}) {
+    for (size_t bytes : {size_t{24}, size_t{1} << 20, kHugePageBytes, 3 * kHugePageBytes + 12, size_t{12} << 20}) {
+      auto* p = static_cast<unsigned char*>(HugePageAlloc(bytes, prefault));
+      CHECK_EQ(reinterpret_cast<uintptr_t>(p) % 16, 0u);
+      if (bytes >= kHugePageBytes) CHECK_EQ(reinterpret_cast<uintptr_t>(p) % kHugePageBytes, 0u);
+      if (prefault && bytes >= kHugePageBytes) {  // a mapping of its own: every page resident already
+        const size_t pages = (bytes + 4095) / 4096;
+        std::vector<unsigned char> resident(pages);
+        CHECK_EQ(mincore(p, bytes, resident.data()), 0);
+        for (size_t i = 0; i < pages; ++i) CHECK_EQ(resident[i] & 1, 1);
+      }
+      for (size_t i = 0; i < bytes; i += 4093) CHECK_EQ(p[i], 0);
+      CHECK_EQ(p[bytes - 1], 0);
+      std::memset(p, 0xab, bytes);  // the whole range is writable
+      HugePageFree(p, bytes);
+    }
   }
 }
 
