@@ -89,7 +89,16 @@ void ThreadPool::WorkerMain() {
 void ThreadPool::ParallelFor(size_t n, const std::function<void(size_t)>& fn, int max_parallel) {
   if (n == 0) return;
   if (n == 1 || workers_.empty() || max_parallel <= 1 || InForkedChild()) {
-    for (size_t i = 0; i < n; ++i) fn(i);
+    // The same contract as the parallel path: every index runs, the first exception comes last.
+    std::exception_ptr error;
+    for (size_t i = 0; i < n; ++i) {
+      try {
+        fn(i);
+      } catch (...) {
+        if (!error) error = std::current_exception();
+      }
+    }
+    if (error) std::rethrow_exception(error);
     return;
   }
   auto loop = std::make_shared<Loop>();
