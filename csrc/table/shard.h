@@ -3,8 +3,10 @@
 // Shard: one hash index + two slab pools + one mutex; pull/push/shrink for the keys it owns.
 //
 // Thread safety: every public method locks mu_ for its whole duration, except the *Locked methods,
-// which REQUIRE the caller to hold mu() (export takes all shard locks in index order for one
-// consistent snapshot). Calls on different shards run concurrently; calls on one shard serialize.
+// which REQUIRE the caller to hold mu(), the bulk-load phases (LoadIndexBulk ... LoadExistingRow: the
+// load holds every shard's mu() in index order for its whole duration) and ExportRow/ExportMf (the
+// table's gate held exclusively: nothing mutates). Calls on different shards run concurrently; calls
+// on one shard serialize.
 // Invariants: (1) index_ maps a key to a live base record and nothing else does; (2) a record's
 // mf_index is kNoMf or a live mf block owned by it alone. Admission keeps no state for rejected
 // keys: the draw of a key pushed by push `push_id` is u(seed, key, 3, AdmissionDraw(day_index_,

@@ -1100,8 +1100,7 @@ Status SparseTable::LoadSegments(const RowSegment* segs, size_t num_segs, bool c
       m += has;
     }
   }, static_cast<int>(par));
-  // Phase 3, one task per shard: rows of keys that were present, in input order; then the admission
-  // counts of the new keys.
+  // Phase 3, one task per shard: rows of keys that were present, in input order.
   pool_->ParallelFor(num_shards, [&](size_t s) {
     Shard* sh = shards_[s].get();
     for (uint32_t j : existing[s]) {

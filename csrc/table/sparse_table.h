@@ -5,7 +5,8 @@
 // (docs/architecture.md, "The _C module").
 //
 // Thread safety: every method may be called from many threads at once. Pull/Push bucket the keys by
-// shard (a stable counting sort on TableHash) and run one task per non-empty shard on the pool;
+// shard (a stable counting sort on TableHash) and run one task per non-empty shard on the pool (calls
+// under 4096 keys run every task on the calling thread);
 // each task holds only its shard's mutex, so a pull racing a push sees each row wholly before or
 // wholly after it. Every mutating call (push, shrink, new_day, end_day, commit_save, load_rows,
 // set_tombstones, erase, clear) also holds gate_ in shared mode for its whole duration, and export
@@ -136,7 +137,8 @@ class SparseTable {
   void Push(const uint64_t* keys, size_t n, const float* grads, const float* shows, const float* clicks,
             const int32_t* slots, const uint8_t* skip, uint64_t push_id = kOwnPushId);
 
-  // Decay once, then delete by the predicates. Returns rows deleted (their keys become tombstones).
+  // Decay once, then delete by the predicates. Returns rows deleted (their keys become tombstones while
+  // track_tombstones() is on).
   size_t Shrink();
   void NewDay();
   // Closes day `day` (>= 0): elapsed = day - this->day() (1 when no day yet); 0 is a no-op,

@@ -36,7 +36,8 @@ class FileSyncer {
   void Submit(std::string path);
 
   // Waits until every submitted file is synced and the threads have stopped. Returns the first failure
-  // (IOError naming the file) or OK. Later calls return the same status.
+  // (IOError naming the file) or OK; after a failure the files still queued are not synced (the save
+  // fails anyway). Later calls return the same status.
   Status Finish();
 
  private:

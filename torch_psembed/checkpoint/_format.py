@@ -104,8 +104,7 @@ def fsync_file(path: str) -> None:
         os.close(fd)
 
 
-# A directory syncs the same way; a separate name keeps call sites readable (and the fault-injection tests,
-# which replace fsync_file, leave directory syncs alone).
+# A directory syncs the same way; a separate name keeps call sites readable.
 fsync_dir = fsync_file
 
 
