@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <map>
 #include <random>
 #include <set>
 #include <string>
@@ -203,6 +204,65 @@ void TestConcurrentChurnWithDeletes() {
   for (uint8_t h : e.has_mf) with_mf += h;
   CHECK_EQ(with_mf, st.keys_with_mf);
   CHECK_EQ(e.mf.size(), with_mf * 4);
+}
+
+// The side effect of base/delta saves races the pushes it must not lose: savers export a delta and
+// commit it (delta_score -= saved value) while pushers push. With nonclk_coeff 1 each pushed
+// occurrence adds exactly 1 to show and to delta_score, so at the end, for every key, delta_score +
+// the total committed for it == show (a push between a snapshot and its commit keeps its part). The
+// first commit turns tombstone tracking on (nothing is deleted here: the list stays empty).
+void TestConcurrentCommitSave() {
+  TableOptions o = CountingOptions(2);
+  o.accessor.nonclk_coeff = 1.0;
+  o.accessor.base_threshold = 0.0;
+  o.accessor.delta_threshold = 1.0;
+  SparseTable t(o);
+  t.SetTrackTombstones(false);
+  constexpr int kPushers = 2;
+  std::atomic<int> pushers_left{kPushers};
+  std::vector<std::thread> threads;
+  for (int p = 0; p < kPushers; ++p) {
+    threads.emplace_back([&, p] {
+      std::mt19937_64 rng(300 + p);
+      for (int it = 0; it < 40; ++it) {
+        Batch b(5000, o.dim, 8000, &rng);
+        t.Push(b.keys.data(), b.keys.size(), b.grads.data(), b.shows.data(), b.clicks.data(), nullptr, nullptr);
+      }
+      pushers_left.fetch_sub(1);
+    });
+  }
+  std::map<uint64_t, double> committed;  // the saver's alone until it is joined
+  long commits = 0;
+  threads.emplace_back([&] {
+    const size_t bw = t.layout().base_export_width();
+    do {
+      ExportResult e;
+      const ExportMode mode = commits % 3 == 0 ? ExportMode::kBase : ExportMode::kDelta;
+      t.Export(mode, 1, -1, &e);
+      std::vector<float> saved(e.keys.size());
+      for (size_t i = 0; i < e.keys.size(); ++i) {
+        saved[i] = e.base[i * bw + 2];  // delta_score column
+        committed[e.keys[i]] += saved[i];
+      }
+      t.CommitSave(mode, e.keys.data(), saved.data(), e.keys.size(), e.tombstones.size());
+      CHECK(t.track_tombstones());
+      ++commits;
+    } while (pushers_left.load() > 0);
+  });
+  for (auto& th : threads) th.join();
+  ExportResult e;
+  t.Export(ExportMode::kCheckpoint, 1, -1, &e);
+  const size_t bw = t.layout().base_export_width();
+  double total_show = 0;
+  for (size_t i = 0; i < e.keys.size(); ++i) {
+    const float* r = &e.base[i * bw];
+    total_show += r[0];
+    const auto it = committed.find(e.keys[i]);
+    CHECK_EQ(static_cast<double>(r[2]) + (it == committed.end() ? 0.0 : it->second), static_cast<double>(r[0]));
+  }
+  CHECK_EQ(total_show, static_cast<double>(kPushers) * 40 * 5000);
+  CHECK(e.tombstones.empty());
+  std::fprintf(stderr, "  %ld commits raced %d pushers\n", commits, kPushers);
 }
 
 // LoadRows runs per shard in parallel, export copies shards in parallel under the gate: each load
@@ -421,6 +481,7 @@ int main() {
   RUN_TEST(psembed::TestSingleThreaded);
   RUN_TEST(psembed::TestConcurrentPushPullShrinkExport);
   RUN_TEST(psembed::TestConcurrentChurnWithDeletes);
+  RUN_TEST(psembed::TestConcurrentCommitSave);
   RUN_TEST(psembed::TestConcurrentLoadRowsExport);
   RUN_TEST(psembed::TestAdmissionDrawsArePerPush);
   RUN_TEST(psembed::TestConcurrentBulkLoadExportSave);
