@@ -268,7 +268,7 @@ def main() -> None:
                   f"of the {step:.1f} ms step; step time over the local step: {100 * over:+.0f}% of the step")
         else:
             print(f"  colocated: 2 processes reach {ratio:.2f}x the samples/s of 1 process (target >= 1.6x)")
-        print(f"  per round (samples/s local -> sharded): "
+        print("  per round (samples/s local -> sharded): "
               + ", ".join(f"{x[0]:.0f} -> {x[1]:.0f}" for x in per_round))
 
 

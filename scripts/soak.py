@@ -43,7 +43,6 @@ def _server_totals(local, server_index, num_servers):
 
 def worker(a) -> None:
     sys.path.insert(0, ROOT)
-    import numpy as np
     import torch
     import torch.distributed as dist
 

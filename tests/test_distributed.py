@@ -27,7 +27,7 @@ from torch_psembed.distributed.client import ShardedTable
 from torch_psembed.distributed.ports import free_port_pair
 from torch_psembed.distributed.rpc_transport import _concise_remote_error, is_transport_failure
 from torch_psembed.distributed.transport import DoneHandle, Handle, Transport
-from torch_psembed.errors import NotInitializedError, PeerUnavailableError
+from torch_psembed.errors import NotInitializedError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "dist_workers", "worker.py")

@@ -1,7 +1,6 @@
 """Metrics: exact AUC and log loss against brute-force references, per-pass accumulation, JSON lines, plot."""
 
 import itertools
-import json
 import math
 
 import time

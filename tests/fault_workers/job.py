@@ -119,7 +119,7 @@ def train(a) -> dict:
         _install_kill_in_save(a.kill_in_save)
     pse.init(max_staleness=0, num_servers=a.num_servers, rpc_timeout=a.rpc_timeout)
     # dedicated servers never get here
-    tr, ntr = pse.distributed.trainer_rank(), pse.distributed.num_trainers()
+    tr = pse.distributed.trainer_rank()
     table = pse.SparseTable(config(), name="emb")
     save_dir = os.path.join(a.out, "save")
     saves = 0

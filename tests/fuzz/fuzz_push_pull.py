@@ -14,7 +14,6 @@ the table's own rows (lr, mf or zeros) with the right shape and dtype. Never a c
 from __future__ import annotations
 
 import os
-import struct
 import sys
 
 import warnings

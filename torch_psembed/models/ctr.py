@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["CTRDNN", "DeepFM", "build_model", "MODELS"]
