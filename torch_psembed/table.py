@@ -190,8 +190,16 @@ def _make_backend(config: TableConfig, name: str):
 
     if runtime.is_distributed():
         return runtime.make_table_backend(config, name)
-    table = _C.Table(config.to_dict())
-    # No base or delta saved yet: no serving view holds its keys, so deletions need no tombstones (the
-    # first committed base/delta save turns them on; docs/lifecycle.md, "Tombstones").
+    return new_c_table(config.to_dict())
+
+
+def new_c_table(config_dict: Dict[str, Any]):
+    """A new ``_C.Table``, as every SparseTable backend starts (a local table, or a server's part).
+
+    No base or delta is saved yet, so no serving view holds its keys and deletions need no tombstones: the
+    first committed base/delta save (or a load of a chain that has one) turns them on (docs/lifecycle.md,
+    "Tombstones").
+    """
+    table = _C.Table(config_dict)
     table.track_tombstones = False
     return table

@@ -101,9 +101,9 @@ def create_table(name: Any, config: Any) -> bool:
                 detail = ", ".join(f"{k}: existing {entry[0].get(k)!r}, requested {config.get(k)!r}" for k in diff)
                 raise ValueError(f"table {name!r} already exists with a different config ({detail})")
             return False
-        table = _C.Table(config)
-        table.track_tombstones = False  # as a local SparseTable's: on from its first committed base/delta
-        _tables[name] = (dict(config), table)
+        from ..table import new_c_table  # at call time: table.py imports distributed lazily too
+
+        _tables[name] = (dict(config), new_c_table(config))
         return True
 
 
