@@ -17,7 +17,6 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .. import _C
 
 __all__ = ["create_table", "pull", "push", "call", "ping", "mark_done", "report_failure", "local_table"]
 
