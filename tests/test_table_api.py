@@ -661,6 +661,39 @@ def test_group_by_owner_is_a_stable_counting_sort_by_route():
         _C.group_by_owner(np.array([1.0]), 2)
 
 
+def test_dedup_by_owner_groups_the_distinct_keys_by_route():
+    rng = np.random.default_rng(8)
+    for parts in (1, 2, 3, 7):
+        for keys in (rng.integers(-40, 40, 3000).astype(np.int64),
+                     rng.integers(-(2**63), 2**63 - 1, 2000, dtype=np.int64), np.zeros(0, np.int64)):
+            u, inv, starts = _C.dedup_by_owner(keys, parts)
+            # reference: distinct keys in first-occurrence order (a dict), then stably grouped by owner
+            first = list(dict.fromkeys(keys.tolist()))
+            owners = np.asarray(_C.route(np.array(first, np.int64), parts)) if first else np.zeros(0, np.int32)
+            expect = [k for p in range(parts) for k, o in zip(first, owners.tolist()) if o == p]
+            counts = np.bincount(owners, minlength=parts)
+            assert u.tolist() == expect
+            assert starts.tolist() == [0] + np.cumsum(counts).tolist()
+            np.testing.assert_array_equal(u[inv], keys)
+    with pytest.raises(ValueError, match="num_parts"):
+        _C.dedup_by_owner(np.arange(3, dtype=np.int64), 0)
+    with pytest.raises((ValueError, TypeError), match="keys"):
+        _C.dedup_by_owner(np.array([1, 2], np.int32), 2)
+
+
+def test_nonfinite_rows_lists_the_rows_with_nan_or_inf():
+    v = np.ones((1000, 9), np.float32)
+    assert _C.nonfinite_rows(v).tolist() == []
+    v[3, 8], v[17, 0], v[17, 5], v[999, 4] = np.nan, np.inf, np.nan, -np.inf
+    v[500, 2] = np.finfo(np.float32).max  # large but finite
+    assert _C.nonfinite_rows(v).tolist() == [3, 17, 999]
+    assert _C.nonfinite_rows(np.zeros((0, 9), np.float32)).tolist() == []
+    with pytest.raises((ValueError, TypeError), match="values"):
+        _C.nonfinite_rows(np.ones((2, 3), np.float64))
+    with pytest.raises((ValueError, TypeError), match="values"):
+        _C.nonfinite_rows(np.ones((4, 3), np.float32)[::2])
+
+
 def test_sum_by_inverse_sums_rows_in_input_order():
     rng = np.random.default_rng(7)
     n, u, w = 3000, 200, 9

@@ -820,6 +820,47 @@ py::tuple DedupArray(const py::handle& keys_obj, bool groups) {
   return py::make_tuple(out, inverse, order, st);
 }
 
+py::tuple DedupByOwnerArray(const py::handle& keys_obj, int64_t num_parts) {
+  CheckNumParts(num_parts);
+  py::array keys = CheckKeys(keys_obj);
+  const size_t n = keys.shape(0);
+  const uint64_t* k = KeyPtr(keys);
+  std::vector<uint64_t> uniq(n);
+  py::array_t<int64_t> inverse(static_cast<py::ssize_t>(n));
+  py::array_t<int64_t> starts(static_cast<py::ssize_t>(num_parts + 1));
+  int64_t* inv = inverse.mutable_data();
+  int64_t* st = starts.mutable_data();
+  size_t u = 0;
+  {
+    py::gil_scoped_release release;
+    u = DedupByOwner(k, n, static_cast<uint32_t>(num_parts), uniq.data(), inv, st);
+  }
+  py::array_t<int64_t> out(static_cast<py::ssize_t>(u));
+  std::memcpy(out.mutable_data(), uniq.data(), u * sizeof(uint64_t));
+  return py::make_tuple(out, inverse, starts);
+}
+
+// The rows of values (float32 [n, w]) holding a NaN or Inf, ascending. The all-finite case, every
+// healthy push, costs one vectorized pass; numpy's isfinite(...).all(axis=1) took ~2.5 ms on [106k, 9].
+py::array_t<int64_t> NonfiniteRowsArray(const py::handle& values_obj) {
+  py::array values = CheckArray(values_obj, "values", 'f', 4, "float32", 2);
+  const size_t n = values.shape(0);
+  const size_t w = values.shape(1);
+  const float* v = Ptr<float>(values);
+  std::vector<int64_t> bad;
+  {
+    py::gil_scoped_release release;
+    if (!AllFinite(v, n * w)) {
+      for (size_t i = 0; i < n; ++i) {
+        if (!AllFinite(v + i * w, w)) bad.push_back(static_cast<int64_t>(i));
+      }
+    }
+  }
+  py::array_t<int64_t> out(static_cast<py::ssize_t>(bad.size()));
+  if (!bad.empty()) std::memcpy(out.mutable_data(), bad.data(), bad.size() * sizeof(int64_t));
+  return out;
+}
+
 py::array_t<double> UniformArray(uint64_t seed, const py::handle& keys_obj, uint64_t stream, uint64_t index) {
   py::array keys = CheckKeys(keys_obj);
   const size_t n = keys.shape(0);
@@ -873,6 +914,13 @@ values[i], summed in input order (float32, as the table merges a push). Releases
         R"doc(group_by_owner(keys: int64[n], num_parts) -> (order int64[n], starts int64[num_parts]): the positions
 of keys grouped by owner route(k, num_parts): order[starts[p]:starts[p+1]] (the last up to n) are those of part p,
 ascending. A counting sort; releases the GIL.)doc");
+  m.def("dedup_by_owner", &DedupByOwnerArray, py::arg("keys"), py::arg("num_parts"),
+        R"doc(dedup_by_owner(keys: int64[n], num_parts) -> (unique int64[u], inverse int64[n], starts int64[num_parts + 1]):
+the distinct keys grouped by owner route(k, num_parts): unique[starts[p]:starts[p+1]] are those of part p in
+order of first occurrence, and unique[inverse] == keys. Hash-based; releases the GIL.)doc");
+  m.def("nonfinite_rows", &NonfiniteRowsArray, py::arg("values"),
+        R"doc(nonfinite_rows(values: float32[n, w]) -> int64[k]: the rows holding a NaN or Inf, ascending.
+Releases the GIL.)doc");
   m.def("uniform", &UniformArray, py::arg("seed"), py::arg("keys"), py::arg("stream"), py::arg("index"),
         R"doc(uniform(seed, keys, stream, index) -> float64[n]: the counter-based generator,
 (splitmix64(seed ^ mix64(key) ^ ((stream << 56) + index)) >> 40) * 2**-24, where

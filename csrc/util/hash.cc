@@ -1,6 +1,6 @@
 // Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
 //
-// Most of hash.h is inline (it sits on the pull/push fast path); Dedup lives here.
+// Most of hash.h is inline (it sits on the pull/push fast path); the dedups live here.
 
 #include "util/hash.h"
 
@@ -52,6 +52,34 @@ void GroupByInverse(const int64_t* inverse, size_t n, size_t u, int64_t* order, 
   for (size_t i = 0; i < n; ++i) order[starts[inverse[i]]++] = static_cast<int64_t>(i);
   for (size_t j = u; j-- > 1;) starts[j] = starts[j - 1];
   if (u > 0) starts[0] = 0;
+}
+
+size_t DedupByOwner(const uint64_t* keys, size_t n, uint32_t num_parts, uint64_t* unique, int64_t* inverse,
+                    int64_t* starts) {
+  for (uint32_t p = 0; p <= num_parts; ++p) starts[p] = 0;
+  if (num_parts == 1) {
+    const size_t u = Dedup(keys, n, unique, inverse);
+    starts[1] = static_cast<int64_t>(u);
+    return u;
+  }
+  std::vector<uint64_t> first(n);  // distinct keys in first-occurrence order, before grouping
+  const size_t u = Dedup(keys, n, first.data(), inverse);
+  std::vector<uint32_t> owner(u);
+  for (size_t j = 0; j < u; ++j) {
+    owner[j] = Route(first[j], num_parts);
+    ++starts[owner[j] + 1];
+  }
+  for (uint32_t p = 0; p < num_parts; ++p) starts[p + 1] += starts[p];  // counts -> slice bounds
+  // A stable counting sort by owner: moved[j] is where first[j] lands.
+  std::vector<int64_t> cursor(starts, starts + num_parts);
+  std::vector<int64_t> moved(u);
+  for (size_t j = 0; j < u; ++j) {
+    const int64_t to = cursor[owner[j]]++;
+    moved[j] = to;
+    unique[to] = first[j];
+  }
+  for (size_t i = 0; i < n; ++i) inverse[i] = moved[static_cast<size_t>(inverse[i])];
+  return u;
 }
 
 }  // namespace psembed

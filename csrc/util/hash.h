@@ -59,6 +59,14 @@ size_t Dedup(const uint64_t* keys, size_t n, uint64_t* unique, int64_t* inverse)
 // ascending. A counting sort: O(n + u). REQUIRES: every inverse[i] in [0, u).
 void GroupByInverse(const int64_t* inverse, size_t n, size_t u, int64_t* order, int64_t* starts);
 
+// Dedup with the distinct keys grouped by owner Route(key, num_parts): unique[starts[p] .. starts[p + 1])
+// are the distinct keys of part p in order of first occurrence, starts has num_parts + 1 entries
+// (starts[num_parts] = the count returned), and unique[inverse[i]] == keys[i]. A sharded client's request
+// plan in one call: each owner's keys are one contiguous slice, so requests need no gather and replies
+// no scatter. REQUIRES: num_parts >= 1; unique and inverse have room for n.
+size_t DedupByOwner(const uint64_t* keys, size_t n, uint32_t num_parts, uint64_t* unique, int64_t* inverse,
+                    int64_t* starts);
+
 }  // namespace psembed
 
 #endif  // PSEMBED_UTIL_HASH_H_

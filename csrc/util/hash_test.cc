@@ -66,6 +66,33 @@ void TestDedup() {
   for (size_t i = 0; i < many.size(); ++i) CHECK_EQ(u[static_cast<size_t>(iv[i])], many[i]);
 }
 
+void TestDedupByOwner() {
+  std::vector<uint64_t> keys(5000);
+  for (size_t i = 0; i < keys.size(); ++i) keys[i] = ((i * 7919) % 1201) * 0x9e3779b97f4a7c15ULL;
+  for (uint32_t parts : {1u, 2u, 3u, 8u}) {
+    std::vector<uint64_t> uniq(keys.size()), first(keys.size());
+    std::vector<int64_t> inv(keys.size()), first_inv(keys.size()), starts(parts + 1);
+    const size_t u = DedupByOwner(keys.data(), keys.size(), parts, uniq.data(), inv.data(), starts.data());
+    CHECK_EQ(u, 1201u);
+    CHECK_EQ(Dedup(keys.data(), keys.size(), first.data(), first_inv.data()), u);
+    CHECK_EQ(starts[0], 0);
+    CHECK_EQ(static_cast<size_t>(starts[parts]), u);
+    for (size_t i = 0; i < keys.size(); ++i) CHECK_EQ(uniq[static_cast<size_t>(inv[i])], keys[i]);
+    // Part p's slice holds exactly its keys, in first-occurrence order.
+    size_t at = 0;
+    for (uint32_t p = 0; p < parts; ++p) {
+      for (size_t j = 0; j < u; ++j) {
+        if (Route(first[j], parts) != p) continue;
+        CHECK(static_cast<int64_t>(at) >= starts[p] && static_cast<int64_t>(at) < starts[p + 1]);
+        CHECK_EQ(uniq[at++], first[j]);
+      }
+    }
+  }
+  int64_t starts[3];
+  CHECK_EQ(DedupByOwner(nullptr, 0, 2, nullptr, nullptr, starts), 0u);
+  CHECK_EQ(starts[2], 0);
+}
+
 }  // namespace
 }  // namespace psembed
 
@@ -75,5 +102,6 @@ int main() {
   RUN_TEST(psembed::TestUniformRangeAndDeterminism);
   RUN_TEST(psembed::TestShardsSpreadEvenly);
   RUN_TEST(psembed::TestDedup);
+  RUN_TEST(psembed::TestDedupByOwner);
   return 0;
 }
