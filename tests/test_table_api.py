@@ -694,6 +694,29 @@ def test_nonfinite_rows_lists_the_rows_with_nan_or_inf():
         _C.nonfinite_rows(np.ones((4, 3), np.float32)[::2])
 
 
+def test_merge_push_sums_grads_shows_and_clicks_by_inverse():
+    rng = np.random.default_rng(9)
+    n, u = 2000, 150
+    inverse = rng.integers(0, u, n).astype(np.int64)
+    grads = rng.standard_normal((n, 5)).astype(np.float32)
+    shows, clicks = rng.random(n).astype(np.float32), rng.random(n).astype(np.float32)
+    g, s, c = _C.merge_push(inverse, u, grads, shows, clicks)
+    eg, es, ec = np.zeros((u, 5), np.float32), np.zeros(u, np.float32), np.zeros(u, np.float32)
+    for i in range(n):  # float32 accumulation in input order
+        eg[inverse[i]] += grads[i]
+        es[inverse[i]] += shows[i]
+        ec[inverse[i]] += clicks[i]
+    np.testing.assert_array_equal(g, eg)
+    np.testing.assert_array_equal(s, es)
+    np.testing.assert_array_equal(c, ec)
+    with pytest.raises(ValueError, match="shows"):
+        _C.merge_push(inverse, u, grads, shows[:-1], clicks)
+    with pytest.raises(ValueError, match="inverse"):
+        _C.merge_push(inverse, 10, grads, shows, clicks)
+    with pytest.raises((ValueError, TypeError), match="clicks"):
+        _C.merge_push(inverse, u, grads, shows, clicks.astype(np.float64))
+
+
 def test_sum_by_inverse_sums_rows_in_input_order():
     rng = np.random.default_rng(7)
     n, u, w = 3000, 200, 9

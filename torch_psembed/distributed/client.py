@@ -312,11 +312,9 @@ class ShardedTable:
         if identity:  # distinct keys, one server: the caller's arrays are the merged push
             g, s_m, c_m, sl_m = grads, shows, clicks, slots
         else:
-            # float32 sums in input order, one C++ pass each (torch's index_add_ loops per index: ~10x
-            # slower); with distinct keys this is the permutation into the owners' order
-            g = _C.sum_by_inverse(inverse, u, grads)
-            s_m = _C.sum_by_inverse(inverse, u, shows.reshape(n, 1)).reshape(u)
-            c_m = _C.sum_by_inverse(inverse, u, clicks.reshape(n, 1)).reshape(u)
+            # float32 sums in input order, one C++ call (torch's index_add_ loops per index: ~10x slower);
+            # with distinct keys this is the permutation into the owners' order
+            g, s_m, c_m = _C.merge_push(inverse, u, grads, shows, clicks)
             sl_m = None
             if slots is not None:  # the slot of the last occurrence
                 last = torch.full((u,), -1, dtype=torch.int64)
