@@ -213,7 +213,8 @@ class ShardedTable:
             if s == self._transport.local_server:
                 local = (s, a, b)  # served after the remote pulls are on their way
                 continue
-            handles.append((a, b, self._transport.pull(s, self.name, _slice(uniq, a, b, copy=(b - a) < u), with_stats)))
+            part = _slice(uniq, a, b, copy=(b - a) < u)  # in flight after we return
+            handles.append((a, b, self._transport.pull(s, self.name, part, with_stats)))
         t_local = 0.0
         if local is not None:
             s, a, b = local
