@@ -25,6 +25,10 @@ Usage::
     python scripts/compare.py --preset synthetic            # the built-in click log
     python scripts/compare.py --preset criteo               # /work/shared/data/criteo_kaggle_sample
     python scripts/compare.py --preset synthetic --samples-per-day 200000 --days 3
+    python scripts/compare.py --preset synthetic --samples-per-day 200000 --days 3 --seeds 0,1,2
+
+One seed is one draw of the click log: on three seeds the same configuration's AUC difference moved by
+0.002 (docs/benchmarks.md, "Main job"), so --seeds is the way to settle a difference that small.
 """
 
 from __future__ import annotations
@@ -141,6 +145,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--auc-tol", type=float, default=0.002, help="'equal AUC' tolerance for the memory target")
     ap.add_argument("--out", help="directory for the runs (default: a temporary directory)")
     ap.add_argument("--json", help="write the results here too")
+    ap.add_argument("--seeds", help="comma-separated seeds (--set seed=S: the click log and the model's init): "
+                    "the whole comparison once per seed, then a summary across them")
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more flags for every run")
     a = ap.parse_args(argv)
     preset = PRESETS[a.preset]
@@ -155,18 +161,45 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     extra = [x for x in a.extra if x != "--"]
     base = a.out or tempfile.mkdtemp(prefix="psembed-compare-")
     os.makedirs(base, exist_ok=True)
+    seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else [None]
+    per_seed = []
+    for seed in seeds:
+        flags = common + extra + ([] if seed is None else ["--set", f"seed={seed}"])
+        out = base if seed is None else os.path.join(base, f"seed{seed}")
+        os.makedirs(out, exist_ok=True)
+        results = run_all(a, sizes, flags, out)
+        targets = compute_targets(results, a.auc_tol)
+        print_comparison(a, seed, flags, results, targets)
+        per_seed.append({"seed": seed, "common": flags, "results": results, "targets": targets})
+    if len(seeds) > 1:
+        print_seed_summary(per_seed)
+    print(f"runs and logs: {base}")
+    summary = {"preset": a.preset, "nproc": a.nproc, "common": common + extra, "results": per_seed[0]["results"],
+               "targets": per_seed[0]["targets"], "seeds": per_seed}
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def run_all(a, sizes: List[int], flags: List[str], out: str) -> Dict[str, Dict[str, Any]]:
+    """The PS run and one hashed run per size, each with ``flags``; summaries by run name."""
     results: Dict[str, Dict[str, Any]] = {}
-    with open(os.path.join(base, "compare.log"), "w") as log:
+    with open(os.path.join(out, "compare.log"), "w") as log:
         runs = [("ps", ["--embedding", "ps"])] + [
             (f"hashed-{s}", ["--embedding", "hashed", "--hashed-size", str(s)]) for s in sizes
         ]
         for name, args in runs:
             print(f"[compare] {a.preset}: {name} ...", flush=True)
-            results[name] = run_job(os.path.join(base, name), common + args + extra, a.nproc, log)
+            results[name] = run_job(os.path.join(out, name), flags + args, a.nproc, log)
+    return results
 
+
+def print_comparison(a, seed: Optional[int], flags: List[str], results: Dict[str, Dict[str, Any]],
+                     targets: Dict[str, Any]) -> None:
     head = (f"{'run':<16} {'next_auc':>8} {'last_auc':>8} {'oracle':>7} {'logloss':>8} {'emb_MiB':>9} {'rss_MiB':>8} "
             f"{'samples/s':>10} {'per_cpu_s':>10}")
-    print(f"\n{a.preset}: {a.nproc} process(es), common flags: {' '.join(common + extra) or '(defaults)'}")
+    print(f"\n{a.preset}: {a.nproc} process(es), common flags: {' '.join(flags) or '(defaults)'}")
     print(head)
     print("-" * len(head))
     for name, r in results.items():
@@ -174,7 +207,6 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
               f"{r['bytes'] / 2**20:>9.2f} {r['rss_mb']:>8.0f} {r['samples_per_s']:>10.0f} {r['samples_per_cpu_s']:>10.0f}")
     ps = results["ps"]
     hashed = {k: v for k, v in results.items() if k != "ps"}
-    targets = compute_targets(results, a.auc_tol)
     best_name = targets["best_hashed"]
     reach = targets["smallest_hashed_at_equal_auc"]
     below = targets["largest_hashed_below"]
@@ -193,12 +225,23 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if targets["cpu_speed_ratio_vs_best_hashed"] is not None:
         print(f"           per CPU-second of the trainers: {targets['cpu_speed_ratio_vs_best_hashed']:.2f} "
               f"(less disturbed by other jobs on the machine)")
-    print(f"runs and logs: {base}")
-    summary = {"preset": a.preset, "nproc": a.nproc, "common": common + extra, "results": results, "targets": targets}
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(summary, f, indent=2)
-    return summary
+
+
+def print_seed_summary(per_seed: List[Dict[str, Any]]) -> None:
+    """One line per seed and the mean AUC difference: both sides are tested on the same samples, so the
+    difference varies far less than either AUC, but one data seed is still one draw of the click log."""
+    print("\nacross seeds: PS - best hashed next-day AUC, memory ratio at equal AUC, samples/s ratio")
+    deltas = []
+    for entry in per_seed:
+        t = entry["targets"]
+        deltas.append(t["auc_delta_vs_best_hashed"])
+        mem = "-" if t["memory_ratio_at_equal_auc"] is None else f"{t['memory_ratio_at_equal_auc']:.3f}"
+        if t["memory_ratio_upper"] is not None:
+            mem += f"-{t['memory_ratio_upper']:.3f}"
+        print(f"  seed {entry['seed']}: {t['auc_delta_vs_best_hashed']:+.4f} ({t['best_hashed']}), memory {mem}, "
+              f"speed {t['speed_ratio_vs_best_hashed']:.2f}")
+    print(f"  mean AUC difference {sum(deltas) / len(deltas):+.4f}, worst {min(deltas):+.4f}; "
+          f"PS ahead on {sum(d >= 0 for d in deltas)} of {len(deltas)} seeds")
 
 
 if __name__ == "__main__":

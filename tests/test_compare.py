@@ -78,3 +78,17 @@ def test_summarize_takes_the_peak_bytes_and_the_mean_next_day_auc():
     assert s["auc"] == pytest.approx(0.65) and s["auc_last"] == 0.7 and s["logloss"] == pytest.approx(0.4)
     assert s["oracle_auc"] == pytest.approx(0.85) and s["samples_per_s"] == pytest.approx(20.0)
     assert s["samples_per_cpu_s"] == pytest.approx(6.0)
+
+
+def test_seed_summary_reports_mean_worst_and_wins(capsys):
+    c = _compare()
+    per_seed = []
+    for seed, ps_auc in ((0, 0.7044), (1, 0.7110), (2, 0.6910)):
+        results = {"ps": _r(ps_auc, 2.0, 30000), "hashed-65536": _r(0.7000, 4.5, 29000),
+                   "hashed-1048576": _r(0.7100 if seed == 1 else 0.7052, 72.0, 28000)}
+        per_seed.append({"seed": seed, "targets": c.compute_targets(results)})
+    c.print_seed_summary(per_seed)
+    out = capsys.readouterr().out
+    # deltas: 0.7044 - 0.7052, 0.7110 - 0.7100, 0.6910 - 0.7052
+    assert "seed 0: -0.0008" in out and "seed 1: +0.0010" in out and "seed 2: -0.0142" in out
+    assert "mean AUC difference -0.0047, worst -0.0142; PS ahead on 1 of 3 seeds" in out
