@@ -145,6 +145,27 @@ def test_config_errors(tmp_path):
     assert {k: v for k, v in cfg.items() if k != "resume"} == DEFAULTS
 
 
+def test_set_switches_a_sparse_rule_with_its_own_arguments():
+    from torch_psembed.train import _table_config
+
+    # another rule by name: the default AdaGrad's initial_g2sum is not carried over (Adam would refuse it)
+    cfg = load_config(["--set", 'table.lr_optimizer={"name": "adam", "learning_rate": 0.01}',
+                       "--set", 'table.mf_optimizer.name="ftrl"'])
+    assert cfg["table"]["lr_optimizer"] == {"name": "adam", "learning_rate": 0.01}
+    assert cfg["table"]["mf_optimizer"] == {"name": "ftrl"}
+    tc = _table_config(cfg)
+    assert isinstance(tc.lr_optimizer, pse.Adam) and tc.lr_optimizer.learning_rate == 0.01
+    assert isinstance(tc.mf_optimizer, pse.FTRL)
+    # the same rule: merged field by field, as before
+    cfg = load_config(["--set", "table.lr_optimizer.learning_rate=0.1"])
+    assert cfg["table"]["lr_optimizer"]["name"] == "adagrad"
+    assert cfg["table"]["lr_optimizer"]["learning_rate"] == 0.1
+    assert cfg["table"]["lr_optimizer"]["initial_g2sum"] == 1.0
+    # a field the rule does not take is still an error naming it
+    with pytest.raises(ValueError, match="table.lr_optimizer.*beta1"):
+        _table_config(load_config(["--set", "table.lr_optimizer.beta1=0.5"]))
+
+
 def test_slot_format_directory_with_bad_rows(tmp_path):
     """Daily slot-format files, variable bags (one PSEmbedding per slot), a bad row warned about and skipped."""
     import random

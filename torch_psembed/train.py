@@ -98,12 +98,21 @@ DEFAULTS: Dict[str, Any] = {
 
 
 # ----------------------------------------------------------------------------------------------- config
+_OPTIMIZER_KEYS = ("table.lr_optimizer", "table.mf_optimizer")
+
+
 def _merge(base: Dict[str, Any], over: Dict[str, Any], where: str = "") -> Dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in over.items():
-        if k not in out and where not in ("table.accessor", "data.synthetic", "table.lr_optimizer", "table.mf_optimizer"):
-            raise ValueError(f"unknown config key {(where + '.' + k) if where else k!r}")
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        path = f"{where}.{k}" if where else k
+        if k not in out and where not in ("table.accessor", "data.synthetic") + _OPTIMIZER_KEYS:
+            raise ValueError(f"unknown config key {path!r}")
+        if (path in _OPTIMIZER_KEYS and isinstance(v, dict) and isinstance(out.get(k), dict)
+                and v.get("name", out[k].get("name")) != out[k].get("name")):
+            # another rule: its own arguments only (the old rule's, e.g. AdaGrad's initial_g2sum, would be
+            # refused by the new one), the rest at the new rule's defaults
+            out[k] = copy.deepcopy(v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = _merge(out[k], v, f"{where}.{k}" if where else k)
         else:
             out[k] = v
