@@ -146,24 +146,24 @@ def test_config_errors(tmp_path):
 
 
 def test_set_switches_a_sparse_rule_with_its_own_arguments():
-    from torch_psembed.train import _table_config
+    from torch_psembed.train import DEFAULTS, _table_config
 
-    # another rule by name: the default AdaGrad's initial_g2sum is not carried over (Adam would refuse it)
-    cfg = load_config(["--set", 'table.lr_optimizer={"name": "adam", "learning_rate": 0.01}',
+    assert DEFAULTS["table"]["lr_optimizer"]["name"] == "adam"
+    # another rule by name: the default rule's fields are not carried over, the rest take the new defaults
+    cfg = load_config(["--set", 'table.lr_optimizer={"name": "adagrad", "initial_g2sum": 2.0}',
                        "--set", 'table.mf_optimizer.name="ftrl"'])
-    assert cfg["table"]["lr_optimizer"] == {"name": "adam", "learning_rate": 0.01}
+    assert cfg["table"]["lr_optimizer"] == {"name": "adagrad", "initial_g2sum": 2.0}
     assert cfg["table"]["mf_optimizer"] == {"name": "ftrl"}
     tc = _table_config(cfg)
-    assert isinstance(tc.lr_optimizer, pse.Adam) and tc.lr_optimizer.learning_rate == 0.01
+    assert isinstance(tc.lr_optimizer, pse.AdaGrad) and tc.lr_optimizer.initial_g2sum == 2.0
+    assert tc.lr_optimizer.learning_rate == pse.AdaGrad().learning_rate
     assert isinstance(tc.mf_optimizer, pse.FTRL)
-    # the same rule: merged field by field, as before
+    # the same rule: merged field by field
     cfg = load_config(["--set", "table.lr_optimizer.learning_rate=0.1"])
-    assert cfg["table"]["lr_optimizer"]["name"] == "adagrad"
-    assert cfg["table"]["lr_optimizer"]["learning_rate"] == 0.1
-    assert cfg["table"]["lr_optimizer"]["initial_g2sum"] == 1.0
+    assert cfg["table"]["lr_optimizer"] == {"name": "adam", "learning_rate": 0.1, "initial_range": 0.0}
     # a field the rule does not take is still an error naming it
-    with pytest.raises(ValueError, match="table.lr_optimizer.*beta1"):
-        _table_config(load_config(["--set", "table.lr_optimizer.beta1=0.5"]))
+    with pytest.raises(ValueError, match="table.lr_optimizer.*initial_g2sum"):
+        _table_config(load_config(["--set", "table.lr_optimizer.initial_g2sum=0.5"]))
 
 
 def test_slot_format_directory_with_bad_rows(tmp_path):
