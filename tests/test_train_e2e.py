@@ -22,7 +22,7 @@ TINY = [
     "--num-workers", "1", "--no-progress",
     "--set", "data.synthetic.vocab_max=1500", "--set", "data.synthetic.churn=0.1",
     "--set", "table.accessor.embedx_threshold=2.0",
-    # a few dozen steps: the job's Adam rate (0.01, chosen on the default job's 1.6M samples) learns too little here
+    # a few dozen steps: the job's Adam rate (0.01, chosen on runs of 0.6M samples) learns too little here
     # (next-day AUC ~0.58 against ~0.63 at 0.05, docs/training.md)
     "--set", "table.lr_optimizer.learning_rate=0.05", "--set", "table.mf_optimizer.learning_rate=0.05",
 ]
