@@ -82,9 +82,9 @@ DEFAULTS: Dict[str, Any] = {
             "delete_threshold": 0.3125,
         },
         # Adam at rate 0.01 on both parts (the reference's job uses AdaGrad 0.05): on three seeds of the
-        # synthetic log it gained 0.002-0.006 next-day AUC over AdaGrad and leads the hashed baseline on
-        # two, for ~1.6x AdaGrad's bytes (per-dimension moments), still a fifth to two fifths of the hashed
-        # table of equal AUC (docs/benchmarks.md, "Main job")
+        # synthetic log it gained 0.0014-0.006 next-day AUC over AdaGrad, and it leads the hashed baseline
+        # on 4 of 5 seeds, for ~1.6x AdaGrad's bytes (per-dimension moments), still a fifth to two fifths
+        # of the hashed table of equal AUC (docs/benchmarks.md, "Main job")
         "lr_optimizer": {"name": "adam", "learning_rate": 0.01, "initial_range": 0.0},
         "mf_optimizer": {"name": "adam", "learning_rate": 0.01, "initial_range": 1e-4},
         "num_shards": 1,
@@ -114,7 +114,7 @@ def _merge(base: Dict[str, Any], over: Dict[str, Any], where: str = "") -> Dict[
             # refused by the new one), the rest at the new rule's defaults
             out[k] = copy.deepcopy(v)
         elif isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v, f"{where}.{k}" if where else k)
+            out[k] = _merge(out[k], v, path)
         else:
             out[k] = v
     return out

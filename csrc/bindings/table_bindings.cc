@@ -833,6 +833,8 @@ py::tuple MergePushArray(const py::handle& inverse_obj, int64_t u, const py::han
     std::memset(go, 0, static_cast<size_t>(u) * w * sizeof(float));
     std::memset(so, 0, static_cast<size_t>(u) * sizeof(float));
     std::memset(co, 0, static_cast<size_t>(u) * sizeof(float));
+    // Three passes, not one fused loop: the fused loop measured 0.72 ms against 0.52 ms on [106k, 9]
+    // (most likely its row add no longer vectorizes beside the two scalar adds; not checked).
     const int64_t* inv = Ptr<int64_t>(inverse);
     AddRowsByInverse(inv, n, Ptr<float>(grads), w, go);
     AddRowsByInverse(inv, n, Ptr<float>(shows), 1, so);
