@@ -11,6 +11,10 @@ ids and for uniform ids over an id space of --rows ids):
                     DistributedModelParallel on CPU (gloo, world size 1) with fused row-wise Adagrad applied
                     in backward; skipped, with a message, when torchrec/fbgemm_gpu are not installed.
 
+With ``--device cuda`` the ids, the gradient and the dense baselines live on the GPU (a model on a GPU): the
+PSEmbedding table stays in host memory, so its step includes copying the ids over and the output back (and
+its gradient over again); every step ends with a device synchronize. TorchRec is then skipped (its CPU build).
+
 Each reports samples/s (instances per second, from the median wall time of --steps timed steps after --warmup
 untimed ones, on pre-built inputs) and its ratio to psembed; psembed also prints the time per phase
 (unique, pull, pool, backward, push; medians). The loss is the same for all: sum(out * G) / batch, G fixed.
@@ -18,6 +22,7 @@ untimed ones, on pre-built inputs) and its ratio to psembed; psembed also prints
 Usage:
   python scripts/bench_embedding.py                          # full size: 4096 x 26, 10M ids, dim 8
   python scripts/bench_embedding.py --rows 100000 --steps 3 --ids zipf --batch 512   # small, quick
+  python scripts/bench_embedding.py --device cuda --skip torchrec                  # ids and baselines on a GPU
 """
 
 from __future__ import annotations
@@ -65,6 +70,12 @@ def make_batches(kind: str, count: int, batch: int, slots: int, rows: int, seed:
     return out
 
 
+def sync() -> None:
+    """Wait for the GPU's queued work, so a step's wall time includes it (nothing to wait for on the CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def time_steps(step, batches, warmup: int):
     """Median wall time of one step over the timed steps (robust to the odd stall of a shared machine)."""
     for b in batches[:warmup]:
@@ -85,7 +96,7 @@ def bench_psembed(args, batches, g):
         num_threads=args.table_threads,
     )
     table = pse.SparseTable(cfg)
-    keys = torch.unique(torch.cat([b.reshape(-1) for b in batches]))
+    keys = torch.unique(torch.cat([b.reshape(-1) for b in batches])).cpu()
     # warm: every id of the run has its row and its mf vector (score 100 * nonclk 0.1 >= embedx_threshold)
     for chunk in keys.split(1 << 16):
         n = chunk.numel()
@@ -94,8 +105,9 @@ def bench_psembed(args, batches, g):
     warm_rows = len(table)
 
     def step(ids):
-        out = emb(ids)  # (B, slots, dim)
+        out = emb(ids)  # (B, slots, dim), on the ids' device
         (out * g).sum().div(ids.shape[0]).backward()
+        sync()
 
     for b in batches[: args.warmup]:
         step(b)
@@ -116,7 +128,7 @@ def bench_psembed(args, batches, g):
 
 def bench_embedding_bag(args, batches, g, opt_name):
     torch.sparse.check_sparse_tensor_invariants.disable()  # the default, said explicitly (silences a warning)
-    eb = torch.nn.EmbeddingBag(args.rows, args.dim, mode="sum", sparse=True)
+    eb = torch.nn.EmbeddingBag(args.rows, args.dim, mode="sum", sparse=True, device=args.device)
     with torch.no_grad():
         eb.weight.uniform_(-1e-4, 1e-4)
     if opt_name == "adagrad":
@@ -124,13 +136,14 @@ def bench_embedding_bag(args, batches, g, opt_name):
     else:
         opt = torch.optim.SparseAdam(eb.parameters(), lr=0.001)
     b0 = batches[0]
-    offsets = torch.arange(b0.numel())  # one id per bag
+    offsets = torch.arange(b0.numel(), device=args.device)  # one id per bag
 
     def step(ids):
         out = eb(ids.reshape(-1), offsets).view(ids.shape[0], ids.shape[1], args.dim)
         opt.zero_grad(set_to_none=True)
         (out * g).sum().div(ids.shape[0]).backward()
         opt.step()
+        sync()
 
     sec = time_steps(step, batches, args.warmup)
     del eb, opt
@@ -190,14 +203,19 @@ def main(argv=None) -> int:
     p.add_argument("--ids", choices=["zipf", "uniform", "both"], default="both")
     p.add_argument("--table-threads", type=int, default=0, help="TableConfig.num_threads (0: all cores)")
     p.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="where the ids, the gradient and the baselines live (cpu, cuda)")
     p.add_argument("--skip", default="", help="comma list of systems to skip: eb_adagrad,eb_sparseadam,torchrec")
     args = p.parse_args(argv)
     skip = {s for s in args.skip.split(",") if s}
+    if torch.device(args.device).type != "cpu":
+        skip.add("torchrec")  # the fbgemm_gpu-cpu build runs on the CPU only
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
     print(f"torch {torch.__version__}, torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
           f"torch_psembed {pse.__version__}")
+    if args.device != "cpu":
+        print(f"device {args.device}: {torch.cuda.get_device_name(args.device)}")
     print(f"batch {args.batch} x {args.slots} slots, dim {args.dim}, id space {args.rows:,}, "
           f"{args.steps} timed steps after {args.warmup} warm-up")
     kinds = ["zipf", "uniform"] if args.ids == "both" else [args.ids]
@@ -205,8 +223,9 @@ def main(argv=None) -> int:
     for kind in kinds:
         batches = make_batches(kind, args.warmup + args.steps, args.batch, args.slots, args.rows)
         g = torch.randn(args.slots, args.dim)
-        data[kind] = (batches, g)
         uniq = np.mean([torch.unique(b).numel() / b.numel() for b in batches])
+        batches, g = [b.to(args.device) for b in batches], g.to(args.device)
+        data[kind] = (batches, g)
         print(f"\n== {kind} ids: {uniq:.1%} of the ids of a batch are unique ==")
         res = results[kind] = {}
         sec, phases, warm = bench_psembed(args, batches, g)

@@ -149,7 +149,13 @@ class PSEmbedding(nn.Module):
 
     .. note::
         The backward pushes as a side effect: double backward (``create_graph=True``) and ``torch.func``
-        transforms raise a ``RuntimeError``. Ids must be int64 (int32 is converted) CPU tensors.
+        transforms raise a ``RuntimeError``. Ids must be int64 (int32 is converted).
+
+    .. note::
+        The table lives in host memory. Ids on an accelerator (say ``cuda:0``, with ``offsets`` and
+        ``per_sample_weights`` on the same device) are copied to the CPU, looked up and pooled there, and the
+        output is returned on their device; its gradient comes back to the CPU in the backward. So a model on
+        a GPU uses the module unchanged, at the cost of one copy each way per call.
 
     Examples::
 
@@ -265,6 +271,7 @@ class PSEmbedding(nn.Module):
         step's backward (its push) is issued; the next forward with the same ids then takes the rows. See
         ``SparseTable.prefetch`` for the staleness bound; a forward with other ids just pulls afresh.
         """
+        input, offsets, per_sample_weights, _ = PF.to_host(input, offsets, per_sample_weights)
         batch = PF.check_input(input, offsets, per_sample_weights, self.mode, self.include_last_offset)
         d = PF.dedup(batch.ids, self.padding_id)
         # kept for the next forward (a copy of the ids: the caller may change its tensor in place meanwhile)

@@ -31,6 +31,7 @@ __all__ = [
     "output_dim",
     "Batch",
     "check_input",
+    "to_host",
     "dedup",
     "Dedup",
     "Groups",
@@ -86,13 +87,35 @@ class Batch(NamedTuple):
         return torch.arange(self.num_instances).repeat_interleave(lengths)
 
 
+def to_host(
+    input: Tensor, offsets: Optional[Tensor] = None, per_sample_weights: Optional[Tensor] = None
+) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[torch.device]]:
+    """``(input, offsets, per_sample_weights)`` copied to the CPU when the ids live on an accelerator, with that
+    device (``None`` when they are on the CPU already, and then nothing is copied).
+
+    The table lives in host memory, so the lookup runs there: the ids come over once, the output goes back once,
+    and autograd carries its gradient over in the backward (``Tensor.to`` is differentiable). As with
+    ``nn.EmbeddingBag``, offsets and weights must be on the ids' device.
+    """
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a torch.Tensor of int64 ids, got {type(input).__name__}")
+    device = input.device
+    for name, t in (("offsets", offsets), ("per_sample_weights", per_sample_weights)):
+        if isinstance(t, Tensor) and t.device != device:
+            raise RuntimeError(f"{name} must be on the device of input ({device}), got a tensor on {t.device}")
+    if device.type == "cpu":
+        return input, offsets, per_sample_weights, None
+    if device.type == "meta":
+        raise RuntimeError("input is on the meta device: it holds no ids to look up")
+    host = lambda t: None if t is None else t.cpu()  # noqa: E731
+    return input.cpu(), host(offsets), host(per_sample_weights), device
+
+
 def _check_ids(input: Tensor) -> Tensor:
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a torch.Tensor of int64 ids, got {type(input).__name__}")
-    if input.device.type != "cpu":
-        raise RuntimeError(
-            f"input must be a CPU tensor (the table lives in host memory), got a tensor on {input.device}"
-        )
+    if input.device.type != "cpu":  # ps_embedding and prefetch bring accelerator ids over first (to_host)
+        raise RuntimeError(f"input must be a CPU tensor here (see to_host), got a tensor on {input.device}")
     if input.layout != torch.strided:
         raise RuntimeError(f"input must be a dense (strided) tensor, got layout {input.layout}")
     if input.dtype == torch.int32:
@@ -400,6 +423,7 @@ def ps_embedding(
             "PSEmbedding does not support torch.func transforms (vmap, grad, jacrev, functional_call under "
             "them, ...): its backward pushes rows to the table as a side effect"
         )
+    input, offsets, per_sample_weights, device = to_host(input, offsets, per_sample_weights)
     t0 = time.perf_counter() if timings is not None else 0.0
     batch = check_input(input, offsets, per_sample_weights, mode, include_last_offset)
     if dedup_cache is not None and dedup_cache[0].shape == batch.ids.shape and torch.equal(dedup_cache[0], batch.ids):
@@ -421,7 +445,7 @@ def ps_embedding(
                     f"clicks fed with pse.feed(clicks=...) must have shape ({batch.num_instances},) (one label per "
                     f"instance of this batch), got {tuple(clicks.shape)}"
                 )
-            labels = clicks
+            labels = clicks.cpu()  # a no-op for the labels pse.feed captured (they are on the CPU)
         plan = _autograd.PushPlan(
             table=table,
             keys=keys,
@@ -444,7 +468,7 @@ def ps_embedding(
         timings.add("pool", time.perf_counter() - t2)
         if grad_needed:
             out = _autograd.BackwardMark.apply(out, timings)
-    return out
+    return out if device is None else out.to(device)
 
 
 def _check_grad_scale(grad_scale) -> Optional[float]:
