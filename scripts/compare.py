@@ -56,8 +56,9 @@ PRESETS = {
     # far above the size that just reaches it)
     "synthetic": {"args": [], "sizes": [1 << 15, 1 << 16, 1 << 17, 1 << 18, 1 << 20]},
     "criteo": {
-        "args": ["--data", "criteo", "--data-path", os.path.join(CRITEO, "train.txt"), "--file-days", "4",
-                 "--test-path", os.path.join(CRITEO, "dev.txt"), "--batch-size", "256", "--passes", "1"],
+        # the sample's own config (data layout; lifecycle and rules scaled to 1,800-row days: docs/training.md)
+        "args": ["--config", os.path.join(ROOT, "configs", "criteo_sample.json"),
+                 "--data-path", os.path.join(CRITEO, "train.txt"), "--test-path", os.path.join(CRITEO, "dev.txt")],
         "sizes": [1 << 10, 1 << 12, 1 << 14, 1 << 16, 1 << 18],
     },
 }

@@ -102,9 +102,10 @@ def test_one_process_then_resume(tmp_path, capsys):
 
 @pytest.mark.skipif(not os.path.isdir(CRITEO), reason="Criteo sample not present")
 def test_criteo_sample_deepfm_over_ps(tmp_path):
-    res = run(["--out", str(tmp_path / "ps"), "--data", "criteo", "--data-path", os.path.join(CRITEO, "train.txt"),
-               "--file-days", "2", "--test-path", os.path.join(CRITEO, "dev.txt"), "--days", "2", "--passes", "1",
-               "--model", "deepfm", "--no-progress", "--no-plot", "--no-save", "--batch-size", "256", "--num-workers", "0", "--set", "threads=1"])
+    res = run(["--out", str(tmp_path / "ps"), "--config", os.path.join(ROOT, "configs", "criteo_sample.json"),
+               "--data-path", os.path.join(CRITEO, "train.txt"), "--file-days", "2",
+               "--test-path", os.path.join(CRITEO, "dev.txt"), "--days", "2", "--model", "deepfm", "--no-progress",
+               "--no-plot", "--no-save", "--num-workers", "0", "--set", "threads=1"])
     evals = [r for r in res["records"] if r["event"] == "eval"]
     assert [e["samples"] for e in evals] == [3600, 409]  # day 1, then dev.txt after the last day
     assert evals[-1]["auc"] > 0.6 and "oracle_auc" not in evals[-1]
@@ -121,6 +122,16 @@ def test_criteo_sample_hashed_baseline(tmp_path):
     assert ev["samples"] == 1800 and ev["auc"] > 0.6
     assert ps["keys"] == 20000 and ps["bytes"] == 2 * 20000 * 9 * 4  # weight + Adagrad sum
     assert "emb_ms_per_step" not in ps  # no PSEmbedding
+
+
+def test_criteo_sample_config_scales_the_lifecycle_to_small_days():
+    cfg = load_config(["--config", os.path.join(ROOT, "configs", "criteo_sample.json"), "--data-path", "x.txt"])
+    assert cfg["data"]["kind"] == "criteo" and cfg["data"]["file_days"] == 4 and cfg["data"]["batch_size"] == 256
+    assert cfg["passes_per_day"] == 1
+    acc = cfg["table"]["accessor"]
+    assert acc["create_probability_from_score"] is False and acc["delete_threshold"] == 0.0
+    assert acc["embedx_threshold"] == 2.5  # the rest of the lifecycle as in the default job
+    assert cfg["table"]["lr_optimizer"] == {"name": "adam", "learning_rate": 0.03, "initial_range": 0.0}
 
 
 def test_config_errors(tmp_path):
