@@ -95,6 +95,9 @@ DEFAULTS: Dict[str, Any] = {
     "plot": True,
     "progress": True,
     "threads": None,  # torch intra-op threads per process (None: torch's default; torchrun sets 1)
+    # where the dense part runs: "cpu", "cuda" (each rank its GPU: LOCAL_RANK mod the GPU count) or "cuda:N";
+    # the PS table stays in host memory either way (PSEmbedding copies ids over and rows back)
+    "device": "cpu",
 }
 
 
@@ -162,6 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, help="mf width (the hashed baseline uses dim + 1 columns)")
     p.add_argument("--hashed-size", type=int, help="rows of the hashed baseline table")
     p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="where the dense part runs: cpu (default), cuda (LOCAL_RANK's GPU) or cuda:N")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-save", action="store_true", help="skip delta/base saves and checkpoints")
@@ -197,6 +201,7 @@ def load_config(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "embedding.kind": args.embedding,
         "embedding.dim": args.dim,
         "embedding.hashed_size": args.hashed_size,
+        "device": args.device,
     }
     for k, v in flat.items():
         if v is not None:
@@ -231,6 +236,30 @@ def _validate(cfg: Dict[str, Any]) -> None:
         raise ValueError(f"embedding.prefetch must be true or false, got {cfg['embedding']['prefetch']!r}")
     if cfg["resume"] and not cfg["out"]:
         raise ValueError("--resume needs --out (the directory of the run to continue)")
+    _check_device(cfg["device"])
+
+
+def _check_device(name: Any) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name!r}, but torch finds no CUDA device (torch.cuda.is_available() is False)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={name!r}, but there are {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def _job_device(name: str) -> torch.device:
+    """The dense part's device for this rank: ``cuda`` alone means the local rank's GPU (round robin)."""
+    dev = _check_device(name)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return dev
 
 
 # ----------------------------------------------------------------------------------------------- runtime
@@ -359,6 +388,11 @@ class _Job:
             emb = HashedSlotEmbedding(int(e["hashed_size"]), e["dim"] + 1, num_slots)
         m = cfg["model"]
         self.model = build_model(m["kind"], emb, m["hidden"], m["wide"], m["norm"])
+        # initialised on the CPU, then moved: the same seed gives the same weights on any device
+        self.device = _job_device(cfg["device"])
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.model.to(self.device)
         dense = [p for n, p in self.model.named_parameters() if not n.startswith("embedding.")]
         self.dense_opt = torch.optim.Adam(dense, lr=m["lr"])
         if e["kind"] == "hashed":
@@ -366,7 +400,8 @@ class _Job:
         if rt.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.ddp = DDP(self.model, process_group=rt.group, find_unused_parameters=False)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DDP(self.model, device_ids=ids, process_group=rt.group, find_unused_parameters=False)
         else:
             self.ddp = self.model
         self._last_counters: Dict[str, int] = {}
@@ -379,7 +414,14 @@ class _Job:
 
         return pse.feed(clicks=labels)
 
+    def _on_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        if self.device.type == "cpu":
+            return batch
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
     def step(self, batch: Dict[str, torch.Tensor], next_batch: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        """One training step; returns the logits on the CPU (for the metrics)."""
+        batch = self._on_device(batch)
         labels = batch["labels"]
         self.dense_opt.zero_grad(set_to_none=True)
         if self.sparse_opt is not None:
@@ -395,11 +437,12 @@ class _Job:
         self.dense_opt.step()
         if self.sparse_opt is not None:
             self.sparse_opt.step()
-        return logits.detach()
+        return logits.detach().cpu()
 
     @torch.no_grad()
     def predict(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(batch["keys"], batch["offsets"])
+        batch = self._on_device(batch)
+        return self.model(batch["keys"], batch["offsets"]).cpu()
 
     def join(self):
         if self.rt.distributed:
@@ -620,7 +663,7 @@ def _main(cfg: Dict[str, Any], rt: _Runtime) -> Dict[str, Any]:
         if job.table is not None:
             job.table.load(os.path.join(ck, "table"))
             rt.barrier()
-        job.load_dense_state(torch.load(os.path.join(ck, "dense.pt"), weights_only=False))
+        job.load_dense_state(torch.load(os.path.join(ck, "dense.pt"), map_location="cpu", weights_only=False))
         start_day = int(latest["day"]) + 1
         mpath = os.path.join(out, "metrics.jsonl")
         if rt.rank == 0 and os.path.exists(mpath):  # drop what a crashed run logged after the checkpoint

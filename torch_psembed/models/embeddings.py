@@ -145,8 +145,9 @@ class HashedSlotEmbedding(nn.Module):
             self.bag.weight[:, 0] = 0.0
 
     def bucket(self, keys: Tensor) -> Tensor:
-        h = mix64(keys.numpy().view(np.uint64)) % np.uint64(self.num_buckets)
-        return torch.from_numpy(h.astype(np.int64))
+        """Each key's row, on the keys' device (the hash itself runs on the host, in numpy's uint64)."""
+        h = mix64(keys.cpu().numpy().view(np.uint64)) % np.uint64(self.num_buckets)
+        return torch.from_numpy(h.astype(np.int64)).to(keys.device)
 
     def forward(self, keys: Tensor, offsets: Tensor) -> Tensor:
         S = self.num_slots
