@@ -73,16 +73,22 @@ def _check_run(out, days=2, passes=2, min_auc=0.6):
     return recs
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_torchrun_two_processes(tmp_path):
+def _torchrun_tiny_job(tmp_path, *flags):
+    """The tiny job under torchrun with 2 processes on 127.0.0.1; returns (its out dir, its stdout)."""
     out = str(tmp_path / "run")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "torch_psembed.train", "--out", out, *TINY]
+           "--master-port", str(free_port()), "-m", "torch_psembed.train", "--out", out, *TINY, *flags]
     proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "ranks=2" in proc.stdout and "next_auc" in proc.stdout  # the summary table
+    return out, proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_two_processes(tmp_path):
+    out, stdout = _torchrun_tiny_job(tmp_path)
+    assert "ranks=2" in stdout and "next_auc" in stdout  # the summary table
     recs = _check_run(out)
     assert recs[0]["samples"] == 3000  # both ranks' samples are counted
 
@@ -173,12 +179,7 @@ def test_dense_part_on_a_gpu_learns_like_on_the_cpu_and_resumes(tmp_path):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_torchrun_two_processes_with_the_dense_part_on_a_gpu(tmp_path):
-    out = str(tmp_path / "run")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "torch_psembed.train", "--out", out, *TINY, "--device", "cuda"]
-    proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    out, _ = _torchrun_tiny_job(tmp_path, "--device", "cuda")
     _check_run(out)
 
 
