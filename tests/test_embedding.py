@@ -151,24 +151,31 @@ def test_padding_matches_padding_idx(loaded, mode):
         torch.testing.assert_close(emb(keys[idx].reshape(-1), off), ref(idx.reshape(-1), off), rtol=1e-6, atol=1e-6)
 
 
-def test_cvm_output_columns():
+@pytest.mark.parametrize("prior", [1.0, 0.2])
+def test_cvm_output_columns(prior):
     keys = random_keys(6, seed=1)
     rows = np.random.default_rng(1).standard_normal((6, 1 + DIM)).astype(np.float32)
     show = np.array([0, 1, 5, 10, 100, 3], np.float32)
     click = np.array([0, 0, 2, 10, 7, 1], np.float32)
     table = pse.SparseTable(sgd_config())
     load_rows(table, keys, rows, show=show, click=click)
-    # numpy reference of the cvm row: log(show+1), log(click+1) - log(show+1), lr, mf
+    # numpy reference of the cvm row: log(show+1), log(click+prior) - log(show+1), lr, mf (prior 1: Paddle's)
     ref_rows = np.concatenate(
-        [np.log(show + 1)[:, None], (np.log(click + 1) - np.log(show + 1))[:, None], rows], axis=1
+        [np.log(show + 1)[:, None], (np.log(click + prior) - np.log(show + 1))[:, None], rows], axis=1
     ).astype(np.float32)
     idx = torch.tensor([[0, 1, 2], [3, 4, 5], [5, 5, 0]])
-    emb = pse.PSEmbedding(table, output="cvm_lr_mf")
+    emb = pse.PSEmbedding(table, output="cvm_lr_mf", cvm_click_prior=prior)
     assert emb.embedding_dim == 3 + DIM
     torch.testing.assert_close(emb(torch.from_numpy(keys)[idx]), torch.from_numpy(ref_rows)[idx], rtol=1e-6, atol=1e-6)
-    bag = pse.PSEmbedding(table, mode="mean", output="cvm_lr_mf")
+    bag = pse.PSEmbedding(table, mode="mean", output="cvm_lr_mf", cvm_click_prior=prior)
     expected = nn.EmbeddingBag.from_pretrained(torch.from_numpy(ref_rows), mode="mean")(idx)
     torch.testing.assert_close(bag(torch.from_numpy(keys)[idx]), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("prior", [0.0, -1.0, float("nan"), float("inf"), True, "0.2"])
+def test_bad_cvm_click_prior_is_refused_by_name(prior):
+    with pytest.raises(ValueError, match="cvm_click_prior must be a finite number > 0"):
+        pse.PSEmbedding(pse.SparseTable(sgd_config()), output="cvm_lr_mf", cvm_click_prior=prior)
 
 
 def test_int32_ids_and_offsets_accepted(loaded):

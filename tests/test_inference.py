@@ -60,6 +60,8 @@ def test_float32_export_matches_psembedding(tmp_path, mode, kind, kw, output):
     kw = dict(kw)
     if kw.get("padding_id") == "first":
         kw["padding_id"] = int(keys[0])
+    if output == "cvm_lr_mf":
+        kw["cvm_click_prior"] = 0.2  # serving must compute the ctr column as training did
     emb = pse.PSEmbedding(t, mode=mode, output=output, **kw).eval()
     inf = pse.InferenceEmbedding.load(tmp_path / "srv", mode=mode, output=output, **kw)
     args = ()

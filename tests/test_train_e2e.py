@@ -188,6 +188,8 @@ def test_config_errors(tmp_path):
         load_config(["--resume"])
     with pytest.raises(ValueError, match="needs data.path"):
         load_config(["--data", "criteo"])
+    with pytest.raises(ValueError, match="cvm_click_prior must be a finite number > 0, got 0"):
+        load_config(["--set", "embedding.cvm_click_prior=0"])
     with pytest.raises(ValueError, match="unknown config key 'model.hiden'"):
         load_config(["--set", "model.hiden=[3]"])
     bad = tmp_path / "c.json"

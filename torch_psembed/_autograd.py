@@ -64,9 +64,11 @@ class PushPlan:
 
     __slots__ = (
         "table", "keys", "inverse", "batch", "output", "padding_row", "grad_scale", "slot", "clicks", "timings",
+        "click_prior",
     )
 
-    def __init__(self, table, keys, inverse, batch, output, padding_row, grad_scale, slot, clicks, timings):
+    def __init__(self, table, keys, inverse, batch, output, padding_row, grad_scale, slot, clicks, timings,
+                 click_prior=1.0):
         self.table = table
         self.keys = keys  # int64[U]: unique ids, padding id left out
         self.inverse = inverse  # int64[n]: row of each id (padding_row for the padding id)
@@ -77,19 +79,24 @@ class PushPlan:
         self.slot = slot  # int: recorded in every pushed row
         self.clicks = clicks  # float32[num_instances] or None
         self.timings = timings  # Timings or None
+        self.click_prior = click_prior  # float > 0: the ctr column's prior click count (cvm_lr_mf)
 
 
-def pull_rows(table, keys: Tensor, output: str, padding_row: Optional[int], timings: Optional[Timings]) -> Tensor:
+def pull_rows(
+    table, keys: Tensor, output: str, padding_row: Optional[int], timings: Optional[Timings], click_prior: float = 1.0
+) -> Tensor:
     """The rows the pooling op reads: ``(U, D)`` float32, plus a zero row at ``padding_row`` when given.
 
     Columns by ``output``: ``mf`` -> ``mf[dim]``; ``lr_mf`` -> ``lr, mf``; ``cvm_lr_mf`` ->
-    ``log(show + 1), log(click + 1) - log(show + 1), lr, mf`` (from the table's stored show/click).
+    ``log(show + 1), log(click + click_prior) - log(show + 1), lr, mf`` (from the table's stored show/click;
+    ``click_prior=1`` is Paddle's CVM).
     """
     t0 = time.perf_counter() if timings is not None else 0.0
     if output == "cvm_lr_mf":
         rows = table.pull(keys, with_stats=True)
         show = torch.log1p(rows[:, 0])
-        rows[:, 1] = torch.log1p(rows[:, 1]) - show
+        ctr = torch.log1p(rows[:, 1]) if click_prior == 1.0 else torch.log(rows[:, 1] + click_prior)
+        rows[:, 1] = ctr - show
         rows[:, 0] = show
     else:
         rows = table.pull(keys)
@@ -141,7 +148,7 @@ class PullPush(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchor: Tensor, plan: PushPlan) -> Tensor:  # type: ignore[override]
         ctx.plan = plan
-        return pull_rows(plan.table, plan.keys, plan.output, plan.padding_row, plan.timings)
+        return pull_rows(plan.table, plan.keys, plan.output, plan.padding_row, plan.timings, plan.click_prior)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]

@@ -115,8 +115,8 @@ class PSEmbedding(nn.Module):
             ``nn.EmbeddingBag``). Default: ``None``
         output (str, optional): the columns of each row: ``"mf"`` (``D = dim``), ``"lr_mf"``
             (``D = 1 + dim``: the lr weight, then mf) or ``"cvm_lr_mf"`` (``D = 3 + dim``:
-            ``log(show + 1)``, ``log(click + 1) - log(show + 1)``, lr, mf; no gradient is pushed for the two
-            statistics columns). Pooling applies to the row as a whole, statistics columns included.
+            ``log(show + 1)``, ``log(click + cvm_click_prior) - log(show + 1)``, lr, mf; no gradient is pushed
+            for the two statistics columns). Pooling applies to the row as a whole, statistics columns included.
             Default: ``"mf"``
         slot (int, optional): the slot recorded in the rows this module pushes, in ``[0, 2**31)``.
             Default: ``0``
@@ -129,6 +129,10 @@ class PSEmbedding(nn.Module):
             show count), so the default, ``None``, uses the batch size (the number of instances), which
             **assumes a mean-reduced loss**. Pass ``grad_scale=1.0`` for a sum-reduced loss.
             Default: ``None``
+        cvm_click_prior (float, optional): ``output="cvm_lr_mf"`` only: the ctr column is
+            ``log(click + cvm_click_prior) - log(show + 1)``. ``1.0`` is Paddle's CVM; it puts an id never shown
+            at ctr 1, the end of the column. About the data's CTR (say 0.2) puts it at the typical value.
+            Default: ``1.0``
 
     Attributes:
         table (SparseTable): the table.
@@ -182,7 +186,7 @@ class PSEmbedding(nn.Module):
         torch.Size([2, 3, 4])
     """
 
-    __constants__ = ["mode", "output", "slot", "padding_id", "include_last_offset", "grad_scale"]
+    __constants__ = ["mode", "output", "slot", "padding_id", "include_last_offset", "grad_scale", "cvm_click_prior"]
 
     table: object
     mode: Optional[str]
@@ -191,6 +195,7 @@ class PSEmbedding(nn.Module):
     padding_id: Optional[int]
     include_last_offset: bool
     grad_scale: Optional[float]
+    cvm_click_prior: float
     embedding_dim: int
     timings: Optional[Timings]
 
@@ -203,6 +208,7 @@ class PSEmbedding(nn.Module):
         padding_id: Optional[int] = None,
         include_last_offset: bool = False,
         grad_scale: Optional[float] = None,
+        cvm_click_prior: float = 1.0,
     ) -> None:
         super().__init__()
         for attr in ("pull", "push", "dim"):
@@ -231,6 +237,7 @@ class PSEmbedding(nn.Module):
         self.padding_id = padding_id
         self.include_last_offset = include_last_offset
         self.grad_scale = PF._check_grad_scale(grad_scale)
+        self.cvm_click_prior = PF._check_click_prior(cvm_click_prior)
         self.embedding_dim = PF.output_dim(output, int(table.dim))
         self.timings = None
         self._prefetched_dedup = None  # (ids, their dedup) of the last prefetch, for the next forward
@@ -258,6 +265,7 @@ class PSEmbedding(nn.Module):
             push=self.training,
             timings=self.timings,
             dedup_cache=cache,
+            cvm_click_prior=self.cvm_click_prior,
         )
 
     def prefetch(
@@ -299,4 +307,6 @@ class PSEmbedding(nn.Module):
             s += ", include_last_offset=True"
         if self.grad_scale is not None:
             s += f", grad_scale={self.grad_scale}"
+        if self.cvm_click_prior != 1.0:
+            s += f", cvm_click_prior={self.cvm_click_prior}"
         return s

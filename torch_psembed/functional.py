@@ -409,12 +409,14 @@ def ps_embedding(
     push: bool = True,
     timings: Optional[_autograd.Timings] = None,
     dedup_cache: Optional[Tuple[Tensor, Dedup]] = None,
+    cvm_click_prior: float = 1.0,
 ) -> Tensor:
     """Look up ``input`` in ``table`` and pool like ``nn.Embedding``/``nn.EmbeddingBag``.
 
     See :class:`~torch_psembed.PSEmbedding` for the arguments. ``push=False`` (eval) pulls without building the
     push: the rows are constants, and only ``per_sample_weights`` can get a gradient. ``clicks`` are the labels
     of the instances (shape ``(num_instances,)``); ``grad_scale`` defaults to ``num_instances``.
+    ``cvm_click_prior`` is the ctr column's prior click count (``cvm_lr_mf``; see ``PSEmbedding``).
     ``dedup_cache`` (ids, ``dedup(ids, padding_id)``), as ``PSEmbedding.prefetch`` keeps it, is used instead of a
     new dedup when the ids are equal.
     """
@@ -423,6 +425,7 @@ def ps_embedding(
             "PSEmbedding does not support torch.func transforms (vmap, grad, jacrev, functional_call under "
             "them, ...): its backward pushes rows to the table as a side effect"
         )
+    cvm_click_prior = _check_click_prior(cvm_click_prior)
     input, offsets, per_sample_weights, device = to_host(input, offsets, per_sample_weights)
     t0 = time.perf_counter() if timings is not None else 0.0
     batch = check_input(input, offsets, per_sample_weights, mode, include_last_offset)
@@ -457,11 +460,12 @@ def ps_embedding(
             slot=slot,
             clicks=labels,
             timings=timings,
+            click_prior=cvm_click_prior,
         )
         rows = _autograd.PullPush.apply(_autograd.ANCHOR, plan)
     else:
         with torch.no_grad():
-            rows = _autograd.pull_rows(table, keys, output, padding_row, timings)
+            rows = _autograd.pull_rows(table, keys, output, padding_row, timings, cvm_click_prior)
     t2 = time.perf_counter() if timings is not None else 0.0
     out = pool(rows, inverse, batch, mode, padding_row, groups)
     if timings is not None:
@@ -469,6 +473,13 @@ def ps_embedding(
         if grad_needed:
             out = _autograd.BackwardMark.apply(out, timings)
     return out if device is None else out.to(device)
+
+
+def _check_click_prior(prior) -> float:
+    """``cvm_click_prior`` as a float, or a ValueError naming it (it must be a finite number > 0)."""
+    if isinstance(prior, bool) or not isinstance(prior, (int, float)) or not math.isfinite(prior) or prior <= 0:
+        raise ValueError(f"cvm_click_prior must be a finite number > 0, got {prior!r}")
+    return float(prior)
 
 
 def _check_grad_scale(grad_scale) -> Optional[float]:

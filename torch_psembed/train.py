@@ -63,7 +63,11 @@ DEFAULTS: Dict[str, Any] = {
     },
     "model": {"kind": "dnn", "hidden": [256, 128, 64], "wide": True, "norm": "batch", "lr": 0.001},
     "embedding": {"kind": "ps", "dim": 8, "output": "cvm_lr_mf", "hashed_size": 1 << 20, "hashed_lr": 0.05,
-                  "prefetch": True},
+                  "prefetch": True,
+                  # the CVM ctr column's prior click count, log(click + prior) - log(show + 1): near the log's
+                  # CTR, an id never shown reads a typical ctr, not 1 (Paddle's prior). At the job's size, 0.2
+                  # gained 0.0004-0.0047 next-day AUC over 1 on five seeds (docs/benchmarks.md, "Main job")
+                  "cvm_click_prior": 0.2},
     "table": {
         # Probabilistic admission: an unknown feasign gets a row with probability = its show/click score of
         # the push, so one-off ids mostly never cost memory (and a rejected id costs none at all). The job
@@ -232,6 +236,9 @@ def _validate(cfg: Dict[str, Any]) -> None:
         raise ValueError(f"data.num_workers must be null or an int >= 0, got {nw!r}")
     if cfg["embedding"]["kind"] not in ("ps", "hashed"):
         raise ValueError(f"embedding.kind must be 'ps' or 'hashed', got {cfg['embedding']['kind']!r}")
+    from .functional import _check_click_prior
+
+    _check_click_prior(cfg["embedding"]["cvm_click_prior"])  # a ValueError naming it
     if not isinstance(cfg["embedding"]["prefetch"], bool):
         raise ValueError(f"embedding.prefetch must be true or false, got {cfg['embedding']['prefetch']!r}")
     if cfg["resume"] and not cfg["out"]:
@@ -382,7 +389,7 @@ class _Job:
             import torch_psembed as pse
 
             self.table = pse.SparseTable(_table_config(cfg), name="ctr")
-            emb = PSSlotEmbedding(self.table, num_slots, output=e["output"])
+            emb = PSSlotEmbedding(self.table, num_slots, output=e["output"], cvm_click_prior=e["cvm_click_prior"])
             emb.enable_timing()  # a few clock reads a lookup: where the PS part of a step goes, per pass
         else:
             emb = HashedSlotEmbedding(int(e["hashed_size"]), e["dim"] + 1, num_slots)
@@ -417,7 +424,8 @@ class _Job:
     def _on_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         if self.device.type == "cpu":
             return batch
-        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                for k, v in batch.items()}
 
     def step(self, batch: Dict[str, torch.Tensor], next_batch: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         """One training step; returns the logits on the CPU (for the metrics)."""

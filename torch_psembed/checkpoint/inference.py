@@ -59,7 +59,8 @@ class InferenceEmbedding(nn.Module):
         keys (Tensor): ``(n,)`` int64 ids, strictly ascending.
         values (Tensor): ``(n, 1 + dim)`` rows ``lr, mf`` (float32, float16 or bfloat16).
         stats (Tensor, optional): ``(n, 2)`` float32 show, click; needed by ``output="cvm_lr_mf"``.
-        mode, output, padding_id, include_last_offset: as in :class:`~torch_psembed.PSEmbedding`.
+        mode, output, padding_id, include_last_offset, cvm_click_prior: as in :class:`~torch_psembed.PSEmbedding`
+            (serve with the ``cvm_click_prior`` the model trained with).
 
     Shape:
         As :class:`~torch_psembed.PSEmbedding`: ``mode=None`` maps :math:`(*)` to :math:`(*, D)`; bags map
@@ -86,6 +87,7 @@ class InferenceEmbedding(nn.Module):
         output: str = "mf",
         padding_id: Optional[int] = None,
         include_last_offset: bool = False,
+        cvm_click_prior: float = 1.0,
     ) -> None:
         super().__init__()
         if mode not in PF.MODES:
@@ -108,6 +110,7 @@ class InferenceEmbedding(nn.Module):
         self.output = output
         self.padding_id = padding_id
         self.include_last_offset = bool(include_last_offset)
+        self.cvm_click_prior = PF._check_click_prior(cvm_click_prior)
         self.dim = dim
         self._rows = _ServingRows(keys.contiguous(), values.contiguous(), stats)
 
@@ -119,6 +122,7 @@ class InferenceEmbedding(nn.Module):
         output: str = "mf",
         padding_id: Optional[int] = None,
         include_last_offset: bool = False,
+        cvm_click_prior: float = 1.0,
     ) -> "InferenceEmbedding":
         """Load an export directory written by :func:`torch_psembed.export` (checksums verified)."""
         d = read_serving(os.fspath(path))
@@ -130,7 +134,8 @@ class InferenceEmbedding(nn.Module):
         if output == "cvm_lr_mf" and stats is None:
             raise ValueError(f"{path}: output='cvm_lr_mf' needs show/click, but this export has none "
                              "(export with with_stats=True)")
-        return cls(torch.from_numpy(d["keys"]), values, stats, mode, output, padding_id, include_last_offset)
+        return cls(torch.from_numpy(d["keys"]), values, stats, mode, output, padding_id, include_last_offset,
+                   cvm_click_prior)
 
     def forward(self, input: Tensor, offsets: Optional[Tensor] = None,
                 per_sample_weights: Optional[Tensor] = None) -> Tensor:
@@ -144,6 +149,7 @@ class InferenceEmbedding(nn.Module):
             padding_id=self.padding_id,
             include_last_offset=self.include_last_offset,
             push=False,
+            cvm_click_prior=self.cvm_click_prior,
         )
 
     def pull(self, keys: Tensor, with_stats: bool = False) -> Tensor:

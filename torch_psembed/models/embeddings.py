@@ -34,13 +34,14 @@ class PSSlotEmbedding(nn.Module):
         table (SparseTable): the table.
         num_slots (int): slots ``S`` per sample.
         output (str): ``PSEmbedding`` output kind. Default: ``"cvm_lr_mf"``.
+        cvm_click_prior (float): ``PSEmbedding``'s prior click count of the ctr column. Default: ``1.0``.
 
     Shape:
         - Input: ``keys (N,)``, ``offsets (B * S,)``
         - Output: ``(B, S, W)``, ``W = 3 + dim`` for ``cvm_lr_mf``
     """
 
-    def __init__(self, table, num_slots: int, output: str = "cvm_lr_mf") -> None:
+    def __init__(self, table, num_slots: int, output: str = "cvm_lr_mf", cvm_click_prior: float = 1.0) -> None:
         super().__init__()
         import torch_psembed as pse
 
@@ -51,10 +52,9 @@ class PSSlotEmbedding(nn.Module):
         self.cvm_cols = slice(0, 2) if output == "cvm_lr_mf" else slice(0, 0)
         self.lr_col: Optional[int] = lead - 1 if lead else None
         self.mf_cols = slice(lead, lead + table.dim)
-        self.single = pse.PSEmbedding(table, mode=None, output=output, slot=0)
-        self.per_slot = nn.ModuleList(
-            [pse.PSEmbedding(table, mode="sum", output=output, slot=i) for i in range(num_slots)]
-        )
+        kw = dict(output=output, cvm_click_prior=cvm_click_prior)
+        self.single = pse.PSEmbedding(table, mode=None, slot=0, **kw)
+        self.per_slot = nn.ModuleList([pse.PSEmbedding(table, mode="sum", slot=i, **kw) for i in range(num_slots)])
 
     def enable_timing(self, enabled: bool = True) -> None:
         """Sum the seconds per ``PSEmbedding`` phase (``Timings``) over this module's lookups."""
