@@ -688,3 +688,34 @@ if __name__ == "__main__":
         _dist_worker(sys.argv[2])
     else:
         raise SystemExit("usage: python tests/test_checkpoint.py dist-worker DIR")
+
+
+def test_a_save_takes_one_bucket_per_65536_keys_unless_told(tmp_path):
+    # Every bucket is 4 files per part: a small table (a delta saved after every pass) must not write 64 of
+    # them. The count is taken from the keys of all parts together, and an explicit count still wins.
+    assert [F.auto_num_buckets(n) for n in (0, 1, 65536, 65537, 64 * 65536, 10**9)] == [1, 1, 1, 2, 64, 64]
+    cfg = config()
+    small = populated("adagrad", n=900, seed=5)
+    small.save(tmp_path / "small", "base")
+    m = F.read_manifest(tmp_path / "small")
+    assert m["num_buckets"] == 1 and {e["bucket"] for e in m["files"] if e["bucket"] is not None} == {0}
+    small.save(tmp_path / "fixed", num_buckets=7)
+    assert F.read_manifest(tmp_path / "fixed")["num_buckets"] == 7
+
+    keys = np.arange(1, 70_001, dtype=np.int64)  # 35,000 keys per part: 70,000 in all -> 2 buckets
+    two = _parts(2, cfg)
+    owner = _C.route(keys, 2)
+    for i, part in enumerate(two):
+        k = keys[owner == i]
+        part.load_rows(k, np.zeros((k.size, part.base_width), np.float32), np.zeros(k.size, np.uint8),
+                       np.zeros((0, part.mf_width), np.float32))
+    chain = {"base_id": None, "sequence": 0}
+    s = save_group(LocalParts(two), cfg.to_dict(), chain, tmp_path / "two", "checkpoint")
+    assert s["rows"] == keys.size
+    m = F.read_manifest(tmp_path / "two")
+    assert m["num_buckets"] == 2
+    dest = _parts(1, cfg)
+    load_group(LocalParts(dest), cfg.to_dict(), chain, tmp_path / "two")
+    assert len(dest[0]) == keys.size
+    with pytest.raises(ValueError, match="num_buckets"):
+        small.save(tmp_path / "bad", num_buckets=0)

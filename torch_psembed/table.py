@@ -155,13 +155,13 @@ class SparseTable:
     def save(self, path: str, mode: str = "checkpoint", num_buckets: Optional[int] = None) -> Dict[str, Any]:
         """Save to directory ``path``; ``mode`` is ``checkpoint``, ``base`` or ``delta`` (see docs/format.md).
 
-        ``num_buckets`` (default 64) fixes how keys are partitioned into files; it does not depend on the
-        number of ranks, so a save from N ranks loads into M. Collective when the table is sharded.
+        ``num_buckets`` fixes how keys are partitioned into files (4 per bucket and server); by default one
+        bucket per 65,536 keys of the table, 1 to 64, so a small table's frequent delta saves write a few
+        files, not hundreds. It does not depend on the number of ranks, so a save from N ranks loads into
+        M. Collective when the table is sharded.
         """
         from .checkpoint import save_table
 
-        if num_buckets is None:
-            return save_table(self, path, mode)
         return save_table(self, path, mode, num_buckets=num_buckets)
 
     def load(self, path: str) -> Dict[str, Any]:

@@ -36,7 +36,12 @@ MANIFEST = "manifest.json"
 # Bucket of a key: _C.route(key XOR BUCKET_SALT, num_buckets) == mix64(key ^ salt) % num_buckets.
 # The salt keeps buckets independent of the server routing (mix64(key) % num_servers). Frozen.
 BUCKET_SALT = 0x5EED_C0DE_B0C4_E75A
-DEFAULT_NUM_BUCKETS = 64
+DEFAULT_NUM_BUCKETS = 64  # the most buckets a save takes when it chooses the count itself
+# A save that chooses its bucket count takes one bucket per this many rows of the table (1 to
+# DEFAULT_NUM_BUCKETS): every bucket costs 4 files per part, and creating and fsyncing a file costs ~0.3 ms
+# on the development VM whatever its size, so a 35k-row table saved in 64 buckets from 2 servers spent ~150
+# ms on 512 nearly empty files (docs/benchmarks.md, "Checkpoint").
+ROWS_PER_BUCKET = 65536
 BUCKET_RULE = "mix64(key ^ 0x5EEDC0DEB0C4E75A) % num_buckets"
 
 MODES = ("checkpoint", "base", "delta")
@@ -57,6 +62,12 @@ _SALT_I64 = np.array([BUCKET_SALT], dtype=np.uint64).view(np.int64)[0]
 # zlib.crc32, computed by _C (carry-less multiplies where the CPU has them: ~4x zlib's speed here; the same
 # value, tested against zlib in tests/test_checkpoint_load.py). zlib where _C predates it.
 crc32 = getattr(_C, "crc32", zlib.crc32)
+
+
+def auto_num_buckets(rows: int) -> int:
+    """The bucket count of a save of a table holding ``rows`` keys: ceil(rows / ROWS_PER_BUCKET), in
+    [1, DEFAULT_NUM_BUCKETS]."""
+    return max(1, min(DEFAULT_NUM_BUCKETS, -(-int(rows) // ROWS_PER_BUCKET)))
 
 
 def bucket_of(keys: np.ndarray, num_buckets: int) -> np.ndarray:

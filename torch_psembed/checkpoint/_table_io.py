@@ -4,7 +4,8 @@ The work is split into *server steps*: module-level functions ``fn(local_c_table
 *args)`` that run next to each ``_C.Table`` part (through ``backend.collective`` when the table is sharded, in
 this process otherwise), and the *writer step* (the manifest), done by one trainer. A save is:
 
-1. ``_srv_begin``: agree on a save id (server 0's) and create ``PATH/.tmp-<id>/``;
+1. ``_srv_begin_save``: agree on a save id (server 0's), create ``PATH/.tmp-<id>/`` and, unless the caller
+   fixed it, choose the bucket count from the table's size (``_format.auto_num_buckets``);
 2. ``_srv_write_part``: each server writes its rows of one moment, grouped by bucket: a checkpoint streams
    them from the table into the bucket files (``_C.Table.save_buckets``: mutating calls wait until every
    file is written, nothing but one bucket per thread is held in memory); a base/delta takes the snapshot
@@ -121,6 +122,11 @@ def set_chain(table, chain: Dict[str, Any]) -> None:
 def _srv_begin(local, index, num, path):
     os.makedirs(path, exist_ok=True)
     return uuid.uuid4().hex
+
+
+def _srv_begin_save(local, index, num, path):
+    """``_srv_begin``, plus this part's key count (the save's bucket count depends on the table's size)."""
+    return _srv_begin(local, index, num, path), len(local)
 
 
 def _srv_write_part(local, index, num, path, save_id, mode, num_buckets):
@@ -302,19 +308,24 @@ def save_group(
     chain: Dict[str, Any],
     path,
     mode: str,
-    num_buckets: int = F.DEFAULT_NUM_BUCKETS,
+    num_buckets: Optional[int] = None,
 ) -> Dict[str, Any]:
-    """Save every part of ``group`` to ``path``. Returns the summary; ``summary["chain"]`` is the new chain."""
+    """Save every part of ``group`` to ``path``. Returns the summary; ``summary["chain"]`` is the new chain.
+    ``num_buckets=None`` takes ``_format.auto_num_buckets`` of the table's key count."""
     if mode not in F.MODES:
         raise ValueError(f"mode must be one of {F.MODES}, got {mode!r}")
-    if not isinstance(num_buckets, int) or not 1 <= num_buckets <= 9999:
+    if num_buckets is not None and (isinstance(num_buckets, bool) or not isinstance(num_buckets, int)
+                                    or not 1 <= num_buckets <= 9999):
         raise ValueError(f"num_buckets must be an int in [1, 9999], got {num_buckets!r}")
     path = _check_path(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"path must be a directory (or not exist yet), got the file {path}")
     t0 = time.perf_counter()
     group.flush()
-    save_id = group.run(_srv_begin, path)[0]
+    begun = group.run(_srv_begin_save, path)
+    save_id = begun[0][0]
+    if num_buckets is None:
+        num_buckets = F.auto_num_buckets(sum(rows for _, rows in begun))
     try:
         parts = group.run(_srv_write_part, path, save_id, mode, num_buckets)
     except BaseException:
@@ -469,7 +480,7 @@ def load_group(group: _Group, config_dict: Dict[str, Any], chain: Dict[str, Any]
 
 # -- the SparseTable entry points -----------------------------------------------------------------------------
 
-def save_table(table, path, mode: str = "checkpoint", num_buckets: int = F.DEFAULT_NUM_BUCKETS) -> Dict[str, Any]:
+def save_table(table, path, mode: str = "checkpoint", num_buckets: Optional[int] = None) -> Dict[str, Any]:
     """Save ``table`` to directory ``path`` (see :meth:`SparseTable.save` and docs/format.md)."""
     summary = save_group(group_of(table), table.config.to_dict(), chain_of(table), path, mode, num_buckets)
     set_chain(table, summary["chain"])
