@@ -327,6 +327,34 @@ def test_admission_counts_and_is_deterministic(make_c_table):
     assert 300 < len(expected) < 700
 
 
+def test_big_calls_are_bitwise_the_same_on_any_number_of_threads(make_c_table):
+    # Past 4,096 keys a call runs on the pool and partitions its keys by shard in one chunk per thread:
+    # every thread count must sum a key's duplicates in input order, keep the last slot, skip the same NaN
+    # rows and pull the same rows, bit for bit.
+    rng = np.random.default_rng(11)
+    acc = CtrAccessorConfig(embedx_threshold=0.5)
+    tables = [make_c_table(dim=4, accessor=acc, seed=3, num_threads=n, num_shards=8, nan_policy="skip")
+              for n in (1, 2, 4)]
+    universe = rng.integers(-(2**63), 2**63 - 1, 3000, dtype=np.int64)
+    for _ in range(3):
+        n = 30_000
+        keys = universe[rng.integers(0, universe.size, n)]
+        grads = rng.standard_normal((n, 5)).astype(np.float32)
+        grads[rng.random(n) < 0.01, 2] = np.nan
+        shows = rng.integers(0, 3, n).astype(np.float32)
+        clicks = (shows * (rng.random(n) < 0.3)).astype(np.float32)
+        slots = rng.integers(0, 50, n).astype(np.int32)
+        skipped = {t.push(keys, grads, shows, clicks, slots) for t in tables}
+        assert len(skipped) == 1 and skipped.pop() > 0
+    want = tables[0].export("checkpoint")
+    probe = np.concatenate([universe, rng.integers(0, 2**62, 10_000, dtype=np.int64)])
+    for t in tables[1:]:
+        got = t.export("checkpoint")
+        for col in ("keys", "base", "has_mf", "mf"):
+            np.testing.assert_array_equal(got[col], want[col], err_msg=col)
+        np.testing.assert_array_equal(t.pull(probe, True), tables[0].pull(probe, True))
+
+
 def test_admission_draw_index_is_the_push(make_c_table):
     """A key's draw in a push is u(seed, key, 3, push_id) (day 0): the table's own count of pushes, or the
     push_id the caller passes, so a key refused by one push draws again in the next, also after deletion."""

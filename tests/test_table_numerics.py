@@ -712,15 +712,17 @@ def test_admission_matches_documented_generator():
 # ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("num_threads", [1, 2])
+@pytest.mark.parametrize("num_threads", [1, 2, 4])
 def test_large_batches_parallel_path(num_threads):
+    # 20,000 keys: past the 4,096 at which a call goes to the thread pool, and cut into 2 or 4 chunks when
+    # partitioned by shard (a duplicate's copies fall into different chunks; the sums keep input order).
     cfg = TableConfig(dim=8, accessor=_accessor(embedx_threshold=1.0), lr_optimizer=_rule("adagrad", "lr"),
                       mf_optimizer=_rule("adam", "mf"), seed=123, num_shards=16, num_threads=num_threads)
     table, ref = _pair(cfg)
     rng = np.random.default_rng(77)
-    universe = _universe(rng, 800)
+    universe = _universe(rng, 8000)  # ~2.5 pushes per key and step: some stay below the delete threshold
     for step in range(3):
-        n = 3000
+        n = 20_000
         keys = universe[rng.integers(0, len(universe), n)]
         shows = rng.integers(0, 3, n)
         _push_both(table, ref, keys, rng.standard_normal((n, 9)) * 2.0, shows, rng.binomial(shows, 0.3),

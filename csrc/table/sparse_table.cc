@@ -108,7 +108,7 @@ struct SparseTable::Partition {
   std::vector<uint64_t> skeys;   // keys[order[j]]
   std::vector<uint64_t> shashes; // hashes[order[j]]
   std::vector<uint32_t> begin;   // shard s owns order[begin[s], begin[s+1])
-  std::vector<uint32_t> cursor;  // scratch of the counting sort
+  std::vector<uint32_t> cursor;  // counting sort: chunk c's next slot of shard s at cursor[c * shards + s]
 
   // Calls up to this many keys keep their scratch for the next call; a bigger call frees it
   // afterwards, so one huge push does not pin ~28 bytes/key of scratch in its thread forever.
@@ -135,37 +135,63 @@ SparseTable::~SparseTable() = default;
 
 void SparseTable::PartitionKeys(const uint64_t* keys, size_t n, const uint8_t* skip, Partition* p) const {
   const uint32_t num_shards = static_cast<uint32_t>(shards_.size());
+  // A parallel counting sort: the input is cut into chunks (one per thread, each of at least
+  // kParallelMinKeys keys), each chunk hashes and counts its keys, then scatters them behind the runs of
+  // the chunks before it. Done on the calling thread alone, this pass bounded a pull on 16 threads at
+  // ~3x its 1-thread rate (docs/benchmarks.md, "Table", session 7).
+  const size_t chunks = std::max<size_t>(1, std::min<size_t>(num_threads(), n / kParallelMinKeys));
+  auto chunk_begin = [n, chunks](size_t c) { return n * c / chunks; };
+  auto for_each_chunk = [&](const std::function<void(size_t)>& fn) {
+    if (chunks == 1) {
+      fn(0);
+    } else {
+      pool_->ParallelFor(chunks, fn, num_threads());
+    }
+  };
   p->hashes.resize(n);
-  p->begin.assign(num_shards + 1, 0);
+  p->cursor.assign(chunks * num_shards, 0);
   uint64_t* hashes = p->hashes.data();
-  uint32_t* begin = p->begin.data();
-  size_t kept = 0;
-  for (size_t i = 0; i < n; ++i) {
-    const uint64_t h = TableHash(keys[i]);
-    hashes[i] = h;
-    if (skip == nullptr || !skip[i]) {
-      ++begin[ShardOf(h, num_shards) + 1];
-      ++kept;
+  uint32_t* cursor = p->cursor.data();
+  // Pass 1: hash every key; count each chunk's kept keys per shard.
+  for_each_chunk([&](size_t c) {
+    uint32_t* count = cursor + c * num_shards;
+    for (size_t i = chunk_begin(c), e = chunk_begin(c + 1); i < e; ++i) {
+      const uint64_t h = TableHash(keys[i]);
+      hashes[i] = h;
+      if (skip == nullptr || !skip[i]) ++count[ShardOf(h, num_shards)];
+    }
+  });
+  // Counts -> first destination of each (chunk, shard): shard by shard, chunks in input order, so a
+  // shard's run keeps the input order (the merge of duplicates sums in that order).
+  p->begin.resize(num_shards + 1);
+  uint32_t total = 0;
+  for (uint32_t s = 0; s < num_shards; ++s) {
+    p->begin[s] = total;
+    for (size_t c = 0; c < chunks; ++c) {
+      const uint32_t k = cursor[c * num_shards + s];
+      cursor[c * num_shards + s] = total;
+      total += k;
     }
   }
-  for (uint32_t s = 0; s < num_shards; ++s) p->begin[s + 1] += p->begin[s];
-  p->order.resize(kept);
-  p->skeys.resize(kept);
-  p->shashes.resize(kept);
-  p->cursor.assign(p->begin.begin(), p->begin.end() - 1);
-  uint32_t* cursor = p->cursor.data();
+  p->begin[num_shards] = total;
+  p->order.resize(total);
+  p->skeys.resize(total);
+  p->shashes.resize(total);
   uint32_t* order = p->order.data();
   uint64_t* skeys = p->skeys.data();
   uint64_t* shashes = p->shashes.data();
-  // Scatter into per-shard runs (sequential reads, one write stream per shard), so each shard task
-  // then reads its keys and hashes contiguously.
-  for (size_t i = 0; i < n; ++i) {
-    if (skip != nullptr && skip[i]) continue;
-    const uint32_t d = cursor[ShardOf(hashes[i], num_shards)]++;
-    order[d] = static_cast<uint32_t>(i);
-    skeys[d] = keys[i];
-    shashes[d] = hashes[i];
-  }
+  // Pass 2: scatter into per-shard runs (sequential reads, one write stream per shard), so each shard
+  // task then reads its keys and hashes contiguously.
+  for_each_chunk([&](size_t c) {
+    uint32_t* next = cursor + c * num_shards;
+    for (size_t i = chunk_begin(c), e = chunk_begin(c + 1); i < e; ++i) {
+      if (skip != nullptr && skip[i]) continue;
+      const uint32_t d = next[ShardOf(hashes[i], num_shards)]++;
+      order[d] = static_cast<uint32_t>(i);
+      skeys[d] = keys[i];
+      shashes[d] = hashes[i];
+    }
+  });
 }
 
 void SparseTable::RunShards(size_t num_keys, const std::function<void(size_t)>& fn) {

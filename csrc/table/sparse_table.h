@@ -209,7 +209,7 @@ class SparseTable {
 
  private:
   struct Partition;
-  // Buckets keys[0..n) by shard, stable, skipping rows marked in skip.
+  // Buckets keys[0..n) by shard, stable, skipping rows marked in skip; on the pool, in chunks, for large n.
   void PartitionKeys(const uint64_t* keys, size_t n, const uint8_t* skip, Partition* p) const;
   // Decay by factor, unseen += add_unseen, delete; appends tombstones. Returns deleted.
   size_t DecayAndDeleteAll(double factor, uint32_t add_unseen, int64_t new_day_index = -1);
