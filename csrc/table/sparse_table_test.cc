@@ -98,11 +98,13 @@ void TestSingleThreaded() {
 }
 
 void TestConcurrentPushPullShrinkExport() {
-  TableOptions o = CountingOptions(2);
+  TableOptions o = CountingOptions(3);
   SparseTable t(o);
   constexpr int kPushers = 3;
   constexpr int kIters = 40;
-  constexpr size_t kBatch = 5000;  // above the parallel threshold: the pool runs shard tasks
+  // Above twice the parallel threshold (4096): the pool partitions the keys in 2-3 chunks, then runs
+  // the shard tasks.
+  constexpr size_t kBatch = 9000;
   constexpr uint64_t kKeySpace = 20000;
   std::atomic<int> pushers_left{kPushers};
   std::atomic<long> exports{0}, pulls{0};
@@ -120,7 +122,7 @@ void TestConcurrentPushPullShrinkExport() {
   threads.emplace_back([&] {  // puller: never a torn row
     std::mt19937_64 rng(7);
     while (pushers_left.load() > 0) {
-      Batch b(6000, o.dim, kKeySpace, &rng);
+      Batch b(13000, o.dim, kKeySpace, &rng);
       std::vector<float> out(b.keys.size() * (3 + o.dim));
       t.Pull(b.keys.data(), b.keys.size(), true, out.data());
       CheckRowsWhole(out, b.keys.size(), o.dim);
