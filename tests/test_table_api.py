@@ -168,6 +168,32 @@ def test_nan_grads_raise_naming_grads_and_row(make_c_table, bad):
     assert_same_snapshot(before, snapshot(t))
 
 
+def test_a_big_push_names_the_first_bad_value_whichever_chunk_holds_it(make_c_table):
+    # Past 8,192 values the checks run in chunks on the pool: the error must still name the first bad
+    # index of the whole push (the later one sits in an earlier-finishing chunk just as likely), and the
+    # table must not change.
+    t = make_c_table(dim=4, num_threads=4)
+    n = 40_000
+    keys = np.arange(1, n + 1, dtype=np.int64)
+    grads, shows, clicks = np.zeros((n, 5), np.float32), np.ones(n, np.float32), np.zeros(n, np.float32)
+    t.push(keys[:100], grads[:100], shows[:100], clicks[:100])
+    before = snapshot(t)
+    cases = [("shows", (shows, [35_000, 12_345]), r"shows\[12345\] = -1"),
+             ("clicks", (clicks, [39_999, 20_001]), r"clicks\[20001\] = -1"),
+             ("grads", (grads, [30_000, 10_002]), r"grads has NaN/Inf in row 10002 \(key 10003\)")]
+    for name, (arr, rows), msg in cases:
+        bad = arr.copy()
+        for r in rows:
+            if bad.ndim == 2:
+                bad[r, 1] = np.nan
+            else:
+                bad[r] = -1.0
+        args = {"shows": shows, "clicks": clicks, "grads": grads, name: bad}
+        with pytest.raises(ValueError, match=msg):
+            t.push(keys, args["grads"], args["shows"], args["clicks"])
+        assert_same_snapshot(before, snapshot(t))
+
+
 def test_slots_validation(make_c_table):
     t = _filled(make_c_table)
     before = snapshot(t)

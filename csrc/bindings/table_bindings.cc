@@ -11,6 +11,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -396,9 +397,22 @@ class PyTable {
     std::vector<uint8_t> skip;
     {
       py::gil_scoped_release release;
-      bad_show = FirstBadCount(s, n);
-      bad_click = FirstBadCount(c, n);
-      const bool all_finite = AllFinite(g, n * gw);
+      // On the table's pool in chunks, like its own passes over the keys: on one thread these three
+      // scans were a serial step of a push on many cores. The first bad index of all = the least of
+      // the chunks' (each chunk reports its own first, or n).
+      const size_t chunks = table_->Chunks(n);
+      std::vector<size_t> first_show(chunks, n), first_click(chunks, n);
+      std::vector<uint8_t> finite(chunks, 1);
+      table_->ForEachChunk(n, chunks, [&](size_t ch, size_t begin, size_t end) {
+        const size_t bs = FirstBadCount(s + begin, end - begin);
+        const size_t bc = FirstBadCount(c + begin, end - begin);
+        if (bs < end - begin) first_show[ch] = begin + bs;
+        if (bc < end - begin) first_click[ch] = begin + bc;
+        finite[ch] = AllFinite(g + begin * gw, (end - begin) * gw) ? 1 : 0;
+      });
+      bad_show = *std::min_element(first_show.begin(), first_show.end());
+      bad_click = *std::min_element(first_click.begin(), first_click.end());
+      const bool all_finite = std::all_of(finite.begin(), finite.end(), [](uint8_t f) { return f != 0; });
       for (size_t i = 0; i < n && !all_finite; ++i) {  // rows are searched only if a value is bad
         const float* row = g + i * gw;
         bool finite = true;

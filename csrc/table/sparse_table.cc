@@ -133,29 +133,33 @@ void SparseTable::set_num_threads(int n) {
 
 SparseTable::~SparseTable() = default;
 
+size_t SparseTable::Chunks(size_t n) const {
+  return std::max<size_t>(1, std::min<size_t>(num_threads(), n / kParallelMinKeys));
+}
+
+void SparseTable::ForEachChunk(size_t n, size_t chunks, const std::function<void(size_t, size_t, size_t)>& fn) const {
+  auto run = [&](size_t c) { fn(c, n * c / chunks, n * (c + 1) / chunks); };
+  if (chunks == 1) {
+    run(0);
+  } else {
+    pool_->ParallelFor(chunks, run, num_threads());
+  }
+}
+
 void SparseTable::PartitionKeys(const uint64_t* keys, size_t n, const uint8_t* skip, Partition* p) const {
   const uint32_t num_shards = static_cast<uint32_t>(shards_.size());
-  // A parallel counting sort: the input is cut into chunks (one per thread, each of at least
-  // kParallelMinKeys keys), each chunk hashes and counts its keys, then scatters them behind the runs of
-  // the chunks before it. Done on the calling thread alone, this pass bounded a pull on 16 threads at
-  // ~3x its 1-thread rate (docs/benchmarks.md, "Table", session 7).
-  const size_t chunks = std::max<size_t>(1, std::min<size_t>(num_threads(), n / kParallelMinKeys));
-  auto chunk_begin = [n, chunks](size_t c) { return n * c / chunks; };
-  auto for_each_chunk = [&](const std::function<void(size_t)>& fn) {
-    if (chunks == 1) {
-      fn(0);
-    } else {
-      pool_->ParallelFor(chunks, fn, num_threads());
-    }
-  };
+  // A parallel counting sort, in chunks (ForEachChunk): each chunk hashes and counts its keys, then
+  // scatters them behind the runs of the chunks before it. Done on the calling thread alone, this pass
+  // bounded a pull on 16 threads at ~3x its 1-thread rate (docs/benchmarks.md, "Table", session 7).
+  const size_t chunks = Chunks(n);
   p->hashes.resize(n);
   p->cursor.assign(chunks * num_shards, 0);
   uint64_t* hashes = p->hashes.data();
   uint32_t* cursor = p->cursor.data();
   // Pass 1: hash every key; count each chunk's kept keys per shard.
-  for_each_chunk([&](size_t c) {
+  ForEachChunk(n, chunks, [&](size_t c, size_t begin, size_t end) {
     uint32_t* count = cursor + c * num_shards;
-    for (size_t i = chunk_begin(c), e = chunk_begin(c + 1); i < e; ++i) {
+    for (size_t i = begin; i < end; ++i) {
       const uint64_t h = TableHash(keys[i]);
       hashes[i] = h;
       if (skip == nullptr || !skip[i]) ++count[ShardOf(h, num_shards)];
@@ -182,9 +186,9 @@ void SparseTable::PartitionKeys(const uint64_t* keys, size_t n, const uint8_t* s
   uint64_t* shashes = p->shashes.data();
   // Pass 2: scatter into per-shard runs (sequential reads, one write stream per shard), so each shard
   // task then reads its keys and hashes contiguously.
-  for_each_chunk([&](size_t c) {
+  ForEachChunk(n, chunks, [&](size_t c, size_t begin, size_t end) {
     uint32_t* next = cursor + c * num_shards;
-    for (size_t i = chunk_begin(c), e = chunk_begin(c + 1); i < e; ++i) {
+    for (size_t i = begin; i < end; ++i) {
       if (skip != nullptr && skip[i]) continue;
       const uint32_t d = next[ShardOf(hashes[i], num_shards)]++;
       order[d] = static_cast<uint32_t>(i);
