@@ -304,3 +304,37 @@ def test_default_accessor_is_the_reference_score_scaled_by_an_eighth():
     # the rest is the reference's
     for f in ("delta_keep_days", "show_click_decay_rate", "delete_after_unseen_days", "show_scale"):
         assert getattr(acc, f) == getattr(ref, f)
+
+
+def _buffers_worker(rank, port, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch.distributed as dist
+    from torch_psembed.train import _Job, _Runtime
+
+    cfg = load_config(["--embedding", "hashed", "--hashed-size", "64", "--set", "threads=1"])
+    rt = _Runtime(cfg)
+    try:
+        job = _Job(cfg, rt, num_slots=3)
+        assert job.ddp.broadcast_buffers is False  # no collective per forward
+        norm = job.model.norm
+        norm.running_mean.fill_(float(rank + 1))  # the ranks' statistics differ, as after a pass
+        norm.num_batches_tracked.fill_(10 * (rank + 1))
+        job.sync_buffers()
+        got = [torch.zeros_like(norm.running_mean) for _ in range(2)]
+        dist.all_gather(got, norm.running_mean)
+        torch.save({"means": got, "tracked": int(norm.num_batches_tracked)}, f"{out}.{rank}")
+    finally:
+        rt.shutdown()
+
+
+@pytest.mark.distributed
+def test_sync_buffers_gives_every_rank_rank_0s_running_statistics(tmp_path):
+    # DDP runs with broadcast_buffers=False (no broadcast before each forward); the job sends rank 0's
+    # buffers once a pass instead, so evaluation on any rank uses the statistics a checkpoint saves.
+    out = str(tmp_path / "buf")
+    torch.multiprocessing.spawn(_buffers_worker, args=(free_port(), out), nprocs=2, join=True)
+    for rank in range(2):
+        r = torch.load(f"{out}.{rank}")
+        assert r["tracked"] == 10
+        for m in r["means"]:
+            assert torch.equal(m, torch.ones_like(m))

@@ -408,7 +408,13 @@ class _Job:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DDP(self.model, device_ids=ids, process_group=rt.group, find_unused_parameters=False)
+            # broadcast_buffers=False: DDP would broadcast rank 0's buffers (BatchNorm's running statistics)
+            # before every forward, a collective per step that took ~20% of a batch-256 pass on 2 CPU
+            # processes (docs/benchmarks.md, "Main job", session 7). Training mode never reads them, and
+            # rank 0's never depend on the other ranks either way, so sync_buffers() sends rank 0's once
+            # a pass, before anything reads them (evaluation, saves).
+            self.ddp = DDP(self.model, device_ids=ids, process_group=rt.group, find_unused_parameters=False,
+                           broadcast_buffers=False)
         else:
             self.ddp = self.model
         self._last_counters: Dict[str, int] = {}
@@ -456,6 +462,14 @@ class _Job:
         if self.rt.distributed:
             return self.ddp.join()
         return contextlib.nullcontext()
+
+    def sync_buffers(self) -> None:
+        """Every rank takes rank 0's model buffers (the running statistics evaluation and saves use)."""
+        if not self.rt.distributed:
+            return
+        src = dist.get_global_rank(self.rt.group, 0) if self.rt.group is not None else 0
+        for buf in self.model.buffers():
+            dist.broadcast(buf, src=src, group=self.rt.group)
 
     # -- stats and saves ---------------------------------------------------------------------------------
     def table_stats(self) -> Dict[str, Any]:
@@ -577,6 +591,7 @@ def _run_pass(job: _Job, rt: _Runtime, cfg: Dict[str, Any], source, day: int, p:
             if i % 20 == 19:
                 bar.set_postfix(auc=f"{metrics.running_auc():.4f}")
     bar.close()
+    job.sync_buffers()
     stream.warn(f"day {day} pass {p} (rank {rt.rank})")
     res = metrics.result(rt.group)
     if res["samples"] == 0:
