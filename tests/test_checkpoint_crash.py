@@ -55,7 +55,7 @@ CHILD = textwrap.dedent(
     t, keys, base, has, mf = rows(0)
     t._backend.load_rows(keys, base, has, mf)
     if point != "first_save":
-        t.save(path)
+        t.save(path, num_buckets=64)  # 256 files: the kill below lands after the 19th
         print("SAVED", flush=True)
         _, keys, base, has, mf = rows(1)
         t._backend.load_rows(keys, base, has, mf)
@@ -100,7 +100,7 @@ CHILD = textwrap.dedent(
                 stop()
             return real_replace(src, dst)
         os.replace = replace
-    t.save(path)
+    t.save(path, num_buckets=64)
     print("DONE", flush=True)
     """
 )
