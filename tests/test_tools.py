@@ -138,3 +138,10 @@ def test_deeply_nested_manifest_is_reported_not_a_recursion_error(tmp_path, comm
     assert main([command, str(tmp_path)]) != 0
     out = capsys.readouterr()
     assert "CorruptCheckpointError" in out.out + out.err and "nested too deeply" in out.out + out.err
+
+
+def test_merge_takes_the_save_rule_for_its_bucket_count(chain, tmp_path):
+    paths, _ = chain
+    assert main(["merge"] + paths + ["-o", str(tmp_path / "merged")]) == 0
+    m = F.read_manifest(tmp_path / "merged")
+    assert m["num_buckets"] == F.auto_num_buckets(m["rows"]) == 1  # a few hundred rows: one bucket

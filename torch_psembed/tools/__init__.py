@@ -71,7 +71,8 @@ def merge(paths: Sequence, out, num_buckets: Optional[int] = None) -> Dict[str, 
     """
     paths = [os.path.abspath(os.fspath(p)) for p in paths]
     rows, first, last = _rows_from_paths(paths)
-    nb = int(num_buckets or first["num_buckets"])
+    # the rule of SparseTable.save (one bucket per 65,536 rows) applied to the merged rows, unless given
+    nb = int(num_buckets) if num_buckets else F.auto_num_buckets(rows["keys"].shape[0])
     out = os.path.abspath(os.fspath(out))
     os.makedirs(out, exist_ok=True)
     save_id = uuid.uuid4().hex

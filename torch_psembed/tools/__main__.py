@@ -65,7 +65,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     pm = sub.add_parser("merge", help="apply deltas to a base (or checkpoint), write a base save")
     pm.add_argument("paths", nargs="+", metavar="path", help="the base, then its deltas in order")
     pm.add_argument("-o", "--out", required=True)
-    pm.add_argument("--buckets", type=int, default=None, help="buckets of the output (default: the base's)")
+    pm.add_argument("--buckets", type=int, default=None, help="buckets of the output (default: one per 65,536 rows, 1 to 64, as a save)")
     pe = sub.add_parser("export", help="write serving files from a save (and its deltas)")
     pe.add_argument("paths", nargs="+", metavar="path", help="a save, then optionally its deltas in order")
     pe.add_argument("-o", "--out", required=True)
