@@ -193,11 +193,94 @@ def test_criteo_parser_buckets_and_hashes():
         ("1\t2\t3\n", "40 tab-separated columns"),
         (_criteo_row(label="2"), "label"),
         (_criteo_row(ints=["x"] + [""] * 12), "I1"),
+        (_criteo_row(ints=[""] * 4 + ["-8589934593"] + [""] * 8), "I5 is below"),
     ],
 )
 def test_criteo_parser_rejects(line, match):
     with pytest.raises(ValueError, match=match):
         CriteoParser().parse(line)
+
+
+def _odd_criteo_lines(rng, n):
+    """Lines mixing the common forms with every unusual and bad form of a column."""
+    ints = ["", "0", "5", "-2", "-3", "1000", "007", "-0", "999999999999999999", "1234567890123456789", "+5", " 5",
+            "1_000", "-8589934592", "-8589934593", "x", "1.5", "\u0663"]
+    cats = ["", "68fd1e64", "FFFFFFFFFFFFFFFF", "0", "a" * 17, "zz not hex", "0x1f", "-1f", "caf\u00e9", "1_f", " 1f"]
+    lines = []
+    for _ in range(n):
+        label = rng.choice(["0", "1", "1", "0", "2", ""])
+        row = [str(label)] + [str(rng.choice(ints)) for _ in range(13)] + [str(rng.choice(cats)) for _ in range(26)]
+        cut = rng.random()
+        if cut < 0.03:
+            row = row[:-1]  # 39 columns
+        elif cut < 0.06:
+            row = row + ["extra"]
+        lines.append("\t".join(row) + rng.choice(["\n", "\r\n", ""]))
+    return lines
+
+
+def _parse_each(lines):
+    out = []
+    for line in lines:
+        try:
+            out.append(CriteoParser().parse(line))
+        except ValueError as e:
+            out.append(str(e))
+    return out
+
+
+def test_parse_lines_is_parse_line_by_line():
+    # The C++ fast path takes only the lines it can answer exactly; the rest go through parse. Either way the
+    # result must be parse's, value for value, and the same errors for the same lines.
+    rng = np.random.default_rng(5)
+    common = [_criteo_row(label=str(i % 2), ints=[str(i - 3)] + [""] * 12,
+                          cats=["%08x" % (i * 2654435761 % 2**32)] * 26) for i in range(200)]
+    lines = common + _odd_criteo_lines(rng, 2000)
+    if os.path.isdir(CRITEO):
+        with open(os.path.join(CRITEO, "train.txt"), encoding="utf-8", errors="replace") as f:
+            lines += f.readlines()
+    labels, values, good, errors = CriteoParser().parse_lines(lines)
+    want = _parse_each(lines)
+    err = dict(errors)
+    for i, w in enumerate(want):
+        if isinstance(w, str):
+            assert not good[i] and err[i] == w, (i, lines[i])
+        else:
+            assert good[i] and i not in err, (i, lines[i])
+            assert labels[i] == w[0] and values[i].tolist() == w[2], (i, lines[i])
+    n_bad = sum(isinstance(w, str) for w in want)
+    assert 200 < n_bad < len(lines) - 400  # both kinds are well represented
+    from torch_psembed import _C
+
+    assert int(_C.parse_criteo(lines)[2].sum()) > 400  # and the fast path took the common lines
+    with pytest.raises(TypeError, match="list of str"):
+        _C.parse_criteo(["0\t1", b"0\t1"])
+
+
+def test_criteo_file_batches_are_the_same_by_lines_or_in_bulk(tmp_path):
+    # The dataset parses Criteo files a batch of lines at a time; its batches (bad rows skipped, the rest in
+    # order, batch_size good rows each) must be those of the line-by-line loop that other formats use.
+    class LineByLine(CriteoParser):
+        parse_lines = None
+
+    rng = np.random.default_rng(9)
+    lines = _odd_criteo_lines(rng, 700)  # mostly bad or unusual: the Python parser's lines
+    for i in range(0, 700, 2):  # and common lines (the fast path's) between them
+        lines[i] = _criteo_row(label=str(i % 2), ints=[str(i)] * 13, cats=["%08x" % (i * 40503)] * 26)
+    f = tmp_path / "day.txt"
+    f.write_text("".join(line if line.endswith("\n") else line + "\n" for line in lines))
+    for workers in (0, 2):
+        got = []
+        for parser in (CriteoParser(), LineByLine()):
+            ds = FileSource(str(f), batch_size=16).train_dataset(0)
+            ds.parser = parser
+            stream = BatchStream(make_loader(ds, workers))
+            batches = [(b["labels"].numpy(), b["keys"].numpy()) for b in stream]
+            got.append((batches, stream.bad_rows, stream.rows))
+        (a, bad_a, rows_a), (b, bad_b, rows_b) = got
+        assert bad_a == bad_b > 0 and rows_a == rows_b > 16 and len(a) == len(b)
+        for (la, ka), (lb, kb) in zip(a, b):
+            assert np.array_equal(la, lb) and np.array_equal(ka, kb)
 
 
 def test_bad_rows_are_counted_skipped_and_warned(tmp_path):

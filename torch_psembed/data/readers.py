@@ -11,7 +11,9 @@ a slot may hold any number of feasigns (the bag is sum-pooled), feasigns are uns
 they are.
 
 A parser turns one line into ``(label, slot_indices, values)`` or raises ``ValueError`` with the reason;
-the dataset counts and skips such rows.
+the dataset counts and skips such rows. ``CriteoParser.parse_lines`` parses many lines at once: the common
+lines in C++ (``_C.parse_criteo``, ~30x faster), every other line with ``parse``, which stays the one
+definition of the format.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 from .hashing import feasigns, hash_string
 
-__all__ = ["CriteoParser", "SlotParser", "make_parser", "assemble"]
+__all__ = ["CriteoParser", "SlotParser", "make_parser", "assemble", "assemble_criteo"]
 
 _MISSING = 1 << 63
 _INT_OFFSET = 1 << 33
@@ -58,6 +60,8 @@ class CriteoParser:
                 v = int(s)
             except ValueError:
                 raise ValueError(f"integer column I{i + 1} is not an integer: {s[:20]!r}") from None
+            if v < -_INT_OFFSET:  # v + offset would be negative: no slot value
+                raise ValueError(f"integer column I{i + 1} is below -2**33: {s[:20]!r}")
             values[i] = (v.bit_length() if v > 0 else v) + _INT_OFFSET
         for j in range(26):
             s = f[14 + j]
@@ -72,6 +76,31 @@ class CriteoParser:
                     v = -1
             values[13 + j] = v if v >= 0 else hash_string(s)
         return label, None, values
+
+    def parse_lines(self, lines: List[str]) -> Tuple[np.ndarray, np.ndarray, np.ndarray, List[Tuple[int, str]]]:
+        """Parse many lines: ``(labels float32[n], values uint64[n, 39], good bool[n], errors)``, where
+        ``errors`` lists ``(i, reason)`` for each line ``parse`` refuses (its row in ``labels``/``values`` is
+        then meaningless). The same values as ``parse``, line by line."""
+        from .. import _C
+
+        fast = getattr(_C, "parse_criteo", None)
+        n = len(lines)
+        if fast is None:  # an older build: every line through parse
+            labels, values, ok = np.zeros(n, np.float32), np.zeros((n, 39), np.uint64), np.zeros(n, np.uint8)
+        else:
+            labels, values, ok = fast(lines)
+        good = ok.astype(bool)
+        errors: List[Tuple[int, str]] = []
+        for i in np.flatnonzero(~good).tolist():  # bad or unusual lines: the Python parser decides
+            try:
+                label, _, vals = self.parse(lines[i])
+            except ValueError as e:
+                errors.append((i, str(e)))
+                continue
+            labels[i] = label
+            values[i] = vals
+            good[i] = True
+        return labels, values, good, errors
 
 
 class SlotParser:
@@ -136,25 +165,34 @@ def assemble(parser, rows: List[Tuple[float, Optional[List[int]], List[int]]]) -
     S = parser.num_slots
     labels = np.fromiter((r[0] for r in rows), dtype=np.float32, count=B)
     if isinstance(parser, CriteoParser):
-        vals = np.array([r[2] for r in rows], dtype=np.uint64).reshape(B, S)
-        slots = np.broadcast_to(np.arange(S, dtype=np.uint64), (B, S))
-        keys = feasigns(vals, slots).reshape(-1)
-        offsets = np.arange(B * S, dtype=np.int64)
-        key_slots = np.tile(np.arange(S, dtype=np.int32), B)
-    else:
-        n = [len(r[2]) for r in rows]
-        sample = np.repeat(np.arange(B, dtype=np.int64), n)
-        slot_idx = np.fromiter((i for r in rows for i in r[1]), dtype=np.int64, count=len(sample))
-        vals = np.fromiter((v for r in rows for v in r[2]), dtype=np.uint64, count=len(sample))
-        order = np.lexsort((slot_idx, sample))  # by sample, then slot; stable within a bag
-        bag = sample[order] * S + slot_idx[order]
-        counts = np.bincount(bag, minlength=B * S)
-        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        keys = vals[order].view(np.int64)
-        key_slots = slot_idx[order].astype(np.int32)
+        return assemble_criteo(labels, np.array([r[2] for r in rows], dtype=np.uint64).reshape(B, S))
+    n = [len(r[2]) for r in rows]
+    sample = np.repeat(np.arange(B, dtype=np.int64), n)
+    slot_idx = np.fromiter((i for r in rows for i in r[1]), dtype=np.int64, count=len(sample))
+    vals = np.fromiter((v for r in rows for v in r[2]), dtype=np.uint64, count=len(sample))
+    order = np.lexsort((slot_idx, sample))  # by sample, then slot; stable within a bag
+    bag = sample[order] * S + slot_idx[order]
+    counts = np.bincount(bag, minlength=B * S)
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    keys = vals[order].view(np.int64)
+    key_slots = slot_idx[order].astype(np.int32)
     return {
         "labels": torch.from_numpy(labels),
         "keys": torch.from_numpy(np.ascontiguousarray(keys)),
         "offsets": torch.from_numpy(offsets),
         "slots": torch.from_numpy(np.ascontiguousarray(key_slots)),
+    }
+
+
+def assemble_criteo(labels: np.ndarray, values: np.ndarray) -> Dict[str, torch.Tensor]:
+    """A batch dict (as :func:`assemble`) from Criteo rows: ``labels`` float32 ``(B,)``, slot ``values`` uint64
+    ``(B, 39)``; one feasign per slot, so ``offsets`` is ``arange(B * 39)``."""
+    B, S = values.shape
+    slots = np.broadcast_to(np.arange(S, dtype=np.uint64), (B, S))
+    keys = feasigns(values, slots).reshape(-1)
+    return {
+        "labels": torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32)),
+        "keys": torch.from_numpy(np.ascontiguousarray(keys)),
+        "offsets": torch.from_numpy(np.arange(B * S, dtype=np.int64)),
+        "slots": torch.from_numpy(np.tile(np.arange(S, dtype=np.int32), B)),
     }
