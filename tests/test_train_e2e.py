@@ -315,7 +315,8 @@ def _buffers_worker(rank, port, out):
     rt = _Runtime(cfg)
     try:
         job = _Job(cfg, rt, num_slots=3)
-        assert job.ddp.broadcast_buffers is False  # no collective per forward
+        # no collective per forward (torch >= 2.13: forward_sync_buffers; before: broadcast_buffers)
+        assert getattr(job.ddp, "forward_sync_buffers", getattr(job.ddp, "broadcast_buffers", None)) is False
         norm = job.model.norm
         norm.running_mean.fill_(float(rank + 1))  # the ranks' statistics differ, as after a pass
         norm.num_batches_tracked.fill_(10 * (rank + 1))

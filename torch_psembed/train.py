@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import inspect
 import json
 import os
 import resource
@@ -408,13 +409,16 @@ class _Job:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            # broadcast_buffers=False: DDP would broadcast rank 0's buffers (BatchNorm's running statistics)
+            # No buffer sync per forward: DDP would broadcast rank 0's buffers (BatchNorm's running statistics)
             # before every forward, a collective per step that took ~20% of a batch-256 pass on 2 CPU
             # processes (docs/benchmarks.md, "Main job", session 7). Training mode never reads them, and
             # rank 0's never depend on the other ranks either way, so sync_buffers() sends rank 0's once
             # a pass, before anything reads them (evaluation, saves).
-            self.ddp = DDP(self.model, device_ids=ids, process_group=rt.group, find_unused_parameters=False,
-                           broadcast_buffers=False)
+            # (torch >= 2.13 names the switch forward_sync_buffers and deprecates broadcast_buffers)
+            no_sync = ({"forward_sync_buffers": False}
+                       if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+                       else {"broadcast_buffers": False})
+            self.ddp = DDP(self.model, device_ids=ids, process_group=rt.group, find_unused_parameters=False, **no_sync)
         else:
             self.ddp = self.model
         self._last_counters: Dict[str, int] = {}
