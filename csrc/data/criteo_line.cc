@@ -2,16 +2,24 @@
 
 #include "data/criteo_line.h"
 
+#include <cstring>
+
 namespace psembed {
 
 namespace {
 
-int HexDigit(char c) {
-  if (c >= '0' && c <= '9') return c - '0';
-  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-  return -1;
-}
+// Hex digit values by byte, -1 for every other byte (non-ASCII included): a table, not compares, because
+// random hex ids mix digits and letters and the compares' branches then mispredict on most characters.
+struct HexTable {
+  int8_t value[256];
+  constexpr HexTable() : value() {
+    for (int c = 0; c < 256; ++c) value[c] = -1;
+    for (int c = '0'; c <= '9'; ++c) value[c] = static_cast<int8_t>(c - '0');
+    for (int c = 'a'; c <= 'f'; ++c) value[c] = static_cast<int8_t>(c - 'a' + 10);
+    for (int c = 'A'; c <= 'F'; ++c) value[c] = static_cast<int8_t>(c - 'A' + 10);
+  }
+};
+constexpr HexTable kHex;
 
 // An integer column: "-"? then 1 to 18 decimal digits (so it fits int64 with room to spare).
 bool IntColumn(const char* s, const char* e, uint64_t* out) {
@@ -24,14 +32,14 @@ bool IntColumn(const char* s, const char* e, uint64_t* out) {
   if (s == e || e - s > 18) return false;
   int64_t v = 0;
   for (; s < e; ++s) {
-    if (*s < '0' || *s > '9') return false;
-    v = v * 10 + (*s - '0');
+    const unsigned d = static_cast<unsigned char>(*s) - unsigned{'0'};
+    if (d > 9) return false;
+    v = v * 10 + static_cast<int64_t>(d);
   }
   if (negative) v = -v;
   if (v > 0) {
-    uint64_t bits = 0;  // bit_length(v)
-    for (uint64_t u = static_cast<uint64_t>(v); u != 0; u >>= 1) ++bits;
-    *out = bits + kCriteoIntOffset;
+    const uint64_t bit_length = 64 - static_cast<uint64_t>(__builtin_clzll(static_cast<uint64_t>(v)));
+    *out = bit_length + kCriteoIntOffset;
     return true;
   }
   if (v < -static_cast<int64_t>(kCriteoIntOffset)) return false;  // the Python parser refuses it
@@ -47,11 +55,13 @@ bool CatColumn(const char* s, const char* e, uint64_t* out) {
   }
   if (e - s > 16) return false;
   uint64_t v = 0;
+  int bad = 0;
   for (; s < e; ++s) {
-    const int d = HexDigit(*s);
-    if (d < 0) return false;
-    v = (v << 4) | static_cast<uint64_t>(d);
+    const int d = kHex.value[static_cast<unsigned char>(*s)];
+    bad |= d;  // -1 sets the sign bit
+    v = (v << 4) | static_cast<uint64_t>(d & 15);
   }
+  if (bad < 0) return false;
   *out = v;
   return true;
 }
@@ -60,27 +70,25 @@ bool CatColumn(const char* s, const char* e, uint64_t* out) {
 
 bool ParseCriteoLine(const char* line, size_t len, float* label, uint64_t* values) {
   while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r')) --len;
-  const char* end = line + len;
+  const char* const end = line + len;
+  // Fields end at tabs (memchr: a vectorized scan). Every byte a field may hold is an ASCII digit, hex
+  // letter or '-', so a non-ASCII byte fails its field's parse: no separate check is needed.
   const char* field = line;
-  int column = 0;  // 0 = label, 1..13 integer, 14..39 categorical
-  for (const char* p = line;; ++p) {
-    if (p < end && static_cast<unsigned char>(*p) >= 0x80) return false;
-    if (p < end && *p != '\t') continue;
-    // [field, p) is column `column`
+  for (int column = 0; column < 40; ++column) {
+    const char* tab = static_cast<const char*>(std::memchr(field, '\t', static_cast<size_t>(end - field)));
+    const char* stop = tab != nullptr ? tab : end;
+    if ((tab == nullptr) != (column == 39)) return false;  // fewer or more than 40 columns
     if (column == 0) {
-      if (p - field != 1 || (*field != '0' && *field != '1')) return false;
+      if (stop - field != 1 || (*field != '0' && *field != '1')) return false;
       *label = *field == '1' ? 1.0f : 0.0f;
     } else if (column <= 13) {
-      if (!IntColumn(field, p, &values[column - 1])) return false;
-    } else if (column < 40) {
-      if (!CatColumn(field, p, &values[column - 1])) return false;
+      if (!IntColumn(field, stop, &values[column - 1])) return false;
+    } else if (!CatColumn(field, stop, &values[column - 1])) {
+      return false;
     }
-    ++column;
-    if (column > 40) return false;
-    if (p == end) break;
-    field = p + 1;
+    field = stop + 1;
   }
-  return column == 40;
+  return true;
 }
 
 }  // namespace psembed
