@@ -72,7 +72,7 @@ def main() -> None:
 
     t_py = best(each, args.repeat)
     t_bulk = best(lambda: p.parse_lines(lines), args.repeat)
-    fast = float(_C.parse_criteo(lines)[2].mean()) if hasattr(_C, "parse_criteo") else 0.0
+    fast = float(_C.parse_criteo(lines)[2].mean())
     n = len(lines)
     print(f"# {n:,} lines ({what}); best of {args.repeat}; load avg {os.getloadavg()[0]:.1f}")
     print(f"CriteoParser.parse, line by line : {1e6 * t_py / n:8.2f} us/line")

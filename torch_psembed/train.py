@@ -301,11 +301,15 @@ class _Runtime:
         if self.distributed:
             dist.barrier(group=self.group)
 
+    def first_rank(self) -> int:
+        """The global rank of this job's rank 0 (the trainers' group may not start at global rank 0)."""
+        return dist.get_global_rank(self.group, 0) if self.group is not None else 0
+
     def broadcast(self, obj: Any) -> Any:
         if not self.distributed:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
+        dist.broadcast_object_list(box, src=self.first_rank(), group=self.group)
         return box[0]
 
     def shutdown(self) -> None:
@@ -471,7 +475,7 @@ class _Job:
         """Every rank takes rank 0's model buffers (the running statistics evaluation and saves use)."""
         if not self.rt.distributed:
             return
-        src = dist.get_global_rank(self.rt.group, 0) if self.rt.group is not None else 0
+        src = self.rt.first_rank()
         for buf in self.model.buffers():
             dist.broadcast(buf, src=src, group=self.rt.group)
 

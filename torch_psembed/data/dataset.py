@@ -106,45 +106,40 @@ class _FileDataset(IterableDataset):
             yield from self._iter_bulk()
             return
         rows: List = []
-        bad = good = 0
-        examples: List[str] = []
+        bad = _BadRows(self.path)
         parse = self.parser.parse
         for i, line in self._lines():
             try:
                 rows.append(parse(line))
             except ValueError as e:
-                bad += 1
-                if len(examples) < _MAX_EXAMPLES:
-                    examples.append(f"{self.path}:{i + 1}: {e}")
+                bad.add(i, e)
                 continue
-            good += 1
+            bad.good += 1
             if len(rows) == self.batch_size:
                 yield assemble(self.parser, rows)
                 rows = []
         if rows:
             yield assemble(self.parser, rows)
-        yield {"bad_rows": bad, "rows": good, "examples": examples}
+        yield bad.summary()
 
     def _iter_bulk(self):
         """The Criteo path: lines parsed a batch at a time (``parse_lines``), the same batches of good rows in
         the same order as the line-by-line loop."""
-        bad = good = 0
-        examples: List[str] = []
+        bad = _BadRows(self.path)
         labels: List[np.ndarray] = []  # good rows not yet in a batch, in order
         values: List[np.ndarray] = []
         held = 0
 
         def parse(chunk: List[Tuple[int, str]]):
-            nonlocal bad, good, held
+            nonlocal held
             lab, val, ok, errors = self.parser.parse_lines([line for _, line in chunk])
             for j, reason in errors:
-                bad += 1
-                if len(examples) < _MAX_EXAMPLES:
-                    examples.append(f"{self.path}:{chunk[j][0] + 1}: {reason}")
+                bad.add(chunk[j][0], reason)
+            n_ok = int(ok.sum())
             labels.append(lab[ok])
             values.append(val[ok])
-            good += int(ok.sum())
-            held += int(ok.sum())
+            bad.good += n_ok
+            held += n_ok
 
         def take(n: int):
             nonlocal held
@@ -168,7 +163,23 @@ class _FileDataset(IterableDataset):
             yield take(self.batch_size)
         if held:
             yield take(held)
-        yield {"bad_rows": bad, "rows": good, "examples": examples}
+        yield bad.summary()
+
+
+class _BadRows:
+    """A pass's count of good and bad rows, with the first few bad ones as ``file:line: reason``."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.good, self.bad = path, 0, 0
+        self.examples: List[str] = []
+
+    def add(self, index: int, reason) -> None:
+        self.bad += 1
+        if len(self.examples) < _MAX_EXAMPLES:
+            self.examples.append(f"{self.path}:{index + 1}: {reason}")
+
+    def summary(self) -> Dict:
+        return {"bad_rows": self.bad, "rows": self.good, "examples": self.examples}
 
 
 def _count_lines(path: str) -> int:

@@ -83,12 +83,7 @@ class CriteoParser:
         then meaningless). The same values as ``parse``, line by line."""
         from .. import _C
 
-        fast = getattr(_C, "parse_criteo", None)
-        n = len(lines)
-        if fast is None:  # an older build: every line through parse
-            labels, values, ok = np.zeros(n, np.float32), np.zeros((n, 39), np.uint64), np.zeros(n, np.uint8)
-        else:
-            labels, values, ok = fast(lines)
+        labels, values, ok = _C.parse_criteo(lines)
         good = ok.astype(bool)
         errors: List[Tuple[int, str]] = []
         for i in np.flatnonzero(~good).tolist():  # bad or unusual lines: the Python parser decides
