@@ -1,6 +1,6 @@
 // Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
 //
-// PYBIND11_MODULE(_C): registration only. The shims live in table_bindings.cc and data_bindings.cc.
+// PYBIND11_MODULE(_C): registration only. The shims live in table_bindings.cc, data_bindings.cc and net_bindings.cc.
 
 #include <pybind11/pybind11.h>
 
@@ -11,6 +11,7 @@
 namespace psembed {
 void RegisterTableBindings(pybind11::module_& m);
 void RegisterDataBindings(pybind11::module_& m);
+void RegisterNetBindings(pybind11::module_& m);
 }  // namespace psembed
 
 PYBIND11_MODULE(_C, m) {
@@ -18,4 +19,5 @@ PYBIND11_MODULE(_C, m) {
   m.attr("__version__") = PSEMBED_VERSION;
   psembed::RegisterTableBindings(m);
   psembed::RegisterDataBindings(m);
+  psembed::RegisterNetBindings(m);
 }

@@ -23,6 +23,9 @@
 #include <string>
 #include <vector>
 
+#include "bindings/array_checks.h"
+#include "bindings/table_handle.h"
+#include "table/checked_push.h"
 #include "table/sparse_table.h"
 #include "util/crc32.h"
 #include "util/hash.h"
@@ -32,90 +35,10 @@ namespace py = pybind11;
 namespace psembed {
 namespace {
 
-// ---------------------------------------------------------------- argument checks
-
-std::string ShapeString(const py::array& a) {
-  std::ostringstream os;
-  os << "[";
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) os << (i ? ", " : "") << a.shape(i);
-  os << "]";
-  return os.str();
-}
-
-// kind: 'i' signed int, 'u' unsigned int, 'f' float.
-py::array CheckArray(const py::handle& obj, const char* name, char kind, int itemsize, const char* dtype_name,
-                     int ndim) {
-  if (!py::isinstance<py::array>(obj)) {
-    throw py::type_error(std::string(name) + " must be a numpy.ndarray of " + dtype_name + ", got " +
-                         std::string(py::str(py::type::of(obj).attr("__name__"))));
-  }
-  auto a = py::reinterpret_borrow<py::array>(obj);
-  const py::dtype dt = a.dtype();
-  if (dt.kind() != kind || dt.itemsize() != itemsize || !dt.attr("isnative").cast<bool>()) {
-    throw py::type_error(std::string(name) + " must have dtype " + dtype_name + ", got " +
-                         std::string(py::str(dt)));
-  }
-  if (a.ndim() != ndim) {
-    throw py::value_error(std::string(name) + " must be " + std::to_string(ndim) + "-D, got shape " + ShapeString(a));
-  }
-  if (!(a.flags() & py::array::c_style)) {
-    throw py::value_error(std::string(name) + " must be C-contiguous; call numpy.ascontiguousarray first");
-  }
-  return a;
-}
-
-py::array CheckKeys(const py::handle& obj, const char* name = "keys") {
-  py::array a = CheckArray(obj, name, 'i', 8, "int64", 1);
-  if (static_cast<uint64_t>(a.shape(0)) >= (uint64_t{1} << 32) - 1) {
-    throw py::value_error(std::string(name) + " has too many entries (at most 2**32 - 2 per call)");
-  }
-  return a;
-}
-
-void CheckRows(const py::array& a, const char* name, size_t n, const char* n_what) {
-  if (static_cast<size_t>(a.shape(0)) != n) {
-    throw py::value_error(std::string(name) + " must have length " + std::to_string(n) + " (" + n_what +
-                          "), got " + std::to_string(a.shape(0)));
-  }
-}
-
-void CheckMatrix(const py::array& a, const char* name, size_t n, size_t width, const char* n_what) {
-  if (static_cast<size_t>(a.shape(0)) != n || static_cast<size_t>(a.shape(1)) != width) {
-    throw py::value_error(std::string(name) + " must have shape [n, " + std::to_string(width) + "] (n = " + n_what +
-                          " = " + std::to_string(n) + "), got " + ShapeString(a));
-  }
-}
-
-const uint64_t* KeyPtr(const py::array& a) { return static_cast<const uint64_t*>(a.data()); }
-template <typename T>
-const T* Ptr(const py::array& a) {
-  return static_cast<const T*>(a.data());
-}
-
 std::string FloatString(double v) {
   std::ostringstream os;
   os << v;
   return os.str();
-}
-
-// Shows/clicks must be finite and >= 0. Returns the first bad index or n.
-size_t FirstBadCount(const float* v, size_t n) {
-  for (size_t i = 0; i < n; ++i) {
-    if (!(std::isfinite(v[i]) && v[i] >= 0.0f)) return i;
-  }
-  return n;
-}
-
-// Whether every float of v[0..n) is finite: an OR over exponent bits that the compiler vectorizes,
-// so the common all-finite push pays one streaming pass instead of a per-row check.
-bool AllFinite(const float* v, size_t n) {
-  uint32_t bad = 0;
-  for (size_t i = 0; i < n; ++i) {
-    uint32_t bits;
-    std::memcpy(&bits, v + i, sizeof(bits));
-    bad |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);  // exponent all ones: Inf or NaN
-  }
-  return bad == 0;
 }
 
 // -------------------------------------------------------------------- config
@@ -343,10 +266,11 @@ py::array VectorToArray(std::vector<V>&& v, std::vector<py::ssize_t> shape) {
 class PyTable {
  public:
   explicit PyTable(const py::handle& config) : options_(ParseConfig(config)) {
-    table_ = std::make_unique<SparseTable>(options_);
+    table_ = std::make_shared<SparseTable>(options_);
   }
 
   SparseTable& t() { return *table_; }
+  std::shared_ptr<SparseTable> shared() const { return table_; }
   const TableOptions& options() const { return options_; }
 
   py::array Pull(const py::handle& keys_obj, bool with_stats) {
@@ -388,63 +312,21 @@ class PyTable {
       CheckRows(slots, "slots", n, "len(keys)");
       sl = Ptr<int32_t>(slots);
     }
-    const uint64_t* k = KeyPtr(keys);
-    const float* g = Ptr<float>(grads);
-    const float* s = Ptr<float>(shows);
-    const float* c = Ptr<float>(clicks);
-    // Value checks without the GIL, then raise with it.
-    size_t bad_show, bad_click, bad_grad = n, skipped = 0;
-    std::vector<uint8_t> skip;
+    PushArgs args;
+    args.keys = KeyPtr(keys);
+    args.n = n;
+    args.grads = Ptr<float>(grads);
+    args.shows = Ptr<float>(shows);
+    args.clicks = Ptr<float>(clicks);
+    args.slots = sl;
+    args.push_id = push_id;
+    size_t skipped = 0;
+    Status st;
     {
       py::gil_scoped_release release;
-      // On the table's pool in chunks, like its own passes over the keys: on one thread these three
-      // scans were a serial step of a push on many cores. The first bad index of all = the least of
-      // the chunks' (each chunk reports its own first, or n).
-      const size_t chunks = table_->Chunks(n);
-      std::vector<size_t> first_show(chunks, n), first_click(chunks, n);
-      std::vector<uint8_t> finite(chunks, 1);
-      table_->ForEachChunk(n, chunks, [&](size_t ch, size_t begin, size_t end) {
-        const size_t bs = FirstBadCount(s + begin, end - begin);
-        const size_t bc = FirstBadCount(c + begin, end - begin);
-        if (bs < end - begin) first_show[ch] = begin + bs;
-        if (bc < end - begin) first_click[ch] = begin + bc;
-        finite[ch] = AllFinite(g + begin * gw, (end - begin) * gw) ? 1 : 0;
-      });
-      bad_show = *std::min_element(first_show.begin(), first_show.end());
-      bad_click = *std::min_element(first_click.begin(), first_click.end());
-      const bool all_finite = std::all_of(finite.begin(), finite.end(), [](uint8_t f) { return f != 0; });
-      for (size_t i = 0; i < n && !all_finite; ++i) {  // rows are searched only if a value is bad
-        const float* row = g + i * gw;
-        bool finite = true;
-        for (size_t d = 0; d < gw; ++d) finite &= std::isfinite(row[d]);
-        if (!finite) {
-          if (!options_.nan_skip) {
-            bad_grad = i;
-            break;
-          }
-          if (skip.empty()) skip.assign(n, 0);
-          skip[i] = 1;
-          ++skipped;
-        }
-      }
+      st = CheckedPush(table_.get(), args, &skipped);
     }
-    if (bad_show < n) {
-      throw py::value_error("shows must be finite and >= 0, got shows[" + std::to_string(bad_show) +
-                            "] = " + FloatString(s[bad_show]));
-    }
-    if (bad_click < n) {
-      throw py::value_error("clicks must be finite and >= 0, got clicks[" + std::to_string(bad_click) +
-                            "] = " + FloatString(c[bad_click]));
-    }
-    if (bad_grad < n) {
-      throw py::value_error("grads has NaN/Inf in row " + std::to_string(bad_grad) + " (key " +
-                            std::to_string(static_cast<int64_t>(k[bad_grad])) +
-                            "); nan_policy='raise' rejected the whole push (use nan_policy='skip' to drop such rows)");
-    }
-    {
-      py::gil_scoped_release release;
-      table_->Push(k, n, g, s, c, sl, skip.empty() ? nullptr : skip.data(), push_id);
-    }
+    if (!st.ok()) throw py::value_error(st.message());
     return skipped;
   }
 
@@ -704,7 +586,7 @@ class PyTable {
 
  private:
   TableOptions options_;
-  std::unique_ptr<SparseTable> table_;
+  std::shared_ptr<SparseTable> table_;  // shared with a DataServer that serves it (net/)
 };
 
 py::array_t<int64_t> Mix64Array(const py::handle& keys_obj) {
@@ -951,6 +833,14 @@ uint32_t Crc32Buffer(const py::buffer& data, uint32_t value) {
   const void* ptr = info.ptr;
   py::gil_scoped_release release;
   return Crc32(ptr, bytes, value);
+}
+
+std::shared_ptr<SparseTable> SharedTableOf(const py::handle& table) {
+  if (!py::isinstance<PyTable>(table)) {
+    throw py::type_error("expected a torch_psembed._C.Table, got " +
+                         std::string(py::str(py::type::of(table).attr("__name__"))));
+  }
+  return table.cast<PyTable&>().shared();
 }
 
 void RegisterTableBindings(py::module_& m) {

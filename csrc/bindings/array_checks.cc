@@ -1,0 +1,62 @@
+// Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
+
+#include "bindings/array_checks.h"
+
+#include <sstream>
+#include <string>
+
+namespace psembed {
+
+std::string ShapeString(const py::array& a) {
+  std::ostringstream os;
+  os << "[";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) os << (i ? ", " : "") << a.shape(i);
+  os << "]";
+  return os.str();
+}
+
+// kind: 'i' signed int, 'u' unsigned int, 'f' float.
+py::array CheckArray(const py::handle& obj, const char* name, char kind, int itemsize, const char* dtype_name,
+                     int ndim) {
+  if (!py::isinstance<py::array>(obj)) {
+    throw py::type_error(std::string(name) + " must be a numpy.ndarray of " + dtype_name + ", got " +
+                         std::string(py::str(py::type::of(obj).attr("__name__"))));
+  }
+  auto a = py::reinterpret_borrow<py::array>(obj);
+  const py::dtype dt = a.dtype();
+  if (dt.kind() != kind || dt.itemsize() != itemsize || !dt.attr("isnative").cast<bool>()) {
+    throw py::type_error(std::string(name) + " must have dtype " + dtype_name + ", got " +
+                         std::string(py::str(dt)));
+  }
+  if (a.ndim() != ndim) {
+    throw py::value_error(std::string(name) + " must be " + std::to_string(ndim) + "-D, got shape " + ShapeString(a));
+  }
+  if (!(a.flags() & py::array::c_style)) {
+    throw py::value_error(std::string(name) + " must be C-contiguous; call numpy.ascontiguousarray first");
+  }
+  return a;
+}
+
+py::array CheckKeys(const py::handle& obj, const char* name) {
+  py::array a = CheckArray(obj, name, 'i', 8, "int64", 1);
+  if (static_cast<uint64_t>(a.shape(0)) >= (uint64_t{1} << 32) - 1) {
+    throw py::value_error(std::string(name) + " has too many entries (at most 2**32 - 2 per call)");
+  }
+  return a;
+}
+
+void CheckRows(const py::array& a, const char* name, size_t n, const char* n_what) {
+  if (static_cast<size_t>(a.shape(0)) != n) {
+    throw py::value_error(std::string(name) + " must have length " + std::to_string(n) + " (" + n_what +
+                          "), got " + std::to_string(a.shape(0)));
+  }
+}
+
+void CheckMatrix(const py::array& a, const char* name, size_t n, size_t width, const char* n_what) {
+  if (static_cast<size_t>(a.shape(0)) != n || static_cast<size_t>(a.shape(1)) != width) {
+    throw py::value_error(std::string(name) + " must have shape [n, " + std::to_string(width) + "] (n = " + n_what +
+                          " = " + std::to_string(n) + "), got " + ShapeString(a));
+  }
+}
+
+}  // namespace psembed

@@ -1,0 +1,178 @@
+// Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
+
+#include "net/data_channel.h"
+
+#include <sys/uio.h>
+
+#include <chrono>
+#include <cstring>
+#include <utility>
+
+#include "net/socket.h"
+#include "net/wire.h"
+
+namespace psembed {
+
+Status DataChannel::Connect(const std::string& host, int port, double connect_timeout_s, double send_timeout_s,
+                            std::unique_ptr<DataChannel>* out) {
+  int fd = -1;
+  Status s = net::Connect(host, port, connect_timeout_s, send_timeout_s, &fd);
+  if (!s.ok()) return s;
+  out->reset(new DataChannel(fd));
+  return Status::OK();
+}
+
+DataChannel::DataChannel(int fd) : fd_(fd) {
+  receiver_ = std::thread([this] { ReceiveLoop(); });
+}
+
+DataChannel::~DataChannel() { Close(); }
+
+void DataChannel::Close() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (closed_) return;
+    closed_ = true;
+  }
+  net::ShutdownBoth(fd_);  // wakes the receiver
+  receiver_.join();
+  net::Close(fd_);
+  Fail(Status::IOError("the channel was closed"));
+}
+
+void DataChannel::Fail(const Status& s) {
+  std::lock_guard<std::mutex> l(mu_);
+  if (failed_.ok()) failed_ = s;
+  cv_.notify_all();
+}
+
+Status DataChannel::Send(const void* header, const std::string& table, const void* const* arrays,
+                         const size_t* sizes, int num_arrays) {
+  static const char kZeros[8] = {0};
+  struct iovec iov[8];
+  iov[0].iov_base = const_cast<void*>(header);
+  iov[0].iov_len = sizeof(wire::RequestHeader);
+  iov[1].iov_base = const_cast<char*>(table.data());
+  iov[1].iov_len = table.size();
+  iov[2].iov_base = const_cast<char*>(kZeros);
+  iov[2].iov_len = wire::PaddedNameLen(static_cast<uint32_t>(table.size())) - table.size();
+  for (int i = 0; i < num_arrays; ++i) {
+    iov[3 + i].iov_base = const_cast<void*>(arrays[i]);
+    iov[3 + i].iov_len = sizes[i];
+  }
+  Status s = net::WriteAll(fd_, iov, 3 + num_arrays);
+  // A frame cut short leaves the stream unreadable for the server: the channel is done either way.
+  if (!s.ok()) Fail(s);
+  return s;
+}
+
+Status DataChannel::SendPull(const std::string& table, const uint64_t* keys, size_t n, bool with_stats,
+                             uint64_t* id) {
+  if (table.empty() || table.size() > wire::kMaxNameLen) {
+    return Status::InvalidArgument("table name must have 1 to " + std::to_string(wire::kMaxNameLen) + " bytes");
+  }
+  if (n > wire::kMaxKeys) return Status::InvalidArgument("too many keys in one pull");
+  wire::RequestHeader h;
+  std::memset(&h, 0, sizeof(h));
+  h.magic = wire::kRequestMagic;
+  h.op = wire::kPull;
+  h.flags = with_stats ? wire::kWithStats : 0;
+  h.name_len = static_cast<uint16_t>(table.size());
+  h.n = n;
+  const void* arrays[] = {keys};
+  const size_t sizes[] = {8 * n};
+  std::lock_guard<std::mutex> l(send_mu_);
+  {
+    std::lock_guard<std::mutex> m(mu_);
+    if (!failed_.ok()) return failed_;
+  }
+  h.id = next_id_++;
+  *id = h.id;
+  return Send(&h, table, arrays, sizes, 1);
+}
+
+Status DataChannel::SendPush(const std::string& table, const PushArgs& a, uint32_t width, uint64_t* id) {
+  if (table.empty() || table.size() > wire::kMaxNameLen) {
+    return Status::InvalidArgument("table name must have 1 to " + std::to_string(wire::kMaxNameLen) + " bytes");
+  }
+  if (a.n > wire::kMaxKeys) return Status::InvalidArgument("too many keys in one push");
+  if (width == 0 || width > wire::kMaxWidth) return Status::InvalidArgument("push width out of range");
+  wire::RequestHeader h;
+  std::memset(&h, 0, sizeof(h));
+  h.magic = wire::kRequestMagic;
+  h.op = wire::kPush;
+  h.flags = (a.slots ? wire::kHasSlots : 0) | (a.push_id != SparseTable::kOwnPushId ? wire::kHasPushId : 0);
+  h.name_len = static_cast<uint16_t>(table.size());
+  h.width = width;
+  h.n = a.n;
+  h.push_id = a.push_id;
+  const void* arrays[] = {a.keys, a.grads, a.shows, a.clicks, a.slots};
+  const size_t sizes[] = {8 * a.n, 4 * a.n * width, 4 * a.n, 4 * a.n, a.slots ? 4 * a.n : 0};
+  std::lock_guard<std::mutex> l(send_mu_);
+  {
+    std::lock_guard<std::mutex> m(mu_);
+    if (!failed_.ok()) return failed_;
+  }
+  h.id = next_id_++;
+  *id = h.id;
+  return Send(&h, table, arrays, sizes, a.slots ? 5 : 4);
+}
+
+Status DataChannel::Wait(uint64_t id, double timeout_s, DataReply* out) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  std::unique_lock<std::mutex> l(mu_);
+  for (;;) {
+    auto it = replies_.find(id);
+    if (it != replies_.end()) {
+      *out = std::move(it->second);
+      replies_.erase(it);
+      return Status::OK();
+    }
+    if (!failed_.ok()) return failed_;
+    if (cv_.wait_until(l, deadline) == std::cv_status::timeout && replies_.count(id) == 0 && failed_.ok()) {
+      return Status::IOError("no reply within " + std::to_string(timeout_s) + " s");
+    }
+  }
+}
+
+bool DataChannel::Ready(uint64_t id) {
+  std::lock_guard<std::mutex> l(mu_);
+  return replies_.count(id) != 0 || !failed_.ok();
+}
+
+void DataChannel::ReceiveLoop() {
+  for (;;) {
+    wire::ReplyHeader h;
+    bool eof = false;
+    Status s = net::ReadFull(fd_, &h, sizeof(h), &eof);
+    if (!s.ok()) return Fail(s);
+    if (h.magic != wire::kReplyMagic) return Fail(Status::IOError("not a psembed data-plane reply (bad magic)"));
+    if (h.payload_bytes > wire::kMaxPayload || h.value > wire::kMaxKeys || h.width > wire::kMaxWidth) {
+      return Fail(Status::IOError("reply sizes beyond the limits"));
+    }
+    DataReply r;
+    r.code = static_cast<Status::Code>(h.code);
+    r.value = h.value;
+    r.width = h.width;
+    if (h.code == Status::kOk) {
+      if (h.payload_bytes != 4 * h.value * h.width) return Fail(Status::IOError("reply payload of the wrong size"));
+      if (h.payload_bytes) {
+        r.rows.reset(new float[h.payload_bytes / 4]);  // uninitialised: the payload fills it
+        s = net::ReadFull(fd_, r.rows.get(), h.payload_bytes);
+      }
+    } else {
+      r.message.resize(h.payload_bytes);
+      s = net::ReadFull(fd_, &r.message[0], h.payload_bytes);
+    }
+    if (!s.ok()) return Fail(s);
+    if (h.id == 0) {
+      // The server could not read one of our frames and closes the connection.
+      return Fail(Status::IOError("the server refused a frame: " + r.message));
+    }
+    std::lock_guard<std::mutex> l(mu_);
+    replies_.emplace(h.id, std::move(r));
+    cv_.notify_all();
+  }
+}
+
+}  // namespace psembed

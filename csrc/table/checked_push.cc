@@ -1,0 +1,90 @@
+// Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
+
+#include "table/checked_push.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace psembed {
+namespace {
+
+std::string FloatString(double v) {
+  std::ostringstream os;
+  os << v;
+  return os.str();
+}
+
+// Shows/clicks must be finite and >= 0. Returns the first bad index or n.
+size_t FirstBadCount(const float* v, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    if (!(std::isfinite(v[i]) && v[i] >= 0.0f)) return i;
+  }
+  return n;
+}
+
+}  // namespace
+
+// An OR over exponent bits that the compiler vectorizes, so the common all-finite push pays one
+// streaming pass instead of a per-row check.
+bool AllFinite(const float* v, size_t n) {
+  uint32_t bad = 0;
+  for (size_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, v + i, sizeof(bits));
+    bad |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);  // exponent all ones: Inf or NaN
+  }
+  return bad == 0;
+}
+
+Status CheckedPush(SparseTable* table, const PushArgs& a, size_t* skipped) {
+  const size_t n = a.n;
+  const size_t gw = 1 + static_cast<size_t>(table->options().dim);
+  const bool nan_skip = table->options().nan_skip;
+  *skipped = 0;
+  // The first bad index of all = the least of the chunks' (each chunk reports its own first, or n).
+  const size_t chunks = table->Chunks(n);
+  std::vector<size_t> first_show(chunks, n), first_click(chunks, n);
+  std::vector<uint8_t> finite(chunks, 1);
+  table->ForEachChunk(n, chunks, [&](size_t ch, size_t begin, size_t end) {
+    const size_t bs = FirstBadCount(a.shows + begin, end - begin);
+    const size_t bc = FirstBadCount(a.clicks + begin, end - begin);
+    if (bs < end - begin) first_show[ch] = begin + bs;
+    if (bc < end - begin) first_click[ch] = begin + bc;
+    finite[ch] = AllFinite(a.grads + begin * gw, (end - begin) * gw) ? 1 : 0;
+  });
+  const size_t bad_show = *std::min_element(first_show.begin(), first_show.end());
+  if (bad_show < n) {
+    return Status::InvalidArgument("shows must be finite and >= 0, got shows[" + std::to_string(bad_show) +
+                                   "] = " + FloatString(a.shows[bad_show]));
+  }
+  const size_t bad_click = *std::min_element(first_click.begin(), first_click.end());
+  if (bad_click < n) {
+    return Status::InvalidArgument("clicks must be finite and >= 0, got clicks[" + std::to_string(bad_click) +
+                                   "] = " + FloatString(a.clicks[bad_click]));
+  }
+  std::vector<uint8_t> skip;
+  const bool all_finite = std::all_of(finite.begin(), finite.end(), [](uint8_t f) { return f != 0; });
+  for (size_t i = 0; i < n && !all_finite; ++i) {  // rows are searched only if a value is bad
+    const float* row = a.grads + i * gw;
+    bool row_finite = true;
+    for (size_t d = 0; d < gw; ++d) row_finite &= std::isfinite(row[d]);
+    if (row_finite) continue;
+    if (!nan_skip) {
+      return Status::InvalidArgument(
+          "grads has NaN/Inf in row " + std::to_string(i) + " (key " +
+          std::to_string(static_cast<int64_t>(a.keys[i])) +
+          "); nan_policy='raise' rejected the whole push (use nan_policy='skip' to drop such rows)");
+    }
+    if (skip.empty()) skip.assign(n, 0);
+    skip[i] = 1;
+    ++*skipped;
+  }
+  table->Push(a.keys, n, a.grads, a.shows, a.clicks, a.slots, skip.empty() ? nullptr : skip.data(), a.push_id);
+  return Status::OK();
+}
+
+}  // namespace psembed
