@@ -1,11 +1,12 @@
-"""Benchmark of the sharded table: an embedding training step over RPC against the same step in one process.
+"""Benchmark of the sharded table: an embedding training step sharded over ranks against the same step in one process.
 
 Workloads (each step: pull 4096 x 26 ids with dim 8, a dense layer forward/backward, push the gradients):
   local       1 process, a local _C table: the baseline, measured inside each job by trainer 0 alone (the other
               processes wait at a barrier), alternating with the sharded rounds so both see the same load.
   colocated   2 processes under torchrun's env (num_servers=0): each trains its own batches and serves half
               of the table. samples/s counts both processes.
-  dedicated   1 trainer + 1 server (num_servers=1): every pull and push crosses RPC.
+  dedicated   1 trainer + 1 server (num_servers=1): every pull and push crosses to the server (over the TCP
+              data plane, or RPC with --transport rpc).
 Per-step time is split into dedup (np.unique + routing), RPC wait (waiting for remote pulls), pull assembly
 (scatter of the parts, gather in input order), local pull (colocated: this process's shard) and push
 (merge + send; the wait for acknowledgements happens in the next pull's staleness window).
@@ -17,6 +18,7 @@ One compute thread per process: torch.set_num_threads(1) and TableConfig(num_thr
 
     python scripts/bench_distributed.py [--rounds 3] [--steps 20] [--batch 4096] [--slots 26] [--dim 8]
                                         [--staleness 1] [--only colocated,dedicated] [--prefetch]
+                                        [--transport tcp|rpc]
 
 Prints, per job, the local baseline and the sharded run (medians over rounds) and their samples/s ratio.
 """
@@ -143,7 +145,7 @@ def child(args) -> None:
 
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
-    pse.init(max_staleness=args.staleness, num_servers=args.num_servers, rpc_timeout=300.0)
+    pse.init(max_staleness=args.staleness, num_servers=args.num_servers, rpc_timeout=300.0, transport=args.transport)
     # dedicated servers serve inside init and never get here
     group = pse.distributed.trainer_group()
     tr = pse.distributed.trainer_rank()
@@ -170,7 +172,7 @@ def _launch(args, world, num_servers, out):
     port = free_port_pair()
     procs = []
     base = [sys.executable, os.path.abspath(__file__), "--child", "--out", out, "--num-servers", str(num_servers)]
-    for flag in ("steps", "batch", "slots", "dim", "staleness", "warmup", "distinct_batches", "rounds"):
+    for flag in ("steps", "batch", "slots", "dim", "staleness", "warmup", "distinct_batches", "rounds", "transport"):
         base += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     if args.prefetch:
         base.append("--prefetch")
@@ -211,6 +213,8 @@ def main() -> None:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
     ap.add_argument("--only", default="colocated,dedicated")
+    ap.add_argument("--transport", default="tcp", choices=("tcp", "rpc"),
+                    help="how pulls and pushes travel (pse.init's transport=): the TCP data plane or RPC")
     ap.add_argument("--prefetch", action="store_true",
                     help="after each push, prefetch the next step's rows (SparseTable.prefetch: pipelined pulls)")
     args = ap.parse_args()
@@ -219,7 +223,7 @@ def main() -> None:
         return
     tmp = tempfile.mkdtemp(prefix="bench_dist_")
     jobs = {"colocated": (2, 0), "dedicated": (2, 1)}
-    print(f"batch {args.batch} x {args.slots} ids, dim {args.dim}, max_staleness {args.staleness}, "
+    print(f"transport {args.transport}; batch {args.batch} x {args.slots} ids, dim {args.dim}, max_staleness {args.staleness}, "
           f"{args.rounds} rounds x {args.steps} steps (+{args.warmup} warm-up), 1 compute thread per process, "
           f"prefetch {'on' if args.prefetch else 'off'}; "
           f"medians over rounds; each round runs the local baseline (1 process) then the sharded table")

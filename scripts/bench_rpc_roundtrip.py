@@ -1,13 +1,14 @@
-"""The fixed cost of one RPC on this machine: a trainer's round trips to an idle dedicated server.
+"""The fixed cost of one request on this machine: a trainer's round trips to an idle dedicated server.
 
-Two processes on 127.0.0.1, ``pse.init(num_servers=1)`` (the transport the package uses: TensorPipe over
-``uv``, the 0.5 ms GIL switch interval): the trainer times, one request at a time, ``server.ping`` (no payload)
-and the pull of n distinct keys from the server's table (the data path of ``SparseTable.pull``, without the
-client's dedup and assembly), for n in --sizes. The server does nothing else, so the time over the table's
-own pull is the transport's: serialization, TensorPipe's threads, the server's RPC worker and its GIL, and
-the wake-up of the waiting trainer. Compare it with the RPC wait of ``scripts/bench_distributed.py``.
+Two processes on 127.0.0.1, ``pse.init(num_servers=1, transport=...)``: the trainer times, one request at a
+time, ``server.ping`` (a control call, always over RPC: TensorPipe over ``uv``, the 0.5 ms GIL switch
+interval) and the pull of n distinct keys from the server's table (the data path of ``SparseTable.pull``,
+without the client's dedup and assembly), for n in --sizes, over the TCP data plane (``--transport tcp``, the
+default) or RPC (``--transport rpc``). The server does nothing else, so the time over the table's own pull is
+the transport's: for RPC serialization, TensorPipe's threads, the server's RPC worker and its GIL; for TCP
+the socket calls and the threads' wake-ups. Compare it with the RPC wait of ``scripts/bench_distributed.py``.
 
-    python scripts/bench_rpc_roundtrip.py [--sizes 0,1000,14500,29000] [--repeat 60]
+    python scripts/bench_rpc_roundtrip.py [--sizes 0,1,1000,14500,29000] [--repeat 60] [--transport tcp|rpc]
 
 Prints, per size, the median and minimum round trip (the first 10 of each size are warm-up).
 """
@@ -35,7 +36,7 @@ def child(args) -> None:
     from torch_psembed.distributed import server
 
     torch.set_num_threads(1)
-    pse.init(max_staleness=0, num_servers=1, rpc_timeout=60.0)  # the server serves inside init
+    pse.init(max_staleness=0, num_servers=1, rpc_timeout=60.0, transport=args.transport)  # the server serves in init
     cfg = pse.TableConfig(dim=8, num_threads=1, accessor=pse.CtrAccessorConfig(embedx_threshold=0.0))
     table = pse.SparseTable(cfg, name="rtt")
     backend = table._backend
@@ -64,7 +65,8 @@ def child(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="0,1000,14500,29000")
+    ap.add_argument("--sizes", default="0,1,1000,14500,29000")
+    ap.add_argument("--transport", default="tcp", choices=("tcp", "rpc"))
     ap.add_argument("--repeat", type=int, default=60)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -77,7 +79,8 @@ def main() -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--sizes", args.sizes, "--repeat", str(args.repeat)]
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--sizes", args.sizes, "--repeat", str(args.repeat),
+               "--transport", args.transport]
         procs.append(subprocess.Popen(cmd, env=env))
     rcs = [p.wait(timeout=600) for p in procs]
     if any(rcs):

@@ -566,9 +566,10 @@ def baseline():
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_routing_one_trainer_two_servers_matches_local_table(tmp_path):
+@pytest.mark.parametrize("transport", ["tcp", "rpc"])
+def test_routing_one_trainer_two_servers_matches_local_table(tmp_path, transport):
     out = str(tmp_path / "routing")
-    outs = _run(_by_hand(3, "routing", out, ["--num-servers", "2", "--rpc-timeout", "30"]))
+    outs = _run(_by_hand(3, "routing", out, ["--num-servers", "2", "--rpc-timeout", "30", "--transport", transport]))
     assert all(rc == 0 for rc, _ in outs.values()), _show(outs)
     c = _load(out, 2)  # the trainer
     assert c["mismatches"] == [] and c["mismatches_after"] == []
@@ -585,6 +586,10 @@ def test_routing_one_trainer_two_servers_matches_local_table(tmp_path):
         "other_config"]
     assert "boom on server 0" in c["collective_error"]
     assert [m.split(":")[0] for m in c["malformed"]] == ["TypeError", "ValueError", "ValueError", "TypeError"]
+    if transport == "tcp":
+        assert "no table named 'nosuchtable' on this server (raised by rank 0)" in c["tcp_unknown_table"]
+        magic, code, message = c["tcp_garbage"]
+        assert (magic, code) == ("0x52455350", 3) and "bad magic" in message  # Corruption, then closed
     assert "shutdown" in c["after_shutdown"]
 
 
@@ -617,9 +622,11 @@ def test_dedicated_server_two_trainers_ddp_staleness0_converges(tmp_path, baseli
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_killed_rank_is_named_and_the_others_exit_nonzero(tmp_path):
+@pytest.mark.parametrize("transport", ["tcp", "rpc"])
+def test_killed_rank_is_named_and_the_others_exit_nonzero(tmp_path, transport):
     out = str(tmp_path / "fault")
-    args = ["--kill-rank", "2", "--rpc-timeout", "10", "--step-sleep", "0.05", "--epochs", "50"]
+    args = ["--kill-rank", "2", "--rpc-timeout", "10", "--step-sleep", "0.05", "--epochs", "50", "--transport",
+            transport]
     outs = _run(_by_hand(3, "train", out, args))
     assert outs["rank2"][0] == -signal.SIGKILL, _show(outs)
     for name in ("rank0", "rank1"):

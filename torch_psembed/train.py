@@ -95,7 +95,7 @@ DEFAULTS: Dict[str, Any] = {
         "num_shards": 1,
         "num_threads": 1,
     },
-    "ps": {"max_staleness": 1, "num_servers": 0, "rpc_timeout": 60.0},
+    "ps": {"max_staleness": 1, "num_servers": 0, "rpc_timeout": 60.0, "transport": "tcp"},
     "save": {"delta": True, "base": True, "checkpoint": True},
     "plot": True,
     "progress": True,

@@ -81,7 +81,8 @@ def train(args) -> dict:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, ntr = 0, 1
     if distributed:  # the single-process baseline runs inside pytest, without pse.init()
-        pse.init(max_staleness=args.staleness, num_servers=args.num_servers, rpc_timeout=args.rpc_timeout)
+        pse.init(max_staleness=args.staleness, num_servers=args.num_servers, rpc_timeout=args.rpc_timeout,
+                 transport=args.transport)
         # dedicated servers never get here (init serves, then ends the process)
         rank = pse.distributed.trainer_rank()
         ntr = pse.distributed.num_trainers()
@@ -149,7 +150,7 @@ def routing(args) -> dict:
         checks["before_init"] = "no error"
     except NotInitializedError as e:
         checks["before_init"] = str(e)
-    pse.init(max_staleness=0, num_servers=args.num_servers, rpc_timeout=args.rpc_timeout)
+    pse.init(max_staleness=0, num_servers=args.num_servers, rpc_timeout=args.rpc_timeout, transport=args.transport)
     try:
         pse.init(max_staleness=0)
         checks["init_twice"] = "no error"
@@ -234,6 +235,29 @@ def routing(args) -> dict:
         except Exception as e:  # noqa: BLE001
             errs.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     checks["malformed"] = errs
+    transport = backend._transport
+    if args.transport == "tcp":
+        # The C++ data server: a request it refuses raises the server's error on the trainer, and a frame it
+        # cannot read gets an error reply and that connection closed; it keeps serving everyone else.
+        try:
+            transport.pull(0, "nosuchtable", universe[:3], False).wait()
+            checks["tcp_unknown_table"] = "no error"
+        except ValueError as e:
+            checks["tcp_unknown_table"] = str(e)
+        import socket
+        import struct
+
+        host, port = transport.endpoints[0]
+        with socket.create_connection((host, port), timeout=20) as sock:
+            sock.sendall(b"GET / HTTP/1.0\r\n\r\n" + b"x" * 40)
+            data = b""
+            while True:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        magic, code = struct.unpack_from("<IB", data)
+        checks["tcp_garbage"] = [hex(magic), code, data[40:].decode(errors="replace")]
     compare("pull after malformed", table.pull(universe).numpy(), local.pull(universe, False))
     checks["mismatches_after"] = mismatches
     pse.shutdown()
@@ -260,6 +284,7 @@ def parse_args(argv=None):
     ap.add_argument("--num-servers", type=int, default=0)
     ap.add_argument("--staleness", type=int, default=0)
     ap.add_argument("--rpc-timeout", type=float, default=30.0)
+    ap.add_argument("--transport", choices=["tcp", "rpc"], default="tcp")
     ap.add_argument("--samples", type=int, default=12000)
     ap.add_argument("--batch", type=int, default=400)
     ap.add_argument("--epochs", type=int, default=2)

@@ -28,7 +28,7 @@ import sys
 import threading
 import warnings
 import weakref
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from ..errors import NotInitializedError, PeerUnavailableError
 from . import server
@@ -64,6 +64,7 @@ class _Runtime:
         self.world_size = 1
         self.max_staleness = 0
         self.rpc_timeout = 60.0
+        self.transport_kind = "tcp"
         self.collective_timeout = COLLECTIVE_TIMEOUT
         self.dedicated = False
         self.server_ranks: List[int] = [0]
@@ -174,7 +175,10 @@ def _check_alive() -> None:
 
 
 # -- public API ---------------------------------------------------------------------------------------------
-def init(max_staleness: int = 1, num_servers: int = 0, rpc_timeout: float = 60.0) -> None:
+TRANSPORTS = ("tcp", "rpc")
+
+
+def init(max_staleness: int = 1, num_servers: int = 0, rpc_timeout: float = 60.0, transport: str = "tcp") -> None:
     r"""Start the distributed runtime from torchrun's environment; one process when there is none.
 
     Reads ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``. With ``WORLD_SIZE`` unset or 1 tables
@@ -189,6 +193,9 @@ def init(max_staleness: int = 1, num_servers: int = 0, rpc_timeout: float = 60.0
             ``0..S-1`` dedicated servers. Default: 0.
         rpc_timeout (float): seconds after which an unanswered call (or a barrier of a table-wide operation)
             raises :class:`~torch_psembed.errors.PeerUnavailableError`. Default: 60.
+        transport (str): how pulls and pushes travel. ``"tcp"``: the C++ data plane (a ``_C.DataServer`` on
+            every serving rank, no Python on the serving side); ``"rpc"``: ``torch.distributed.rpc`` like every
+            control call. Default: ``"tcp"``.
 
     .. note::
         On a dedicated server rank this call serves until every trainer called :func:`shutdown`, then ends the
@@ -209,6 +216,8 @@ def init(max_staleness: int = 1, num_servers: int = 0, rpc_timeout: float = 60.0
         raise ValueError(f"num_servers must be an int >= 0, got {num_servers!r}")
     if not isinstance(rpc_timeout, (int, float)) or not math.isfinite(rpc_timeout) or rpc_timeout <= 0:
         raise ValueError(f"rpc_timeout must be a finite number of seconds > 0, got {rpc_timeout!r}")
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {', '.join(map(repr, TRANSPORTS))}, got {transport!r}")
     with _lock:
         if _state is not None:
             raise RuntimeError(
@@ -216,6 +225,7 @@ def init(max_staleness: int = 1, num_servers: int = 0, rpc_timeout: float = 60.0
             )
         st = _Runtime()
         st.max_staleness = max_staleness
+        st.transport_kind = transport
         st.rpc_timeout = float(rpc_timeout)
         st.collective_timeout = max(st.rpc_timeout, COLLECTIVE_TIMEOUT)
         world = _env_world_size()
@@ -291,8 +301,22 @@ def _start(st: _Runtime) -> None:
         warnings.filterwarnings("ignore", message="You are using a Backend", category=UserWarning)
         rpc.init_rpc(worker_name(st.rank), rank=st.rank, world_size=st.world_size, rpc_backend_options=opts)
     st.rpc_up = True
-    st.transport = RpcTransport(st.server_ranks, st.trainer_ranks, st.rank, st.rpc_timeout, st.ctl_group, _failure,
+    args = (st.server_ranks, st.trainer_ranks, st.rank, st.rpc_timeout, st.ctl_group, _failure)
+    if st.transport_kind == "rpc":
+        st.transport = RpcTransport(*args, collective_timeout=st.collective_timeout)
+        return
+    from .tcp_transport import TcpTransport, data_plane_host
+
+    mine = None
+    if st.is_server:
+        host = data_plane_host()
+        mine = (host, server.start_data_plane(host))
+    endpoints: List[Any] = [None] * st.world_size
+    dist.all_gather_object(endpoints, mine, group=st.all_group)
+    st.transport = TcpTransport([endpoints[r] for r in st.server_ranks], *args,
                                 collective_timeout=st.collective_timeout)
+    if st.is_trainer:
+        st.transport.connect()
 
 
 def _shorten_gil_switch_interval() -> None:
@@ -397,6 +421,7 @@ def shutdown() -> None:
         if st.is_trainer:
             for t in list(st.tables):
                 t.flush()
+            _close_channels(st)  # (this rank's own data server, if any, serves the others until the barrier)
             futs = []
             for r in range(st.world_size):
                 if r == st.rank:
@@ -414,6 +439,7 @@ def shutdown() -> None:
                     raise _failure(r, "shutdown notice", e) from e
         _wait_for_trainers(st)
         barrier(st.all_group, st.rpc_timeout, _failure, "shutdown barrier")
+        _close_data_plane(st)
         rpc.shutdown(graceful=True, timeout=st.rpc_timeout)
         st.rpc_up = False
     except BaseException:
@@ -423,6 +449,19 @@ def shutdown() -> None:
     _close_groups(st)
     server.reset()
     st.closed = True
+
+
+def _close_channels(st: _Runtime) -> None:
+    """Close this trainer's data channels (idempotent; the RPC transport has none)."""
+    close = getattr(st.transport, "close", None)
+    if close is not None:
+        close()
+
+
+def _close_data_plane(st: _Runtime) -> None:
+    """Close this trainer's data channels and stop this server's data server (both idempotent)."""
+    _close_channels(st)
+    server.stop_data_plane()
 
 
 def _close_groups(st: _Runtime) -> None:
@@ -443,6 +482,10 @@ def _abort(st: _Runtime) -> None:
     """Stop RPC without waiting for peers (they may be dead)."""
     st.failed = True
     st.closed = True
+    try:
+        _close_data_plane(st)
+    except Exception:  # noqa: BLE001 - best effort: peers may be dead
+        pass
     if st.rpc_up:
         st.rpc_up = False
         try:

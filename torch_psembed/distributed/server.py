@@ -5,6 +5,10 @@ remote endpoints: the RPC transport calls them by reference (``rpc_async(to, ser
 colocated fast path calls them directly. Each endpoint checks its request and raises a Python exception on a
 malformed one; the transport sends the exception back to the caller and the server keeps serving.
 
+With the TCP data plane (``tcp_transport.py``, the default) remote pulls and pushes bypass these endpoints:
+``start_data_plane`` starts a ``_C.DataServer`` and every table created here is registered with it, so it
+serves them in C++ with the same checks (``csrc/net/data_server.h``).
+
 Thread safety: endpoints run concurrently on the RPC thread pool. ``_lock`` guards the registry (``_tables``,
 ``_done``); the ``_C.Table`` objects are thread-safe themselves (one lock per internal shard).
 """
@@ -18,7 +22,10 @@ import numpy as np
 import torch
 
 
-__all__ = ["create_table", "pull", "push", "call", "ping", "mark_done", "report_failure", "local_table"]
+__all__ = [
+    "create_table", "pull", "push", "call", "ping", "mark_done", "report_failure", "local_table",
+    "start_data_plane", "stop_data_plane",
+]
 
 _lock = threading.Lock()
 # name -> (config dict, _C.Table). Written only under _lock; a table is never removed while serving.
@@ -29,6 +36,8 @@ _num_servers: int = 0
 # Ranks of the trainers that finished (called shutdown). Guarded by _done_cv.
 _done_cv = threading.Condition(_lock)
 _done: set = set()
+# This process's _C.DataServer while the TCP data plane is up (start_data_plane .. stop_data_plane).
+_data_server = None
 
 
 def configure(server_index: int, num_servers: int) -> None:
@@ -45,6 +54,30 @@ def reset() -> None:
     """Drop every table (``runtime.shutdown``)."""
     with _lock:
         _tables.clear()
+        if _data_server is not None:
+            _data_server.clear()
+
+
+def start_data_plane(host: str) -> int:
+    """Start serving this process's tables over TCP on ``host`` (any free port); returns the port."""
+    global _data_server
+    from .. import _C
+
+    with _lock:
+        if _data_server is None:
+            _data_server = _C.DataServer(host, 0)
+            for name, (_, table) in _tables.items():
+                _data_server.register(name, table)
+        return _data_server.port
+
+
+def stop_data_plane() -> None:
+    """Stop the data server (closes its connections; idempotent)."""
+    global _data_server
+    with _lock:
+        ds, _data_server = _data_server, None
+    if ds is not None:
+        ds.stop()
 
 
 def _table(name: Any):
@@ -102,7 +135,10 @@ def create_table(name: Any, config: Any) -> bool:
             return False
         from ..table import new_c_table  # at call time: table.py imports distributed lazily too
 
-        _tables[name] = (dict(config), new_c_table(config))
+        table = new_c_table(config)
+        _tables[name] = (dict(config), table)
+        if _data_server is not None:
+            _data_server.register(name, table)
         return True
 
 

@@ -1,0 +1,267 @@
+"""The TCP data plane in one process: ``_C.DataServer`` serving ``_C.Table`` objects to ``_C.DataChannel``s over
+127.0.0.1, and ``TcpTransport``'s mapping of its failures (multi-process use: tests/test_distributed.py).
+
+Rows are checked against a second table given the same calls directly, whose rules tests/test_table_numerics.py
+checks against the numpy reference; here the question is only whether the wire changes anything.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+
+import numpy as np
+import pytest
+
+import torch_psembed as pse
+from torch_psembed import _C
+from torch_psembed.distributed.tcp_transport import TcpTransport, data_plane_host
+from torch_psembed.errors import PeerUnavailableError
+
+TIMEOUT = 20.0
+
+
+def _config(dim=4, nan_policy="raise"):
+    return pse.TableConfig(
+        dim=dim,
+        accessor=pse.CtrAccessorConfig(embedx_threshold=1.0),
+        mf_optimizer=pse.AdaGrad(learning_rate=0.05, initial_range=0.01),
+        nan_policy=nan_policy,
+        seed=3,
+    ).to_dict()
+
+
+@pytest.fixture
+def served():
+    """A data server holding table "t"; yields (server, table, channel)."""
+    server = _C.DataServer("127.0.0.1", 0)
+    table = _C.Table(_config())
+    server.register("t", table)
+    channel = _C.DataChannel("127.0.0.1", server.port, TIMEOUT, TIMEOUT)
+    try:
+        yield server, table, channel
+    finally:
+        channel.close()
+        server.stop()
+
+
+def _push_args(rng, keys, dim):
+    n = keys.shape[0]
+    grads = rng.normal(size=(n, 1 + dim)).astype(np.float32)
+    shows = rng.integers(0, 3, n).astype(np.float32)
+    clicks = np.minimum(shows, rng.integers(0, 2, n)).astype(np.float32)
+    slots = rng.integers(0, 30, n).astype(np.int32)
+    return grads, shows, clicks, slots
+
+
+def test_rows_over_the_wire_equal_direct_calls(served):
+    server, table, channel = served
+    direct = _C.Table(_config())
+    rng = np.random.default_rng(0)
+    universe = rng.integers(-(2**63), 2**63 - 1, size=3000, dtype=np.int64)
+    for step in range(30):
+        n = int(rng.integers(0, 6000 if step % 5 == 0 else 400))  # some batches reach the table's parallel path
+        keys = rng.choice(universe, n)  # with repeats: the server merges them as the table does
+        grads, shows, clicks, slots = _push_args(rng, keys, 4)
+        push_id = None if step % 3 else step
+        # two requests in flight before the first wait: replies are matched by id
+        pid = channel.push("t", keys, grads, shows, clicks, slots if step % 2 else None, push_id)
+        qid = channel.pull("t", universe[:500], step % 2 == 0)
+        assert channel.wait(pid, TIMEOUT) == 0
+        direct.push(keys, grads, shows, clicks, slots if step % 2 else None, push_id)
+        got = channel.wait(qid, TIMEOUT)
+        assert got.dtype == np.float32 and got.shape == (500, (3 if step % 2 == 0 else 1) + 4)
+        np.testing.assert_array_equal(got, direct.pull(universe[:500], step % 2 == 0))
+    np.testing.assert_array_equal(channel.wait(channel.pull("t", universe, True), TIMEOUT), direct.pull(universe, True))
+    assert channel.wait(channel.pull("t", universe[:0]), TIMEOUT).shape == (0, 5)
+    assert len(table) == len(direct) and server.errors == 0 and server.requests == 62
+
+
+def test_refused_requests_raise_the_servers_error_and_change_nothing(served):
+    server, table, channel = served
+    keys = np.array([1, 2, 3], np.int64)
+    g = np.zeros((3, 5), np.float32)
+    ones = np.ones(3, np.float32)
+    with pytest.raises(ValueError, match=r"shows must be finite and >= 0, got shows\[1\] = -1"):
+        channel.wait(channel.push("t", keys, g, np.array([1, -1, 1], np.float32), ones), TIMEOUT)
+    bad = g.copy()
+    bad[2, 3] = np.nan
+    with pytest.raises(ValueError, match="grads has NaN/Inf in row 2 .*nan_policy='raise'"):
+        channel.wait(channel.push("t", keys, bad, ones, ones), TIMEOUT)
+    with pytest.raises(ValueError, match="grads must have 5 columns .* got 3"):
+        channel.wait(channel.push("t", keys, np.zeros((3, 3), np.float32), ones, ones), TIMEOUT)
+    with pytest.raises(ValueError, match="no table named 'nope' on this server"):
+        channel.wait(channel.pull("nope", keys), TIMEOUT)
+    assert len(table) == 0 and server.errors == 4
+    assert channel.wait(channel.push("t", keys, g, ones, ones), TIMEOUT) == 0  # the connection goes on
+    assert len(table) == 3
+
+
+def test_bad_arguments_are_refused_before_sending(served):
+    server, _, channel = served
+    with pytest.raises(TypeError, match="keys must have dtype int64"):
+        channel.pull("t", np.zeros(3, np.int32))
+    with pytest.raises(ValueError, match="shows must have length 2"):
+        channel.push("t", np.zeros(2, np.int64), np.zeros((2, 5), np.float32), np.ones(3, np.float32),
+                     np.ones(2, np.float32))
+    with pytest.raises(ValueError, match="push_id must be >= 0"):
+        channel.push("t", np.zeros(2, np.int64), np.zeros((2, 5), np.float32), np.ones(2, np.float32),
+                     np.ones(2, np.float32), None, -1)
+    with pytest.raises(ValueError, match="table name"):
+        channel.pull("", np.zeros(1, np.int64))
+    with pytest.raises(ValueError, match="timeout"):
+        channel.wait(1, 0.0)
+    assert server.requests == 0
+
+
+def test_nan_skip_policy_is_applied_by_the_server():
+    server = _C.DataServer("127.0.0.1", 0)
+    table = _C.Table(_config(nan_policy="skip"))
+    server.register("t", table)
+    channel = _C.DataChannel("127.0.0.1", server.port, TIMEOUT, TIMEOUT)
+    try:
+        g = np.ones((3, 5), np.float32)
+        g[1, 0] = np.inf
+        ones = np.ones(3, np.float32)
+        assert channel.wait(channel.push("t", np.array([7, 8, 9], np.int64), g, ones, ones), TIMEOUT) == 1
+        assert len(table) == 2 and table.stats()["rejected"] == 1
+    finally:
+        channel.close()
+        server.stop()
+
+
+def _raw_frame(sock, payload: bytes):
+    sock.sendall(payload)
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_unreadable_frames_close_only_their_connection(served):
+    server, table, channel = served
+    keys = np.arange(5, dtype=np.int64)
+    channel.wait(channel.push("t", keys, np.ones((5, 5), np.float32), np.ones(5, np.float32),
+                              np.zeros(5, np.float32)), TIMEOUT)
+    header = struct.Struct("<IBBHIIQQQ")  # wire.h RequestHeader
+    frames = [
+        b"GET / HTTP/1.0\r\n\r\n" + bytes(40),                                 # not our protocol
+        header.pack(0x31455350, 9, 0, 1, 0, 0, 1, 0, 0),                      # unknown op
+        header.pack(0x31455350, 1, 0, 5000, 0, 0, 1, 0, 0),                   # name too long
+        header.pack(0x31455350, 2, 0, 1, 0, 0, 1, 1, 0),                      # push of width 0
+        header.pack(0x31455350, 1, 0, 1, 0, 0, 1, 2**40, 0),                  # absurd key count
+    ]
+    for frame in frames:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
+            reply = _raw_frame(sock, frame)  # returns once the server closed the connection
+        magic, code, _, _, _, rid, _, size = struct.unpack_from("<IB3sIIQQQ", reply)
+        assert (magic, code, rid) == (0x52455350, 3, 0) and len(reply) == 40 + size
+    # A frame cut short (the sender died mid-frame) is dropped without an answer.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
+        sock.sendall(header.pack(0x31455350, 1, 0, 1, 0, 0, 1, 1000, 0) + b"t" + bytes(7) + bytes(80))
+    # The existing channel was served throughout.
+    np.testing.assert_array_equal(channel.wait(channel.pull("t", keys), TIMEOUT), table.pull(keys, False))
+    assert server.errors == len(frames)
+
+
+def test_a_stopped_server_fails_waiting_and_later_requests(served):
+    server, _, channel = served
+    rid = channel.pull("t", np.arange(3, dtype=np.int64))
+    channel.wait(rid, TIMEOUT)
+    server.stop()
+    with pytest.raises(ConnectionError):
+        channel.wait(channel.pull("t", np.arange(3, dtype=np.int64)), TIMEOUT)
+    with pytest.raises(ConnectionError):
+        channel.pull("t", np.arange(3, dtype=np.int64))
+    server.stop()  # idempotent
+
+
+def test_a_reply_that_never_comes_times_out():
+    # A listening socket that accepts but never answers: the silent (hung) peer.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        channel = _C.DataChannel("127.0.0.1", listener.getsockname()[1], TIMEOUT, TIMEOUT)
+        try:
+            rid = channel.pull("t", np.arange(3, dtype=np.int64))
+            with pytest.raises(ConnectionError, match="no reply within"):
+                channel.wait(rid, 0.2)
+        finally:
+            channel.close()
+
+
+def test_no_server_listening_is_a_connection_error():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connections are refused
+        with pytest.raises(ConnectionError, match="connect to 127.0.0.1"):
+            _C.DataChannel("127.0.0.1", port, 0.2, TIMEOUT)
+
+
+def test_many_threads_share_one_channel(served):
+    _, table, channel = served
+    errors = []
+
+    def worker(seed):
+        rng = np.random.default_rng(seed)
+        try:
+            for _ in range(40):
+                keys = rng.integers(0, 500, 200).astype(np.int64)
+                ones = np.ones(200, np.float32)
+                channel.wait(channel.push("t", keys, np.zeros((200, 5), np.float32), ones, 0 * ones), TIMEOUT)
+                channel.wait(channel.pull("t", keys, True), TIMEOUT)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    shows = table.pull(np.arange(500, dtype=np.int64), True)[:, 0]
+    assert shows.sum() == 4 * 40 * 200  # every pushed show counted once
+
+
+def _transport(server_port, server_rank=5):
+    failures = []
+
+    def on_failure(rank, what, exc):
+        failures.append((rank, what))
+        return PeerUnavailableError(f"rank {rank} is unavailable: {what} failed: {exc}", rank=rank)
+
+    t = TcpTransport([("127.0.0.1", server_port)], [server_rank], [0], 0, TIMEOUT, None, on_failure)
+    return t, failures
+
+
+def test_tcp_transport_names_the_server_rank_on_errors(served):
+    server, _, _ = served
+    transport, failures = _transport(server.port)
+    transport.connect()
+    try:
+        keys = np.arange(4, dtype=np.int64)
+        ones = np.ones(4, np.float32)
+        h = transport.push(0, "t", keys, np.zeros((4, 5), np.float32), ones, ones, None, 1)
+        assert h.wait() == 0 and h.done()
+        assert transport.pull(0, "t", keys, False).wait().shape == (4, 5)
+        with pytest.raises(ValueError, match=r"no table named 'x' on this server \(raised by rank 5\)"):
+            transport.pull(0, "x", keys, False).wait()
+        server.stop()
+        with pytest.raises(PeerUnavailableError, match="rank 5 is unavailable: pull of table 't'") as e:
+            transport.pull(0, "t", keys, False).wait()
+        assert e.value.rank == 5 and failures[0][0] == 5
+    finally:
+        transport.close()
+    with pytest.raises(RuntimeError, match="no data-plane channel"):
+        transport.pull(0, "t", np.arange(2, dtype=np.int64), False)
+
+
+def test_data_plane_host(monkeypatch):
+    monkeypatch.setenv("PSEMBED_DATA_HOST", "10.1.2.3")
+    assert data_plane_host() == "10.1.2.3"
+    monkeypatch.delenv("PSEMBED_DATA_HOST")
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    assert data_plane_host() == "127.0.0.1"
