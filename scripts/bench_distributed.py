@@ -142,6 +142,7 @@ def child(args) -> None:
     import torch.distributed as dist
 
     import torch_psembed as pse
+    from torch_psembed.distributed import server
 
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
@@ -158,10 +159,14 @@ def child(args) -> None:
         dist.barrier(group=group)
         table._backend.reset_timers()
         srv0 = table._backend.collective(_process_cpu) if args.num_servers else None
+        dp0 = table._backend.collective(server.op_data_plane_seconds) if args.num_servers else None
         seconds, split = _run_steps(args, table, seed=100 + tr)
         if srv0 is not None:  # a dedicated server's CPU time: ask it (collective over the trainers)
             srv1 = table._backend.collective(_process_cpu)
             split["server_cpu"] = sum(b - a for a, b in zip(srv0, srv1)) / pse.distributed.num_trainers()
+            # and the time its data server spent inside the table's pulls (TCP transport; 0 over RPC)
+            dp1 = table._backend.collective(server.op_data_plane_seconds)
+            split["server_pull"] = sum(b[0] - a[0] for a, b in zip(dp0, dp1)) / pse.distributed.num_trainers()
         rounds.append({"local": loc, "sharded": (seconds, split, dict(table._backend.timers))})
     pse.shutdown()
     with open(f"{args.out}.{rank}", "w") as f:
@@ -244,6 +249,7 @@ def main() -> None:
                 for k, v in x[2].items():
                     t[k] = t.get(k, 0.0) + 1000 * v / args.steps / len(sh)
             t["pull"] = 1000 * sum(x[1]["pull"] for x in sh) / len(sh) / args.steps
+            t["server_pull"] = 1000 * sum(x[1].get("server_pull", 0.0) for x in sh) / len(sh) / args.steps
             t["push"] = 1000 * sum(x[1]["push"] for x in sh) / len(sh) / args.steps
             lt = {"step": 1000 * loc[0] / args.steps, "pull": 1000 * loc[1]["pull"] / args.steps,
                   "push": 1000 * loc[1]["push"] / args.steps}
@@ -270,6 +276,11 @@ def main() -> None:
             over = med(lambda x: (x[2] - x[4]["step"]) / x[2])
             print(f"  dedicated: dedup + RPC wait + assembly + staleness wait = {rpc:.1f} ms = {100 * rpc / step:.0f}% "
                   f"of the {step:.1f} ms step; step time over the local step: {100 * over:+.0f}% of the step")
+            srv_pull = med(lambda x: x[3].get("server_pull", 0.0))
+            if srv_pull:
+                print(f"  of the {tm['rpc_wait']:.1f} ms RPC wait, {srv_pull:.1f} ms is the server's table pull; the rest "
+                      f"({tm['rpc_wait'] - srv_pull:.1f} ms, {100 * (rpc - srv_pull) / step:.0f}% of the step with dedup and "
+                      "assembly) is transport and queueing")
         else:
             print(f"  colocated: 2 processes reach {ratio:.2f}x the samples/s of 1 process (target >= 1.6x)")
         print("  per round (samples/s local -> sharded): "

@@ -65,14 +65,16 @@ def test_rows_over_the_wire_equal_direct_calls(served):
         keys = rng.choice(universe, n)  # with repeats: the server merges them as the table does
         grads, shows, clicks, slots = _push_args(rng, keys, 4)
         push_id = None if step % 3 else step
-        # two requests in flight before the first wait: replies are matched by id
-        pid = channel.push("t", keys, grads, shows, clicks, slots if step % 2 else None, push_id)
+        # two requests in flight before the first wait, replies matched by id; a pull sent before a push is
+        # served before it (a pull sent after an unacknowledged push may or may not see it)
         qid = channel.pull("t", universe[:500], step % 2 == 0)
-        assert channel.wait(pid, TIMEOUT) == 0
-        direct.push(keys, grads, shows, clicks, slots if step % 2 else None, push_id)
+        pid = channel.push("t", keys, grads, shows, clicks, slots if step % 2 else None, push_id)
+        expected = direct.pull(universe[:500], step % 2 == 0)
         got = channel.wait(qid, TIMEOUT)
         assert got.dtype == np.float32 and got.shape == (500, (3 if step % 2 == 0 else 1) + 4)
-        np.testing.assert_array_equal(got, direct.pull(universe[:500], step % 2 == 0))
+        np.testing.assert_array_equal(got, expected)
+        assert channel.wait(pid, TIMEOUT) == 0
+        direct.push(keys, grads, shows, clicks, slots if step % 2 else None, push_id)
     np.testing.assert_array_equal(channel.wait(channel.pull("t", universe, True), TIMEOUT), direct.pull(universe, True))
     assert channel.wait(channel.pull("t", universe[:0]), TIMEOUT).shape == (0, 5)
     assert len(table) == len(direct) and server.errors == 0 and server.requests == 62

@@ -57,6 +57,8 @@ class PyDataServer {
   }
   uint64_t requests() const { return server_->requests(); }
   uint64_t errors() const { return server_->errors(); }
+  double pull_seconds() const { return server_->pull_seconds(); }
+  double push_seconds() const { return server_->push_seconds(); }
 
  private:
   std::unique_ptr<DataServer> server_;
@@ -172,7 +174,11 @@ host is an IPv4 address; port 0 takes any free port (see .port). ConnectionError
       .def("clear", &PyDataServer::Clear, "Forget every table.")
       .def("stop", &PyDataServer::Stop, "Stop accepting, close every connection, join the threads (idempotent).")
       .def_property_readonly("requests", &PyDataServer::requests)
-      .def_property_readonly("errors", &PyDataServer::errors);
+      .def_property_readonly("errors", &PyDataServer::errors)
+      .def_property_readonly("pull_seconds", &PyDataServer::pull_seconds,
+                             "Seconds spent in the tables' pulls (all connections).")
+      .def_property_readonly("push_seconds", &PyDataServer::push_seconds,
+                             "Seconds spent in the tables' pushes, their checks included (all connections).");
 
   py::class_<PyDataChannel>(m, "DataChannel", R"doc(DataChannel(host, port, connect_timeout, send_timeout): a
 connection to one DataServer. pull()/push() send a request and return its id; wait(id, timeout) returns a

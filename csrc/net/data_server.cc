@@ -5,7 +5,11 @@
 #include <sys/uio.h>
 
 #include <algorithm>
+#include <chrono>
+#include <condition_variable>
 #include <cstring>
+#include <deque>
+#include <mutex>
 #include <utility>
 
 #include "net/socket.h"
@@ -28,7 +32,7 @@ Status SendReply(int fd, const wire::ReplyHeader& h, const void* payload) {
   return net::WriteAll(fd, iov, h.payload_bytes ? 2 : 1);
 }
 
-wire::ReplyHeader Reply(uint64_t id, Status::Code code) {
+wire::ReplyHeader MakeReply(uint64_t id, Status::Code code) {
   wire::ReplyHeader h;
   std::memset(&h, 0, sizeof(h));
   h.magic = wire::kReplyMagic;
@@ -38,7 +42,7 @@ wire::ReplyHeader Reply(uint64_t id, Status::Code code) {
 }
 
 Status SendError(int fd, uint64_t id, const Status& error) {
-  wire::ReplyHeader h = Reply(id, error.code());
+  wire::ReplyHeader h = MakeReply(id, error.code());
   h.payload_bytes = error.message().size();
   return SendReply(fd, h, error.message().data());
 }
@@ -147,85 +151,180 @@ void DataServer::AcceptLoop() {
   }
 }
 
+// One connection's requests. The connection's thread (Serve) reads every frame and serves pulls itself;
+// pushes go, in arrival order, to the connection's push thread (PushWorker). So a pull does not wait behind a
+// push still being applied: the trainer's staleness window already decided which pushes a pull must see (it
+// waits for their replies before it sends the pull), and pushes stay in order among themselves.
+struct DataServer::Session {
+  struct Push {
+    wire::RequestHeader header;
+    std::vector<uint64_t> body;
+  };
+  int fd = -1;
+  std::mutex write_mu;  // one reply at a time on the socket
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<Push> pushes;  // received, not yet applied; at most kMaxQueuedPushes
+  bool closing = false;     // the reader is done: apply what is queued, then stop
+};
+
+namespace {
+
+// Pushes a connection may queue before its reader stops reading (the sender then blocks in TCP).
+constexpr size_t kMaxQueuedPushes = 16;
+
+// Reads one request. False when the connection is done: closed, cut short, or an unreadable header (answered
+// with an error reply with id 0 first; *bad counts it).
+bool ReadRequest(int fd, wire::RequestHeader* h, std::vector<uint64_t>* body, std::mutex* write_mu, bool* bad) {
+  *bad = false;
+  if (!net::ReadFull(fd, h, sizeof(*h)).ok()) return false;  // the client left (or Stop)
+  Status s = CheckHeader(*h);
+  if (!s.ok()) {
+    *bad = true;
+    std::lock_guard<std::mutex> l(*write_mu);
+    SendError(fd, 0, s);
+    return false;
+  }
+  // The body in steps (see kReadStep).
+  const uint64_t bytes = wire::RequestBodyBytes(*h);
+  uint64_t got = 0;
+  while (got < bytes) {
+    const uint64_t step = std::min(kReadStep, bytes - got);
+    if (body->size() * 8 < got + step) body->resize((got + step + 7) / 8);
+    if (!net::ReadFull(fd, reinterpret_cast<char*>(body->data()) + got, step).ok()) return false;
+    got += step;
+  }
+  return true;
+}
+
+uint64_t ElapsedNs(std::chrono::steady_clock::time_point since) {
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - since).count());
+}
+
+std::string TableName(const wire::RequestHeader& h, const std::vector<uint64_t>& body) {
+  return std::string(reinterpret_cast<const char*>(body.data()), h.name_len);
+}
+
+const char* Arrays(const wire::RequestHeader& h, const std::vector<uint64_t>& body) {
+  return reinterpret_cast<const char*>(body.data()) + wire::PaddedNameLen(h.name_len);
+}
+
+}  // namespace
+
+Status DataServer::Reply(Session* session, uint64_t id, const Status& s, wire::ReplyHeader* reply,
+                         const void* payload) {
+  std::lock_guard<std::mutex> l(session->write_mu);
+  if (!s.ok()) {
+    errors_.fetch_add(1, std::memory_order_relaxed);
+    return SendError(session->fd, id, s);
+  }
+  return SendReply(session->fd, *reply, payload);
+}
+
+void DataServer::ServePull(Session* session, const wire::RequestHeader& h, const std::vector<uint64_t>& body,
+                           std::vector<float>* rows) {
+  const std::string name = TableName(h, body);
+  std::shared_ptr<SparseTable> table = Find(name);
+  wire::ReplyHeader reply = MakeReply(h.id, Status::kOk);
+  Status s;
+  if (table == nullptr) {
+    s = Status::NotFound("no table named '" + name + "' on this server");
+  } else {
+    const bool with_stats = (h.flags & wire::kWithStats) != 0;
+    const int width = table->pull_width(with_stats);
+    const size_t n = static_cast<size_t>(h.n);
+    rows->resize(n * static_cast<size_t>(width));
+    const auto t0 = std::chrono::steady_clock::now();
+    table->Pull(reinterpret_cast<const uint64_t*>(Arrays(h, body)), n, with_stats, rows->data());
+    pull_ns_.fetch_add(ElapsedNs(t0), std::memory_order_relaxed);
+    reply.width = static_cast<uint32_t>(width);
+    reply.value = n;
+    reply.payload_bytes = rows->size() * sizeof(float);
+  }
+  Reply(session, h.id, s, &reply, rows->data());
+}
+
+void DataServer::ServePush(Session* session, const wire::RequestHeader& h, const std::vector<uint64_t>& body) {
+  const std::string name = TableName(h, body);
+  std::shared_ptr<SparseTable> table = Find(name);
+  wire::ReplyHeader reply = MakeReply(h.id, Status::kOk);
+  Status s;
+  if (table == nullptr) {
+    s = Status::NotFound("no table named '" + name + "' on this server");
+  } else if ((h.flags & wire::kHasPushId) && (h.push_id >> 63) != 0) {
+    s = Status::InvalidArgument("push_id must be < 2**63, got " + std::to_string(h.push_id));
+  } else if (h.width != 1 + static_cast<uint32_t>(table->options().dim)) {
+    s = Status::InvalidArgument("grads must have " + std::to_string(1 + table->options().dim) +
+                                " columns (1 + dim) for table '" + name + "', got " + std::to_string(h.width));
+  } else {
+    const size_t n = static_cast<size_t>(h.n);
+    const char* arrays = Arrays(h, body);
+    PushArgs a;
+    a.keys = reinterpret_cast<const uint64_t*>(arrays);
+    a.n = n;
+    a.grads = reinterpret_cast<const float*>(arrays + 8 * n);
+    a.shows = a.grads + n * h.width;
+    a.clicks = a.shows + n;
+    a.slots = (h.flags & wire::kHasSlots) ? reinterpret_cast<const int32_t*>(a.clicks + n) : nullptr;
+    if (h.flags & wire::kHasPushId) a.push_id = h.push_id;
+    size_t skipped = 0;
+    const auto t0 = std::chrono::steady_clock::now();
+    s = CheckedPush(table.get(), a, &skipped);
+    push_ns_.fetch_add(ElapsedNs(t0), std::memory_order_relaxed);
+    reply.value = skipped;
+  }
+  Reply(session, h.id, s, &reply, nullptr);
+}
+
+void DataServer::PushWorker(Session* session) {
+  for (;;) {
+    Session::Push push;
+    {
+      std::unique_lock<std::mutex> l(session->mu);
+      session->cv.wait(l, [session] { return !session->pushes.empty() || session->closing; });
+      if (session->pushes.empty()) return;  // closing, and everything received was applied
+      push = std::move(session->pushes.front());
+      session->pushes.pop_front();
+    }
+    session->cv.notify_all();  // room for the reader
+    ServePush(session, push.header, push.body);
+  }
+}
+
 void DataServer::Serve(Connection* c) {
-  const int fd = c->fd;
-  std::vector<uint64_t> body;  // reused across requests; uint64_t for the keys' alignment
+  Session session;
+  session.fd = c->fd;
+  std::thread push_thread([this, &session] { PushWorker(&session); });
+  std::vector<uint64_t> body;  // a pull's request, reused; uint64_t for the keys' alignment
   std::vector<float> rows;     // a pull's reply, reused
   for (;;) {
     wire::RequestHeader h;
-    if (!net::ReadFull(fd, &h, sizeof(h)).ok()) break;  // the client left (or Stop)
-    Status bad = CheckHeader(h);
-    if (!bad.ok()) {
-      errors_.fetch_add(1, std::memory_order_relaxed);
-      SendError(fd, 0, bad);
+    bool bad = false;
+    if (!ReadRequest(session.fd, &h, &body, &session.write_mu, &bad)) {
+      if (bad) errors_.fetch_add(1, std::memory_order_relaxed);
       break;
     }
-    // Read the body in steps (see kReadStep).
-    const uint64_t bytes = wire::RequestBodyBytes(h);
-    uint64_t got = 0;
-    bool read_ok = true;
-    while (got < bytes) {
-      const uint64_t step = std::min(kReadStep, bytes - got);
-      if (body.size() * 8 < got + step) body.resize((got + step + 7) / 8);
-      if (!net::ReadFull(fd, reinterpret_cast<char*>(body.data()) + got, step).ok()) {
-        read_ok = false;
-        break;
-      }
-      got += step;
-    }
-    if (!read_ok) break;
     requests_.fetch_add(1, std::memory_order_relaxed);
-    const char* base = reinterpret_cast<const char*>(body.data());
-    const std::string name(base, h.name_len);
-    const char* arrays = base + wire::PaddedNameLen(h.name_len);
-    const uint64_t* keys = reinterpret_cast<const uint64_t*>(arrays);
-    const size_t n = static_cast<size_t>(h.n);
-
-    std::shared_ptr<SparseTable> table = Find(name);
-    Status s;
-    wire::ReplyHeader reply = Reply(h.id, Status::kOk);
-    if (table == nullptr) {
-      s = Status::NotFound("no table named '" + name + "' on this server");
-    } else if (h.op == wire::kPull) {
-      const bool with_stats = (h.flags & wire::kWithStats) != 0;
-      const int width = table->pull_width(with_stats);
-      rows.resize(n * static_cast<size_t>(width));
-      table->Pull(keys, n, with_stats, rows.data());
-      reply.width = static_cast<uint32_t>(width);
-      reply.value = n;
-      reply.payload_bytes = rows.size() * sizeof(float);
-    } else {
-      const uint32_t gw = 1 + static_cast<uint32_t>(table->options().dim);
-      if ((h.flags & wire::kHasPushId) && (h.push_id >> 63) != 0) {
-        s = Status::InvalidArgument("push_id must be < 2**63, got " + std::to_string(h.push_id));
-      } else if (h.width != gw) {
-        s = Status::InvalidArgument("grads must have " + std::to_string(gw) + " columns (1 + dim) for table '" +
-                                    name + "', got " + std::to_string(h.width));
-      } else {
-        PushArgs a;
-        a.keys = keys;
-        a.n = n;
-        a.grads = reinterpret_cast<const float*>(arrays + 8 * n);
-        a.shows = a.grads + n * gw;
-        a.clicks = a.shows + n;
-        a.slots = (h.flags & wire::kHasSlots) ? reinterpret_cast<const int32_t*>(a.clicks + n) : nullptr;
-        if (h.flags & wire::kHasPushId) a.push_id = h.push_id;
-        size_t skipped = 0;
-        s = CheckedPush(table.get(), a, &skipped);
-        reply.value = skipped;
-      }
+    if (h.op == wire::kPull) {
+      ServePull(&session, h, body, &rows);
+      continue;
     }
-    Status sent;
-    if (!s.ok()) {
-      errors_.fetch_add(1, std::memory_order_relaxed);
-      sent = SendError(fd, h.id, s);
-    } else {
-      sent = SendReply(fd, reply, rows.data());
-    }
-    if (!sent.ok()) break;
+    std::unique_lock<std::mutex> l(session.mu);
+    session.cv.wait(l, [&session] { return session.pushes.size() < kMaxQueuedPushes; });
+    session.pushes.push_back(Session::Push{h, std::move(body)});
+    body = std::vector<uint64_t>();  // the queued push owns its buffer
+    l.unlock();
+    session.cv.notify_all();
   }
+  {
+    std::lock_guard<std::mutex> l(session.mu);
+    session.closing = true;
+  }
+  session.cv.notify_all();
+  push_thread.join();
   // The peer sees EOF now; the descriptor is closed when the thread is reaped (or at Stop).
-  net::ShutdownBoth(fd);
+  net::ShutdownBoth(session.fd);
   c->finished.store(true, std::memory_order_release);
 }
 

@@ -1,8 +1,10 @@
 // Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
 //
 // DataServer: serves pulls and pushes of the tables registered with it over TCP (frames: wire.h), with
-// no Python on the path: a thread per connection reads a request, runs it on the SparseTable and
-// writes the reply. A server process runs one, beside the RPC agent that carries control calls.
+// no Python on the path: a thread per connection reads the requests and serves the pulls, and a second
+// thread per connection applies its pushes in arrival order, so a pull never waits behind a push (the
+// trainer decides which pushes a pull must see by waiting for their replies first; see Session in the .cc).
+// A server process runs one, beside the RPC agent that carries control calls.
 //
 // Errors: a request naming an unknown table, or whose values a table refuses (CheckedPush), gets an
 // error reply with the message and the connection goes on. A frame that cannot be read (bad magic, an
@@ -22,6 +24,7 @@
 #include <thread>
 #include <vector>
 
+#include "net/wire.h"
 #include "table/sparse_table.h"
 #include "util/mutex.h"
 #include "util/status.h"
@@ -48,6 +51,10 @@ class DataServer {
   // Requests answered so far, and how many of them with an error (tests).
   uint64_t requests() const { return requests_.load(std::memory_order_relaxed); }
   uint64_t errors() const { return errors_.load(std::memory_order_relaxed); }
+  // Seconds spent inside the table's Pull and in CheckedPush, summed over connections (benchmarks split a
+  // trainer's wait into the server's table work and the transport's share).
+  double pull_seconds() const { return 1e-9 * static_cast<double>(pull_ns_.load(std::memory_order_relaxed)); }
+  double push_seconds() const { return 1e-9 * static_cast<double>(push_ns_.load(std::memory_order_relaxed)); }
 
  private:
   struct Connection {
@@ -56,9 +63,17 @@ class DataServer {
     std::atomic<bool> finished{false};
   };
 
+  struct Session;  // one connection's queue of pushes and its reply lock
+
   DataServer(int listen_fd, int port);
   void AcceptLoop();
   void Serve(Connection* c);
+  void PushWorker(Session* session);
+  void ServePull(Session* session, const wire::RequestHeader& h, const std::vector<uint64_t>& body,
+                 std::vector<float>* rows);
+  void ServePush(Session* session, const wire::RequestHeader& h, const std::vector<uint64_t>& body);
+  // Writes the reply (or, when !s.ok(), an error reply for id) under the session's write lock.
+  Status Reply(Session* session, uint64_t id, const Status& s, wire::ReplyHeader* reply, const void* payload);
   std::shared_ptr<SparseTable> Find(const std::string& name);
   // Joins and drops connections whose thread has finished. REQUIRES: mu_ held.
   void ReapFinished() EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -77,6 +92,8 @@ class DataServer {
 
   std::atomic<uint64_t> requests_{0};  // relaxed: statistics
   std::atomic<uint64_t> errors_{0};
+  std::atomic<uint64_t> pull_ns_{0};
+  std::atomic<uint64_t> push_ns_{0};
 };
 
 }  // namespace psembed

@@ -2,8 +2,10 @@
 //
 // The frames of the TCP data plane (docs/distributed.md, "The TCP data plane"): pulls and pushes of a
 // sharded table, sent by a trainer's DataChannel to a server's DataServer over one TCP connection.
-// A connection carries requests one way and replies the other, each reply naming its request; the
-// server answers a connection's requests in the order they arrive.
+// A connection carries requests one way and replies the other, each reply naming its request. The
+// server serves a connection's pulls in arrival order and applies its pushes in arrival order, but a
+// pull may be answered before an earlier push is applied: a sender that needs a push applied waits for
+// its reply first.
 //
 // Fields are in host byte order: both ends run this same build on little-endian hosts (x86-64,
 // aarch64); a peer of another order fails the magic check on its first frame.

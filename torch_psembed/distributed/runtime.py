@@ -183,8 +183,8 @@ def init(max_staleness: int = 1, num_servers: int = 0, rpc_timeout: float = 60.0
 
     Reads ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``. With ``WORLD_SIZE`` unset or 1 tables
     stay local to the process. Initialises the default gloo process group unless one exists, a trainer-only
-    gloo group (:func:`trainer_group`, use it for DDP) and RPC on ``MASTER_PORT + 1`` (``PSEMBED_RPC_PORT``
-    overrides it).
+    gloo group (:func:`trainer_group`, use it for DDP), RPC on ``MASTER_PORT + 1`` (``PSEMBED_RPC_PORT``
+    overrides it) and, with ``transport="tcp"``, a data server on every serving rank (any free port).
 
     Args:
         max_staleness (int): how many steps of pushes a pull may run ahead of; 0 applies every push before the
@@ -310,7 +310,13 @@ def _start(st: _Runtime) -> None:
     mine = None
     if st.is_server:
         host = data_plane_host()
-        mine = (host, server.start_data_plane(host))
+        try:
+            mine = (host, server.start_data_plane(host))
+        except ConnectionError as e:
+            raise RuntimeError(
+                f"rank {st.rank} could not start its data server on {host} ({e}); set PSEMBED_DATA_HOST to an "
+                "IPv4 address of this host that the other ranks can reach, or use pse.init(transport='rpc')"
+            ) from e
     endpoints: List[Any] = [None] * st.world_size
     dist.all_gather_object(endpoints, mine, group=st.all_group)
     st.transport = TcpTransport([endpoints[r] for r in st.server_ranks], *args,

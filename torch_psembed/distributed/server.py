@@ -71,6 +71,12 @@ def start_data_plane(host: str) -> int:
         return _data_server.port
 
 
+def data_plane_seconds() -> Tuple[float, float]:
+    """(pull, push) seconds this process's data server spent inside its tables; (0, 0) without one."""
+    ds = _data_server
+    return (ds.pull_seconds, ds.push_seconds) if ds is not None else (0.0, 0.0)
+
+
 def stop_data_plane() -> None:
     """Stop the data server (closes its connections; idempotent)."""
     global _data_server
@@ -231,6 +237,10 @@ def op_get_day(table, server: int, num_servers: int) -> int:
 
 def op_stats(table, server: int, num_servers: int) -> Dict[str, Any]:
     return dict(table.stats())
+
+
+def op_data_plane_seconds(table, server: int, num_servers: int) -> Tuple[float, float]:
+    return data_plane_seconds()
 
 
 def op_len(table, server: int, num_servers: int) -> int:
