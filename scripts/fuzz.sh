@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Longer coverage-guided fuzzing campaign of the targets in tests/fuzz/ (the test suite runs a short bounded one).
 #
-#   scripts/fuzz.sh [SECONDS_PER_TARGET=300] [TARGET...]   targets: checkpoint push_pull server (default: all)
+#   scripts/fuzz.sh [SECONDS_PER_TARGET=300] [TARGET...]   targets: checkpoint push_pull server data_plane (default: all)
 #
 # Uses atheris (pip install atheris) with libFuzzer flags; without atheris, the seeded random-mutation loop.
 # Findings do not stop the run (PSE_FUZZ_COLLECT): one input per distinct (exception type, innermost frame)
@@ -16,12 +16,12 @@ PY=${PYTHON:-python3}
 SECS=${1:-300}
 shift || true
 TARGETS=("$@")
-[[ ${#TARGETS[@]} -eq 0 ]] && TARGETS=(checkpoint push_pull server)
+[[ ${#TARGETS[@]} -eq 0 ]] && TARGETS=(checkpoint push_pull server data_plane)
 SEED=${SEED:-$(date +%s)}
 JOBS=${JOBS:-1}
 JOBFLAGS=()
 [[ $JOBS -gt 1 ]] && JOBFLAGS=(-jobs="$JOBS" -workers="$JOBS")  # libFuzzer then logs to fuzz-N.log
-declare -A MAXLEN=([checkpoint]=16384 [push_pull]=4096 [server]=4096)
+declare -A MAXLEN=([checkpoint]=16384 [push_pull]=4096 [server]=4096 [data_plane]=4096)
 status=0
 
 have_atheris=0

@@ -2,7 +2,8 @@
 
 The targets live in ``tests/fuzz/`` (``fuzz_checkpoint.py``: the checkpoint loader on mutated saves;
 ``fuzz_push_pull.py``: argument validation of pull/push/erase/load_rows and of the config dict;
-``fuzz_server.py``: the RPC server endpoints called with malformed requests). Their property:
+``fuzz_server.py``: the RPC server endpoints called with malformed requests; ``fuzz_data_plane.py``: the TCP
+data plane server fed raw frames, checked against a reference reader of the stream). Their property:
 any input either succeeds (and the result matches an independent numpy model) or raises a documented
 exception (ValueError and its subclasses CorruptCheckpointError/CheckpointMismatchError, TypeError, OSError)
 and leaves the table unchanged; never a crash, hang, MemoryError, KeyError, RecursionError or silent garbage.
@@ -34,10 +35,10 @@ from torch_psembed.errors import CheckpointMismatchError, CorruptCheckpointError
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 FUZZ = os.path.join(HERE, "fuzz")
-TARGETS = ("checkpoint", "push_pull", "server")
+TARGETS = ("checkpoint", "push_pull", "server", "data_plane")
 # Bounded runs: iterations per target (deterministic with the fixed seed; ~5-10 s each on a quiet core).
-RUNS = {"checkpoint": 1200, "push_pull": 600, "server": 600}
-MAX_LEN = {"checkpoint": 8192, "push_pull": 2048, "server": 2048}
+RUNS = {"checkpoint": 1200, "push_pull": 600, "server": 600, "data_plane": 1200}
+MAX_LEN = {"checkpoint": 8192, "push_pull": 2048, "server": 2048, "data_plane": 2048}
 HAVE_ATHERIS = importlib.util.find_spec("atheris") is not None
 
 sys.path.insert(0, FUZZ)

@@ -19,9 +19,28 @@
 namespace psembed {
 namespace {
 
-// A body is read in steps of at most this many bytes, growing the buffer as data arrives, so a header
-// that lies about its length costs no more memory than the bytes actually sent.
+// A body of up to kTrustedBody bytes is read into a buffer of its announced size at once; beyond that the
+// buffer grows with the bytes that actually arrived (to at most twice them, at most kReadStep a step). So a
+// header that lies about its length holds at most max(kTrustedBody, 2 x the bytes sent) until the
+// connection ends, while a real request of any size costs a few reallocations at most.
+constexpr uint64_t kTrustedBody = uint64_t{1} << 20;
 constexpr uint64_t kReadStep = uint64_t{64} << 20;
+
+// The name as it may appear in a message: printable ASCII kept, other bytes as \xNN (replies are UTF-8).
+std::string PrintableName(const std::string& name) {
+  static const char kHex[] = "0123456789abcdef";
+  std::string out;
+  for (unsigned char c : name) {
+    if (c >= 0x20 && c < 0x7f && c != '\\') {
+      out += static_cast<char>(c);
+    } else {
+      out += "\\x";
+      out += kHex[c >> 4];
+      out += kHex[c & 15];
+    }
+  }
+  return out;
+}
 
 Status SendReply(int fd, const wire::ReplyHeader& h, const void* payload) {
   struct iovec iov[2];
@@ -165,6 +184,7 @@ struct DataServer::Session {
   std::mutex mu;
   std::condition_variable cv;
   std::deque<Push> pushes;  // received, not yet applied; at most kMaxQueuedPushes
+  std::vector<std::vector<uint64_t>> spare;  // bodies of applied pushes, reused by the reader (no regrowth)
   bool closing = false;     // the reader is done: apply what is queued, then stop
 };
 
@@ -185,11 +205,11 @@ bool ReadRequest(int fd, wire::RequestHeader* h, std::vector<uint64_t>* body, st
     SendError(fd, 0, s);
     return false;
   }
-  // The body in steps (see kReadStep).
+  // The body in steps (see kTrustedBody).
   const uint64_t bytes = wire::RequestBodyBytes(*h);
   uint64_t got = 0;
   while (got < bytes) {
-    const uint64_t step = std::min(kReadStep, bytes - got);
+    const uint64_t step = bytes <= kTrustedBody ? bytes : std::min({kReadStep, bytes - got, std::max(kTrustedBody, got)});
     if (body->size() * 8 < got + step) body->resize((got + step + 7) / 8);
     if (!net::ReadFull(fd, reinterpret_cast<char*>(body->data()) + got, step).ok()) return false;
     got += step;
@@ -229,7 +249,7 @@ void DataServer::ServePull(Session* session, const wire::RequestHeader& h, const
   wire::ReplyHeader reply = MakeReply(h.id, Status::kOk);
   Status s;
   if (table == nullptr) {
-    s = Status::NotFound("no table named '" + name + "' on this server");
+    s = Status::NotFound("no table named '" + PrintableName(name) + "' on this server");
   } else {
     const bool with_stats = (h.flags & wire::kWithStats) != 0;
     const int width = table->pull_width(with_stats);
@@ -251,12 +271,12 @@ void DataServer::ServePush(Session* session, const wire::RequestHeader& h, const
   wire::ReplyHeader reply = MakeReply(h.id, Status::kOk);
   Status s;
   if (table == nullptr) {
-    s = Status::NotFound("no table named '" + name + "' on this server");
+    s = Status::NotFound("no table named '" + PrintableName(name) + "' on this server");
   } else if ((h.flags & wire::kHasPushId) && (h.push_id >> 63) != 0) {
     s = Status::InvalidArgument("push_id must be < 2**63, got " + std::to_string(h.push_id));
   } else if (h.width != 1 + static_cast<uint32_t>(table->options().dim)) {
     s = Status::InvalidArgument("grads must have " + std::to_string(1 + table->options().dim) +
-                                " columns (1 + dim) for table '" + name + "', got " + std::to_string(h.width));
+                                " columns (1 + dim) for table '" + PrintableName(name) + "', got " + std::to_string(h.width));
   } else {
     const size_t n = static_cast<size_t>(h.n);
     const char* arrays = Arrays(h, body);
@@ -289,6 +309,8 @@ void DataServer::PushWorker(Session* session) {
     }
     session->cv.notify_all();  // room for the reader
     ServePush(session, push.header, push.body);
+    std::lock_guard<std::mutex> l(session->mu);
+    if (session->spare.size() < 2) session->spare.push_back(std::move(push.body));
   }
 }
 
@@ -313,7 +335,11 @@ void DataServer::Serve(Connection* c) {
     std::unique_lock<std::mutex> l(session.mu);
     session.cv.wait(l, [&session] { return session.pushes.size() < kMaxQueuedPushes; });
     session.pushes.push_back(Session::Push{h, std::move(body)});
-    body = std::vector<uint64_t>();  // the queued push owns its buffer
+    body = std::vector<uint64_t>();  // the queued push owns its buffer; take a spare one if any
+    if (!session.spare.empty()) {
+      body = std::move(session.spare.back());
+      session.spare.pop_back();
+    }
     l.unlock();
     session.cv.notify_all();
   }
