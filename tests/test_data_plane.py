@@ -267,3 +267,19 @@ def test_data_plane_host(monkeypatch):
     monkeypatch.delenv("PSEMBED_DATA_HOST")
     monkeypatch.setenv("MASTER_ADDR", "localhost")
     assert data_plane_host() == "127.0.0.1"
+
+
+def test_error_messages_escape_a_raw_table_name(served):
+    server, _, _ = served
+    header = struct.Struct("<IBBHIIQQQ")
+    name = b"\xff\xfe\\x"
+    frame = header.pack(0x31455350, 1, 0, len(name), 0, 0, 7, 1, 0) + name + bytes(8 - len(name)) + bytes(8)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
+        sock.sendall(frame)
+        sock.shutdown(socket.SHUT_WR)  # the server answers, then sees EOF and closes
+        reply = b""
+        while chunk := sock.recv(4096):
+            reply += chunk
+    magic, code, _, _, _, rid, _, size = struct.unpack_from("<IB3sIIQQQ", reply)
+    assert (magic, code, rid) == (0x52455350, 2, 7)  # NotFound, for request 7
+    assert reply[40:40 + size].decode("utf-8") == "no table named '\\xff\\xfe\\x5cx' on this server"
