@@ -28,18 +28,13 @@
 #include "table/checked_push.h"
 #include "table/sparse_table.h"
 #include "util/crc32.h"
+#include "util/float_string.h"
 #include "util/hash.h"
 
 namespace py = pybind11;
 
 namespace psembed {
 namespace {
-
-std::string FloatString(double v) {
-  std::ostringstream os;
-  os << v;
-  return os.str();
-}
 
 // -------------------------------------------------------------------- config
 

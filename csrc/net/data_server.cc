@@ -110,10 +110,12 @@ void DataServer::Clear() {
   tables_.clear();
 }
 
-std::shared_ptr<SparseTable> DataServer::Find(const std::string& name) {
+Status DataServer::Find(const std::string& name, std::shared_ptr<SparseTable>* table) {
   MutexLock l(&mu_);
   auto it = tables_.find(name);
-  return it == tables_.end() ? nullptr : it->second;
+  if (it == tables_.end()) return Status::NotFound("no table named '" + PrintableName(name) + "' on this server");
+  *table = it->second;
+  return Status::OK();
 }
 
 void DataServer::Stop() {
@@ -245,12 +247,10 @@ Status DataServer::Reply(Session* session, uint64_t id, const Status& s, wire::R
 void DataServer::ServePull(Session* session, const wire::RequestHeader& h, const std::vector<uint64_t>& body,
                            std::vector<float>* rows) {
   const std::string name = TableName(h, body);
-  std::shared_ptr<SparseTable> table = Find(name);
+  std::shared_ptr<SparseTable> table;
+  Status s = Find(name, &table);
   wire::ReplyHeader reply = MakeReply(h.id, Status::kOk);
-  Status s;
-  if (table == nullptr) {
-    s = Status::NotFound("no table named '" + PrintableName(name) + "' on this server");
-  } else {
+  if (s.ok()) {
     const bool with_stats = (h.flags & wire::kWithStats) != 0;
     const int width = table->pull_width(with_stats);
     const size_t n = static_cast<size_t>(h.n);
@@ -267,17 +267,18 @@ void DataServer::ServePull(Session* session, const wire::RequestHeader& h, const
 
 void DataServer::ServePush(Session* session, const wire::RequestHeader& h, const std::vector<uint64_t>& body) {
   const std::string name = TableName(h, body);
-  std::shared_ptr<SparseTable> table = Find(name);
+  std::shared_ptr<SparseTable> table;
+  Status s = Find(name, &table);
   wire::ReplyHeader reply = MakeReply(h.id, Status::kOk);
-  Status s;
-  if (table == nullptr) {
-    s = Status::NotFound("no table named '" + PrintableName(name) + "' on this server");
-  } else if ((h.flags & wire::kHasPushId) && (h.push_id >> 63) != 0) {
+  if (s.ok() && (h.flags & wire::kHasPushId) && (h.push_id >> 63) != 0) {
     s = Status::InvalidArgument("push_id must be < 2**63, got " + std::to_string(h.push_id));
-  } else if (h.width != 1 + static_cast<uint32_t>(table->options().dim)) {
+  }
+  if (s.ok() && h.width != 1 + static_cast<uint32_t>(table->options().dim)) {
     s = Status::InvalidArgument("grads must have " + std::to_string(1 + table->options().dim) +
-                                " columns (1 + dim) for table '" + PrintableName(name) + "', got " + std::to_string(h.width));
-  } else {
+                                " columns (1 + dim) for table '" + PrintableName(name) + "', got " +
+                                std::to_string(h.width));
+  }
+  if (s.ok()) {
     const size_t n = static_cast<size_t>(h.n);
     const char* arrays = Arrays(h, body);
     PushArgs a;

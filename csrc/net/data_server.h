@@ -74,7 +74,8 @@ class DataServer {
   void ServePush(Session* session, const wire::RequestHeader& h, const std::vector<uint64_t>& body);
   // Writes the reply (or, when !s.ok(), an error reply for id) under the session's write lock.
   Status Reply(Session* session, uint64_t id, const Status& s, wire::ReplyHeader* reply, const void* payload);
-  std::shared_ptr<SparseTable> Find(const std::string& name);
+  // The table registered as `name`, or NotFound naming it.
+  Status Find(const std::string& name, std::shared_ptr<SparseTable>* table);
   // Joins and drops connections whose thread has finished. REQUIRES: mu_ held.
   void ReapFinished() EXCLUSIVE_LOCKS_REQUIRED(mu_);
 

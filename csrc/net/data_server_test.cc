@@ -22,6 +22,7 @@
 #include "net/data_channel.h"
 #include "net/data_server.h"
 #include "net/wire.h"
+#include "table/counting_options_for_test.h"
 #include "table/sparse_table.h"
 #include "util/testharness.h"
 
@@ -31,25 +32,16 @@ namespace {
 constexpr int kDim = 4;
 constexpr double kTimeout = 30.0;
 
-TableOptions CountingOptions() {
-  TableOptions o;
-  o.dim = kDim;
-  o.num_shards = 8;
-  o.num_threads = 2;
-  RuleOptions sgd;
-  sgd.kind = RuleOptions::kSgd;
-  sgd.learning_rate = 1.0;
-  sgd.initial_range = 0.0;
-  sgd.min_bound = -1e9;
-  sgd.max_bound = 1e9;
-  o.lr_rule = sgd;
-  o.mf_rule = sgd;
-  o.accessor.embedx_threshold = 0.0;
-  o.accessor.show_click_decay_rate = 1.0;
-  o.accessor.delete_threshold = 0.0;
-  o.accessor.delete_after_unseen_days = 1 << 20;
-  return o;
-}
+// A counting table served as "t" on a fresh server (any free port).
+struct Served {
+  std::shared_ptr<SparseTable> table = std::make_shared<SparseTable>(CountingOptions(2, 8, kDim));
+  std::unique_ptr<DataServer> server;
+  Served() {
+    Status s = DataServer::Start("127.0.0.1", 0, &server);
+    PSEMBED_CHECK_MSG(s.ok(), s.message());
+    server->Register("t", table);
+  }
+};
 
 std::unique_ptr<DataChannel> Connect(const DataServer& server) {
   std::unique_ptr<DataChannel> c;
@@ -86,10 +78,9 @@ DataReply Pull(DataChannel* c, const std::string& table, const std::vector<uint6
 
 // Pushes through the server equal pushes to the table itself; pulls read what a local pull reads.
 void TestRoundTrip() {
-  auto table = std::make_shared<SparseTable>(CountingOptions());
-  std::unique_ptr<DataServer> server;
-  CHECK_OK(DataServer::Start("127.0.0.1", 0, &server));
-  server->Register("t", table);
+  Served served;
+  auto& table = served.table;
+  auto& server = served.server;
   auto c = Connect(*server);
   std::vector<uint64_t> keys = {1, 2, 2, ~uint64_t{0}, 7};
   DataReply p = PushOnes(c.get(), "t", keys);
@@ -112,10 +103,8 @@ void TestRoundTrip() {
 
 // Threads on several channels push and pull at once; every occurrence is counted exactly once.
 void TestConcurrentChannels() {
-  auto table = std::make_shared<SparseTable>(CountingOptions());
-  std::unique_ptr<DataServer> server;
-  CHECK_OK(DataServer::Start("127.0.0.1", 0, &server));
-  server->Register("t", table);
+  Served served;
+  auto& server = served.server;
   constexpr int kThreads = 4, kRounds = 60;
   constexpr uint64_t kKeySpace = 5000;
   std::vector<std::unique_ptr<DataChannel>> channels;
@@ -157,10 +146,9 @@ void TestConcurrentChannels() {
 
 // Refused requests: an error reply with the message, and the connection goes on.
 void TestRefusedRequestsKeepTheConnection() {
-  auto table = std::make_shared<SparseTable>(CountingOptions());
-  std::unique_ptr<DataServer> server;
-  CHECK_OK(DataServer::Start("127.0.0.1", 0, &server));
-  server->Register("t", table);
+  Served served;
+  auto& table = served.table;
+  auto& server = served.server;
   auto c = Connect(*server);
   std::vector<uint64_t> keys = {5, 6};
   DataReply r = Pull(c.get(), "missing", keys, false);
@@ -190,10 +178,8 @@ void TestRefusedRequestsKeepTheConnection() {
 
 // Garbage on one connection: an error reply with id 0, that connection closes, others are served.
 void TestGarbageFrameClosesOnlyItsConnection() {
-  auto table = std::make_shared<SparseTable>(CountingOptions());
-  std::unique_ptr<DataServer> server;
-  CHECK_OK(DataServer::Start("127.0.0.1", 0, &server));
-  server->Register("t", table);
+  Served served;
+  auto& server = served.server;
   auto good = Connect(*server);
   int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in addr;
@@ -231,10 +217,8 @@ void TestGarbageFrameClosesOnlyItsConnection() {
 
 // A server that goes away fails the requests waiting on it (no hang), and every later call.
 void TestStoppedServerFailsWaiters() {
-  auto table = std::make_shared<SparseTable>(CountingOptions());
-  std::unique_ptr<DataServer> server;
-  CHECK_OK(DataServer::Start("127.0.0.1", 0, &server));
-  server->Register("t", table);
+  Served served;
+  auto& server = served.server;
   auto c = Connect(*server);
   CHECK_EQ(PushOnes(c.get(), "t", {1}).code, Status::kOk);
   server->Stop();

@@ -5,18 +5,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <sstream>
 #include <string>
 #include <vector>
 
+#include "util/float_string.h"
+
 namespace psembed {
 namespace {
-
-std::string FloatString(double v) {
-  std::ostringstream os;
-  os << v;
-  return os.str();
-}
 
 // Shows/clicks must be finite and >= 0. Returns the first bad index or n.
 size_t FirstBadCount(const float* v, size_t n) {

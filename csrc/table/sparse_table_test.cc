@@ -27,30 +27,12 @@
 #include <vector>
 
 #include "util/hash.h"
+#include "table/counting_options_for_test.h"
 #include "util/testharness.h"
 
 namespace psembed {
 namespace {
 
-TableOptions CountingOptions(int num_threads) {
-  TableOptions o;
-  o.dim = 4;
-  o.num_shards = 16;
-  o.num_threads = num_threads;
-  RuleOptions sgd;
-  sgd.kind = RuleOptions::kSgd;
-  sgd.learning_rate = 1.0;
-  sgd.initial_range = 0.0;
-  sgd.min_bound = -1e9;
-  sgd.max_bound = 1e9;
-  o.lr_rule = sgd;
-  o.mf_rule = sgd;
-  o.accessor.embedx_threshold = 0.0;
-  o.accessor.show_click_decay_rate = 1.0;
-  o.accessor.delete_threshold = 0.0;
-  o.accessor.delete_after_unseen_days = 1 << 20;
-  return o;
-}
 
 struct Batch {
   std::vector<uint64_t> keys;
