@@ -283,3 +283,18 @@ def test_error_messages_escape_a_raw_table_name(served):
     magic, code, _, _, _, rid, _, size = struct.unpack_from("<IB3sIIQQQ", reply)
     assert (magic, code, rid) == (0x52455350, 2, 7)  # NotFound, for request 7
     assert reply[40:40 + size].decode("utf-8") == "no table named '\\xff\\xfe\\x5cx' on this server"
+
+
+def test_requests_beyond_the_trusted_body_size(served):
+    # Bodies over 1 MiB are read into a buffer grown with the bytes received (wire.h limits, data_server.cc):
+    # a 200k-key push is ~9.6 MB, then a 200k-key pull, twice (the second reuses the push's buffer).
+    _, table, channel = served
+    direct = _C.Table(_config())
+    rng = np.random.default_rng(5)
+    for _ in range(2):
+        keys = rng.integers(0, 2**40, 200_000).astype(np.int64)
+        grads, shows, clicks, slots = _push_args(rng, keys, 4)
+        assert channel.wait(channel.push("t", keys, grads, shows, clicks, slots), TIMEOUT) == 0
+        direct.push(keys, grads, shows, clicks, slots)
+        np.testing.assert_array_equal(channel.wait(channel.pull("t", keys, True), TIMEOUT), direct.pull(keys, True))
+    assert len(table) == len(direct)
