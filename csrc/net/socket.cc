@@ -31,6 +31,14 @@ Status Address(const std::string& host, int port, sockaddr_in* addr) {
   return Status::OK();
 }
 
+void SetTimeout(int fd, int option, double seconds) {
+  timeval tv;
+  tv.tv_sec = static_cast<time_t>(seconds);
+  tv.tv_usec = static_cast<suseconds_t>((seconds - static_cast<double>(tv.tv_sec)) * 1e6);
+  if (tv.tv_sec == 0 && tv.tv_usec == 0) tv.tv_usec = 1000;  // 0 would mean "no timeout"
+  setsockopt(fd, SOL_SOCKET, option, &tv, sizeof(tv));
+}
+
 void NoDelay(int fd) {
   // Frames are written whole; Nagle's algorithm would only hold a small reply back for ~40 ms.
   int one = 1;
@@ -85,12 +93,13 @@ Status Connect(const std::string& host, int port, double timeout_s, double send_
   for (;;) {
     int f = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (f < 0) return Errno("socket");
+    // Linux bounds a blocking connect by the send timeout: an unreachable host fails at the deadline
+    // instead of after the kernel's SYN retries (minutes).
+    const double left = std::chrono::duration<double>(deadline - std::chrono::steady_clock::now()).count();
+    SetTimeout(f, SO_SNDTIMEO, left > 0 ? left : 0.0);
     if (connect(f, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
       NoDelay(f);
-      timeval tv;
-      tv.tv_sec = static_cast<time_t>(send_timeout_s);
-      tv.tv_usec = static_cast<suseconds_t>((send_timeout_s - static_cast<double>(tv.tv_sec)) * 1e6);
-      setsockopt(f, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+      SetTimeout(f, SO_SNDTIMEO, send_timeout_s);
       *fd = f;
       return Status::OK();
     }

@@ -11,6 +11,7 @@
 #include <thread>
 #include <vector>
 
+#include "table/counting_options_for_test.h"
 #include "table/shard.h"
 #include "table/sparse_table.h"
 #include "util/hash.h"
@@ -21,20 +22,8 @@ namespace {
 
 constexpr int kDim = 3;
 
-TableOptions Options(int num_shards, int num_threads) {
-  TableOptions o;
-  o.dim = kDim;
-  o.num_shards = num_shards;
-  o.num_threads = num_threads;
-  RuleOptions sgd;
-  sgd.kind = RuleOptions::kSgd;
-  sgd.learning_rate = 1.0;
-  sgd.initial_range = 0.0;
-  o.lr_rule = sgd;
-  o.mf_rule = sgd;
-  o.accessor.embedx_threshold = 0.0;
-  return o;
-}
+// SGD (lr 1, no init noise), mf from the first push; the rest of CountingOptions does not matter here.
+TableOptions Options(int num_shards, int num_threads) { return CountingOptions(num_threads, num_shards, kDim); }
 
 // One row as the export columns hold it (SGD: base = show, click, delta, unseen, slot, lr_w).
 struct Row {

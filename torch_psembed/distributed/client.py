@@ -213,7 +213,8 @@ class ShardedTable:
             if s == self._transport.local_server:
                 local = (s, a, b)  # served after the remote pulls are on their way
                 continue
-            part = _slice(uniq, a, b, copy=(b - a) < u)  # in flight after we return
+            # in flight after we return: an array of its own where the transport needs one
+            part = _slice(uniq, a, b, copy=self._transport.copy_slices and (b - a) < u)
             handles.append((a, b, self._transport.pull(s, self.name, part, with_stats)))
         t_local = 0.0
         if local is not None:
@@ -323,8 +324,9 @@ class ShardedTable:
                 sl_m = slots[last.numpy()]
         for s, a, b in parts:
             # the local server is served before _send returns, so views will do; a remote push is in
-            # flight after we return: it gets arrays of its own, unless it takes all of the merged ones
-            own = s != self._transport.local_server and (identity or b - a < u)
+            # flight after we return: where the transport needs it (copy_slices), it gets arrays of its
+            # own, unless it takes all of the merged ones
+            own = (self._transport.copy_slices and s != self._transport.local_server and (identity or b - a < u))
             arrays = [None if x is None else _slice(x, a, b, own) for x in (uniq, g, s_m, c_m, sl_m)]
             self._send(s, *arrays, push_id)
 
@@ -418,7 +420,7 @@ class ShardedTable:
 
 
 def _slice(x: np.ndarray, a: int, b: int, copy: bool) -> np.ndarray:
-    """``x[a:b]``; with ``copy``, an array of its own (RPC may ship a view's whole storage)."""
+    """``x[a:b]``; with ``copy``, an array of its own (see ``Transport.copy_slices``)."""
     return x[a:b].copy() if copy else x[a:b]
 
 

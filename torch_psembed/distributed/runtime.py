@@ -458,10 +458,9 @@ def shutdown() -> None:
 
 
 def _close_channels(st: _Runtime) -> None:
-    """Close this trainer's data channels (idempotent; the RPC transport has none)."""
-    close = getattr(st.transport, "close", None)
-    if close is not None:
-        close()
+    """Close this trainer's data channels (idempotent; ``Transport.close``)."""
+    if st.transport is not None:
+        st.transport.close()
 
 
 def _close_data_plane(st: _Runtime) -> None:

@@ -91,6 +91,8 @@ class TcpTransport(RpcTransport):
         *args, **kwargs: as :class:`RpcTransport`.
     """
 
+    copy_slices = False  # DataChannel.pull/push write the whole frame before they return
+
     def __init__(self, endpoints: Sequence[Tuple[str, int]], *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if len(endpoints) != self.num_servers:

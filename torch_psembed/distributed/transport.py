@@ -58,11 +58,16 @@ class Transport(abc.ABC):
         num_servers (int): how many servers hold shards of every table.
         local_server (int or None): the index of the server living in this process (colocated layout), or None.
         rpc_timeout (float): seconds a call may take before its peer counts as unavailable.
+        copy_slices (bool): whether ``pull``/``push`` need arrays of their own. True where a call may still
+            read its arrays after it returns (RPC, which also ships a view's whole storage): the client then
+            copies each server's slice and the caller may reuse its arrays at once. False where the arrays are
+            read before the call returns (the TCP data plane writes the whole frame first).
     """
 
     num_servers: int
     local_server: Optional[int]
     rpc_timeout: float
+    copy_slices: bool = True
 
     @abc.abstractmethod
     def server_rank(self, server: int) -> int:
@@ -106,6 +111,10 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def broadcast_from_first_trainer(self, obj: Any) -> Any:
         """Every trainer returns the object the first trainer passed (others pass None)."""
+
+    def close(self) -> None:
+        """Release this transport's own connections (idempotent; ``runtime.shutdown`` calls it). Default:
+        nothing to release."""
 
     def call_all(self, table: str, fn: Callable, args: Sequence[Any] = ()) -> List[Any]:
         """``call`` on every server concurrently; the results in server order."""
