@@ -43,8 +43,8 @@ void FindRows(const HashIndex& index, size_t n, KeyAt key_at, HashAt hash_at, ui
 }
 }  // namespace
 
-void Shard::Pull(const uint64_t* keys, const uint64_t* hashes, const uint32_t* pos, size_t n, bool with_stats,
-                 float* out) {
+bool Shard::Pull(const uint64_t* keys, const uint64_t* hashes, const uint32_t* pos, size_t n, bool with_stats,
+                 float* out, bool wait) {
   const int dim = layout_.dim();
   const size_t width = (with_stats ? 3 : 1) + dim;
   PhaseScratch& sc = Scratch();
@@ -52,7 +52,12 @@ void Shard::Pull(const uint64_t* keys, const uint64_t* hashes, const uint32_t* p
   sc.mfs.resize(n);
   uint32_t* rows = sc.rows.data();
   uint32_t* mfs = sc.mfs.data();
-  MutexLock l(&mu_);
+  if (wait) {
+    mu_.Lock();
+  } else if (!mu_.TryLock()) {
+    return false;
+  }
+  MutexLock l(&mu_, kAdoptLock);
   // Phase 1: index lookups.
   FindRows(index_, n, [keys](size_t j) { return keys[j]; }, [hashes](size_t j) { return hashes[j]; }, rows);
   // Phase 2: base records -> show, click, lr_w; remember the mf block.
@@ -88,6 +93,7 @@ void Shard::Pull(const uint64_t* keys, const uint64_t* hashes, const uint32_t* p
     const float* src = Mf(mfs[j]);
     for (int d = 0; d < dim; ++d) o[d] = src[d];  // short: a loop beats a memcpy call
   }
+  return true;
 }
 
 void Shard::Push(const MergedPush* items, size_t n, bool has_slots, uint64_t push_id) {

@@ -109,6 +109,7 @@ struct SparseTable::Partition {
   std::vector<uint64_t> shashes; // hashes[order[j]]
   std::vector<uint32_t> begin;   // shard s owns order[begin[s], begin[s+1])
   std::vector<uint32_t> cursor;  // counting sort: chunk c's next slot of shard s at cursor[c * shards + s]
+  std::vector<uint8_t> busy;     // Pull: shard s was locked by another thread on the first pass
 
   // Calls up to this many keys keep their scratch for the next call; a bigger call frees it
   // afterwards, so one huge push does not pin ~28 bytes/key of scratch in its thread forever.
@@ -214,11 +215,22 @@ void SparseTable::Pull(const uint64_t* keys, size_t n, bool with_stats, float* o
   thread_local Partition tls_part;
   Partition& part = tls_part;
   PartitionKeys(keys, n, nullptr, &part);
+  // Shards whose lock is busy (most often: a push walking the shards in the same order) are skipped
+  // on the first pass and read on the second. Waiting at each shard instead would keep the pull one
+  // step behind such a push, at its pace, for the rest of the shards.
+  part.busy.assign(shards_.size(), 0);
   RunShards(n, [&](size_t s) {
     const uint32_t b = part.begin[s], e = part.begin[s + 1];
     if (b == e) return;
-    shards_[s]->Pull(part.skeys.data() + b, part.shashes.data() + b, part.order.data() + b, e - b, with_stats, out);
+    const bool done = shards_[s]->Pull(part.skeys.data() + b, part.shashes.data() + b, part.order.data() + b, e - b,
+                                       with_stats, out, /*wait=*/false);
+    if (!done) part.busy[s] = 1;
   });
+  for (size_t s = 0; s < shards_.size(); ++s) {
+    if (!part.busy[s]) continue;
+    const uint32_t b = part.begin[s], e = part.begin[s + 1];
+    shards_[s]->Pull(part.skeys.data() + b, part.shashes.data() + b, part.order.data() + b, e - b, with_stats, out);
+  }
   part.Trim();
 }
 

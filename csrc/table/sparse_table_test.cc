@@ -26,8 +26,9 @@
 #include <thread>
 #include <vector>
 
-#include "util/hash.h"
 #include "table/counting_options_for_test.h"
+#include "table/shard.h"
+#include "util/hash.h"
 #include "util/testharness.h"
 
 namespace psembed {
@@ -77,6 +78,33 @@ void TestSingleThreaded() {
   CHECK(!t.EndDay(0, &deleted).ok());
   CHECK_EQ(t.Erase(e.keys.data(), e.keys.size()), e.keys.size());
   CHECK_EQ(t.Size(), 0u);
+}
+
+// A pull that may not wait (SparseTable::Pull's first pass) leaves a shard whose lock another thread
+// holds untouched, and reads it once asked to wait.
+void TestShardPullSkipsALockedShard() {
+  const TableOptions o = CountingOptions(1);
+  CtrAccessor accessor(o);
+  ChunkArena arena;
+  Shard shard(&accessor, &arena);
+  const uint64_t key = 42, hash = TableHash(key);
+  const uint32_t pos = 0;
+  std::vector<float> out(1 + o.dim, 7.0f);
+  bool done = true;
+  shard.mu()->Lock();
+  std::thread other([&] { done = shard.Pull(&key, &hash, &pos, 1, false, out.data(), /*wait=*/false); });
+  other.join();
+  shard.mu()->Unlock();
+  CHECK(!done);
+  for (float v : out) CHECK_EQ(v, 7.0f);  // nothing written
+  ShardCounters c;
+  size_t keys = 0, with_mf = 0, bytes = 0;
+  shard.GetStats(&c, &keys, &with_mf, &bytes);
+  CHECK_EQ(c.pull_misses, 0u);  // nor counted
+  CHECK(shard.Pull(&key, &hash, &pos, 1, false, out.data(), /*wait=*/false));
+  for (float v : out) CHECK_EQ(v, 0.0f);  // a missing key reads zeros
+  shard.GetStats(&c, &keys, &with_mf, &bytes);
+  CHECK_EQ(c.pull_misses, 1u);
 }
 
 void TestConcurrentPushPullShrinkExport() {
@@ -468,6 +496,7 @@ int main() {
   RUN_TEST(psembed::TestConcurrentCommitSave);
   RUN_TEST(psembed::TestConcurrentLoadRowsExport);
   RUN_TEST(psembed::TestAdmissionDrawsArePerPush);
+  RUN_TEST(psembed::TestShardPullSkipsALockedShard);
   RUN_TEST(psembed::TestConcurrentBulkLoadExportSave);
   return 0;
 }

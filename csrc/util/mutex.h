@@ -23,6 +23,7 @@
 #define LOCKS_EXCLUDED(...) PSEMBED_THREAD_ANNOTATION(locks_excluded(__VA_ARGS__))
 #define ACQUIRE(...) PSEMBED_THREAD_ANNOTATION(acquire_capability(__VA_ARGS__))
 #define RELEASE(...) PSEMBED_THREAD_ANNOTATION(release_capability(__VA_ARGS__))
+#define TRY_ACQUIRE(...) PSEMBED_THREAD_ANNOTATION(try_acquire_capability(__VA_ARGS__))
 #define NO_THREAD_SAFETY_ANALYSIS PSEMBED_THREAD_ANNOTATION(no_thread_safety_analysis)
 
 namespace psembed {
@@ -35,16 +36,23 @@ class CAPABILITY("mutex") Mutex {
 
   void Lock() ACQUIRE() { mu_.lock(); }
   void Unlock() RELEASE() { mu_.unlock(); }
+  // Takes the lock only if it is free now; true if taken.
+  bool TryLock() TRY_ACQUIRE(true) { return mu_.try_lock(); }
   std::mutex* native() { return &mu_; }
 
  private:
   std::mutex mu_;
 };
 
+// Tag for MutexLock: the caller already holds the mutex (e.g. taken by TryLock); the guard releases it.
+struct AdoptLock {};
+constexpr AdoptLock kAdoptLock{};
+
 // Holds *mu for its lifetime.
 class SCOPED_CAPABILITY MutexLock {
  public:
   explicit MutexLock(Mutex* mu) ACQUIRE(mu) : mu_(mu) { mu_->Lock(); }
+  MutexLock(Mutex* mu, AdoptLock) EXCLUSIVE_LOCKS_REQUIRED(mu) : mu_(mu) {}
   ~MutexLock() RELEASE() { mu_->Unlock(); }
   MutexLock(const MutexLock&) = delete;
   MutexLock& operator=(const MutexLock&) = delete;
