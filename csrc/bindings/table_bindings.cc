@@ -734,11 +734,26 @@ py::tuple MergePushArray(const py::handle& inverse_obj, int64_t u, const py::han
   return py::make_tuple(g, s, c);
 }
 
+// Room for the n distinct keys a dedup may write before they are copied out (u <= n of it). Per thread
+// and reused up to kKeep keys, since a fresh n-key buffer page-faults on every call (see util/hash.cc);
+// a bigger call gets a buffer of its own in *owned, freed when the call ends.
+uint64_t* UniqueScratch(size_t n, std::unique_ptr<uint64_t[]>* owned) {
+  constexpr size_t kKeep = size_t{1} << 20;
+  if (n > kKeep) {
+    owned->reset(new uint64_t[n]);
+    return owned->get();
+  }
+  thread_local std::vector<uint64_t> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
 py::tuple DedupArray(const py::handle& keys_obj, bool groups) {
   py::array keys = CheckKeys(keys_obj);
   const size_t n = keys.shape(0);
   const uint64_t* k = KeyPtr(keys);
-  std::unique_ptr<uint64_t[]> uniq(new uint64_t[n]);  // u <= n of it written, then copied out
+  std::unique_ptr<uint64_t[]> owned;
+  uint64_t* uniq = UniqueScratch(n, &owned);
   py::array_t<int64_t> inverse(static_cast<py::ssize_t>(n));
   py::array_t<int64_t> order(static_cast<py::ssize_t>(groups ? n : 0));
   int64_t* inv = inverse.mutable_data();
@@ -746,14 +761,14 @@ py::tuple DedupArray(const py::handle& keys_obj, bool groups) {
   size_t u = 0;
   {
     py::gil_scoped_release release;
-    u = Dedup(k, n, uniq.get(), inv);
+    u = Dedup(k, n, uniq, inv);
     if (groups) {
       starts.resize(u);
       GroupByInverse(inv, n, u, order.mutable_data(), starts.data());
     }
   }
   py::array_t<int64_t> out(static_cast<py::ssize_t>(u));
-  std::memcpy(out.mutable_data(), uniq.get(), u * sizeof(uint64_t));
+  std::memcpy(out.mutable_data(), uniq, u * sizeof(uint64_t));
   if (!groups) return py::make_tuple(out, inverse);
   py::array_t<int64_t> st(static_cast<py::ssize_t>(u));
   std::memcpy(st.mutable_data(), starts.data(), u * sizeof(int64_t));
@@ -765,7 +780,8 @@ py::tuple DedupByOwnerArray(const py::handle& keys_obj, int64_t num_parts) {
   py::array keys = CheckKeys(keys_obj);
   const size_t n = keys.shape(0);
   const uint64_t* k = KeyPtr(keys);
-  std::unique_ptr<uint64_t[]> uniq(new uint64_t[n]);  // u <= n of it written, then copied out
+  std::unique_ptr<uint64_t[]> owned;
+  uint64_t* uniq = UniqueScratch(n, &owned);
   py::array_t<int64_t> inverse(static_cast<py::ssize_t>(n));
   py::array_t<int64_t> starts(static_cast<py::ssize_t>(num_parts + 1));
   int64_t* inv = inverse.mutable_data();
@@ -773,10 +789,10 @@ py::tuple DedupByOwnerArray(const py::handle& keys_obj, int64_t num_parts) {
   size_t u = 0;
   {
     py::gil_scoped_release release;
-    u = DedupByOwner(k, n, static_cast<uint32_t>(num_parts), uniq.get(), inv, st);
+    u = DedupByOwner(k, n, static_cast<uint32_t>(num_parts), uniq, inv, st);
   }
   py::array_t<int64_t> out(static_cast<py::ssize_t>(u));
-  std::memcpy(out.mutable_data(), uniq.get(), u * sizeof(uint64_t));
+  std::memcpy(out.mutable_data(), uniq, u * sizeof(uint64_t));
   return py::make_tuple(out, inverse, starts);
 }
 

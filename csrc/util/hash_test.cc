@@ -5,6 +5,9 @@
 
 #include "util/hash.h"
 
+#include <cstddef>
+#include <random>
+#include <set>
 #include <vector>
 
 #include "util/testharness.h"
@@ -93,6 +96,25 @@ void TestDedupByOwner() {
   CHECK_EQ(starts[2], 0);
 }
 
+// Dedup and DedupByOwner reuse their per-thread scratch across calls: calls of growing, shrinking and
+// growing sizes, and keys seen by an earlier call, must not leak into a later call's answer.
+void TestDedupReusesScratchCleanly() {
+  std::mt19937_64 rng(7);
+  for (size_t n : {3000u, 10u, 40000u, 1u, 5000u, 40000u}) {
+    std::vector<uint64_t> keys(n);
+    for (auto& k : keys) k = rng() % (n / 2 + 1);  // ~ half repeats; the same small keys every call
+    for (uint32_t parts : {1u, 3u}) {
+      std::vector<uint64_t> uniq(n);
+      std::vector<int64_t> inv(n), starts(parts + 1);
+      const size_t u = DedupByOwner(keys.data(), n, parts, uniq.data(), inv.data(), starts.data());
+      std::set<uint64_t> want(keys.begin(), keys.end());
+      CHECK_EQ(u, want.size());
+      CHECK(std::set<uint64_t>(uniq.begin(), uniq.begin() + static_cast<std::ptrdiff_t>(u)) == want);
+      for (size_t i = 0; i < n; ++i) CHECK_EQ(uniq[static_cast<size_t>(inv[i])], keys[i]);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace psembed
 
@@ -103,5 +125,6 @@ int main() {
   RUN_TEST(psembed::TestShardsSpreadEvenly);
   RUN_TEST(psembed::TestDedup);
   RUN_TEST(psembed::TestDedupByOwner);
+  RUN_TEST(psembed::TestDedupReusesScratchCleanly);
   return 0;
 }
