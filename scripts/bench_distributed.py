@@ -10,9 +10,11 @@ Workloads (each step: pull 4096 x 26 ids with dim 8, a dense layer forward/backw
 Per-step time is split into dedup (np.unique + routing), RPC wait (waiting for remote pulls), pull assembly
 (scatter of the parts, gather in input order), local pull (colocated: this process's shard) and push
 (merge + send; the wait for acknowledgements happens in the next pull's staleness window).
---prefetch pipelines the pulls: right after each push the trainer calls SparseTable.prefetch with the next
-step's ids, so the remote pulls run during the next dense step (the push column then includes that call;
-its dedup, assembly and staleness wait are counted in those columns, the pull column only what is left).
+--prefetch pipelines the pulls: once a step's gradients are known, just before its push, the trainer calls
+SparseTable.prefetch with the next step's ids, so the servers read those rows while the trainer merges and
+sends the push (with max_staleness >= 1 the next pull need not see this push). The push column then
+includes that call; its dedup, assembly and staleness wait are counted in those columns, the pull column
+only what is left.
 
 One compute thread per process: torch.set_num_threads(1) and TableConfig(num_threads=1), OMP_NUM_THREADS=1.
 
@@ -78,9 +80,9 @@ def _run_steps(args, table, seed, timers=None):
         grads = emb.grad.view(-1, width).contiguous()
         clicks = np.repeat(y, args.slots)
         t2 = time.perf_counter()
-        table.push(keys, grads, shows, clicks)
         if args.prefetch and hasattr(table, "prefetch"):  # pipelining: the next step's pull is on its way
             table.prefetch(batches[(i + 1) % len(batches)][0])
+        table.push(keys, grads, shows, clicks)
         t3 = time.perf_counter()
         if measure:
             split["pull"] += t1 - t0
@@ -221,7 +223,7 @@ def main() -> None:
     ap.add_argument("--transport", default="tcp", choices=("tcp", "rpc"),
                     help="how pulls and pushes travel (pse.init's transport=): the TCP data plane or RPC")
     ap.add_argument("--prefetch", action="store_true",
-                    help="after each push, prefetch the next step's rows (SparseTable.prefetch: pipelined pulls)")
+                    help="before each push, prefetch the next step's rows (SparseTable.prefetch: pipelined pulls)")
     args = ap.parse_args()
     if args.child:
         child(args)

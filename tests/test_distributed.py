@@ -269,11 +269,15 @@ def _prefetching(k):
     return ShardedTable("t", _cfg(3), tr, k, 0, 1, lambda: None), tr
 
 
+@pytest.mark.parametrize("where", ["after_push", "before_push"])
 @pytest.mark.parametrize("k", [1, 2])
-def test_prefetch_pipelined_training_equals_plain_training(k):
-    # Property: prefetching the next batch right after each push gives the pulls exactly the rows a plain
-    # pull would see (same staleness window), so the whole run ends in the same table; each pull then only
-    # takes the prefetched rows (no new requests), and the window still holds before every pull.
+def test_prefetch_pipelined_training_equals_plain_training(k, where):
+    # Property: prefetching the next batch right after each push, or right before it (once the step's
+    # gradients are known, as scripts/bench_distributed.py --prefetch does), gives the pulls exactly the rows
+    # a plain pull would see (same staleness window), so the whole run ends in the same table; each pull then
+    # only takes the prefetched rows (no new requests), and the window still holds before every pull. The
+    # push after its prefetch reuses the dedup of its own pull (two plans are kept), so the run costs no
+    # extra dedup.
     rng = np.random.default_rng(7)
     universe = rng.integers(-(2**63), 2**63 - 1, size=200, dtype=np.int64)
     batches = [_batch(rng, universe, 97, 3) for _ in range(10)]
@@ -288,8 +292,14 @@ def test_prefetch_pipelined_training_equals_plain_training(k):
                 assert tr.pulls == before  # taken from the prefetch
             assert all(old in tr.applied for old in range(step - k))
             tr.step_tag = step
+            prefetch = use_prefetch and step + 1 < len(batches)
+            if prefetch and where == "before_push":
+                t.prefetch(batches[step + 1][0], True)
+                assert set(range(step - k + 1)) <= set(tr.applied)  # waited for steps <= t-k
+            plans = t._plan_cache[-1][1]
             t.push(keys, grads, shows, clicks, slots)
-            if use_prefetch and step + 1 < len(batches):
+            assert t._plan_cache[-1][1] is plans  # no new plan for the push
+            if prefetch and where == "after_push":
                 t.prefetch(batches[step + 1][0], True)
                 assert set(range(step - k + 1)) <= set(tr.applied)  # waited for steps <= t-k
                 assert step in set(range(step + 1)) - set(tr.applied)  # this step's push stays in flight
