@@ -53,7 +53,11 @@ size_t Dedup(const uint64_t* keys, size_t n, uint64_t* unique, int64_t* inverse)
   size_t u = 0;
   constexpr size_t kAhead = 8;
   for (size_t i = 0; i < n; ++i) {
-    if (i + kAhead < n) __builtin_prefetch(pos + (Mix64(keys[i + kAhead]) & mask));
+    if (i + kAhead < n) {
+      const size_t ahead = Mix64(keys[i + kAhead]) & mask;
+      __builtin_prefetch(pos + ahead);
+      __builtin_prefetch(skey + ahead);
+    }
     const uint64_t k = keys[i];
     size_t j = Mix64(k) & mask;
     while (pos[j] != 0 && skey[j] != k) j = (j + 1) & mask;
