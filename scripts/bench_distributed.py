@@ -279,10 +279,13 @@ def main() -> None:
             print(f"  dedicated: dedup + RPC wait + assembly + staleness wait = {rpc:.1f} ms = {100 * rpc / step:.0f}% "
                   f"of the {step:.1f} ms step; step time over the local step: {100 * over:+.0f}% of the step")
             srv_pull = med(lambda x: x[3].get("server_pull", 0.0))
-            if srv_pull:
+            if srv_pull and srv_pull <= tm["rpc_wait"]:
                 print(f"  of the {tm['rpc_wait']:.1f} ms RPC wait, {srv_pull:.1f} ms is the server's table pull; the rest "
                       f"({tm['rpc_wait'] - srv_pull:.1f} ms, {100 * (rpc - srv_pull) / step:.0f}% of the step with dedup and "
                       "assembly) is transport and queueing")
+            elif srv_pull:  # prefetched: the server read the rows while the trainer worked
+                print(f"  the server's table pull ({srv_pull:.1f} ms a step) overlapped the trainer's work but for the "
+                      f"{tm['rpc_wait']:.1f} ms RPC wait")
         else:
             print(f"  colocated: 2 processes reach {ratio:.2f}x the samples/s of 1 process (target >= 1.6x)")
         print("  per round (samples/s local -> sharded): "
