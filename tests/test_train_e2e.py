@@ -287,7 +287,7 @@ def test_num_workers_default_follows_spare_cores(monkeypatch):
 
 def test_default_accessor_is_the_reference_score_scaled_by_an_eighth():
     # docs/training.md: the job scales the score and every threshold by 1/8, so in the reference's units
-    # only admission (probability = score) changes, besides embedx 20 and delete 2.5
+    # only embedx (20) and delete (2.5) change; every new feasign gets a row (no probabilistic admission)
     import numpy as np
 
     from torch_psembed.config import CtrAccessorConfig
@@ -298,7 +298,7 @@ def test_default_accessor_is_the_reference_score_scaled_by_an_eighth():
     show = np.array([1.0, 10.0, 37.0, 200.0])
     click = np.array([0.0, 1.0, 5.0, 30.0])
     assert np.allclose(acc.score(show, click), ref.score(show, click) / 8)
-    assert acc.create_probability_from_score
+    assert not acc.create_probability_from_score
     assert 8 * acc.base_threshold == ref.base_threshold and 8 * acc.delta_threshold == ref.delta_threshold
     assert 8 * acc.embedx_threshold == 20.0 and 8 * acc.delete_threshold == 2.5
     # the rest is the reference's

@@ -70,15 +70,15 @@ DEFAULTS: Dict[str, Any] = {
                   # gained 0.0004-0.0047 next-day AUC over 1 on five seeds (docs/benchmarks.md, "Main job")
                   "cvm_click_prior": 0.2},
     "table": {
-        # Probabilistic admission: an unknown feasign gets a row with probability = its show/click score of
-        # the push, so one-off ids mostly never cost memory (and a rejected id costs none at all). The job
-        # scales the score by 1/8 (nonclk 0.0125, click 0.125: 0.0125 a non-click show) and every threshold
-        # with it, so only admission gets stricter; in the reference's units (x8) embedx is 20 (reference
-        # 10) and delete 2.5 (reference 0.8), base and delta stay 1.5 and 0.25. On the synthetic log this
-        # keeps a quarter of the rows of the reference defaults at the same next-day AUC (within its noise;
-        # docs/benchmarks.md, "Main job").
+        # Every feasign gets a row (show, click and lr weight) when first pushed; its mf vector waits for the
+        # score. Probabilistic admission (a row with probability = the push's score) kept a third of the
+        # peak memory, but turning it off moved next-day AUC on the synthetic log by -0.0014 to +0.0025 by
+        # seed (+0.0010 on average over five; docs/benchmarks.md, "Main job", session 9): the show/click
+        # columns of the rare ids are worth more than their ~48 bytes a row. The job scales the score
+        # by 1/8 (nonclk 0.0125, click 0.125) and every threshold with it; in the reference's units (x8)
+        # embedx is 20 (reference 10) and delete 2.5 (reference 0.8), base and delta stay 1.5 and 0.25.
         "accessor": {
-            "create_probability_from_score": True,
+            "create_probability_from_score": False,
             "nonclk_coeff": 0.0125,
             "click_coeff": 0.125,
             "embedx_threshold": 2.5,
