@@ -10,9 +10,7 @@
 namespace psembed {
 namespace {
 static_assert(sizeof(uint64_t) == 8, "feasigns are 64-bit");
-}  // namespace
 
-namespace {
 // The slot arrays of Dedup, kept per thread between calls. Fresh arrays cost more than the dedup itself:
 // at n = 106k they are 3 MB, and first-touching them page-faulted ~770 times per call (1-4 ms on a VM,
 // against ~1 ms for the probing). Reused, only the positions are cleared (a memset of 4 bytes a slot).
