@@ -20,7 +20,7 @@ from torch.distributed import rpc
 
 from ..errors import PeerUnavailableError
 from . import server
-from .transport import DoneHandle, Handle, Transport
+from .transport import DoneHandle, Handle, Transport, raised_by
 
 __all__ = ["RpcTransport", "worker_name"]
 
@@ -64,10 +64,7 @@ def _concise_remote_error(e: BaseException, rank: int) -> BaseException:
         return e
     if not isinstance(inner, str):
         return e
-    try:
-        return type(e)(f"{inner} (raised by rank {rank})")
-    except Exception:  # noqa: BLE001 - a type that does not take one message
-        return e
+    return raised_by(e, inner, rank)
 
 
 class _RpcHandle(Handle):

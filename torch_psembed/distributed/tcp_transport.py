@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import _C
 from .rpc_transport import RpcTransport
-from .transport import Handle
+from .transport import Handle, raised_by
 
 __all__ = ["TcpTransport", "data_plane_host"]
 
@@ -74,7 +74,7 @@ class _TcpHandle(Handle):
                 self._error = self._on_failure(self._rank, self._what, e)
                 self._error.__cause__ = e
             except (ValueError, RuntimeError) as e:
-                self._error = type(e)(f"{e} (raised by rank {self._rank})")
+                self._error = raised_by(e, str(e), self._rank)
         if self._error is not None:
             raise self._error
         return self._value

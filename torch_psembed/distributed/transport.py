@@ -18,7 +18,16 @@ from typing import Any, Callable, List, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["Handle", "DoneHandle", "Transport"]
+__all__ = ["Handle", "DoneHandle", "Transport", "raised_by"]
+
+
+def raised_by(e: BaseException, message: str, rank: int) -> BaseException:
+    """A server's refusal as the caller sees it: ``e``'s type with "<message> (raised by rank r)"; ``e``
+    itself for a type that does not take one message."""
+    try:
+        return type(e)(f"{message} (raised by rank {rank})")
+    except Exception:  # noqa: BLE001
+        return e
 
 
 class Handle(abc.ABC):
