@@ -7,20 +7,25 @@ Workloads (each step: pull 4096 x 26 ids with dim 8, a dense layer forward/backw
               of the table. samples/s counts both processes.
   dedicated   1 trainer + 1 server (num_servers=1): every pull and push crosses to the server (over the TCP
               data plane, or RPC with --transport rpc).
-Per-step time is split into dedup (np.unique + routing), RPC wait (waiting for remote pulls), pull assembly
-(scatter of the parts, gather in input order), local pull (colocated: this process's shard) and push
-(merge + send; the wait for acknowledgements happens in the next pull's staleness window).
---prefetch pipelines the pulls: once a step's gradients are known, just before its push, the trainer calls
-SparseTable.prefetch with the next step's ids, so the servers read those rows while the trainer merges and
-sends the push (with max_staleness >= 1 the next pull need not see this push). The push column then
-includes that call; its dedup, assembly and staleness wait are counted in those columns, the pull column
-only what is left.
+Per-step time is split into dedup (the C++ hash dedup + grouping by owner), RPC wait (waiting for remote
+pulls), pull assembly (scatter of the parts, gather in input order), local pull (colocated: this process's
+shard), staleness wait and push (merge + send; the wait for acknowledgements happens in the next pull's
+staleness window).
+--prefetch pipelines the pulls (SparseTable.prefetch: the next step's pull runs on the table's prefetch
+thread). --prefetch or --prefetch=step-start calls it right after each step's pull, so the next rows are
+fetched while this step's forward, backward and push run (with max_staleness >= 1 the next pull need not see
+this step's push; this is the pipeline of TorchRec's TrainPipelineSparseDist); --prefetch=before-push calls
+it once the step's gradients are known, just before its push. The training thread's columns then show only
+what it still waits for ("pfwait": a pull waiting for its prefetch thread, counted in the RPC side); the
+prefetch thread's own dedup, waits and assembly are printed on a line of their own, since they overlap the
+training thread.
 
-One compute thread per process: torch.set_num_threads(1) and TableConfig(num_threads=1), OMP_NUM_THREADS=1.
+One compute thread per process: torch.set_num_threads(1) and TableConfig(num_threads=1), OMP_NUM_THREADS=1;
+with --prefetch a trainer also runs the prefetch thread (its CPU time is in the "CPU time per sample" line).
 
     python scripts/bench_distributed.py [--rounds 3] [--steps 20] [--batch 4096] [--slots 26] [--dim 8]
-                                        [--staleness 1] [--only colocated,dedicated] [--prefetch]
-                                        [--transport tcp|rpc]
+                                        [--staleness 1] [--only colocated,dedicated]
+                                        [--prefetch [step-start|before-push]] [--transport tcp|rpc]
 
 Prints, per job, the local baseline and the sharded run (medians over rounds) and their samples/s ratio.
 """
@@ -70,6 +75,8 @@ def _run_steps(args, table, seed, timers=None):
         keys, y = batches[i % len(batches)]
         t0 = time.perf_counter()
         rows = table.pull(keys)
+        if args.prefetch == "step-start" and hasattr(table, "prefetch"):  # overlaps this step's compute
+            table.prefetch(batches[(i + 1) % len(batches)][0])
         t1 = time.perf_counter()
         emb = rows.view(args.batch, args.slots * width).requires_grad_(True)
         logit = dense(emb).squeeze(1)
@@ -80,7 +87,7 @@ def _run_steps(args, table, seed, timers=None):
         grads = emb.grad.view(-1, width).contiguous()
         clicks = np.repeat(y, args.slots)
         t2 = time.perf_counter()
-        if args.prefetch and hasattr(table, "prefetch"):  # pipelining: the next step's pull is on its way
+        if args.prefetch == "before-push" and hasattr(table, "prefetch"):  # pipelining: the next step's pull is on its way
             table.prefetch(batches[(i + 1) % len(batches)][0])
         table.push(keys, grads, shows, clicks)
         t3 = time.perf_counter()
@@ -182,7 +189,7 @@ def _launch(args, world, num_servers, out):
     for flag in ("steps", "batch", "slots", "dim", "staleness", "warmup", "distinct_batches", "rounds", "transport"):
         base += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     if args.prefetch:
-        base.append("--prefetch")
+        base.append(f"--prefetch={args.prefetch}")
     for r in range(world):
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, RANK=str(r), LOCAL_RANK=str(r),
                    WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -222,8 +229,9 @@ def main() -> None:
     ap.add_argument("--only", default="colocated,dedicated")
     ap.add_argument("--transport", default="tcp", choices=("tcp", "rpc"),
                     help="how pulls and pushes travel (pse.init's transport=): the TCP data plane or RPC")
-    ap.add_argument("--prefetch", action="store_true",
-                    help="before each push, prefetch the next step's rows (SparseTable.prefetch: pipelined pulls)")
+    ap.add_argument("--prefetch", nargs="?", const="step-start", default=None, choices=("step-start", "before-push"),
+                    help="prefetch the next step's rows (SparseTable.prefetch: pipelined pulls) right after each "
+                         "step's pull (step-start, the default) or just before each push (before-push)")
     args = ap.parse_args()
     if args.child:
         child(args)
@@ -232,10 +240,10 @@ def main() -> None:
     jobs = {"colocated": (2, 0), "dedicated": (2, 1)}
     print(f"transport {args.transport}; batch {args.batch} x {args.slots} ids, dim {args.dim}, max_staleness {args.staleness}, "
           f"{args.rounds} rounds x {args.steps} steps (+{args.warmup} warm-up), 1 compute thread per process, "
-          f"prefetch {'on' if args.prefetch else 'off'}; "
+          f"prefetch {args.prefetch or 'off'}; "
           f"medians over rounds; each round runs the local baseline (1 process) then the sharded table")
     print(f"{'workload':<10} {'procs':>5} {'samples/s':>10} {'vs local':>8} {'step ms':>8} {'pull ms':>8} "
-          f"{'push ms':>8} | {'dedup':>6} {'rpcwait':>7} {'assembly':>8} {'localpull':>9} {'stale':>6}")
+          f"{'push ms':>8} | {'dedup':>6} {'rpcwait':>7} {'assembly':>8} {'localpull':>9} {'stale':>6} {'pfwait':>6}")
     for name in args.only.split(","):
         world, ns = jobs[name]
         res = _launch(args, world, ns, os.path.join(tmp, name))
@@ -263,20 +271,28 @@ def main() -> None:
         lsps, sps = med(lambda x: x[0]), med(lambda x: x[1])
         print(f"{'local':<10} {1:>5} {lsps:>10.0f} {'1.00x':>8} {med(lambda x: x[4]['step']):>8.1f} "
               f"{med(lambda x: x[4]['pull']):>8.1f} {med(lambda x: x[4]['push']):>8.1f} |")
-        keys = ("dedup", "rpc_wait", "assembly", "local_pull", "staleness_wait")
-        tm = {k: med(lambda x, k=k: x[3].get(k, 0.0)) for k in keys + ("pull", "push")}
+        keys = ("dedup", "rpc_wait", "assembly", "local_pull", "staleness_wait", "prefetch_wait")
+        pf_keys = ("prefetch_dedup", "prefetch_staleness_wait", "prefetch_rpc_wait", "prefetch_assembly",
+                   "prefetch_local_pull")
+        tm = {k: med(lambda x, k=k: x[3].get(k, 0.0)) for k in keys + pf_keys + ("pull", "push")}
         ratio = med(lambda x: x[1] / x[0])
         step = med(lambda x: x[2])
         print(f"{name:<10} {world:>5} {sps:>10.0f} {ratio:>7.2f}x {step:>8.1f} {tm['pull']:>8.1f} "
               f"{tm['push']:>8.1f} | {tm['dedup']:>6.1f} {tm['rpc_wait']:>7.1f} {tm['assembly']:>8.1f} "
-              f"{tm['local_pull']:>9.1f} {tm['staleness_wait']:>6.1f}")
+              f"{tm['local_pull']:>9.1f} {tm['staleness_wait']:>6.1f} {tm['prefetch_wait']:>6.1f}")
+        if args.prefetch:
+            print("  the prefetch thread's work per step, overlapping the training thread: dedup "
+                  f"{tm['prefetch_dedup']:.1f}, wait for pushes {tm['prefetch_staleness_wait']:.1f}, RPC wait "
+                  f"{tm['prefetch_rpc_wait']:.1f}, assembly {tm['prefetch_assembly']:.1f}, own shard "
+                  f"{tm['prefetch_local_pull']:.1f} ms")
         cr = med(lambda x: x[3]["cpu_ratio"])
         print(f"  CPU time per sample, all processes: {cr:.2f}x the local run's"
               + (f" -> on {world} idle cores at most {world / cr:.2f}x the local samples/s" if ns == 0 else ""))
         if name == "dedicated":
-            rpc = tm["dedup"] + tm["rpc_wait"] + tm["assembly"] + tm["staleness_wait"]
+            rpc = tm["dedup"] + tm["rpc_wait"] + tm["assembly"] + tm["staleness_wait"] + tm["prefetch_wait"]
             over = med(lambda x: (x[2] - x[4]["step"]) / x[2])
-            print(f"  dedicated: dedup + RPC wait + assembly + staleness wait = {rpc:.1f} ms = {100 * rpc / step:.0f}% "
+            print(f"  dedicated: dedup + RPC wait + assembly + staleness wait + prefetch wait = {rpc:.1f} ms = "
+                  f"{100 * rpc / step:.0f}% "
                   f"of the {step:.1f} ms step; step time over the local step: {100 * over:+.0f}% of the step")
             srv_pull = med(lambda x: x[3].get("server_pull", 0.0))
             if srv_pull and srv_pull <= tm["rpc_wait"]:

@@ -8,12 +8,14 @@ torchrun or with torchrun's environment set by hand, and kill their whole proces
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -27,7 +29,7 @@ from torch_psembed.distributed.client import ShardedTable
 from torch_psembed.distributed.ports import free_port_pair
 from torch_psembed.distributed.rpc_transport import _concise_remote_error, is_transport_failure
 from torch_psembed.distributed.transport import DoneHandle, Handle, Transport
-from torch_psembed.errors import NotInitializedError
+from torch_psembed.errors import NotInitializedError, PeerUnavailableError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "dist_workers", "worker.py")
@@ -41,16 +43,19 @@ JOB_TIMEOUT = 150  # seconds; a hung job is killed and the test fails
 # In-process: the client over an in-memory transport
 # ---------------------------------------------------------------------------------------------------------
 class _Lazy(Handle):
-    """A push that is applied only when waited on: models a request still in flight."""
+    """A push that is applied only when waited on: models a request still in flight. Like every Handle, it
+    may be waited from two threads at once (a prefetch thread and the training thread) and runs once."""
 
     def __init__(self, fn, log, tag):
         self._fn, self._log, self._tag, self._done, self._value = fn, log, tag, False, None
+        self._lock = threading.Lock()
 
     def wait(self):
-        if not self._done:
-            self._value = self._fn()
-            self._done = True
-            self._log.append(self._tag)
+        with self._lock:
+            if not self._done:
+                self._value = self._fn()
+                self._done = True
+                self._log.append(self._tag)
         return self._value
 
     def done(self):
@@ -269,15 +274,22 @@ def _prefetching(k):
     return ShardedTable("t", _cfg(3), tr, k, 0, 1, lambda: None), tr
 
 
-@pytest.mark.parametrize("where", ["after_push", "before_push"])
+def _settle(t):
+    """Wait until the table's prefetch thread has finished its job (test-only: the job's effects are checked)."""
+    if t._prefetched is not None:
+        t._prefetched[2].result()
+
+
+@pytest.mark.parametrize("where", ["after_push", "before_push", "step_start"])
 @pytest.mark.parametrize("k", [1, 2])
 def test_prefetch_pipelined_training_equals_plain_training(k, where):
-    # Property: prefetching the next batch right after each push, or right before it (once the step's
-    # gradients are known, as scripts/bench_distributed.py --prefetch does), gives the pulls exactly the rows
-    # a plain pull would see (same staleness window), so the whole run ends in the same table; each pull then
-    # only takes the prefetched rows (no new requests), and the window still holds before every pull. The
-    # push after its prefetch reuses the dedup of its own pull (two plans are kept), so the run costs no
-    # extra dedup.
+    # Property: prefetching the next batch right after each push, right before it (once the step's gradients
+    # are known, scripts/bench_distributed.py --prefetch) or right after the step's pull (--prefetch
+    # step-start), gives the pulls exactly the rows a plain pull would see (same staleness window), so the
+    # whole run ends in the same table; each pull then only takes the prefetched rows (no new requests), and
+    # the window still holds before every pull. The push after its prefetch reuses the dedup of its own pull
+    # (two plans are kept), so the run costs no extra dedup. The prefetch runs on its own thread: the test
+    # waits for it (_settle) before it counts requests or looks at which pushes were applied.
     rng = np.random.default_rng(7)
     universe = rng.integers(-(2**63), 2**63 - 1, size=200, dtype=np.int64)
     batches = [_batch(rng, universe, 97, 3) for _ in range(10)]
@@ -286,21 +298,30 @@ def test_prefetch_pipelined_training_equals_plain_training(k, where):
         t, tr = _prefetching(k)
         pulled = []
         for step, (keys, grads, shows, clicks, slots) in enumerate(batches):
+            _settle(t)
             before = tr.pulls
             pulled.append(t.pull(keys, True))
             if use_prefetch and step > 0:
                 assert tr.pulls == before  # taken from the prefetch
             assert all(old in tr.applied for old in range(step - k))
-            tr.step_tag = step
             prefetch = use_prefetch and step + 1 < len(batches)
+            if prefetch and where == "step_start":
+                t.prefetch(batches[step + 1][0], True)
+                _settle(t)
+                assert set(range(step - k + 1)) <= set(tr.applied)  # waited for steps <= t-k
+                if k == 2:
+                    assert step - 1 not in tr.applied  # the previous step's push may stay in flight
+            tr.step_tag = step
             if prefetch and where == "before_push":
                 t.prefetch(batches[step + 1][0], True)
+                _settle(t)
                 assert set(range(step - k + 1)) <= set(tr.applied)  # waited for steps <= t-k
             plans = t._plan_cache[-1][1]
             t.push(keys, grads, shows, clicks, slots)
             assert t._plan_cache[-1][1] is plans  # no new plan for the push
             if prefetch and where == "after_push":
                 t.prefetch(batches[step + 1][0], True)
+                _settle(t)
                 assert set(range(step - k + 1)) <= set(tr.applied)  # waited for steps <= t-k
                 assert step in set(range(step + 1)) - set(tr.applied)  # this step's push stays in flight
         t.flush()
@@ -347,6 +368,55 @@ def test_prefetch_without_staleness_is_a_no_op():
     t, tr = _prefetching(0)
     t.prefetch(np.arange(1, 50, dtype=np.int64))
     assert tr.pulls == 0 and t._prefetched is None
+
+
+class _FailingPulls(MemoryTransport):
+    """Pulls fail as a dead peer's would while ``dead`` is set."""
+
+    dead = False
+
+    def pull(self, s, table, keys, with_stats):
+        if self.dead:
+            return DoneHandle(error=PeerUnavailableError(f"rank {s} is unavailable: pull failed", rank=s))
+        return super().pull(s, table, keys, with_stats)
+
+
+def test_a_prefetch_error_is_raised_by_the_pull_that_takes_it():
+    # Property: the prefetch thread's failure (a dead peer) is not lost and does not surface in prefetch():
+    # the pull that takes the prefetch raises it, naming the rank; the table stays usable afterwards.
+    tr = _FailingPulls(2)
+    t = ShardedTable("t", _cfg(3), tr, 1, 0, 1, lambda: None)
+    keys = np.arange(1, 200, dtype=np.int64)
+    t.push(*_batch(np.random.default_rng(3), keys, 64, 3))
+    tr.dead = True
+    t.prefetch(keys)
+    with pytest.raises(PeerUnavailableError, match="rank [01] is unavailable"):
+        t.pull(keys)
+    assert t._prefetched is None
+    tr.dead = False
+    t.flush()
+    np.testing.assert_array_equal(t.pull(keys), tr.tables[(0, "t")].pull(keys) + tr.tables[(1, "t")].pull(keys))
+
+
+def test_the_prefetch_thread_ends_with_its_table():
+    # Property: each table's prefetch thread holds no reference to its table between jobs, so a dropped table
+    # is collected and its thread ends (a long job creating tables does not pile up threads).
+    def prefetch_threads():
+        return [th for th in threading.enumerate() if th.name == "psembed-prefetch-t"]
+
+    before = len(prefetch_threads())
+    t, _ = _prefetching(1)
+    keys = np.arange(1, 20, dtype=np.int64)
+    t.prefetch(keys)
+    t.pull(keys)
+    t.prefetch(keys)  # one job left untaken
+    assert len(prefetch_threads()) == before + 1
+    del t
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while len(prefetch_threads()) > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(prefetch_threads()) == before
 
 
 def test_inflight_pushes_are_bounded():

@@ -96,10 +96,11 @@ class SparseTable:
     def prefetch(self, keys: ArrayLike, with_stats: bool = False) -> None:
         """Start the pull that the next ``pull(keys, with_stats)`` returns.
 
-        On a sharded table its RPCs then run while the caller computes (pipelining: call it with the next
-        batch's ids once this step's push is issued); the rows obey the staleness bound of that pull, and
-        with ``max_staleness=0`` nothing can start early (see ``docs/distributed.md``, "Prefetch"). A local
-        table has nothing to overlap: only the keys are checked.
+        On a sharded table that pull (dedup, requests, assembly) then runs on the table's prefetch thread
+        while the caller computes (pipelining: call it with the next batch's ids any time after this step's
+        pull); the rows obey the staleness bound of that pull, with ``max_staleness=0`` nothing can start
+        early, and an error of the prefetch is raised by the pull that takes it (see
+        ``docs/distributed.md``, "Prefetch"). A local table has nothing to overlap: only the keys are checked.
         """
         k = _as_numpy("keys", keys, np.int64, 1)
         start = getattr(self._backend, "prefetch", None)

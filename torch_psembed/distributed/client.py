@@ -13,15 +13,25 @@ sees every push of step ``t-k-1`` and earlier. ``max_staleness=0`` also waits fo
 issuing the next one, so every push is applied, in order, before anything else (deterministic mode).
 At most ``max_inflight`` push requests are outstanding; a push beyond that waits for the oldest.
 
-Thread safety: one ShardedTable is driven by one training thread.
+Prefetch: ``prefetch(keys)`` hands the next pull's whole path (dedup, the wait for the pushes its rows must
+see, the requests, the assembly in input order) to one background thread per table, so that it overlaps the
+training thread's compute; the next ``pull(keys)`` only waits for what is left of it.
+
+Thread safety: one ShardedTable is driven by one training thread. The prefetch thread reads no state the
+training thread writes: it gets its keys and the push handles to wait for as arguments, and hands its plan
+back through its future.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import pickle
+import queue
+import threading
 import time
+import weakref
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -33,7 +43,12 @@ from .transport import Handle, Transport
 
 __all__ = ["ShardedTable"]
 
-_TIMER_NAMES = ("dedup", "rpc_wait", "assembly", "local_pull", "push", "staleness_wait")
+# Time the training thread spends in each part of the data path (seconds, summed). "prefetch_wait" is the time
+# a pull waits for its prefetch thread; the prefetch thread's own work is counted apart, in the "prefetch_*"
+# keys of _PREFETCH_TIMERS, since it overlaps the training thread.
+_TIMER_NAMES = ("dedup", "rpc_wait", "assembly", "local_pull", "push", "staleness_wait", "prefetch_wait")
+_PULL_TIMERS = ("dedup", "staleness_wait", "rpc_wait", "assembly", "local_pull")
+_PREFETCH_TIMERS = tuple("prefetch_" + k for k in _PULL_TIMERS)
 
 
 class ShardedTable:
@@ -76,9 +91,10 @@ class ShardedTable:
         self._step_open = False
         self._inflight = 0
         self.max_inflight = max_inflight or max(4, 2 * (self.max_staleness + 1)) * self.num_servers
-        self.timers: Dict[str, float] = dict.fromkeys(_TIMER_NAMES, 0.0)
+        self.timers: Dict[str, float] = dict.fromkeys(_TIMER_NAMES + _PREFETCH_TIMERS, 0.0)
         self._plan_cache = collections.deque(maxlen=2)  # (keys, plan) of the last two plans, see _plan
-        self._prefetched = None  # (keys, with_stats, started pull) of prefetch(), until the pull takes it
+        self._prefetched = None  # (keys, with_stats, future of _prefetch_job) until the pull takes it
+        self._prefetcher: Optional[_Worker] = None  # made by the first prefetch
         # Pushes with keys issued so far; (trainer_rank << 32) | count names a push for the servers'
         # admission draws, as a local table's own count does (so 1 trainer matches a local table).
         self._push_count = 0
@@ -113,15 +129,19 @@ class ShardedTable:
             if c.shape == keys.shape and (c.size == 0 or (c[0] == keys[0] and c[-1] == keys[-1])) \
                     and np.array_equal(c, keys):
                 return cached[1]
+        plan = self._new_plan(keys)
+        self._plan_cache.append((keys.copy(), plan))
+        return plan
+
+    def _new_plan(self, keys: np.ndarray):
+        """The plan of ``_plan``, always computed afresh and not cached (the prefetch thread's entry)."""
         # one C++ pass, GIL released: a hash dedup (~2.5x faster than torch.unique at 106k ids) and a
         # counting sort of the distinct keys by owner
         uniq, inverse, starts = _C.dedup_by_owner(np.ascontiguousarray(keys, dtype=np.int64), self.num_servers)
         bounds = starts.tolist()
         parts = [(s, bounds[s], bounds[s + 1]) for s in range(self.num_servers) if bounds[s + 1] > bounds[s]]
         identity = self.num_servers == 1 and uniq.shape[0] == keys.shape[0]
-        plan = (uniq, inverse, parts, identity)
-        self._plan_cache.append((keys.copy(), plan))
-        return plan
+        return uniq, inverse, parts, identity
 
     def _wait_steps(self, keep: int) -> None:
         """Wait until at most ``keep`` steps of pushes are unacknowledged."""
@@ -155,56 +175,91 @@ class ShardedTable:
         if pending is None and keys.shape[0] > 0:
             plan = self._timed_plan(keys)  # before the wait: it overlaps the servers' work on those pushes
         t0 = time.perf_counter()
-        if pending is None:
-            self._wait_steps(self.max_staleness)
+        # With a prefetch this only books the steps its thread waited for (and raises a failed push's error
+        # here, as a plain pull does).
+        self._wait_steps(self.max_staleness)
         self._step_open = False
         self.timers["staleness_wait"] += time.perf_counter() - t0
+        if pending is not None:
+            return self._finish_prefetch(keys, pending)
         if keys.shape[0] == 0:
             return np.zeros((0, 1 + self.dim + (2 if with_stats else 0)), np.float32)
-        if pending is None:
-            pending = self._start_pull(plan, keys.shape[0], with_stats)
-        return self._finish_pull(pending)
+        return self._finish_pull(self._start_pull(plan, keys.shape[0], with_stats))
 
     def prefetch(self, keys: np.ndarray, with_stats: bool = False) -> None:
-        """Start the pull that the next ``pull(keys, with_stats)`` returns, so that its RPCs overlap the
-        caller's compute (call it with the next batch's ids once this step's push is issued).
+        """Start the pull that the next ``pull(keys, with_stats)`` returns, so that it overlaps the caller's
+        compute (call it with the next batch's ids; see below for where).
 
-        The rows obey the bound of that pull: with ``max_staleness=k`` the pull of step ``t`` sees every push
-        of step ``t-k-1`` and earlier, so a prefetch during step ``t-1`` may leave the pushes of step ``t-1``
-        and of the ``k-1`` steps before unapplied, and waits for the older ones. With ``k=0`` the next pull
-        must see this step's pushes: nothing can start early, and this is a no-op. A pull of other keys
-        drops the prefetched rows (and pulls afresh), and so do ``flush`` and every table-wide operation.
+        The pull runs on a background thread: its dedup, its wait for the pushes its rows must see, its
+        requests and the assembly of its rows; the next ``pull(keys)`` waits only for what is left. The rows
+        obey the bound of that pull: with ``max_staleness=k`` the pull of step ``t`` sees every push of step
+        ``t-k-1`` and earlier, so a prefetch during step ``t-1`` (before or after its push) may leave the pushes
+        of step ``t-1`` and of the ``k-1`` steps before unapplied, and waits for the older ones. With ``k=0``
+        the next pull must see this step's pushes: nothing can start early, and this is a no-op. A pull of
+        other keys drops the prefetched rows (and pulls afresh), and so do ``flush`` and every table-wide
+        operation. An error of the prefetch (a dead peer) is raised by the pull that takes it.
         """
         self._check_alive()
         self._drop_prefetch()
         if self.max_staleness == 0 or keys.shape[0] == 0:
             return
-        plan = self._timed_plan(keys)  # before the wait, as in pull
+        keys = np.array(keys, dtype=np.int64, order="C", copy=True)  # the caller may reuse its array
+        # The pushes this pull must see: every step but the newest k (k-1 while no push of this step is
+        # issued yet, since the step the pull belongs to has not begun). Their handles are copied here, on
+        # the training thread, which alone writes _steps.
+        keep = self.max_staleness if self._step_open else self.max_staleness - 1
+        steps = list(self._steps)
+        must_see = [h for step in steps[: max(0, len(steps) - keep)] for h in step]
+        if self._prefetcher is None:
+            self._prefetcher = _Worker(f"psembed-prefetch-{self.name}")
+            weakref.finalize(self, self._prefetcher.stop)  # the thread ends with its table
+        job = self._prefetcher.submit(self._prefetch_job, keys, bool(with_stats), must_see)
+        self._prefetched = (keys, bool(with_stats), job)
+
+    def _prefetch_job(self, keys: np.ndarray, with_stats: bool, must_see: List[Handle]):
+        """The prefetch thread's work: ``(plan, rows in input order, its timers)``."""
+        timers = dict.fromkeys(_PULL_TIMERS, 0.0)
         t0 = time.perf_counter()
-        # Entries of _steps are the steps with pushes; the open one (if any) is the current step t-1.
-        self._wait_steps(self.max_staleness if self._step_open else self.max_staleness - 1)
-        self.timers["staleness_wait"] += time.perf_counter() - t0
-        self._prefetched = (keys.copy(), bool(with_stats), self._start_pull(plan, keys.shape[0], with_stats))
+        plan = self._new_plan(keys)
+        t1 = time.perf_counter()
+        for h in must_see:  # handles are safe to wait from two threads (the training thread waits them again)
+            h.wait()
+        t2 = time.perf_counter()
+        timers["dedup"] = t1 - t0
+        timers["staleness_wait"] = t2 - t1
+        rows = self._finish_pull(self._start_pull(plan, keys.shape[0], with_stats, timers), timers)
+        return plan, rows, timers
 
     def _take_prefetch(self, keys: np.ndarray, with_stats: bool):
-        """The prefetched pull of exactly these keys, or None (dropping a prefetch of other keys)."""
+        """The prefetch of exactly these keys, or None (dropping a prefetch of other keys)."""
         p = self._prefetched
         if p is None:
             return None
         if p[1] == bool(with_stats) and p[0].shape == keys.shape and np.array_equal(p[0], keys):
             self._prefetched = None
-            return p[2]
+            return p
         self._drop_prefetch()
         return None
+
+    def _finish_prefetch(self, keys: np.ndarray, prefetched) -> np.ndarray:
+        """Wait for a prefetch taken by ``pull``: its rows; its plan is cached for the push of the same keys."""
+        t0 = time.perf_counter()
+        try:
+            plan, rows, timers = prefetched[2].result()
+        finally:
+            self.timers["prefetch_wait"] += time.perf_counter() - t0
+        for k, v in timers.items():
+            self.timers["prefetch_" + k] += v
+        self._plan_cache.append((prefetched[0], plan))
+        return rows
 
     def _drop_prefetch(self) -> None:
         p, self._prefetched = self._prefetched, None
         if p is None:
             return
-        for *_, h in p[2]["handles"]:
-            # Its rows are not wanted; an error (a dead peer) is raised again by the next call that needs it.
-            with contextlib.suppress(Exception):
-                h.wait()
+        # Its rows are not wanted; an error (a dead peer) is raised again by the next call that needs it.
+        with contextlib.suppress(Exception):
+            p[2].result()
 
     def _timed_plan(self, keys: np.ndarray):
         t = time.perf_counter()
@@ -212,9 +267,9 @@ class ShardedTable:
         self.timers["dedup"] += time.perf_counter() - t
         return plan
 
-    def _start_pull(self, plan, n: int, with_stats: bool) -> Dict[str, Any]:
+    def _start_pull(self, plan, n: int, with_stats: bool, timers: Optional[Dict[str, float]] = None):
         """One pull per owner of a plan (``_plan``) of n keys: remote ones in flight, this rank's own shard
-        served at once."""
+        served at once. Times go to ``timers`` (default: the training thread's ``self.timers``)."""
         uniq, inverse, parts, identity = plan
         t2 = time.perf_counter()
         width = 1 + self.dim + (2 if with_stats else 0)
@@ -240,13 +295,13 @@ class ShardedTable:
                 rows = r
             else:
                 rows[a:b] = r
-        tm = self.timers
+        tm = self.timers if timers is None else timers
         tm["local_pull"] += t_local
         tm["assembly"] += time.perf_counter() - t2 - t_local
         return {"n": n, "width": width, "inverse": None if identity else inverse, "rows": rows,
                 "whole": whole, "handles": handles}
 
-    def _finish_pull(self, p: Dict[str, Any]) -> np.ndarray:
+    def _finish_pull(self, p: Dict[str, Any], timers: Optional[Dict[str, float]] = None) -> np.ndarray:
         """Wait for the remote parts of a started pull and assemble the rows in input order."""
         t2 = time.perf_counter()
         rows = p["rows"]
@@ -263,7 +318,7 @@ class ShardedTable:
             out = rows
         else:
             out = np.take(rows, p["inverse"], axis=0)  # np.take is ~3x faster than rows[inverse] for 2-D rows
-        tm = self.timers
+        tm = self.timers if timers is None else timers
         tm["rpc_wait"] += wait_time
         tm["assembly"] += time.perf_counter() - t2 - wait_time
         return out
@@ -429,7 +484,42 @@ class ShardedTable:
         return bool(self._transport.call(owner, self.name, server.op_contains, (int(key),)).wait())
 
     def reset_timers(self) -> None:
-        self.timers = dict.fromkeys(_TIMER_NAMES, 0.0)
+        self.timers = dict.fromkeys(_TIMER_NAMES + _PREFETCH_TIMERS, 0.0)
+
+
+class _Worker:
+    """One daemon thread running the calls submitted to it, in order; ``submit`` returns a Future.
+
+    Not a ``ThreadPoolExecutor``: its threads are joined at interpreter exit, so after a failure a job still
+    waiting on an unresponsive peer would hold the process's exit for up to ``rpc_timeout``.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, fn: Callable, *args: Any) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._jobs.put((fut, fn, args))
+        return fut
+
+    def stop(self) -> None:
+        """End the thread once the jobs submitted before are done."""
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fut, fn, args = job
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - delivered to the caller through the future
+                fut.set_exception(e)
+            del job, fut, fn, args  # the job's references (its table, among them) must not outlive it
 
 
 def _slice(x: np.ndarray, a: int, b: int, copy: bool) -> np.ndarray:

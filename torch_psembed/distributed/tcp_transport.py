@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -52,7 +53,12 @@ def data_plane_host() -> str:
 
 
 class _TcpHandle(Handle):
-    __slots__ = ("_channel", "_id", "_rank", "_what", "_on_failure", "_timeout", "_done", "_value", "_error")
+    """A request's reply. ``wait`` may be called from two threads at once (a prefetch thread and the training
+    thread wait for the same push): the lock makes the second caller wait for the first one's reply, which
+    the channel hands out only once."""
+
+    __slots__ = ("_channel", "_id", "_rank", "_what", "_on_failure", "_timeout", "_done", "_value", "_error",
+                 "_lock")
 
     def __init__(self, channel, request_id: int, rank: int, what: str, on_failure: Callable, timeout: float):
         self._channel = channel
@@ -64,17 +70,20 @@ class _TcpHandle(Handle):
         self._done = False
         self._value = None
         self._error: Optional[BaseException] = None
+        self._lock = threading.Lock()
 
     def wait(self) -> Any:
         if not self._done:
-            self._done = True
-            try:
-                self._value = self._channel.wait(self._id, self._timeout)
-            except ConnectionError as e:
-                self._error = self._on_failure(self._rank, self._what, e)
-                self._error.__cause__ = e
-            except (ValueError, RuntimeError) as e:
-                self._error = raised_by(e, str(e), self._rank)
+            with self._lock:
+                if not self._done:
+                    try:
+                        self._value = self._channel.wait(self._id, self._timeout)
+                    except ConnectionError as e:
+                        self._error = self._on_failure(self._rank, self._what, e)
+                        self._error.__cause__ = e
+                    except (ValueError, RuntimeError) as e:
+                        self._error = raised_by(e, str(e), self._rank)
+                    self._done = True  # last: a caller that sees it set finds _value or _error set
         if self._error is not None:
             raise self._error
         return self._value

@@ -31,7 +31,11 @@ def raised_by(e: BaseException, message: str, rank: int) -> BaseException:
 
 
 class Handle(abc.ABC):
-    """A pending result of an asynchronous transport call."""
+    """A pending result of an asynchronous transport call.
+
+    ``wait`` may be called more than once and from two threads at once (a table's prefetch thread and its
+    training thread wait for the same push): every call returns the same result or raises the same error.
+    """
 
     @abc.abstractmethod
     def wait(self) -> Any:
