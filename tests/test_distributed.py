@@ -284,8 +284,8 @@ def _settle(t):
 @pytest.mark.parametrize("k", [1, 2])
 def test_prefetch_pipelined_training_equals_plain_training(k, where):
     # Property: prefetching the next batch right after each push, right before it (once the step's gradients
-    # are known, scripts/bench_distributed.py --prefetch) or right after the step's pull (--prefetch
-    # step-start), gives the pulls exactly the rows a plain pull would see (same staleness window), so the
+    # are known, scripts/bench_distributed.py --prefetch=before-push) or right after the step's pull
+    # (--prefetch), gives the pulls exactly the rows a plain pull would see (same staleness window), so the
     # whole run ends in the same table; each pull then only takes the prefetched rows (no new requests), and
     # the window still holds before every pull. The push after its prefetch reuses the dedup of its own pull
     # (two plans are kept), so the run costs no extra dedup. The prefetch runs on its own thread: the test

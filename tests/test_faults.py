@@ -5,7 +5,8 @@ its own session, so a dead rank is not reaped by an agent and every process can 
 Layout: rank 0 a dedicated server, ranks 1 and 2 trainers; ``rpc_timeout=5`` s (10 s for the save job).
 
 Checked:
-- the survivors exit non-zero, within the job timeout, with an error naming the dead rank;
+- the survivors exit non-zero, within the job timeout, with an error naming the dead rank (for a killed
+  server, also while the trainers' prefetch threads have pulls in flight);
 - after a kill in the middle of save 2, ``tools verify`` accepts the directory, its manifest still names save 1,
   and a fresh job (2 colocated ranks, another layout) loads it with exactly the rows trainer 0 pulled right
   after save 1, then trains and saves again.
@@ -111,9 +112,13 @@ def _assert_survivors_name(res, dead: int) -> None:
             f"rank {r}'s final error does not name the dead rank {dead}: {final[-1:]}\n" + _show(res))
 
 
-def test_killed_server_rank_is_named_by_the_trainers(tmp_path):
+@pytest.mark.parametrize("prefetch", [False, True], ids=["plain", "prefetching"])
+def test_killed_server_rank_is_named_by_the_trainers(tmp_path, prefetch):
+    # With prefetch, the trainers' prefetch threads have a pull in flight when the server dies: its error
+    # must reach the training thread (named, non-zero exit), and the thread must not hold the exit up.
     out = str(tmp_path)
-    job = Job(3, ["train", "--steps", "400", "--step-sleep", "0.02", "--rpc-timeout", RPC_TIMEOUT], out)
+    extra = ["--staleness", "1", "--prefetch"] if prefetch else []
+    job = Job(3, ["train", "--steps", "400", "--step-sleep", "0.02", "--rpc-timeout", RPC_TIMEOUT, *extra], out)
     res = job.wait(kill_rank=0, kill_when=lambda: os.path.exists(os.path.join(out, "progress-5")))
     _assert_survivors_name(res, 0)
 

@@ -9,7 +9,9 @@ Scenarios:
               checkpoint save to OUTDIR/save, after which trainer 0 pulls every key it may have pushed (with
               stats) and writes OUTDIR/snapshot-<n>.npz (n = the save's number), then the trainers barrier.
               Trainer 0 writes OUTDIR/progress-<step> files so the test can time an outside SIGKILL.
-              With ``--kill-self R --kill-step S`` rank R SIGKILLs itself after step S.
+              With ``--kill-self R --kill-step S`` rank R SIGKILLs itself after step S. With ``--staleness 1
+              --prefetch`` each trainer prefetches its next batch right after each pull (the prefetch thread
+              is then busy with a pull when a peer dies).
               With ``--kill-in-save N`` the server SIGKILLs itself in the middle of writing its part of save N
               (after 2 of its files, the third half written): the manifest still names save N-1.
   resume      load OUTDIR/save into a fresh job, check that every key's row equals OUTDIR/snapshot-<n>.npz of
@@ -117,7 +119,7 @@ def train(a) -> dict:
     rank = int(os.environ["RANK"])
     if a.kill_in_save and rank == 0:
         _install_kill_in_save(a.kill_in_save)
-    pse.init(max_staleness=0, num_servers=a.num_servers, rpc_timeout=a.rpc_timeout)
+    pse.init(max_staleness=a.staleness, num_servers=a.num_servers, rpc_timeout=a.rpc_timeout)
     # dedicated servers never get here
     tr = pse.distributed.trainer_rank()
     table = pse.SparseTable(config(), name="emb")
@@ -126,6 +128,8 @@ def train(a) -> dict:
     for step in range(1, a.steps + 1):
         keys, grads, shows, clicks = batch(tr, step)
         table.pull(keys)
+        if a.prefetch:
+            table.prefetch(batch(tr, step + 1)[0])
         table.push(keys, grads, shows, clicks)
         if tr == 0:
             _touch(os.path.join(a.out, f"progress-{step}"))
@@ -191,6 +195,8 @@ def main() -> None:
     ap.add_argument("--kill-self", type=int, default=-1)
     ap.add_argument("--kill-step", type=int, default=-1)
     ap.add_argument("--kill-in-save", type=int, default=0)
+    ap.add_argument("--staleness", type=int, default=0, help="pse.init's max_staleness (train)")
+    ap.add_argument("--prefetch", action="store_true", help="prefetch the next batch after each pull (train)")
     a = ap.parse_args()
     out = train(a) if a.scenario == "train" else resume(a)
     with open(os.path.join(a.out, f"rank{os.environ['RANK']}.json"), "w") as f:
