@@ -261,6 +261,53 @@ def test_tcp_transport_names_the_server_rank_on_errors(served):
         transport.pull(0, "t", np.arange(2, dtype=np.int64), False)
 
 
+def test_a_tcp_handle_waited_from_two_threads_gives_both_the_reply(served):
+    # Property: a prefetch thread and the training thread may wait for the same push at once; the channel
+    # hands a reply out once, so the handle must give the one reply (or the one error) to every waiter,
+    # and none of them may return before the reply has come.
+    server, table, _ = served
+    transport, _ = _transport(server.port)
+    transport.connect()
+    try:
+        rng = np.random.default_rng(5)
+        for round_ in range(50):
+            keys = rng.integers(0, 1000, 300).astype(np.int64)
+            ones = np.ones(300, np.float32)
+            grads = np.zeros((300, 5), np.float32)
+            if round_ % 10 == 9:
+                grads[7, 2] = np.nan  # a refused push: every waiter gets its error
+            h = transport.push(0, "t", keys, grads, ones, ones, None, round_)
+            results = []
+            barrier = threading.Barrier(3)
+
+            def waiter(h=h, results=results, barrier=barrier):
+                barrier.wait()
+                try:
+                    results.append(h.wait())
+                except ValueError as e:
+                    results.append(str(e))
+
+            threads = [threading.Thread(target=waiter) for _ in range(2)]
+            for t in threads:
+                t.start()
+            barrier.wait()
+            try:
+                mine = h.wait()
+            except ValueError as e:
+                mine = str(e)
+            for t in threads:
+                t.join()
+            assert results == [mine, mine], (round_, results, mine)
+            if round_ % 10 == 9:
+                assert "NaN" in mine and "raised by rank 5" in mine
+            else:
+                assert mine == 0
+        shows = table.pull(np.arange(1000, dtype=np.int64), True)[:, 0]
+        assert shows.sum() == 45 * 300  # each accepted push applied once, the refused ones not at all
+    finally:
+        transport.close()
+
+
 def test_data_plane_host(monkeypatch):
     monkeypatch.setenv("PSEMBED_DATA_HOST", "10.1.2.3")
     assert data_plane_host() == "10.1.2.3"
