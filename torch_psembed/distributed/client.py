@@ -181,7 +181,7 @@ class ShardedTable:
         self._step_open = False
         self.timers["staleness_wait"] += time.perf_counter() - t0
         if pending is not None:
-            return self._finish_prefetch(keys, pending)
+            return self._finish_prefetch(pending)
         if keys.shape[0] == 0:
             return np.zeros((0, 1 + self.dim + (2 if with_stats else 0)), np.float32)
         return self._finish_pull(self._start_pull(plan, keys.shape[0], with_stats))
@@ -241,7 +241,7 @@ class ShardedTable:
         self._drop_prefetch()
         return None
 
-    def _finish_prefetch(self, keys: np.ndarray, prefetched) -> np.ndarray:
+    def _finish_prefetch(self, prefetched) -> np.ndarray:
         """Wait for a prefetch taken by ``pull``: its rows; its plan is cached for the push of the same keys."""
         t0 = time.perf_counter()
         try:
