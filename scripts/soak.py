@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Load and soak test: asynchronous training on the synthetic click log with 2 processes, bounded in time.
 
-    python scripts/soak.py [--minutes 10] [--staleness 2] [--batch 512] [--slots 13] [--out soak.json]
+    python scripts/soak.py [--minutes 10] [--staleness 2] [--batch 512] [--slots 13] [--prefetch] [--out soak.json]
 
 Starts 2 ranks on 127.0.0.1 (torchrun's environment set by hand; colocated layout: each rank trains and
 serves half of the table) that train a PSEmbedding + small MLP CTR model on ``torch_psembed.data``'s simulator
-with ``max_staleness`` > 0 (pulls run ahead of pushes). The table never forgets: show/click decay 1, delete
+with ``max_staleness`` > 0 (pulls run ahead of pushes; with ``--prefetch`` each step also prefetches the next
+batch's rows after its backward, on the table's prefetch thread). The table never forgets: show/click decay 1, delete
 thresholds 0, no eviction by age, so
 
 - **no push is lost**: at the end the sum of ``show`` (and of ``click``) over every row of every server equals
@@ -73,6 +74,16 @@ def worker(a) -> None:
     deadline = t0 + a.minutes * 60.0
     last_report = 0.0
     status = os.path.join(a.workdir, "status.json")
+
+    def next_batch():
+        nonlocal day, index
+        if index >= n_chunks:
+            day, index = day + 1, rank
+        b = sim.chunk(day, "train", index)
+        index += world
+        return b
+
+    b_next = next_batch()
     while True:
         # Both ranks must run the same number of DDP steps: stop together, on a step count agreed by all-reduce.
         if steps % 20 == 0:
@@ -80,10 +91,7 @@ def worker(a) -> None:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=pse.distributed.trainer_group())
             if flag.item() > 0:
                 break
-        if index >= n_chunks:
-            day, index = day + 1, rank
-        b = sim.chunk(day, "train", index)
-        index += world
+        b, b_next = b_next, next_batch()
         keys = b["keys"].view(-1, a.slots)
         labels = b["labels"]
         with pse.feed(clicks=labels):
@@ -92,12 +100,16 @@ def worker(a) -> None:
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, labels)
         opt.zero_grad()
         loss.backward()
+        if a.prefetch:  # the next step's rows, fetched while this step finishes (the last one is dropped)
+            emb.prefetch(b_next["keys"].view(-1, a.slots))
         opt.step()
         shows_pushed += float(keys.numel())
         clicks_pushed += float(labels.sum().item()) * a.slots
         steps += 1
         now = time.monotonic()
-        if rank == 0 and now - last_report >= a.report_every:
+        # No figures in the last 5 s: the launcher reads the RSS up to 0.5 s after a status file, and once the
+        # deadline passes the ranks export the whole table for the final check (arrays that are not a leak).
+        if rank == 0 and now - last_report >= a.report_every and now < deadline - 5.0:
             last_report = now
             st = table.stats()
             tmp = status + ".tmp"
@@ -156,8 +168,9 @@ def launch(a) -> int:
     args = [sys.executable, os.path.abspath(__file__), "--worker", "--workdir", workdir, "--minutes", str(a.minutes),
             "--staleness", str(a.staleness), "--batch", str(a.batch), "--slots", str(a.slots), "--dim", str(a.dim),
             "--day-samples", str(a.day_samples), "--vocab-max", str(a.vocab_max),
-            "--report-every", str(a.report_every)]
-    print(f"[soak] {a.minutes} min, 2 ranks (colocated), max_staleness={a.staleness}, batch {a.batch} x {a.slots} "
+            "--report-every", str(a.report_every)] + (["--prefetch"] if a.prefetch else [])
+    print(f"[soak] {a.minutes} min, 2 ranks (colocated), max_staleness={a.staleness}, "
+          f"prefetch {'on' if a.prefetch else 'off'}, batch {a.batch} x {a.slots} "
           f"slots, dim {a.dim}; workdir {workdir}", flush=True)
     samples = []  # (t, rss_total, table_bytes, keys, steps)
     last_status = None
@@ -259,6 +272,7 @@ def main() -> None:
     ap.add_argument("--day-samples", type=int, default=100_000, help="samples per simulated day (ids churn daily)")
     ap.add_argument("--vocab-max", type=int, default=200_000)
     ap.add_argument("--report-every", type=float, default=20.0, help="seconds between figure lines")
+    ap.add_argument("--prefetch", action="store_true", help="prefetch each next batch's rows after the backward")
     ap.add_argument("--out", default="", help="write the figures as JSON here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default="", help=argparse.SUPPRESS)
