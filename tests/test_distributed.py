@@ -401,22 +401,17 @@ def test_a_prefetch_error_is_raised_by_the_pull_that_takes_it():
 def test_the_prefetch_thread_ends_with_its_table():
     # Property: each table's prefetch thread holds no reference to its table between jobs, so a dropped table
     # is collected and its thread ends (a long job creating tables does not pile up threads).
-    def prefetch_threads():
-        return [th for th in threading.enumerate() if th.name == "psembed-prefetch-t"]
-
-    before = len(prefetch_threads())
     t, _ = _prefetching(1)
     keys = np.arange(1, 20, dtype=np.int64)
     t.prefetch(keys)
     t.pull(keys)
     t.prefetch(keys)  # one job left untaken
-    assert len(prefetch_threads()) == before + 1
+    thread = t._prefetcher.thread
+    assert thread.is_alive() and thread.name == "psembed-prefetch-t"
     del t
     gc.collect()
-    deadline = time.monotonic() + 10
-    while len(prefetch_threads()) > before and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(prefetch_threads()) == before
+    thread.join(timeout=10)
+    assert not thread.is_alive()
 
 
 def test_inflight_pushes_are_bounded():

@@ -496,7 +496,8 @@ class _Worker:
 
     def __init__(self, name: str) -> None:
         self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
-        threading.Thread(target=self._run, name=name, daemon=True).start()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
 
     def submit(self, fn: Callable, *args: Any) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
