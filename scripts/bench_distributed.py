@@ -239,7 +239,8 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="bench_dist_")
     jobs = {"colocated": (2, 0), "dedicated": (2, 1)}
     print(f"transport {args.transport}; batch {args.batch} x {args.slots} ids, dim {args.dim}, max_staleness {args.staleness}, "
-          f"{args.rounds} rounds x {args.steps} steps (+{args.warmup} warm-up), 1 compute thread per process, "
+          f"{args.rounds} rounds x {args.steps} steps (+{args.warmup} warm-up), 1 compute thread per process"
+          f"{' (+ a prefetch thread per trainer)' if args.prefetch else ''}, "
           f"prefetch {args.prefetch or 'off'}; "
           f"medians over rounds; each round runs the local baseline (1 process) then the sharded table")
     print(f"{'workload':<10} {'procs':>5} {'samples/s':>10} {'vs local':>8} {'step ms':>8} {'pull ms':>8} "
