@@ -30,6 +30,7 @@
 #include "util/crc32.h"
 #include "util/float_string.h"
 #include "util/hash.h"
+#include "util/thread_scratch.h"
 
 namespace py = pybind11;
 
@@ -734,26 +735,16 @@ py::tuple MergePushArray(const py::handle& inverse_obj, int64_t u, const py::han
   return py::make_tuple(g, s, c);
 }
 
-// Room for the n distinct keys a dedup may write before they are copied out (u <= n of it). Per thread
-// and reused up to kKeep keys, since a fresh n-key buffer page-faults on every call (see util/hash.cc);
-// a bigger call gets a buffer of its own in *owned, freed when the call ends.
-uint64_t* UniqueScratch(size_t n, std::unique_ptr<uint64_t[]>* owned) {
-  constexpr size_t kKeep = size_t{1} << 20;
-  if (n > kKeep) {
-    owned->reset(new uint64_t[n]);
-    return owned->get();
-  }
-  thread_local std::vector<uint64_t> buf;
-  if (buf.size() < n) buf.resize(n);
-  return buf.data();
-}
+// Room for the n distinct keys a dedup writes before they are copied out (u <= n of it), reused per
+// thread (util/thread_scratch.h): a fresh n-key buffer page-faulted on every call.
+thread_local std::vector<uint64_t> tls_unique;
 
 py::tuple DedupArray(const py::handle& keys_obj, bool groups) {
   py::array keys = CheckKeys(keys_obj);
   const size_t n = keys.shape(0);
   const uint64_t* k = KeyPtr(keys);
-  std::unique_ptr<uint64_t[]> owned;
-  uint64_t* uniq = UniqueScratch(n, &owned);
+  ScratchBuffer<uint64_t> uniq_buf(&tls_unique, n);
+  uint64_t* uniq = uniq_buf.data();
   py::array_t<int64_t> inverse(static_cast<py::ssize_t>(n));
   py::array_t<int64_t> order(static_cast<py::ssize_t>(groups ? n : 0));
   int64_t* inv = inverse.mutable_data();
@@ -780,8 +771,8 @@ py::tuple DedupByOwnerArray(const py::handle& keys_obj, int64_t num_parts) {
   py::array keys = CheckKeys(keys_obj);
   const size_t n = keys.shape(0);
   const uint64_t* k = KeyPtr(keys);
-  std::unique_ptr<uint64_t[]> owned;
-  uint64_t* uniq = UniqueScratch(n, &owned);
+  ScratchBuffer<uint64_t> uniq_buf(&tls_unique, n);
+  uint64_t* uniq = uniq_buf.data();
   py::array_t<int64_t> inverse(static_cast<py::ssize_t>(n));
   py::array_t<int64_t> starts(static_cast<py::ssize_t>(num_parts + 1));
   int64_t* inv = inverse.mutable_data();

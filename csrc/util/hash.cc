@@ -4,36 +4,15 @@
 
 #include "util/hash.h"
 
-#include <memory>
+#include <algorithm>
 #include <vector>
+
+#include "util/thread_scratch.h"
 
 namespace psembed {
 namespace {
 static_assert(sizeof(uint64_t) == 8, "feasigns are 64-bit");
 
-// The slot arrays of Dedup, kept per thread between calls. Fresh arrays cost more than the dedup itself:
-// at n = 106k they are 3 MB, and first-touching them page-faulted ~770 times per call (1-4 ms on a VM,
-// against ~1 ms for the probing). Reused, only the positions are cleared (a memset of 4 bytes a slot).
-struct DedupSlots {
-  std::vector<uint32_t> pos;          // 1 + position in unique; 0 = empty
-  std::unique_ptr<uint64_t[]> key;    // read only where pos != 0
-  size_t key_cap = 0;
-
-  // Slot arrays beyond this many slots (a call of more than 2^19 keys) are freed after the call, so
-  // one huge call does not pin them in its thread.
-  static constexpr size_t kKeepSlots = size_t{1} << 20;
-
-  void Prepare(size_t cap) {
-    pos.assign(cap, 0);
-    if (key_cap < cap) {
-      key.reset(new uint64_t[cap]);  // uninitialized: see above
-      key_cap = cap;
-    }
-  }
-  void Trim() {
-    if (key_cap > kKeepSlots) *this = DedupSlots();
-  }
-};
 }  // namespace
 
 size_t Dedup(const uint64_t* keys, size_t n, uint64_t* unique, int64_t* inverse) {
@@ -43,11 +22,15 @@ size_t Dedup(const uint64_t* keys, size_t n, uint64_t* unique, int64_t* inverse)
   const size_t mask = cap - 1;
   // Open addressing on Mix64(key); slot value = 1 + position in unique (0 = empty), so any key,
   // 0 included, can be stored.
-  thread_local DedupSlots tls_slots;
-  DedupSlots& slots = tls_slots;
-  slots.Prepare(cap);
-  uint32_t* pos = slots.pos.data();
-  uint64_t* skey = slots.key.get();
+  // Per-thread slot arrays (util/thread_scratch.h): only the positions are cleared per call; a slot's
+  // key is read only once its position is set.
+  thread_local std::vector<uint32_t> tls_pos;
+  thread_local std::vector<uint64_t> tls_key;
+  ScratchBuffer<uint32_t> slot_pos(&tls_pos, cap);
+  ScratchBuffer<uint64_t> slot_key(&tls_key, cap);
+  uint32_t* pos = slot_pos.data();
+  uint64_t* skey = slot_key.data();
+  std::fill_n(pos, cap, 0u);
   size_t u = 0;
   constexpr size_t kAhead = 8;
   for (size_t i = 0; i < n; ++i) {
@@ -66,7 +49,6 @@ size_t Dedup(const uint64_t* keys, size_t n, uint64_t* unique, int64_t* inverse)
     }
     inverse[i] = static_cast<int64_t>(pos[j]) - 1;
   }
-  slots.Trim();
   return u;
 }
 
@@ -93,15 +75,15 @@ size_t DedupByOwner(const uint64_t* keys, size_t n, uint32_t num_parts, uint64_t
     starts[1] = static_cast<int64_t>(u);
     return u;
   }
-  // The distinct keys in first-occurrence order, before grouping, and where each lands; per-thread
-  // scratch for the reason given at DedupSlots.
+  // The distinct keys in first-occurrence order, before grouping, and where each lands (per-thread
+  // scratch, util/thread_scratch.h).
   thread_local std::vector<uint64_t> tls_first;
   thread_local std::vector<int64_t> tls_moved;
-  std::vector<uint64_t>& first = tls_first;
-  std::vector<int64_t>& moved = tls_moved;
-  if (first.size() < n) first.resize(n);
-  const size_t u = Dedup(keys, n, first.data(), inverse);
-  if (moved.size() < u) moved.resize(u);
+  ScratchBuffer<uint64_t> first_buf(&tls_first, n);
+  uint64_t* first = first_buf.data();
+  const size_t u = Dedup(keys, n, first, inverse);
+  ScratchBuffer<int64_t> moved_buf(&tls_moved, u);
+  int64_t* moved = moved_buf.data();
   // moved[j] first holds the owner of first[j], then (a stable counting sort) where first[j] lands.
   for (size_t j = 0; j < u; ++j) {
     const uint32_t owner = Route(first[j], num_parts);
@@ -116,10 +98,6 @@ size_t DedupByOwner(const uint64_t* keys, size_t n, uint32_t num_parts, uint64_t
     unique[to] = first[j];
   }
   for (size_t i = 0; i < n; ++i) inverse[i] = moved[static_cast<size_t>(inverse[i])];
-  if (first.size() > DedupSlots::kKeepSlots) {  // as DedupSlots::Trim
-    first = std::vector<uint64_t>();
-    moved = std::vector<int64_t>();
-  }
   return u;
 }
 
