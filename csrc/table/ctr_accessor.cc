@@ -27,7 +27,6 @@ void CtrAccessor::InitRow(RowHeader* h, uint64_t key) const {
   h->slot = -1;
   h->unseen_days = 0;
   h->reserved = 0;
-  h->mf_index = kNoMf;
   float* lr = RowLayout::Lr(h);
   lr_rule_->Init(lr, lr + 1, options_.seed, key, kStreamLrInit);
 }
@@ -50,7 +49,7 @@ bool CtrAccessor::Update(RowHeader* h, float* mf, const float* g, float show, fl
     mf_rule_->Update(mf, mf + layout_.dim(), g + 1, scale);
     return false;
   }
-  return Score(h->show, h->click) >= options_.accessor.embedx_threshold;
+  return ReachesMfThreshold(h->show, h->click);
 }
 
 void CtrAccessor::Decay(RowHeader* h, double factor) const {

@@ -51,10 +51,15 @@ class CtrAccessor {
   // draw = AdmissionDraw(day_index, push_id) of the push that carries the key.
   bool Admit(uint64_t key, double show, double click, uint64_t draw) const;
 
-  // A fresh row: zero stats, slot -1, no mf, lr block from the lr rule's Init (stream 1).
+  // A fresh record header and lr block: zero stats, slot -1, lr block from the lr rule's Init (stream 1).
   void InitRow(RowHeader* h, uint64_t key) const;
   // A fresh mf block from the mf rule's Init (stream 2).
   void InitMf(float* mf, uint64_t key) const;
+
+  // Whether a row with these (post-update) stats gets mf: S(show, click) >= embedx_threshold.
+  bool ReachesMfThreshold(double show, double click) const {
+    return Score(show, click) >= options_.accessor.embedx_threshold;
+  }
 
   // Applies one merged push: stats, slot (when slot != nullptr), the lr rule and, if mf != nullptr,
   // the mf rule. g has 1 + dim floats. Returns true when the row has no mf and its post-update

@@ -6,39 +6,36 @@
 #include <cstring>
 #include <new>
 
+#include "util/float_copy.h"
 #include "util/hash.h"
+#include "util/thread_scratch.h"
 
 namespace psembed {
 
 Shard::Shard(const CtrAccessor* accessor, ChunkArena* arena)
     : accessor_(accessor),
       layout_(accessor->layout()),
-      base_(accessor->layout().base_bytes(), arena),
-      mf_(accessor->layout().mf_bytes(), arena) {}
+      records_(accessor->layout().record_bytes(false), arena),
+      mf_records_(accessor->layout().record_bytes(true), arena) {}
 
 namespace {
 // How far ahead (in keys) each phase prefetches. Each phase walks the shard's keys once, so the
-// misses of one phase overlap (memory-level parallelism) instead of chaining index -> row -> mf.
+// misses of one phase overlap (memory-level parallelism) instead of chaining index -> record.
 constexpr size_t kAhead = 16;
 
-// Per-thread scratch for the phases (no per-call allocation once warm).
-struct PhaseScratch {
-  std::vector<uint32_t> rows;
-  std::vector<uint32_t> mfs;
-};
-PhaseScratch& Scratch() {
-  thread_local PhaseScratch s;
-  return s;
-}
+// Per-thread scratch for the phases (no per-call allocation once warm): the RowRef of each key and
+// the address of its record.
+thread_local std::vector<uint32_t> tls_refs;
+thread_local std::vector<RowHeader*> tls_records;
 
-// Phase 1 of a batch, shared by Pull and Push: rows[j] = the row of the j-th key (kNotFound if
+// Phase 1 of a batch, shared by Pull and Push: refs[j] = the RowRef of the j-th key (kNotFound if
 // absent), prefetching index slots kAhead keys ahead. key_at(j)/hash_at(j) give the j-th key and hash.
 template <typename KeyAt, typename HashAt>
-void FindRows(const HashIndex& index, size_t n, KeyAt key_at, HashAt hash_at, uint32_t* rows) {
+void FindRows(const HashIndex& index, size_t n, KeyAt key_at, HashAt hash_at, uint32_t* refs) {
   for (size_t j = 0; j < n && j < kAhead; ++j) index.Prefetch(hash_at(j));
   for (size_t j = 0; j < n; ++j) {
     if (j + kAhead < n) index.Prefetch(hash_at(j + kAhead));
-    rows[j] = index.Find(key_at(j), hash_at(j));
+    refs[j] = index.Find(key_at(j), hash_at(j));
   }
 }
 }  // namespace
@@ -47,11 +44,10 @@ bool Shard::Pull(const uint64_t* keys, const uint64_t* hashes, const uint32_t* p
                  float* out, bool wait) {
   const int dim = layout_.dim();
   const size_t width = (with_stats ? 3 : 1) + dim;
-  PhaseScratch& sc = Scratch();
-  sc.rows.resize(n);
-  sc.mfs.resize(n);
-  uint32_t* rows = sc.rows.data();
-  uint32_t* mfs = sc.mfs.data();
+  ScratchBuffer<uint32_t> refs_buf(&tls_refs, n);
+  ScratchBuffer<RowHeader*> records_buf(&tls_records, n);
+  uint32_t* refs = refs_buf.data();
+  RowHeader** records = records_buf.data();
   if (wait) {
     mu_.Lock();
   } else if (!mu_.TryLock()) {
@@ -59,107 +55,110 @@ bool Shard::Pull(const uint64_t* keys, const uint64_t* hashes, const uint32_t* p
   }
   MutexLock l(&mu_, kAdoptLock);
   // Phase 1: index lookups.
-  FindRows(index_, n, [keys](size_t j) { return keys[j]; }, [hashes](size_t j) { return hashes[j]; }, rows);
-  // Phase 2: base records -> show, click, lr_w; remember the mf block.
+  FindRows(index_, n, [keys](size_t j) { return keys[j]; }, [hashes](size_t j) { return hashes[j]; }, refs);
+  RecordsOf(refs, n, records);
+  // Phase 2: the records (stats, lr_w, and the mf part of a long record), prefetched kAhead keys ahead.
   for (size_t j = 0; j < n; ++j) {
-    if (j + kAhead < n && rows[j + kAhead] != HashIndex::kNotFound) __builtin_prefetch(base_.At(rows[j + kAhead]));
+    if (j + kAhead < n && records[j + kAhead] != nullptr) {
+      PrefetchRecordAt(records[j + kAhead], RowRef::HasMf(refs[j + kAhead]), 0);
+    }
     float* o = out + static_cast<size_t>(pos[j]) * width;
-    if (rows[j] == HashIndex::kNotFound) {
+    const uint32_t ref = refs[j];
+    if (ref == HashIndex::kNotFound) {
       std::memset(o, 0, width * sizeof(float));
-      mfs[j] = kNoMf;
       ++counters_.pull_misses;
       continue;
     }
-    const RowHeader* h = Row(rows[j]);
+    const RowHeader* h = records[j];
     if (with_stats) {
       o[0] = h->show;
       o[1] = h->click;
       o += 2;
     }
     o[0] = RowLayout::Lr(h)[0];
-    mfs[j] = h->mf_index;
-    if (h->mf_index == kNoMf) std::memset(o + 1, 0, dim * sizeof(float));
-  }
-  // Phase 3: mf blocks.
-  const size_t mf_off = width - dim;
-  for (size_t j = 0; j < n; ++j) {
-    if (j + kAhead < n && mfs[j + kAhead] != kNoMf) {
-      const char* p = mf_.At(mfs[j + kAhead]);
-      __builtin_prefetch(p);
-      __builtin_prefetch(p + layout_.mf_bytes() - 1);  // a block may straddle two cache lines
+    if (RowRef::HasMf(ref)) {
+      CopyFloats(o + 1, layout_.Mf(h), dim);
+    } else {
+      std::memset(o + 1, 0, dim * sizeof(float));
     }
-    if (mfs[j] == kNoMf) continue;
-    float* o = out + static_cast<size_t>(pos[j]) * width + mf_off;
-    const float* src = Mf(mfs[j]);
-    for (int d = 0; d < dim; ++d) o[d] = src[d];  // short: a loop beats a memcpy call
   }
   return true;
 }
 
 void Shard::Push(const MergedPush* items, size_t n, bool has_slots, uint64_t push_id) {
   const size_t grad_bytes = sizeof(float) * (1 + static_cast<size_t>(layout_.dim()));
-  PhaseScratch& sc = Scratch();
-  sc.rows.resize(n);
-  sc.mfs.resize(n);
-  uint32_t* rows = sc.rows.data();
-  uint32_t* mfs = sc.mfs.data();
+  ScratchBuffer<uint32_t> refs_buf(&tls_refs, n);
+  ScratchBuffer<RowHeader*> records_buf(&tls_records, n);
+  uint32_t* refs = refs_buf.data();
+  RowHeader** records = records_buf.data();
   MutexLock l(&mu_);
   const uint64_t draw = AdmissionDraw(admission_day_, push_id);
-  // Phase 1: index lookups (items hold distinct keys, so a key missing here is inserted in phase 3
+  // Phase 1: index lookups (items hold distinct keys, so a key missing here is inserted in phase 2
   // and nothing else can insert it in between: we hold the lock).
-  FindRows(index_, n, [items](size_t j) { return items[j].key; }, [items](size_t j) { return items[j].hash; }, rows);
-  // Phase 2: the mf block of each existing row, prefetching base records ahead.
-  for (size_t j = 0; j < n; ++j) {
-    if (j + kAhead < n && rows[j + kAhead] != HashIndex::kNotFound) __builtin_prefetch(base_.At(rows[j + kAhead]));
-    mfs[j] = rows[j] == HashIndex::kNotFound ? kNoMf : Row(rows[j])->mf_index;
-  }
-  // Phase 3: admission/insert and the update, prefetching mf blocks and base records ahead.
+  FindRows(index_, n, [items](size_t j) { return items[j].key; }, [items](size_t j) { return items[j].hash; }, refs);
+  // (A record found here stays where it is until its own key's update below: nothing in between moves
+  // or frees another key's record.)
+  RecordsOf(refs, n, records);
+  // Phase 2: admission/insert and the update, prefetching records and gradients kAhead keys ahead.
   for (size_t j = 0; j < n; ++j) {
     if (j + kAhead < n) {
-      if (mfs[j + kAhead] != kNoMf) {
-        const char* m = mf_.At(mfs[j + kAhead]);
-        __builtin_prefetch(m, 1);
-        __builtin_prefetch(m + layout_.mf_bytes() - 1, 1);  // the rule's state is at the block's end
-      }
-      if (rows[j + kAhead] != HashIndex::kNotFound) __builtin_prefetch(base_.At(rows[j + kAhead]), 1);
+      if (records[j + kAhead] != nullptr) PrefetchRecordAt(records[j + kAhead], RowRef::HasMf(refs[j + kAhead]), 1);
       const char* g = reinterpret_cast<const char*>(items[j + kAhead].grad);
       __builtin_prefetch(g);
       __builtin_prefetch(g + grad_bytes - 1);
     }
     const MergedPush& it = items[j];
-    uint32_t row = rows[j];
-    if (row == HashIndex::kNotFound) {
+    uint32_t ref = refs[j];
+    RowHeader* h = records[j];
+    // A new key whose first push already reaches the mf threshold gets a long record at once (its mf
+    // part is written below), so it is not made short and moved at once (embedx_threshold 0: every row).
+    bool mf_pending = false;
+    if (ref == HashIndex::kNotFound) {
       if (!accessor_->Admit(it.key, it.show, it.click, draw)) {
         ++counters_.admission_rejected;
         continue;
       }
-      row = base_.Allocate();
+      mf_pending = accessor_->ReachesMfThreshold(it.show, it.click);
+      ref = AllocateRecord(mf_pending);
       try {
-        index_.Insert(it.key, it.hash, row);
+        index_.Insert(it.key, it.hash, ref);
       } catch (...) {
-        base_.Free(row);
+        FreeRecord(ref);
         throw;
       }
-      accessor_->InitRow(Row(row), it.key);
+      h = Row(ref);
+      accessor_->InitRow(h, it.key);
       ++counters_.inserts;
     }
-    RowHeader* h = Row(row);
-    float* mf = h->mf_index == kNoMf ? nullptr : Mf(h->mf_index);
+    float* mf = RowRef::HasMf(ref) && !mf_pending ? layout_.Mf(h) : nullptr;
     if (accessor_->Update(h, mf, it.grad, it.show, it.click, has_slots ? &it.slot : nullptr)) {
-      const uint32_t idx = mf_.Allocate();
-      h->mf_index = idx;
-      accessor_->InitMf(Mf(idx), it.key);
+      if (!mf_pending) ref = MoveRecordLocked(it.key, it.hash, ref);
+      accessor_->InitMf(layout_.Mf(Row(ref)), it.key);
+      ++counters_.mf_created;
+    } else if (mf_pending) {
+      // Not reached: a fresh row's stats after its first update are this push's show and click, so
+      // Update's answer is ReachesMfThreshold(it.show, it.click). Kept consistent all the same.
+      accessor_->InitMf(layout_.Mf(h), it.key);
       ++counters_.mf_created;
     }
   }
 }
 
+void Shard::RecordsOf(const uint32_t* refs, size_t n, RowHeader** records) const {
+  for (size_t j = 0; j < n; ++j) records[j] = refs[j] == HashIndex::kNotFound ? nullptr : Row(refs[j]);
+}
+
+uint32_t Shard::MoveRecordLocked(uint64_t key, uint64_t hash, uint32_t ref) {
+  const uint32_t moved = AllocateRecord(!RowRef::HasMf(ref));
+  std::memcpy(Row(moved), Row(ref), layout_.base_bytes());
+  index_.Update(key, hash, moved);
+  FreeRecord(ref);
+  return moved;
+}
+
 void Shard::DeleteRowLocked(uint64_t key, uint64_t hash) {
-  const uint32_t row = index_.Erase(key, hash);
-  if (row == HashIndex::kNotFound) return;
-  RowHeader* h = Row(row);
-  if (h->mf_index != kNoMf) mf_.Free(h->mf_index);
-  base_.Free(row);
+  const uint32_t ref = index_.Erase(key, hash);
+  if (ref != HashIndex::kNotFound) FreeRecord(ref);
 }
 
 size_t Shard::DecayAndDelete(double factor, uint32_t add_unseen, std::vector<uint64_t>* deleted,
@@ -237,26 +236,15 @@ bool Shard::LoadIndexBulk(uint64_t* io, const uint8_t* has_mf, size_t n, std::ve
         ring[j % kAhead] = ahead;
         index_.Prefetch(ahead);
       }
-      uint32_t row = 0, mf = kNoMf;
-      const uint32_t found = index_.FindOrInsert(key, hash, [&] {
-        row = base_.Allocate();
-        if (has_mf[j]) {
-          try {
-            mf = mf_.Allocate();
-          } catch (...) {
-            base_.Free(row);
-            throw;
-          }
-        }
-        return row;
-      });
+      uint32_t ref = 0;
+      const uint32_t found = index_.FindOrInsert(key, hash, [&] { return ref = AllocateRecord(has_mf[j] != 0); });
       if (found != HashIndex::kNotFound) {
         existing->push_back(static_cast<uint32_t>(j));  // may throw: io[j] is still the key then
         io[j] = kLoadExisting;
         done = j + 1;
         continue;
       }
-      io[j] = row | (uint64_t{mf} << 32);  // from here on the undo covers this row
+      io[j] = ref;  // from here on the undo covers this row
       done = j + 1;
     }
   } catch (const std::bad_alloc&) {
@@ -269,97 +257,83 @@ bool Shard::LoadIndexBulk(uint64_t* io, const uint8_t* has_mf, size_t n, std::ve
 }
 
 void Shard::UndoLoadIndexBulk(const uint64_t* io, size_t n) {
-  // The keys are gone from io (it holds row ids now): find them through the index, by row id.
+  // The keys are gone from io (it holds RowRefs now): find them through the index, by RowRef (one
+  // flag per record of either pool: made[2 * index + has_mf]).
   std::vector<uint8_t> made;
+  auto flag = [](uint32_t ref) { return 2 * size_t{RowRef::Index(ref)} + (RowRef::HasMf(ref) ? 1 : 0); };
   for (size_t j = 0; j < n; ++j) {
     if (io[j] == kLoadExisting) continue;
-    const uint32_t row = static_cast<uint32_t>(io[j]);
-    if (row >= made.size()) made.resize(size_t{row} + 1, 0);
-    made[row] = 1;
+    const size_t f = flag(static_cast<uint32_t>(io[j]));
+    if (f >= made.size()) made.resize(f + 1, 0);
+    made[f] = 1;
   }
   std::vector<uint64_t> keys;
-  index_.ForEach([&](uint64_t key, uint32_t row) {
-    if (row < made.size() && made[row]) keys.push_back(key);
+  index_.ForEach([&](uint64_t key, uint32_t ref) {
+    if (flag(ref) < made.size() && made[flag(ref)]) keys.push_back(key);
   });
   for (uint64_t key : keys) index_.Erase(key, TableHash(key));
   for (size_t j = 0; j < n; ++j) {
-    if (io[j] == kLoadExisting) continue;
-    const uint32_t mf = static_cast<uint32_t>(io[j] >> 32);
-    if (mf != kNoMf) mf_.Free(mf);
-    base_.Free(static_cast<uint32_t>(io[j]));
+    if (io[j] != kLoadExisting) FreeRecord(static_cast<uint32_t>(io[j]));
   }
 }
 
 void Shard::WriteNewRow(uint64_t io, const float* base, const float* mf) {
-  const uint32_t m = static_cast<uint32_t>(io >> 32);
-  RowHeader* h = Row(static_cast<uint32_t>(io));
+  const uint32_t ref = static_cast<uint32_t>(io);
+  RowHeader* h = Row(ref);
   h->show = base[0];
   h->click = base[1];
   h->delta_score = base[2];
   h->slot = static_cast<int32_t>(base[4]);
   h->unseen_days = static_cast<uint16_t>(base[3]);
   h->reserved = 0;
-  h->mf_index = m;
   // Short rows: plain loops (a memcpy call of a run-time size costs more than the copy).
   float* lr = RowLayout::Lr(h);
   const int lw = layout_.lr_width();
   for (int k = 0; k < lw; ++k) lr[k] = base[5 + k];
-  if (m != kNoMf) {
-    float* d = Mf(m);
+  if (RowRef::HasMf(ref)) {
+    float* d = layout_.Mf(h);
     const int mw = layout_.mf_width();
     for (int k = 0; k < mw; ++k) d[k] = mf[k];
   }
 }
 
 void Shard::LoadLocked(uint64_t key, uint64_t hash, const float* base, const float* mf) {
-  uint32_t row = index_.Find(key, hash);
-  if (row == HashIndex::kNotFound) {
-    row = base_.Allocate();
+  uint32_t ref = index_.Find(key, hash);
+  if (ref == HashIndex::kNotFound) {
+    ref = AllocateRecord(mf != nullptr);
     try {
-      index_.Insert(key, hash, row);
+      index_.Insert(key, hash, ref);
     } catch (...) {
-      base_.Free(row);
+      FreeRecord(ref);
       throw;
     }
-    Row(row)->mf_index = kNoMf;
-    Row(row)->reserved = 0;
+  } else if (RowRef::HasMf(ref) != (mf != nullptr)) {
+    ref = MoveRecordLocked(key, hash, ref);  // gains or loses its mf part
   }
-  RowHeader* h = Row(row);
+  RowHeader* h = Row(ref);
+  h->reserved = 0;
   h->show = base[0];
   h->click = base[1];
   h->delta_score = base[2];
   h->unseen_days = static_cast<uint16_t>(base[3]);
   h->slot = static_cast<int32_t>(base[4]);
   std::memcpy(RowLayout::Lr(h), base + 5, layout_.lr_width() * sizeof(float));
-  if (mf == nullptr) {
-    if (h->mf_index != kNoMf) {
-      mf_.Free(h->mf_index);
-      h->mf_index = kNoMf;
-    }
-  } else {
-    if (h->mf_index == kNoMf) {
-      const uint32_t idx = mf_.Allocate();
-      h = Row(row);
-      h->mf_index = idx;
-    }
-    std::memcpy(Mf(h->mf_index), mf, layout_.mf_bytes());
-  }
+  if (mf != nullptr) std::memcpy(layout_.Mf(h), mf, layout_.mf_bytes());
 }
 
 void Shard::SubtractDelta(uint64_t key, uint64_t hash, float saved) {
   MutexLock l(&mu_);
-  const uint32_t row = index_.Find(key, hash);
-  if (row == HashIndex::kNotFound) return;
-  RowHeader* h = Row(row);
-  h->delta_score -= saved;
+  const uint32_t ref = index_.Find(key, hash);
+  if (ref == HashIndex::kNotFound) return;
+  Row(ref)->delta_score -= saved;
 }
 
 void Shard::Clear() {
   MutexLock l(&mu_);
   index_.Clear();
   // admission_day_ stays: Clear() keeps the table's day
-  base_.Clear();
-  mf_.Clear();
+  records_.Clear();
+  mf_records_.Clear();
 }
 
 void Shard::GetStats(ShardCounters* c, size_t* keys, size_t* keys_with_mf, size_t* bytes) {
@@ -370,8 +344,8 @@ void Shard::GetStats(ShardCounters* c, size_t* keys, size_t* keys_with_mf, size_
   c->deleted += counters_.deleted;
   c->admission_rejected += counters_.admission_rejected;
   *keys += index_.size();
-  *keys_with_mf += mf_.live();
-  *bytes += index_.bytes() + base_.bytes() + mf_.bytes() + sizeof(Shard);
+  *keys_with_mf += mf_records_.live();
+  *bytes += index_.bytes() + records_.bytes() + mf_records_.bytes() + sizeof(Shard);
 }
 
 }  // namespace psembed

@@ -1,14 +1,16 @@
 // Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
 //
-// Shard: one hash index + two slab pools + one mutex; pull/push/shrink for the keys it owns.
+// Shard: one hash index + two slab pools (short records without mf, long records with mf) + one mutex;
+// pull/push/shrink for the keys it owns.
 //
 // Thread safety: every public method locks mu_ for its whole duration, except the *Locked methods,
 // which REQUIRE the caller to hold mu(), the bulk-load phases (LoadIndexBulk ... LoadExistingRow: the
 // load holds every shard's mu() in index order for its whole duration) and ExportRow/ExportMf (the
 // table's gate held exclusively: nothing mutates). Calls on different shards run concurrently; calls
 // on one shard serialize.
-// Invariants: (1) index_ maps a key to a live base record and nothing else does; (2) a record's
-// mf_index is kNoMf or a live mf block owned by it alone. Admission keeps no state for rejected
+// Invariants: (1) index_ maps a key to the RowRef of a live record (feature_value.h) and nothing else
+// refers to that record; (2) the RowRef's mf bit says which pool holds it: records_ (short) without
+// it, mf_records_ (long) with it. A row moves from records_ to mf_records_ when it gets mf. Admission keeps no state for rejected
 // keys: the draw of a key pushed by push `push_id` is u(seed, key, 3, AdmissionDraw(day_index_,
 // push_id)) (ctr_accessor.h), a function of the push alone, so memory holds only admitted rows.
 
@@ -57,9 +59,10 @@ class Shard {
   Mutex* mu() { return &mu_; }
 
   // For j in [0, n): copies the row of keys[j] (hashes[j] = TableHash(keys[j])) into
-  // out + pos[j] * width (width = 1 + dim, or 3 + dim with stats: show, click first). A missing key writes zeros and counts a pull miss; a row
-  // without mf reads zeros in the mf part. Never inserts. If wait is false and mu_ is held by another
-  // thread, returns false at once and writes nothing; otherwise returns true.
+  // out + pos[j] * width (width = 1 + dim, or 3 + dim with stats: show, click first). A missing key
+  // writes zeros and counts a pull miss; a row without mf reads zeros in the mf part. Never inserts.
+  // If wait is false and mu_ is held by another thread, returns false at once and writes nothing;
+  // otherwise returns true.
   bool Pull(const uint64_t* keys, const uint64_t* hashes, const uint32_t* pos, size_t n, bool with_stats,
             float* out, bool wait = true) LOCKS_EXCLUDED(mu_);
 
@@ -93,8 +96,8 @@ class Shard {
   //
   // Phase 1: io[0, n) holds this shard's keys of the load in input order, has_mf[j] their flags. Grows
   // the index once, then finds or inserts each key (one probe; slots prefetched kAhead keys ahead). An
-  // absent key gets a new base record, and an mf block if has_mf[j]: io[j] = row | mf << 32 (mf = kNoMf
-  // without); the records are written in phase 2 (WriteNewRow). A key already present (in the table, or
+  // absent key gets a new record, long if has_mf[j]: io[j] = its RowRef; the records are written in
+  // phase 2 (WriteNewRow). A key already present (in the table, or
   // earlier in this load) gets io[j] = kLoadExisting and j is appended to *existing: phase 3 overwrites
   // it in input order (LoadExistingRow), so the last row of a key wins. On std::bad_alloc returns false
   // with this shard as it was before the call.
@@ -104,21 +107,11 @@ class Shard {
   // Undoes a LoadIndexBulk that succeeded on io[0, n) (another shard's failed): erases the keys it
   // inserted and frees their records. O(index capacity).
   void UndoLoadIndexBulk(const uint64_t* io, size_t n) NO_THREAD_SAFETY_ANALYSIS;
-  // Phase 2: writes the record (and mf block) of a row phase 1 made (io = its io[j]) from export columns:
-  // base has base_export_width floats, mf mf_width floats (nullptr when has_mf was 0).
+  // Phase 2: writes the record of a row phase 1 made (io = its io[j]) from export columns: base has
+  // base_export_width floats, mf mf_width floats (nullptr when has_mf was 0).
   void WriteNewRow(uint64_t io, const float* base, const float* mf) NO_THREAD_SAFETY_ANALYSIS;
-  // Hints the cache that WriteNewRow(io, ...) comes soon (both ends of the record and of the mf block).
-  void PrefetchNewRow(uint64_t io) const NO_THREAD_SAFETY_ANALYSIS {
-    const char* r = base_.At(static_cast<uint32_t>(io));
-    __builtin_prefetch(r, 1);
-    __builtin_prefetch(r + layout_.base_bytes() - 1, 1);
-    const uint32_t m = static_cast<uint32_t>(io >> 32);
-    if (m != kNoMf) {
-      const char* b = mf_.At(m);
-      __builtin_prefetch(b, 1);
-      __builtin_prefetch(b + layout_.mf_bytes() - 1, 1);
-    }
-  }
+  // Hints the cache that WriteNewRow(io, ...) comes soon (both ends of the record).
+  void PrefetchNewRow(uint64_t io) const NO_THREAD_SAFETY_ANALYSIS { PrefetchRecord(static_cast<uint32_t>(io), 1); }
   // Phase 3: overwrites the row of a present key (insert-or-overwrite, as Load).
   void LoadExistingRow(uint64_t key, const float* base, const float* mf) NO_THREAD_SAFETY_ANALYSIS {
     LoadLocked(key, TableHash(key), base, mf);
@@ -133,42 +126,79 @@ class Shard {
   // fn(key, const RowHeader&, const float* mf_or_null) for every row. REQUIRES: mu() held.
   template <typename Fn>
   void ForEachLocked(Fn&& fn) const EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    index_.ForEach([&](uint64_t key, uint32_t row) {
-      const auto* h = reinterpret_cast<const RowHeader*>(base_.At(row));
-      const float* mf = h->mf_index == kNoMf ? nullptr : reinterpret_cast<const float*>(mf_.At(h->mf_index));
-      fn(key, *h, mf);
+    index_.ForEach([&](uint64_t key, uint32_t ref) {
+      const RowHeader* h = Row(ref);
+      fn(key, *h, MfOf(ref, h));
     });
   }
 
-  // Export access (SparseTable::ExportBuckets). fn(key, row id) for every row, in index order,
+  // Export access (SparseTable::ExportBuckets). fn(key, RowRef) for every row, in index order,
   // without reading the row. REQUIRES: mu() held.
   template <typename Fn>
   void ForEachRowIdLocked(Fn&& fn) const EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     index_.ForEach(fn);
   }
-  // The record of a row id from ForEachRowIdLocked, and its mf block (nullptr without mf).
+  // The record of a RowRef from ForEachRowIdLocked, and its mf part (nullptr without mf).
   // REQUIRES: the shard is not mutated meanwhile (the table's gate held exclusively). No lock is
   // needed beyond that: nothing else writes rows, so any number of threads may read at once.
-  const RowHeader* ExportRow(uint32_t row) const NO_THREAD_SAFETY_ANALYSIS { return Row(row); }
-  const float* ExportMf(const RowHeader* h) const NO_THREAD_SAFETY_ANALYSIS {
-    return h->mf_index == kNoMf ? nullptr : Mf(h->mf_index);
+  const RowHeader* ExportRow(uint32_t ref) const NO_THREAD_SAFETY_ANALYSIS { return Row(ref); }
+  const float* ExportMf(uint32_t ref, const RowHeader* h) const NO_THREAD_SAFETY_ANALYSIS { return MfOf(ref, h); }
+  // Hints the cache that the record of ref is read (rw = 0) or written (rw = 1) soon: both ends of it.
+  // always_inline: GCC 12 finds a function whose only effect is a prefetch "pure" and deletes calls
+  // to it that it has not inlined yet (the record prefetches of Pull and Push vanished that way).
+  __attribute__((always_inline)) void PrefetchRecord(uint32_t ref, int rw = 0) const NO_THREAD_SAFETY_ANALYSIS {
+    PrefetchRecordAt(Row(ref), RowRef::HasMf(ref), rw);
   }
 
  private:
-  RowHeader* Row(uint32_t row) const EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return reinterpret_cast<RowHeader*>(base_.At(row));
+  static_assert(SlabPool::kMaxRecords <= RowRef::kMaxRecords, "a pool index must fit a RowRef");
+
+  // PrefetchRecord of the record at h (has_mf: a long one).
+  __attribute__((always_inline)) void PrefetchRecordAt(const RowHeader* h, bool has_mf, int rw) const {
+    const char* r = reinterpret_cast<const char*>(h);
+    const size_t last = layout_.record_bytes(has_mf) - 1;
+    if (rw) {
+      __builtin_prefetch(r, 1);
+      __builtin_prefetch(r + last, 1);
+    } else {
+      __builtin_prefetch(r);
+      __builtin_prefetch(r + last);
+    }
   }
-  float* Mf(uint32_t idx) const EXCLUSIVE_LOCKS_REQUIRED(mu_) { return reinterpret_cast<float*>(mf_.At(idx)); }
+  // records[j] = the record of refs[j] (nullptr for kNotFound). A pass of its own, between the index
+  // probes and the record reads: a record's address needs a load from its pool's chunk directory,
+  // which is often out of L1/L2 by then; in this short loop those loads overlap, where inside the
+  // update loop each one held the loop up until it arrived (session 11: the record prefetch was the
+  // hottest instruction of a push).
+  void RecordsOf(const uint32_t* refs, size_t n, RowHeader** records) const EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  RowHeader* Row(uint32_t ref) const EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    const SlabPool& pool = RowRef::HasMf(ref) ? mf_records_ : records_;
+    return reinterpret_cast<RowHeader*>(pool.At(RowRef::Index(ref)));
+  }
+  const float* MfOf(uint32_t ref, const RowHeader* h) const {
+    return RowRef::HasMf(ref) ? layout_.Mf(h) : nullptr;
+  }
+  // A new record (its bytes unspecified); the caller adds its RowRef to the index. Throws std::bad_alloc.
+  uint32_t AllocateRecord(bool has_mf) EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return RowRef::Make(has_mf ? mf_records_.Allocate() : records_.Allocate(), has_mf);
+  }
+  void FreeRecord(uint32_t ref) EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    (RowRef::HasMf(ref) ? mf_records_ : records_).Free(RowRef::Index(ref));
+  }
+  // Moves the row of key (at ref) into a record of the other pool: copies the header and lr block,
+  // sets the index to the new RowRef and frees the old record. The mf part of a new long record is
+  // left unspecified. Returns the new RowRef. Throws std::bad_alloc with nothing changed.
+  uint32_t MoveRecordLocked(uint64_t key, uint64_t hash, uint32_t ref) EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void DeleteRowLocked(uint64_t key, uint64_t hash) EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void LoadLocked(uint64_t key, uint64_t hash, const float* base, const float* mf) EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const CtrAccessor* const accessor_;  // not owned; outlives the shard
   const RowLayout& layout_;
   Mutex mu_;
-  HashIndex index_ GUARDED_BY(mu_);     // key -> base record
+  HashIndex index_ GUARDED_BY(mu_);     // key -> RowRef
   uint32_t admission_day_ GUARDED_BY(mu_) = 0;  // table day + 1 (0 before the first end_day)
-  SlabPool base_ GUARDED_BY(mu_);
-  SlabPool mf_ GUARDED_BY(mu_);
+  SlabPool records_ GUARDED_BY(mu_);     // short records: rows without mf
+  SlabPool mf_records_ GUARDED_BY(mu_);  // long records: rows with mf
   ShardCounters counters_ GUARDED_BY(mu_);
 };
 

@@ -657,7 +657,7 @@ void SparseTable::ExportBucketsWith(ExportMode mode, uint32_t buckets, uint64_t 
       case ExportMode::kDelta:
         return accessor_.SaveDelta(*sh->ExportRow(row));
       case ExportMode::kServing:
-        return sh->ExportRow(row)->mf_index != kNoMf;
+        return RowRef::HasMf(row);
     }
     return false;
   };
@@ -707,10 +707,7 @@ void SparseTable::ExportBucketsWith(ExportMode mode, uint32_t buckets, uint64_t 
     });
   }, threads);
   // 3. Per bucket: sort by key, then copy each row from its shard to where place() says, and hand the
-  // bucket to done(). The reads are random: the record is prefetched kAhead rows ahead, its mf block
-  // kMfAhead rows ahead (from the record's mf_index, which has arrived by then).
-  const size_t rec_bytes = lay.base_bytes();
-  const size_t mf_bytes = lay.mf_bytes();
+  // bucket to done(). The reads are random: the record is prefetched kAhead rows ahead.
   pool_->ParallelFor(nb, [&](size_t b) {
     const uint64_t lo = (*row_begin)[b], hi = (*row_begin)[b + 1];
     ExportBuffer tmp;
@@ -729,24 +726,13 @@ void SparseTable::ExportBucketsWith(ExportMode mode, uint32_t buckets, uint64_t 
     }
     const BucketRows dest = place(b, lo, hi - lo);
     auto shard_of = [&](uint64_t i) { return shards_[entries[i].ref >> 32].get(); };
-    auto row_of = [&](uint64_t i) { return shard_of(i)->ExportRow(static_cast<uint32_t>(entries[i].ref)); };
-    constexpr uint64_t kAhead = 16, kMfAhead = 8;
+    constexpr uint64_t kAhead = 16;
     uint64_t j = 0;
     for (uint64_t i = lo; i < hi; ++i) {
-      if (i + kAhead < hi) {
-        const char* r = reinterpret_cast<const char*>(row_of(i + kAhead));
-        __builtin_prefetch(r);
-        __builtin_prefetch(r + rec_bytes - 1);
-      }
-      if (i + kMfAhead < hi) {
-        const float* m = shard_of(i + kMfAhead)->ExportMf(row_of(i + kMfAhead));
-        if (m != nullptr) {
-          __builtin_prefetch(m);
-          __builtin_prefetch(reinterpret_cast<const char*>(m) + mf_bytes - 1);
-        }
-      }
+      if (i + kAhead < hi) shard_of(i + kAhead)->PrefetchRecord(static_cast<uint32_t>(entries[i + kAhead].ref));
       const Shard* sh = shard_of(i);
-      const RowHeader* h = sh->ExportRow(static_cast<uint32_t>(entries[i].ref));
+      const uint32_t ref = static_cast<uint32_t>(entries[i].ref);
+      const RowHeader* h = sh->ExportRow(ref);
       const uint64_t k = i - lo;
       dest.keys[k] = entries[i].key;
       float* o = dest.base + k * bw;
@@ -756,7 +742,7 @@ void SparseTable::ExportBucketsWith(ExportMode mode, uint32_t buckets, uint64_t 
       o[3] = static_cast<float>(h->unseen_days);
       o[4] = static_cast<float>(h->slot);
       std::memcpy(o + 5, RowLayout::Lr(h), lw * sizeof(float));
-      const float* m = sh->ExportMf(h);
+      const float* m = sh->ExportMf(ref, h);
       dest.has_mf[k] = m != nullptr ? 1 : 0;
       if (m != nullptr) {
         std::memcpy(dest.mf + j * mw, m, mw * sizeof(float));

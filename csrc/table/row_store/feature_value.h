@@ -1,18 +1,22 @@
 // Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
 //
-// The layout of one feasign row. A row is a fixed-size base record in its shard's base slab pool,
-// plus (once admitted) a fixed-size mf block in the shard's mf pool:
+// The layout of one feasign row. A row is one fixed-size record in one of its shard's two slab pools:
+// a short record while it has no mf, a long one (the same record with the mf block appended) once
+// admitted:
 //
-//   base record (RowLayout::base_bytes() bytes, 4-byte aligned):
+//   record (RowLayout::record_bytes(has_mf) bytes, 4-byte aligned):
 //     struct RowHeader { float show, click, delta_score; int32 slot; uint16 unseen_days;
-//                        uint16 reserved; uint32 mf_index; } // 24 bytes
+//                        uint16 reserved; }                          // 20 bytes
 //     float lr[1 + lr_state_dim]                                      // lr_w, then its rule state
-//   mf block (RowLayout::mf_bytes() bytes):
-//     float mf[dim + mf_state_dim]                                    // mf_w[dim], then rule state
+//     float mf[dim + mf_state_dim]   (long records only)              // mf_w[dim], then rule state
 //
-// The key itself lives only in the hash index (hash_index.h). Invariants: (1) mf_index is kNoMf or
-// the index of a live block in the mf pool owned by this row alone; (2) once a row has mf it keeps
-// it until the row is deleted or load_rows() overwrites it without mf.
+// Why one record and not a base record pointing at a separate mf block: a pull or push of a row with
+// mf then reads one random record instead of chasing a pointer into a second pool (one cache line
+// instead of two or three for dim 8 with AdaGrad, where the long record is exactly 64 bytes); the
+// row moves once, when it gets mf. The key itself lives only in the hash index (hash_index.h), whose
+// value is the row's RowRef: which pool, and the record's index in it. Invariant: a row has mf iff
+// its RowRef says the long pool; once a row has mf it keeps it until the row is deleted or
+// load_rows() overwrites it without mf.
 
 #ifndef PSEMBED_TABLE_ROW_STORE_FEATURE_VALUE_H_
 #define PSEMBED_TABLE_ROW_STORE_FEATURE_VALUE_H_
@@ -22,7 +26,6 @@
 
 namespace psembed {
 
-constexpr uint32_t kNoMf = 0xffffffffu;
 constexpr uint16_t kMaxUnseenDays = 0xffff;  // unseen_days saturates here
 
 struct RowHeader {
@@ -31,10 +34,22 @@ struct RowHeader {
   float delta_score;
   int32_t slot;  // -1 until a push gives one
   uint16_t unseen_days;
-  uint16_t reserved;  // 0; padding that keeps mf_index aligned (the header stays 24 bytes)
-  uint32_t mf_index;
+  uint16_t reserved;  // 0; padding that keeps lr 4-byte aligned
 };
-static_assert(sizeof(RowHeader) == 24, "RowHeader layout is part of the memory budget");
+static_assert(sizeof(RowHeader) == 20, "RowHeader layout is part of the memory budget");
+
+// Where a row's record lives (the hash index's value): the top bit says the long pool (with mf), the
+// other 31 bits the record's index in its pool. Never equal to HashIndex::kNotFound (0xffffffff): a
+// pool holds at most kMaxRecords records.
+class RowRef {
+ public:
+  static constexpr uint32_t kMfBit = 0x80000000u;
+  static constexpr uint32_t kMaxRecords = kMfBit - 1;  // indexes [0, 2^31 - 1)
+
+  static uint32_t Make(uint32_t index, bool has_mf) { return index | (has_mf ? kMfBit : 0u); }
+  static bool HasMf(uint32_t ref) { return (ref & kMfBit) != 0; }
+  static uint32_t Index(uint32_t ref) { return ref & ~kMfBit; }
+};
 
 // Widths and byte sizes of the two records; immutable after construction.
 class RowLayout {
@@ -49,11 +64,18 @@ class RowLayout {
   int mf_width() const { return dim_ + mf_state_dim_; }
   // Columns of export()'s base matrix: show, click, delta_score, unseen_days, slot, lr_w, lr_state...
   int base_export_width() const { return 5 + lr_width(); }
+  // The short record (header + lr); the mf part of a long record; a whole record.
   size_t base_bytes() const { return sizeof(RowHeader) + sizeof(float) * lr_width(); }
   size_t mf_bytes() const { return sizeof(float) * mf_width(); }
+  size_t record_bytes(bool has_mf) const { return base_bytes() + (has_mf ? mf_bytes() : 0); }
 
   static float* Lr(RowHeader* h) { return reinterpret_cast<float*>(h + 1); }
   static const float* Lr(const RowHeader* h) { return reinterpret_cast<const float*>(h + 1); }
+  // The mf part of a long record. REQUIRES: h is a long record (its RowRef has the mf bit).
+  float* Mf(RowHeader* h) const { return reinterpret_cast<float*>(reinterpret_cast<char*>(h) + base_bytes()); }
+  const float* Mf(const RowHeader* h) const {
+    return reinterpret_cast<const float*>(reinterpret_cast<const char*>(h) + base_bytes());
+  }
 
  private:
   const int dim_;

@@ -3,8 +3,8 @@
 // HashIndex: an open-addressing map from a uint64 key to a uint32 value (a row index), one per shard.
 //
 // Why hand-written: the memory target is ~16 bytes of index per key on top of the row payload
-// (scripts/bench_table.py at 10M keys, dim 8, AdaGrad: 84.6 bytes/key with mf against a 72-byte
-// payload, 48.6 without mf; docs/benchmarks.md). std::unordered_map costs a heap node
+// (scripts/bench_table.py at 10M keys, dim 8, AdaGrad: 80.7 bytes/key with mf against a 72-byte
+// payload, 44.4 without mf; docs/benchmarks.md). std::unordered_map costs a heap node
 // per key (~40-60 bytes plus the bucket array) and a pointer chase per lookup; good open-addressing
 // maps (absl::flat_hash_map, ska, robin_hood) store key+value pairs with per-slot control bytes and
 // would have to be vendored, which this build cannot do (no network). This one is small enough to
@@ -73,7 +73,8 @@ class HashIndex {
   // one. A 12-byte slot straddles two lines now and then, and at load 0.64-0.8 a probe reads 2-3 slots
   // on average, so a probe often ends in the next line; without it that line was a full-latency miss
   // in the middle of the lookup (a same-process A/B of the pull: 0.57x -> 0.65x of index_select).
-  void Prefetch(uint64_t hash) const {
+  // always_inline: see Shard::PrefetchRecord (GCC deletes calls to a prefetch-only function it finds pure).
+  __attribute__((always_inline)) void Prefetch(uint64_t hash) const {
     if (capacity_ == 0) return;
     const char* p = reinterpret_cast<const char*>(&slots_[Home(hash)]);
     __builtin_prefetch(p);

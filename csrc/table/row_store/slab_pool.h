@@ -12,6 +12,7 @@
 
 #include <cassert>
 #include <cstdint>
+#include <new>
 #include <vector>
 
 #include "table/row_store/chunk_arena.h"
@@ -23,6 +24,8 @@ class SlabPool {
   static constexpr int kChunkShift = 10;  // 1024 records per chunk
   static constexpr uint32_t kChunkRecords = 1u << kChunkShift;
   static constexpr uint32_t kNone = 0xffffffffu;
+  // Indexes stay below 2^31 - 1, so a caller may use the top bit of an index as a tag (RowRef).
+  static constexpr uint32_t kMaxRecords = 0x7fffffffu;
 
   // REQUIRES: stride_bytes >= 4 and a multiple of 4; arena outlives the pool.
   SlabPool(size_t stride_bytes, ChunkArena* arena) : stride_(stride_bytes), arena_(arena) {
@@ -32,7 +35,8 @@ class SlabPool {
   SlabPool(const SlabPool&) = delete;
   SlabPool& operator=(const SlabPool&) = delete;
 
-  // A record index; its bytes are unspecified. Throws std::bad_alloc.
+  // A record index (< kMaxRecords); its bytes are unspecified. Throws std::bad_alloc (also when the
+  // pool already holds kMaxRecords records).
   uint32_t Allocate() {
     if (free_head_ != kNone) {
       const uint32_t idx = free_head_;
@@ -40,6 +44,7 @@ class SlabPool {
       ++live_;
       return idx;
     }
+    if (next_ == kMaxRecords) throw std::bad_alloc();
     if ((next_ >> kChunkShift) >= chunks_.size()) {
       // Grow the directory first, so push_back cannot throw with the chunk in hand.
       if (chunks_.size() == chunks_.capacity()) chunks_.reserve(2 * chunks_.size() + 1);
