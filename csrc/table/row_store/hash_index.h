@@ -1,6 +1,6 @@
 // Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
 //
-// HashIndex: an open-addressing map from a uint64 key to a uint32 value (a row index), one per shard.
+// HashIndex: an open-addressing map from a uint64 key to a uint32 value (the row's RowRef), one per shard.
 //
 // Why hand-written: the memory target is ~16 bytes of index per key on top of the row payload
 // (scripts/bench_table.py at 10M keys, dim 8, AdaGrad: 80.7 bytes/key with mf against a 72-byte
