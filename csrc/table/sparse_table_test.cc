@@ -80,6 +80,84 @@ void TestSingleThreaded() {
   CHECK_EQ(t.Size(), 0u);
 }
 
+// A row lives in a short record until it gets mf, then in a long one (feature_value.h): the move keeps
+// its stats and lr part, a freed short record is reused by a new key, and load_rows moves a row back
+// without mf and forward again. With SGD lr 1, gradient -1 and show 1 per push, every number is a count;
+// embedx_threshold 0.25 (score = 0.1 x show, no clicks) gives mf at the third push of a key, whose mf
+// gradient is dropped (so mf = pushes - 3 afterwards).
+void TestRowsMoveBetweenPools() {
+  TableOptions o = CountingOptions(1, /*num_shards=*/4, /*dim=*/4);
+  o.accessor.embedx_threshold = 0.25;
+  SparseTable t(o);
+  const int dim = o.dim;
+  const size_t w = 3 + dim, bw = t.layout().base_export_width();
+  auto push = [&](const std::vector<uint64_t>& keys) {
+    const size_t n = keys.size();
+    std::vector<float> g(n * (1 + dim), -1.0f), shows(n, 1.0f), clicks(n, 0.0f);
+    t.Push(keys.data(), n, g.data(), shows.data(), clicks.data(), nullptr, nullptr);
+  };
+  // Expects every key's pulled row: show, lr_w = pushes, mf = mf_value (0 without mf).
+  auto expect = [&](const std::vector<uint64_t>& keys, float pushes, float mf_value) {
+    std::vector<float> out(keys.size() * w, -7.0f);
+    t.Pull(keys.data(), keys.size(), true, out.data());
+    for (size_t i = 0; i < keys.size(); ++i) {
+      const float* r = &out[i * w];
+      CHECK_EQ(r[0], pushes);
+      CHECK_EQ(r[1], 0.0f);
+      CHECK_EQ(r[2], pushes);
+      for (int d = 0; d < dim; ++d) CHECK_EQ(r[3 + d], mf_value);
+    }
+  };
+  std::vector<uint64_t> a, b;
+  for (uint64_t k = 1; k <= 1000; ++k) {
+    a.push_back(k * 0x9e3779b97f4a7c15ULL);
+    b.push_back(k * 0xc2b2ae3d27d4eb4fULL + 1);
+  }
+  push(a);
+  push(a);
+  expect(a, 2, 0);
+  CHECK_EQ(t.Stats().keys_with_mf, 0u);
+  push(a);  // reaches the threshold: moves to long records, mf initialised to 0 (range 0)
+  expect(a, 3, 0);
+  CHECK_EQ(t.Stats().keys_with_mf, a.size());
+  push(b);  // new keys, into the short records a left behind
+  push(a);
+  expect(a, 4, 1);
+  expect(b, 1, 0);
+  TableStats st = t.Stats();
+  CHECK_EQ(st.keys, 2000u);
+  CHECK_EQ(st.keys_with_mf, 1000u);
+  CHECK_EQ(st.mf_created, 1000u);
+  // load_rows without mf for the first half of a: back to short records, mf reads 0; stats kept.
+  std::vector<uint64_t> half(a.begin(), a.begin() + 500);
+  std::vector<float> base(half.size() * bw, 0.0f);
+  for (size_t i = 0; i < half.size(); ++i) {
+    float* r = &base[i * bw];
+    r[0] = 4;       // show
+    r[4] = -1;      // slot
+    r[5] = 4;       // lr_w
+  }
+  std::vector<uint8_t> no_mf(half.size(), 0);
+  t.LoadRows(half.data(), half.size(), base.data(), no_mf.data(), nullptr);
+  expect(half, 4, 0);
+  CHECK_EQ(t.Stats().keys_with_mf, 500u);
+  push(half);  // score 0.5 already: mf again at once (this push's mf gradient dropped)
+  expect(half, 5, 0);
+  CHECK_EQ(t.Stats().keys_with_mf, 1000u);
+  // A checkpoint export still sees every row, with mf exactly for a.
+  ExportResult e;
+  t.Export(ExportMode::kCheckpoint, 1, -1, &e);
+  CHECK_EQ(e.keys.size(), 2000u);
+  size_t with_mf = 0;
+  for (uint8_t h : e.has_mf) with_mf += h;
+  CHECK_EQ(with_mf, 1000u);
+  CHECK_EQ(t.Erase(a.data(), a.size()), a.size());
+  CHECK_EQ(t.Erase(b.data(), b.size()), b.size());
+  st = t.Stats();
+  CHECK_EQ(st.keys, 0u);
+  CHECK_EQ(st.keys_with_mf, 0u);
+}
+
 // A pull that may not wait (SparseTable::Pull's first pass) leaves a shard whose lock another thread
 // holds untouched, and reads it once asked to wait.
 void TestShardPullSkipsALockedShard() {
@@ -491,6 +569,7 @@ void TestConcurrentBulkLoadExportSave() {
 
 int main() {
   RUN_TEST(psembed::TestSingleThreaded);
+  RUN_TEST(psembed::TestRowsMoveBetweenPools);
   RUN_TEST(psembed::TestConcurrentPushPullShrinkExport);
   RUN_TEST(psembed::TestConcurrentChurnWithDeletes);
   RUN_TEST(psembed::TestConcurrentCommitSave);
