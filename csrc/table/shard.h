@@ -10,9 +10,10 @@
 // on one shard serialize.
 // Invariants: (1) index_ maps a key to the RowRef of a live record (feature_value.h) and nothing else
 // refers to that record; (2) the RowRef's mf bit says which pool holds it: records_ (short) without
-// it, mf_records_ (long) with it. A row moves from records_ to mf_records_ when it gets mf. Admission keeps no state for rejected
-// keys: the draw of a key pushed by push `push_id` is u(seed, key, 3, AdmissionDraw(day_index_,
-// push_id)) (ctr_accessor.h), a function of the push alone, so memory holds only admitted rows.
+// it, mf_records_ (long) with it. A row moves from records_ to mf_records_ when it gets mf.
+// Admission keeps no state for rejected keys: the draw of a key pushed by push `push_id` is
+// u(seed, key, 3, AdmissionDraw(day_index_, push_id)) (ctr_accessor.h), a function of the push alone,
+// so memory holds only admitted rows.
 
 #ifndef PSEMBED_TABLE_SHARD_H_
 #define PSEMBED_TABLE_SHARD_H_
@@ -167,9 +168,9 @@ class Shard {
   }
   // records[j] = the record of refs[j] (nullptr for kNotFound). A pass of its own, between the index
   // probes and the record reads: a record's address needs a load from its pool's chunk directory,
-  // which is often out of L1/L2 by then; in this short loop those loads overlap, where inside the
-  // update loop each one held the loop up until it arrived (session 11: the record prefetch was the
-  // hottest instruction of a push).
+  // which is often out of L1/L2 by then; in this short loop those loads overlap instead of sitting in
+  // the update loop's chain to each record prefetch. (On this VM an A/B could not tell it from the
+  // noise: docs/benchmarks.md, "Table", session 11.)
   void RecordsOf(const uint32_t* refs, size_t n, RowHeader** records) const EXCLUSIVE_LOCKS_REQUIRED(mu_);
   RowHeader* Row(uint32_t ref) const EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     const SlabPool& pool = RowRef::HasMf(ref) ? mf_records_ : records_;
