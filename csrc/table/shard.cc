@@ -110,16 +110,16 @@ void Shard::Push(const MergedPush* items, size_t n, bool has_slots, uint64_t pus
     const MergedPush& it = items[j];
     uint32_t ref = refs[j];
     RowHeader* h = records[j];
-    // A new key whose first push already reaches the mf threshold gets a long record at once (its mf
-    // part is written below), so it is not made short and moved at once (embedx_threshold 0: every row).
-    bool mf_pending = false;
+    // A new key whose first push reaches the mf threshold (its stats after the update are this push's)
+    // gets its mf at once, in a long record, rather than a short one moved straight away.
+    bool mf_new = false;
     if (ref == HashIndex::kNotFound) {
       if (!accessor_->Admit(it.key, it.show, it.click, draw)) {
         ++counters_.admission_rejected;
         continue;
       }
-      mf_pending = accessor_->ReachesMfThreshold(it.show, it.click);
-      ref = AllocateRecord(mf_pending);
+      mf_new = accessor_->ReachesMfThreshold(it.show, it.click);
+      ref = AllocateRecord(mf_new);
       try {
         index_.Insert(it.key, it.hash, ref);
       } catch (...) {
@@ -129,16 +129,17 @@ void Shard::Push(const MergedPush* items, size_t n, bool has_slots, uint64_t pus
       h = Row(ref);
       accessor_->InitRow(h, it.key);
       ++counters_.inserts;
+      if (mf_new) {
+        accessor_->InitMf(layout_.Mf(h), it.key);
+        ++counters_.mf_created;
+      }
     }
-    float* mf = RowRef::HasMf(ref) && !mf_pending ? layout_.Mf(h) : nullptr;
-    if (accessor_->Update(h, mf, it.grad, it.show, it.click, has_slots ? &it.slot : nullptr)) {
-      if (!mf_pending) ref = MoveRecordLocked(it.key, it.hash, ref);
+    // mf created by this push takes no gradient from it (the reference's rule): Update sees no mf.
+    float* mf = RowRef::HasMf(ref) && !mf_new ? layout_.Mf(h) : nullptr;
+    if (accessor_->Update(h, mf, it.grad, it.show, it.click, has_slots ? &it.slot : nullptr) &&
+        !RowRef::HasMf(ref)) {
+      ref = MoveRecordLocked(it.key, it.hash, ref);
       accessor_->InitMf(layout_.Mf(Row(ref)), it.key);
-      ++counters_.mf_created;
-    } else if (mf_pending) {
-      // Not reached: a fresh row's stats after its first update are this push's show and click, so
-      // Update's answer is ReachesMfThreshold(it.show, it.click). Kept consistent all the same.
-      accessor_->InitMf(layout_.Mf(h), it.key);
       ++counters_.mf_created;
     }
   }
@@ -286,15 +287,8 @@ void Shard::WriteNewRow(uint64_t io, const float* base, const float* mf) {
   h->slot = static_cast<int32_t>(base[4]);
   h->unseen_days = static_cast<uint16_t>(base[3]);
   h->reserved = 0;
-  // Short rows: plain loops (a memcpy call of a run-time size costs more than the copy).
-  float* lr = RowLayout::Lr(h);
-  const int lw = layout_.lr_width();
-  for (int k = 0; k < lw; ++k) lr[k] = base[5 + k];
-  if (RowRef::HasMf(ref)) {
-    float* d = layout_.Mf(h);
-    const int mw = layout_.mf_width();
-    for (int k = 0; k < mw; ++k) d[k] = mf[k];
-  }
+  CopyFloats(RowLayout::Lr(h), base + 5, layout_.lr_width());
+  if (RowRef::HasMf(ref)) CopyFloats(layout_.Mf(h), mf, layout_.mf_width());
 }
 
 void Shard::LoadLocked(uint64_t key, uint64_t hash, const float* base, const float* mf) {
