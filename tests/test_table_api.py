@@ -157,6 +157,32 @@ def test_push_validation_refuses_and_changes_nothing(make_c_table, mutate, exc, 
     assert_same_snapshot(before, snapshot(t))
 
 
+# Shows and clicks pass a vectorized check on their bits first, and only a failing chunk is searched for
+# the first bad value: both must agree on what is bad (not finite, or < 0) at any position.
+_BAD_COUNTS = [np.nan, -np.nan, np.inf, -np.inf, -1.0, -np.float32(1e-45), -np.finfo(np.float32).max]
+_GOOD_COUNTS = [0.0, -0.0, np.float32(1e-45), np.finfo(np.float32).max]
+
+
+@pytest.mark.parametrize("column", [2, 3], ids=["shows", "clicks"])
+def test_push_count_checks_reject_exactly_the_bad_values(make_c_table, column):
+    name = "shows" if column == 2 else "clicks"
+    n = 10_000  # several chunks when the table has threads
+    t = make_c_table(dim=4, accessor=CtrAccessorConfig(embedx_threshold=1e30))
+    for pos in (5, n - 3):
+        for v in _GOOD_COUNTS:
+            args = list(_good(n))
+            args[column][pos] = v
+            t.push(*args)
+        for v in _BAD_COUNTS:
+            args = list(_good(n))
+            args[column][pos] = v
+            before = t.stats()["inserts"]
+            with pytest.raises(ValueError, match=rf"{name}\[{pos}\]"):
+                t.push(*args)
+            assert t.stats()["inserts"] == before
+    assert len(t) == n
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_nan_grads_raise_naming_grads_and_row(make_c_table, bad):
     t = _filled(make_c_table)

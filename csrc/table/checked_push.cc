@@ -13,12 +13,25 @@
 namespace psembed {
 namespace {
 
-// Shows/clicks must be finite and >= 0. Returns the first bad index or n.
+// Shows/clicks must be finite and >= 0 (-0.0 included). Returns the first bad index or n.
 size_t FirstBadCount(const float* v, size_t n) {
   for (size_t i = 0; i < n; ++i) {
     if (!(std::isfinite(v[i]) && v[i] >= 0.0f)) return i;
   }
   return n;
+}
+
+// Whether FirstBadCount(v, n) == n, as a branch-free pass over the bits that the compiler vectorizes
+// (FirstBadCount's early exit keeps it scalar: its two calls were ~1.6% of a 1-thread Zipf push in a
+// profile). Bad: a sign bit on anything but -0.0 (bits > 0x80000000), or an exponent of all ones (Inf, NaN).
+bool AllCountsValid(const float* v, size_t n) {
+  uint32_t bad = 0;
+  for (size_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, v + i, sizeof(bits));
+    bad |= static_cast<uint32_t>(bits > 0x80000000u) | static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+  }
+  return bad == 0;
 }
 
 }  // namespace
@@ -45,10 +58,11 @@ Status CheckedPush(SparseTable* table, const PushArgs& a, size_t* skipped) {
   std::vector<size_t> first_show(chunks, n), first_click(chunks, n);
   std::vector<uint8_t> finite(chunks, 1);
   table->ForEachChunk(n, chunks, [&](size_t ch, size_t begin, size_t end) {
-    const size_t bs = FirstBadCount(a.shows + begin, end - begin);
-    const size_t bc = FirstBadCount(a.clicks + begin, end - begin);
-    if (bs < end - begin) first_show[ch] = begin + bs;
-    if (bc < end - begin) first_click[ch] = begin + bc;
+    const size_t len = end - begin;
+    const size_t bs = AllCountsValid(a.shows + begin, len) ? len : FirstBadCount(a.shows + begin, len);
+    const size_t bc = AllCountsValid(a.clicks + begin, len) ? len : FirstBadCount(a.clicks + begin, len);
+    if (bs < len) first_show[ch] = begin + bs;
+    if (bc < len) first_click[ch] = begin + bc;
     finite[ch] = AllFinite(a.grads + begin * gw, (end - begin) * gw) ? 1 : 0;
   });
   const size_t bad_show = *std::min_element(first_show.begin(), first_show.end());
