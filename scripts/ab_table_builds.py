@@ -1,0 +1,113 @@
+"""Paired A/B of two or more builds of the table's extension, in one process.
+
+On a shared VM the same build's pull or push moves by 10-30% (up to 2x) between runs, so a 5% change
+cannot be seen by running bench_table.py before and after. This script loads each build's `_C` module
+side by side, fills one table per build with the same keys (as bench_table.py does: 10M random 64-bit
+keys, dim 8, AdaGrad on both parts, every row with mf), and then times the same batches on each table,
+one call at a time, alternating which table goes first. Each line prints the median call rate of every
+build and the median of the per-call time ratios against the first build (> 1: faster than the first).
+
+Two things to know when reading it:
+  - an A/A run (the same .so twice) agrees within ~1%;
+  - where a table's memory lands can move a build by a few % either way (the tables are filled in turns to
+    even that out): run both orders (A B, then B A) and count a change only if it holds in both.
+
+A build is a directory holding torch_psembed/_C*.so, for example a copy of the tree built in place:
+
+  mkdir /tmp/wtB && git ls-files | tar cf - -T - | (cd /tmp/wtB && tar xf -)
+  (cd /tmp/wtB && python setup.py build_ext --inplace)      # same for /tmp/wtA at the other commit
+  python scripts/ab_table_builds.py /tmp/wtA /tmp/wtB
+  python scripts/ab_table_builds.py /tmp/wtB /tmp/wtA
+
+Options: --keys, --threads, --passes, --dist uniform,zipf, --ops pull,push (see --help).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_table as bt  # noqa: E402  (same keys, config and fill as the benchmark)
+
+
+def load_build(path: str):
+    """The `_C` module of the build in `path` (torch_psembed/_C*.so), loaded under its own spec."""
+    found = glob.glob(os.path.join(path, "torch_psembed", "_C*.so"))
+    if not found:
+        raise SystemExit(f"{path}: no torch_psembed/_C*.so (build it with `python setup.py build_ext --inplace`)")
+    spec = importlib.util.spec_from_file_location("_C", found[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("builds", nargs="+", help="build directories; ratios are against the first")
+    p.add_argument("--keys", type=int, default=10_000_000)
+    p.add_argument("--dim", type=int, default=8)
+    p.add_argument("--batch", type=int, default=100_000)
+    p.add_argument("--batches", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--passes", type=int, default=5, help="passes over the batches (default 5)")
+    p.add_argument("--dist", default="uniform,zipf")
+    p.add_argument("--ops", default="pull,push")
+    p.add_argument("--zipf", type=float, default=1.1)
+    args = p.parse_args(argv)
+
+    names = [os.path.basename(os.path.normpath(b)) for b in args.builds]
+    modules = [load_build(b) for b in args.builds]
+    keys = bt.all_keys(args.keys)
+    tables = [m.Table(bt.make_config(args.dim, 0.0).to_dict()) for m in modules]
+    # Filled in turns, 100k keys at a time, so that no table's memory is all older (or all younger)
+    # than another's.
+    for s in range(0, len(keys), 100_000):
+        for t in tables:
+            bt.populate(t, keys[s:s + 100_000], args.dim)
+    for t in tables:
+        t.num_threads = args.threads
+    rng = np.random.default_rng(1)
+    grads = rng.normal(size=(args.batch, 1 + args.dim)).astype(np.float32)
+    shows = np.ones(args.batch, np.float32)
+    clicks = np.zeros(args.batch, np.float32)
+    print(f"# {args.keys} keys, dim {args.dim}, batches of {args.batch}, {args.threads} thread(s), "
+          f"load avg {os.getloadavg()[0]:.1f}")
+    for dist in args.dist.split(","):
+        batches = [np.ascontiguousarray(keys[bt.draw(rng, args.keys, args.batch, dist, args.zipf)])
+                   for _ in range(args.batches)]
+        for op in args.ops.split(","):
+            def call(t, k):
+                return t.pull(k) if op == "pull" else t.push(k, grads, shows, clicks)
+
+            for t in tables:  # warm-up
+                call(t, batches[0])
+            seconds = np.zeros((len(tables), args.passes * len(batches)))
+            c = 0
+            for rep in range(args.passes):
+                for bi, k in enumerate(batches):
+                    order = list(range(len(tables)))
+                    if (rep + bi) % 2:
+                        order.reverse()
+                    for i in order:
+                        t0 = time.perf_counter()
+                        call(tables[i], k)
+                        seconds[i, c] = time.perf_counter() - t0
+                    c += 1
+            cells = []
+            for i, name in enumerate(names):
+                rate = args.batch / np.median(seconds[i]) / 1e6
+                ratio = np.median(seconds[0] / seconds[i])
+                cells.append(f"{name} {rate:6.2f} M/s ({ratio:.3f}x)")
+            print(f"{op:4s} {dist:7s}: " + "  ".join(cells), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
