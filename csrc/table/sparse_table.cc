@@ -65,9 +65,15 @@ size_t MergeDuplicates(const uint64_t* keys, const uint64_t* hashes, const uint3
   constexpr size_t kAhead = 8;
   for (size_t j = 0; j < cnt; ++j) {
     if (j + kAhead < cnt) {  // both ends: a gradient row (36 bytes at dim 8) straddles two lines half the time
-      const float* ahead = grads + static_cast<size_t>(pos[j + kAhead]) * gw;
+      const uint32_t pa = pos[j + kAhead];
+      const float* ahead = grads + static_cast<size_t>(pa) * gw;
       __builtin_prefetch(ahead);
       __builtin_prefetch(ahead + gw - 1);
+      // A shard's run reads shows and clicks at positions ~64 apart, a new line each time. A timing build
+      // alternating calls with and without these on one table: the merge of a uniform push 45-73 -> 44-62
+      // cycles a key (1-11 less), of a Zipf push 1-3 less (docs/benchmarks.md, "Table", session 12).
+      __builtin_prefetch(shows + pa);
+      __builtin_prefetch(clicks + pa);
     }
     const uint32_t p = pos[j];
     const uint64_t key = keys[j];
