@@ -71,7 +71,7 @@ size_t MergeDuplicates(const uint64_t* keys, const uint64_t* hashes, const uint3
       __builtin_prefetch(ahead + gw - 1);
       // A shard's run reads shows and clicks at positions ~64 apart, a new line each time. A timing build
       // alternating calls with and without these on one table: the merge of a uniform push 45-73 -> 44-62
-      // cycles a key (1-11 less), of a Zipf push 1-3 less (docs/benchmarks.md, "Table", session 12).
+      // cycles a key (1-11 less), of a Zipf push 0.2-3 less (docs/benchmarks.md, "Table", session 12).
       __builtin_prefetch(shows + pa);
       __builtin_prefetch(clicks + pa);
     }
