@@ -10,8 +10,7 @@ CtrAccessor::CtrAccessor(const TableOptions& options)
     : options_(options),
       lr_rule_(SparseRule::Create(options.lr_rule, 1)),
       mf_rule_(SparseRule::Create(options.mf_rule, options.dim)),
-      layout_(options.dim, lr_rule_->StateDim(), mf_rule_->StateDim()),
-      adagrad_pair_(options.lr_rule.kind == RuleOptions::kAdaGrad && options.mf_rule.kind == RuleOptions::kAdaGrad) {}
+      layout_(options.dim, lr_rule_->StateDim(), mf_rule_->StateDim()) {}
 
 bool CtrAccessor::Admit(uint64_t key, double show, double click, uint64_t draw) const {
   if (!options_.accessor.create_probability_from_score) return true;
@@ -45,10 +44,6 @@ bool CtrAccessor::Update(RowHeader* h, float* mf, const float* g, float show, fl
   if (slot != nullptr) h->slot = *slot;
   const double scale = (options_.accessor.show_scale && show > 0.0f) ? double{show} : 1.0;
   float* lr = RowLayout::Lr(h);
-  if (mf != nullptr && adagrad_pair_) {
-    AdaGradPairUpdate(options_.lr_rule, options_.mf_rule, layout_.dim(), lr, mf, g, scale);
-    return false;
-  }
   lr_rule_->Update(lr, lr + 1, g, scale);
   if (mf != nullptr) {
     mf_rule_->Update(mf, mf + layout_.dim(), g + 1, scale);

@@ -80,9 +80,6 @@ class CtrAccessor {
   std::unique_ptr<SparseRule> lr_rule_;
   std::unique_ptr<SparseRule> mf_rule_;
   RowLayout layout_;
-  // Both rules are AdaGrad (the default): a row with mf is updated by AdaGradPairUpdate, the same
-  // arithmetic as the two Update calls with their latency chains overlapped (sparse_rule.h).
-  const bool adagrad_pair_;
 };
 
 }  // namespace psembed

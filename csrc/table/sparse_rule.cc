@@ -8,8 +8,6 @@
 
 namespace psembed {
 
-double SparseRule::Bound(double w) const { return BoundTo(w, options_); }
-
 void SparseRule::Init(float* w, float* state, uint64_t seed, uint64_t key, uint64_t stream) const {
   for (int i = 0; i < dim_; ++i) {
     const double u = Uniform01(seed, key, stream, static_cast<uint64_t>(i));
@@ -35,31 +33,23 @@ class SgdRule final : public SparseRule {
   void InitState(float*) const override {}
 };
 
-// AdaGrad, in two steps so that AdaGradPairUpdate can interleave two blocks. One accumulator G shared
-// by the block: w_i -= lr * ĝ_i * sqrt(G0 / (G0 + G)) with the old G, then G += mean(ĝ²); ĝ = g / scale,
-// computed as g * inv_scale with inv_scale = 1 / scale in double (rounds like g / s at float32).
-double AdaGradRatio(const RuleOptions& o, float g2sum) {
-  const double g0 = o.initial_g2sum;
-  return o.learning_rate * std::sqrt(g0 / (g0 + double{g2sum}));
-}
-
-void AdaGradApply(const RuleOptions& o, int dim, float* w, float* state, const float* g, double inv_scale,
-                  double ratio) {
-  double sum = 0.0;
-  for (int i = 0; i < dim; ++i) {
-    const double gs = g[i] * inv_scale;
-    w[i] = static_cast<float>(BoundTo(double{w[i]} - gs * ratio, o));
-    sum += gs * gs;
-  }
-  state[0] = static_cast<float>(double{state[0]} + sum / dim);
-}
-
+// One accumulator G shared by the block: w_i -= lr * ĝ_i * sqrt(G0 / (G0 + G)) with the old G,
+// then G += mean(ĝ²); ĝ = g / scale.
 class AdaGradRule final : public SparseRule {
  public:
   using SparseRule::SparseRule;
   int StateDim() const override { return 1; }
   void Update(float* w, float* state, const float* g, double scale) const override {
-    AdaGradApply(options_, dim_, w, state, g, 1.0 / scale, AdaGradRatio(options_, state[0]));
+    const double g0 = options_.initial_g2sum;
+    const double ratio = options_.learning_rate * std::sqrt(g0 / (g0 + double{state[0]}));
+    const double inv_scale = 1.0 / scale;  // in double: g * (1/s) rounds like g / s at float32
+    double sum = 0.0;
+    for (int i = 0; i < dim_; ++i) {
+      const double gs = g[i] * inv_scale;
+      w[i] = static_cast<float>(Bound(double{w[i]} - gs * ratio));
+      sum += gs * gs;
+    }
+    state[0] = static_cast<float>(double{state[0]} + sum / dim_);
   }
 
  protected:
@@ -156,15 +146,6 @@ class FtrlRule final : public SparseRule {
 };
 
 }  // namespace
-
-void AdaGradPairUpdate(const RuleOptions& lr_options, const RuleOptions& mf_options, int dim, float* lr,
-                       float* mf, const float* g, double scale) {
-  const double inv_scale = 1.0 / scale;
-  const double lr_ratio = AdaGradRatio(lr_options, lr[1]);
-  const double mf_ratio = AdaGradRatio(mf_options, mf[dim]);
-  AdaGradApply(lr_options, 1, lr, lr + 1, g, inv_scale, lr_ratio);
-  AdaGradApply(mf_options, dim, mf, mf + dim, g + 1, inv_scale, mf_ratio);
-}
 
 std::unique_ptr<SparseRule> SparseRule::Create(const RuleOptions& options, int dim) {
   switch (options.kind) {

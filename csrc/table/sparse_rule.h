@@ -36,8 +36,12 @@ class SparseRule {
   // the others ignore it). REQUIRES: scale > 0.
   virtual void Update(float* w, float* state, const float* g, double scale) const = 0;
 
-  // Clips to [min_bound, max_bound]; NaN becomes min_bound (BoundTo below).
-  double Bound(double w) const;
+  // Clips to [min_bound, max_bound]; NaN becomes min_bound (tests are !(w >= lo), !(w <= hi)).
+  double Bound(double w) const {
+    if (!(w >= options_.min_bound)) w = options_.min_bound;
+    if (!(w <= options_.max_bound)) w = options_.max_bound;
+    return w;
+  }
 
   static std::unique_ptr<SparseRule> Create(const RuleOptions& options, int dim);
 
@@ -47,22 +51,6 @@ class SparseRule {
   const RuleOptions options_;
   const int dim_;
 };
-
-// Clips w to [o.min_bound, o.max_bound]; NaN becomes min_bound (tests are !(w >= lo), !(w <= hi)).
-inline double BoundTo(double w, const RuleOptions& o) {
-  if (!(w >= o.min_bound)) w = o.min_bound;
-  if (!(w <= o.max_bound)) w = o.max_bound;
-  return w;
-}
-
-// One AdaGrad step on a row's lr block (lr[0] = w, lr[1] = G) and mf block (mf[0, dim) = w, mf[dim] = G)
-// at once, for a table whose two rules are both AdaGrad: the same arithmetic, bit for bit, as the two
-// rules' Update calls, but both divide -> square root chains start before either block is written, so
-// they overlap, and 1 / scale is computed once. A timing build alternating whole pushes with and without
-// it on one table: a push 3-4% faster on uniform keys, 2-3% on Zipf ones (docs/benchmarks.md, "Table",
-// session 12). scale as in Update.
-void AdaGradPairUpdate(const RuleOptions& lr_options, const RuleOptions& mf_options, int dim, float* lr,
-                       float* mf, const float* g, double scale);
 
 }  // namespace psembed
 

@@ -19,8 +19,6 @@
 #include <unistd.h>
 
 #include <atomic>
-#include <cmath>
-#include <cstring>
 #include <map>
 #include <random>
 #include <set>
@@ -30,7 +28,6 @@
 
 #include "table/counting_options_for_test.h"
 #include "table/shard.h"
-#include "table/sparse_rule.h"
 #include "util/hash.h"
 #include "util/testharness.h"
 
@@ -568,51 +565,11 @@ void TestConcurrentBulkLoadExportSave() {
   std::fprintf(stderr, "  %ld export/save rounds raced %d load_segments calls\n", rounds, kCalls);
 }
 
-// AdaGradPairUpdate (the default tables' path for a row with mf) must give the same bits as the two
-// rules' Update calls it replaces: same arithmetic, only interleaved. Random rows near and past the
-// bounds (clipping), scales of 1 and larger, several dims.
-void TestAdaGradPairMatchesTwoUpdates() {
-  std::mt19937_64 rng(7);
-  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  RuleOptions lr_opt, mf_opt;
-  lr_opt.learning_rate = 0.05;
-  lr_opt.initial_g2sum = 3.0;
-  lr_opt.min_bound = -0.5;
-  lr_opt.max_bound = 0.5;
-  mf_opt.learning_rate = 0.3;
-  mf_opt.initial_g2sum = 1.5;
-  mf_opt.min_bound = -0.25;
-  mf_opt.max_bound = 0.75;
-  size_t clipped = 0;
-  for (int dim : {1, 3, 8, 17}) {
-    auto lr_rule = SparseRule::Create(lr_opt, 1);
-    auto mf_rule = SparseRule::Create(mf_opt, dim);
-    for (int trial = 0; trial < 2000; ++trial) {
-      std::vector<float> lr = {u(rng) * 0.6f, std::fabs(u(rng)) * 20.0f};
-      std::vector<float> mf(dim + 1);
-      for (int i = 0; i < dim; ++i) mf[i] = u(rng) * 0.8f;
-      mf[dim] = std::fabs(u(rng)) * 50.0f;
-      std::vector<float> g(1 + dim);
-      for (float& x : g) x = u(rng) * 40.0f;
-      const double scale = trial % 3 == 0 ? 1.0 : 1.0 + std::fabs(u(rng)) * 300.0;
-      std::vector<float> lr2 = lr, mf2 = mf;
-      lr_rule->Update(lr.data(), lr.data() + 1, g.data(), scale);
-      mf_rule->Update(mf.data(), mf.data() + dim, g.data() + 1, scale);
-      AdaGradPairUpdate(lr_opt, mf_opt, dim, lr2.data(), mf2.data(), g.data(), scale);
-      CHECK(std::memcmp(lr.data(), lr2.data(), lr.size() * sizeof(float)) == 0);
-      CHECK(std::memcmp(mf.data(), mf2.data(), mf.size() * sizeof(float)) == 0);
-      for (int i = 0; i < dim; ++i) clipped += (mf[i] == -0.25f || mf[i] == 0.75f) ? 1 : 0;
-    }
-  }
-  CHECK(clipped > 100);  // the bounds were exercised
-}
-
 }  // namespace psembed
 
 int main() {
   RUN_TEST(psembed::TestSingleThreaded);
   RUN_TEST(psembed::TestRowsMoveBetweenPools);
-  RUN_TEST(psembed::TestAdaGradPairMatchesTwoUpdates);
   RUN_TEST(psembed::TestConcurrentPushPullShrinkExport);
   RUN_TEST(psembed::TestConcurrentChurnWithDeletes);
   RUN_TEST(psembed::TestConcurrentCommitSave);
