@@ -279,13 +279,16 @@ void Shard::UndoLoadIndexBulk(const uint64_t* io, size_t n) {
 }
 
 void Shard::WriteNewRow(uint64_t io, const float* base, const float* mf) {
-  const uint32_t ref = static_cast<uint32_t>(io);
+  WriteRecord(static_cast<uint32_t>(io), base, mf);
+}
+
+void Shard::WriteRecord(uint32_t ref, const float* base, const float* mf) {
   RowHeader* h = Row(ref);
   h->show = base[0];
   h->click = base[1];
   h->delta_score = base[2];
-  h->slot = static_cast<int32_t>(base[4]);
   h->unseen_days = static_cast<uint16_t>(base[3]);
+  h->slot = static_cast<int32_t>(base[4]);
   h->reserved = 0;
   CopyFloats(RowLayout::Lr(h), base + 5, layout_.lr_width());
   if (RowRef::HasMf(ref)) CopyFloats(layout_.Mf(h), mf, layout_.mf_width());
@@ -304,15 +307,7 @@ void Shard::LoadLocked(uint64_t key, uint64_t hash, const float* base, const flo
   } else if (RowRef::HasMf(ref) != (mf != nullptr)) {
     ref = MoveRecordLocked(key, hash, ref);  // gains or loses its mf part
   }
-  RowHeader* h = Row(ref);
-  h->reserved = 0;
-  h->show = base[0];
-  h->click = base[1];
-  h->delta_score = base[2];
-  h->unseen_days = static_cast<uint16_t>(base[3]);
-  h->slot = static_cast<int32_t>(base[4]);
-  std::memcpy(RowLayout::Lr(h), base + 5, layout_.lr_width() * sizeof(float));
-  if (mf != nullptr) std::memcpy(layout_.Mf(h), mf, layout_.mf_bytes());
+  WriteRecord(ref, base, mf);
 }
 
 void Shard::SubtractDelta(uint64_t key, uint64_t hash, float saved) {

@@ -190,6 +190,10 @@ class Shard {
   // sets the index to the new RowRef and frees the old record. The mf part of a new long record is
   // left unspecified. Returns the new RowRef. Throws std::bad_alloc with nothing changed.
   uint32_t MoveRecordLocked(uint64_t key, uint64_t hash, uint32_t ref) EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Writes the record of ref from export columns (base: base_export_width floats; mf: mf_width floats,
+  // REQUIRES: non-null iff ref is a long record): the one place that maps those columns onto a record
+  // (checkpoint load, both paths).
+  void WriteRecord(uint32_t ref, const float* base, const float* mf) EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void DeleteRowLocked(uint64_t key, uint64_t hash) EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void LoadLocked(uint64_t key, uint64_t hash, const float* base, const float* mf) EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
