@@ -19,12 +19,18 @@ A build is a directory holding torch_psembed/_C*.so, for example a copy of the t
   python scripts/ab_table_builds.py /tmp/wtA /tmp/wtB
   python scripts/ab_table_builds.py /tmp/wtB /tmp/wtA
 
-Options: --keys, --threads, --passes, --dist uniform,zipf, --ops pull,push (see --help).
+The same pairing compares table configurations of one build: --num-shards 64,4 makes one table per
+shard count for each build given (with no build given, the installed torch_psembed._C):
+
+  python scripts/ab_table_builds.py --num-shards 64,8,4
+
+Options: --keys, --threads, --passes, --dist uniform,zipf, --ops pull,push, --num-shards (see --help).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import importlib.util
 import os
@@ -37,20 +43,28 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_table as bt  # noqa: E402  (same keys, config and fill as the benchmark)
 
 
-def load_build(path: str):
-    """The `_C` module of the build in `path` (torch_psembed/_C*.so), loaded under its own spec."""
+def load_build(path: str, tag: str):
+    """The `_C` module of the build in `path` (torch_psembed/_C*.so), loaded as `<tag>._C`.
+
+    Each build needs its own module name: CPython keeps a single-phase extension module by name, so a
+    second file loaded as plain "_C" came back as the first build's module (sessions 12-13 compared
+    the first build with itself that way). The name's last part stays "_C" for the PyInit__C symbol.
+    """
     found = glob.glob(os.path.join(path, "torch_psembed", "_C*.so"))
     if not found:
         raise SystemExit(f"{path}: no torch_psembed/_C*.so (build it with `python setup.py build_ext --inplace`)")
-    spec = importlib.util.spec_from_file_location("_C", found[0])
+    spec = importlib.util.spec_from_file_location(f"{tag}._C", found[0])
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if os.path.realpath(module.__file__) != os.path.realpath(found[0]):
+        raise SystemExit(f"{path}: loading {found[0]} gave the module of {module.__file__}")
     return module
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("builds", nargs="+", help="build directories; ratios are against the first")
+    p.add_argument("builds", nargs="*",
+                   help="build directories; ratios are against the first (default: the installed build)")
     p.add_argument("--keys", type=int, default=10_000_000)
     p.add_argument("--dim", type=int, default=8)
     p.add_argument("--batch", type=int, default=100_000)
@@ -60,12 +74,26 @@ def main(argv=None) -> int:
     p.add_argument("--dist", default="uniform,zipf")
     p.add_argument("--ops", default="pull,push")
     p.add_argument("--zipf", type=float, default=1.1)
+    p.add_argument("--num-shards", default=str(bt.make_config(8, 0.0).num_shards),
+                   help="comma-separated shard counts: one table per count and build (default: the default config's)")
     args = p.parse_args(argv)
 
-    names = [os.path.basename(os.path.normpath(b)) for b in args.builds]
-    modules = [load_build(b) for b in args.builds]
+    if args.builds:
+        builds = [(os.path.basename(os.path.normpath(b)), load_build(b, f"_ab_build{i}"))
+                  for i, b in enumerate(args.builds)]
+        if len({id(m.Table) for _, m in builds}) != len(builds):
+            raise SystemExit("two builds share one Table class: the comparison would not be paired")
+    else:
+        from torch_psembed import _C
+        builds = [("installed", _C)]
+    shard_counts = [int(x) for x in args.num_shards.split(",")]
+    names, tables = [], []
+    for name, module in builds:
+        for shards in shard_counts:
+            names.append(name if len(shard_counts) == 1 else f"{name}/s{shards}")
+            config = dataclasses.replace(bt.make_config(args.dim, 0.0), num_shards=shards)
+            tables.append(module.Table(config.to_dict()))
     keys = bt.all_keys(args.keys)
-    tables = [m.Table(bt.make_config(args.dim, 0.0).to_dict()) for m in modules]
     # Filled in turns, 100k keys at a time, so that no table's memory is all older (or all younger)
     # than another's.
     for s in range(0, len(keys), 100_000):
