@@ -13,8 +13,8 @@ constexpr size_t kMinCapacity = 16;
 // Home() multiplies 32 hash bits by the capacity in 64 bits.
 constexpr size_t kMaxCapacity = size_t{1} << 32;
 // The next capacity: 5/4 of this one rounded up to a multiple of 16 (16 slots of 12 B = 3 cache lines).
-// Growth by 5/4 keeps the load in [0.64, 0.8] (~17 B of index per key), where doubling leaves it
-// anywhere in [0.4, 0.8] (up to 30 B per key, by luck of the key count); the price is more rehashing
+// Growth by 5/4 keeps the load in [0.56, 0.7] (~19 B of index per key), where doubling leaves it
+// anywhere in [0.35, 0.7] (up to 35 B per key, by luck of the key count); the price is more rehashing
 // (each key is moved ~4 times over the table's growth instead of ~1), paid only while a table grows
 // (a checkpoint load reserves its size once).
 inline size_t GrownCapacity(size_t capacity) {

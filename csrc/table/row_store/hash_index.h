@@ -19,9 +19,12 @@
 // reaches 2 MiB (util/huge_pages.h).
 // Probing: linear (wrapping at C), starting at Home(hash) = ((hash mod 2^32) * C) >> 32, where
 // hash = TableHash(key) (util/hash.h; the shard was chosen from its high 32 bits, the probe start uses
-// the low 32). Maximum load 0.8, then the capacity grows by 5/4 (a rehash), so the load stays in
-// [0.64, 0.8] whatever the key count: 15-19 B of index per key (a power-of-two capacity doubling at 0.8
-// would leave it anywhere in [0.4, 0.8]: 15-30 B per key). Erase uses backward-shift deletion: no tombstones,
+// the low 32). Maximum load 0.7, then the capacity grows by 5/4 (a rehash), so the load stays in
+// [0.56, 0.7] whatever the key count: 17-22 B of index per key (a power-of-two capacity doubling at 0.7
+// would leave it anywhere in [0.35, 0.7]: 17-35 B per key). Why 0.7 and not 0.8: a hit probes
+// 0.5 * (1 + 1 / (1 - load)) slots on average, 2.5 at 0.75 and 1.8 at 0.6; the shorter probes made a
+// uniform pull ~7% faster and a uniform push ~4% (paired two-build runs at 10M keys, ~4 B more index per
+// key; docs/benchmarks.md, "Table", session 13). Erase uses backward-shift deletion: no tombstones,
 // so probe lengths do not degrade with churn.
 //
 // Guarantees: exception safety is strong for Insert (a failed rehash allocation throws bad_alloc and
@@ -70,7 +73,7 @@ class HashIndex {
   }
 
   // Hints the cache about the probe of a key looked up soon: the line of its home slot and the next
-  // one. A 12-byte slot straddles two lines now and then, and at load 0.64-0.8 a probe reads 2-3 slots
+  // one. A 12-byte slot straddles two lines now and then, and at load 0.56-0.7 a probe reads ~2 slots
   // on average, so a probe often ends in the next line; without it that line was a full-latency miss
   // in the middle of the lookup (a same-process A/B of the pull: 0.57x -> 0.65x of index_select).
   // always_inline: see Shard::PrefetchRecord (GCC deletes calls to a prefetch-only function it finds pure).
@@ -144,8 +147,8 @@ class HashIndex {
 
   void Rehash(size_t new_capacity);
   void Grow();  // Rehash to the next capacity (5/4 of this one; kMinCapacity when empty)
-  // Whether size keys plus the one about to be added pass the maximum load 0.8 of capacity.
-  static bool OverLoad(size_t size, size_t capacity) { return (size + 1) * 5 > capacity * 4; }
+  // Whether size keys plus the one about to be added pass the maximum load 0.7 of capacity.
+  static bool OverLoad(size_t size, size_t capacity) { return (size + 1) * 10 > capacity * 7; }
   // Before adding a key: grow if it would pass the maximum load (or there is no array yet).
   void GrowIfFull() {
     if (capacity_ == 0 || OverLoad(size_, capacity_)) Grow();
