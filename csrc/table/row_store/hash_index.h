@@ -3,8 +3,8 @@
 // HashIndex: an open-addressing map from a uint64 key to a uint32 value (the row's RowRef), one per shard.
 //
 // Why hand-written: the memory target is ~16 bytes of index per key on top of the row payload
-// (scripts/bench_table.py at 10M keys, dim 8, AdaGrad: 80.7 bytes/key with mf against a 72-byte
-// payload, 44.4 without mf; docs/benchmarks.md). std::unordered_map costs a heap node
+// (scripts/bench_table.py at 10M keys, dim 8, AdaGrad: 85.2 bytes/key with mf against a 72-byte
+// payload, 50.3 without mf; docs/benchmarks.md). std::unordered_map costs a heap node
 // per key (~40-60 bytes plus the bucket array) and a pointer chase per lookup; good open-addressing
 // maps (absl::flat_hash_map, ska, robin_hood) store key+value pairs with per-slot control bytes and
 // would have to be vendored, which this build cannot do (no network). This one is small enough to
