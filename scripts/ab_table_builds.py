@@ -7,10 +7,12 @@ keys, dim 8, AdaGrad on both parts, every row with mf), and then times the same 
 one call at a time, alternating which table goes first. Each line prints the median call rate of every
 build and the median of the per-call time ratios against the first build (> 1: faster than the first).
 
-Two things to know when reading it:
-  - an A/A run (the same .so twice) agrees within ~1%;
+Three things to know when reading it:
+  - an A/A run (two copies of one build directory; pybind11 refuses the same directory twice) agrees
+    within ~2% (0.983x-1.007x over the four workloads, session 13);
   - where a table's memory lands can move a build by a few % either way (the tables are filled in turns to
-    even that out): run both orders (A B, then B A) and count a change only if it holds in both.
+    even that out): run both orders (A B, then B A) and count a change only if it holds in both;
+  - between two different builds, code placement alone can move one by a few % as well.
 
 A build is a directory holding torch_psembed/_C*.so, for example a copy of the tree built in place:
 
@@ -47,8 +49,9 @@ def load_build(path: str, tag: str):
     """The `_C` module of the build in `path` (torch_psembed/_C*.so), loaded as `<tag>._C`.
 
     Each build needs its own module name: CPython keeps a single-phase extension module by name, so a
-    second file loaded as plain "_C" came back as the first build's module (sessions 12-13 compared
-    the first build with itself that way). The name's last part stays "_C" for the PyInit__C symbol.
+    second file loaded as plain "_C" comes back as the first build's module (the first version of this
+    script compared the first build with itself that way). The name's last part stays "_C" for the
+    PyInit__C symbol; the check below stops the run if a module is still not the build's own.
     """
     found = glob.glob(os.path.join(path, "torch_psembed", "_C*.so"))
     if not found:
@@ -79,10 +82,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     if args.builds:
+        if len({os.path.realpath(b) for b in args.builds}) != len(args.builds):
+            raise SystemExit("a build directory is given twice: pybind11 cannot load one .so twice; "
+                             "for an A/A run, copy the directory")
         builds = [(os.path.basename(os.path.normpath(b)), load_build(b, f"_ab_build{i}"))
                   for i, b in enumerate(args.builds)]
-        if len({id(m.Table) for _, m in builds}) != len(builds):
-            raise SystemExit("two builds share one Table class: the comparison would not be paired")
     else:
         from torch_psembed import _C
         builds = [("installed", _C)]

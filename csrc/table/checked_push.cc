@@ -64,7 +64,7 @@ Status CheckedPush(SparseTable* table, const PushArgs& a, size_t* skipped) {
     const size_t bc = AllCountsValid(a.clicks + begin, len) ? len : FirstBadCount(a.clicks + begin, len);
     if (bs < len) first_show[ch] = begin + bs;
     if (bc < len) first_click[ch] = begin + bc;
-    finite[ch] = AllFinite(a.grads + begin * gw, (end - begin) * gw) ? 1 : 0;
+    finite[ch] = AllFinite(a.grads + begin * gw, len * gw) ? 1 : 0;
   });
   const size_t bad_show = *std::min_element(first_show.begin(), first_show.end());
   if (bad_show < n) {
