@@ -328,6 +328,18 @@ def test_adagrad_show_scale_hand_numbers(show_scale):
     assert_match(table, ref, np.array([k]))
 
 
+def test_adagrad_squares_past_float32_range_keep_a_finite_mean():
+    # The block's squared gradients overflow float32 while their mean does not: the accumulator must
+    # hold that mean, as the float64 reference has it, not inf (the rule sums squares in float32).
+    ada = AdaGrad(learning_rate=0.5, initial_range=0.0, initial_g2sum=1.0, weight_bounds=(-10.0, 10.0))
+    table, ref = _one_key_table(ada, ada, show_scale=False)
+    _push1(table, ref, 7, [0.0, 0.0, 0.0], show=1.0)  # creates mf (threshold 0)
+    _push1(table, ref, 7, [0.0, 1.5e19, 1.5e19], show=1.0)
+    mf_row = table._backend.export("checkpoint")["mf"][0]
+    np.testing.assert_allclose(mf_row, [-10.0, -10.0, 2.25e38], rtol=1e-6)  # weights clipped, mean of squares
+    assert_match(table, ref, np.array([7]))
+
+
 def test_zero_show_uses_scale_one():
     ada = AdaGrad(learning_rate=0.5, initial_range=0.0, initial_g2sum=1.0)
     table, ref = _one_key_table(ada, ada, show_scale=True)

@@ -58,7 +58,14 @@ class AdaGradRule final : public SparseRule {
       w[i] = v;
       sum += gs * gs;
     }
-    state[0] = static_cast<float>(double{state[0]} + double{sum} / dim_);
+    double mean = double{sum} / dim_;
+    if (!std::isfinite(sum)) {
+      // The squares passed float32's range (|ĝ| > ~1.8e19); their mean may not have: redo it in double.
+      double s = 0.0;
+      for (int i = 0; i < dim_; ++i) s += double{g[i] * inv_scale} * double{g[i] * inv_scale};
+      mean = s / dim_;
+    }
+    state[0] = static_cast<float>(double{state[0]} + mean);
   }
 
  protected:
