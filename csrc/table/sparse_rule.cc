@@ -47,22 +47,20 @@ class AdaGradRule final : public SparseRule {
     const double g0 = options_.initial_g2sum;
     const float ratio = static_cast<float>(options_.learning_rate * std::sqrt(g0 / (g0 + double{state[0]})));
     const float inv_scale = static_cast<float>(1.0 / scale);
-    const float lo = static_cast<float>(options_.min_bound);
-    const float hi = static_cast<float>(options_.max_bound);
     float sum = 0.0f;
     for (int i = 0; i < dim_; ++i) {
       const float gs = g[i] * inv_scale;
-      float v = w[i] - gs * ratio;
-      v = !(v >= lo) ? lo : v;  // Bound()'s clip, NaN included, in float
-      v = !(v <= hi) ? hi : v;
-      w[i] = v;
+      w[i] = Bound(w[i] - gs * ratio);  // the float overload
       sum += gs * gs;
     }
     double mean = double{sum} / dim_;
     if (!std::isfinite(sum)) {
       // The squares passed float32's range (|ĝ| > ~1.8e19); their mean may not have: redo it in double.
       double s = 0.0;
-      for (int i = 0; i < dim_; ++i) s += double{g[i] * inv_scale} * double{g[i] * inv_scale};
+      for (int i = 0; i < dim_; ++i) {
+        const double gs = g[i] * inv_scale;
+        s += gs * gs;
+      }
       mean = s / dim_;
     }
     state[0] = static_cast<float>(double{state[0]} + mean);

@@ -43,6 +43,14 @@ class SparseRule {
     if (!(w <= options_.max_bound)) w = options_.max_bound;
     return w;
   }
+  // The same clip for float32 arithmetic, against the bounds rounded to float32.
+  float Bound(float w) const {
+    const float lo = static_cast<float>(options_.min_bound);
+    const float hi = static_cast<float>(options_.max_bound);
+    if (!(w >= lo)) w = lo;
+    if (!(w <= hi)) w = hi;
+    return w;
+  }
 
   static std::unique_ptr<SparseRule> Create(const RuleOptions& options, int dim);
 
