@@ -36,6 +36,7 @@ import dataclasses
 import glob
 import importlib.util
 import os
+import re
 import sys
 import time
 
@@ -62,6 +63,22 @@ def load_build(path: str, tag: str):
     if os.path.realpath(module.__file__) != os.path.realpath(found[0]):
         raise SystemExit(f"{path}: loading {found[0]} gave the module of {module.__file__}")
     return module
+
+
+def make_table(module, config: dict):
+    """module.Table(config); a build older than the config drops the keys it does not know (with a note).
+
+    Such keys only tune performance (spin_wait_us, say): the older build runs as it always did."""
+    config = dict(config)
+    while True:
+        try:
+            return module.Table(config)
+        except ValueError as e:
+            m = re.search(r"unknown key '([^']+)'", str(e))
+            if m is None or m.group(1) not in config:
+                raise
+            print(f"# {module.__name__}: this build has no config key {m.group(1)!r}; left out for it")
+            del config[m.group(1)]
 
 
 def main(argv=None) -> int:
@@ -96,7 +113,7 @@ def main(argv=None) -> int:
         for shards in shard_counts:
             names.append(name if len(shard_counts) == 1 else f"{name}/s{shards}")
             config = dataclasses.replace(bt.make_config(args.dim, 0.0), num_shards=shards)
-            tables.append(module.Table(config.to_dict()))
+            tables.append(make_table(module, config.to_dict()))
     keys = bt.all_keys(args.keys)
     # Filled in turns, 100k keys at a time, so that no table's memory is all older (or all younger)
     # than another's.

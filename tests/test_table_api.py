@@ -265,6 +265,8 @@ def test_pull_validation(make_c_table):
         (lambda d: d.update(dim=0), ValueError, ["dim"]),
         (lambda d: d.update(num_shards=0), ValueError, ["num_shards"]),
         (lambda d: d.update(nan_policy="ignore"), ValueError, ["nan_policy"]),
+        (lambda d: d.update(spin_wait_us=-1), ValueError, ["spin_wait_us"]),
+        (lambda d: d.update(spin_wait_us=True), TypeError, ["spin_wait_us"]),
         (lambda d: d.update(extra=1), ValueError, ["extra"]),
         (lambda d: d["accessor"].update(nonclk_coef=0.1), ValueError, ["nonclk_coef"]),
         (lambda d: d["accessor"].update(show_click_decay_rate=1.5), ValueError, ["show_click_decay_rate"]),
@@ -284,6 +286,21 @@ def test_config_validation(patch, exc, words):
         assert w in str(info.value)
     with pytest.raises(TypeError):
         _C.Table([("dim", 4)])
+
+
+@pytest.mark.parametrize("bad", [-1, 1_000_001, 2.5, True, "50"])
+def test_table_config_refuses_a_bad_spin_wait(bad):
+    with pytest.raises(ValueError, match="spin_wait_us"):
+        TableConfig(spin_wait_us=bad)
+
+
+def test_table_config_spin_wait_round_trips():
+    cfg = TableConfig(spin_wait_us=0)
+    assert cfg.to_dict()["spin_wait_us"] == 0
+    assert TableConfig.from_dict(cfg.to_dict()) == cfg
+    old = TableConfig().to_dict()
+    del old["spin_wait_us"]  # a manifest written before the option existed
+    assert TableConfig.from_dict(old).spin_wait_us == 50
 
 
 def test_all_rules_accept_their_to_dict():
@@ -382,11 +399,13 @@ def test_admission_counts_and_is_deterministic(make_c_table):
 def test_big_calls_are_bitwise_the_same_on_any_number_of_threads(make_c_table):
     # Past 4,096 keys a call runs on the pool and partitions its keys by shard in one chunk per thread:
     # every thread count must sum a key's duplicates in input order, keep the last slot, skip the same NaN
-    # rows and pull the same rows, bit for bit.
+    # rows and pull the same rows, bit for bit; whether the pool's threads poll or sleep between steps
+    # (spin_wait_us) changes nothing either.
     rng = np.random.default_rng(11)
     acc = CtrAccessorConfig(embedx_threshold=0.5)
-    tables = [make_c_table(dim=4, accessor=acc, seed=3, num_threads=n, num_shards=8, nan_policy="skip")
-              for n in (1, 2, 4)]
+    tables = [make_c_table(dim=4, accessor=acc, seed=3, num_threads=n, num_shards=8, nan_policy="skip",
+                           spin_wait_us=spin)
+              for n, spin in ((1, 50), (2, 50), (4, 50), (2, 0), (4, 100_000))]
     universe = rng.integers(-(2**63), 2**63 - 1, 3000, dtype=np.int64)
     for _ in range(3):
         n = 30_000

@@ -199,6 +199,11 @@ class TableConfig:
         seed (int): seed of the counter-based generator for initial values and admission draws.
         num_shards (int): internal shards (hash maps with their own lock). Default: 64.
         num_threads (int): threads used by one pull/push call; 0 means the cores available.
+        spin_wait_us (int): microseconds the table's threads poll for more work before sleeping,
+            after each parallel step of a call (default 50: with 2 threads, back-to-back pulls and
+            pushes ran 0-9% faster, ~4% typically, than sleeping at once). 0 sleeps at once: use it
+            where busy threads outnumber the cores (several ranks per machine, each with a
+            multi-threaded table).
         nan_policy (str): ``"raise"`` (default) rejects a push with a NaN/Inf gradient;
             ``"skip"`` drops those rows and counts them in ``stats()["rejected"]``.
     """
@@ -210,6 +215,7 @@ class TableConfig:
     seed: int = 0
     num_shards: int = 64
     num_threads: int = 0
+    spin_wait_us: int = 50
     nan_policy: str = "raise"
 
     def __post_init__(self) -> None:
@@ -229,6 +235,9 @@ class TableConfig:
             raise ValueError(f"TableConfig.num_shards must be an int in [1, 65536], got {self.num_shards!r}")
         if not isinstance(self.num_threads, int) or self.num_threads < 0:
             raise ValueError(f"TableConfig.num_threads must be an int >= 0, got {self.num_threads!r}")
+        if not isinstance(self.spin_wait_us, int) or isinstance(self.spin_wait_us, bool) \
+                or not 0 <= self.spin_wait_us <= 1_000_000:
+            raise ValueError(f"TableConfig.spin_wait_us must be an int in [0, 1000000], got {self.spin_wait_us!r}")
         if self.nan_policy not in _NAN_POLICIES:
             raise ValueError(f"TableConfig.nan_policy must be one of {_NAN_POLICIES}, got {self.nan_policy!r}")
 
@@ -242,6 +251,7 @@ class TableConfig:
             "seed": self.seed,
             "num_shards": self.num_shards,
             "num_threads": self.num_threads,
+            "spin_wait_us": self.spin_wait_us,
             "nan_policy": self.nan_policy,
         }
 
@@ -255,6 +265,7 @@ class TableConfig:
             seed=d.get("seed", 0),
             num_shards=d.get("num_shards", 64),
             num_threads=d.get("num_threads", 0),
+            spin_wait_us=d.get("spin_wait_us", 50),
             nan_policy=d.get("nan_policy", "raise"),
         )
 

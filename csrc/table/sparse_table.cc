@@ -129,7 +129,7 @@ struct SparseTable::Partition {
 SparseTable::SparseTable(const TableOptions& options) : accessor_(options) {
   shards_.reserve(options.num_shards);
   for (int i = 0; i < options.num_shards; ++i) shards_.push_back(std::make_unique<Shard>(&accessor_, &arena_));
-  pool_ = std::make_unique<ThreadPool>(options.num_threads);
+  pool_ = std::make_unique<ThreadPool>(options.num_threads, options.spin_wait_us);
   parallelism_.store(pool_->num_threads(), std::memory_order_relaxed);
 }
 

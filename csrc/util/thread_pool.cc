@@ -6,19 +6,48 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <exception>
 
 namespace psembed {
 
+namespace {
+
+// A hint to the core that this is a polling loop (x86 PAUSE, AArch64 YIELD): it saves power and
+// lets the other hyperthread run.
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// Polls ready() until it is true or `micros` have passed; returns its last value.
+template <typename Ready>
+bool PollFor(int micros, Ready&& ready) {
+  if (micros <= 0) return ready();
+  const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(micros);
+  for (;;) {
+    if (ready()) return true;
+    if (std::chrono::steady_clock::now() >= until) return ready();
+    for (int i = 0; i < 16; ++i) CpuRelax();
+  }
+}
+
+}  // namespace
+
 // One ParallelFor call. Indices are claimed with fetch_add (relaxed is enough: the claim itself
-// carries no data); `done` is counted under mu so the caller's wait sees every task's writes.
+// carries no data). `done` is written under mu, so the caller's condition-variable wait cannot miss the
+// last task; it is atomic only so that the caller may poll it without mu. The caller takes mu after
+// polling all the same (to read `error`), and that orders every task's writes before its return.
 struct ThreadPool::Loop {
   size_t n = 0;
   const std::function<void(size_t)>* fn = nullptr;
   std::atomic<size_t> next{0};
   std::mutex mu;
   std::condition_variable cv;
-  size_t done = 0;               // guarded by mu
+  std::atomic<size_t> done{0};   // written under mu
   std::exception_ptr error;      // guarded by mu: the first exception a task threw
 
   // Runs claimed indices until none remain. A throwing task still counts as done (so the caller's
@@ -39,13 +68,15 @@ struct ThreadPool::Loop {
     if (mine > 0) {
       std::lock_guard<std::mutex> l(mu);
       if (first && !error) error = first;
-      done += mine;
-      if (done == n) cv.notify_all();
+      const size_t now_done = done.load(std::memory_order_relaxed) + mine;
+      done.store(now_done, std::memory_order_relaxed);
+      if (now_done == n) cv.notify_all();
     }
   }
 };
 
-ThreadPool::ThreadPool(int num_threads) : owner_pid_(static_cast<int>(getpid())), shared_(new Shared) {
+ThreadPool::ThreadPool(int num_threads, int spin_micros)
+    : owner_pid_(static_cast<int>(getpid())), spin_micros_(std::max(0, spin_micros)), shared_(new Shared) {
   if (num_threads <= 0) num_threads = static_cast<int>(std::thread::hardware_concurrency());
   if (num_threads <= 0) num_threads = 1;
   num_threads_ = num_threads;
@@ -76,11 +107,15 @@ void ThreadPool::WorkerMain() {
     std::shared_ptr<Loop> loop;
     {
       Shared& sh = *shared_;
+      // Poll before sleeping: the next loop of the same call usually comes within microseconds. (A
+      // pool being destroyed meanwhile waits at most spin_micros_ longer for this worker.)
+      PollFor(spin_micros_, [&sh] { return sh.queued.load(std::memory_order_relaxed) > 0; });
       std::unique_lock<std::mutex> l(sh.mu);
       sh.cv.wait(l, [&sh] { return sh.stop || !sh.queue.empty(); });
       if (sh.queue.empty()) return;  // stop and nothing left
       loop = std::move(sh.queue.front());
       sh.queue.pop_front();
+      sh.queued.store(sh.queue.size(), std::memory_order_relaxed);
     }
     loop->Work();
   }
@@ -108,6 +143,7 @@ void ThreadPool::ParallelFor(size_t n, const std::function<void(size_t)>& fn, in
   {
     std::lock_guard<std::mutex> l(shared_->mu);
     for (size_t i = 0; i < helpers; ++i) shared_->queue.push_back(loop);
+    shared_->queued.store(shared_->queue.size(), std::memory_order_relaxed);
   }
   if (helpers == 1) {
     shared_->cv.notify_one();
@@ -115,8 +151,9 @@ void ThreadPool::ParallelFor(size_t n, const std::function<void(size_t)>& fn, in
     shared_->cv.notify_all();
   }
   loop->Work();
-  std::unique_lock<std::mutex> l(loop->mu);
-  loop->cv.wait(l, [&] { return loop->done == n; });
+  PollFor(spin_micros_, [&] { return loop->done.load(std::memory_order_relaxed) == n; });
+  std::unique_lock<std::mutex> l(loop->mu);  // see Loop: orders the tasks' writes, guards error
+  loop->cv.wait(l, [&] { return loop->done.load(std::memory_order_relaxed) == n; });
   // A helper that pops `loop` later finds no index left and never touches fn.
   if (loop->error) std::rethrow_exception(loop->error);
 }

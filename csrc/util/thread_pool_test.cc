@@ -1,7 +1,8 @@
 // Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
 //
 // ThreadPool: every index runs exactly once, and a task's exception reaches the caller (never
-// std::terminate on a worker), so a std::bad_alloc inside a table call becomes a Python MemoryError.
+// std::terminate on a worker), so a std::bad_alloc inside a table call becomes a Python MemoryError;
+// whether the threads poll or sleep between loops changes neither.
 
 #include "util/thread_pool.h"
 
@@ -9,9 +10,11 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <memory>
 #include <new>
 #include <stdexcept>
+#include <thread>
 #include <vector>
 
 #include "util/testharness.h"
@@ -20,12 +23,46 @@ namespace psembed {
 namespace {
 
 void TestEveryIndexRunsOnce() {
-  ThreadPool pool(4);
-  for (size_t n : {0u, 1u, 3u, 1000u}) {
-    std::vector<std::atomic<int>> hits(n);
-    pool.ParallelFor(n, [&](size_t i) { hits[i].fetch_add(1, std::memory_order_relaxed); });
-    for (size_t i = 0; i < n; ++i) CHECK_EQ(hits[i].load(), 1);
+  for (int spin : {0, ThreadPool::kDefaultSpinMicros, 20000}) {
+    ThreadPool pool(4, spin);
+    for (size_t n : {0u, 1u, 3u, 1000u}) {
+      std::vector<std::atomic<int>> hits(n);
+      pool.ParallelFor(n, [&](size_t i) { hits[i].fetch_add(1, std::memory_order_relaxed); });
+      for (size_t i = 0; i < n; ++i) CHECK_EQ(hits[i].load(), 1);
+    }
   }
+}
+
+// The caller may end its wait by polling the loop's done count instead of on the condition variable:
+// the tasks' plain (non-atomic) writes must still be visible to it when ParallelFor returns (TSan
+// reports a race if nothing orders them before the caller's reads).
+void TestPollingCallerSeesEveryTaskWrite() {
+  ThreadPool pool(4, 20000);  // a poll long enough to end every wait below
+  std::vector<int> out(256);
+  for (int round = 0; round < 200; ++round) {
+    pool.ParallelFor(out.size(), [&](size_t i) { out[i] = round * 1000 + static_cast<int>(i); });
+    for (size_t i = 0; i < out.size(); ++i) CHECK_EQ(out[i], round * 1000 + static_cast<int>(i));
+  }
+}
+
+// Loops further apart than the poll: the workers have gone to sleep each time and must be woken.
+void TestWorkersSleepingPastThePollAreWoken() {
+  ThreadPool pool(2, 100);
+  const std::thread::id caller = std::this_thread::get_id();
+  bool helped = false;
+  for (int round = 0; round < 5; ++round) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    std::vector<std::atomic<int>> hits(32);
+    std::atomic<bool> other{false};
+    pool.ParallelFor(hits.size(), [&](size_t i) {
+      if (std::this_thread::get_id() != caller) other.store(true);
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));  // time for a woken worker to join
+      hits[i].fetch_add(1);
+    });
+    for (auto& h : hits) CHECK_EQ(h.load(), 1);
+    helped = helped || other.load();
+  }
+  CHECK(helped);  // 160 ms of tasks over 5 loops: the worker woke for at least one
 }
 
 void TestExceptionReachesTheCaller() {
@@ -82,6 +119,8 @@ void TestUsableAndDestructibleInAForkedChild() {
 
 int main() {
   RUN_TEST(psembed::TestEveryIndexRunsOnce);
+  RUN_TEST(psembed::TestPollingCallerSeesEveryTaskWrite);
+  RUN_TEST(psembed::TestWorkersSleepingPastThePollAreWoken);
   RUN_TEST(psembed::TestExceptionReachesTheCaller);
 #if defined(__SANITIZE_THREAD__)
   // TSan does not support a child of a multithreaded process running on (it may hang or report).
