@@ -26,7 +26,7 @@ shard count for each build given (with no build given, the installed torch_psemb
 
   python scripts/ab_table_builds.py --num-shards 64,8,4
 
-Options: --keys, --threads, --passes, --dist uniform,zipf, --ops pull,push, --num-shards (see --help).
+Options: --keys, --threads, --passes, --dist uniform,zipf, --ops pull,push, --num-shards, --rule (see --help).
 """
 
 from __future__ import annotations
@@ -65,6 +65,21 @@ def load_build(path: str, tag: str):
     return module
 
 
+def _rule_pair(cls):
+    """The lr and mf rules of one class, initialised as the benchmark's AdaGrad pair is."""
+    return lambda: (cls(initial_range=0.0), cls(initial_range=1e-4))
+
+
+def _rules():
+    from torch_psembed.config import FTRL, SGD, AdaGrad, Adam, StdAdaGrad
+
+    return {"adagrad": _rule_pair(AdaGrad), "stdadagrad": _rule_pair(StdAdaGrad), "adam": _rule_pair(Adam),
+            "ftrl": _rule_pair(FTRL), "sgd": _rule_pair(SGD)}
+
+
+RULES = _rules()
+
+
 def make_table(module, config: dict):
     """module.Table(config); a build older than the config drops the keys it does not know (with a note).
 
@@ -94,6 +109,8 @@ def main(argv=None) -> int:
     p.add_argument("--dist", default="uniform,zipf")
     p.add_argument("--ops", default="pull,push")
     p.add_argument("--zipf", type=float, default=1.1)
+    p.add_argument("--rule", default="adagrad", choices=sorted(RULES),
+                   help="sparse rule of both parts (default adagrad, as the benchmark)")
     p.add_argument("--num-shards", default=str(bt.make_config(8, 0.0).num_shards),
                    help="comma-separated shard counts: one table per count and build (default: the default config's)")
     args = p.parse_args(argv)
@@ -112,7 +129,9 @@ def main(argv=None) -> int:
     for name, module in builds:
         for shards in shard_counts:
             names.append(name if len(shard_counts) == 1 else f"{name}/s{shards}")
-            config = dataclasses.replace(bt.make_config(args.dim, 0.0), num_shards=shards)
+            lr_rule, mf_rule = RULES[args.rule]()
+            config = dataclasses.replace(bt.make_config(args.dim, 0.0), num_shards=shards, lr_optimizer=lr_rule,
+                                         mf_optimizer=mf_rule)
             tables.append(make_table(module, config.to_dict()))
     keys = bt.all_keys(args.keys)
     # Filled in turns, 100k keys at a time, so that no table's memory is all older (or all younger)

@@ -384,6 +384,28 @@ def test_ftrl_hand_numbers_l1_zero_and_clip():
     assert_match(table, ref, np.array([5]))
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # the reference's n = inf
+def test_ftrl_gradient_past_float32_squares_keeps_z_finite():
+    # |g| = 3e19: g² overflows float32. Such a row takes the rule's double loop (its float32 loop would
+    # compute sigma = inf / inf and store z = NaN): z = g, n = inf as stored, and w from the stored z and
+    # n, as the reference has it: -(z - l1) / ((beta + sqrt(inf)) / alpha) = 0.
+    ftrl = FTRL(learning_rate=1.0, initial_range=0.0, alpha=0.5, beta=1.0, l1=1.0, l2=0.0, weight_bounds=(-10, 10))
+    table, ref = _one_key_table(ftrl, SGD(learning_rate=0.0), show_scale=False)
+    _push1(table, ref, 6, [3e19, 0, 0], show=1.0)
+    b = table._backend.export("checkpoint")["base"][0]
+    np.testing.assert_allclose(b[5:7], [0.0, 3e19], rtol=1e-6)
+    assert np.isinf(b[7])
+    assert_match(table, ref, np.array([6]))
+    # With n = inf the document's form (sqrt(n + g²) - sqrt(n)) / alpha is inf - inf = NaN (so is the
+    # reference's); the rule's g² / (sqrt(n + g²) + sqrt(n)) / alpha is 0, and z stays finite.
+    for g in (1.0, 2e19):  # the float32 loop, then the double one
+        table._backend.push(np.array([6]), np.array([[g, 0, 0]], np.float32), np.ones(1, np.float32),
+                            np.zeros(1, np.float32))
+    b = table._backend.export("checkpoint")["base"][0]
+    np.testing.assert_allclose(b[5:7], [0.0, 3e19 + 1.0 + 2e19], rtol=1e-6)
+    assert np.isinf(b[7])
+
+
 def test_std_adagrad_per_dim_and_sgd_raw():
     std = StdAdaGrad(learning_rate=1.0, initial_range=0.0, initial_g2sum=1.0, weight_bounds=(-100, 100))
     table, ref = _one_key_table(SGD(learning_rate=0.25, initial_range=0.0), std, show_scale=True)

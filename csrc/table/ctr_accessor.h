@@ -8,7 +8,7 @@
 // caller protects with the shard mutex.
 //
 // Numerics: scores and rule arithmetic are computed in double from the stored float32 values and
-// rounded to float32 once when stored (AdaGrad's per-weight loop excepted: sparse_rule.h).
+// rounded to float32 once when stored (AdaGrad's and FTRL's per-weight loops excepted: sparse_rule.h).
 
 #ifndef PSEMBED_TABLE_CTR_ACCESSOR_H_
 #define PSEMBED_TABLE_CTR_ACCESSOR_H_

@@ -128,11 +128,61 @@ class AdamRule final : public SparseRule {
 // FTRL-Proximal, per coordinate z, n; raw gradient:
 // sigma = (sqrt(n + g²) - sqrt(n)) / alpha; z += g - sigma w; n += g²;
 // w = 0 if |z| <= l1 else -(z - sign(z) l1) / ((beta + sqrt(n)) / alpha + l2); then clipped.
+// sigma is computed as g² / (sqrt(n + g²) + sqrt(n)) / alpha: the same value, without subtracting two
+// close square roots (in float32 that difference is 0 whenever g² < n * 2^-23).
+// The per-weight loop runs in float32: three square roots and two divisions a weight made the
+// rule's double loop the bottleneck of an FTRL push (1.4x-1.8x faster pushes in float32, paired
+// two-build runs; docs/benchmarks.md, "Table", session 15). A row whose gradient passes
+// kFloatLoopMaxGrad takes the double loop, so that no square overflows float32 where double's did not.
 class FtrlRule final : public SparseRule {
  public:
   using SparseRule::SparseRule;
   int StateDim() const override { return 2 * dim_; }
   void Update(float* w, float* state, const float* g, double) const override {
+    if (FitsFloatLoop(g)) {
+      UpdateFloat(w, state, g);
+    } else {
+      UpdateDouble(w, state, g);
+    }
+  }
+
+ protected:
+  void InitState(float* state) const override {
+    for (int i = 0; i < 2 * dim_; ++i) state[i] = 0.0f;
+  }
+
+ private:
+  static constexpr float kFloatLoopMaxGrad = 1e18f;  // its square stays far inside float32's ~3.4e38
+
+  bool FitsFloatLoop(const float* g) const {
+    bool fits = true;
+    for (int i = 0; i < dim_; ++i) fits &= std::fabs(g[i]) <= kFloatLoopMaxGrad;  // g is finite (checked)
+    return fits;
+  }
+
+  void UpdateFloat(float* w, float* state, const float* g) const {
+    float* z = state;
+    float* n = state + dim_;
+    const float inv_alpha = static_cast<float>(1.0 / options_.alpha);
+    const float l1 = static_cast<float>(options_.l1), l2 = static_cast<float>(options_.l2);
+    const float beta = static_cast<float>(options_.beta);
+    for (int i = 0; i < dim_; ++i) {
+      const float gi = g[i];
+      const float g2 = gi * gi;
+      const float nn = n[i] + g2;
+      const float root_nn = std::sqrt(nn);
+      const float roots = root_nn + std::sqrt(n[i]);
+      const float sigma = roots > 0.0f ? g2 / roots * inv_alpha : 0.0f;  // g = n = 0: sigma = 0
+      const float zi = z[i] + gi - sigma * w[i];
+      const float shrunk = zi - std::copysign(l1, zi);
+      const float wi = std::fabs(zi) > l1 ? -shrunk / ((beta + root_nn) * inv_alpha + l2) : 0.0f;
+      z[i] = zi;
+      n[i] = nn;
+      w[i] = Bound(wi);  // the float overload
+    }
+  }
+
+  void UpdateDouble(float* w, float* state, const float* g) const {
     float* z = state;
     float* n = state + dim_;
     const double alpha = options_.alpha;
@@ -140,22 +190,19 @@ class FtrlRule final : public SparseRule {
       const double gi = g[i];
       const double ni = n[i];
       const double nn = ni + gi * gi;
-      const double sigma = (std::sqrt(nn) - std::sqrt(ni)) / alpha;
-      const double zi = z[i] + gi - sigma * w[i];
-      double wi = 0.0;
-      if (std::fabs(zi) > options_.l1) {
-        const double sgn = zi < 0 ? -1.0 : 1.0;
-        wi = -(zi - sgn * options_.l1) / ((options_.beta + std::sqrt(nn)) / alpha + options_.l2);
-      }
-      z[i] = static_cast<float>(zi);
+      const double roots = std::sqrt(nn) + std::sqrt(ni);
+      const double sigma = roots > 0.0 ? gi * gi / roots / alpha : 0.0;
+      // w from z and n as stored (float32), as the float loop has them: n may have overflowed to inf.
+      z[i] = static_cast<float>(z[i] + gi - sigma * w[i]);
       n[i] = static_cast<float>(nn);
+      const double zs = z[i], ns = n[i];
+      double wi = 0.0;
+      if (std::fabs(zs) > options_.l1) {
+        const double sgn = zs < 0 ? -1.0 : 1.0;
+        wi = -(zs - sgn * options_.l1) / ((options_.beta + std::sqrt(ns)) / alpha + options_.l2);
+      }
       w[i] = static_cast<float>(Bound(wi));
     }
-  }
-
- protected:
-  void InitState(float* state) const override {
-    for (int i = 0; i < 2 * dim_; ++i) state[i] = 0.0f;
   }
 };
 

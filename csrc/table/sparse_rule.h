@@ -2,8 +2,8 @@
 //
 // Sparse rules: the per-row optimizers applied on push. One class per rule, one interface.
 // Each rule owns a block of `dim` weights plus StateDim() floats of state, stored float32.
-// Arithmetic is done in double and rounded to float32 once per stored value, except AdaGrad's
-// per-weight loop, which runs in float32 (sparse_rule.cc says why).
+// Arithmetic is done in double and rounded to float32 once per stored value, except the per-weight
+// loops of AdaGrad and FTRL, which run in float32 (sparse_rule.cc says why).
 //
 // Thread safety: rules are immutable after construction; Init/Update only touch the row they are
 // given, which the caller protects (shard mutex).
