@@ -103,9 +103,7 @@ void Shard::Push(const MergedPush* items, size_t n, bool has_slots, uint64_t pus
   for (size_t j = 0; j < n; ++j) {
     if (j + kAhead < n) {
       if (records[j + kAhead] != nullptr) PrefetchRecordAt(records[j + kAhead], RowRef::HasMf(refs[j + kAhead]), 1);
-      const char* g = reinterpret_cast<const char*>(items[j + kAhead].grad);
-      __builtin_prefetch(g);
-      __builtin_prefetch(g + grad_bytes - 1);
+      PrefetchBytes(items[j + kAhead].grad, grad_bytes);
     }
     const MergedPush& it = items[j];
     uint32_t ref = refs[j];

@@ -29,6 +29,7 @@
 #include "table/row_store/slab_pool.h"
 #include "util/hash.h"
 #include "util/mutex.h"
+#include "util/prefetch.h"
 
 namespace psembed {
 
@@ -144,7 +145,7 @@ class Shard {
   // needed beyond that: nothing else writes rows, so any number of threads may read at once.
   const RowHeader* ExportRow(uint32_t ref) const NO_THREAD_SAFETY_ANALYSIS { return Row(ref); }
   const float* ExportMf(uint32_t ref, const RowHeader* h) const NO_THREAD_SAFETY_ANALYSIS { return MfOf(ref, h); }
-  // Hints the cache that the record of ref is read (rw = 0) or written (rw = 1) soon: both ends of it.
+  // Hints the cache that the record of ref is read (rw = 0) or written (rw = 1) soon: all of it.
   // always_inline: GCC 12 finds a function whose only effect is a prefetch "pure" and deletes calls
   // to it that it has not inlined yet (the record prefetches of Pull and Push vanished that way).
   __attribute__((always_inline)) void PrefetchRecord(uint32_t ref, int rw = 0) const NO_THREAD_SAFETY_ANALYSIS {
@@ -154,16 +155,12 @@ class Shard {
  private:
   static_assert(SlabPool::kMaxRecords <= RowRef::kMaxRecords, "a pool index must fit a RowRef");
 
-  // PrefetchRecord of the record at h (has_mf: a long one).
+  // PrefetchRecord of the record at h (has_mf: a long one): every line of it (util/prefetch.h).
   __attribute__((always_inline)) void PrefetchRecordAt(const RowHeader* h, bool has_mf, int rw) const {
-    const char* r = reinterpret_cast<const char*>(h);
-    const size_t last = layout_.record_bytes(has_mf) - 1;
     if (rw) {
-      __builtin_prefetch(r, 1);
-      __builtin_prefetch(r + last, 1);
+      PrefetchBytes<1>(h, layout_.record_bytes(has_mf));
     } else {
-      __builtin_prefetch(r);
-      __builtin_prefetch(r + last);
+      PrefetchBytes<0>(h, layout_.record_bytes(has_mf));
     }
   }
   // records[j] = the record of refs[j] (nullptr for kNotFound). A pass of its own, between the index

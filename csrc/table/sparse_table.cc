@@ -18,6 +18,7 @@
 #include "util/crc32.h"
 #include "util/file_syncer.h"
 #include "util/hash.h"
+#include "util/prefetch.h"
 
 namespace psembed {
 
@@ -66,9 +67,7 @@ size_t MergeDuplicates(const uint64_t* keys, const uint64_t* hashes, const uint3
   for (size_t j = 0; j < cnt; ++j) {
     if (j + kAhead < cnt) {  // both ends: a gradient row (36 bytes at dim 8) straddles two lines half the time
       const uint32_t pa = pos[j + kAhead];
-      const float* ahead = grads + static_cast<size_t>(pa) * gw;
-      __builtin_prefetch(ahead);
-      __builtin_prefetch(ahead + gw - 1);
+      PrefetchBytes(grads + static_cast<size_t>(pa) * gw, gw * sizeof(float));
       // A shard's run reads shows and clicks at positions ~64 apart, a new line each time. A timing build
       // alternating calls with and without these on one table: the merge of a uniform push 45-73 -> 44-62
       // cycles a key (1-11 less), of a Zipf push 0.2-3 less (docs/benchmarks.md, "Table", session 12).
@@ -498,14 +497,8 @@ void SparseTable::Export(ExportMode mode, uint32_t buckets, int64_t bucket, Expo
     for (size_t i = Split(n, parts, p), e = Split(n, parts, p + 1); i < e; ++i) {
       if (i + kAhead < e) {  // the reads are random: overlap their misses
         const uint32_t ahead = kp[i + kAhead].pos;
-        const char* b = reinterpret_cast<const char*>(&base[static_cast<size_t>(ahead) * bw]);
-        __builtin_prefetch(b);
-        __builtin_prefetch(b + bw * sizeof(float) - 1);
-        if (has_mf[ahead]) {
-          const char* f = reinterpret_cast<const char*>(&mf[static_cast<size_t>(mf_of[ahead]) * mw]);
-          __builtin_prefetch(f);
-          __builtin_prefetch(f + mw * sizeof(float) - 1);
-        }
+        PrefetchBytes(&base[static_cast<size_t>(ahead) * bw], bw * sizeof(float));
+        if (has_mf[ahead]) PrefetchBytes(&mf[static_cast<size_t>(mf_of[ahead]) * mw], mw * sizeof(float));
       }
       const uint32_t src = kp[i].pos;
       out->keys[i] = kp[i].key;

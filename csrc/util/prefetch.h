@@ -1,0 +1,36 @@
+// Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
+//
+// PrefetchBytes: hints the cache about every 64-byte line of a small object read (or written) soon.
+//
+// Why not just its first and last byte: that covers an object of up to two lines, such as a dim-8
+// AdaGrad record (64 bytes) or a gradient row of dim 8 (36 bytes), but an Adam record (144 bytes at dim 8)
+// or a dim-32 row spans three to five lines, and the ones in between were then demand misses in the
+// middle of the update (docs/benchmarks.md, "Table", session 15). Objects of up to two lines get the
+// same two prefetches as before.
+//
+// always_inline: GCC 12 finds a function whose only effect is a prefetch "pure" and deletes calls to it
+// that it has not inlined (the record prefetches of Pull and Push once vanished that way).
+
+#ifndef PSEMBED_UTIL_PREFETCH_H_
+#define PSEMBED_UTIL_PREFETCH_H_
+
+#include <cstddef>
+
+namespace psembed {
+
+constexpr size_t kCacheLineBytes = 64;
+
+// Prefetches the lines of [p, p + bytes), bytes > 0; kWrite: for writing (rw = 1 of __builtin_prefetch).
+template <int kWrite = 0>
+__attribute__((always_inline)) inline void PrefetchBytes(const void* p, size_t bytes) {
+  const char* first = static_cast<const char*>(p);
+  const char* last = first + bytes - 1;
+  __builtin_prefetch(first, kWrite);
+  // Each step lands in the next line; the first step at or past `last` is not needed: `last` is next.
+  for (const char* q = first + kCacheLineBytes; q < last; q += kCacheLineBytes) __builtin_prefetch(q, kWrite);
+  __builtin_prefetch(last, kWrite);
+}
+
+}  // namespace psembed
+
+#endif  // PSEMBED_UTIL_PREFETCH_H_
