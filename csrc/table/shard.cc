@@ -57,10 +57,11 @@ bool Shard::Pull(const uint64_t* keys, const uint64_t* hashes, const uint32_t* p
   // Phase 1: index lookups.
   FindRows(index_, n, [keys](size_t j) { return keys[j]; }, [hashes](size_t j) { return hashes[j]; }, refs);
   RecordsOf(refs, n, records);
-  // Phase 2: the records (stats, lr_w, and the mf part of a long record), prefetched kAhead keys ahead.
+  // Phase 2: the records (stats, lr_w, and the mf weights of a long record), prefetched kAhead keys ahead:
+  // only the part a pull reads (an Adam record's moments would be a line or more of waste).
   for (size_t j = 0; j < n; ++j) {
     if (j + kAhead < n && records[j + kAhead] != nullptr) {
-      PrefetchRecordAt(records[j + kAhead], RowRef::HasMf(refs[j + kAhead]), 0);
+      PrefetchBytes(records[j + kAhead], layout_.pulled_bytes(RowRef::HasMf(refs[j + kAhead])));
     }
     float* o = out + static_cast<size_t>(pos[j]) * width;
     const uint32_t ref = refs[j];

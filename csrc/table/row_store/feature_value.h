@@ -68,6 +68,9 @@ class RowLayout {
   size_t base_bytes() const { return sizeof(RowHeader) + sizeof(float) * lr_width(); }
   size_t mf_bytes() const { return sizeof(float) * mf_width(); }
   size_t record_bytes(bool has_mf) const { return base_bytes() + (has_mf ? mf_bytes() : 0); }
+  // The leading bytes of a record that a pull reads: the header, the lr block, the mf weights (not the
+  // mf rule's state that follows them).
+  size_t pulled_bytes(bool has_mf) const { return base_bytes() + (has_mf ? sizeof(float) * dim_ : 0); }
 
   static float* Lr(RowHeader* h) { return reinterpret_cast<float*>(h + 1); }
   static const float* Lr(const RowHeader* h) { return reinterpret_cast<const float*>(h + 1); }
