@@ -148,7 +148,7 @@ void SparseTable::ForEachChunk(size_t n, size_t chunks, const std::function<void
   if (chunks == 1) {
     run(0);
   } else {
-    pool_->ParallelFor(chunks, run, num_threads());
+    pool_->ParallelFor(chunks, run, num_threads(), /*more_loops_follow=*/true);
   }
 }
 

@@ -49,6 +49,7 @@ struct ThreadPool::Loop {
   std::condition_variable cv;
   std::atomic<size_t> done{0};   // written under mu
   std::exception_ptr error;      // guarded by mu: the first exception a task threw
+  bool more_loops_follow = false;  // set before the loop is queued
 
   // Runs claimed indices until none remain. A throwing task still counts as done (so the caller's
   // wait ends); its exception is kept for the caller instead of reaching std::terminate on a worker.
@@ -103,13 +104,14 @@ ThreadPool::~ThreadPool() {
 }
 
 void ThreadPool::WorkerMain() {
+  int poll_micros = 0;  // after a loop whose caller said another follows: spin_micros_
   for (;;) {
     std::shared_ptr<Loop> loop;
     {
       Shared& sh = *shared_;
-      // Poll before sleeping: the next loop of the same call usually comes within microseconds. (A
-      // pool being destroyed meanwhile waits at most spin_micros_ longer for this worker.)
-      PollFor(spin_micros_, [&sh] { return sh.queued.load(std::memory_order_relaxed) > 0; });
+      // The next loop of the same call usually comes within microseconds. (A pool being destroyed
+      // meanwhile waits at most spin_micros_ longer for this worker.)
+      PollFor(poll_micros, [&sh] { return sh.queued.load(std::memory_order_relaxed) > 0; });
       std::unique_lock<std::mutex> l(sh.mu);
       sh.cv.wait(l, [&sh] { return sh.stop || !sh.queue.empty(); });
       if (sh.queue.empty()) return;  // stop and nothing left
@@ -118,10 +120,12 @@ void ThreadPool::WorkerMain() {
       sh.queued.store(sh.queue.size(), std::memory_order_relaxed);
     }
     loop->Work();
+    poll_micros = loop->more_loops_follow ? spin_micros_ : 0;
   }
 }
 
-void ThreadPool::ParallelFor(size_t n, const std::function<void(size_t)>& fn, int max_parallel) {
+void ThreadPool::ParallelFor(size_t n, const std::function<void(size_t)>& fn, int max_parallel,
+                             bool more_loops_follow) {
   if (n == 0) return;
   if (n == 1 || workers_.empty() || max_parallel <= 1 || InForkedChild()) {
     // The same contract as the parallel path: every index runs, the first exception comes last.
@@ -139,6 +143,7 @@ void ThreadPool::ParallelFor(size_t n, const std::function<void(size_t)>& fn, in
   auto loop = std::make_shared<Loop>();
   loop->n = n;
   loop->fn = &fn;  // fn outlives the loop's work: we wait for done == n below
+  loop->more_loops_follow = more_loops_follow;
   const size_t helpers = std::min({workers_.size(), n - 1, static_cast<size_t>(max_parallel - 1)});
   {
     std::lock_guard<std::mutex> l(shared_->mu);

@@ -29,14 +29,13 @@ namespace psembed {
 
 class ThreadPool {
  public:
-  // How long an idle worker polls for the next loop, and a caller polls for its loop's last tasks,
-  // before sleeping on a condition variable (the spin-then-sleep wait of OpenMP runtimes). One pull or
-  // push runs three loops back to back; sleeping between them put each wake-up (an IPI, and on a VM a
-  // halted vCPU to reschedule) on the call's critical path: with 2 threads, 20-50 us of polling made
-  // back-to-back pulls and pushes 0-9% faster, ~4% typically (docs/benchmarks.md, "Table", session 15).
-  // An idle pool then burns at most this much CPU per worker after each loop; 0 sleeps at once (for
-  // machines with more busy threads than cores).
-  static constexpr int kDefaultSpinMicros = 50;
+  // spin_micros: how long a caller polls for its loop's last tasks, and a worker for the next loop of
+  // the same call (see ParallelFor's more_loops_follow), before sleeping on a condition variable. One
+  // pull or push runs three loops back to back, and each wake-up (an IPI, and on a VM a halted vCPU to
+  // reschedule) is on the call's critical path: in a process doing only table calls, 50 us made 2-thread
+  // calls 0-9% faster. Beside other busy threads (torch's, in a training step) polling takes their
+  // cores, so the default is 0: sleep at once (docs/benchmarks.md, "Table", session 15).
+  static constexpr int kDefaultSpinMicros = 0;
 
   // num_threads: total parallelism of one loop, the caller included (so num_threads - 1 workers).
   // 0 means std::thread::hardware_concurrency(). spin_micros >= 0: see kDefaultSpinMicros.
@@ -50,7 +49,10 @@ class ThreadPool {
   // Runs fn(i) for every i in [0, n), on at most max_parallel threads (the caller included), and
   // returns when all calls returned. If some fn(i) threw (std::bad_alloc, say), the other indices still
   // run and the first exception is rethrown here, on the calling thread, after all calls returned.
-  void ParallelFor(size_t n, const std::function<void(size_t)>& fn, int max_parallel = 1 << 30);
+  // more_loops_follow: the caller starts another loop right after this one, so the workers that ran
+  // this one poll for it (up to the spin time) instead of going to sleep.
+  void ParallelFor(size_t n, const std::function<void(size_t)>& fn, int max_parallel = 1 << 30,
+                   bool more_loops_follow = false);
 
  private:
   struct Loop;

@@ -23,12 +23,14 @@ namespace psembed {
 namespace {
 
 void TestEveryIndexRunsOnce() {
-  for (int spin : {0, ThreadPool::kDefaultSpinMicros, 20000}) {
+  for (int spin : {0, 50, 20000}) {
     ThreadPool pool(4, spin);
-    for (size_t n : {0u, 1u, 3u, 1000u}) {
-      std::vector<std::atomic<int>> hits(n);
-      pool.ParallelFor(n, [&](size_t i) { hits[i].fetch_add(1, std::memory_order_relaxed); });
-      for (size_t i = 0; i < n; ++i) CHECK_EQ(hits[i].load(), 1);
+    for (bool more : {false, true}) {  // whether the workers poll for a next loop afterwards
+      for (size_t n : {0u, 1u, 3u, 1000u}) {
+        std::vector<std::atomic<int>> hits(n);
+        pool.ParallelFor(n, [&](size_t i) { hits[i].fetch_add(1, std::memory_order_relaxed); }, 1 << 30, more);
+        for (size_t i = 0; i < n; ++i) CHECK_EQ(hits[i].load(), 1);
+      }
     }
   }
 }
@@ -40,7 +42,8 @@ void TestPollingCallerSeesEveryTaskWrite() {
   ThreadPool pool(4, 20000);  // a poll long enough to end every wait below
   std::vector<int> out(256);
   for (int round = 0; round < 200; ++round) {
-    pool.ParallelFor(out.size(), [&](size_t i) { out[i] = round * 1000 + static_cast<int>(i); });
+    pool.ParallelFor(out.size(), [&](size_t i) { out[i] = round * 1000 + static_cast<int>(i); }, 1 << 30,
+                     /*more_loops_follow=*/round % 2 == 0);
     for (size_t i = 0; i < out.size(); ++i) CHECK_EQ(out[i], round * 1000 + static_cast<int>(i));
   }
 }
