@@ -203,7 +203,7 @@ class TableConfig:
             call (and the caller for its step's last tasks) before sleeping. Default 0: sleep at once.
             In a process that does little but table calls (a PS server), 50 made back-to-back 2-thread
             pulls and pushes 0-9% faster; beside torch's own threads (a PSEmbedding training step on 2
-            cores) it made steps on Zipf ids 2-30% slower, so it is off by default.
+            cores) it made steps on Zipf ids 1-33% slower, so it is off by default.
         nan_policy (str): ``"raise"`` (default) rejects a push with a NaN/Inf gradient;
             ``"skip"`` drops those rows and counts them in ``stats()["rejected"]``.
     """
