@@ -65,7 +65,7 @@ size_t MergeDuplicates(const uint64_t* keys, const uint64_t* hashes, const uint3
   size_t num = 0;
   constexpr size_t kAhead = 8;
   for (size_t j = 0; j < cnt; ++j) {
-    if (j + kAhead < cnt) {  // both ends: a gradient row (36 bytes at dim 8) straddles two lines half the time
+    if (j + kAhead < cnt) {  // every line of the gradient row (at dim 8 its 36 bytes straddle two lines half the time)
       const uint32_t pa = pos[j + kAhead];
       PrefetchBytes(grads + static_cast<size_t>(pa) * gw, gw * sizeof(float));
       // A shard's run reads shows and clicks at positions ~64 apart, a new line each time. A timing build
