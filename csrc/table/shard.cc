@@ -27,6 +27,7 @@ constexpr size_t kAhead = 16;
 // the address of its record.
 thread_local std::vector<uint32_t> tls_refs;
 thread_local std::vector<RowHeader*> tls_records;
+thread_local std::vector<uint64_t> tls_hashes;
 
 // Phase 1 of a batch, shared by Pull and Push: refs[j] = the RowRef of the j-th key (kNotFound if
 // absent), prefetching index slots kAhead keys ahead. key_at(j)/hash_at(j) give the j-th key and hash.
@@ -40,14 +41,17 @@ void FindRows(const HashIndex& index, size_t n, KeyAt key_at, HashAt hash_at, ui
 }
 }  // namespace
 
-bool Shard::Pull(const uint64_t* keys, const uint64_t* hashes, const uint32_t* pos, size_t n, bool with_stats,
-                 float* out, bool wait) {
+bool Shard::Pull(const uint64_t* keys, const uint32_t* pos, size_t n, bool with_stats, float* out, bool wait) {
   const int dim = layout_.dim();
   const size_t width = (with_stats ? 3 : 1) + dim;
   ScratchBuffer<uint32_t> refs_buf(&tls_refs, n);
   ScratchBuffer<RowHeader*> records_buf(&tls_records, n);
   uint32_t* refs = refs_buf.data();
   RowHeader** records = records_buf.data();
+  // The keys' hashes, before taking the lock (the partition does not pass them on: SparseTable::Partition).
+  ScratchBuffer<uint64_t> hashes_buf(&tls_hashes, n);
+  uint64_t* hashes = hashes_buf.data();
+  for (size_t j = 0; j < n; ++j) hashes[j] = TableHash(keys[j]);
   if (wait) {
     mu_.Lock();
   } else if (!mu_.TryLock()) {

@@ -46,9 +46,9 @@ MergeScratch& ThreadMergeScratch() {
   return s;
 }
 
-// Merges duplicate keys of one shard's run (keys/hashes/pos in input order): sums grads, shows and
-// clicks in input order, last slot wins. Fills m->items in order of first occurrence; returns count.
-size_t MergeDuplicates(const uint64_t* keys, const uint64_t* hashes, const uint32_t* pos, size_t cnt,
+// Merges duplicate keys of one shard's run (keys/pos in input order): sums grads, shows and clicks in
+// input order, last slot wins. Fills m->items in order of first occurrence; returns count.
+size_t MergeDuplicates(const uint64_t* keys, const uint32_t* pos, size_t cnt,
                        const float* grads, size_t gw, const float* shows, const float* clicks, const int32_t* slots,
                        MergeScratch* m) {
   const size_t cap = NextPow2(cnt * 2);
@@ -76,13 +76,14 @@ size_t MergeDuplicates(const uint64_t* keys, const uint64_t* hashes, const uint3
     }
     const uint32_t p = pos[j];
     const uint64_t key = keys[j];
-    size_t i = (hashes[j] >> 20) & mask;
+    const uint64_t hash = TableHash(key);  // see Partition: recomputed, not scattered
+    size_t i = (hash >> 20) & mask;
     while (tidx[i] != -1 && tkeys[i] != key) i = (i + 1) & mask;
     const float* g = grads + static_cast<size_t>(p) * gw;
     if (tidx[i] == -1) {
       tidx[i] = static_cast<int32_t>(num);
       tkeys[i] = key;
-      items[num] = MergedPush{key, hashes[j], g, shows[p], clicks[p], slots != nullptr ? slots[p] : -1};
+      items[num] = MergedPush{key, hash, g, shows[p], clicks[p], slots != nullptr ? slots[p] : -1};
       buf_of[num] = -1;
       ++num;
       continue;
@@ -108,16 +109,18 @@ size_t MergeDuplicates(const uint64_t* keys, const uint64_t* hashes, const uint3
 }  // namespace
 
 struct SparseTable::Partition {
+  // No per-shard copy of the hashes: a shard task recomputes TableHash from skeys (a few cycles a key)
+  // rather than read a third scattered array. Without it pulls ran ~3% faster (1.02x-1.07x in 11 of 12
+  // paired runs, 1 and 2 threads) and pushes 0-3% (docs/benchmarks.md, "Table", session 16).
   std::vector<uint64_t> hashes;  // TableHash(keys[i]), for every input position
   std::vector<uint32_t> order;   // input positions grouped by shard, input order within a shard
   std::vector<uint64_t> skeys;   // keys[order[j]]
-  std::vector<uint64_t> shashes; // hashes[order[j]]
   std::vector<uint32_t> begin;   // shard s owns order[begin[s], begin[s+1])
   std::vector<uint32_t> cursor;  // counting sort: chunk c's next slot of shard s at cursor[c * shards + s]
   std::vector<uint8_t> busy;     // Pull: shard s was locked by another thread on the first pass
 
   // Calls up to this many keys keep their scratch for the next call; a bigger call frees it
-  // afterwards, so one huge push does not pin ~28 bytes/key of scratch in its thread forever.
+  // afterwards, so one huge push does not pin ~20 bytes/key of scratch in its thread forever.
   static constexpr size_t kKeepKeys = size_t{1} << 20;
   void Trim() {
     if (hashes.capacity() > kKeepKeys) *this = Partition();
@@ -186,12 +189,10 @@ void SparseTable::PartitionKeys(const uint64_t* keys, size_t n, const uint8_t* s
   p->begin[num_shards] = total;
   p->order.resize(total);
   p->skeys.resize(total);
-  p->shashes.resize(total);
   uint32_t* order = p->order.data();
   uint64_t* skeys = p->skeys.data();
-  uint64_t* shashes = p->shashes.data();
   // Pass 2: scatter into per-shard runs (sequential reads, one write stream per shard), so each shard
-  // task then reads its keys and hashes contiguously.
+  // task then reads its keys contiguously.
   ForEachChunk(n, chunks, [&](size_t c, size_t begin, size_t end) {
     uint32_t* next = cursor + c * num_shards;
     for (size_t i = begin; i < end; ++i) {
@@ -199,7 +200,6 @@ void SparseTable::PartitionKeys(const uint64_t* keys, size_t n, const uint8_t* s
       const uint32_t d = next[ShardOf(hashes[i], num_shards)]++;
       order[d] = static_cast<uint32_t>(i);
       skeys[d] = keys[i];
-      shashes[d] = hashes[i];
     }
   });
 }
@@ -227,14 +227,14 @@ void SparseTable::Pull(const uint64_t* keys, size_t n, bool with_stats, float* o
   RunShards(n, [&](size_t s) {
     const uint32_t b = part.begin[s], e = part.begin[s + 1];
     if (b == e) return;
-    const bool done = shards_[s]->Pull(part.skeys.data() + b, part.shashes.data() + b, part.order.data() + b, e - b,
+    const bool done = shards_[s]->Pull(part.skeys.data() + b, part.order.data() + b, e - b,
                                        with_stats, out, /*wait=*/false);
     if (!done) part.busy[s] = 1;
   });
   for (size_t s = 0; s < shards_.size(); ++s) {
     if (!part.busy[s]) continue;
     const uint32_t b = part.begin[s], e = part.begin[s + 1];
-    shards_[s]->Pull(part.skeys.data() + b, part.shashes.data() + b, part.order.data() + b, e - b, with_stats, out);
+    shards_[s]->Pull(part.skeys.data() + b, part.order.data() + b, e - b, with_stats, out);
   }
   part.Trim();
 }
@@ -257,7 +257,7 @@ void SparseTable::Push(const uint64_t* keys, size_t n, const float* grads, const
     const uint32_t b = part.begin[s], e = part.begin[s + 1];
     if (b == e) return;
     MergeScratch& m = ThreadMergeScratch();  // one TLS lookup per task, raw pointers below
-    const size_t num = MergeDuplicates(part.skeys.data() + b, part.shashes.data() + b, part.order.data() + b, e - b,
+    const size_t num = MergeDuplicates(part.skeys.data() + b, part.order.data() + b, e - b,
                                        grads, gw, shows, clicks, slots, &m);
     shards_[s]->Push(m.items.data(), num, slots != nullptr, push_id);
   });

@@ -165,12 +165,12 @@ void TestShardPullSkipsALockedShard() {
   CtrAccessor accessor(o);
   ChunkArena arena;
   Shard shard(&accessor, &arena);
-  const uint64_t key = 42, hash = TableHash(key);
+  const uint64_t key = 42;
   const uint32_t pos = 0;
   std::vector<float> out(1 + o.dim, 7.0f);
   bool done = true;
   shard.mu()->Lock();
-  std::thread other([&] { done = shard.Pull(&key, &hash, &pos, 1, false, out.data(), /*wait=*/false); });
+  std::thread other([&] { done = shard.Pull(&key, &pos, 1, false, out.data(), /*wait=*/false); });
   other.join();
   shard.mu()->Unlock();
   CHECK(!done);
@@ -179,7 +179,7 @@ void TestShardPullSkipsALockedShard() {
   size_t keys = 0, with_mf = 0, bytes = 0;
   shard.GetStats(&c, &keys, &with_mf, &bytes);
   CHECK_EQ(c.pull_misses, 0u);  // nor counted
-  CHECK(shard.Pull(&key, &hash, &pos, 1, false, out.data()));  // waits (try_lock may fail spuriously)
+  CHECK(shard.Pull(&key, &pos, 1, false, out.data()));  // waits (try_lock may fail spuriously)
   for (float v : out) CHECK_EQ(v, 0.0f);  // a missing key reads zeros
   shard.GetStats(&c, &keys, &with_mf, &bytes);
   CHECK_EQ(c.pull_misses, 1u);
