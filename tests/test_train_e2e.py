@@ -308,24 +308,32 @@ def test_default_accessor_is_the_reference_score_scaled_by_an_eighth():
 
 def _buffers_worker(rank, port, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import torch.distributed as dist
-    from torch_psembed.train import _Job, _Runtime
+    from torch_psembed.train import _Runtime
 
     cfg = load_config(["--embedding", "hashed", "--hashed-size", "64", "--set", "threads=1"])
     rt = _Runtime(cfg)
     try:
-        job = _Job(cfg, rt, num_slots=3)
-        # no collective per forward (torch >= 2.13: forward_sync_buffers; before: broadcast_buffers)
-        assert getattr(job.ddp, "forward_sync_buffers", getattr(job.ddp, "broadcast_buffers", None)) is False
-        norm = job.model.norm
-        norm.running_mean.fill_(float(rank + 1))  # the ranks' statistics differ, as after a pass
-        norm.num_batches_tracked.fill_(10 * (rank + 1))
-        job.sync_buffers()
-        got = [torch.zeros_like(norm.running_mean) for _ in range(2)]
-        dist.all_gather(got, norm.running_mean)
-        torch.save({"means": got, "tracked": int(norm.num_batches_tracked)}, f"{out}.{rank}")
+        # In a function of its own, as train.run does: the job (its DDP module holds the process group)
+        # is gone before shutdown, which can then free the group (free_process_groups).
+        _sync_and_save_buffers(cfg, rt, rank, out)
     finally:
         rt.shutdown()
+
+
+def _sync_and_save_buffers(cfg, rt, rank, out):
+    import torch.distributed as dist
+    from torch_psembed.train import _Job
+
+    job = _Job(cfg, rt, num_slots=3)
+    # no collective per forward (torch >= 2.13: forward_sync_buffers; before: broadcast_buffers)
+    assert getattr(job.ddp, "forward_sync_buffers", getattr(job.ddp, "broadcast_buffers", None)) is False
+    norm = job.model.norm
+    norm.running_mean.fill_(float(rank + 1))  # the ranks' statistics differ, as after a pass
+    norm.num_batches_tracked.fill_(10 * (rank + 1))
+    job.sync_buffers()
+    got = [torch.zeros_like(norm.running_mean) for _ in range(2)]
+    dist.all_gather(got, norm.running_mean)
+    torch.save({"means": got, "tracked": int(norm.num_batches_tracked)}, f"{out}.{rank}")
 
 
 @pytest.mark.distributed

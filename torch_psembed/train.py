@@ -313,12 +313,16 @@ class _Runtime:
         return box[0]
 
     def shutdown(self) -> None:
+        self.group = None  # (a handle kept here would keep the group's threads alive: free_process_groups)
         if self.pse_started:
             import torch_psembed as pse
 
             pse.shutdown()
         elif dist.is_initialized():
+            from .distributed.runtime import free_process_groups
+
             dist.destroy_process_group()
+            free_process_groups()
 
 
 def _log(rt: _Runtime, msg: str) -> None:
