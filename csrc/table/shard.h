@@ -60,11 +60,10 @@ class Shard {
 
   Mutex* mu() { return &mu_; }
 
-  // For j in [0, n): copies the row of keys[j] into
-  // out + pos[j] * width (width = 1 + dim, or 3 + dim with stats: show, click first). A missing key
-  // writes zeros and counts a pull miss; a row without mf reads zeros in the mf part. Never inserts.
-  // If wait is false and mu_ is held by another thread, returns false at once and writes nothing;
-  // otherwise returns true.
+  // For j in [0, n): copies the row of keys[j] into out + pos[j] * width (width = 1 + dim, or 3 + dim
+  // with stats: show, click first). A missing key writes zeros and counts a pull miss; a row without mf
+  // reads zeros in the mf part. Never inserts. If wait is false and mu_ is held by another thread,
+  // returns false at once and writes nothing; otherwise returns true.
   bool Pull(const uint64_t* keys, const uint32_t* pos, size_t n, bool with_stats, float* out, bool wait = true)
       LOCKS_EXCLUDED(mu_);
 
