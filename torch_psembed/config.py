@@ -257,16 +257,14 @@ class TableConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TableConfig":
+        # A key missing from d (a dict from an older version) takes the field's default.
+        optional = {k: d[k] for k in ("seed", "num_shards", "num_threads", "spin_wait_us", "nan_policy") if k in d}
         return cls(
             dim=d["dim"],
             accessor=CtrAccessorConfig(**d["accessor"]),
             lr_optimizer=optimizer_from_dict(d["lr_optimizer"]),
             mf_optimizer=optimizer_from_dict(d["mf_optimizer"]),
-            seed=d.get("seed", 0),
-            num_shards=d.get("num_shards", 64),
-            num_threads=d.get("num_threads", 0),
-            spin_wait_us=d.get("spin_wait_us", 0),
-            nan_policy=d.get("nan_policy", "raise"),
+            **optional,
         )
 
     def model_signature(self) -> Dict[str, Any]:

@@ -215,9 +215,9 @@ TableOptions ParseConfig(const py::handle& obj) {
       throw py::value_error("config['seed'] must be in [0, 2**64), got " + std::string(py::repr(s)));
     }
   }
-  o.num_shards = static_cast<int>(r.Int("num_shards", 64, 1, 65536));
-  o.num_threads = static_cast<int>(r.Int("num_threads", 0, 0, 4096));
-  o.spin_wait_us = static_cast<int>(r.Int("spin_wait_us", 0, 0, 1000000));
+  o.num_shards = static_cast<int>(r.Int("num_shards", o.num_shards, 1, 65536));
+  o.num_threads = static_cast<int>(r.Int("num_threads", o.num_threads, 0, 4096));
+  o.spin_wait_us = static_cast<int>(r.Int("spin_wait_us", o.spin_wait_us, 0, 1000000));
   if (r.Has("nan_policy")) {
     py::object p = r.Get("nan_policy");
     const std::string pol = py::isinstance<py::str>(p) ? p.cast<std::string>() : std::string("?");
