@@ -168,7 +168,8 @@ def bench_torchrec(args, batches, g):
     warnings.filterwarnings("ignore")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    if not dist.is_initialized():
+    own_group = not dist.is_initialized()
+    if own_group:
         dist.init_process_group("gloo", rank=0, world_size=1)
     slots = batches[0].shape[1]
     feats = [f"slot{i}" for i in range(slots)]
@@ -188,7 +189,12 @@ def bench_torchrec(args, batches, g):
         (out * g).sum().div(out.shape[0]).backward()
 
     sec = time_steps(step, batches, args.warmup)
-    del model, ebc, kjts
+    del model, ebc, kjts, it, step
+    if own_group:  # destroyed and freed now, not at exit (see free_process_groups)
+        from torch_psembed.distributed.runtime import free_process_groups
+
+        dist.destroy_process_group()
+        free_process_groups()
     return sec, None
 
 
