@@ -218,6 +218,9 @@ TableOptions ParseConfig(const py::handle& obj) {
   o.num_shards = static_cast<int>(r.Int("num_shards", o.num_shards, 1, 65536));
   o.num_threads = static_cast<int>(r.Int("num_threads", o.num_threads, 0, 4096));
   o.spin_wait_us = static_cast<int>(r.Int("spin_wait_us", o.spin_wait_us, 0, 1000000));
+  if (r.Has("max_keys") && !r.Get("max_keys").is_none()) {  // None (or absent): no limit
+    o.max_keys = static_cast<uint64_t>(r.Int("max_keys", 0, o.num_shards, std::numeric_limits<int64_t>::max()));
+  }
   if (r.Has("nan_policy")) {
     py::object p = r.Get("nan_policy");
     const std::string pol = py::isinstance<py::str>(p) ? p.cast<std::string>() : std::string("?");
@@ -557,6 +560,7 @@ class PyTable {
     d["deleted"] = s.deleted;
     d["rejected"] = s.rejected;
     d["admission_rejected"] = s.admission_rejected;
+    d["capacity_rejected"] = s.capacity_rejected;
     return d;
   }
 

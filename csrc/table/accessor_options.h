@@ -69,6 +69,10 @@ struct TableOptions {
   uint64_t seed = 0;  // seed of the counter-based generator (util/hash.h Uniform01)
   // true: NaN/Inf gradient rows are skipped and counted; false: the binding raises before any work.
   bool nan_skip = false;
+  // The most rows this table may hold, 0 = no limit. Each shard holds at most max_keys / num_shards
+  // (rounded down) rows: a push does not insert a new key into a full shard (Shard::Push). Loads are
+  // not limited. REQUIRES: 0 or >= num_shards.
+  uint64_t max_keys = 0;
 
   // -------- affects performance
   int num_shards = 64;  // hash maps with their own mutex. REQUIRES: 1..65536.

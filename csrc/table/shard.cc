@@ -12,9 +12,10 @@
 
 namespace psembed {
 
-Shard::Shard(const CtrAccessor* accessor, ChunkArena* arena)
+Shard::Shard(const CtrAccessor* accessor, ChunkArena* arena, size_t max_rows)
     : accessor_(accessor),
       layout_(accessor->layout()),
+      max_rows_(max_rows),
       records_(accessor->layout().record_bytes(false), arena),
       mf_records_(accessor->layout().record_bytes(true), arena) {}
 
@@ -119,6 +120,10 @@ void Shard::Push(const MergedPush* items, size_t n, bool has_slots, uint64_t pus
     if (ref == HashIndex::kNotFound) {
       if (!accessor_->Admit(it.key, it.show, it.click, draw)) {
         ++counters_.admission_rejected;
+        continue;
+      }
+      if (index_.size() >= max_rows_) {  // full: the key stays out, as a refused one does
+        ++counters_.capacity_rejected;
         continue;
       }
       mf_new = accessor_->ReachesMfThreshold(it.show, it.click);
@@ -335,6 +340,7 @@ void Shard::GetStats(ShardCounters* c, size_t* keys, size_t* keys_with_mf, size_
   c->mf_created += counters_.mf_created;
   c->deleted += counters_.deleted;
   c->admission_rejected += counters_.admission_rejected;
+  c->capacity_rejected += counters_.capacity_rejected;
   *keys += index_.size();
   *keys_with_mf += mf_records_.live();
   *bytes += index_.bytes() + records_.bytes() + mf_records_.bytes() + sizeof(Shard);

@@ -49,12 +49,14 @@ struct ShardCounters {
   uint64_t mf_created = 0;
   uint64_t deleted = 0;
   uint64_t admission_rejected = 0;
+  uint64_t capacity_rejected = 0;
 };
 
 class Shard {
  public:
-  // Both outlive the shard; the arena holds the memory of the shard's slab chunks.
-  Shard(const CtrAccessor* accessor, ChunkArena* arena);
+  // Both outlive the shard; the arena holds the memory of the shard's slab chunks. A push inserts no
+  // key while the shard holds max_rows rows (loads may go past it).
+  Shard(const CtrAccessor* accessor, ChunkArena* arena, size_t max_rows = SIZE_MAX);
   Shard(const Shard&) = delete;
   Shard& operator=(const Shard&) = delete;
 
@@ -68,7 +70,8 @@ class Shard {
       LOCKS_EXCLUDED(mu_);
 
   // Applies merged pushes in order (see CtrAccessor::Update and Admit). has_slots: take item.slot.
-  // push_id names the push for admission draws (SparseTable::Push).
+  // push_id names the push for admission draws (SparseTable::Push). A new key that admission lets in
+  // is still not inserted while the shard holds max_rows rows (counted in capacity_rejected).
   void Push(const MergedPush* items, size_t n, bool has_slots, uint64_t push_id) LOCKS_EXCLUDED(mu_);
 
   // show, click *= factor; unseen_days += add_unseen (saturating); then deletes rows by the delete
@@ -195,6 +198,7 @@ class Shard {
 
   const CtrAccessor* const accessor_;  // not owned; outlives the shard
   const RowLayout& layout_;
+  const size_t max_rows_;  // a push inserts no key while index_ holds this many (TableOptions::max_keys)
   Mutex mu_;
   HashIndex index_ GUARDED_BY(mu_);     // key -> RowRef
   uint32_t admission_day_ GUARDED_BY(mu_) = 0;  // table day + 1 (0 before the first end_day)

@@ -130,7 +130,12 @@ struct SparseTable::Partition {
 
 SparseTable::SparseTable(const TableOptions& options) : accessor_(options) {
   shards_.reserve(options.num_shards);
-  for (int i = 0; i < options.num_shards; ++i) shards_.push_back(std::make_unique<Shard>(&accessor_, &arena_));
+  // Each shard's share of max_keys, rounded down, so pushes never take the table past max_keys rows.
+  const size_t max_rows =
+      options.max_keys == 0 ? SIZE_MAX : static_cast<size_t>(options.max_keys / options.num_shards);
+  for (int i = 0; i < options.num_shards; ++i) {
+    shards_.push_back(std::make_unique<Shard>(&accessor_, &arena_, max_rows));
+  }
   pool_ = std::make_unique<ThreadPool>(options.num_threads, options.spin_wait_us);
   parallelism_.store(pool_->num_threads(), std::memory_order_relaxed);
 }
@@ -325,6 +330,7 @@ TableStats SparseTable::Stats() {
   st.mf_created = c.mf_created;
   st.deleted = c.deleted;
   st.admission_rejected = c.admission_rejected;
+  st.capacity_rejected = c.capacity_rejected;
   st.rejected = rejected_.load(std::memory_order_relaxed);
   {
     MutexLock l(&tomb_mu_);

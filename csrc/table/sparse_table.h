@@ -54,6 +54,7 @@ struct TableStats {
   uint64_t deleted = 0;             // rows deleted by shrink/end_day (erase/clear do not count)
   uint64_t rejected = 0;            // pushed rows skipped for NaN/Inf gradients (nan_policy="skip")
   uint64_t admission_rejected = 0;  // pushes of unknown keys refused by probabilistic admission
+  uint64_t capacity_rejected = 0;   // pushes of unknown keys admitted but not inserted: shard full (max_keys)
 };
 
 // export(): rows sorted by key (as uint64; sorted after the gate is released); mf holds rows with

@@ -252,21 +252,19 @@ void TestConcurrentPushPullShrinkExport() {
   std::fprintf(stderr, "  %ld pulls, %ld exports raced %d pushers\n", pulls.load(), exports.load(), kPushers);
 }
 
-void TestConcurrentChurnWithDeletes() {
-  TableOptions o = CountingOptions(2);
-  o.accessor.delete_threshold = 0.5;  // S = 0.1 * show: rows with show < 5 get deleted
-  o.accessor.show_click_decay_rate = 0.5;
-  SparseTable t(o);
+// Two pushers (30 batches each of 4,500 keys from 6,000, rng seeds seed and seed + 1; after_push(batch)
+// after each push) and a thread ending days (after_day() after each) until both pushers are done.
+template <typename AfterPush, typename AfterDay>
+void PushWhileEndingDays(SparseTable* t, uint64_t seed, AfterPush after_push, AfterDay after_day) {
   std::atomic<bool> done{false};
   std::vector<std::thread> threads;
   for (int p = 0; p < 2; ++p) {
     threads.emplace_back([&, p] {
-      std::mt19937_64 rng(200 + p);
+      std::mt19937_64 rng(seed + p);
       for (int it = 0; it < 30; ++it) {
-        Batch b(4500, o.dim, 6000, &rng);
-        t.Push(b.keys.data(), b.keys.size(), b.grads.data(), b.shows.data(), b.clicks.data(), nullptr, nullptr);
-        std::vector<uint64_t> gone(b.keys.begin(), b.keys.begin() + 50);
-        t.Erase(gone.data(), gone.size());
+        Batch b(4500, t->options().dim, 6000, &rng);
+        t->Push(b.keys.data(), b.keys.size(), b.grads.data(), b.shows.data(), b.clicks.data(), nullptr, nullptr);
+        after_push(b);
       }
     });
   }
@@ -274,8 +272,8 @@ void TestConcurrentChurnWithDeletes() {
     int day = 0;
     while (!done.load()) {
       size_t deleted = 0;
-      CHECK(t.EndDay(++day, &deleted).ok());
-      t.Shrink();
+      CHECK(t->EndDay(++day, &deleted).ok());
+      after_day();
       std::this_thread::yield();
     }
   });
@@ -283,6 +281,20 @@ void TestConcurrentChurnWithDeletes() {
   threads[1].join();
   done.store(true);
   threads[2].join();
+}
+
+void TestConcurrentChurnWithDeletes() {
+  TableOptions o = CountingOptions(2);
+  o.accessor.delete_threshold = 0.5;  // S = 0.1 * show: rows with show < 5 get deleted
+  o.accessor.show_click_decay_rate = 0.5;
+  SparseTable t(o);
+  PushWhileEndingDays(
+      &t, 200,
+      [&t](const Batch& b) {
+        std::vector<uint64_t> gone(b.keys.begin(), b.keys.begin() + 50);
+        t.Erase(gone.data(), gone.size());
+      },
+      [&t] { t.Shrink(); });
   const TableStats st = t.Stats();
   ExportResult e;
   t.Export(ExportMode::kCheckpoint, 1, -1, &e);
@@ -294,6 +306,49 @@ void TestConcurrentChurnWithDeletes() {
   for (uint8_t h : e.has_mf) with_mf += h;
   CHECK_EQ(with_mf, st.keys_with_mf);
   CHECK_EQ(e.mf.size(), with_mf * 4);
+}
+
+// max_keys: each shard refuses new keys once it holds max_keys / num_shards rows. First exactly, on one
+// thread; then with two pushers and a thread ending days (which deletes rows, making room) at once:
+// the table never holds more than max_keys rows, and every insert is accounted for.
+void TestMaxKeysBoundsRows() {
+  TableOptions o = CountingOptions(2);  // 16 shards
+  o.max_keys = 16 * 50 + 7;             // 50 rows a shard (rounded down)
+  {
+    SparseTable t(o);
+    std::vector<uint64_t> keys(6000);
+    for (size_t i = 0; i < keys.size(); ++i) keys[i] = (i + 1) * 0x9e3779b97f4a7c15ULL;  // distinct
+    std::vector<float> grads(keys.size() * (1 + o.dim), -1.0f), shows(keys.size(), 1.0f), clicks(keys.size(), 0.0f);
+    t.Push(keys.data(), keys.size(), grads.data(), shows.data(), clicks.data(), nullptr, nullptr);
+    const TableStats st = t.Stats();
+    CHECK_EQ(st.keys, 16u * 50u);  // 6000 keys fill every shard
+    CHECK_EQ(st.inserts, 16u * 50u);
+    CHECK_EQ(st.capacity_rejected, 6000u - 16u * 50u);
+    // Rows in the table keep training; the keys left out stay out and read zeros.
+    t.Push(keys.data(), keys.size(), grads.data(), shows.data(), clicks.data(), nullptr, nullptr);
+    std::vector<float> out(keys.size() * (1 + o.dim));
+    t.Pull(keys.data(), keys.size(), false, out.data());
+    size_t twice = 0, zeros = 0;
+    for (size_t i = 0; i < keys.size(); ++i) {
+      const float lr_w = out[i * (1 + o.dim)];
+      CHECK(lr_w == 2.0f || lr_w == 0.0f);
+      CHECK_EQ(lr_w == 2.0f, t.Contains(keys[i]));
+      twice += lr_w == 2.0f ? 1 : 0;
+      zeros += lr_w == 0.0f ? 1 : 0;
+    }
+    CHECK_EQ(twice, 16u * 50u);
+    CHECK_EQ(zeros, 6000u - 16u * 50u);
+    CHECK_EQ(t.Stats().capacity_rejected, 2 * (6000u - 16u * 50u));
+  }
+  o.accessor.delete_threshold = 0.5;  // S = 0.1 * show: rows with show < 5 get deleted
+  o.accessor.show_click_decay_rate = 0.5;
+  SparseTable t(o);
+  PushWhileEndingDays(
+      &t, 300, [&t](const Batch&) { CHECK_LE(t.Size(), 16u * 50u); }, [&t] { CHECK_LE(t.Size(), 16u * 50u); });
+  const TableStats st = t.Stats();
+  CHECK_LE(st.keys, 16u * 50u);
+  CHECK_EQ(st.inserts, st.deleted + st.keys);  // nothing erased: every insert is a row or a deletion
+  CHECK_LT(0u, st.capacity_rejected);
 }
 
 // The side effect of base/delta saves races the pushes it must not lose: savers export a delta and
@@ -572,6 +627,7 @@ int main() {
   RUN_TEST(psembed::TestRowsMoveBetweenPools);
   RUN_TEST(psembed::TestConcurrentPushPullShrinkExport);
   RUN_TEST(psembed::TestConcurrentChurnWithDeletes);
+  RUN_TEST(psembed::TestMaxKeysBoundsRows);
   RUN_TEST(psembed::TestConcurrentCommitSave);
   RUN_TEST(psembed::TestConcurrentLoadRowsExport);
   RUN_TEST(psembed::TestAdmissionDrawsArePerPush);
