@@ -214,6 +214,23 @@ def test_nan_skip_policy_matches_local_table():
     assert t.stats()["rejected"] == local.stats()["rejected"] > 0
 
 
+def test_max_keys_bounds_the_whole_sharded_table():
+    # max_keys bounds the table, not each server: 3 servers of 4 shards, max_keys = 125 -> each server 41
+    # rows -> 10 a shard. 3,000 distinct keys fill every shard of every server.
+    cfg = dataclasses.replace(_cfg(), num_shards=4, max_keys=125)
+    tr = MemoryTransport(3)
+    t = ShardedTable("t", cfg, tr, 0, 0, 1, lambda: None)
+    keys = np.arange(1, 3001, dtype=np.int64)
+    n = keys.shape[0]
+    t.push(keys, np.ones((n, 4), np.float32), np.ones(n, np.float32), np.zeros(n, np.float32))
+    t.flush()
+    assert [len(tr.tables[(s, "t")]) for s in range(3)] == [40, 40, 40]
+    assert len(t) == 120 and t.stats()["capacity_rejected"] == 3000 - 120
+    # A bound that leaves a server fewer rows than its shards is refused when the table is made.
+    with pytest.raises(ValueError, match="max_keys"):
+        ShardedTable("u", dataclasses.replace(cfg, max_keys=11), MemoryTransport(3), 0, 0, 1, lambda: None)
+
+
 def test_empty_calls_and_uint64_keys():
     t, tr = _sharded(num_servers=2)
     local = _C.Table(_cfg().to_dict())

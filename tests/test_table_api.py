@@ -267,6 +267,8 @@ def test_pull_validation(make_c_table):
         (lambda d: d.update(nan_policy="ignore"), ValueError, ["nan_policy"]),
         (lambda d: d.update(spin_wait_us=-1), ValueError, ["spin_wait_us"]),
         (lambda d: d.update(spin_wait_us=True), TypeError, ["spin_wait_us"]),
+        (lambda d: d.update(max_keys=d["num_shards"] - 1), ValueError, ["max_keys"]),
+        (lambda d: d.update(max_keys=2.0e6), TypeError, ["max_keys"]),
         (lambda d: d.update(extra=1), ValueError, ["extra"]),
         (lambda d: d["accessor"].update(nonclk_coef=0.1), ValueError, ["nonclk_coef"]),
         (lambda d: d["accessor"].update(show_click_decay_rate=1.5), ValueError, ["show_click_decay_rate"]),
@@ -301,6 +303,22 @@ def test_table_config_spin_wait_round_trips():
     old = TableConfig().to_dict()
     del old["spin_wait_us"]  # a manifest written before the option existed
     assert TableConfig.from_dict(old).spin_wait_us == 0
+
+
+@pytest.mark.parametrize("bad", [63, 0, -1, 2**63, 1e6, True, "1000"])
+def test_table_config_refuses_a_bad_max_keys(bad):
+    with pytest.raises(ValueError, match="max_keys"):
+        TableConfig(num_shards=64, max_keys=bad)
+
+
+def test_table_config_max_keys_round_trips():
+    cfg = TableConfig(num_shards=8, max_keys=8)
+    assert cfg.to_dict()["max_keys"] == 8
+    assert TableConfig.from_dict(cfg.to_dict()) == cfg
+    old = TableConfig().to_dict()
+    del old["max_keys"]  # a manifest written before the option existed
+    assert TableConfig.from_dict(old).max_keys is None
+    _C.Table(old)  # and the table takes a dict without it: no bound
 
 
 def test_all_rules_accept_their_to_dict():
@@ -365,7 +383,7 @@ def test_stats_counters(make_c_table):
     t = make_c_table(dim=4, accessor=acc)
     s = t.stats()
     assert set(s) == {"keys", "keys_with_mf", "bytes", "pull_misses", "inserts", "mf_created", "deleted",
-                      "rejected", "admission_rejected"}
+                      "rejected", "admission_rejected", "capacity_rejected"}
     assert s["keys"] == 0 and s["inserts"] == 0
     push(t, [1, 2, 3], 4, show=1.0, click=0.0)   # score 0.1: no mf
     push(t, [1], 4, show=1.0, click=1.0)         # key 1 score 0.1 + 1.0 >= 1: mf created
@@ -394,6 +412,54 @@ def test_admission_counts_and_is_deterministic(make_c_table):
         assert got == expected
         assert t.stats()["admission_rejected"] == 5000 + (4990 - len(expected))
     assert 300 < len(expected) < 700
+
+
+def test_max_keys_bounds_the_rows_and_counts_the_keys_left_out(make_c_table):
+    # 8 shards of max_keys // 8 = 100 rows. Every shard gets ~1,000 of the 8,000 new keys, so every shard
+    # fills: exactly 800 rows, the same ones on 1 and 2 threads (each shard takes its keys in input order).
+    tables = [make_c_table(dim=2, num_shards=8, max_keys=807, num_threads=n) for n in (1, 2)]
+    keys = np.random.default_rng(4).permutation(np.arange(1, 8001, dtype=np.int64))
+    for t in tables:
+        push(t, keys, 2, g=-1.0)
+        s = t.stats()
+        assert (len(t), s["inserts"], s["capacity_rejected"], s["admission_rejected"]) == (800, 800, 7200, 0)
+    kept = tables[0].export("checkpoint")["keys"]
+    np.testing.assert_array_equal(tables[1].export("checkpoint")["keys"], kept)
+    t = tables[0]
+    out = keys[~np.isin(keys, kept)]
+    # Rows in the table keep training; keys left out stay out, read zeros, and are counted again.
+    before = t.pull(kept)
+    push(t, keys, 2, g=-1.0)
+    assert np.all(t.pull(kept)[:, 0] > before[:, 0])
+    assert not t.pull(out).any()
+    assert all(int(k) not in t for k in out[:50])
+    assert (len(t), t.stats()["capacity_rejected"]) == (800, 14400)
+
+
+def test_max_keys_room_comes_back_when_rows_are_deleted(make_c_table):
+    acc = CtrAccessorConfig(delete_threshold=0.5, show_click_decay_rate=1.0)  # S = 0.1 * show
+    t = make_c_table(dim=2, accessor=acc, num_shards=4, max_keys=400)
+    push(t, np.arange(1, 2001), 2, show=1.0)  # S = 0.1: deleted by the next shrink
+    assert len(t) == 400
+    keep = t.export("checkpoint")["keys"][:100]
+    push(t, keep, 2, show=10.0)  # S >= 1: survives the shrink
+    assert t.shrink() == 300 and len(t) == 100
+    push(t, np.arange(5001, 9001), 2, show=1.0)
+    assert len(t) == 400 and set(keep.tolist()) <= set(t.export("checkpoint")["keys"].tolist())
+    assert t.stats()["inserts"] == 400 + 300
+
+
+def test_max_keys_does_not_bound_a_load(tmp_path):
+    import torch_psembed as pse
+
+    src = pse.SparseTable(TableConfig(dim=2, num_shards=4))
+    push(src, np.arange(1, 1001), 2)
+    src.save(str(tmp_path / "ck"))
+    dst = pse.SparseTable(TableConfig(dim=2, num_shards=4, max_keys=40))
+    dst.load(str(tmp_path / "ck"))
+    assert len(dst) == 1000  # a checkpoint loads whole
+    push(dst, [5000], 2)
+    assert 5000 not in dst and dst.stats()["capacity_rejected"] == 1
 
 
 def test_big_calls_are_bitwise_the_same_on_any_number_of_threads(make_c_table):

@@ -206,6 +206,14 @@ class TableConfig:
             cores) it made steps on Zipf ids 1-33% slower, so it is off by default.
         nan_policy (str): ``"raise"`` (default) rejects a push with a NaN/Inf gradient;
             ``"skip"`` drops those rows and counts them in ``stats()["rejected"]``.
+        max_keys (int or None): the most rows the table holds, a bound on its memory; ``None`` (default):
+            no bound. Each of the ``num_shards`` internal shards holds at most ``max_keys // num_shards``
+            rows (a sharded table: each server ``max_keys // num_servers``, split the same way). A push does
+            not insert a new key into a full shard: the key reads zeros, as one refused by admission does, and
+            is counted in ``stats()["capacity_rejected"]``; rows already in the table keep training, and
+            room comes back when ``shrink()`` or ``end_day()`` deletes rows. As shards fill one by one, the
+            first refusals come a little before the table holds ``max_keys`` rows. Loads are not bounded: a
+            checkpoint loads whole. Must be at least ``num_shards``.
     """
 
     dim: int = 8
@@ -217,6 +225,7 @@ class TableConfig:
     num_threads: int = 0
     spin_wait_us: int = 0
     nan_policy: str = "raise"
+    max_keys: Optional[int] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.dim, int) or not 1 <= self.dim <= 4096:
@@ -240,6 +249,10 @@ class TableConfig:
             raise ValueError(f"TableConfig.spin_wait_us must be an int in [0, 1000000], got {self.spin_wait_us!r}")
         if self.nan_policy not in _NAN_POLICIES:
             raise ValueError(f"TableConfig.nan_policy must be one of {_NAN_POLICIES}, got {self.nan_policy!r}")
+        if self.max_keys is not None and (not isinstance(self.max_keys, int) or isinstance(self.max_keys, bool)
+                                          or not self.num_shards <= self.max_keys < 2**63):
+            raise ValueError(f"TableConfig.max_keys must be None or an int in [num_shards, 2**63) (each of the "
+                             f"{self.num_shards} shards holds max_keys // num_shards rows), got {self.max_keys!r}")
 
     def to_dict(self) -> Dict[str, Any]:
         """A plain dict (JSON-serialisable) that ``_C.Table`` and checkpoint manifests take."""
@@ -253,12 +266,14 @@ class TableConfig:
             "num_threads": self.num_threads,
             "spin_wait_us": self.spin_wait_us,
             "nan_policy": self.nan_policy,
+            "max_keys": self.max_keys,
         }
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TableConfig":
         # A key missing from d (a dict from an older version) takes the field's default.
-        optional = {k: d[k] for k in ("seed", "num_shards", "num_threads", "spin_wait_us", "nan_policy") if k in d}
+        optional = {k: d[k] for k in ("seed", "num_shards", "num_threads", "spin_wait_us", "nan_policy", "max_keys")
+                    if k in d}
         return cls(
             dim=d["dim"],
             accessor=CtrAccessorConfig(**d["accessor"]),

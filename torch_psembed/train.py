@@ -94,6 +94,7 @@ DEFAULTS: Dict[str, Any] = {
         "mf_optimizer": {"name": "adam", "learning_rate": 0.01, "initial_range": 1e-4},
         "num_shards": 1,
         "num_threads": 1,
+        "max_keys": None,  # TableConfig.max_keys: a bound on the table's rows (its memory); None: none
     },
     "ps": {"max_staleness": 1, "num_servers": 0, "rpc_timeout": 60.0, "transport": "tcp"},
     "save": {"delta": True, "base": True, "checkpoint": True},
@@ -382,6 +383,7 @@ def _table_config(cfg: Dict[str, Any]):
         seed=cfg["seed"],
         num_shards=t["num_shards"],
         num_threads=t["num_threads"],
+        max_keys=t["max_keys"],
     )
 
 

@@ -99,6 +99,11 @@ class ShardedTable:
         # admission draws, as a local table's own count does (so 1 trainer matches a local table).
         self._push_count = 0
         cfg = config.to_dict()
+        if config.max_keys is not None:  # a bound on the whole table: each server holds its share of the keys
+            cfg["max_keys"] = config.max_keys // self.num_servers
+            if cfg["max_keys"] < config.num_shards:
+                raise ValueError(f"TableConfig.max_keys={config.max_keys} leaves each of the {self.num_servers} "
+                                 f"servers {cfg['max_keys']} rows, fewer than its {config.num_shards} shards")
         handles = [transport.create_table(s, name, cfg) for s in range(self.num_servers)]
         for h in handles:
             h.wait()
