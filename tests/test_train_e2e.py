@@ -107,6 +107,15 @@ def test_one_process_then_resume(tmp_path, capsys):
     assert res["records"] == recs[:-1]
 
 
+def test_table_max_keys_bounds_the_job_table_and_reports_the_refused_ids(tmp_path, capsys):
+    res = run(["--out", str(tmp_path / "run"), *TINY, "--days", "1", "--num-workers", "0", "--no-plot", "--no-save",
+               "--set", "threads=1", "--set", "table.max_keys=640"])
+    passes = [r for r in res["records"] if r["event"] == "pass"]
+    assert all(0 < r["keys"] <= 640 for r in passes) and passes[0]["keys"] == 640  # one shard of 640 rows, full
+    assert passes[0]["refused"] > 0 and passes[0]["created"] == 640
+    assert f"refused {passes[0]['refused']}" in capsys.readouterr().out
+
+
 @pytest.mark.skipif(not os.path.isdir(CRITEO), reason="Criteo sample not present")
 def test_criteo_sample_deepfm_over_ps(tmp_path):
     res = run(["--out", str(tmp_path / "ps"), "--config", os.path.join(ROOT, "configs", "criteo_sample.json"),

@@ -490,12 +490,13 @@ class _Job:
         if self.table is None:
             emb = self.model.embedding
             return {"keys": emb.num_buckets, "keys_with_mf": emb.num_buckets, "created": 0, "deleted": 0,
-                    "bytes": emb.memory_bytes(self.sparse_opt)}
+                    "refused": 0, "bytes": emb.memory_bytes(self.sparse_opt)}
         self.table.flush()
         s = self.table.stats()
         out = {"keys": int(s.get("keys", len(self.table))), "keys_with_mf": int(s.get("keys_with_mf", 0)),
                "bytes": int(s.get("bytes", 0))}
-        for name, key in (("created", "inserts"), ("mf_created", "mf_created"), ("deleted", "deleted")):
+        for name, key in (("created", "inserts"), ("mf_created", "mf_created"), ("deleted", "deleted"),
+                          ("refused", "capacity_rejected")):
             total = int(s.get(key, 0))
             out[name] = total - self._last_counters.get(key, 0)
             self._last_counters[key] = total
@@ -639,6 +640,8 @@ def _fmt_pass(tag: str, r: Dict[str, Any]) -> str:
         s += f"  (oracle auc {r['oracle_auc']:.4f})"
     if "keys" in r:
         s += f"  keys {r['keys']} mf {r['keys_with_mf']} +{r['created']} -{r['deleted']} {r['bytes'] / 2**20:.1f}MiB"
+        if r.get("refused"):  # new ids left out by table.max_keys
+            s += f" refused {r['refused']}"
     return s
 
 
