@@ -165,7 +165,8 @@ def one_input(data: bytes) -> None:
     cfg = pse.TableConfig(dim=dim, accessor=acc, nan_policy=nan_policy, num_shards=p.int_in(1, 4), num_threads=1)
     d = cfg.to_dict()
     if p.int_in(0, 7) == 0:  # a malformed config dict straight to _C.Table
-        key = p.pick(["dim", "num_shards", "num_threads", "seed", "nan_policy", "accessor", "lr_optimizer", "bogus"])
+        key = p.pick(["dim", "num_shards", "num_threads", "seed", "nan_policy", "accessor", "lr_optimizer", "bogus",
+                      "max_keys"])
         d[key] = p.pick([0, -1, 2**40, 1e300, float("nan"), None, "x", {}, [], True, 5000, 65537, 2**64])
         try:
             _C.Table(d)
