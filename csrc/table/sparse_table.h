@@ -154,8 +154,9 @@ class SparseTable {
   void set_num_threads(int n);
 
   // The passes over a call's inputs (the key partition here, the binding's value checks) run on the
-  // pool too. Chunks(n): how many ranges to cut [0, n) into, one per thread at most and none shorter
-  // than the size at which a call goes parallel (a small call is one chunk). ForEachChunk(n, chunks, fn)
+  // pool too. Chunks(n): how many ranges to cut [0, n) into: one with one thread; else four per thread
+  // at most, and none shorter than the size at which a call goes parallel (a small call is one chunk).
+  // ForEachChunk(n, chunks, fn)
   // runs fn(chunk, begin, end) for each of `chunks` ranges, in order of position, on the pool when there
   // are several, and returns when all returned. (The count is the caller's: num_threads() may change
   // between two calls, and per-chunk arrays are sized by it.) Another loop of the same call always
