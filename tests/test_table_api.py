@@ -414,6 +414,22 @@ def test_admission_counts_and_is_deterministic(make_c_table):
     assert 300 < len(expected) < 700
 
 
+def test_many_shards_partition_with_fewer_chunks_and_the_same_bits(make_c_table):
+    # Past 65,536 (chunk, shard) counters a call cuts one chunk per thread, not four (SparseTable::Chunks):
+    # 4,096 shards on 8 threads take that path, 1 thread the one-chunk path; both give the same rows.
+    rng = np.random.default_rng(12)
+    keys = rng.integers(0, 30000, 40000).astype(np.int64)
+    grads = rng.normal(size=(40000, 3)).astype(np.float32)
+    ones, zeros = np.ones(40000, np.float32), np.zeros(40000, np.float32)
+    tables = [make_c_table(dim=2, num_shards=4096, num_threads=n, accessor=CtrAccessorConfig(embedx_threshold=0.5))
+              for n in (1, 8)]
+    for t in tables:
+        t.push(keys, grads, ones, zeros, None)
+        t.push(keys[::-1].copy(), grads, ones, zeros, None)
+    universe = np.arange(30000, dtype=np.int64)
+    np.testing.assert_array_equal(tables[0].pull(universe, True), tables[1].pull(universe, True))
+
+
 def test_max_keys_bounds_the_rows_and_counts_the_keys_left_out(make_c_table):
     # 8 shards of max_keys // 8 = 100 rows. Every shard gets ~1,000 of the 8,000 new keys, so every shard
     # fills: exactly 800 rows, the same ones on 1 and 2 threads (each shard takes its keys in input order).

@@ -151,9 +151,12 @@ size_t SparseTable::Chunks(size_t n) const {
   // Four chunks a thread, not one: the pool's threads take chunks as they come, so a worker that starts
   // late (asleep until the call woke it) leaves the chunks it has not reached to the others instead of
   // holding the whole loop up by its wake-up. 2 threads: pulls and pushes 1.00x-1.06x faster, 15 of 16
-  // paired runs (docs/benchmarks.md, "Table", session 17). One thread: no pool, one chunk.
+  // paired runs (docs/benchmarks.md, "Table", session 17). One thread: no pool, one chunk. The
+  // partition's serial step walks a counter per (chunk, shard): past 65,536 of them (thousands of shards),
+  // one chunk per thread, as before.
   const size_t threads = static_cast<size_t>(num_threads());
-  const size_t most = threads == 1 ? 1 : 4 * threads;
+  size_t most = threads == 1 ? 1 : 4 * threads;
+  if (most * shards_.size() > 65536) most = threads;
   return std::max<size_t>(1, std::min<size_t>(most, n / kParallelMinKeys));
 }
 
