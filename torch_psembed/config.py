@@ -271,9 +271,10 @@ class TableConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TableConfig":
-        # A key missing from d (a dict from an older version) takes the field's default.
-        optional = {k: d[k] for k in ("seed", "num_shards", "num_threads", "spin_wait_us", "nan_policy", "max_keys")
-                    if k in d}
+        # The plain fields are taken as they are; one missing from d (a dict from an older version) takes
+        # the field's default.
+        structured = ("dim", "accessor", "lr_optimizer", "mf_optimizer")
+        optional = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name not in structured and f.name in d}
         return cls(
             dim=d["dim"],
             accessor=CtrAccessorConfig(**d["accessor"]),

@@ -156,11 +156,11 @@ class SparseTable {
   // The passes over a call's inputs (the key partition here, the binding's value checks) run on the
   // pool too. Chunks(n): how many ranges to cut [0, n) into: one with one thread; else four per thread
   // at most, and none shorter than the size at which a call goes parallel (a small call is one chunk).
-  // ForEachChunk(n, chunks, fn)
-  // runs fn(chunk, begin, end) for each of `chunks` ranges, in order of position, on the pool when there
-  // are several, and returns when all returned. (The count is the caller's: num_threads() may change
-  // between two calls, and per-chunk arrays are sized by it.) Another loop of the same call always
-  // follows it (ThreadPool::ParallelFor's more_loops_follow).
+  // ForEachChunk(n, chunks, fn) runs fn(chunk, begin, end) for each of `chunks` ranges, in order of
+  // position, on the pool when there are several (threads take them as they come), and returns when all
+  // returned. (The count is the caller's: num_threads() may change between two calls, and per-chunk
+  // arrays are sized by it.) Another loop of the same call always follows it (ThreadPool::ParallelFor's
+  // more_loops_follow).
   size_t Chunks(size_t n) const;
   void ForEachChunk(size_t n, size_t chunks,
                     const std::function<void(size_t chunk, size_t begin, size_t end)>& fn) const;
