@@ -479,10 +479,11 @@ def test_max_keys_does_not_bound_a_load(tmp_path):
 
 
 def test_big_calls_are_bitwise_the_same_on_any_number_of_threads(make_c_table):
-    # Past 4,096 keys a call runs on the pool and partitions its keys by shard in chunks (up to four a thread):
-    # every thread count must sum a key's duplicates in input order, keep the last slot, skip the same NaN
-    # rows and pull the same rows, bit for bit; whether the pool's threads poll or sleep between steps
-    # (spin_wait_us) changes nothing either.
+    # Past 4,096 keys a call runs on the pool and partitions its keys by shard in chunks (up to four a thread),
+    # each shard merging its run; on one thread a push merges the whole call in input order first
+    # (csrc/table/push_merge.h). Every thread count, so both ways, must sum a key's duplicates in input order,
+    # keep the last slot, skip the same NaN rows and pull the same rows, bit for bit; whether the pool's
+    # threads poll or sleep between steps (spin_wait_us) changes nothing either.
     rng = np.random.default_rng(11)
     acc = CtrAccessorConfig(embedx_threshold=0.5)
     tables = [make_c_table(dim=4, accessor=acc, seed=3, num_threads=n, num_shards=8, nan_policy="skip",

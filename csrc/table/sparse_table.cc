@@ -15,6 +15,7 @@
 #include <mutex>
 #include <numeric>
 
+#include "table/push_merge.h"
 #include "util/crc32.h"
 #include "util/file_syncer.h"
 #include "util/hash.h"
@@ -25,87 +26,6 @@ namespace psembed {
 namespace {
 // Calls with fewer keys run their shard tasks on the calling thread: the pool handoff costs more.
 constexpr size_t kParallelMinKeys = 4096;
-
-size_t NextPow2(size_t x) {
-  size_t p = 1;
-  while (p < x) p <<= 1;
-  return p;
-}
-
-// Scratch of one push task, reused across calls on a thread (no per-key allocation).
-struct MergeScratch {
-  std::vector<MergedPush> items;
-  std::vector<int32_t> buf_of;  // merge-buffer row of items[m], or -1 (its grad is the input row)
-  std::vector<float> mbuf;      // summed gradients of duplicated keys
-  std::vector<uint64_t> tkeys;  // open-addressing table: key ...
-  std::vector<int32_t> tidx;    // ... -> item index, -1 = empty
-};
-
-MergeScratch& ThreadMergeScratch() {
-  thread_local MergeScratch s;
-  return s;
-}
-
-// Merges duplicate keys of one shard's run (keys/pos in input order): sums grads, shows and clicks in
-// input order, last slot wins. Fills m->items in order of first occurrence; returns count.
-size_t MergeDuplicates(const uint64_t* keys, const uint32_t* pos, size_t cnt,
-                       const float* grads, size_t gw, const float* shows, const float* clicks, const int32_t* slots,
-                       MergeScratch* m) {
-  const size_t cap = NextPow2(cnt * 2);
-  const size_t mask = cap - 1;
-  m->items.resize(cnt);
-  m->buf_of.resize(cnt);
-  m->mbuf.clear();
-  m->tkeys.resize(cap);
-  m->tidx.assign(cap, -1);
-  MergedPush* items = m->items.data();
-  int32_t* buf_of = m->buf_of.data();
-  uint64_t* tkeys = m->tkeys.data();
-  int32_t* tidx = m->tidx.data();
-  size_t num = 0;
-  constexpr size_t kAhead = 8;
-  for (size_t j = 0; j < cnt; ++j) {
-    if (j + kAhead < cnt) {  // every line of the gradient row (at dim 8 its 36 bytes straddle two lines half the time)
-      const uint32_t pa = pos[j + kAhead];
-      PrefetchBytes(grads + static_cast<size_t>(pa) * gw, gw * sizeof(float));
-      // A shard's run reads shows and clicks at positions ~64 apart, a new line each time. A timing build
-      // alternating calls with and without these on one table: the merge of a uniform push 45-73 -> 44-62
-      // cycles a key (1-11 less), of a Zipf push 0.2-3 less (docs/benchmarks.md, "Table", session 12).
-      __builtin_prefetch(shows + pa);
-      __builtin_prefetch(clicks + pa);
-    }
-    const uint32_t p = pos[j];
-    const uint64_t key = keys[j];
-    const uint64_t hash = TableHash(key);  // see Partition: recomputed, not scattered
-    size_t i = (hash >> 20) & mask;
-    while (tidx[i] != -1 && tkeys[i] != key) i = (i + 1) & mask;
-    const float* g = grads + static_cast<size_t>(p) * gw;
-    if (tidx[i] == -1) {
-      tidx[i] = static_cast<int32_t>(num);
-      tkeys[i] = key;
-      items[num] = MergedPush{key, hash, g, shows[p], clicks[p], slots != nullptr ? slots[p] : -1};
-      buf_of[num] = -1;
-      ++num;
-      continue;
-    }
-    const int32_t k = tidx[i];
-    MergedPush& it = items[k];
-    if (buf_of[k] < 0) {
-      buf_of[k] = static_cast<int32_t>(m->mbuf.size() / gw);
-      m->mbuf.insert(m->mbuf.end(), it.grad, it.grad + gw);
-    }
-    float* acc = m->mbuf.data() + static_cast<size_t>(buf_of[k]) * gw;
-    for (size_t d = 0; d < gw; ++d) acc[d] += g[d];
-    it.show += shows[p];
-    it.click += clicks[p];
-    if (slots != nullptr) it.slot = slots[p];
-  }
-  // mbuf may have moved while growing: point merged items at it only now.
-  for (size_t k = 0; k < num; ++k) {
-    if (buf_of[k] >= 0) items[k].grad = m->mbuf.data() + static_cast<size_t>(buf_of[k]) * gw;
-  }
-  return num;
-}
 }  // namespace
 
 struct SparseTable::Partition {
@@ -262,18 +182,34 @@ void SparseTable::Push(const uint64_t* keys, size_t n, const float* grads, const
     for (size_t i = 0; i < n; ++i) skipped += skip[i] ? 1 : 0;
     rejected_.fetch_add(skipped, std::memory_order_relaxed);
   }
+  const PushRows rows{grads, 1 + static_cast<size_t>(layout().dim()), shows, clicks, slots};
+  const bool has_slots = slots != nullptr;
+  if (num_threads() == 1 || n < kParallelMinKeys) {
+    // One thread: merge the whole call in input order, then sort the distinct keys by shard (push_merge.h).
+    PushMerger& m = ThreadPushMerger();
+    m.MergeCall(keys, n, skip, rows);
+    const uint32_t num_shards = static_cast<uint32_t>(shards_.size());
+    m.SortByShard(num_shards);
+    ReaderMutexLock gate(&gate_);
+    for (uint32_t s = 0; s < num_shards; ++s) {
+      const uint32_t b = m.begin(s), e = m.begin(s + 1);
+      if (b != e) shards_[s]->Push(m.sorted() + b, e - b, has_slots, push_id);
+    }
+    m.Trim();
+    return;
+  }
+  // Several threads: partition the keys by shard, then one task per shard merges its run and updates.
   thread_local Partition tls_part;  // see Pull
   Partition& part = tls_part;
   PartitionKeys(keys, n, skip, &part);
   ReaderMutexLock gate(&gate_);
-  const size_t gw = 1 + static_cast<size_t>(layout().dim());
   RunShards(n, [&](size_t s) {
     const uint32_t b = part.begin[s], e = part.begin[s + 1];
     if (b == e) return;
-    MergeScratch& m = ThreadMergeScratch();  // one TLS lookup per task, raw pointers below
-    const size_t num = MergeDuplicates(part.skeys.data() + b, part.order.data() + b, e - b,
-                                       grads, gw, shows, clicks, slots, &m);
-    shards_[s]->Push(m.items.data(), num, slots != nullptr, push_id);
+    PushMerger& m = ThreadPushMerger();  // one TLS lookup per task
+    const size_t num = m.MergeRun(part.skeys.data() + b, part.order.data() + b, e - b, rows);
+    shards_[s]->Push(m.items(), num, has_slots, push_id);
+    m.Trim();
   });
   part.Trim();
 }
