@@ -509,6 +509,27 @@ def test_big_calls_are_bitwise_the_same_on_any_number_of_threads(make_c_table):
         np.testing.assert_array_equal(t.pull(probe, True), tables[0].pull(probe, True))
 
 
+def test_a_push_too_big_to_merge_whole_gives_the_same_bits(make_c_table):
+    # On one thread a push of up to 2**19 keys is merged whole; a bigger one goes shard by shard, as on
+    # several threads (csrc/table/sparse_table.cc, kMaxWholeCallMerge). All three ways, the same bits.
+    rng = np.random.default_rng(5)
+    tables = [make_c_table(dim=2, accessor=CtrAccessorConfig(embedx_threshold=0.5), seed=1, num_threads=n,
+                           num_shards=8) for n in (1, 2)]
+    universe = rng.integers(-(2**63), 2**63 - 1, 5000, dtype=np.int64)
+    for n in (600_000, 20_000):  # past the bound, then under it
+        keys = universe[rng.integers(0, universe.size, n)]
+        grads = rng.standard_normal((n, 3)).astype(np.float32)
+        shows = rng.integers(0, 3, n).astype(np.float32)
+        clicks = (shows * (rng.random(n) < 0.3)).astype(np.float32)
+        slots = rng.integers(0, 50, n).astype(np.int32)
+        for t in tables:
+            t.push(keys, grads, shows, clicks, slots)
+    want, got = (t.export("checkpoint") for t in tables)
+    assert want["keys"].size == universe.size
+    for col in ("keys", "base", "has_mf", "mf"):
+        np.testing.assert_array_equal(got[col], want[col], err_msg=col)
+
+
 def test_admission_draw_index_is_the_push(make_c_table):
     """A key's draw in a push is u(seed, key, 3, push_id) (day 0): the table's own count of pushes, or the
     push_id the caller passes, so a key refused by one push draws again in the next, also after deletion."""

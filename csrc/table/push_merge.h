@@ -10,10 +10,13 @@
 //     threads: one task per shard, each merging its run). A duplicate's gradient row is read in shard order,
 //     a random line of the input.
 //   - MergeCall, then SortByShard: the whole call in input order, then the merged keys grouped by shard
-//     (SparseTable::Push on one thread). A duplicate's gradient row is read in input order, a stream the
-//     hardware prefetcher follows; the partition sorts the distinct keys only. A 1-thread Zipf push
-//     (42.9k distinct keys in 100k) ran 8-13% faster than merging shard runs, a uniform one 0-1% slower
-//     (docs/benchmarks.md, "Table", session 18). It is serial, so a push on several threads keeps MergeRun.
+//     (SparseTable::Push on one thread, and any push of under 4,096 keys). A duplicate's gradient row is
+//     read in input order, a stream the hardware prefetcher follows; the partition sorts the distinct keys
+//     only. Paired runs against MergeRun at 10M keys, 100k a call, 1 thread: Zipf pushes (42.9k distinct
+//     keys in 100k) 1.08x-1.10x as fast, uniform ones 0.98x-0.99x; calls of 3,000 keys 1.07x Zipf, 1.02x
+//     uniform (docs/benchmarks.md, "Table", session 18). It is serial, and cutting a call into groups of
+//     shards, one MergeCall each, made a 2-thread push slower (0.91x-1.01x), so several threads keep
+//     MergeRun. Its scratch is ~130 bytes a key, so a one-thread call of millions of keys goes by shard too.
 //
 // Thread safety: none; one merger per thread (ThreadPushMerger), reused across calls so that no call
 // allocates once warm. The items point into the push's gradient input or into the merger's own sum rows:

@@ -26,6 +26,10 @@ namespace psembed {
 namespace {
 // Calls with fewer keys run their shard tasks on the calling thread: the pool handoff costs more.
 constexpr size_t kParallelMinKeys = 4096;
+// A push on one thread merges the whole call at once up to this many keys (push_merge.h). Its scratch
+// costs ~130 bytes a key (the probe table, the merged keys and their copy sorted by shard), so a bigger
+// call, a bulk push of millions of keys, goes by shard like a push on several threads (~20 bytes a key).
+constexpr size_t kMaxWholeCallMerge = size_t{1} << 19;
 }  // namespace
 
 struct SparseTable::Partition {
@@ -184,7 +188,7 @@ void SparseTable::Push(const uint64_t* keys, size_t n, const float* grads, const
   }
   const PushRows rows{grads, 1 + static_cast<size_t>(layout().dim()), shows, clicks, slots};
   const bool has_slots = slots != nullptr;
-  if (num_threads() == 1 || n < kParallelMinKeys) {
+  if ((num_threads() == 1 && n <= kMaxWholeCallMerge) || n < kParallelMinKeys) {
     // One thread: merge the whole call in input order, then sort the distinct keys by shard (push_merge.h).
     PushMerger& m = ThreadPushMerger();
     m.MergeCall(keys, n, skip, rows);
@@ -198,7 +202,8 @@ void SparseTable::Push(const uint64_t* keys, size_t n, const float* grads, const
     m.Trim();
     return;
   }
-  // Several threads: partition the keys by shard, then one task per shard merges its run and updates.
+  // Several threads (or a call too big to merge whole): partition the keys by shard, then one task per
+  // shard merges its run and updates.
   thread_local Partition tls_part;  // see Pull
   Partition& part = tls_part;
   PartitionKeys(keys, n, skip, &part);
