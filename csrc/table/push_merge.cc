@@ -92,8 +92,12 @@ size_t PushMerger::MergeRun(const uint64_t* keys, const uint32_t* pos, size_t cn
   return num_;
 }
 
-void PushMerger::MergeCall(const uint64_t* keys, size_t n, const uint8_t* skip, const PushRows& rows) {
+void PushMerger::MergeCall(const uint64_t* keys, size_t n, const uint8_t* skip, const PushRows& rows,
+                           uint32_t num_shards) {
   Reset(n, rows.gw);
+  // Each shard's count of merged keys, for SortByShard: shard_begin_[s + 1] counts shard s.
+  shard_begin_.assign(num_shards + 1, 0);
+  uint32_t* count = shard_begin_.data() + 1;
   const size_t mask = NextPow2(n * 2) - 1;
   call_slots_.assign(mask + 1, kEmptySlot);
   uint64_t* table = call_slots_.data();
@@ -121,6 +125,7 @@ void PushMerger::MergeCall(const uint64_t* keys, size_t n, const uint8_t* skip, 
       if (slot == kEmptySlot) {
         table[i] = (static_cast<uint64_t>(num) << 32) | tag;
         AddFirst(items, sum_row, num++, key, hash, p, rows);
+        ++count[ShardOf(hash, num_shards)];
         break;
       }
       const size_t k = static_cast<size_t>(slot >> 32);
@@ -136,12 +141,11 @@ void PushMerger::MergeCall(const uint64_t* keys, size_t n, const uint8_t* skip, 
 }
 
 void PushMerger::SortByShard(uint32_t num_shards) {
-  // A stable counting sort by shard: each shard's keys keep their order of first occurrence.
+  // A stable counting sort by shard (MergeCall counted): each shard's keys keep their order of first
+  // occurrence.
   const size_t num = num_;
   const MergedPush* items = items_.data();
-  shard_begin_.assign(num_shards + 1, 0);
   uint32_t* begin = shard_begin_.data();
-  for (size_t k = 0; k < num; ++k) ++begin[ShardOf(items[k].hash, num_shards) + 1];
   for (uint32_t s = 0; s < num_shards; ++s) begin[s + 1] += begin[s];
   shard_next_.assign(shard_begin_.begin(), shard_begin_.end() - 1);
   uint32_t* next = shard_next_.data();

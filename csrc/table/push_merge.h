@@ -49,11 +49,12 @@ class PushMerger {
   // Returns the number of distinct keys, in items()[0, returned).
   size_t MergeRun(const uint64_t* keys, const uint32_t* pos, size_t cnt, const PushRows& rows);
 
-  // Merges the whole call in input order: keys[p] for p in [0, n) not marked in skip (may be nullptr).
+  // Merges the whole call in input order: keys[p] for p in [0, n) not marked in skip (may be nullptr),
+  // counting the merged keys of each of num_shards shards as they come.
   // Then SortByShard groups the merged keys by shard, each shard's keys still in order of first
   // occurrence: shard s gets sorted()[begin(s), begin(s + 1)). REQUIRES: n < 2^32 - 1.
-  void MergeCall(const uint64_t* keys, size_t n, const uint8_t* skip, const PushRows& rows);
-  void SortByShard(uint32_t num_shards);
+  void MergeCall(const uint64_t* keys, size_t n, const uint8_t* skip, const PushRows& rows, uint32_t num_shards);
+  void SortByShard(uint32_t num_shards);  // REQUIRES: the num_shards of the MergeCall just before
 
   const MergedPush* items() const { return items_.data(); }
   const MergedPush* sorted() const { return sorted_.data(); }

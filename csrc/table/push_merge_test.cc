@@ -100,7 +100,7 @@ void TestBothWaysMatchTheReference() {
   for (const auto& [n, u] : {std::pair<size_t, size_t>{20000, 3000}, {5000, 40}, {7, 3}, {3000, 3000}}) {
     const Call c = RandomCall(n, u, static_cast<uint32_t>(n + u));
     const auto want = Reference(c);
-    call_merger.MergeCall(c.keys.data(), n, c.skip.data(), c.Rows());
+    call_merger.MergeCall(c.keys.data(), n, c.skip.data(), c.Rows(), kShards);
     call_merger.SortByShard(kShards);
     size_t total = 0;
     for (uint32_t s = 0; s < kShards; ++s) {
@@ -155,7 +155,7 @@ void TestKeysSharingAProbeSlotAndTag() {
     c.skip.push_back(0);
   }
   PushMerger m;
-  m.MergeCall(c.keys.data(), c.keys.size(), nullptr, c.Rows());
+  m.MergeCall(c.keys.data(), c.keys.size(), nullptr, c.Rows(), 1);
   m.SortByShard(1);
   CHECK_EQ(m.begin(1), 2u);
   CHECK_EQ(m.sorted()[0].key, a);

@@ -191,8 +191,8 @@ void SparseTable::Push(const uint64_t* keys, size_t n, const float* grads, const
   if ((num_threads() == 1 && n <= kMaxWholeCallMerge) || n < kParallelMinKeys) {
     // One thread: merge the whole call in input order, then sort the distinct keys by shard (push_merge.h).
     PushMerger& m = ThreadPushMerger();
-    m.MergeCall(keys, n, skip, rows);
     const uint32_t num_shards = static_cast<uint32_t>(shards_.size());
+    m.MergeCall(keys, n, skip, rows, num_shards);
     m.SortByShard(num_shards);
     ReaderMutexLock gate(&gate_);
     for (uint32_t s = 0; s < num_shards; ++s) {
