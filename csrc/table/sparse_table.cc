@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <numeric>
@@ -195,11 +196,20 @@ void SparseTable::Push(const uint64_t* keys, size_t n, const float* grads, const
     m.MergeCall(keys, n, skip, rows, num_shards);
     m.SortByShard(num_shards);
     ReaderMutexLock gate(&gate_);
+    // As on the pool (ThreadPool::ParallelFor): a shard that throws (std::bad_alloc) does not keep the
+    // others from their keys; the first exception comes last.
+    std::exception_ptr error;
     for (uint32_t s = 0; s < num_shards; ++s) {
       const uint32_t b = m.begin(s), e = m.begin(s + 1);
-      if (b != e) shards_[s]->Push(m.sorted() + b, e - b, has_slots, push_id);
+      if (b == e) continue;
+      try {
+        shards_[s]->Push(m.sorted() + b, e - b, has_slots, push_id);
+      } catch (...) {
+        if (!error) error = std::current_exception();
+      }
     }
     m.Trim();
+    if (error) std::rethrow_exception(error);
     return;
   }
   // Several threads (or a call too big to merge whole): partition the keys by shard, then one task per
