@@ -18,6 +18,7 @@ without mf <= 64 bytes.
 
   python scripts/bench_table.py                      # full size: 10M keys, dim 8, batches of 100k
   python scripts/bench_table.py --keys 200000 --batches 5   # quick
+  python scripts/bench_table.py --no-memory --spin-wait-us 50   # the table as a PS server would run it
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def make_config(dim: int, embedx_threshold: float, num_threads: int = 0):
+def make_config(dim: int, embedx_threshold: float, num_threads: int = 0, spin_wait_us: int = 0):
     from torch_psembed.config import AdaGrad, CtrAccessorConfig, TableConfig
 
     return TableConfig(
@@ -47,6 +48,7 @@ def make_config(dim: int, embedx_threshold: float, num_threads: int = 0):
         lr_optimizer=AdaGrad(initial_range=0.0),
         mf_optimizer=AdaGrad(initial_range=1e-4),
         num_threads=num_threads,
+        spin_wait_us=spin_wait_us,
     )
 
 
@@ -126,6 +128,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3,
                    help="interleaved repetitions of each measurement; the median of each is reported (default 3)")
     p.add_argument("--no-memory", action="store_true", help="skip the RSS measurement")
+    p.add_argument("--spin-wait-us", type=int, default=0,
+                   help="TableConfig.spin_wait_us of the timed table (default 0, the default config; 50 is the "
+                        "setting for a process that does little but table calls, such as a PS server)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--_memory-child", dest="memory_child", choices=["mf", "nomf"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -140,9 +145,11 @@ def main(argv=None) -> int:
 
     all_threads = torch.get_num_threads()
     results = {"keys": args.keys, "dim": args.dim, "batch": args.batch, "cpus": os.cpu_count(),
+               "spin_wait_us": args.spin_wait_us,
                "torch_threads": all_threads, "load_avg_start": os.getloadavg()[0]}
     print(f"# bench_table: {args.keys} keys, dim {args.dim}, batches of {args.batch}, "
-          f"{os.cpu_count()} cpus, load avg {os.getloadavg()[0]:.1f}")
+          f"{os.cpu_count()} cpus, load avg {os.getloadavg()[0]:.1f}"
+          + (f", spin_wait_us {args.spin_wait_us}" if args.spin_wait_us else ""))
 
     if not args.no_memory:
         for kind in ("mf", "nomf"):
@@ -156,7 +163,7 @@ def main(argv=None) -> int:
                   f"payload {m['payload']} B  ratio {m['rss_per_key'] / m['payload']:.2f}x  target {target}")
 
     keys = all_keys(args.keys)
-    table = _C.Table(make_config(args.dim, 0.0).to_dict())
+    table = _C.Table(make_config(args.dim, 0.0, spin_wait_us=args.spin_wait_us).to_dict())
     t0 = time.perf_counter()
     populate(table, keys, args.dim)
     print(f"populate: {args.keys / (time.perf_counter() - t0) / 1e6:.2f} M keys/s (first push inserts)")

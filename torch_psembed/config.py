@@ -202,8 +202,9 @@ class TableConfig:
         spin_wait_us (int): microseconds the table's threads poll for the next parallel step of a
             call (and the caller for its step's last tasks) before sleeping. Default 0: sleep at once.
             In a process that does little but table calls (a PS server), 50 made back-to-back 2-thread
-            pulls and pushes 0-9% faster; beside torch's own threads (a PSEmbedding training step on 2
-            cores) it made steps on Zipf ids 1-33% slower, so it is off by default.
+            pulls and pushes 0-14% faster; beside torch's own threads (a PSEmbedding training step on 2
+            cores) it made most steps slower in one series of runs (up to 33% on Zipf ids) and gave mixed
+            results in another, so it is off by default (docs/benchmarks.md, "Table", sessions 15, 18).
         nan_policy (str): ``"raise"`` (default) rejects a push with a NaN/Inf gradient;
             ``"skip"`` drops those rows and counts them in ``stats()["rejected"]``.
         max_keys (int or None): the most rows the table holds, a bound on its memory; ``None`` (default):
