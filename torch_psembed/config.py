@@ -200,7 +200,8 @@ class TableConfig:
         num_shards (int): internal shards (hash maps with their own lock). Default: 64.
         num_threads (int): threads used by one pull/push call; 0 means the cores available.
         spin_wait_us (int): microseconds the table's threads poll for the next parallel step of a
-            call (and the caller for its step's last tasks) before sleeping. Default 0: sleep at once.
+            call (and the caller for its step's last tasks, at least 50 whatever this is) before
+            sleeping. Default 0: the pool's threads sleep at once.
             In a process that does little but table calls (a PS server), 50 made back-to-back 2-thread
             pulls and pushes 0-14% faster; beside torch's own threads (a PSEmbedding training step on 2
             cores) it made most steps slower in one series of runs (up to 33% on Zipf ids) and gave mixed

@@ -29,13 +29,19 @@ namespace psembed {
 
 class ThreadPool {
  public:
-  // spin_micros: how long a caller polls for its loop's last tasks, and a worker for the next loop of
-  // the same call (see ParallelFor's more_loops_follow), before sleeping on a condition variable. One
-  // pull or push runs three loops back to back, and each wake-up (an IPI, and on a VM a halted vCPU to
-  // reschedule) is on the call's critical path: in a process doing only table calls, 50 us made 2-thread
-  // calls 0-9% faster. Beside other busy threads (torch's, in a training step) polling takes their
-  // cores, so the default is 0: sleep at once (docs/benchmarks.md, "Table", session 15).
+  // spin_micros: how long a worker polls for the next loop of the same call (see ParallelFor's
+  // more_loops_follow), and a caller for its loop's last tasks, before sleeping on a condition variable.
+  // One pull or push runs three loops back to back, and each wake-up (an IPI, and on a VM a halted vCPU
+  // to reschedule) is on the call's critical path: in a process doing only table calls, 50 us made
+  // 2-thread calls 0-14% faster. Beside other busy threads (torch's, in a training step) polling workers
+  // take their cores, so the default is 0: a worker sleeps at once (docs/benchmarks.md, "Table",
+  // sessions 15 and 18).
   static constexpr int kDefaultSpinMicros = 0;
+  // The caller polls at least this long whatever spin_micros is. It waits only for the last tasks of
+  // its own loop (at most one chunk of work), on a core that has nothing else of the call to do, and
+  // then skips being woken: 2-thread pulls and pushes 1.01x-1.05x in paired runs (8 of 8 faster), with
+  // PSEmbedding steps beside torch's threads no slower (docs/benchmarks.md, "Table", session 18).
+  static constexpr int kMinCallerPollMicros = 50;
 
   // num_threads: total parallelism of one loop, the caller included (so num_threads - 1 workers).
   // 0 means std::thread::hardware_concurrency(). spin_micros >= 0: see kDefaultSpinMicros.
