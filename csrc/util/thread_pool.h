@@ -39,7 +39,7 @@ class ThreadPool {
   static constexpr int kDefaultSpinMicros = 0;
   // The caller polls at least this long whatever spin_micros is. It waits only for the last tasks of
   // its own loop (at most one chunk of work), on a core that has nothing else of the call to do, and
-  // then skips being woken: 2-thread pulls and pushes 1.01x-1.05x in paired runs (8 of 8 faster), with
+  // then skips being woken: 2-thread pulls and pushes faster in 15 of 16 paired runs (0.98x-1.05x), with
   // PSEmbedding steps beside torch's threads no slower (docs/benchmarks.md, "Table", session 18).
   static constexpr int kMinCallerPollMicros = 50;
 
