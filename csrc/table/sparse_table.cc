@@ -11,7 +11,6 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
-#include <exception>
 #include <memory>
 #include <mutex>
 #include <numeric>
@@ -144,11 +143,10 @@ void SparseTable::PartitionKeys(const uint64_t* keys, size_t n, const uint8_t* s
 }
 
 void SparseTable::RunShards(size_t num_keys, const std::function<void(size_t)>& fn) {
-  if (num_keys < kParallelMinKeys) {
-    for (size_t s = 0; s < shards_.size(); ++s) fn(s);
-  } else {
-    pool_->ParallelFor(shards_.size(), fn, num_threads());
-  }
+  // Small calls on the calling thread alone (max_parallel 1), with the pool's contract all the same: a
+  // shard that throws (std::bad_alloc) does not keep the others from their keys; the first exception
+  // comes last.
+  pool_->ParallelFor(shards_.size(), fn, num_keys < kParallelMinKeys ? 1 : num_threads());
 }
 
 void SparseTable::Pull(const uint64_t* keys, size_t n, bool with_stats, float* out) {
@@ -196,20 +194,12 @@ void SparseTable::Push(const uint64_t* keys, size_t n, const float* grads, const
     m.MergeCall(keys, n, skip, rows, num_shards);
     m.SortByShard(num_shards);
     ReaderMutexLock gate(&gate_);
-    // As on the pool (ThreadPool::ParallelFor): a shard that throws (std::bad_alloc) does not keep the
-    // others from their keys; the first exception comes last.
-    std::exception_ptr error;
-    for (uint32_t s = 0; s < num_shards; ++s) {
-      const uint32_t b = m.begin(s), e = m.begin(s + 1);
-      if (b == e) continue;
-      try {
-        shards_[s]->Push(m.sorted() + b, e - b, has_slots, push_id);
-      } catch (...) {
-        if (!error) error = std::current_exception();
-      }
-    }
+    // On the calling thread: this path is taken only where RunShards does not go parallel.
+    RunShards(n, [&](size_t s) {
+      const uint32_t b = m.begin(static_cast<uint32_t>(s)), e = m.begin(static_cast<uint32_t>(s) + 1);
+      if (b != e) shards_[s]->Push(m.sorted() + b, e - b, has_slots, push_id);
+    });
     m.Trim();
-    if (error) std::rethrow_exception(error);
     return;
   }
   // Several threads (or a call too big to merge whole): partition the keys by shard, then one task per

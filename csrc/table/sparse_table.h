@@ -226,6 +226,8 @@ class SparseTable {
   void PartitionKeys(const uint64_t* keys, size_t n, const uint8_t* skip, Partition* p) const;
   // Decay by factor, unseen += add_unseen, delete; appends tombstones. Returns deleted.
   size_t DecayAndDeleteAll(double factor, uint32_t add_unseen, int64_t new_day_index = -1);
+  // fn(s) for every shard s: on the pool for a call of num_keys >= 4,096 keys, else on the calling thread;
+  // either way every shard runs and the first exception is rethrown afterwards (ThreadPool::ParallelFor).
   void RunShards(size_t num_keys, const std::function<void(size_t)>& fn);
   Status LoadSegments(const RowSegment* segs, size_t num_segs, bool check, bool load);
   // Where the rows of one bucket go, and what happens to them once copied (both under the gate).
