@@ -2,17 +2,16 @@
 
 #include "bindings/array_checks.h"
 
-#include <sstream>
 #include <string>
 
 namespace psembed {
 
+// Built with std::to_string, not an ostringstream: see util/float_string.h for why the extension keeps
+// clear of iostreams.
 std::string ShapeString(const py::array& a) {
-  std::ostringstream os;
-  os << "[";
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) os << (i ? ", " : "") << a.shape(i);
-  os << "]";
-  return os.str();
+  std::string s = "[";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + "]";
 }
 
 // kind: 'i' signed int, 'u' unsigned int, 'f' float.

@@ -18,7 +18,6 @@
 #include <limits>
 #include <memory>
 #include <set>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
