@@ -1,7 +1,9 @@
-"""Runs scripts/sanitize.sh: the C++ core and its tests under ASan+UBSan and under TSan.
+"""Runs scripts/sanitize.sh: the C++ core and its tests under ASan+UBSan and under TSan, and the Python
+extension itself (the bindings included) under ASan+UBSan, driven by part of the Python suite ("pyasan").
 
-Part of the default test run (marked slow: ~1-3 minutes on 2 cores from a cold build, seconds when
-the build trees in build/sanitize-* are warm). Skipped only when no C++ compiler or cmake exists.
+Part of the default test run (marked slow: ~1-3 minutes each on 2 cores from a cold build, seconds to
+a minute when the build trees in build/sanitize-* are warm). Skipped only when no C++ compiler or cmake
+exists.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,13 +29,14 @@ def _missing_tools() -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which", ["asan", "tsan"])
+@pytest.mark.parametrize("which", ["asan", "tsan", "pyasan"])
 def test_core_is_clean_under_sanitizers(which):
     missing = _missing_tools()
     if missing:
         pytest.skip("sanitizer build needs " + " and ".join(missing) + ", not found on PATH")
     env = dict(os.environ)
     env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", "2")
+    env["PYTHON"] = sys.executable  # pyasan builds and drives the extension for this interpreter
     proc = subprocess.run(
         ["bash", str(ROOT / "scripts" / "sanitize.sh"), which],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,

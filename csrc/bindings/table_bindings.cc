@@ -762,11 +762,10 @@ py::tuple DedupArray(const py::handle& keys_obj, bool groups) {
       GroupByInverse(inv, n, u, order.mutable_data(), starts.data());
     }
   }
-  py::array_t<int64_t> out(static_cast<py::ssize_t>(u));
-  std::memcpy(out.mutable_data(), uniq, u * sizeof(uint64_t));
+  // array_t(count, ptr) copies; unlike memcpy it accepts the null pointer of an empty input
+  py::array_t<int64_t> out(static_cast<py::ssize_t>(u), reinterpret_cast<const int64_t*>(uniq));
   if (!groups) return py::make_tuple(out, inverse);
-  py::array_t<int64_t> st(static_cast<py::ssize_t>(u));
-  std::memcpy(st.mutable_data(), starts.data(), u * sizeof(int64_t));
+  py::array_t<int64_t> st(static_cast<py::ssize_t>(u), starts.data());
   return py::make_tuple(out, inverse, order, st);
 }
 
@@ -786,8 +785,7 @@ py::tuple DedupByOwnerArray(const py::handle& keys_obj, int64_t num_parts) {
     py::gil_scoped_release release;
     u = DedupByOwner(k, n, static_cast<uint32_t>(num_parts), uniq, inv, st);
   }
-  py::array_t<int64_t> out(static_cast<py::ssize_t>(u));
-  std::memcpy(out.mutable_data(), uniq, u * sizeof(uint64_t));
+  py::array_t<int64_t> out(static_cast<py::ssize_t>(u), reinterpret_cast<const int64_t*>(uniq));
   return py::make_tuple(out, inverse, starts);
 }
 
