@@ -248,11 +248,12 @@ def test_parse_lines_is_parse_line_by_line():
         else:
             assert good[i] and i not in err, (i, lines[i])
             assert labels[i] == w[0] and values[i].tolist() == w[2], (i, lines[i])
+    # both kinds are well represented, with or without the Criteo sample (the made-up lines alone: 1,889 bad)
     n_bad = sum(isinstance(w, str) for w in want)
-    assert 200 < n_bad < len(lines) - 400  # both kinds are well represented
+    assert n_bad > 200 and len(lines) - n_bad > 250
     from torch_psembed import _C
 
-    assert int(_C.parse_criteo(lines)[2].sum()) > 400  # and the fast path took the common lines
+    assert _C.parse_criteo(lines)[2][:200].all()  # and the fast path took the common lines
     with pytest.raises(TypeError, match="list of str"):
         _C.parse_criteo(["0\t1", b"0\t1"])
 
