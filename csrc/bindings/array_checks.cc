@@ -3,6 +3,7 @@
 #include "bindings/array_checks.h"
 
 #include <string>
+#include <vector>
 
 namespace psembed {
 
@@ -32,6 +33,12 @@ py::array CheckArray(const py::handle& obj, const char* name, char kind, int ite
   }
   if (!(a.flags() & py::array::c_style)) {
     throw py::value_error(std::string(name) + " must be C-contiguous; call numpy.ascontiguousarray first");
+  }
+  if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) {
+    // An unaligned view (numpy.frombuffer at an odd offset, say) is read through an aligned copy: the core
+    // reads whole 4- and 8-byte values, and reading them unaligned is undefined behaviour (UBSan caught it
+    // when the fuzzer ran against the sanitized extension). Every checked array is an input: nothing is lost.
+    a = py::array(a.dtype(), std::vector<py::ssize_t>(a.shape(), a.shape() + a.ndim()), a.data());
   }
   return a;
 }

@@ -21,7 +21,8 @@ namespace py = pybind11;
 // "[2, 3]".
 std::string ShapeString(const py::array& a);
 // A native-endian, C-contiguous numpy array of the given kind ('i' signed int, 'u' unsigned int,
-// 'f' float), item size and number of dimensions.
+// 'f' float), item size and number of dimensions. Returns obj itself, or an aligned copy where obj is
+// unaligned: for arrays the caller only reads.
 py::array CheckArray(const py::handle& obj, const char* name, char kind, int itemsize, const char* dtype_name,
                      int ndim);
 // A 1-D int64 array of fewer than 2^32 - 1 keys.
