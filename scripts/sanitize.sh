@@ -45,9 +45,11 @@ run_one() {
 }
 
 # The Python tests that drive the sanitized extension: the ones that call into C++ most, in one process (the
-# multi-process tests would only repeat these paths, slower).
+# multi-process tests would only repeat these paths, slower), and the fuzz targets' saved inputs and bounded
+# runs (test_fuzz.py: its in-process replays use the sanitized build).
 PY_TESTS=(tests/test_table_api.py tests/test_table_numerics.py tests/test_autograd.py tests/test_embedding.py
-          tests/test_checkpoint_bulk.py tests/test_checkpoint_load.py tests/test_data.py tests/test_data_plane.py)
+          tests/test_checkpoint_bulk.py tests/test_checkpoint_load.py tests/test_data.py tests/test_data_plane.py
+          tests/test_fuzz.py)
 # Left out: the tests whose DataLoader forks worker processes. Under ASan one of them hung once in six runs,
 # parent and worker each waiting for the other in torch's multiprocessing queues (not seen without ASan).
 PY_DESELECT=(test_data.py::test_synthetic_split_over_ranks_workers_and_passes_is_a_partition

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import os
 import random
 import re
@@ -36,7 +37,9 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-if ROOT not in sys.path:
+# The checkout's package, unless torch_psembed is importable already (installed, or put first on PYTHONPATH,
+# as scripts/sanitize.sh pyasan does with its sanitized build).
+if importlib.util.find_spec("torch_psembed") is None and ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 # The exceptions an input may raise. CorruptCheckpointError and CheckpointMismatchError subclass ValueError.
