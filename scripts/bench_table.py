@@ -119,6 +119,9 @@ def timeit(fn, batches) -> float:
 
 
 def main(argv=None) -> int:
+    # This tree's torch_psembed first, as the other benchmark scripts do (an in-place build, or a checkout that
+    # is not the installed one, times its own code). ab_table_builds.py imports this module without calling main.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--keys", type=int, default=10_000_000, help="resident keys (default 10M)")
     p.add_argument("--dim", type=int, default=8)
