@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Builds psembed_core and the C++ tests under ASan+UBSan and under TSan (gcc -fsanitize), runs them,
-# and fails on any sanitizer report or test failure. "pyasan" builds the Python extension itself (the
-# pybind11 bindings included) under ASan+UBSan and drives it with part of the Python suite.
+# and fails on any sanitizer report or test failure. "pyasan" and "pytsan" build the Python extension itself
+# (the pybind11 bindings included) under ASan+UBSan and under TSan, and drive it with part of the Python suite.
 #
-#   scripts/sanitize.sh                   # all three
-#   scripts/sanitize.sh asan|tsan|pyasan  # one
+#   scripts/sanitize.sh                          # all four
+#   scripts/sanitize.sh asan|tsan|pyasan|pytsan  # one
 #
-# Build trees: build/sanitize-{asan,tsan,pyasan} (incremental). ~3-4 min on 2 cores from cold.
+# Build trees: build/sanitize-{asan,tsan,pyasan,pytsan} (incremental). ~5-6 min on 2 cores from cold.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -44,57 +44,68 @@ run_one() {
   done
 }
 
-# The Python tests that drive the sanitized extension: the ones that call into C++ most, in one process (the
-# multi-process tests would only repeat these paths, slower), and the fuzz targets' saved inputs and bounded
-# runs (test_fuzz.py: its in-process replays use the sanitized build).
-PY_TESTS=(tests/test_table_api.py tests/test_table_numerics.py tests/test_autograd.py tests/test_embedding.py
-          tests/test_checkpoint_bulk.py tests/test_checkpoint_load.py tests/test_data.py tests/test_data_plane.py
-          tests/test_fuzz.py)
-# Left out: the tests whose DataLoader forks worker processes. Under ASan one of them hung once in six runs,
-# parent and worker each waiting for the other in torch's multiprocessing queues (not seen without ASan).
-PY_DESELECT=(test_data.py::test_synthetic_split_over_ranks_workers_and_passes_is_a_partition
-             test_data.py::test_criteo_file_batches_are_the_same_by_lines_or_in_bulk
-             test_data.py::test_file_days_passes_and_ranks)
+# The Python tests that drive the extension under ASan+UBSan ("pyasan"): the ones that call into C++ most, in
+# one process (the multi-process tests would only repeat these paths, slower), and the fuzz targets' saved
+# inputs and bounded runs (test_fuzz.py; its subprocesses import the sanitized build from PYTHONPATH too).
+T="$ROOT/tests"  # test files by absolute path: pytest runs from the build tree (see run_python)
+PYASAN_TESTS=("$T"/test_table_api.py "$T"/test_table_numerics.py "$T"/test_autograd.py "$T"/test_embedding.py
+              "$T"/test_checkpoint_bulk.py "$T"/test_checkpoint_load.py "$T"/test_data.py "$T"/test_data_plane.py
+              "$T"/test_fuzz.py
+              # Left out: the tests whose DataLoader forks worker processes. Under ASan one of them hung once
+              # in six runs, parent and worker each waiting on torch's multiprocessing queues (not seen
+              # without ASan).
+              --deselect tests/test_data.py::test_synthetic_split_over_ranks_workers_and_passes_is_a_partition
+              --deselect tests/test_data.py::test_criteo_file_batches_are_the_same_by_lines_or_in_bulk
+              --deselect tests/test_data.py::test_file_days_passes_and_ranks)
+# Under TSan ("pytsan"): the tests that call the extension from several Python threads at once, or beside its
+# own server and prefetch threads. Not the tests whose torch ops run on OpenMP or gloo threads: TSan cannot see
+# how torch's uninstrumented code orders them, and reports races inside torch.
+PYTSAN_TESTS=("$T"/test_table_stress.py "$T"/test_data_plane.py "$T"/test_table_api.py "$T"/test_embedding.py)
 
+# run_python NAME SANITIZERS RUNTIME TEST_ARGS...: builds _C with -fsanitize=SANITIZERS into
+# build/sanitize-NAME/site (beside the package's Python files) and runs pytest on TEST_ARGS against it.
 run_python() {
-  local dir="$ROOT/build/sanitize-pyasan" py="${PYTHON:-python3}" cxx="${CXX:-c++}"
+  local name="$1" flags="$2" runtime="$3"
+  shift 3
+  local dir="$ROOT/build/sanitize-$name" py="${PYTHON:-python3}" cxx="${CXX:-c++}"
   local site="$dir/site"
-  echo "== pyasan: the extension under -fsanitize=address,undefined, driven by pytest ($dir)"
+  echo "== $name: the extension under -fsanitize=$flags, driven by pytest ($dir)"
   cmake -S "$ROOT" -B "$dir" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS="-O1" \
-    -DPSEMBED_BUILD_PYTHON=ON -DPSEMBED_BUILD_TESTS=OFF -DPSEMBED_SANITIZE="address,undefined" \
+    -DPSEMBED_BUILD_PYTHON=ON -DPSEMBED_BUILD_TESTS=OFF -DPSEMBED_SANITIZE="$flags" \
     -DPython_EXECUTABLE="$(command -v "$py")" -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$site/torch_psembed" >/dev/null
   cmake --build "$dir" -j "$JOBS" --target _C -- >/dev/null
   # The package's Python files beside the sanitized _C, first on PYTHONPATH (ahead of any installed build).
   (cd "$ROOT" && find torch_psembed -name '*.py' -print0 | xargs -0 -I{} install -D -m 644 {} "$site/{}")
   rm -f "$dir"/report.*
-  # python itself is not instrumented: libasan goes first by LD_PRELOAD, with libstdc++ (ASan intercepts
-  # __cxa_throw only if libstdc++ is there when it starts), and leak checking is off (the interpreter keeps
-  # its allocations to the end). pytest runs with -s so that a report on stderr reaches the log.
-  local -a env=(LD_PRELOAD="$("$cxx" -print-file-name=libasan.so) $("$cxx" -print-file-name=libstdc++.so)"
+  # python itself is not instrumented: the sanitizer's runtime goes first by LD_PRELOAD, with libstdc++
+  # (ASan intercepts __cxa_throw only if libstdc++ is there when it starts). Leak checking is off (the
+  # interpreter keeps its allocations to the end); TSan's deadlock detector is off (a bulk load holds more
+  # shard locks at once than it can track) and scripts/tsan_python.supp names the one report it makes on
+  # Python's own threads. pytest runs with -s so that a report on stderr reaches the log.
+  local -a env=(LD_PRELOAD="$("$cxx" -print-file-name="$runtime") $("$cxx" -print-file-name=libstdc++.so)"
                 PYTHONPATH="$site"
                 ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:log_path=$dir/report"
-                UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:log_path=$dir/report")
+                UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
+                TSAN_OPTIONS="halt_on_error=1:detect_deadlocks=0:suppressions=$ROOT/scripts/tsan_python.supp")
   # Run from $dir: `python -m` puts the working folder first on sys.path, and the checkout's own
   # torch_psembed/ would win there.
   cd "$dir"
   env "${env[@]}" "$py" -c "import sys, torch_psembed as p; sys.exit(0 if p.__file__.startswith('$site') else \
-    'pyasan: imported ' + p.__file__ + ', not the sanitized build')"
+    '$name: imported ' + p.__file__ + ', not the sanitized build')"
   local rc=0
-  local -a deselect=()
-  for t in "${PY_DESELECT[@]}"; do deselect+=(--deselect "tests/$t"); done  # node ids: relative to --rootdir
-  env "${env[@]}" "$py" -m pytest -q -s -p no:cacheprovider --rootdir "$ROOT" --basetemp "$dir/tmp" \
-    "${deselect[@]}" "${PY_TESTS[@]/#/$ROOT/}" \
+  # test files: absolute paths; --deselect node ids: relative to --rootdir
+  env "${env[@]}" "$py" -m pytest -q -s -p no:cacheprovider --rootdir "$ROOT" --basetemp "$dir/tmp" "$@" \
     >"$dir/pytest.log" 2>&1 || rc=$?
   cd "$ROOT"
   if compgen -G "$dir/report.*" >/dev/null || grep -qE "$REPORT_RE" "$dir/pytest.log"; then
     cat "$dir"/report.* 2>/dev/null || true
     grep -E -A30 "$REPORT_RE" "$dir/pytest.log" | head -80
-    echo "FAILED: pyasan printed a sanitizer report" >&2
+    echo "FAILED: $name printed a sanitizer report" >&2
     exit 1
   fi
   if [[ $rc -ne 0 ]]; then
     tail -40 "$dir/pytest.log"
-    echo "FAILED: pyasan pytest exit status $rc" >&2
+    echo "FAILED: $name pytest exit status $rc" >&2
     exit 1
   fi
   tail -1 "$dir/pytest.log"
@@ -104,11 +115,15 @@ export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1:halt_on_error=1:${ASAN_OPTI
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:${UBSAN_OPTIONS:-}"
 export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:${TSAN_OPTIONS:-}"
 
+pyasan() { run_python pyasan "address,undefined" libasan.so "${PYASAN_TESTS[@]}"; }
+pytsan() { run_python pytsan thread libtsan.so "${PYTSAN_TESTS[@]}"; }
+
 case "$WHICH" in
-  all) run_one asan "address,undefined"; run_one tsan "thread"; run_python ;;
+  all) run_one asan "address,undefined"; run_one tsan "thread"; pyasan; pytsan ;;
   asan) run_one asan "address,undefined" ;;
   tsan) run_one tsan "thread" ;;
-  pyasan) run_python ;;
-  *) echo "usage: $0 [all|asan|tsan|pyasan]" >&2; exit 2 ;;
+  pyasan) pyasan ;;
+  pytsan) pytsan ;;
+  *) echo "usage: $0 [all|asan|tsan|pyasan|pytsan]" >&2; exit 2 ;;
 esac
 echo "sanitize: all clean"

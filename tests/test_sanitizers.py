@@ -1,5 +1,6 @@
 """Runs scripts/sanitize.sh: the C++ core and its tests under ASan+UBSan and under TSan, and the Python
-extension itself (the bindings included) under ASan+UBSan, driven by part of the Python suite ("pyasan").
+extension itself (the bindings included) under ASan+UBSan and under TSan, driven by part of the Python suite
+("pyasan", "pytsan").
 
 Part of the default test run (marked slow: ~1-3 minutes each on 2 cores from a cold build, seconds to
 a minute when the build trees in build/sanitize-* are warm). Skipped only when no C++ compiler or cmake
@@ -29,14 +30,14 @@ def _missing_tools() -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which", ["asan", "tsan", "pyasan"])
+@pytest.mark.parametrize("which", ["asan", "tsan", "pyasan", "pytsan"])
 def test_core_is_clean_under_sanitizers(which):
     missing = _missing_tools()
     if missing:
         pytest.skip("sanitizer build needs " + " and ".join(missing) + ", not found on PATH")
     env = dict(os.environ)
     env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", "2")
-    env["PYTHON"] = sys.executable  # pyasan builds and drives the extension for this interpreter
+    env["PYTHON"] = sys.executable  # pyasan/pytsan build and drive the extension for this interpreter
     proc = subprocess.run(
         ["bash", str(ROOT / "scripts" / "sanitize.sh"), which],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
