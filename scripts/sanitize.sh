@@ -18,16 +18,28 @@ REPORT_RE="ERROR: AddressSanitizer|ERROR: LeakSanitizer|runtime error:|WARNING: 
 GEN=()
 if command -v ninja >/dev/null 2>&1; then GEN=(-G Ninja); fi
 
+# build_tree DIR SANITIZERS [CMAKE_ARGS...] [-- BUILD_ARGS...]: configures DIR as a Debug -O1 build under
+# -fsanitize=SANITIZERS (afresh if an earlier run made it with another generator), then builds it.
+build_tree() {
+  local dir="$1" flags="$2"
+  shift 2
+  local -a cfg=()
+  while [[ $# -gt 0 && "$1" != "--" ]]; do cfg+=("$1"); shift; done
+  [[ $# -gt 0 ]] && shift  # the "--"
+  local generator="${GEN[1]:-Unix Makefiles}"
+  if [[ -f "$dir/CMakeCache.txt" ]] && ! grep -q "CMAKE_GENERATOR:INTERNAL=$generator" "$dir/CMakeCache.txt"; then
+    rm -rf "$dir"
+  fi
+  cmake -S "$ROOT" -B "$dir" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS="-O1" \
+    -DPSEMBED_SANITIZE="$flags" "${cfg[@]}" >/dev/null
+  cmake --build "$dir" -j "$JOBS" "$@" -- >/dev/null
+}
+
 run_one() {
   local name="$1" flags="$2"
   local dir="$ROOT/build/sanitize-$name"
   echo "== $name: -fsanitize=$flags ($dir)"
-  if [[ -f "$dir/CMakeCache.txt" ]] && ! grep -q "CMAKE_GENERATOR:INTERNAL=${GEN[1]:-Unix Makefiles}" "$dir/CMakeCache.txt"; then
-    rm -rf "$dir"
-  fi
-  cmake -S "$ROOT" -B "$dir" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS="-O1" \
-    -DPSEMBED_BUILD_PYTHON=OFF -DPSEMBED_BUILD_TESTS=ON -DPSEMBED_SANITIZE="$flags" >/dev/null
-  cmake --build "$dir" -j "$JOBS" -- >/dev/null
+  build_tree "$dir" "$flags" -DPSEMBED_BUILD_PYTHON=OFF -DPSEMBED_BUILD_TESTS=ON
   for t in "${TESTS[@]}"; do
     local log="$dir/$t.log"
     echo "-- $name $t"
@@ -70,10 +82,8 @@ run_python() {
   local dir="$ROOT/build/sanitize-$name" py="${PYTHON:-python3}" cxx="${CXX:-c++}"
   local site="$dir/site"
   echo "== $name: the extension under -fsanitize=$flags, driven by pytest ($dir)"
-  cmake -S "$ROOT" -B "$dir" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS="-O1" \
-    -DPSEMBED_BUILD_PYTHON=ON -DPSEMBED_BUILD_TESTS=OFF -DPSEMBED_SANITIZE="$flags" \
-    -DPython_EXECUTABLE="$(command -v "$py")" -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$site/torch_psembed" >/dev/null
-  cmake --build "$dir" -j "$JOBS" --target _C -- >/dev/null
+  build_tree "$dir" "$flags" -DPSEMBED_BUILD_PYTHON=ON -DPSEMBED_BUILD_TESTS=OFF \
+    -DPython_EXECUTABLE="$(command -v "$py")" -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$site/torch_psembed" -- --target _C
   # The package's Python files beside the sanitized _C, first on PYTHONPATH (ahead of any installed build).
   (cd "$ROOT" && find torch_psembed -name '*.py' -print0 | xargs -0 -I{} install -D -m 644 {} "$site/{}")
   rm -f "$dir"/report.*

@@ -156,7 +156,8 @@ void ThreadPool::ParallelFor(size_t n, const std::function<void(size_t)>& fn, in
     shared_->cv.notify_all();
   }
   loop->Work();
-  PollFor(std::max(spin_micros_, kMinCallerPollMicros), [&] { return loop->done.load(std::memory_order_relaxed) == n; });
+  PollFor(std::max(spin_micros_, kMinCallerPollMicros),
+          [&] { return loop->done.load(std::memory_order_relaxed) == n; });
   std::unique_lock<std::mutex> l(loop->mu);  // see Loop: orders the tasks' writes, guards error
   loop->cv.wait(l, [&] { return loop->done.load(std::memory_order_relaxed) == n; });
   // A helper that pops `loop` later finds no index left and never touches fn.
