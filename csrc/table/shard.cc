@@ -2,6 +2,7 @@
 
 #include "table/shard.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <new>
@@ -23,6 +24,8 @@ namespace {
 // How far ahead (in keys) each phase prefetches. Each phase walks the shard's keys once, so the
 // misses of one phase overlap (memory-level parallelism) instead of chaining index -> record.
 constexpr size_t kAhead = 16;
+// Keys a push's update phase takes at a time (Shard::Push).
+constexpr size_t kUpdateBlock = 256;
 
 // Per-thread scratch for the phases (no per-call allocation once warm): the RowRef of each key and
 // the address of its record.
@@ -105,51 +108,66 @@ void Shard::Push(const MergedPush* items, size_t n, bool has_slots, uint64_t pus
   // (A record found here stays where it is until its own key's update below: nothing in between moves
   // or frees another key's record.)
   RecordsOf(refs, n, records);
-  // Phase 2: admission/insert and the update, prefetching records and gradients kAhead keys ahead.
-  for (size_t j = 0; j < n; ++j) {
-    if (j + kAhead < n) {
-      if (records[j + kAhead] != nullptr) PrefetchRecordAt(records[j + kAhead], RowRef::HasMf(refs[j + kAhead]), 1);
-      PrefetchBytes(items[j + kAhead].grad, grad_bytes);
+  // Phase 2: admission/insert and the update, kUpdateBlock keys at a time: first a loop that only loads
+  // the header line of each found record, then the update of each key, with the rest of its record and
+  // its gradient prefetched kAhead keys ahead.
+  //
+  // Why the loop of loads: one key's update is long (the accessor, two rules, ~15 stores), so the core's
+  // out-of-order window holds only a few keys of it, and record prefetches issued kAhead keys ahead still
+  // left the update waiting on its records. A loop of loads alone, a few instructions a key, overlaps
+  // the misses of dozens of keys (docs/benchmarks.md, "Table", session 20). A block (16 KiB of dim-8
+  // AdaGrad records) stays in L1/L2 until its update.
+  for (size_t begin = 0; begin < n; begin += kUpdateBlock) {
+    const size_t end = std::min(n, begin + kUpdateBlock);
+    for (size_t j = begin; j < end; ++j) {
+      if (records[j] != nullptr) TouchWord(records[j]);
     }
-    const MergedPush& it = items[j];
-    uint32_t ref = refs[j];
-    RowHeader* h = records[j];
-    // A new key whose first push reaches the mf threshold (its stats after the update are this push's)
-    // gets its mf at once, in a long record, rather than a short one moved straight away.
-    bool mf_new = false;
-    if (ref == HashIndex::kNotFound) {
-      if (!accessor_->Admit(it.key, it.show, it.click, draw)) {
-        ++counters_.admission_rejected;
-        continue;
+    for (size_t j = begin; j < end; ++j) {
+      if (j + kAhead < n) {
+        if (records[j + kAhead] != nullptr) PrefetchRecordAt(records[j + kAhead], RowRef::HasMf(refs[j + kAhead]), 1);
+        PrefetchBytes(items[j + kAhead].grad, grad_bytes);
       }
-      if (index_.size() >= max_rows_) {  // full: the key stays out, as a refused one does
-        ++counters_.capacity_rejected;
-        continue;
-      }
-      mf_new = accessor_->ReachesMfThreshold(it.show, it.click);
-      ref = AllocateRecord(mf_new);
-      try {
-        index_.Insert(it.key, it.hash, ref);
-      } catch (...) {
-        FreeRecord(ref);
-        throw;
-      }
-      h = Row(ref);
-      accessor_->InitRow(h, it.key);
-      ++counters_.inserts;
-      if (mf_new) {
-        accessor_->InitMf(layout_.Mf(h), it.key);
-        ++counters_.mf_created;
-      }
+      PushOneLocked(items[j], refs[j], records[j], has_slots, draw);
     }
-    // mf created by this push takes no gradient from it (the reference's rule): Update sees no mf.
-    float* mf = RowRef::HasMf(ref) && !mf_new ? layout_.Mf(h) : nullptr;
-    if (accessor_->Update(h, mf, it.grad, it.show, it.click, has_slots ? &it.slot : nullptr) &&
-        !RowRef::HasMf(ref)) {
-      ref = MoveRecordLocked(it.key, it.hash, ref);
-      accessor_->InitMf(layout_.Mf(Row(ref)), it.key);
+  }
+}
+
+void Shard::PushOneLocked(const MergedPush& it, uint32_t ref, RowHeader* h, bool has_slots, uint64_t draw) {
+  // A new key whose first push reaches the mf threshold (its stats after the update are this push's)
+  // gets its mf at once, in a long record, rather than a short one moved straight away.
+  bool mf_new = false;
+  if (ref == HashIndex::kNotFound) {
+    if (!accessor_->Admit(it.key, it.show, it.click, draw)) {
+      ++counters_.admission_rejected;
+      return;
+    }
+    if (index_.size() >= max_rows_) {  // full: the key stays out, as a refused one does
+      ++counters_.capacity_rejected;
+      return;
+    }
+    mf_new = accessor_->ReachesMfThreshold(it.show, it.click);
+    ref = AllocateRecord(mf_new);
+    try {
+      index_.Insert(it.key, it.hash, ref);
+    } catch (...) {
+      FreeRecord(ref);
+      throw;
+    }
+    h = Row(ref);
+    accessor_->InitRow(h, it.key);
+    ++counters_.inserts;
+    if (mf_new) {
+      accessor_->InitMf(layout_.Mf(h), it.key);
       ++counters_.mf_created;
     }
+  }
+  // mf created by this push takes no gradient from it (the reference's rule): Update sees no mf.
+  float* mf = RowRef::HasMf(ref) && !mf_new ? layout_.Mf(h) : nullptr;
+  if (accessor_->Update(h, mf, it.grad, it.show, it.click, has_slots ? &it.slot : nullptr) &&
+      !RowRef::HasMf(ref)) {
+    ref = MoveRecordLocked(it.key, it.hash, ref);
+    accessor_->InitMf(layout_.Mf(Row(ref)), it.key);
+    ++counters_.mf_created;
   }
 }
 

@@ -185,6 +185,10 @@ class Shard {
   void FreeRecord(uint32_t ref) EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     (RowRef::HasMf(ref) ? mf_records_ : records_).Free(RowRef::Index(ref));
   }
+  // Push's per-key step: admits and inserts a new key (ref == kNotFound), then applies the update.
+  // h is the record of ref (nullptr for a new key); draw is the push's admission draw.
+  void PushOneLocked(const MergedPush& it, uint32_t ref, RowHeader* h, bool has_slots, uint64_t draw)
+      EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Moves the row of key (at ref) into a record of the other pool: copies the header and lr block,
   // sets the index to the new RowRef and frees the old record. The mf part of a new long record is
   // left unspecified. Returns the new RowRef. Throws std::bad_alloc with nothing changed.

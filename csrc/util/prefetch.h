@@ -1,6 +1,7 @@
 // Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
 //
 // PrefetchBytes: hints the cache about every 64-byte line of a small object read (or written) soon.
+// TouchWord: reads the line of one word, for a loop whose only job is to bring a batch of lines in.
 //
 // Why not just its first and last byte: that covers an object of up to two lines, such as a dim-8
 // AdaGrad record (64 bytes) or a gradient row of dim 8 (36 bytes), but an Adam record (144 bytes at dim 8)
@@ -15,6 +16,7 @@
 #define PSEMBED_UTIL_PREFETCH_H_
 
 #include <cstddef>
+#include <cstdint>
 
 namespace psembed {
 
@@ -30,6 +32,13 @@ __attribute__((always_inline)) inline void PrefetchBytes(const void* p, size_t b
   for (const char* q = first + kCacheLineBytes; q < last; q += kCacheLineBytes) __builtin_prefetch(q, kWrite);
   __builtin_prefetch(last, kWrite);
 }
+
+// Loads the 4-byte word at p (4-byte aligned): a demand load where PrefetchBytes only hints. A loop of
+// nothing but these keeps many misses in flight at once, as the core's out-of-order window spans many
+// of its iterations; volatile keeps the compiler from dropping a load whose value is unused. Its few
+// instructions are the point: a version that touched every line of a record, with the record's size
+// worked out in the loop, lost most of the gain (docs/benchmarks.md, "Table", session 20).
+inline void TouchWord(const void* p) { (void)*static_cast<const volatile uint32_t*>(p); }
 
 }  // namespace psembed
 
