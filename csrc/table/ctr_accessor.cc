@@ -42,11 +42,11 @@ bool CtrAccessor::Update(RowHeader* h, float* mf, const float* g, float show, fl
   h->delta_score = static_cast<float>(double{h->delta_score} + Score(show, click));
   h->unseen_days = 0;
   if (slot != nullptr) h->slot = *slot;
-  const double scale = (options_.accessor.show_scale && show > 0.0f) ? double{show} : 1.0;
+  const double inv_scale = (options_.accessor.show_scale && show > 0.0f) ? 1.0 / double{show} : 1.0;
   float* lr = RowLayout::Lr(h);
-  lr_rule_->Update(lr, lr + 1, g, scale);
+  lr_rule_->Update(lr, lr + 1, g, inv_scale);
   if (mf != nullptr) {
-    mf_rule_->Update(mf, mf + layout_.dim(), g + 1, scale);
+    mf_rule_->Update(mf, mf + layout_.dim(), g + 1, inv_scale);
     return false;
   }
   return ReachesMfThreshold(h->show, h->click);

@@ -37,23 +37,24 @@ class SgdRule final : public SparseRule {
 // then G += mean(ĝ²); ĝ = g / scale.
 class AdaGradRule final : public SparseRule {
  public:
-  using SparseRule::SparseRule;
+  AdaGradRule(const RuleOptions& options, int dim) : SparseRule(options, dim), inv_dim_(1.0 / dim) {}
   int StateDim() const override { return 1; }
-  void Update(float* w, float* state, const float* g, double scale) const override {
+  void Update(float* w, float* state, const float* g, double inv_scale_d) const override {
     // The row's factors and the accumulator in double; the per-weight loop in float32 (as Paddle's
     // rule does), which the compiler vectorizes 4 wide: the loop in double made the whole push 6-9%
     // slower (paired two-build runs, 10M keys; docs/benchmarks.md, "Table", session 14). Against the
     // float64 reference a weight moves by at most ~2 float32 ulps of its update more.
     const double g0 = options_.initial_g2sum;
     const float ratio = static_cast<float>(options_.learning_rate * std::sqrt(g0 / (g0 + double{state[0]})));
-    const float inv_scale = static_cast<float>(1.0 / scale);
+    const float inv_scale = static_cast<float>(inv_scale_d);
     float sum = 0.0f;
     for (int i = 0; i < dim_; ++i) {
       const float gs = g[i] * inv_scale;
       w[i] = Bound(w[i] - gs * ratio);  // the float overload
       sum += gs * gs;
     }
-    double mean = double{sum} / dim_;
+    // Times 1 / dim rather than a division (exact for a power-of-two dim; otherwise within an ulp).
+    double mean = double{sum} * inv_dim_;
     if (!std::isfinite(sum)) {
       // The squares passed float32's range (|ĝ| > ~1.8e19); their mean may not have: redo it in double.
       double s = 0.0;
@@ -61,13 +62,16 @@ class AdaGradRule final : public SparseRule {
         const double gs = g[i] * inv_scale;
         s += gs * gs;
       }
-      mean = s / dim_;
+      mean = s * inv_dim_;
     }
     state[0] = static_cast<float>(double{state[0]} + mean);
   }
 
  protected:
   void InitState(float* state) const override { state[0] = 0.0f; }
+
+ private:
+  const double inv_dim_;
 };
 
 // One accumulator per dimension: w_i -= lr * ĝ_i * sqrt(G0 / (G0 + G_i)); G_i += ĝ_i².
@@ -75,9 +79,8 @@ class StdAdaGradRule final : public SparseRule {
  public:
   using SparseRule::SparseRule;
   int StateDim() const override { return dim_; }
-  void Update(float* w, float* state, const float* g, double scale) const override {
+  void Update(float* w, float* state, const float* g, double inv_scale) const override {
     const double g0 = options_.initial_g2sum;
-    const double inv_scale = 1.0 / scale;
     for (int i = 0; i < dim_; ++i) {
       const double gs = g[i] * inv_scale;
       const double ratio = options_.learning_rate * std::sqrt(g0 / (g0 + double{state[i]}));

@@ -33,9 +33,10 @@ class SparseRule {
   // w[i] = clip((2 u(seed, key, stream, i) - 1) * initial_range); state = its initial value.
   void Init(float* w, float* state, uint64_t seed, uint64_t key, uint64_t stream) const;
 
-  // One step with the merged gradient g[dim]; `scale` is the show scale (AdaGrad family only;
-  // the others ignore it). REQUIRES: scale > 0.
-  virtual void Update(float* w, float* state, const float* g, double scale) const = 0;
+  // One step with the merged gradient g[dim]. inv_scale is 1 / the show scale (AdaGrad family only;
+  // the others ignore it), which the caller works out once for both of a row's rules: a division is
+  // one of the longest steps of an AdaGrad update. REQUIRES: inv_scale > 0.
+  virtual void Update(float* w, float* state, const float* g, double inv_scale) const = 0;
 
   // Clips to [min_bound, max_bound]; NaN becomes min_bound (tests are !(w >= lo), !(w <= hi)).
   double Bound(double w) const {
