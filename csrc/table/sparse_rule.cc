@@ -39,17 +39,17 @@ class AdaGradRule final : public SparseRule {
  public:
   AdaGradRule(const RuleOptions& options, int dim) : SparseRule(options, dim), inv_dim_(1.0 / dim) {}
   int StateDim() const override { return 1; }
-  void Update(float* w, float* state, const float* g, double inv_scale_d) const override {
+  void Update(float* w, float* state, const float* g, double inv_scale) const override {
     // The row's factors and the accumulator in double; the per-weight loop in float32 (as Paddle's
     // rule does), which the compiler vectorizes 4 wide: the loop in double made the whole push 6-9%
     // slower (paired two-build runs, 10M keys; docs/benchmarks.md, "Table", session 14). Against the
     // float64 reference a weight moves by at most ~2 float32 ulps of its update more.
     const double g0 = options_.initial_g2sum;
     const float ratio = static_cast<float>(options_.learning_rate * std::sqrt(g0 / (g0 + double{state[0]})));
-    const float inv_scale = static_cast<float>(inv_scale_d);
+    const float inv_scale_f = static_cast<float>(inv_scale);
     float sum = 0.0f;
     for (int i = 0; i < dim_; ++i) {
-      const float gs = g[i] * inv_scale;
+      const float gs = g[i] * inv_scale_f;
       w[i] = Bound(w[i] - gs * ratio);  // the float overload
       sum += gs * gs;
     }
@@ -59,7 +59,7 @@ class AdaGradRule final : public SparseRule {
       // The squares passed float32's range (|ĝ| > ~1.8e19); their mean may not have: redo it in double.
       double s = 0.0;
       for (int i = 0; i < dim_; ++i) {
-        const double gs = g[i] * inv_scale;
+        const double gs = g[i] * inv_scale_f;
         s += gs * gs;
       }
       mean = s * inv_dim_;
