@@ -124,7 +124,9 @@ void Shard::Push(const MergedPush* items, size_t n, bool has_slots, uint64_t pus
     }
     for (size_t j = begin; j < end; ++j) {
       if (j + kAhead < n) {
-        if (records[j + kAhead] != nullptr) PrefetchRecordAt(records[j + kAhead], RowRef::HasMf(refs[j + kAhead]), 1);
+        const RowHeader* ahead = records[j + kAhead];
+        // Its first line is the loop of loads' (a key kAhead on in the next block: that loop's, soon).
+        if (ahead != nullptr) PrefetchAfterFirstLine<1>(ahead, layout_.record_bytes(RowRef::HasMf(refs[j + kAhead])));
         PrefetchBytes(items[j + kAhead].grad, grad_bytes);
       }
       PushOneLocked(items[j], refs[j], records[j], has_slots, draw);

@@ -2,6 +2,7 @@
 //
 // PrefetchBytes: hints the cache about every 64-byte line of a small object read (or written) soon.
 // TouchWord: reads the line of one word, for a loop whose only job is to bring a batch of lines in.
+// PrefetchAfterFirstLine: the rest of an object after such a loop.
 //
 // Why not just its first and last byte: that covers an object of up to two lines, such as a dim-8
 // AdaGrad record (64 bytes) or a gradient row of dim 8 (36 bytes), but an Adam record (144 bytes at dim 8)
@@ -31,6 +32,16 @@ __attribute__((always_inline)) inline void PrefetchBytes(const void* p, size_t b
   // Each step lands in the next line; the first step at or past `last` is not needed: `last` is next.
   for (const char* q = first + kCacheLineBytes; q < last; q += kCacheLineBytes) __builtin_prefetch(q, kWrite);
   __builtin_prefetch(last, kWrite);
+}
+
+// PrefetchBytes for the lines of [p, p + bytes) after p's own line (none for an object within one line):
+// for an object whose first line a TouchWord loop has brought in already.
+template <int kWrite = 0>
+__attribute__((always_inline)) inline void PrefetchAfterFirstLine(const void* p, size_t bytes) {
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t next_line = (first | (kCacheLineBytes - 1)) + 1;
+  const uintptr_t end = first + bytes;
+  if (next_line < end) PrefetchBytes<kWrite>(reinterpret_cast<const void*>(next_line), end - next_line);
 }
 
 // Loads the 4-byte word at p (4-byte aligned): a demand load where PrefetchBytes only hints. A loop of
