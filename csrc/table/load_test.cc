@@ -148,7 +148,7 @@ void TestLoadIndexBulkUndo() {
   std::vector<uint8_t> has(io.size(), 1);
   std::vector<uint32_t> existing;
   {
-    MutexLock l(shard.mu());
+    WriterMutexLock l(shard.mu());
     CHECK(shard.LoadIndexBulk(io.data(), has.data(), io.size(), &existing));
   }
   CHECK_EQ(existing.size(), 51u);  // 50 present + the repeat of 120
@@ -157,7 +157,7 @@ void TestLoadIndexBulkUndo() {
   CHECK_EQ(shard.Size(), 150u);
   for (uint64_t k = 101; k <= 150; ++k) CHECK(shard.Contains(k, TableHash(k)));
   {
-    MutexLock l(shard.mu());
+    WriterMutexLock l(shard.mu());
     shard.UndoLoadIndexBulk(io.data(), io.size());
   }
   ShardCounters c1;
@@ -172,7 +172,7 @@ void TestLoadIndexBulkUndo() {
   std::vector<uint8_t> has2(again.size(), 1);
   existing.clear();
   {
-    MutexLock l(shard.mu());
+    WriterMutexLock l(shard.mu());
     CHECK(shard.LoadIndexBulk(again.data(), has2.data(), again.size(), &existing));
     for (uint64_t v : again) shard.WriteNewRow(v, base.data(), mf.data());
   }

@@ -46,8 +46,7 @@ void FindRows(const HashIndex& index, size_t n, KeyAt key_at, HashAt hash_at, ui
 }  // namespace
 
 bool Shard::Pull(const uint64_t* keys, const uint32_t* pos, size_t n, bool with_stats, float* out, bool wait) {
-  const int dim = layout_.dim();
-  const size_t width = (with_stats ? 3 : 1) + dim;
+  const size_t width = (with_stats ? 3 : 1) + static_cast<size_t>(layout_.dim());
   ScratchBuffer<uint32_t> refs_buf(&tls_refs, n);
   ScratchBuffer<RowHeader*> records_buf(&tls_records, n);
   uint32_t* refs = refs_buf.data();
@@ -57,40 +56,25 @@ bool Shard::Pull(const uint64_t* keys, const uint32_t* pos, size_t n, bool with_
   uint64_t* hashes = hashes_buf.data();
   for (size_t j = 0; j < n; ++j) hashes[j] = TableHash(keys[j]);
   if (wait) {
-    mu_.Lock();
-  } else if (!mu_.TryLock()) {
+    mu_.LockShared();
+  } else if (!mu_.TryLockShared()) {
     return false;
   }
-  MutexLock l(&mu_, kAdoptLock);
+  ReaderMutexLock l(&mu_, kAdoptLock);
   // Phase 1: index lookups.
   FindRows(index_, n, [keys](size_t j) { return keys[j]; }, [hashes](size_t j) { return hashes[j]; }, refs);
   RecordsOf(refs, n, records);
   // Phase 2: the records (stats, lr_w, and the mf weights of a long record), prefetched kAhead keys ahead:
   // only the part a pull reads (an Adam record's moments would be a line or more of waste).
+  uint64_t misses = 0;
   for (size_t j = 0; j < n; ++j) {
     if (j + kAhead < n && records[j + kAhead] != nullptr) {
       PrefetchBytes(records[j + kAhead], layout_.pulled_bytes(RowRef::HasMf(refs[j + kAhead])));
     }
-    float* o = out + static_cast<size_t>(pos[j]) * width;
-    const uint32_t ref = refs[j];
-    if (ref == HashIndex::kNotFound) {
-      std::memset(o, 0, width * sizeof(float));
-      ++counters_.pull_misses;
-      continue;
-    }
-    const RowHeader* h = records[j];
-    if (with_stats) {
-      o[0] = h->show;
-      o[1] = h->click;
-      o += 2;
-    }
-    o[0] = RowLayout::Lr(h)[0];
-    if (RowRef::HasMf(ref)) {
-      CopyFloats(o + 1, layout_.Mf(h), dim);
-    } else {
-      std::memset(o + 1, 0, dim * sizeof(float));
-    }
+    misses += records[j] == nullptr ? 1 : 0;
+    layout_.WritePullRow(records[j], RowRef::HasMf(refs[j]), with_stats, out + static_cast<size_t>(pos[j]) * width);
   }
+  AddPullMisses(misses);
   return true;
 }
 
@@ -100,7 +84,7 @@ void Shard::Push(const MergedPush* items, size_t n, bool has_slots, uint64_t pus
   ScratchBuffer<RowHeader*> records_buf(&tls_records, n);
   uint32_t* refs = refs_buf.data();
   RowHeader** records = records_buf.data();
-  MutexLock l(&mu_);
+  WriterMutexLock l(&mu_);
   const uint64_t draw = AdmissionDraw(admission_day_, push_id);
   // Phase 1: index lookups (items hold distinct keys, so a key missing here is inserted in phase 2
   // and nothing else can insert it in between: we hold the lock).
@@ -192,7 +176,7 @@ void Shard::DeleteRowLocked(uint64_t key, uint64_t hash) {
 
 size_t Shard::DecayAndDelete(double factor, uint32_t add_unseen, std::vector<uint64_t>* deleted,
                              int64_t new_day_index) {
-  MutexLock l(&mu_);
+  WriterMutexLock l(&mu_);
   const bool boundary = new_day_index >= 0;
   if (boundary) admission_day_ = static_cast<uint32_t>(new_day_index);
   // Two passes: backward-shift deletion moves entries, so deleting while scanning could visit an
@@ -212,12 +196,12 @@ size_t Shard::DecayAndDelete(double factor, uint32_t add_unseen, std::vector<uin
 }
 
 void Shard::SetAdmissionDay(uint32_t day_index) {
-  MutexLock l(&mu_);
+  WriterMutexLock l(&mu_);
   admission_day_ = day_index;
 }
 
 void Shard::NewDay() {
-  MutexLock l(&mu_);
+  WriterMutexLock l(&mu_);
   index_.ForEach([&](uint64_t, uint32_t row) {
     RowHeader* h = Row(row);
     if (h->unseen_days < kMaxUnseenDays) ++h->unseen_days;
@@ -225,24 +209,24 @@ void Shard::NewDay() {
 }
 
 size_t Shard::Size() {
-  MutexLock l(&mu_);
+  WriterMutexLock l(&mu_);
   return index_.size();
 }
 
 bool Shard::Contains(uint64_t key, uint64_t hash) {
-  MutexLock l(&mu_);
+  WriterMutexLock l(&mu_);
   return index_.Find(key, hash) != HashIndex::kNotFound;
 }
 
 bool Shard::Erase(uint64_t key, uint64_t hash) {
-  MutexLock l(&mu_);
+  WriterMutexLock l(&mu_);
   if (index_.Find(key, hash) == HashIndex::kNotFound) return false;
   DeleteRowLocked(key, hash);
   return true;
 }
 
 void Shard::Load(uint64_t key, uint64_t hash, const float* base, const float* mf) {
-  MutexLock l(&mu_);
+  WriterMutexLock l(&mu_);
   LoadLocked(key, hash, base, mf);
 }
 
@@ -339,14 +323,14 @@ void Shard::LoadLocked(uint64_t key, uint64_t hash, const float* base, const flo
 }
 
 void Shard::SubtractDelta(uint64_t key, uint64_t hash, float saved) {
-  MutexLock l(&mu_);
+  WriterMutexLock l(&mu_);
   const uint32_t ref = index_.Find(key, hash);
   if (ref == HashIndex::kNotFound) return;
   Row(ref)->delta_score -= saved;
 }
 
 void Shard::Clear() {
-  MutexLock l(&mu_);
+  WriterMutexLock l(&mu_);
   index_.Clear();
   // admission_day_ stays: Clear() keeps the table's day
   records_.Clear();
@@ -354,8 +338,8 @@ void Shard::Clear() {
 }
 
 void Shard::GetStats(ShardCounters* c, size_t* keys, size_t* keys_with_mf, size_t* bytes) {
-  MutexLock l(&mu_);
-  c->pull_misses += counters_.pull_misses;
+  WriterMutexLock l(&mu_);
+  c->pull_misses += pull_misses_.load(std::memory_order_relaxed);
   c->inserts += counters_.inserts;
   c->mf_created += counters_.mf_created;
   c->deleted += counters_.deleted;

@@ -1,13 +1,14 @@
 // Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
 //
-// Shard: one hash index + two slab pools (short records without mf, long records with mf) + one mutex;
-// pull/push/shrink for the keys it owns.
+// Shard: one hash index + two slab pools (short records without mf, long records with mf) + one
+// reader/writer lock; pull/push/shrink for the keys it owns.
 //
-// Thread safety: every public method locks mu_ for its whole duration, except the *Locked methods,
+// Thread safety: every public method locks mu_ for its whole duration (Pull in shared mode, so pulls
+// read a shard together; everything else exclusively), except the *Locked and *Shared methods,
 // which REQUIRE the caller to hold mu(), the bulk-load phases (LoadIndexBulk ... LoadExistingRow: the
 // load holds every shard's mu() in index order for its whole duration) and ExportRow/ExportMf (the
-// table's gate held exclusively: nothing mutates). Calls on different shards run concurrently; calls
-// on one shard serialize.
+// table's gate held exclusively: nothing mutates). Calls on different shards run concurrently; on one
+// shard, pulls run together and every other call runs alone. AddPullMisses is atomic.
 // Invariants: (1) index_ maps a key to the RowRef of a live record (feature_value.h) and nothing else
 // refers to that record; (2) the RowRef's mf bit says which pool holds it: records_ (short) without
 // it, mf_records_ (long) with it. A row moves from records_ to mf_records_ when it gets mf.
@@ -18,6 +19,7 @@
 #ifndef PSEMBED_TABLE_SHARD_H_
 #define PSEMBED_TABLE_SHARD_H_
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -60,14 +62,31 @@ class Shard {
   Shard(const Shard&) = delete;
   Shard& operator=(const Shard&) = delete;
 
-  Mutex* mu() { return &mu_; }
+  SharedMutex* mu() { return &mu_; }
 
   // For j in [0, n): copies the row of keys[j] into out + pos[j] * width (width = 1 + dim, or 3 + dim
   // with stats: show, click first). A missing key writes zeros and counts a pull miss; a row without mf
-  // reads zeros in the mf part. Never inserts. If wait is false and mu_ is held by another thread,
-  // returns false at once and writes nothing; otherwise returns true.
+  // reads zeros in the mf part. Never inserts. Holds mu_ shared. If wait is false and a writer holds
+  // or waits for mu_, returns false at once and writes nothing; otherwise returns true.
   bool Pull(const uint64_t* keys, const uint32_t* pos, size_t n, bool with_stats, float* out, bool wait = true)
       LOCKS_EXCLUDED(mu_);
+
+  // For the table's in-order pull (SparseTable::PullInOrder), which reads many shards key by key. Its
+  // caller holds mu() of every shard in shared mode for the whole call and runs the reads on pool
+  // threads while it waits (as the bulk load does with the exclusive lock), hence
+  // NO_THREAD_SAFETY_ANALYSIS. REQUIRES: mu() held, shared or exclusive, by the call.
+  //
+  // Hints the cache that the index probe of hash (TableHash of a key) comes soon.
+  __attribute__((always_inline)) void PrefetchIndexShared(uint64_t hash) const NO_THREAD_SAFETY_ANALYSIS {
+    index_.Prefetch(hash);
+  }
+  // The record of key (nullptr if absent); *ref = its RowRef (HashIndex::kNotFound if absent).
+  const RowHeader* FindRowShared(uint64_t key, uint64_t hash, uint32_t* ref) const NO_THREAD_SAFETY_ANALYSIS {
+    *ref = index_.Find(key, hash);
+    return *ref == HashIndex::kNotFound ? nullptr : Row(*ref);
+  }
+  // Counts n pulled keys this shard does not hold (stats()'s pull_misses). Any thread, any time.
+  void AddPullMisses(uint64_t n) { pull_misses_.fetch_add(n, std::memory_order_relaxed); }
 
   // Applies merged pushes in order (see CtrAccessor::Update and Admit). has_slots: take item.slot.
   // push_id names the push for admission draws (SparseTable::Push). A new key that admission lets in
@@ -170,8 +189,8 @@ class Shard {
   // which is often out of L1/L2 by then; in this short loop those loads overlap instead of sitting in
   // the update loop's chain to each record prefetch. (On this VM an A/B could not tell it from the
   // noise: docs/benchmarks.md, "Table", session 11.)
-  void RecordsOf(const uint32_t* refs, size_t n, RowHeader** records) const EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  RowHeader* Row(uint32_t ref) const EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  void RecordsOf(const uint32_t* refs, size_t n, RowHeader** records) const SHARED_LOCKS_REQUIRED(mu_);
+  RowHeader* Row(uint32_t ref) const SHARED_LOCKS_REQUIRED(mu_) {
     const SlabPool& pool = RowRef::HasMf(ref) ? mf_records_ : records_;
     return reinterpret_cast<RowHeader*>(pool.At(RowRef::Index(ref)));
   }
@@ -203,7 +222,8 @@ class Shard {
   const CtrAccessor* const accessor_;  // not owned; outlives the shard
   const RowLayout& layout_;
   const size_t max_rows_;  // a push inserts no key while index_ holds this many (TableOptions::max_keys)
-  Mutex mu_;
+  SharedMutex mu_;
+  std::atomic<uint64_t> pull_misses_{0};  // atomic: pulls count them under the shared lock
   HashIndex index_ GUARDED_BY(mu_);     // key -> RowRef
   uint32_t admission_day_ GUARDED_BY(mu_) = 0;  // table day + 1 (0 before the first end_day)
   SlabPool records_ GUARDED_BY(mu_);     // short records: rows without mf

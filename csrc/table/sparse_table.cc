@@ -15,6 +15,7 @@
 #include <mutex>
 #include <numeric>
 
+#include "table/in_order_pull.h"
 #include "table/push_merge.h"
 #include "util/crc32.h"
 #include "util/file_syncer.h"
@@ -149,8 +150,32 @@ void SparseTable::RunShards(size_t num_keys, const std::function<void(size_t)>& 
   pool_->ParallelFor(shards_.size(), fn, num_keys < kParallelMinKeys ? 1 : num_threads());
 }
 
+bool SparseTable::TryPullInOrder(const uint64_t* keys, size_t n, bool with_stats, float* out) {
+  // Every shard's lock in shared mode, in index order, without waiting (so this never waits while
+  // holding some: no lock-order cycle with the bulk load, which takes them all exclusively).
+  size_t held = 0;
+  while (held < shards_.size() && shards_[held]->mu()->TryLockShared()) ++held;
+  struct Release {
+    const std::vector<std::unique_ptr<Shard>>& shards;
+    const size_t& held;
+    ~Release() {
+      for (size_t s = held; s-- > 0;) shards[s]->mu()->UnlockShared();
+    }
+  } release{shards_, held};
+  if (held < shards_.size()) return false;
+  const size_t width = (with_stats ? 3 : 1) + static_cast<size_t>(layout().dim());
+  ForEachChunk(n, Chunks(n), [&](size_t, size_t begin, size_t end) {
+    PullInOrder(shards_, layout(), keys + begin, end - begin, with_stats, out + begin * width);
+  });
+  return true;
+}
+
 void SparseTable::Pull(const uint64_t* keys, size_t n, bool with_stats, float* out) {
   if (n == 0) return;
+  // Uncontended (the usual case): in input order, every shard locked for the call (in_order_pull.h).
+  if (TryPullInOrder(keys, n, with_stats, out)) return;
+  // A writer holds or waits for some shard (a push, shrink or load is running): by shard, so the pull
+  // reads the other shards meanwhile instead of waiting for that writer.
   // The calling thread's scratch, reused across calls (no page faults for the per-call arrays once
   // warm). Pool tasks read it by reference while this thread waits in RunShards.
   // (A reference, so the lambda below sees the caller's object, not the worker's thread_local.)
@@ -356,7 +381,7 @@ void SparseTable::Export(ExportMode mode, uint32_t buckets, int64_t bucket, Expo
     WriterMutexLock gate(&gate_);
     pool_->ParallelFor(num_shards, [&](size_t s) {
       Shard* sh = shards_[s].get();
-      MutexLock l(sh->mu());
+      WriterMutexLock l(sh->mu());
       size_t rows = 0, mfs = 0;
       sh->ForEachLocked([&](uint64_t key, const RowHeader& h, const float* m) {
         if (!keep(key, h, m)) return;
@@ -378,7 +403,7 @@ void SparseTable::Export(ExportMode mode, uint32_t buckets, int64_t bucket, Expo
     mf.resize(m * mw);
     pool_->ParallelFor(num_shards, [&](size_t s) {
       Shard* sh = shards_[s].get();
-      MutexLock l(sh->mu());
+      WriterMutexLock l(sh->mu());
       size_t i = row_begin[s], j = mf_begin[s];
       sh->ForEachLocked([&](uint64_t key, const RowHeader& h, const float* m) {
         if (!keep(key, h, m)) return;
@@ -627,7 +652,7 @@ void SparseTable::ExportBucketsWith(ExportMode mode, uint32_t buckets, uint64_t 
   // 1. Count the rows of each (shard, bucket): reads the index only (and the row for a filtered mode).
   pool_->ParallelFor(num_shards, [&](size_t s) {
     Shard* sh = shards_[s].get();
-    MutexLock l(sh->mu());
+    WriterMutexLock l(sh->mu());
     uint64_t* c = &cursor[s * nb];
     sh->ForEachRowIdLocked([&](uint64_t key, uint32_t row) {
       if (keep(sh, row)) ++c[bucket_of(key)];
@@ -654,7 +679,7 @@ void SparseTable::ExportBucketsWith(ExportMode mode, uint32_t buckets, uint64_t 
   // 2. Each shard lists its rows into its slice of every bucket.
   pool_->ParallelFor(num_shards, [&](size_t s) {
     Shard* sh = shards_[s].get();
-    MutexLock l(sh->mu());
+    WriterMutexLock l(sh->mu());
     uint64_t* cur = &cursor[s * nb];
     const uint64_t tag = static_cast<uint64_t>(s) << 32;
     sh->ForEachRowIdLocked([&](uint64_t key, uint32_t row) {

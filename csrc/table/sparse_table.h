@@ -4,18 +4,22 @@
 // (shrink, new_day, end_day, export/commit_save, load). This is the contract _C exposes
 // (docs/architecture.md, "The _C module").
 //
-// Thread safety: every method may be called from many threads at once. Pull/Push bucket the keys by
+// Thread safety: every method may be called from many threads at once. Each shard has a reader/writer
+// lock. A pull that can take every shard's lock in shared mode at once without waiting reads its keys
+// in input order, on the pool in chunks for a large call (in_order_pull.h); else (a writer holds or
+// waits for some shard) it goes by shard, as a push does. Push (and a contended pull) bucket the keys by
 // shard (a stable counting sort on TableHash) and run one task per non-empty shard on the pool (calls
-// under 4096 keys run every task on the calling thread);
-// each task holds only its shard's mutex, so a pull racing a push sees each row wholly before or
+// under 4096 keys run every task on the calling thread); each task holds only its shard's lock
+// (exclusively for a push, shared for a pull), so a pull racing a push sees each row wholly before or
 // wholly after it. Every mutating call (push, shrink, new_day, end_day, commit_save, load_rows,
 // set_tombstones, erase, clear) also holds gate_ in shared mode for its whole duration, and export
 // holds gate_ exclusively while it copies (the shards in parallel, each under its own lock, then the
 // tombstone list), so an export is one moment of the whole table: a concurrent push lands wholly
 // before or wholly after it even though the push spans many shards. Pulls do not take gate_ (they
-// change no row). Lock order: day_mu_ -> gate_ -> one shard mutex at a time -> tomb_mu_; the one
-// exception, LoadRowSegments, holds every shard mutex at once, taken in index order (nothing else holds
-// two, so this cannot deadlock), so that a pull never sees a row it has inserted but not yet written.
+// change no row). Lock order: day_mu_ -> gate_ -> one shard lock at a time -> tomb_mu_; two
+// exceptions hold every shard's lock at once, taken in index order: LoadRowSegments exclusively (so that
+// a pull never sees a row it has inserted but not yet written), and the in-order pull in shared mode,
+// which only ever tries them (a busy one makes it let go of all), so neither can deadlock.
 //
 // Row semantics: see CtrAccessor.
 
@@ -220,8 +224,14 @@ class SparseTable {
   size_t Erase(const uint64_t* keys, size_t n);
   void Clear();
 
+  // Tests only: shard s's lock, so that a test can hold it against a pull (sparse_table_test.cc).
+  SharedMutex* ShardLockForTest(size_t s) { return shards_[s]->mu(); }
+
  private:
   struct Partition;
+  // Pull's fast path: if it can take every shard's lock in shared mode at once without waiting, pulls in
+  // input order (in_order_pull.h) and returns true; else takes nothing, writes nothing, returns false.
+  bool TryPullInOrder(const uint64_t* keys, size_t n, bool with_stats, float* out);
   // Buckets keys[0..n) by shard, stable, skipping rows marked in skip; on the pool, in chunks, for large n.
   void PartitionKeys(const uint64_t* keys, size_t n, const uint8_t* skip, Partition* p) const;
   // Decay by factor, unseen += add_unseen, delete; appends tombstones. Returns deleted.

@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <map>
 #include <random>
 #include <set>
@@ -183,6 +184,41 @@ void TestShardPullSkipsALockedShard() {
   for (float v : out) CHECK_EQ(v, 0.0f);  // a missing key reads zeros
   shard.GetStats(&c, &keys, &with_mf, &bytes);
   CHECK_EQ(c.pull_misses, 1u);
+}
+
+// A pull that finds a shard locked by a writer does not wait for it with the other shards in hand: it
+// goes by shard, reads the rows it can, waits for the locked shard alone and returns the same rows and
+// misses as an uncontended pull (which reads in input order, every shard locked at once). On 1 thread
+// and on 3 (the fallback's shard tasks on the pool).
+void TestPullFallsBackByShardWhenAShardIsLocked() {
+  for (int threads : {1, 3}) {
+    TableOptions o = CountingOptions(threads);
+    SparseTable t(o);
+    std::mt19937_64 rng(7);
+    Batch b(6000, o.dim, 5000, &rng);
+    t.Push(b.keys.data(), b.keys.size(), b.grads.data(), b.shows.data(), b.clicks.data(), b.slots.data(), nullptr);
+    std::vector<uint64_t> keys = b.keys;
+    for (uint64_t k = 1; k <= 500; ++k) keys.push_back(k * 0x51ed270b27c1ULL + 3);  // absent: misses
+    const size_t w = 3 + o.dim;
+    std::vector<float> fast(keys.size() * w), slow(keys.size() * w, -1.0f);
+    const uint64_t misses0 = t.Stats().pull_misses;
+    t.Pull(keys.data(), keys.size(), true, fast.data());
+    const uint64_t misses1 = t.Stats().pull_misses;
+    CHECK(misses1 - misses0 >= 500u);
+    SharedMutex* locked = t.ShardLockForTest(5);
+    locked->Lock();
+    std::atomic<bool> done{false};
+    std::thread puller([&] {
+      t.Pull(keys.data(), keys.size(), true, slow.data());
+      done = true;
+    });
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    CHECK(!done);  // shard 5 holds some of the keys: the pull cannot end before it is unlocked
+    locked->Unlock();
+    puller.join();
+    CHECK(fast == slow);
+    CHECK_EQ(t.Stats().pull_misses - misses1, misses1 - misses0);
+  }
 }
 
 void TestConcurrentPushPullShrinkExport() {
@@ -632,6 +668,7 @@ int main() {
   RUN_TEST(psembed::TestConcurrentLoadRowsExport);
   RUN_TEST(psembed::TestAdmissionDrawsArePerPush);
   RUN_TEST(psembed::TestShardPullSkipsALockedShard);
+  RUN_TEST(psembed::TestPullFallsBackByShardWhenAShardIsLocked);
   RUN_TEST(psembed::TestConcurrentBulkLoadExportSave);
   return 0;
 }

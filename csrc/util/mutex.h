@@ -24,6 +24,8 @@
 #define ACQUIRE(...) PSEMBED_THREAD_ANNOTATION(acquire_capability(__VA_ARGS__))
 #define RELEASE(...) PSEMBED_THREAD_ANNOTATION(release_capability(__VA_ARGS__))
 #define TRY_ACQUIRE(...) PSEMBED_THREAD_ANNOTATION(try_acquire_capability(__VA_ARGS__))
+#define TRY_ACQUIRE_SHARED(...) PSEMBED_THREAD_ANNOTATION(try_acquire_shared_capability(__VA_ARGS__))
+#define SHARED_LOCKS_REQUIRED(...) PSEMBED_THREAD_ANNOTATION(requires_shared_capability(__VA_ARGS__))
 #define NO_THREAD_SAFETY_ANALYSIS PSEMBED_THREAD_ANNOTATION(no_thread_safety_analysis)
 
 namespace psembed {
@@ -76,6 +78,13 @@ class CAPABILITY("shared_mutex") SharedMutex {
     cv_.wait(l, [this] { return !writer_ && writers_waiting_ == 0; });
     ++readers_;
   }
+  // Takes it in shared mode only if no writer holds it or waits for it now; true if taken.
+  bool TryLockShared() TRY_ACQUIRE_SHARED(true) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (writer_ || writers_waiting_ > 0) return false;
+    ++readers_;
+    return true;
+  }
   void UnlockShared() PSEMBED_THREAD_ANNOTATION(release_shared_capability()) {
     std::lock_guard<std::mutex> l(mu_);
     if (--readers_ == 0 && writers_waiting_ > 0) cv_.notify_all();
@@ -106,6 +115,8 @@ class SCOPED_CAPABILITY ReaderMutexLock {
   explicit ReaderMutexLock(SharedMutex* mu) PSEMBED_THREAD_ANNOTATION(acquire_shared_capability(mu)) : mu_(mu) {
     mu_->LockShared();
   }
+  // The caller already holds *mu in shared mode (e.g. taken by TryLockShared); the guard releases it.
+  ReaderMutexLock(SharedMutex* mu, AdoptLock) SHARED_LOCKS_REQUIRED(mu) : mu_(mu) {}
   ~ReaderMutexLock() RELEASE() { mu_->UnlockShared(); }
   ReaderMutexLock(const ReaderMutexLock&) = delete;
   ReaderMutexLock& operator=(const ReaderMutexLock&) = delete;

@@ -23,6 +23,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+
+#include "util/float_copy.h"
 
 namespace psembed {
 
@@ -71,6 +74,27 @@ class RowLayout {
   // The leading bytes of a record that a pull reads: the header, the lr block, the mf weights (not the
   // mf rule's state that follows them).
   size_t pulled_bytes(bool has_mf) const { return base_bytes() + (has_mf ? sizeof(float) * dim_ : 0); }
+
+  // Writes a pull's row of h into out[0, (with_stats ? 3 : 1) + dim): show and click if with_stats,
+  // lr_w, then the mf weights (zeros without mf). h == nullptr (an absent key): all zeros.
+  void WritePullRow(const RowHeader* h, bool has_mf, bool with_stats, float* out) const {
+    const size_t width = (with_stats ? 3 : 1) + static_cast<size_t>(dim_);
+    if (h == nullptr) {
+      std::memset(out, 0, width * sizeof(float));
+      return;
+    }
+    if (with_stats) {
+      out[0] = h->show;
+      out[1] = h->click;
+      out += 2;
+    }
+    out[0] = Lr(h)[0];
+    if (has_mf) {
+      CopyFloats(out + 1, Mf(h), static_cast<size_t>(dim_));
+    } else {
+      std::memset(out + 1, 0, static_cast<size_t>(dim_) * sizeof(float));
+    }
+  }
 
   static float* Lr(RowHeader* h) { return reinterpret_cast<float*>(h + 1); }
   static const float* Lr(const RowHeader* h) { return reinterpret_cast<const float*>(h + 1); }

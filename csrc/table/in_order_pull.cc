@@ -1,0 +1,47 @@
+// Copyright 2026 The torch_psembed Authors. Licensed under the Apache License, Version 2.0.
+
+#include "table/in_order_pull.h"
+
+#include "util/hash.h"
+#include "util/prefetch.h"
+#include "util/thread_scratch.h"
+
+namespace psembed {
+
+namespace {
+constexpr size_t kAhead = 16;  // keys a prefetch runs ahead (as Shard's phases)
+
+thread_local std::vector<uint64_t> tls_hashes;
+thread_local std::vector<uint32_t> tls_refs;
+thread_local std::vector<const RowHeader*> tls_records;
+}  // namespace
+
+void PullInOrder(const std::vector<std::unique_ptr<Shard>>& shards, const RowLayout& layout, const uint64_t* keys,
+                 size_t n, bool with_stats, float* out) {
+  const uint32_t num_shards = static_cast<uint32_t>(shards.size());
+  const size_t width = (with_stats ? 3 : 1) + static_cast<size_t>(layout.dim());
+  ScratchBuffer<uint64_t> hashes_buf(&tls_hashes, n);
+  ScratchBuffer<uint32_t> refs_buf(&tls_refs, n);
+  ScratchBuffer<const RowHeader*> records_buf(&tls_records, n);
+  uint64_t* hashes = hashes_buf.data();
+  uint32_t* refs = refs_buf.data();
+  const RowHeader** records = records_buf.data();
+  for (size_t j = 0; j < n; ++j) hashes[j] = TableHash(keys[j]);
+  // Pass 1: every probe.
+  auto shard_of = [&](size_t j) { return shards[ShardOf(hashes[j], num_shards)].get(); };
+  for (size_t j = 0; j < n && j < kAhead; ++j) shard_of(j)->PrefetchIndexShared(hashes[j]);
+  for (size_t j = 0; j < n; ++j) {
+    if (j + kAhead < n) shard_of(j + kAhead)->PrefetchIndexShared(hashes[j + kAhead]);
+    records[j] = shard_of(j)->FindRowShared(keys[j], hashes[j], &refs[j]);
+  }
+  // Pass 2: every row, in input order (only the part of a record a pull reads is prefetched).
+  for (size_t j = 0; j < n; ++j) {
+    if (j + kAhead < n && records[j + kAhead] != nullptr) {
+      PrefetchBytes(records[j + kAhead], layout.pulled_bytes(RowRef::HasMf(refs[j + kAhead])));
+    }
+    if (records[j] == nullptr) shard_of(j)->AddPullMisses(1);
+    layout.WritePullRow(records[j], RowRef::HasMf(refs[j]), with_stats, out + j * width);
+  }
+}
+
+}  // namespace psembed
