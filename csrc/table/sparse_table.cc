@@ -85,12 +85,13 @@ size_t SparseTable::Chunks(size_t n) const {
   return std::max<size_t>(1, std::min<size_t>(most, n / kParallelMinKeys));
 }
 
-void SparseTable::ForEachChunk(size_t n, size_t chunks, const std::function<void(size_t, size_t, size_t)>& fn) const {
+void SparseTable::ForEachChunk(size_t n, size_t chunks, const std::function<void(size_t, size_t, size_t)>& fn,
+                               bool last) const {
   auto run = [&](size_t c) { fn(c, n * c / chunks, n * (c + 1) / chunks); };
   if (chunks == 1) {
     run(0);
   } else {
-    pool_->ParallelFor(chunks, run, num_threads(), /*more_loops_follow=*/true);
+    pool_->ParallelFor(chunks, run, num_threads(), /*more_loops_follow=*/!last);
   }
 }
 
@@ -166,7 +167,7 @@ bool SparseTable::TryPullInOrder(const uint64_t* keys, size_t n, bool with_stats
   const size_t width = (with_stats ? 3 : 1) + static_cast<size_t>(layout().dim());
   ForEachChunk(n, Chunks(n), [&](size_t, size_t begin, size_t end) {
     PullInOrder(shards_, layout(), keys + begin, end - begin, with_stats, out + begin * width);
-  });
+  }, /*last=*/true);
   return true;
 }
 

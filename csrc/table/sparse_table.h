@@ -163,11 +163,11 @@ class SparseTable {
   // ForEachChunk(n, chunks, fn) runs fn(chunk, begin, end) for each of `chunks` ranges, in order of
   // position, on the pool when there are several (threads take them as they come), and returns when all
   // returned. (The count is the caller's: num_threads() may change between two calls, and per-chunk
-  // arrays are sized by it.) Another loop of the same call always follows it (ThreadPool::ParallelFor's
-  // more_loops_follow).
+  // arrays are sized by it.) last: no other loop of the same call follows it (else the workers poll for
+  // one: ThreadPool::ParallelFor's more_loops_follow).
   size_t Chunks(size_t n) const;
-  void ForEachChunk(size_t n, size_t chunks,
-                    const std::function<void(size_t chunk, size_t begin, size_t end)>& fn) const;
+  void ForEachChunk(size_t n, size_t chunks, const std::function<void(size_t chunk, size_t begin, size_t end)>& fn,
+                    bool last = false) const;
 
   TableStats Stats();
   size_t Size();
