@@ -7,9 +7,9 @@
 // and then writes each shard's rows scattered over the whole output. Walking the keys in input order
 // needs neither: two passes over the call, all index probes (each key's slot prefetched kAhead keys
 // ahead), then all rows (each record prefetched kAhead keys ahead), written one after another. Paired
-// runs at 10M keys, 100k a call, 1 thread: 1.08x-1.11x as fast (docs/benchmarks.md, "Table", session
-// 21). A pull that walked the keys in one rolling pipeline instead of two passes was no faster
-// (session 14): its probes and record reads competed in one loop.
+// runs at 10M keys, 100k a call: 1.08x-1.21x as fast on 1 thread, 1.11x-1.15x on 2; calls of 64-2,048
+// keys 1.5x-3.7x (docs/benchmarks.md, "Table", session 21). A pull that walked the keys in one rolling
+// pipeline instead of two passes was no faster (session 14).
 
 #ifndef PSEMBED_TABLE_IN_ORDER_PULL_H_
 #define PSEMBED_TABLE_IN_ORDER_PULL_H_
