@@ -209,12 +209,12 @@ void Shard::NewDay() {
 }
 
 size_t Shard::Size() {
-  WriterMutexLock l(&mu_);
+  ReaderMutexLock l(&mu_);
   return index_.size();
 }
 
 bool Shard::Contains(uint64_t key, uint64_t hash) {
-  WriterMutexLock l(&mu_);
+  ReaderMutexLock l(&mu_);
   return index_.Find(key, hash) != HashIndex::kNotFound;
 }
 
@@ -338,7 +338,7 @@ void Shard::Clear() {
 }
 
 void Shard::GetStats(ShardCounters* c, size_t* keys, size_t* keys_with_mf, size_t* bytes) {
-  WriterMutexLock l(&mu_);
+  ReaderMutexLock l(&mu_);
   c->pull_misses += pull_misses_.load(std::memory_order_relaxed);
   c->inserts += counters_.inserts;
   c->mf_created += counters_.mf_created;

@@ -3,12 +3,12 @@
 // Shard: one hash index + two slab pools (short records without mf, long records with mf) + one
 // reader/writer lock; pull/push/shrink for the keys it owns.
 //
-// Thread safety: every public method locks mu_ for its whole duration (Pull in shared mode, so pulls
-// read a shard together; everything else exclusively), except the *Locked and *Shared methods,
-// which REQUIRE the caller to hold mu(), the bulk-load phases (LoadIndexBulk ... LoadExistingRow: the
-// load holds every shard's mu() in index order for its whole duration) and ExportRow/ExportMf (the
-// table's gate held exclusively: nothing mutates). Calls on different shards run concurrently; on one
-// shard, pulls run together and every other call runs alone. AddPullMisses is atomic.
+// Thread safety: every public method locks mu_ for its whole duration (the reads, Pull, Size, Contains
+// and GetStats, in shared mode, so they run together; everything else exclusively), except the *Locked
+// and *Shared methods, which REQUIRE the caller to hold mu(), the bulk-load phases (LoadIndexBulk ...
+// LoadExistingRow: the load holds every shard's mu() in index order for its whole duration) and
+// ExportRow/ExportMf (the table's gate held exclusively: nothing mutates). Calls on different shards run concurrently; on one
+// shard, the reads run together and every other call runs alone. AddPullMisses is atomic.
 // Invariants: (1) index_ maps a key to the RowRef of a live record (feature_value.h) and nothing else
 // refers to that record; (2) the RowRef's mf bit says which pool holds it: records_ (short) without
 // it, mf_records_ (long) with it. A row moves from records_ to mf_records_ when it gets mf.
@@ -71,9 +71,9 @@ class Shard {
   bool Pull(const uint64_t* keys, const uint32_t* pos, size_t n, bool with_stats, float* out, bool wait = true)
       LOCKS_EXCLUDED(mu_);
 
-  // For the table's in-order pull (SparseTable::PullInOrder), which reads many shards key by key. Its
-  // caller holds mu() of every shard in shared mode for the whole call and runs the reads on pool
-  // threads while it waits (as the bulk load does with the exclusive lock), hence
+  // For the table's in-order pull (in_order_pull.h, from SparseTable::TryPullInOrder), which reads many
+  // shards key by key. Its caller holds mu() of every shard in shared mode for the whole call and runs
+  // the reads on pool threads while it waits (as the bulk load does with the exclusive lock), hence
   // NO_THREAD_SAFETY_ANALYSIS. REQUIRES: mu() held, shared or exclusive, by the call.
   //
   // Hints the cache that the index probe of hash (TableHash of a key) comes soon.
