@@ -146,9 +146,9 @@ class Shard {
   // Counters, keys_with_mf and bytes held. bytes counts capacity, not size.
   void GetStats(ShardCounters* c, size_t* keys, size_t* keys_with_mf, size_t* bytes) LOCKS_EXCLUDED(mu_);
 
-  // fn(key, const RowHeader&, const float* mf_or_null) for every row. REQUIRES: mu() held.
+  // fn(key, const RowHeader&, const float* mf_or_null) for every row. REQUIRES: mu() held (shared is enough).
   template <typename Fn>
-  void ForEachLocked(Fn&& fn) const EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  void ForEachLocked(Fn&& fn) const SHARED_LOCKS_REQUIRED(mu_) {
     index_.ForEach([&](uint64_t key, uint32_t ref) {
       const RowHeader* h = Row(ref);
       fn(key, *h, MfOf(ref, h));
@@ -156,9 +156,9 @@ class Shard {
   }
 
   // Export access (SparseTable::ExportBuckets). fn(key, RowRef) for every row, in index order,
-  // without reading the row. REQUIRES: mu() held.
+  // without reading the row. REQUIRES: mu() held (shared is enough).
   template <typename Fn>
-  void ForEachRowIdLocked(Fn&& fn) const EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  void ForEachRowIdLocked(Fn&& fn) const SHARED_LOCKS_REQUIRED(mu_) {
     index_.ForEach(fn);
   }
   // The record of a RowRef from ForEachRowIdLocked, and its mf part (nullptr without mf).

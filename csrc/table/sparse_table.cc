@@ -382,7 +382,7 @@ void SparseTable::Export(ExportMode mode, uint32_t buckets, int64_t bucket, Expo
     WriterMutexLock gate(&gate_);
     pool_->ParallelFor(num_shards, [&](size_t s) {
       Shard* sh = shards_[s].get();
-      WriterMutexLock l(sh->mu());
+      ReaderMutexLock l(sh->mu());  // reads only (the gate keeps writers out)
       size_t rows = 0, mfs = 0;
       sh->ForEachLocked([&](uint64_t key, const RowHeader& h, const float* m) {
         if (!keep(key, h, m)) return;
@@ -404,7 +404,7 @@ void SparseTable::Export(ExportMode mode, uint32_t buckets, int64_t bucket, Expo
     mf.resize(m * mw);
     pool_->ParallelFor(num_shards, [&](size_t s) {
       Shard* sh = shards_[s].get();
-      WriterMutexLock l(sh->mu());
+      ReaderMutexLock l(sh->mu());  // reads only (the gate keeps writers out)
       size_t i = row_begin[s], j = mf_begin[s];
       sh->ForEachLocked([&](uint64_t key, const RowHeader& h, const float* m) {
         if (!keep(key, h, m)) return;
@@ -653,7 +653,7 @@ void SparseTable::ExportBucketsWith(ExportMode mode, uint32_t buckets, uint64_t 
   // 1. Count the rows of each (shard, bucket): reads the index only (and the row for a filtered mode).
   pool_->ParallelFor(num_shards, [&](size_t s) {
     Shard* sh = shards_[s].get();
-    WriterMutexLock l(sh->mu());
+    ReaderMutexLock l(sh->mu());  // reads only (the gate keeps writers out)
     uint64_t* c = &cursor[s * nb];
     sh->ForEachRowIdLocked([&](uint64_t key, uint32_t row) {
       if (keep(sh, row)) ++c[bucket_of(key)];
@@ -680,7 +680,7 @@ void SparseTable::ExportBucketsWith(ExportMode mode, uint32_t buckets, uint64_t 
   // 2. Each shard lists its rows into its slice of every bucket.
   pool_->ParallelFor(num_shards, [&](size_t s) {
     Shard* sh = shards_[s].get();
-    WriterMutexLock l(sh->mu());
+    ReaderMutexLock l(sh->mu());  // reads only (the gate keeps writers out)
     uint64_t* cur = &cursor[s * nb];
     const uint64_t tag = static_cast<uint64_t>(s) << 32;
     sh->ForEachRowIdLocked([&](uint64_t key, uint32_t row) {

@@ -13,8 +13,8 @@
 // (exclusively for a push, shared for a pull), so a pull racing a push sees each row wholly before or
 // wholly after it. Every mutating call (push, shrink, new_day, end_day, commit_save, load_rows,
 // set_tombstones, erase, clear) also holds gate_ in shared mode for its whole duration, and export
-// holds gate_ exclusively while it copies (the shards in parallel, each under its own lock, then the
-// tombstone list), so an export is one moment of the whole table: a concurrent push lands wholly
+// holds gate_ exclusively while it copies (the shards in parallel, each under its own lock in shared
+// mode, so pulls go on, then the tombstone list), so an export is one moment of the whole table: a concurrent push lands wholly
 // before or wholly after it even though the push spans many shards. Pulls do not take gate_ (they
 // change no row). Lock order: day_mu_ -> gate_ -> one shard lock at a time -> tomb_mu_; two
 // exceptions hold every shard's lock at once, taken in index order: LoadRowSegments exclusively (so that
