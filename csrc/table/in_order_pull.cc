@@ -19,7 +19,7 @@ thread_local std::vector<const RowHeader*> tls_records;
 void PullInOrder(const std::vector<std::unique_ptr<Shard>>& shards, const RowLayout& layout, const uint64_t* keys,
                  size_t n, bool with_stats, float* out) {
   const uint32_t num_shards = static_cast<uint32_t>(shards.size());
-  const size_t width = (with_stats ? 3 : 1) + static_cast<size_t>(layout.dim());
+  const size_t width = layout.pull_width(with_stats);
   ScratchBuffer<uint64_t> hashes_buf(&tls_hashes, n);
   ScratchBuffer<uint32_t> refs_buf(&tls_refs, n);
   ScratchBuffer<const RowHeader*> records_buf(&tls_records, n);

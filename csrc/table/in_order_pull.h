@@ -23,8 +23,8 @@
 
 namespace psembed {
 
-// Writes the row of keys[j] to out + j * width for j in [0, n) (width = 1 + dim, or 3 + dim with_stats;
-// Shard::Pull's rows and zeros), the shard of a key being ShardOf(TableHash(key), shards.size()).
+// Writes the row of keys[j] to out + j * width for j in [0, n) (width = layout.pull_width(with_stats);
+// RowLayout::WritePullRow's rows, zeros for an absent key), the shard of a key being ShardOf(TableHash(key), shards.size()).
 // Counts each shard's misses. REQUIRES: every shard's mu() held by the call (shared is enough) for the
 // whole of it; several threads may run it at once on different ranges.
 void PullInOrder(const std::vector<std::unique_ptr<Shard>>& shards, const RowLayout& layout, const uint64_t* keys,

@@ -46,7 +46,7 @@ void FindRows(const HashIndex& index, size_t n, KeyAt key_at, HashAt hash_at, ui
 }  // namespace
 
 bool Shard::Pull(const uint64_t* keys, const uint32_t* pos, size_t n, bool with_stats, float* out, bool wait) {
-  const size_t width = (with_stats ? 3 : 1) + static_cast<size_t>(layout_.dim());
+  const size_t width = layout_.pull_width(with_stats);
   ScratchBuffer<uint32_t> refs_buf(&tls_refs, n);
   ScratchBuffer<RowHeader*> records_buf(&tls_records, n);
   uint32_t* refs = refs_buf.data();

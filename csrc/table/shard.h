@@ -46,7 +46,7 @@ struct MergedPush {
 };
 
 struct ShardCounters {
-  uint64_t pull_misses = 0;
+  uint64_t pull_misses = 0;  // a shard keeps this one in its atomic pull_misses_; GetStats reports it here
   uint64_t inserts = 0;
   uint64_t mf_created = 0;
   uint64_t deleted = 0;

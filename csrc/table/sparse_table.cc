@@ -164,7 +164,7 @@ bool SparseTable::TryPullInOrder(const uint64_t* keys, size_t n, bool with_stats
     }
   } release{shards_, held};
   if (held < shards_.size()) return false;
-  const size_t width = (with_stats ? 3 : 1) + static_cast<size_t>(layout().dim());
+  const size_t width = layout().pull_width(with_stats);
   ForEachChunk(n, Chunks(n), [&](size_t, size_t begin, size_t end) {
     PullInOrder(shards_, layout(), keys + begin, end - begin, with_stats, out + begin * width);
   }, /*last=*/true);

@@ -127,7 +127,7 @@ class SparseTable {
 
   const TableOptions& options() const { return accessor_.options(); }
   const RowLayout& layout() const { return accessor_.layout(); }
-  int pull_width(bool with_stats) const { return (with_stats ? 3 : 1) + layout().dim(); }
+  int pull_width(bool with_stats) const { return static_cast<int>(layout().pull_width(with_stats)); }
 
   // out: n x pull_width(with_stats) floats. Missing keys read zeros. Never inserts.
   void Pull(const uint64_t* keys, size_t n, bool with_stats, float* out);

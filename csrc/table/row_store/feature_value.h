@@ -75,12 +75,13 @@ class RowLayout {
   // mf rule's state that follows them).
   size_t pulled_bytes(bool has_mf) const { return base_bytes() + (has_mf ? sizeof(float) * dim_ : 0); }
 
-  // Writes a pull's row of h into out[0, (with_stats ? 3 : 1) + dim): show and click if with_stats,
-  // lr_w, then the mf weights (zeros without mf). h == nullptr (an absent key): all zeros.
+  // Floats of one pulled row: lr_w and the mf weights, after show and click if with_stats.
+  size_t pull_width(bool with_stats) const { return (with_stats ? 3 : 1) + static_cast<size_t>(dim_); }
+  // Writes a pull's row of h into out[0, pull_width(with_stats)): show and click if with_stats, lr_w,
+  // then the mf weights (zeros without mf). h == nullptr (an absent key): all zeros.
   void WritePullRow(const RowHeader* h, bool has_mf, bool with_stats, float* out) const {
-    const size_t width = (with_stats ? 3 : 1) + static_cast<size_t>(dim_);
     if (h == nullptr) {
-      std::memset(out, 0, width * sizeof(float));
+      std::memset(out, 0, pull_width(with_stats) * sizeof(float));
       return;
     }
     if (with_stats) {
