@@ -12,31 +12,16 @@ namespace {
 constexpr size_t kMinCapacity = 16;
 // Home() multiplies 32 hash bits by the capacity in 64 bits.
 constexpr size_t kMaxCapacity = size_t{1} << 32;
-}  // namespace
-
-// The next capacity: 5/4 of this one rounded up to a multiple of 16 (16 slots of 12 B = 3 cache lines);
-// from 2 MiB of slots on, rounded up further to fill whole huge pages.
+// The next capacity: 5/4 of this one rounded up to a multiple of 16 (16 slots of 12 B = 3 cache lines).
 // Growth by 5/4 keeps the load in [0.56, 0.7] (~19 B of index per key), where doubling leaves it
 // anywhere in [0.35, 0.7] (up to 35 B per key, by luck of the key count); the price is more rehashing
 // (each key is moved ~4 times over the table's growth instead of ~1), paid only while a table grows
 // (a checkpoint load reserves its size once).
-// Why whole huge pages: HugePageAlloc puts only the whole 2 MiB units of an array on huge pages, and a
-// probe into the rest (a third of the slots at 10M keys in 64 shards, whose arrays are ~3 MiB) missed
-// the TLB. Filling the last huge page with slots instead puts every probe on huge pages and lowers the
-// load: paired runs at 10M keys, 1.01x-1.12x on pulls, 1.00x-1.04x on pushes (docs/benchmarks.md,
-// "Table", session 22). The cost is at most one huge page of slots per shard, which weighs most on small
-// arrays: in 64 shards the index takes up to 36 B per key from 7.5M to 16M keys (arrays of 2-4 MiB; 27 B
-// at 10M), up to 25 B from 16M to 60M and up to 23 B beyond, where 5/4 alone takes up to 21.4 B.
-size_t HashIndex::GrownCapacity(size_t capacity) {
+inline size_t GrownCapacity(size_t capacity) {
   if (capacity == 0) return kMinCapacity;
-  size_t next = (capacity + capacity / 4 + 15) / 16 * 16;
-  const size_t bytes = next * sizeof(Slot);
-  if (bytes >= kHugePageBytes) {
-    const size_t whole_pages = (bytes + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
-    next = whole_pages / sizeof(Slot) / 16 * 16;  // never less: the old next is a multiple of 16 that fits
-  }
-  return next;
+  return (capacity + capacity / 4 + 15) / 16 * 16;
 }
+}  // namespace
 
 HashIndex::~HashIndex() { Clear(); }
 

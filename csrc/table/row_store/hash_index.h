@@ -3,8 +3,8 @@
 // HashIndex: an open-addressing map from a uint64 key to a uint32 value (the row's RowRef), one per shard.
 //
 // Why hand-written: the memory target is ~16 bytes of index per key on top of the row payload
-// (scripts/bench_table.py at 10M keys, dim 8, AdaGrad: 91.5 bytes/key with mf against a 72-byte
-// payload, 55.2 without mf; docs/benchmarks.md). std::unordered_map costs a heap node
+// (scripts/bench_table.py at 10M keys, dim 8, AdaGrad: 85.2 bytes/key with mf against a 72-byte
+// payload, 50.3 without mf; docs/benchmarks.md). std::unordered_map costs a heap node
 // per key (~40-60 bytes plus the bucket array) and a pointer chase per lookup; good open-addressing
 // maps (absl::flat_hash_map, ska, robin_hood) store key+value pairs with per-slot control bytes and
 // would have to be vendored, which this build cannot do (no network). This one is small enough to
@@ -15,14 +15,13 @@
 // Layout (capacity C, a multiple of 16, C = 0 before the first insert): one array of C packed
 // 12-byte slots {uint64 key; uint32 value}, key 0 = empty (key 0 itself lives out of line:
 // has_zero_, zero_value_). Key and value share a cache line (a slot straddles two lines 1 time in
-// 16), so a hit costs one miss; two separate arrays cost two. From 2 MiB on, the array is whole huge
-// pages (util/huge_pages.h): its capacity is rounded up to fill them (GrownCapacity in hash_index.cc).
+// 16), so a hit costs one miss; two separate arrays cost two. The array is on huge pages once it
+// reaches 2 MiB (util/huge_pages.h).
 // Probing: linear (wrapping at C), starting at Home(hash) = ((hash mod 2^32) * C) >> 32, where
 // hash = TableHash(key) (util/hash.h; the shard was chosen from its high 32 bits, the probe start uses
 // the low 32). Maximum load 0.7, then the capacity grows by 5/4 (a rehash), so the load stays in
-// [0.56, 0.7] while the array is under 2 MiB: 17-22 B of index per key (a power-of-two capacity doubling
-// at 0.7 would leave it anywhere in [0.35, 0.7]: 17-35 B per key). Past that, the rounding to whole huge
-// pages can take it down to 0.35 (just after a growth from 2 to 4 MiB), less and less as arrays grow. Why 0.7 and not 0.8: a hit probes
+// [0.56, 0.7] whatever the key count: 17-22 B of index per key (a power-of-two capacity doubling at 0.7
+// would leave it anywhere in [0.35, 0.7]: 17-35 B per key). Why 0.7 and not 0.8: a hit probes
 // 0.5 * (1 + 1 / (1 - load)) slots on average, 2.5 at 0.75 and 1.8 at 0.6; the shorter probes made a
 // uniform pull ~7% faster and a uniform push ~4% (paired two-build runs at 10M keys, ~4 B more index per
 // key; docs/benchmarks.md, "Table", session 13). Erase uses backward-shift deletion: no tombstones,
@@ -146,10 +145,8 @@ class HashIndex {
   };
   static_assert(sizeof(Slot) == 12, "the memory budget counts 12 bytes per slot");
 
-  // The capacity after capacity (hash_index.cc): 5/4 of it, in whole huge pages from 2 MiB of slots on.
-  static size_t GrownCapacity(size_t capacity);
   void Rehash(size_t new_capacity);
-  void Grow();  // Rehash to GrownCapacity(capacity_)
+  void Grow();  // Rehash to the next capacity (5/4 of this one; kMinCapacity when empty)
   // Whether size keys plus the one about to be added pass the maximum load 0.7 of capacity.
   static bool OverLoad(size_t size, size_t capacity) { return (size + 1) * 10 > capacity * 7; }
   // Before adding a key: grow if it would pass the maximum load (or there is no array yet).
