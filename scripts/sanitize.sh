@@ -11,7 +11,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 JOBS="${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
-TESTS=(crc32_test file_syncer_test hash_test thread_pool_test hash_index_test chunk_arena_test sparse_table_test push_merge_test load_test criteo_line_test data_server_test)
+TESTS=(crc32_test file_syncer_test hash_test thread_pool_test hash_index_test chunk_arena_test index_arena_test sparse_table_test push_merge_test load_test criteo_line_test data_server_test)
 WHICH="${1:-all}"
 
 REPORT_RE="ERROR: AddressSanitizer|ERROR: LeakSanitizer|runtime error:|WARNING: ThreadSanitizer"

@@ -134,7 +134,8 @@ void TestLoadIndexBulkUndo() {
   const TableOptions o = Options(1, 1);
   CtrAccessor accessor(o);
   ChunkArena arena;
-  Shard shard(&accessor, &arena);
+  IndexArena index_arena(1);
+  Shard shard(&accessor, &arena, &index_arena, 0);
   const size_t bw = accessor.layout().base_export_width();
   std::vector<float> base(bw, 1.0f), mf(kDim, 2.0f);
   for (uint64_t k = 1; k <= 100; ++k) shard.Load(k, TableHash(k), base.data(), k % 2 ? mf.data() : nullptr);

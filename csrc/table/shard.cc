@@ -13,10 +13,12 @@
 
 namespace psembed {
 
-Shard::Shard(const CtrAccessor* accessor, ChunkArena* arena, size_t max_rows)
+Shard::Shard(const CtrAccessor* accessor, ChunkArena* arena, IndexArena* index_arena, uint32_t index,
+             size_t max_rows)
     : accessor_(accessor),
       layout_(accessor->layout()),
       max_rows_(max_rows),
+      index_(index_arena, index),
       records_(accessor->layout().record_bytes(false), arena),
       mf_records_(accessor->layout().record_bytes(true), arena) {}
 

@@ -26,6 +26,7 @@
 
 #include "table/ctr_accessor.h"
 #include "table/row_store/chunk_arena.h"
+#include "table/row_store/index_arena.h"
 #include "table/row_store/feature_value.h"
 #include "table/row_store/hash_index.h"
 #include "table/row_store/slab_pool.h"
@@ -56,9 +57,11 @@ struct ShardCounters {
 
 class Shard {
  public:
-  // Both outlive the shard; the arena holds the memory of the shard's slab chunks. A push inserts no
-  // key while the shard holds max_rows rows (loads may go past it).
-  Shard(const CtrAccessor* accessor, ChunkArena* arena, size_t max_rows = SIZE_MAX);
+  // All three outlive the shard; arena holds the memory of the shard's slab chunks, index_arena that of
+  // its index's slot arrays, as owner `index` (index_arena.h). A push inserts no key while the shard holds
+  // max_rows rows (loads may go past it).
+  Shard(const CtrAccessor* accessor, ChunkArena* arena, IndexArena* index_arena, uint32_t index,
+        size_t max_rows = SIZE_MAX);
   Shard(const Shard&) = delete;
   Shard& operator=(const Shard&) = delete;
 

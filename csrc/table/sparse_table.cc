@@ -53,13 +53,15 @@ struct SparseTable::Partition {
 };
 
 
-SparseTable::SparseTable(const TableOptions& options) : accessor_(options) {
+SparseTable::SparseTable(const TableOptions& options)
+    : accessor_(options), index_arena_(static_cast<uint32_t>(options.num_shards)) {
   shards_.reserve(options.num_shards);
   // Each shard's share of max_keys, rounded down, so pushes never take the table past max_keys rows.
   const size_t max_rows =
       options.max_keys == 0 ? SIZE_MAX : static_cast<size_t>(options.max_keys / options.num_shards);
   for (int i = 0; i < options.num_shards; ++i) {
-    shards_.push_back(std::make_unique<Shard>(&accessor_, &arena_, max_rows));
+    shards_.push_back(
+        std::make_unique<Shard>(&accessor_, &arena_, &index_arena_, static_cast<uint32_t>(i), max_rows));
   }
   pool_ = std::make_unique<ThreadPool>(options.num_threads, options.spin_wait_us);
   parallelism_.store(pool_->num_threads(), std::memory_order_relaxed);

@@ -38,6 +38,7 @@
 #include "table/ctr_accessor.h"
 #include "table/export_buffer.h"
 #include "table/row_store/chunk_arena.h"
+#include "table/row_store/index_arena.h"
 #include "table/shard.h"
 #include "util/mutex.h"
 #include "util/status.h"
@@ -257,7 +258,8 @@ class SparseTable {
                          size_t* pending);
 
   CtrAccessor accessor_;  // immutable after construction
-  ChunkArena arena_;      // the shards' slab memory; declared before shards_ so it outlives them
+  ChunkArena arena_;        // the shards' slab memory; declared before shards_ so it outlives them
+  IndexArena index_arena_;  // the shards' index slot arrays; the same
   std::vector<std::unique_ptr<Shard>> shards_;  // immutable vector; each shard locks itself
   std::unique_ptr<ThreadPool> pool_;
 

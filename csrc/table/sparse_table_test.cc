@@ -165,7 +165,8 @@ void TestShardPullSkipsALockedShard() {
   const TableOptions o = CountingOptions(1);
   CtrAccessor accessor(o);
   ChunkArena arena;
-  Shard shard(&accessor, &arena);
+  IndexArena index_arena(1);
+  Shard shard(&accessor, &arena, &index_arena, 0);
   const uint64_t key = 42;
   const uint32_t pos = 0;
   std::vector<float> out(1 + o.dim, 7.0f);

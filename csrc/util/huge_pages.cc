@@ -32,6 +32,28 @@ void Prefault(char* p, size_t len) {
   if (madvise(p, len, MADV_POPULATE_WRITE) == 0) return;
   WritePages(p, len);
 }
+
+// len bytes (a multiple of 4 KiB) of fresh anonymous memory starting on a 2 MiB boundary, its whole 2 MiB
+// units advised huge; nullptr if mmap fails. noreserve: address space only (MAP_NORESERVE), not counted
+// against the overcommit heuristic until touched.
+void* MapAligned(size_t len, bool noreserve) {
+  // Over-map by one huge page, then trim both ends so the start is 2 MiB-aligned.
+  const size_t span = len + kHugePageBytes;
+  void* raw = mmap(nullptr, span, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | (noreserve ? MAP_NORESERVE : 0), -1, 0);
+  if (raw == MAP_FAILED) return nullptr;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(raw);
+  const uintptr_t aligned = RoundUp(start, kHugePageBytes);
+  if (aligned > start) munmap(raw, aligned - start);
+  const uintptr_t end = start + span;
+  if (end > aligned + len) munmap(reinterpret_cast<void*>(aligned + len), end - (aligned + len));
+#ifdef MADV_HUGEPAGE
+  const size_t whole = len / kHugePageBytes * kHugePageBytes;
+  // Advice only: failure (THP compiled out, old kernel) leaves ordinary pages, which still work.
+  if (whole > 0) (void)madvise(reinterpret_cast<void*>(aligned), whole, MADV_HUGEPAGE);
+#endif
+  return reinterpret_cast<void*>(aligned);
+}
 }  // namespace
 
 void* HugePageAlloc(size_t bytes, bool prefault) {
@@ -43,23 +65,27 @@ void* HugePageAlloc(size_t bytes, bool prefault) {
     if (prefault) WritePages(static_cast<char*>(p), bytes);
     return p;
   }
-  // Over-map by one huge page, then trim both ends so the start is 2 MiB-aligned.
-  const size_t len = RoundUp(bytes, 4096);
-  const size_t span = len + kHugePageBytes;
-  void* raw = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (raw == MAP_FAILED) throw std::bad_alloc();
-  const uintptr_t start = reinterpret_cast<uintptr_t>(raw);
-  const uintptr_t aligned = RoundUp(start, kHugePageBytes);
-  if (aligned > start) munmap(raw, aligned - start);
-  const uintptr_t end = start + span;
-  if (end > aligned + len) munmap(reinterpret_cast<void*>(aligned + len), end - (aligned + len));
-#ifdef MADV_HUGEPAGE
-  const size_t whole = len / kHugePageBytes * kHugePageBytes;
-  // Advice only: failure (THP compiled out, old kernel) leaves ordinary pages, which still work.
-  if (whole > 0) (void)madvise(reinterpret_cast<void*>(aligned), whole, MADV_HUGEPAGE);
-#endif
-  if (prefault) Prefault(reinterpret_cast<char*>(aligned), len);
-  return reinterpret_cast<void*>(aligned);
+  void* p = MapAligned(RoundUp(bytes, 4096), /*noreserve=*/false);
+  if (p == nullptr) throw std::bad_alloc();
+  if (prefault) Prefault(static_cast<char*>(p), RoundUp(bytes, 4096));
+  return p;
+}
+
+void* HugePageReserve(size_t bytes) { return MapAligned(RoundUp(bytes, kHugePageBytes), /*noreserve=*/true); }
+
+void HugePagePrefault(void* p, size_t len) {
+  if (len == 0) return;
+  // madvise wants page-aligned bounds; the pages around [p, p + len) only become resident, unchanged.
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) / 4096 * 4096;
+  const uintptr_t end = RoundUp(reinterpret_cast<uintptr_t>(p) + len, 4096);
+  if (madvise(reinterpret_cast<void*>(first), end - first, MADV_POPULATE_WRITE) == 0) return;
+  WritePages(static_cast<char*>(p), len);  // only [p, p + len): the bytes around may be someone else's
+}
+
+void HugePageRelease(void* p, size_t len) {
+  const uintptr_t first = RoundUp(reinterpret_cast<uintptr_t>(p), kHugePageBytes);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + len) / kHugePageBytes * kHugePageBytes;
+  if (end > first) (void)madvise(reinterpret_cast<void*>(first), end - first, MADV_DONTNEED);
 }
 
 void HugePageFree(void* p, size_t bytes) {

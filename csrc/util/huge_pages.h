@@ -38,6 +38,17 @@ void* HugePageAlloc(size_t bytes, bool prefault = false);
 // Releases memory from HugePageAlloc(bytes), with the same `bytes`. p == nullptr is a no-op.
 void HugePageFree(void* p, size_t bytes);
 
+// Address space for sub-allocation (table/row_store/index_arena.h): RoundUp(bytes, 2 MiB) bytes, 2 MiB
+// aligned, all advised huge, none resident until touched (MAP_NORESERVE). nullptr if the kernel refuses
+// (strict overcommit, address space exhausted). Give it back with HugePageFree(p, RoundUp(bytes, 2 MiB)).
+void* HugePageReserve(size_t bytes);
+// Makes the pages of [p, p + len) resident and writable without changing any byte (in a reserved range:
+// the huge pages that overlap it). Any alignment.
+void HugePagePrefault(void* p, size_t len);
+// Gives back the memory of the whole 2 MiB pages inside [p, p + len) (MADV_DONTNEED: they read zero
+// when touched again); the partly covered pages at either end stay as they are.
+void HugePageRelease(void* p, size_t len);
+
 }  // namespace psembed
 
 #endif  // PSEMBED_UTIL_HUGE_PAGES_H_

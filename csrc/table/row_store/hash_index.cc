@@ -26,7 +26,7 @@ inline size_t GrownCapacity(size_t capacity) {
 HashIndex::~HashIndex() { Clear(); }
 
 void HashIndex::Clear() {
-  HugePageFree(slots_, capacity_ * sizeof(Slot));
+  FreeSlots(slots_, capacity_);
   slots_ = nullptr;
   capacity_ = size_ = 0;
   has_zero_ = false;
@@ -43,7 +43,7 @@ void HashIndex::Rehash(size_t new_capacity) {
   if (new_capacity > kMaxCapacity) throw std::bad_alloc();
   // Zeroed (all empty) and prefaulted: every slot is probed (read) before some are written, which on
   // fresh pages would map the zero page first and cost a TLB shootdown per page (huge_pages.h).
-  auto* slots = static_cast<Slot*>(HugePageAlloc(new_capacity * sizeof(Slot), /*prefault=*/true));
+  Slot* slots = AllocateSlots(new_capacity);
   Slot* old = slots_;
   const size_t old_capacity = capacity_;
   slots_ = slots;  // Home/Next now follow the new capacity
@@ -56,7 +56,21 @@ void HashIndex::Rehash(size_t new_capacity) {
     slots_[j].key = k;
     slots_[j].value = old[i].value;
   }
-  HugePageFree(old, old_capacity * sizeof(Slot));
+  FreeSlots(old, old_capacity);
+}
+
+HashIndex::Slot* HashIndex::AllocateSlots(size_t capacity) {
+  const size_t bytes = capacity * sizeof(Slot);
+  void* p = arena_ != nullptr ? arena_->Allocate(bytes, owner_) : HugePageAlloc(bytes, /*prefault=*/true);
+  return static_cast<Slot*>(p);
+}
+
+void HashIndex::FreeSlots(Slot* slots, size_t capacity) {
+  if (arena_ != nullptr) {
+    arena_->Free(slots, capacity * sizeof(Slot), owner_);
+  } else {
+    HugePageFree(slots, capacity * sizeof(Slot));
+  }
 }
 
 void HashIndex::Grow() { Rehash(GrownCapacity(capacity_)); }

@@ -3,8 +3,8 @@
 // HashIndex: an open-addressing map from a uint64 key to a uint32 value (the row's RowRef), one per shard.
 //
 // Why hand-written: the memory target is ~16 bytes of index per key on top of the row payload
-// (scripts/bench_table.py at 10M keys, dim 8, AdaGrad: 85.2 bytes/key with mf against a 72-byte
-// payload, 50.3 without mf; docs/benchmarks.md). std::unordered_map costs a heap node
+// (scripts/bench_table.py at 10M keys, dim 8, AdaGrad: 84.8 bytes/key with mf against a 72-byte
+// payload, 48.3 without mf; docs/benchmarks.md). std::unordered_map costs a heap node
 // per key (~40-60 bytes plus the bucket array) and a pointer chase per lookup; good open-addressing
 // maps (absl::flat_hash_map, ska, robin_hood) store key+value pairs with per-slot control bytes and
 // would have to be vendored, which this build cannot do (no network). This one is small enough to
@@ -15,8 +15,8 @@
 // Layout (capacity C, a multiple of 16, C = 0 before the first insert): one array of C packed
 // 12-byte slots {uint64 key; uint32 value}, key 0 = empty (key 0 itself lives out of line:
 // has_zero_, zero_value_). Key and value share a cache line (a slot straddles two lines 1 time in
-// 16), so a hit costs one miss; two separate arrays cost two. The array is on huge pages once it
-// reaches 2 MiB (util/huge_pages.h).
+// 16), so a hit costs one miss; two separate arrays cost two. From 2 MiB on, the array is on huge
+// pages: all of it in a table's IndexArena (index_arena.h), its whole 2 MiB units on a mapping of its own.
 // Probing: linear (wrapping at C), starting at Home(hash) = ((hash mod 2^32) * C) >> 32, where
 // hash = TableHash(key) (util/hash.h; the shard was chosen from its high 32 bits, the probe start uses
 // the low 32). Maximum load 0.7, then the capacity grows by 5/4 (a rehash), so the load stays in
@@ -41,6 +41,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "table/row_store/index_arena.h"
 #include "util/hash.h"
 
 namespace psembed {
@@ -49,7 +50,10 @@ class HashIndex {
  public:
   static constexpr uint32_t kNotFound = 0xffffffffu;
 
+  // The slot arrays come from arena as owner's (index_arena.h: the shards of one table share the huge
+  // pages between their arrays); without an arena, each is a mapping of its own (util/huge_pages.h).
   HashIndex() = default;
+  HashIndex(IndexArena* arena, uint32_t owner) : arena_(arena), owner_(owner) {}
   ~HashIndex();
   HashIndex(const HashIndex&) = delete;
   HashIndex& operator=(const HashIndex&) = delete;
@@ -158,7 +162,12 @@ class HashIndex {
   size_t Home(uint64_t hash) const { return static_cast<size_t>(((hash & 0xffffffffu) * capacity_) >> 32); }
   size_t Next(size_t i) const { return i + 1 == capacity_ ? 0 : i + 1; }
 
-  Slot* slots_ = nullptr;  // owned (HugePageAlloc), capacity_ entries
+  Slot* AllocateSlots(size_t capacity);  // zeroed, resident
+  void FreeSlots(Slot* slots, size_t capacity);
+
+  IndexArena* const arena_ = nullptr;  // may be null
+  const uint32_t owner_ = 0;
+  Slot* slots_ = nullptr;  // owned (AllocateSlots), capacity_ entries
   size_t capacity_ = 0;
   size_t size_ = 0;  // nonzero keys stored
   bool has_zero_ = false;
