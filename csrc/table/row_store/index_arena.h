@@ -6,9 +6,10 @@
 // Why: a shard's slot array is a few MiB (~3.1 MiB at 10M keys in 64 shards). On a mapping of its
 // own, only its whole 2 MiB units can be huge pages; the rest stayed on 4 KiB pages, where a third of
 // the probes missed the TLB. Rounding each array up to whole huge pages costs up to 2 MiB per shard
-// (36 B of index per key instead of 20 at 7.8M keys in 64 shards). Here the arrays of one size sit
+// (34 B of index per key instead of 20 at 7.8M keys in 64 shards). Here the arrays of one size sit
 // side by side in one region: neighbours share the huge page where one ends and the next begins, so
-// a table loses at most the region's last partial page.
+// a table loses at most the last partial page of each region (and, while its shards grow past one
+// size, the pages shared between freed arrays and live ones).
 //
 // Layout: the shards' capacities follow one sequence (HashIndex::Grow), so arrays come in few sizes.
 // For each size of 2 MiB or more there is one region of address space: owners x stride bytes (stride:
