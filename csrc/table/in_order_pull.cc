@@ -16,8 +16,8 @@ thread_local std::vector<uint32_t> tls_refs;
 thread_local std::vector<const RowHeader*> tls_records;
 }  // namespace
 
-void PullInOrder(const std::vector<std::unique_ptr<Shard>>& shards, const RowLayout& layout, const uint64_t* keys,
-                 size_t n, bool with_stats, float* out) {
+uint64_t PullInOrder(const std::vector<std::unique_ptr<Shard>>& shards, const RowLayout& layout, const uint64_t* keys,
+                     size_t n, bool with_stats, float* out) {
   const uint32_t num_shards = static_cast<uint32_t>(shards.size());
   const size_t width = layout.pull_width(with_stats);
   ScratchBuffer<uint64_t> hashes_buf(&tls_hashes, n);
@@ -35,13 +35,18 @@ void PullInOrder(const std::vector<std::unique_ptr<Shard>>& shards, const RowLay
     records[j] = shard_of(j)->FindRowShared(keys[j], hashes[j], &refs[j]);
   }
   // Pass 2: every row, in input order (only the part of a record a pull reads is prefetched).
+  // Misses are counted here and returned, not added to a shared atomic per key: with an add per absent
+  // key, two threads pulling new ids fought over the counters' cache lines (pulls of 100k absent keys on
+  // 2 threads: 1.14x-1.27x faster without; 1 thread within noise; docs/benchmarks.md, "Table", session 22).
+  uint64_t misses = 0;
   for (size_t j = 0; j < n; ++j) {
     if (j + kAhead < n && records[j + kAhead] != nullptr) {
       PrefetchBytes(records[j + kAhead], layout.pulled_bytes(RowRef::HasMf(refs[j + kAhead])));
     }
-    if (records[j] == nullptr) shard_of(j)->AddPullMisses(1);
+    misses += records[j] == nullptr ? 1 : 0;
     layout.WritePullRow(records[j], RowRef::HasMf(refs[j]), with_stats, out + j * width);
   }
+  return misses;
 }
 
 }  // namespace psembed

@@ -25,10 +25,10 @@ namespace psembed {
 
 // Writes the row of keys[j] to out + j * width for j in [0, n) (width = layout.pull_width(with_stats);
 // RowLayout::WritePullRow's rows, zeros for an absent key), the shard of a key being ShardOf(TableHash(key), shards.size()).
-// Counts each shard's misses. REQUIRES: every shard's mu() held by the call (shared is enough) for the
+// Returns the number of absent keys (the caller counts them in stats()'s pull_misses). REQUIRES: every shard's mu() held by the call (shared is enough) for the
 // whole of it; several threads may run it at once on different ranges.
-void PullInOrder(const std::vector<std::unique_ptr<Shard>>& shards, const RowLayout& layout, const uint64_t* keys,
-                 size_t n, bool with_stats, float* out);
+uint64_t PullInOrder(const std::vector<std::unique_ptr<Shard>>& shards, const RowLayout& layout, const uint64_t* keys,
+                     size_t n, bool with_stats, float* out);
 
 }  // namespace psembed
 

@@ -47,7 +47,8 @@ void FindRows(const HashIndex& index, size_t n, KeyAt key_at, HashAt hash_at, ui
 }
 }  // namespace
 
-bool Shard::Pull(const uint64_t* keys, const uint32_t* pos, size_t n, bool with_stats, float* out, bool wait) {
+bool Shard::Pull(const uint64_t* keys, const uint32_t* pos, size_t n, bool with_stats, float* out, uint64_t* misses,
+                 bool wait) {
   const size_t width = layout_.pull_width(with_stats);
   ScratchBuffer<uint32_t> refs_buf(&tls_refs, n);
   ScratchBuffer<RowHeader*> records_buf(&tls_records, n);
@@ -68,15 +69,15 @@ bool Shard::Pull(const uint64_t* keys, const uint32_t* pos, size_t n, bool with_
   RecordsOf(refs, n, records);
   // Phase 2: the records (stats, lr_w, and the mf weights of a long record), prefetched kAhead keys ahead:
   // only the part a pull reads (an Adam record's moments would be a line or more of waste).
-  uint64_t misses = 0;
+  uint64_t missing = 0;
   for (size_t j = 0; j < n; ++j) {
     if (j + kAhead < n && records[j + kAhead] != nullptr) {
       PrefetchBytes(records[j + kAhead], layout_.pulled_bytes(RowRef::HasMf(refs[j + kAhead])));
     }
-    misses += records[j] == nullptr ? 1 : 0;
+    missing += records[j] == nullptr ? 1 : 0;
     layout_.WritePullRow(records[j], RowRef::HasMf(refs[j]), with_stats, out + static_cast<size_t>(pos[j]) * width);
   }
-  AddPullMisses(misses);
+  *misses = missing;
   return true;
 }
 
@@ -341,7 +342,6 @@ void Shard::Clear() {
 
 void Shard::GetStats(ShardCounters* c, size_t* keys, size_t* keys_with_mf, size_t* bytes) {
   ReaderMutexLock l(&mu_);
-  c->pull_misses += pull_misses_.load(std::memory_order_relaxed);
   c->inserts += counters_.inserts;
   c->mf_created += counters_.mf_created;
   c->deleted += counters_.deleted;

@@ -8,7 +8,7 @@
 // and *Shared methods, which REQUIRE the caller to hold mu(), the bulk-load phases (LoadIndexBulk ...
 // LoadExistingRow: the load holds every shard's mu() in index order for its whole duration) and
 // ExportRow/ExportMf (the table's gate held exclusively: nothing mutates). Calls on different shards run concurrently; on one
-// shard, the reads run together and every other call runs alone. AddPullMisses is atomic.
+// shard, the reads run together and every other call runs alone.
 // Invariants: (1) index_ maps a key to the RowRef of a live record (feature_value.h) and nothing else
 // refers to that record; (2) the RowRef's mf bit says which pool holds it: records_ (short) without
 // it, mf_records_ (long) with it. A row moves from records_ to mf_records_ when it gets mf.
@@ -19,7 +19,6 @@
 #ifndef PSEMBED_TABLE_SHARD_H_
 #define PSEMBED_TABLE_SHARD_H_
 
-#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -47,7 +46,6 @@ struct MergedPush {
 };
 
 struct ShardCounters {
-  uint64_t pull_misses = 0;  // a shard keeps this one in its atomic pull_misses_; GetStats reports it here
   uint64_t inserts = 0;
   uint64_t mf_created = 0;
   uint64_t deleted = 0;
@@ -68,11 +66,12 @@ class Shard {
   SharedMutex* mu() { return &mu_; }
 
   // For j in [0, n): copies the row of keys[j] into out + pos[j] * width (width = 1 + dim, or 3 + dim
-  // with stats: show, click first). A missing key writes zeros and counts a pull miss; a row without mf
-  // reads zeros in the mf part. Never inserts. Holds mu_ shared. If wait is false and a writer holds
-  // or waits for mu_, returns false at once and writes nothing; otherwise returns true.
-  bool Pull(const uint64_t* keys, const uint32_t* pos, size_t n, bool with_stats, float* out, bool wait = true)
-      LOCKS_EXCLUDED(mu_);
+  // with stats: show, click first). A missing key writes zeros; *misses = how many were missing (the
+  // table counts them). A row without mf reads zeros in the mf part. Never inserts. Holds mu_ shared. If
+  // wait is false and a writer holds or waits for mu_, returns false at once and writes nothing (nor
+  // *misses); otherwise returns true.
+  bool Pull(const uint64_t* keys, const uint32_t* pos, size_t n, bool with_stats, float* out, uint64_t* misses,
+            bool wait = true) LOCKS_EXCLUDED(mu_);
 
   // For the table's in-order pull (in_order_pull.h, from SparseTable::TryPullInOrder), which reads many
   // shards key by key. Its caller holds mu() of every shard in shared mode for the whole call and runs
@@ -88,8 +87,6 @@ class Shard {
     *ref = index_.Find(key, hash);
     return *ref == HashIndex::kNotFound ? nullptr : Row(*ref);
   }
-  // Counts n pulled keys this shard does not hold (stats()'s pull_misses). Any thread, any time.
-  void AddPullMisses(uint64_t n) { pull_misses_.fetch_add(n, std::memory_order_relaxed); }
 
   // Applies merged pushes in order (see CtrAccessor::Update and Admit). has_slots: take item.slot.
   // push_id names the push for admission draws (SparseTable::Push). A new key that admission lets in
@@ -226,7 +223,6 @@ class Shard {
   const RowLayout& layout_;
   const size_t max_rows_;  // a push inserts no key while index_ holds this many (TableOptions::max_keys)
   SharedMutex mu_;
-  std::atomic<uint64_t> pull_misses_{0};  // atomic: pulls count them under the shared lock
   HashIndex index_ GUARDED_BY(mu_);     // key -> RowRef
   uint32_t admission_day_ GUARDED_BY(mu_) = 0;  // table day + 1 (0 before the first end_day)
   SlabPool records_ GUARDED_BY(mu_);     // short records: rows without mf

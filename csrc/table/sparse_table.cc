@@ -168,7 +168,8 @@ bool SparseTable::TryPullInOrder(const uint64_t* keys, size_t n, bool with_stats
   if (held < shards_.size()) return false;
   const size_t width = layout().pull_width(with_stats);
   ForEachChunk(n, Chunks(n), [&](size_t, size_t begin, size_t end) {
-    PullInOrder(shards_, layout(), keys + begin, end - begin, with_stats, out + begin * width);
+    const uint64_t misses = PullInOrder(shards_, layout(), keys + begin, end - begin, with_stats, out + begin * width);
+    pull_misses_.fetch_add(misses, std::memory_order_relaxed);
   }, /*last=*/true);
   return true;
 }
@@ -192,14 +193,18 @@ void SparseTable::Pull(const uint64_t* keys, size_t n, bool with_stats, float* o
   RunShards(n, [&](size_t s) {
     const uint32_t b = part.begin[s], e = part.begin[s + 1];
     if (b == e) return;
+    uint64_t misses = 0;
     const bool done = shards_[s]->Pull(part.skeys.data() + b, part.order.data() + b, e - b,
-                                       with_stats, out, /*wait=*/false);
+                                       with_stats, out, &misses, /*wait=*/false);
     if (!done) part.busy[s] = 1;
+    pull_misses_.fetch_add(misses, std::memory_order_relaxed);
   });
   for (size_t s = 0; s < shards_.size(); ++s) {
     if (!part.busy[s]) continue;
     const uint32_t b = part.begin[s], e = part.begin[s + 1];
-    shards_[s]->Pull(part.skeys.data() + b, part.order.data() + b, e - b, with_stats, out);
+    uint64_t misses = 0;
+    shards_[s]->Pull(part.skeys.data() + b, part.order.data() + b, e - b, with_stats, out, &misses);
+    pull_misses_.fetch_add(misses, std::memory_order_relaxed);
   }
   part.Trim();
 }
@@ -303,7 +308,7 @@ TableStats SparseTable::Stats() {
   TableStats st;
   ShardCounters c;
   for (auto& shard : shards_) shard->GetStats(&c, &st.keys, &st.keys_with_mf, &st.bytes);
-  st.pull_misses = c.pull_misses;
+  st.pull_misses = pull_misses_.load(std::memory_order_relaxed);
   st.inserts = c.inserts;
   st.mf_created = c.mf_created;
   st.deleted = c.deleted;

@@ -272,8 +272,10 @@ class SparseTable {
   std::vector<uint64_t> tombstones_ GUARDED_BY(tomb_mu_);  // pending, in deletion order
   bool track_tombstones_ GUARDED_BY(tomb_mu_) = true;     // see SetTrackTombstones
 
-  // Relaxed: a statistic, read without ordering against rows.
+  // Relaxed: statistics, read without ordering against rows. Pulls add their misses once per call or
+  // shard task (stats()'s pull_misses).
   std::atomic<uint64_t> rejected_{0};
+  std::atomic<uint64_t> pull_misses_{0};
   std::atomic<uint64_t> own_pushes_{0};  // pushes with n > 0 and kOwnPushId so far: the next own push id
   // Relaxed: a tuning knob; a call reads it once.
   std::atomic<int> parallelism_{1};
