@@ -20,17 +20,12 @@ size_t RoundUp(size_t x, size_t to) { return (x + to - 1) / to * to; }
 #define MADV_POPULATE_WRITE 23  // Linux 5.14; older kernels answer EINVAL and take the loop below
 #endif
 
-// A zero written into every 4 KiB page of [p, p + len), which reads zero: changes nothing but makes
-// each page resident and writable.
+// A zero written into every 4 KiB page of [p, p + len) (volatile: nothing can elide it): makes each page
+// resident and writable with one write fault (a read first would map the zero page, then fault again).
+// In fresh memory, which reads zero, it changes nothing.
 void WritePages(char* p, size_t len) {
   for (size_t off = 0; off < len; off += 4096) static_cast<volatile char*>(p)[off] = 0;
   if (len > 0) static_cast<volatile char*>(p)[len - 1] = 0;
-}
-
-// WritePages of fresh anonymous memory (p page-aligned), in one call where the kernel can.
-void Prefault(char* p, size_t len) {
-  if (madvise(p, len, MADV_POPULATE_WRITE) == 0) return;
-  WritePages(p, len);
 }
 
 // len bytes (a multiple of 4 KiB) of fresh anonymous memory starting on a 2 MiB boundary, its whole 2 MiB
@@ -67,7 +62,7 @@ void* HugePageAlloc(size_t bytes, bool prefault) {
   }
   void* p = MapAligned(RoundUp(bytes, 4096), /*noreserve=*/false);
   if (p == nullptr) throw std::bad_alloc();
-  if (prefault) Prefault(static_cast<char*>(p), RoundUp(bytes, 4096));
+  if (prefault) HugePagePrefault(p, RoundUp(bytes, 4096));
   return p;
 }
 
@@ -78,8 +73,10 @@ void HugePagePrefault(void* p, size_t len) {
   // madvise wants page-aligned bounds; the pages around [p, p + len) only become resident, unchanged.
   const uintptr_t first = reinterpret_cast<uintptr_t>(p) / 4096 * 4096;
   const uintptr_t end = RoundUp(reinterpret_cast<uintptr_t>(p) + len, 4096);
+  // In one call where the kernel can; else page by page, only in [p, p + len): the bytes around may be
+  // someone else's, written concurrently.
   if (madvise(reinterpret_cast<void*>(first), end - first, MADV_POPULATE_WRITE) == 0) return;
-  WritePages(static_cast<char*>(p), len);  // only [p, p + len): the bytes around may be someone else's
+  WritePages(static_cast<char*>(p), len);
 }
 
 void HugePageRelease(void* p, size_t len) {

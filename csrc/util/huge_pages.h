@@ -42,8 +42,10 @@ void HugePageFree(void* p, size_t bytes);
 // aligned, all advised huge, none resident until touched (MAP_NORESERVE). nullptr if the kernel refuses
 // (strict overcommit, address space exhausted). Give it back with HugePageFree(p, RoundUp(bytes, 2 MiB)).
 void* HugePageReserve(size_t bytes);
-// Makes the pages of [p, p + len) resident and writable without changing any byte (in a reserved range:
-// the huge pages that overlap it). Any alignment.
+// Makes the pages of [p, p + len) resident and writable (in a reserved range: the huge pages that
+// overlap it), in one call where the kernel has MADV_POPULATE_WRITE (Linux 5.14), which changes no byte;
+// else by writing a zero into each page of [p, p + len), so for memory that reads zero or is zeroed next.
+// The bytes around the range are never written. Any alignment.
 void HugePagePrefault(void* p, size_t len);
 // Gives back the memory of the whole 2 MiB pages inside [p, p + len) (MADV_DONTNEED: they read zero
 // when touched again); the partly covered pages at either end stay as they are.
