@@ -11,7 +11,8 @@ Workloads (one line each, what it measures):
                  parts): with mf (embedx_threshold=0: every row gets mf) and without (a huge threshold);
                  compared with the payload 8 + 4*(5 + 1 + lr_state + dim + mf_state) bytes.
 Each throughput is measured with 1 thread and with all threads (table.num_threads / torch.set_num_threads),
-as the median of --repeat passes over the batches, table and baseline interleaved.
+as the median of --repeat passes over the batches, table and baseline interleaved, each pass after a
+warm-up of --warmup-ms (25 ms) of calls on its own batches.
 
 Targets (issue 2): pull >= 0.7x index_select; push >= 1.5x index_add_; bytes/key with mf <= 1.3x payload;
 without mf <= 64 bytes.
@@ -110,8 +111,16 @@ def draw(rng, n_keys: int, batch: int, dist: str, zipf_a: float) -> np.ndarray:
     return (rng.zipf(zipf_a, size=batch) - 1) % n_keys
 
 
-def timeit(fn, batches) -> float:
-    fn(batches[0])  # warm-up
+def timeit(fn, batches, warmup_s: float = 0.0) -> float:
+    """Seconds for one pass of fn over batches, after a warm-up: one call, then more (cycling over the
+    batches) until warmup_s have passed since the warm-up began."""
+    t_warm = time.perf_counter()
+    i = 0
+    while True:
+        fn(batches[i % len(batches)])
+        i += 1
+        if time.perf_counter() - t_warm >= warmup_s:
+            break
     t0 = time.perf_counter()
     for b in batches:
         fn(b)
@@ -130,6 +139,11 @@ def main(argv=None) -> int:
     p.add_argument("--zipf", type=float, default=1.1)
     p.add_argument("--repeat", type=int, default=3,
                    help="interleaved repetitions of each measurement; the median of each is reported (default 3)")
+    p.add_argument("--warmup-ms", type=float, default=25.0,
+                   help="warm-up before each timed pass, in ms of calls on the pass's own batches (default 25; "
+                        "0: one call). Each pass follows one of the other side's: torch's OpenMP workers keep "
+                        "spinning ~10 ms after their last parallel region, on the core a table's pool worker "
+                        "wakes on, and the other side's traffic has evicted this side's hot rows")
     p.add_argument("--no-memory", action="store_true", help="skip the RSS measurement")
     p.add_argument("--spin-wait-us", type=int, default=0,
                    help="TableConfig.spin_wait_us of the timed table (default 0, the default config; 50 is the "
@@ -137,6 +151,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--_memory-child", dest="memory_child", choices=["mf", "nomf"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.warmup_ms < 0:
+        p.error("--warmup-ms must be >= 0")
 
     if args.memory_child:
         print(json.dumps(memory_child(args.keys, args.dim, args.memory_child == "mf")))
@@ -148,7 +164,7 @@ def main(argv=None) -> int:
 
     all_threads = torch.get_num_threads()
     results = {"keys": args.keys, "dim": args.dim, "batch": args.batch, "cpus": os.cpu_count(),
-               "spin_wait_us": args.spin_wait_us,
+               "spin_wait_us": args.spin_wait_us, "warmup_ms": args.warmup_ms,
                "torch_threads": all_threads, "load_avg_start": os.getloadavg()[0]}
     print(f"# bench_table: {args.keys} keys, dim {args.dim}, batches of {args.batch}, "
           f"{os.cpu_count()} cpus, load avg {os.getloadavg()[0]:.1f}"
@@ -198,7 +214,7 @@ def main(argv=None) -> int:
             times = {k: [] for k in work}
             for _ in range(max(1, args.repeat)):
                 for k, (fn, b) in work.items():
-                    times[k].append(timeit(fn, b))
+                    times[k].append(timeit(fn, b, args.warmup_ms / 1e3))
             rate = {k: n / float(np.median(v)) for k, v in times.items()}
             r_pull = rate["pull"] / rate["index_select"]
             r_push = rate["push"] / rate["index_add_"]
