@@ -81,10 +81,10 @@ def main(argv=None) -> int:
           f"passes of {args.batches} x {args.batch}; t = seconds since the fill began")
     print(f"{'t':>6s} {'table M/s':>10s} {base_name + ' M/s':>17s} {'ratio':>6s}")
     rows = []
+    warm = args.warmup_ms / 1e3
     t_end = time.perf_counter() + args.seconds
     while time.perf_counter() < t_end:
         first_table = len(rows) % 2 == 0  # neither side always runs right after the other
-        warm = args.warmup_ms / 1e3
         if first_table:
             r_ours = n / bt.timeit(ours, kb, warm)
             r_base = n / bt.timeit(base, ib, warm)
