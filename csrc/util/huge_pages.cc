@@ -8,13 +8,13 @@
 #include <cstdlib>
 #include <new>
 
+#include "util/round_up.h"
+
 namespace psembed {
 
 namespace {
 // Below this, calloc: a mapping per small array would cost a syscall and a VMA for nothing.
 constexpr size_t kMapThreshold = kHugePageBytes;
-
-size_t RoundUp(size_t x, size_t to) { return (x + to - 1) / to * to; }
 
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23  // Linux 5.14; older kernels answer EINVAL and take the loop below

@@ -6,12 +6,12 @@
 #include <new>
 
 #include "util/huge_pages.h"
+#include "util/round_up.h"
 
 namespace psembed {
 
 namespace {
 constexpr size_t kAlign = 64;  // a cache line: a 32-byte record never straddles two
-size_t RoundUp(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
 }  // namespace
 
 ChunkArena::~ChunkArena() {
@@ -21,7 +21,7 @@ ChunkArena::~ChunkArena() {
 
 void* ChunkArena::Allocate(size_t bytes) {
   assert(bytes > 0 && bytes <= kSegmentBytes);
-  const size_t size = RoundUp(bytes);
+  const size_t size = RoundUp(bytes, kAlign);
   MutexLock l(&mu_);
   for (auto& [s, blocks] : free_) {
     if (s == size && !blocks.empty()) {
@@ -46,7 +46,7 @@ void* ChunkArena::Allocate(size_t bytes) {
 }
 
 void ChunkArena::Free(void* p, size_t bytes) {
-  const size_t size = RoundUp(bytes);
+  const size_t size = RoundUp(bytes, kAlign);
   MutexLock l(&mu_);
   in_use_ -= size;
   if (in_use_ == 0) {  // the whole table is gone (Clear): give everything back

@@ -7,12 +7,12 @@
 #include <new>
 
 #include "util/huge_pages.h"
+#include "util/round_up.h"
 
 namespace psembed {
 
 namespace {
 constexpr size_t kAlign = 64;  // arrays start on a cache line (a 12-byte slot then straddles one in 16)
-size_t RoundUp(size_t x, size_t to) { return (x + to - 1) / to * to; }
 }  // namespace
 
 IndexArena::~IndexArena() {
@@ -52,10 +52,15 @@ void* IndexArena::Allocate(size_t bytes, uint32_t owner) {
     }
   }
   if (p == nullptr) return HugePageAlloc(bytes, /*prefault=*/true);  // see the header's contract
-  // Outside mu_: these bytes are this owner's alone until it frees them. The huge pages at either end
-  // may be a neighbour's too; the prefault makes them resident without changing a byte of theirs.
-  HugePagePrefault(p, bytes);
-  if (zero) std::memset(p, 0, bytes);  // an earlier array of this owner: its end pages kept old slots
+  // Outside mu_: these bytes are this owner's alone until it frees them. An earlier array of this owner
+  // left old slots in its end pages, so a reused one is zeroed (which also makes it resident); fresh
+  // ones read zero and are prefaulted. The huge pages at either end may be a neighbour's too: the
+  // prefault makes them resident without changing a byte of theirs.
+  if (zero) {
+    std::memset(p, 0, bytes);
+  } else {
+    HugePagePrefault(p, bytes);
+  }
   return p;
 }
 
