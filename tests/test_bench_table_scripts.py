@@ -75,4 +75,4 @@ def test_table_drift_small_run_reports_pairs(op, capsys):
     printed = capsys.readouterr().out
     base = "index_select" if op == "pull" else "index_add_"
     assert f"# table_drift: {op} vs {base}" in printed
-    assert "pairs: ratio median" in printed and f"under the target {drift.TARGETS[op]}" in printed
+    assert "pairs: ratio median" in printed and f"under the target {drift.bt.TARGETS[op]}" in printed
