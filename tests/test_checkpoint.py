@@ -501,16 +501,20 @@ def test_save_is_one_moment_under_concurrent_pushes(tmp_path):
     other = np.arange(5000, 7000, dtype=np.int64)
     stop = threading.Event()
     counts = [0, 0]
+    errors = []  # a pusher's exception (a thread's own would not fail the test)
 
     def pusher(i):
         g = np.zeros((group.size, 1 + DIM), np.float32)
         ones = np.ones(group.size, np.float32)
         zeros = np.zeros(group.size, np.float32)
         og = np.zeros((other.size, 1 + DIM), np.float32)
-        while not stop.is_set():
-            t.push(group, g, ones, zeros)
-            t.push(other, og, np.ones(other.size, np.float32), np.zeros(other.size, np.float32))
-            counts[i] += 1
+        try:
+            while not stop.is_set():
+                t.push(group, g, ones, zeros)
+                t.push(other, og, np.ones(other.size, np.float32), np.zeros(other.size, np.float32))
+                counts[i] += 1
+        except BaseException as e:  # noqa: BLE001 - re-raised by the test below
+            errors.append(e)
 
     threads = [threading.Thread(target=pusher, args=(i,)) for i in range(2)]
     for th in threads:
@@ -543,6 +547,8 @@ def test_save_is_one_moment_under_concurrent_pushes(tmp_path):
         stop.set()
         for th in threads:
             th.join()
+    if errors:
+        raise errors[0]
     assert len(shows) >= 4 and shows[-1] > shows[0], "the pushers must have run during the saves"
     final = state(t._backend)
     sel = np.isin(final["keys"], group)

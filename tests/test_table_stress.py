@@ -55,6 +55,22 @@ def _run_threads(targets):
         raise errors[0]
 
 
+class _Countdown:
+    """Sets ``done`` once ``n`` workers have called ``finish`` (from a ``finally``: a worker that raises
+    still ends the loops of the others, so _run_threads reports its error rather than a hang)."""
+
+    def __init__(self, n):
+        self.done = threading.Event()
+        self._left = n
+        self._lock = threading.Lock()
+
+    def finish(self):
+        with self._lock:
+            self._left -= 1
+            if self._left == 0:
+                self.done.set()
+
+
 def _check_rows_whole(rows):
     seen = rows[rows[:, 0] > 0]
     np.testing.assert_array_equal(seen[:, 0], seen[:, 2])        # show == lr_w
@@ -64,24 +80,22 @@ def _check_rows_whole(rows):
 def test_concurrent_push_pull_lifecycle_export_invariants():
     t = _counting_table()
     pushers, iters = 3, 12
-    done = threading.Event()
-    remaining = [pushers]
-    lock = threading.Lock()
+    countdown = _Countdown(pushers)
+    done = countdown.done
     counts = {"pulls": 0, "exports": 0}
 
     def pusher(seed):
         def run():
-            rng = np.random.default_rng(seed)
-            grads = np.full((BATCH, 1 + DIM), -1.0, np.float32)
-            shows = np.ones(BATCH, np.float32)
-            clicks = np.zeros(BATCH, np.float32)
-            for _ in range(iters):
-                keys = rng.integers(-KEY_SPACE // 2, KEY_SPACE // 2, size=BATCH).astype(np.int64)
-                assert t.push(keys, grads, shows, clicks) == 0
-            with lock:
-                remaining[0] -= 1
-                if remaining[0] == 0:
-                    done.set()
+            try:
+                rng = np.random.default_rng(seed)
+                grads = np.full((BATCH, 1 + DIM), -1.0, np.float32)
+                shows = np.ones(BATCH, np.float32)
+                clicks = np.zeros(BATCH, np.float32)
+                for _ in range(iters):
+                    keys = rng.integers(-KEY_SPACE // 2, KEY_SPACE // 2, size=BATCH).astype(np.int64)
+                    assert t.push(keys, grads, shows, clicks) == 0
+            finally:
+                countdown.finish()
         return run
 
     def puller():
@@ -144,30 +158,29 @@ def test_concurrent_pushes_equal_sequential_sum():
 
 def test_concurrent_shrink_with_deletes_keeps_books_balanced():
     t = _counting_table(delete_threshold=0.5)  # S = 0.1 * show: rows with show < 5 are deleted
-    done = threading.Event()
+    pushers = 2
+    countdown = _Countdown(pushers)
+    deleted_by_racing_shrinks = []
 
     def pusher(seed):
         def run():
-            rng = np.random.default_rng(seed)
-            g = np.full((BATCH, 1 + DIM), -1.0, np.float32)
-            for _ in range(10):
-                keys = rng.integers(0, 8000, size=BATCH).astype(np.int64)
-                t.push(keys, g, np.ones(BATCH, np.float32), np.zeros(BATCH, np.float32))
+            try:
+                rng = np.random.default_rng(seed)
+                g = np.full((BATCH, 1 + DIM), -1.0, np.float32)
+                for _ in range(10):
+                    keys = rng.integers(0, 8000, size=BATCH).astype(np.int64)
+                    t.push(keys, g, np.ones(BATCH, np.float32), np.zeros(BATCH, np.float32))
+            finally:
+                countdown.finish()
         return run
 
     def shrinker():
-        while not done.is_set():
-            t.shrink()
+        while not countdown.done.is_set():
+            deleted_by_racing_shrinks.append(t.shrink())
 
-    threads = [threading.Thread(target=pusher(s)) for s in range(2)]
-    sh = threading.Thread(target=shrinker)
-    sh.start()
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    done.set()
-    sh.join()
+    _run_threads([pusher(s) for s in range(pushers)] + [shrinker])
+    # The race really happened: shrinks ran while the pushers did, and some of them deleted rows.
+    assert sum(deleted_by_racing_shrinks) > 0
     s = t.stats()
     e = t.export("checkpoint")
     assert s["keys"] == len(e["keys"]) == len(t)
