@@ -7,7 +7,6 @@ import importlib.util
 import json
 import os
 import sys
-import time
 
 import pytest
 
@@ -25,23 +24,26 @@ def load_script(name):
         sys.path.remove(SCRIPTS)
 
 
-def test_timeit_warms_up_for_the_given_time_then_times_one_pass():
+def test_timeit_warms_up_for_the_given_time_then_times_one_pass(monkeypatch):
     bt = load_script("bench_table")
+    # A fake clock that only moves when fn runs (0.5 s a call: exact in binary), so the counts below do
+    # not depend on how busy the machine is.
+    now = [100.0]
+    monkeypatch.setattr(bt.time, "perf_counter", lambda: now[0])
     calls = []
 
     def fn(b):
         calls.append(b)
-        time.sleep(0.002)
+        now[0] += 0.5
 
     bt.timeit(fn, [0, 1, 2], warmup_s=0.0)
     assert calls == [0, 0, 1, 2]  # one warm-up call, then the pass
     calls.clear()
-    t0 = time.perf_counter()
-    bt.timeit(fn, [0, 1, 2], warmup_s=0.03)
-    assert time.perf_counter() - t0 >= 0.03
+    seconds = bt.timeit(fn, [0, 1, 2], warmup_s=7.5)
+    assert seconds == 1.5  # the pass alone: 3 calls
     warm = calls[:-3]
     assert calls[-3:] == [0, 1, 2]
-    assert 2 <= len(warm) <= 16  # ~2 ms a call for >= 30 ms of warm-up
+    assert len(warm) == 15  # 0.5 s a call until 7.5 s have passed
     assert warm == [i % 3 for i in range(len(warm))]  # cycling over the pass's own batches
 
 
