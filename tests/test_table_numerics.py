@@ -384,26 +384,58 @@ def test_ftrl_hand_numbers_l1_zero_and_clip():
     assert_match(table, ref, np.array([5]))
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # the reference's n = inf
-def test_ftrl_gradient_past_float32_squares_keeps_z_finite():
+def test_ftrl_gradient_past_float32_squares_saturates_n():
     # |g| = 3e19: g² overflows float32. Such a row takes the rule's double loop (its float32 loop would
-    # compute sigma = inf / inf and store z = NaN): z = g, n = inf as stored, and w from the stored z and
-    # n, as the reference has it: -(z - l1) / ((beta + sqrt(inf)) / alpha) = 0.
+    # compute sigma = inf / inf and store z = NaN): z = g, n saturates at FLT_MAX (never inf, which a
+    # checkpoint refuses), and w comes from the stored z and n: -(z - l1) / ((beta + sqrt(n)) / alpha).
     ftrl = FTRL(learning_rate=1.0, initial_range=0.0, alpha=0.5, beta=1.0, l1=1.0, l2=0.0, weight_bounds=(-10, 10))
     table, ref = _one_key_table(ftrl, SGD(learning_rate=0.0), show_scale=False)
     _push1(table, ref, 6, [3e19, 0, 0], show=1.0)
+    fmax = float(np.finfo(np.float32).max)
     b = table._backend.export("checkpoint")["base"][0]
-    np.testing.assert_allclose(b[5:7], [0.0, 3e19], rtol=1e-6)
-    assert np.isinf(b[7])
+    z = float(np.float32(3e19))
+    np.testing.assert_allclose(b[5:8], [-(z - 1.0) / ((1.0 + np.sqrt(fmax)) / 0.5), z, fmax], rtol=1e-6)
     assert_match(table, ref, np.array([6]))
-    # With n = inf the document's form (sqrt(n + g²) - sqrt(n)) / alpha is inf - inf = NaN (so is the
-    # reference's); the rule's g² / (sqrt(n + g²) + sqrt(n)) / alpha is 0, and z stays finite.
-    for g in (1.0, 2e19):  # the float32 loop, then the double one
-        table._backend.push(np.array([6]), np.array([[g, 0, 0]], np.float32), np.ones(1, np.float32),
-                            np.zeros(1, np.float32))
-    b = table._backend.export("checkpoint")["base"][0]
-    np.testing.assert_allclose(b[5:7], [0.0, 3e19 + 1.0 + 2e19], rtol=1e-6)
-    assert np.isinf(b[7])
+    # n at FLT_MAX: the float32 loop (g = 1), then the double one (g = 2e19), keep every value finite.
+    for g in (1.0, 2e19):
+        _push1(table, ref, 6, [g, 0, 0], show=1.0)
+        assert_match(table, ref, np.array([6]), ctx=f"g={g}")
+    assert np.isfinite(table._backend.export("checkpoint")["base"]).all()
+
+
+@pytest.mark.parametrize("rule", ["sgd", "adagrad", "std_adagrad", "adam", "ftrl"])
+def test_updates_past_float32_range_saturate_and_the_checkpoint_loads(tmp_path, rule):
+    # Finite pushes whose sums pass float32's range: two gradients of 3e38 for one key (the merged sum),
+    # a gradient of 1e30 with a show of 1e-30 (g / show), shows of 3e38 three times, bounds of +-inf.
+    # Every stored value saturates at +-FLT_MAX instead of becoming inf (or NaN at the next update), as
+    # the reference has it, and the table's checkpoint loads back into an equal table.
+    bounds = (-float("inf"), float("inf"))
+    opt = {
+        "sgd": SGD(learning_rate=1.0, initial_range=0.0, weight_bounds=bounds),
+        "adagrad": AdaGrad(learning_rate=1.0, initial_range=0.0, weight_bounds=bounds),
+        "std_adagrad": StdAdaGrad(learning_rate=1.0, initial_range=0.0, weight_bounds=bounds),
+        "adam": Adam(learning_rate=1.0, initial_range=0.0, weight_bounds=bounds),
+        "ftrl": FTRL(learning_rate=1.0, initial_range=0.0, alpha=1e-3, weight_bounds=bounds),
+    }[rule]
+    table, ref = _one_key_table(opt, opt, show_scale=True)
+    big = 3e38
+    _push_both(table, ref, np.array([1, 1]), np.full((2, 3), big, np.float32), np.array([1.0, 1.0]),
+               np.array([0.0, 0.0]), np.array([1, 1]))
+    for _ in range(3):
+        _push_both(table, ref, np.array([1, 2]), np.array([[1e30, -1e30, 1e30], [-big, big, 1.0]], np.float32),
+                   np.array([1e-30, big]), np.array([0.0, big]), np.array([1, 1]))
+    assert_match(table, ref, np.array([1, 2]), ctx=rule)
+    e = table._backend.export("checkpoint")
+    assert np.isfinite(e["base"]).all() and np.isfinite(e["mf"]).all()
+    fmax = np.finfo(np.float32).max
+    assert (np.abs(e["base"][:, :2]) == fmax).any()  # a show or click did saturate
+    path = tmp_path / "ck"
+    table.save(path, "checkpoint")
+    again = pse.SparseTable(table.config)
+    again.load(path)
+    got = again._backend.export("checkpoint")
+    np.testing.assert_array_equal(got["base"], e["base"])
+    np.testing.assert_array_equal(got["mf"], e["mf"])
 
 
 def test_std_adagrad_per_dim_and_sgd_raw():

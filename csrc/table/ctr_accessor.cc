@@ -3,6 +3,7 @@
 #include "table/ctr_accessor.h"
 
 #include "util/hash.h"
+#include "util/saturate.h"
 
 namespace psembed {
 
@@ -37,9 +38,9 @@ void CtrAccessor::InitMf(float* mf, uint64_t key) const {
 
 bool CtrAccessor::Update(RowHeader* h, float* mf, const float* g, float show, float click,
                          const int32_t* slot) const {
-  h->show += show;
-  h->click += click;
-  h->delta_score = static_cast<float>(double{h->delta_score} + Score(show, click));
+  h->show = SaturateToFloat(double{h->show} + show);
+  h->click = SaturateToFloat(double{h->click} + click);
+  h->delta_score = SaturateToFloat(double{h->delta_score} + Score(show, click));
   h->unseen_days = 0;
   if (slot != nullptr) h->slot = *slot;
   const double inv_scale = (options_.accessor.show_scale && show > 0.0f) ? 1.0 / double{show} : 1.0;

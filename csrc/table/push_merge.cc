@@ -4,6 +4,7 @@
 
 #include "util/hash.h"
 #include "util/prefetch.h"
+#include "util/saturate.h"
 
 namespace psembed {
 
@@ -40,9 +41,10 @@ void PushMerger::AddDuplicate(size_t k, size_t p, const PushRows& rows) {
   }
   float* acc = sums_.data() + static_cast<size_t>(sum_row_[k]) * gw_;
   const float* g = rows.grads + p * gw_;
-  for (size_t d = 0; d < gw_; ++d) acc[d] += g[d];
-  it.show += rows.shows[p];
-  it.click += rows.clicks[p];
+  // Saturating sums: the rules require a finite gradient, and two finite ones can add up to an inf.
+  for (size_t d = 0; d < gw_; ++d) acc[d] = SaturateFloat(acc[d] + g[d]);
+  it.show = SaturateFloat(it.show + rows.shows[p]);
+  it.click = SaturateFloat(it.click + rows.clicks[p]);
   if (rows.slots != nullptr) it.slot = rows.slots[p];
 }
 

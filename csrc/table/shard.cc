@@ -9,6 +9,7 @@
 
 #include "util/float_copy.h"
 #include "util/hash.h"
+#include "util/saturate.h"
 #include "util/thread_scratch.h"
 
 namespace psembed {
@@ -329,7 +330,8 @@ void Shard::SubtractDelta(uint64_t key, uint64_t hash, float saved) {
   WriterMutexLock l(&mu_);
   const uint32_t ref = index_.Find(key, hash);
   if (ref == HashIndex::kNotFound) return;
-  Row(ref)->delta_score -= saved;
+  RowHeader* h = Row(ref);
+  h->delta_score = SaturateToFloat(double{h->delta_score} - saved);
 }
 
 void Shard::Clear() {

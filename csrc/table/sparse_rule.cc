@@ -2,11 +2,19 @@
 
 #include "table/sparse_rule.h"
 
+#include <cfloat>
 #include <cmath>
 
 #include "util/hash.h"
+#include "util/saturate.h"
 
 namespace psembed {
+
+RuleOptions SparseRule::WithFiniteBounds(RuleOptions options) {
+  options.min_bound = std::max(options.min_bound, -double{FLT_MAX});
+  options.max_bound = std::min(options.max_bound, double{FLT_MAX});
+  return options;
+}
 
 void SparseRule::Init(float* w, float* state, uint64_t seed, uint64_t key, uint64_t stream) const {
   for (int i = 0; i < dim_; ++i) {
@@ -46,7 +54,8 @@ class AdaGradRule final : public SparseRule {
     // float64 reference a weight moves by at most ~2 float32 ulps of its update more.
     const double g0 = options_.initial_g2sum;
     const float ratio = static_cast<float>(options_.learning_rate * std::sqrt(g0 / (g0 + double{state[0]})));
-    const float inv_scale_f = static_cast<float>(inv_scale);
+    // Saturated: 1 / a show under ~3e-39 would round to inf, and 0 * inf is NaN.
+    const float inv_scale_f = SaturateToFloat(inv_scale);
     float sum = 0.0f;
     for (int i = 0; i < dim_; ++i) {
       const float gs = g[i] * inv_scale_f;
@@ -59,12 +68,12 @@ class AdaGradRule final : public SparseRule {
       // The squares passed float32's range (|ĝ| > ~1.8e19); their mean may not have: redo it in double.
       double s = 0.0;
       for (int i = 0; i < dim_; ++i) {
-        const double gs = g[i] * inv_scale_f;
+        const double gs = g[i] * inv_scale;
         s += gs * gs;
       }
       mean = s * inv_dim_;
     }
-    state[0] = static_cast<float>(double{state[0]} + mean);
+    state[0] = SaturateToFloat(double{state[0]} + mean);
   }
 
  protected:
@@ -85,7 +94,7 @@ class StdAdaGradRule final : public SparseRule {
       const double gs = g[i] * inv_scale;
       const double ratio = options_.learning_rate * std::sqrt(g0 / (g0 + double{state[i]}));
       w[i] = static_cast<float>(Bound(double{w[i]} - gs * ratio));
-      state[i] = static_cast<float>(double{state[i]} + gs * gs);
+      state[i] = SaturateToFloat(double{state[i]} + gs * gs);
     }
   }
 
@@ -97,7 +106,7 @@ class StdAdaGradRule final : public SparseRule {
 
 // State: m[d], v[d], beta1^t, beta2^t (powers start at beta1, beta2). Raw gradient.
 // lr_t = lr * sqrt(1 - b2pow) / (1 - b1pow); m = b1 m + (1-b1) g; v = b2 v + (1-b2) g²;
-// w -= lr_t * m / (sqrt(v) + eps); then the powers are multiplied by the betas.
+// w -= lr_t * m / (sqrt(v) + eps) with m, v as stored; then the powers are multiplied by the betas.
 class AdamRule final : public SparseRule {
  public:
   using SparseRule::SparseRule;
@@ -112,9 +121,10 @@ class AdamRule final : public SparseRule {
     for (int i = 0; i < dim_; ++i) {
       const double mi = b1 * m[i] + (1.0 - b1) * g[i];
       const double vi = b2 * v[i] + (1.0 - b2) * double{g[i]} * g[i];
-      m[i] = static_cast<float>(mi);
-      v[i] = static_cast<float>(vi);
-      w[i] = static_cast<float>(Bound(double{w[i]} - lr_t * mi / (std::sqrt(vi) + options_.epsilon)));
+      m[i] = SaturateToFloat(mi);
+      v[i] = SaturateToFloat(vi);
+      // The step from m and v as stored (rounded, saturated), so that it agrees with the row's state.
+      w[i] = static_cast<float>(Bound(double{w[i]} - lr_t * m[i] / (std::sqrt(double{v[i]}) + options_.epsilon)));
     }
     *pow1 = static_cast<float>(double{*pow1} * b1);
     *pow2 = static_cast<float>(double{*pow2} * b2);
@@ -166,17 +176,18 @@ class FtrlRule final : public SparseRule {
   void UpdateFloat(float* w, float* state, const float* g) const {
     float* z = state;
     float* n = state + dim_;
-    const float inv_alpha = static_cast<float>(1.0 / options_.alpha);
+    const float inv_alpha = SaturateToFloat(1.0 / options_.alpha);
     const float l1 = static_cast<float>(options_.l1), l2 = static_cast<float>(options_.l2);
     const float beta = static_cast<float>(options_.beta);
     for (int i = 0; i < dim_; ++i) {
       const float gi = g[i];
       const float g2 = gi * gi;
-      const float nn = n[i] + g2;
+      const float nn = SaturateFloat(n[i] + g2);
       const float root_nn = std::sqrt(nn);
       const float roots = root_nn + std::sqrt(n[i]);
-      const float sigma = roots > 0.0f ? g2 / roots * inv_alpha : 0.0f;  // g = n = 0: sigma = 0
-      const float zi = z[i] + gi - sigma * w[i];
+      // Saturated, so that sigma * w is never inf * 0 (a NaN).
+      const float sigma = roots > 0.0f ? SaturateFloat(g2 / roots * inv_alpha) : 0.0f;  // g = n = 0: 0
+      const float zi = SaturateFloat(z[i] + gi - sigma * w[i]);
       const float shrunk = zi - std::copysign(l1, zi);
       const float wi = std::fabs(zi) > l1 ? -shrunk / ((beta + root_nn) * inv_alpha + l2) : 0.0f;
       z[i] = zi;
@@ -194,10 +205,10 @@ class FtrlRule final : public SparseRule {
       const double ni = n[i];
       const double nn = ni + gi * gi;
       const double roots = std::sqrt(nn) + std::sqrt(ni);
-      const double sigma = roots > 0.0 ? gi * gi / roots / alpha : 0.0;
-      // w from z and n as stored (float32), as the float loop has them: n may have overflowed to inf.
-      z[i] = static_cast<float>(z[i] + gi - sigma * w[i]);
-      n[i] = static_cast<float>(nn);
+      const double sigma = roots > 0.0 ? std::min(gi * gi / roots / alpha, DBL_MAX) : 0.0;  // as above
+      // w from z and n as stored (float32, saturated), as the float loop has them.
+      z[i] = SaturateToFloat(z[i] + gi - sigma * w[i]);
+      n[i] = SaturateToFloat(nn);
       const double zs = z[i], ns = n[i];
       double wi = 0.0;
       if (std::fabs(zs) > options_.l1) {

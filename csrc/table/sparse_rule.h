@@ -3,7 +3,9 @@
 // Sparse rules: the per-row optimizers applied on push. One class per rule, one interface.
 // Each rule owns a block of `dim` weights plus StateDim() floats of state, stored float32.
 // Arithmetic is done in double and rounded to float32 once per stored value, except the per-weight
-// loops of AdaGrad and FTRL, which run in float32 (sparse_rule.cc says why).
+// loops of AdaGrad and FTRL, which run in float32 (sparse_rule.cc says why). Every stored value stays
+// finite: weights are clipped to the bounds, which are themselves clipped to +-FLT_MAX, and state that
+// passes float32's range saturates at +-FLT_MAX (util/saturate.h). REQUIRES of every update: g finite.
 //
 // Thread safety: rules are immutable after construction; Init/Update only touch the row they are
 // given, which the caller protects (shard mutex).
@@ -20,7 +22,7 @@ namespace psembed {
 
 class SparseRule {
  public:
-  SparseRule(const RuleOptions& options, int dim) : options_(options), dim_(dim) {}
+  SparseRule(const RuleOptions& options, int dim) : options_(WithFiniteBounds(options)), dim_(dim) {}
   virtual ~SparseRule() = default;
   SparseRule(const SparseRule&) = delete;
   SparseRule& operator=(const SparseRule&) = delete;
@@ -38,7 +40,8 @@ class SparseRule {
   // one of the longest steps of an AdaGrad update. REQUIRES: inv_scale > 0.
   virtual void Update(float* w, float* state, const float* g, double inv_scale) const = 0;
 
-  // Clips to [min_bound, max_bound]; NaN becomes min_bound (tests are !(w >= lo), !(w <= hi)).
+  // Clips to [min_bound, max_bound] (within +-FLT_MAX, so the result rounds to a finite float32); NaN
+  // becomes min_bound (tests are !(w >= lo), !(w <= hi)).
   double Bound(double w) const {
     if (!(w >= options_.min_bound)) w = options_.min_bound;
     if (!(w <= options_.max_bound)) w = options_.max_bound;
@@ -57,6 +60,10 @@ class SparseRule {
 
  protected:
   virtual void InitState(float* state) const = 0;
+
+  // options with its weight bounds clipped to [-FLT_MAX, FLT_MAX]: bounds of +-inf (allowed) would let
+  // a weight become an infinity, which a checkpoint refuses.
+  static RuleOptions WithFiniteBounds(RuleOptions options);
 
   const RuleOptions options_;
   const int dim_;

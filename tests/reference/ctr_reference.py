@@ -5,8 +5,10 @@ reference ``ctr_accessor_semantics.md`` sections 1, 2 and 4, plus the rule formu
 deliberately slow and obvious: a dict ``key -> Row`` and one Python loop per merged key.
 
 Numerics: every stored field is float32 (as in the C++ table); each update is computed in float64 from the
-stored float32 values and rounded back to float32 when stored. So the reference and the C++ table differ by a
-few float32 ulps per step, not by the accumulation of a different storage precision.
+stored float32 values and rounded back to float32 when stored, saturating at +-FLT_MAX (a value past
+float32's range stores the nearest finite one, never an infinity; weight bounds are clipped to +-FLT_MAX).
+So the reference and the C++ table differ by a few float32 ulps per step, not by the accumulation of a
+different storage precision.
 
 Random numbers follow the documented counter-based generator::
 
@@ -78,6 +80,15 @@ def uniform(seed: int, keys, stream: int, i) -> np.ndarray:
     return (splitmix64(x) >> _U64(40)).astype(np.float64) * 2.0**-24
 
 
+
+FLT_MAX = float(np.finfo(np.float32).max)
+
+
+def _store(x) -> np.ndarray:
+    """x as stored by the table: float32, saturated at +-FLT_MAX."""
+    return np.clip(np.asarray(x, np.float64), -FLT_MAX, FLT_MAX).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Sparse rules. Each takes float32 w/state, a float64 gradient and the scale; returns new float32 w/state.
 # ----------------------------------------------------------------------------------------------------------
@@ -90,7 +101,7 @@ class _Rule:
         self.lr = float(opt["learning_rate"])
         self.initial_range = float(opt["initial_range"])
         lo, hi = opt["weight_bounds"]
-        self.lo, self.hi = float(lo), float(hi)
+        self.lo, self.hi = max(float(lo), -FLT_MAX), min(float(hi), FLT_MAX)
 
     def bounds(self):
         return (self.lo, self.hi)
@@ -125,7 +136,7 @@ class _AdaGrad(_Rule):
         G = float(state[0])
         w2 = w.astype(np.float64) - self.lr * gh * math.sqrt(self.g0 / (self.g0 + G))  # the old G
         G2 = G + float(np.mean(gh * gh))
-        return self.clip(w2), np.array([G2], np.float32)
+        return self.clip(w2), _store([G2])
 
 
 class _StdAdaGrad(_AdaGrad):
@@ -136,7 +147,7 @@ class _StdAdaGrad(_AdaGrad):
         gh = g / scale
         G = state.astype(np.float64)
         w2 = w.astype(np.float64) - self.lr * gh * np.sqrt(self.g0 / (self.g0 + G))
-        return self.clip(w2), (G + gh * gh).astype(np.float32)
+        return self.clip(w2), _store(G + gh * gh)
 
 
 class _Adam(_Rule):
@@ -163,7 +174,7 @@ class _Adam(_Rule):
         m = self.b1 * m + (1.0 - self.b1) * g
         v = self.b2 * v + (1.0 - self.b2) * g * g
         # m and v are stored as float32 before the step reads them (as a float32 row would).
-        m32, v32 = m.astype(np.float32), v.astype(np.float32)
+        m32, v32 = _store(m), _store(v)
         w2 = w.astype(np.float64) - lr_t * m32.astype(np.float64) / (np.sqrt(v32.astype(np.float64)) + self.eps)
         out = np.concatenate([m32, v32, np.array([b1pow * self.b1, b2pow * self.b2], np.float32)])
         return self.clip(w2), out.astype(np.float32)
@@ -191,7 +202,7 @@ class _FTRL(_Rule):
         sigma = (np.sqrt(n + g * g) - np.sqrt(n)) / self.alpha
         z = z + g - sigma * w0
         n = n + g * g
-        z32, n32 = z.astype(np.float32), n.astype(np.float32)
+        z32, n32 = _store(z), _store(n)
         zz, nn = z32.astype(np.float64), n32.astype(np.float64)
         w2 = np.where(
             np.abs(zz) <= self.l1,
@@ -228,7 +239,7 @@ class Row:
 
 
 def _f32(x) -> np.float32:
-    return np.float32(x)
+    return _store(x)[()]
 
 
 class CtrTableRef:
@@ -334,9 +345,9 @@ class CtrTableRef:
                 merged[k] = [grads[j].copy(), np.float32(shows[j]), np.float32(clicks[j]), slot]
             else:
                 m = merged[k]
-                m[0] = (m[0] + grads[j]).astype(np.float32)
-                m[1] = np.float32(m[1] + shows[j])
-                m[2] = np.float32(m[2] + clicks[j])
+                m[0] = _store(m[0].astype(np.float64) + grads[j])
+                m[1] = _f32(float(m[1]) + float(shows[j]))
+                m[2] = _f32(float(m[2]) + float(clicks[j]))
                 if slot is not None:
                     m[3] = slot
         for k, (g, show, click, slot) in merged.items():
