@@ -224,5 +224,19 @@ def test_save_buckets_reports_a_failed_write_naming_the_file(tmp_path):
         t.save_buckets("checkpoint", 2, F.BUCKET_SALT, paths)
     with pytest.raises(ValueError, match="4 paths per bucket"):
         t.save_buckets("checkpoint", 2, F.BUCKET_SALT, paths[:7])
-    t.push(np.array([12345], np.int64), np.ones((1, 1 + t.dim), np.float32), np.ones(1, np.float32),
-           np.zeros(1, np.float32))  # the gate was released
+    # the failed saves released the gate that holds mutating calls: a push goes through. It runs on a thread
+    # so that a gate left held fails this test after the join timeout instead of hanging the suite.
+    import threading
+
+    key = np.array([12345], np.int64)
+    assert key[0] not in t
+    result = []
+    pusher = threading.Thread(
+        target=lambda: result.append(
+            t.push(key, np.ones((1, 1 + t.dim), np.float32), np.ones(1, np.float32), np.zeros(1, np.float32))),
+        daemon=True)
+    pusher.start()
+    pusher.join(timeout=60)
+    assert not pusher.is_alive(), "a push after the failed save_buckets is still blocked: the gate was not released"
+    assert result == [0] and key[0] in t
+    assert t.pull(key, True)[0, 0] == 1.0  # its show

@@ -415,9 +415,19 @@ def test_prefetch_on_a_local_table_changes_nothing(loaded):
     table, keys, weight = loaded
     emb = pse.PSEmbedding(table, mode="sum", output="lr_mf")
     ids, offsets = keys[[0, 5, 5, 20]], torch.tensor([0, 1])
+    rows_before = table.pull(keys, with_stats=True)
+    n_before, stats_before = len(table), table.stats()
+    # the independent expectation: nn.EmbeddingBag over the loaded weight (key index 20 reads zeros)
+    expected = nn.EmbeddingBag.from_pretrained(weight.clone(), mode="sum")(torch.tensor([0, 5, 5, 20]), offsets)
     emb.prefetch(ids, offsets)
-    np.testing.assert_array_equal(emb(ids, offsets).detach(), emb(ids, offsets).detach())
+    # no pull (pull_misses would count key 20), no insert: stats first, since a pull itself counts misses
+    assert len(table) == n_before == 20 and table.stats() == stats_before
+    torch.testing.assert_close(table.pull(keys, with_stats=True), rows_before, rtol=0, atol=0)
+    torch.testing.assert_close(emb(ids, offsets).detach(), expected, rtol=1e-6, atol=1e-6)
+    stats_before = table.stats()
     table.prefetch(keys[:3])  # a local table has nothing to overlap: only the keys are checked
+    assert len(table) == n_before and table.stats() == stats_before
+    torch.testing.assert_close(table.pull(keys, with_stats=True), rows_before, rtol=0, atol=0)
     with pytest.raises(TypeError):
         table.prefetch(keys[:3].float())
 
@@ -440,10 +450,121 @@ def test_prefetch_dedup_is_reused_by_the_next_forward_only_for_equal_ids(loaded,
     assert len(calls) == 1  # the prefetch's dedup served the forward
     emb.prefetch(ids, offsets)
     other = keys[[1, 2, 3, 3]]
-    np.testing.assert_array_equal(emb(other, offsets).detach(), emb(other, offsets).detach())
+    expected_other = pse.PSEmbedding(table, mode="sum", output="lr_mf")(other, offsets).detach()
+    calls.clear()
+    np.testing.assert_array_equal(emb(other, offsets).detach(), expected_other)
+    assert len(calls) == 1  # other ids: a fresh dedup, not the prefetched one
+    torch.testing.assert_close(
+        expected_other, nn.EmbeddingBag.from_pretrained(weight.clone(), mode="sum")(torch.tensor([1, 2, 3, 3]), offsets)
+    )
     calls.clear()
     emb.prefetch(ids, offsets)
     ids[0] = keys[7]  # changed in place after the prefetch
     fresh = pse.PSEmbedding(table, mode="sum", output="lr_mf")
     np.testing.assert_array_equal(emb(ids, offsets).detach(), fresh(ids, offsets).detach())
     assert len(calls) == 3  # prefetch, then a new dedup for the changed ids, then fresh's
+
+
+def test_a_loss_that_does_not_depend_on_the_output_pushes_nothing(loaded):
+    # docs/embedding.md, "Train and eval": a loss that does not depend on the output pushes nothing (no show
+    # counted). Two modules on one table: only the rows of the one whose output the loss uses change.
+    table, keys, weight = loaded
+    before = table.pull(keys, with_stats=True)
+    used = pse.PSEmbedding(table, mode="sum", slot=1, grad_scale=1.0)
+    unused = pse.PSEmbedding(table, mode="sum", slot=2, grad_scale=1.0)
+    dense = nn.Parameter(torch.tensor(2.0))
+    offsets = torch.tensor([0, 2])
+    y_unused = unused(keys[[0, 1, 20, 1]], offsets)  # key index 20 is not in the table: a push would create it
+    assert y_unused.requires_grad
+    (dense * 3.0).backward()  # depends on neither output
+    assert dense.grad == 3.0
+    assert len(table) == 20 and keys[20] not in table
+    torch.testing.assert_close(table.pull(keys, with_stats=True), before, rtol=0, atol=0)
+    loss = dense * used(keys[[5, 6, 6]], offsets).sum()  # depends on `used` only
+    loss.backward()
+    after = table.pull(keys, with_stats=True)
+    assert len(table) == 20 and keys[20] not in table
+    untouched = [i for i in range(21) if i not in (5, 6)]
+    torch.testing.assert_close(after[untouched], before[untouched], rtol=0, atol=0)
+    # the control: the used ids were pushed, show = their occurrences (1 and 2), and SGD (lr 1) moved their mf
+    # by -dense per occurrence (output "mf": d loss / d row = dense for each occurrence; grad_scale=1); the lr
+    # column is not in the output and gets a zero gradient
+    torch.testing.assert_close(after[[5, 6], 0], before[[5, 6], 0] + torch.tensor([1.0, 2.0]), rtol=0, atol=0)
+    torch.testing.assert_close(after[[5, 6], 2], before[[5, 6], 2], rtol=0, atol=0)
+    torch.testing.assert_close(after[[5, 6], 3:], before[[5, 6], 3:] - torch.tensor([[2.0], [4.0]]),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_feed_blocks_are_per_thread(loaded):
+    # docs/embedding.md: feed blocks "are per thread". Thread A's block is open while thread B runs a step
+    # (B pushes clicks 0), and B's own block is open while A runs its step (A pushes A's labels).
+    import threading
+
+    table, keys, weight = loaded
+    pushes = []
+
+    class Recording:
+        dim = table.dim
+
+        def pull(self, k, with_stats=False):
+            return table.pull(k, with_stats)
+
+        def push(self, k, grads, shows, clicks, slots=None):
+            pushes.append((threading.current_thread().name, np.asarray(k).copy(), np.asarray(clicks).copy()))
+            return 0
+
+    emb = pse.PSEmbedding(Recording(), output="lr_mf")
+    ids = keys[[0, 1, 2]]  # mode=None, 1-D: one instance per id
+    labels_a, labels_b = torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0.0, 3.0, 2.0])
+    steps = [threading.Barrier(2, timeout=30) for _ in range(3)]
+    errors = []
+
+    def step(tag):
+        emb(ids).sum().backward()
+        pushes.append((threading.current_thread().name, tag, None))
+
+    def a():
+        try:
+            with pse.feed(clicks=labels_a):
+                steps[0].wait()  # B runs a step while this block is open
+                steps[1].wait()  # B has opened its own block
+                step("a")
+                steps[2].wait()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+            for b in steps:
+                b.abort()
+
+    def b():
+        try:
+            steps[0].wait()
+            step("b-outside")
+            with pse.feed(clicks=labels_b):
+                steps[1].wait()
+                steps[2].wait()  # A ran its step while this block was open
+                step("b-inside")
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+            for b_ in steps:
+                b_.abort()
+
+    threads = [threading.Thread(target=a, name="A", daemon=True), threading.Thread(target=b, name="B", daemon=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a thread is still blocked"
+    assert not errors, errors
+    # each step is one push followed by its tag from the same thread
+    by_tag = {}
+    for i, (name, tag, clicks) in enumerate(pushes):
+        if clicks is None:
+            by_tag[tag] = [p for p in pushes[:i] if p[0] == name and p[2] is not None][-1]
+    assert set(by_tag) == {"a", "b-outside", "b-inside"} and len(pushes) == 6
+    for tag, (name, k, clicks) in by_tag.items():
+        np.testing.assert_array_equal(k, ids.numpy())
+    np.testing.assert_array_equal(by_tag["b-outside"][2], np.zeros(3, np.float32))  # A's block is not B's
+    np.testing.assert_array_equal(by_tag["a"][2], labels_a.numpy())  # B's block is not A's
+    np.testing.assert_array_equal(by_tag["b-inside"][2], labels_b.numpy())
+    emb(ids).sum().backward()  # and the main thread, outside every block, sees none of them
+    np.testing.assert_array_equal(pushes[-1][2], np.zeros(3, np.float32))

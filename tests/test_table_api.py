@@ -7,11 +7,17 @@ key semantics, stats counters, end_day idempotency and the export/commit/load/er
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 import pytest
 
 from torch_psembed import _C
 from torch_psembed.config import FTRL, SGD, AdaGrad, Adam, CtrAccessorConfig, StdAdaGrad, TableConfig
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from reference.ctr_reference import uniform as ref_uniform  # noqa: E402  (independent of _C.uniform)
 
 U64 = (1 << 64) - 1
 
@@ -536,8 +542,8 @@ def test_admission_draw_index_is_the_push(make_c_table):
     acc = CtrAccessorConfig(create_probability_from_score=True, embedx_threshold=100.0)
     t = make_c_table(dim=2, accessor=acc, seed=11)
     cand = np.arange(20000, dtype=np.int64)
-    u0 = _C.uniform(11, cand, 3, 0)
-    u1 = _C.uniform(11, cand, 3, 1)
+    u0 = ref_uniform(11, cand, 3, 0)
+    u1 = ref_uniform(11, cand, 3, 1)
     in_then_out = cand[(u0 < 0.1) & (u1 >= 0.1)][:20]   # admitted by push 0, refused by push 1
     out_then_in = cand[(u0 >= 0.1) & (u1 < 0.1)][:20]   # refused by push 0, admitted by push 1
     keys = np.concatenate([in_then_out, out_then_in])
@@ -552,11 +558,11 @@ def test_admission_draw_index_is_the_push(make_c_table):
     fresh = cand[20000 - 3000:]
     t.push(fresh, np.zeros((3000, 3), np.float32), np.ones(3000, np.float32), np.zeros(3000, np.float32),
            push_id=pid)
-    expected = {int(k) for k in fresh[_C.uniform(11, fresh, 3, pid) < 0.1]}
+    expected = {int(k) for k in fresh[ref_uniform(11, fresh, 3, pid) < 0.1]}
     assert {int(k) for k in fresh if k in t} == expected
     more = cand[20000 - 6000 : 20000 - 3000]
     push(t, more, 2, show=1.0)  # own push 2
-    assert {int(k) for k in more if k in t} == {int(k) for k in more[_C.uniform(11, more, 3, 2) < 0.1]}
+    assert {int(k) for k in more if k in t} == {int(k) for k in more[ref_uniform(11, more, 3, 2) < 0.1]}
     with pytest.raises(ValueError, match="push_id must be >= 0"):
         t.push(fresh[:1], np.zeros((1, 3), np.float32), np.ones(1, np.float32), np.zeros(1, np.float32), push_id=-1)
 
@@ -585,6 +591,13 @@ def test_admission_draw_index_moves_with_the_day(make_c_table):
         assert got == expected, (day_index, push_id)
         seen |= got
     assert len(seen) > 1000
+    # setting the day (as a checkpoint restore does) moves the day index to day + 1
+    t2 = make_c_table(dim=2, accessor=acc, seed=13)
+    t2.day = 6
+    push(t2, keys, 2, show=1.0)  # own push 0
+    got = set(t2.export("checkpoint")["keys"].tolist())
+    assert got == {int(k) for k in keys[ref_uniform(13, keys, 3, (7 << 48) | 0) < 0.1]}
+    assert got != {int(k) for k in keys[ref_uniform(13, keys, 3, 0) < 0.1]}  # not the day-0 draws
 
 
 def test_admission_keeps_no_state_for_rejected_keys(make_c_table):
@@ -633,8 +646,16 @@ def test_end_day_is_idempotent_and_decays_by_elapsed_days(make_c_table):
     with pytest.raises(ValueError, match="before"):
         t.end_day(4)
     assert t.day == 5
+    # the setter (used when a checkpoint restores the day) moves the day end_day measures elapsed days from
     t.day = 10
-    assert t.day == 10
+    assert t.end_day(10) == 0  # now the same day: a no-op, no decay
+    e = t.export("checkpoint")
+    assert e["base"][0, 0] == 1.0 and e["base"][0, 3] == 3
+    with pytest.raises(ValueError, match="before"):
+        t.end_day(9)  # 9 is after the old day 5, but before the set day 10
+    assert t.end_day(12) == 0 and t.day == 12
+    e = t.export("checkpoint")
+    assert e["base"][0, 0] == 0.25 and e["base"][0, 3] == 5  # two days elapsed from 10, not seven from 5
 
 
 def test_new_day_and_unseen_deletion(make_c_table):

@@ -11,7 +11,8 @@ Scenarios:
               Trainer 0 writes OUTDIR/progress-<step> files so the test can time an outside SIGKILL.
               With ``--kill-self R --kill-step S`` rank R SIGKILLs itself after step S. With ``--staleness 1
               --prefetch`` each trainer prefetches its next batch right after each pull (the prefetch thread
-              is then busy with a pull when a peer dies).
+              is then busy with a pull when a peer dies). ``--transport rpc`` moves pulls and pushes from the
+              TCP data plane to torch.distributed.rpc.
               With ``--kill-in-save N`` the server SIGKILLs itself in the middle of writing its part of save N
               (after 2 of its files, the third half written): the manifest still names save N-1.
   resume      load OUTDIR/save into a fresh job, check that every key's row equals OUTDIR/snapshot-<n>.npz of
@@ -119,7 +120,7 @@ def train(a) -> dict:
     rank = int(os.environ["RANK"])
     if a.kill_in_save and rank == 0:
         _install_kill_in_save(a.kill_in_save)
-    pse.init(max_staleness=a.staleness, num_servers=a.num_servers, rpc_timeout=a.rpc_timeout)
+    pse.init(max_staleness=a.staleness, num_servers=a.num_servers, rpc_timeout=a.rpc_timeout, transport=a.transport)
     # dedicated servers never get here
     tr = pse.distributed.trainer_rank()
     table = pse.SparseTable(config(), name="emb")
@@ -197,6 +198,7 @@ def main() -> None:
     ap.add_argument("--kill-in-save", type=int, default=0)
     ap.add_argument("--staleness", type=int, default=0, help="pse.init's max_staleness (train)")
     ap.add_argument("--prefetch", action="store_true", help="prefetch the next batch after each pull (train)")
+    ap.add_argument("--transport", default="tcp", choices=["tcp", "rpc"], help="pse.init's transport (train)")
     a = ap.parse_args()
     out = train(a) if a.scenario == "train" else resume(a)
     with open(os.path.join(a.out, f"rank{os.environ['RANK']}.json"), "w") as f:
