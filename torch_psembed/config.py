@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple, Union
 
+import numpy as np
+
 __all__ = [
     "CtrAccessorConfig",
     "SGD",
@@ -27,15 +29,51 @@ __all__ = [
 _DEFAULT_BOUNDS = (-10.0, 10.0)
 
 
-def _check_bounds(name: str, bounds: Tuple[float, float]) -> None:
-    if len(bounds) != 2 or not bounds[0] <= bounds[1]:
-        raise ValueError(f"{name}.weight_bounds must be (low, high) with low <= high, got {bounds!r}")
+def _is_number(v: object) -> bool:
+    """A real number (Python or numpy), not a bool (``True`` is an int, but never a meant rate)."""
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
 
 
-def _check_finite_nonneg(owner: str, **values: float) -> None:
-    for name, v in values.items():
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-            raise ValueError(f"{owner}.{name} must be a finite number >= 0, got {v!r}")
+def _is_int(v: object) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _set_float(obj: object, name: str, value: float) -> None:
+    # Normalised to a Python float in the frozen dataclass, so that to_dict() is plain JSON (a numpy
+    # float32 there would not serialise into a checkpoint manifest).
+    object.__setattr__(obj, name, float(value))
+
+
+def _check_number(owner: str, name: str, v: object, low: float, high: float, low_open: bool = False,
+                  high_open: bool = False, allow_inf: bool = False) -> None:
+    """Raises naming ``owner.name`` unless v is a number in the interval (finite unless allow_inf)."""
+    lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+    ok = _is_number(v) and not math.isnan(v) and (allow_inf or math.isfinite(v))
+    if ok:
+        ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    if not ok:
+        kind = "a number" if allow_inf else "a finite number"
+        raise ValueError(f"{owner}.{name} must be {kind} in {lo}{low}, {high}{hi}, got {v!r}")
+
+
+def _check_bounds(owner: str, obj: object) -> None:
+    bounds = obj.weight_bounds
+    ok = isinstance(bounds, (tuple, list)) and len(bounds) == 2 and all(_is_number(b) for b in bounds)
+    if not ok or not bounds[0] <= bounds[1]:  # NaN fails the comparison
+        raise ValueError(f"{owner}.weight_bounds must be (low, high) numbers with low <= high (+-inf allowed: "
+                         f"weights saturate at +-3.4e38), got {bounds!r}")
+    object.__setattr__(obj, "weight_bounds", (float(bounds[0]), float(bounds[1])))
+
+
+def _check_finite_nonneg(obj: object, owner: str, *names: str) -> None:
+    for name in names:
+        _check_number(owner, name, getattr(obj, name), 0.0, math.inf, high_open=True)
+        _set_float(obj, name, getattr(obj, name))
+
+
+def _check_bool(owner: str, name: str, v: object) -> None:
+    if not isinstance(v, (bool, np.bool_)):
+        raise ValueError(f"{owner}.{name} must be a bool, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -47,8 +85,8 @@ class SGD:
     weight_bounds: Tuple[float, float] = _DEFAULT_BOUNDS
 
     def __post_init__(self) -> None:
-        _check_finite_nonneg(type(self).__name__, learning_rate=self.learning_rate, initial_range=self.initial_range)
-        _check_bounds(type(self).__name__, self.weight_bounds)
+        _check_finite_nonneg(self, type(self).__name__, "learning_rate", "initial_range")
+        _check_bounds(type(self).__name__, self)
 
 
 @dataclass(frozen=True)
@@ -64,8 +102,9 @@ class AdaGrad(SGD):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.initial_g2sum > 0:
-            raise ValueError(f"{type(self).__name__}.initial_g2sum must be > 0, got {self.initial_g2sum!r}")
+        _check_number(type(self).__name__, "initial_g2sum", self.initial_g2sum, 0.0, math.inf, low_open=True,
+                      high_open=True)
+        _set_float(self, "initial_g2sum", self.initial_g2sum)
 
 
 @dataclass(frozen=True)
@@ -86,11 +125,10 @@ class Adam(SGD):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("beta1", "beta2"):
-            b = getattr(self, name)
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"Adam.{name} must be in [0, 1), got {b!r}")
-        if not self.epsilon > 0:
-            raise ValueError(f"Adam.epsilon must be > 0, got {self.epsilon!r}")
+            _check_number("Adam", name, getattr(self, name), 0.0, 1.0, high_open=True)
+            _set_float(self, name, getattr(self, name))
+        _check_number("Adam", "epsilon", self.epsilon, 0.0, math.inf, low_open=True, high_open=True)
+        _set_float(self, "epsilon", self.epsilon)
 
 
 @dataclass(frozen=True)
@@ -107,9 +145,10 @@ class FTRL(SGD):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_finite_nonneg("FTRL", beta=self.beta, l1=self.l1, l2=self.l2)
-        if self.alpha is not None and not self.alpha > 0:
-            raise ValueError(f"FTRL.alpha must be > 0, got {self.alpha!r}")
+        _check_finite_nonneg(self, "FTRL", "beta", "l1", "l2")
+        if self.alpha is not None:
+            _check_number("FTRL", "alpha", self.alpha, 0.0, math.inf, low_open=True, high_open=True)
+            _set_float(self, "alpha", self.alpha)
 
     @property
     def effective_alpha(self) -> float:
@@ -162,23 +201,18 @@ class CtrAccessorConfig:
     create_probability_from_score: bool = False
 
     def __post_init__(self) -> None:
-        _check_finite_nonneg(
-            "CtrAccessorConfig",
-            nonclk_coeff=self.nonclk_coeff,
-            click_coeff=self.click_coeff,
-            embedx_threshold=self.embedx_threshold,
-            base_threshold=self.base_threshold,
-            delta_threshold=self.delta_threshold,
-            delete_threshold=self.delete_threshold,
-        )
-        if not 0.0 <= self.show_click_decay_rate <= 1.0:
-            raise ValueError(
-                f"CtrAccessorConfig.show_click_decay_rate must be in [0, 1], got {self.show_click_decay_rate!r}"
-            )
+        _check_finite_nonneg(self, "CtrAccessorConfig", "nonclk_coeff", "click_coeff", "embedx_threshold",
+                             "base_threshold", "delta_threshold", "delete_threshold")
+        _check_number("CtrAccessorConfig", "show_click_decay_rate", self.show_click_decay_rate, 0.0, 1.0)
+        _set_float(self, "show_click_decay_rate", self.show_click_decay_rate)
         for name in ("delta_keep_days", "delete_after_unseen_days"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 0:
-                raise ValueError(f"CtrAccessorConfig.{name} must be an int >= 0, got {v!r}")
+            if not _is_int(v) or not 0 <= v < 2**63:
+                raise ValueError(f"CtrAccessorConfig.{name} must be an int in [0, 2**63), got {v!r}")
+            object.__setattr__(self, name, int(v))
+        for name in ("show_scale", "create_probability_from_score"):
+            _check_bool("CtrAccessorConfig", name, getattr(self, name))
+            object.__setattr__(self, name, bool(getattr(self, name)))
 
     def score(self, show, click):
         """The show/click score (works on floats and numpy arrays)."""
@@ -230,7 +264,7 @@ class TableConfig:
     max_keys: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.dim, int) or not 1 <= self.dim <= 4096:
+        if not _is_int(self.dim) or not 1 <= self.dim <= 4096:
             raise ValueError(f"TableConfig.dim must be an int in [1, 4096], got {self.dim!r}")
         if not isinstance(self.accessor, CtrAccessorConfig):
             raise TypeError(f"TableConfig.accessor must be a CtrAccessorConfig, got {type(self.accessor).__name__}")
@@ -240,12 +274,15 @@ class TableConfig:
                 raise TypeError(
                     f"TableConfig.{name} must be one of SGD, AdaGrad, StdAdaGrad, Adam, FTRL, got {type(opt).__name__}"
                 )
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**64:
             raise ValueError(f"TableConfig.seed must be an int in [0, 2**64), got {self.seed!r}")
-        if not isinstance(self.num_shards, int) or not 1 <= self.num_shards <= 65536:
+        if not _is_int(self.num_shards) or not 1 <= self.num_shards <= 65536:
             raise ValueError(f"TableConfig.num_shards must be an int in [1, 65536], got {self.num_shards!r}")
-        if not isinstance(self.num_threads, int) or self.num_threads < 0:
-            raise ValueError(f"TableConfig.num_threads must be an int >= 0, got {self.num_threads!r}")
+        if not _is_int(self.num_threads) or not 0 <= self.num_threads <= 4096:
+            raise ValueError(f"TableConfig.num_threads must be an int in [0, 4096] (0: the cores available), "
+                             f"got {self.num_threads!r}")
+        for name in ("dim", "seed", "num_shards", "num_threads"):
+            object.__setattr__(self, name, int(getattr(self, name)))
         if not isinstance(self.spin_wait_us, int) or isinstance(self.spin_wait_us, bool) \
                 or not 0 <= self.spin_wait_us <= 1_000_000:
             raise ValueError(f"TableConfig.spin_wait_us must be an int in [0, 1000000], got {self.spin_wait_us!r}")

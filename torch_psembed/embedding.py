@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import _C
 from . import functional as PF
 from ._autograd import Timings
 
 __all__ = ["PSEmbedding", "feed"]
 
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _local = threading.local()
 
 
@@ -118,7 +118,8 @@ class PSEmbedding(nn.Module):
             ``log(show + 1)``, ``log(click + cvm_click_prior) - log(show + 1)``, lr, mf; no gradient is pushed
             for the two statistics columns). Pooling applies to the row as a whole, statistics columns included.
             Default: ``"mf"``
-        slot (int, optional): the slot recorded in the rows this module pushes, in ``[0, 2**31)``.
+        slot (int, optional): the slot recorded in the rows this module pushes, in ``[0, 2**24)`` (a
+            checkpoint stores slots as float32, exact up to ``2**24``).
             Default: ``0``
         padding_id (int, optional): an id that reads zeros, is left out of bags (and of a ``"mean"``'s count)
             and is never pushed, like ``padding_idx``. Default: ``None``
@@ -218,18 +219,10 @@ class PSEmbedding(nn.Module):
             raise ValueError(f"mode must be one of None, 'sum', 'mean', got {mode!r}")
         if output not in PF.OUTPUTS:
             raise ValueError(f"output must be one of {tuple(PF.OUTPUTS)}, got {output!r}")
-        if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)) or not 0 <= int(slot) < 2**31:
-            raise ValueError(f"slot must be an int in [0, 2**31), got {slot!r}")
-        if padding_id is not None:
-            if isinstance(padding_id, bool) or not isinstance(padding_id, (int, np.integer)):
-                raise TypeError(f"padding_id must be None or an int id, got {type(padding_id).__name__}")
-            if not _INT64_MIN <= int(padding_id) <= _INT64_MAX:
-                raise ValueError(f"padding_id must fit in int64, got {padding_id!r}")
-            padding_id = int(padding_id)
-        if not isinstance(include_last_offset, bool):
-            raise TypeError(f"include_last_offset must be a bool, got {type(include_last_offset).__name__}")
-        if include_last_offset and mode is None:
-            raise ValueError("include_last_offset=True needs mode='sum' or 'mean' (mode=None takes no offsets)")
+        if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)) or not 0 <= int(slot) < _C.SLOT_LIMIT:
+            raise ValueError(f"slot must be an int in [0, 2**24), got {slot!r}")
+        padding_id = PF._check_padding_id(padding_id)
+        include_last_offset = PF._check_include_last_offset(include_last_offset, mode)
         self.table = table
         self.mode = mode
         self.output = output

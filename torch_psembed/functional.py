@@ -17,6 +17,7 @@ import math
 import time
 from typing import NamedTuple, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -59,8 +60,8 @@ def output_dim(output: str, dim: int) -> int:
 class Batch(NamedTuple):
     """A checked input: what to look up and how the lookups form the output.
 
-    ``ids`` is flat int64 (ids past ``offsets[-1]`` with ``include_last_offset`` are dropped, as
-    ``nn.EmbeddingBag`` ignores them); ``shape`` is the shape ``ids`` is viewed as for the pooling op (the input
+    ``ids`` is flat int64 (ids in no bag are dropped, as ``nn.EmbeddingBag`` ignores them: those past
+    ``offsets[-1]`` with ``include_last_offset``, and all of them when ``offsets`` is empty without it); ``shape`` is the shape ``ids`` is viewed as for the pooling op (the input
     shape for ``mode=None`` and 2-D bags, ``(n,)`` with offsets); ``offsets`` is the int64 offsets (``None``
     unless 1-D ids with offsets); ``per_sample_weights`` is viewed like ``ids``; ``num_instances`` is the batch
     size: the first dim for ``mode=None`` (1 for a 0-d input), the rows of 2-D ids, or the number of bags.
@@ -230,12 +231,13 @@ def check_input(
         return Batch(input.reshape(-1), tuple(input.shape), None, per_sample_weights, input.shape[0], False)
     offsets = _check_offsets(offsets, input.numel(), include_last_offset)
     b = offsets.numel() - 1 if include_last_offset else offsets.numel()
-    if include_last_offset:
-        end = int(offsets[-1])
-        if end < input.numel():  # ids past the last offset belong to no bag: never looked up
-            input = input[:end]
-            if per_sample_weights is not None:
-                per_sample_weights = per_sample_weights[:end]
+    # Ids past the last bag belong to no bag: never looked up or pushed (nn.EmbeddingBag ignores them too).
+    # Empty offsets without include_last_offset are zero bags (an output of shape (0, D)), so that is every id.
+    end = int(offsets[-1]) if include_last_offset else (input.numel() if b > 0 else 0)
+    if end < input.numel():
+        input = input[:end]
+        if per_sample_weights is not None:
+            per_sample_weights = per_sample_weights[:end]
     return Batch(input, (input.numel(),), offsets, per_sample_weights, b, include_last_offset)
 
 
@@ -473,6 +475,26 @@ def ps_embedding(
         if grad_needed:
             out = _autograd.BackwardMark.apply(out, timings)
     return out if device is None else out.to(device)
+
+
+def _check_padding_id(padding_id) -> Optional[int]:
+    """``padding_id`` as an int (None stays None), or an exception naming it (an int id that fits in int64)."""
+    if padding_id is None:
+        return None
+    if isinstance(padding_id, bool) or not isinstance(padding_id, (int, np.integer)):
+        raise TypeError(f"padding_id must be None or an int id, got {type(padding_id).__name__}")
+    if not -(2**63) <= int(padding_id) < 2**63:
+        raise ValueError(f"padding_id must fit in int64, got {padding_id!r}")
+    return int(padding_id)
+
+
+def _check_include_last_offset(include_last_offset, mode: Optional[str]) -> bool:
+    """``include_last_offset``, or an exception naming it (a bool, True only with a bag mode)."""
+    if not isinstance(include_last_offset, bool):
+        raise TypeError(f"include_last_offset must be a bool, got {type(include_last_offset).__name__}")
+    if include_last_offset and mode is None:
+        raise ValueError("include_last_offset=True needs mode='sum' or 'mean' (mode=None takes no offsets)")
+    return include_last_offset
 
 
 def _check_click_prior(prior) -> float:

@@ -20,6 +20,18 @@ __all__ = ["SparseTable"]
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
 
+def _as_bool(name: str, x: object) -> bool:
+    """x when it is a bool (Python or numpy); raises naming ``name`` otherwise (``bool("no")`` is True)."""
+    if not isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(x).__name__} {x!r}")
+    return bool(x)
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    """dtype's name, with its byte order when that is not the machine's (``float32`` alone would hide it)."""
+    return dtype.name if dtype.isnative else f"{dtype.name} ({'big' if dtype.byteorder == '>' else 'little'}-endian)"
+
+
 def _as_numpy(name: str, x: ArrayLike, dtype: np.dtype, ndim: int) -> np.ndarray:
     """A zero-copy numpy view of ``x``; raises naming ``name`` when it is not what the table takes."""
     if isinstance(x, torch.Tensor):
@@ -35,7 +47,7 @@ def _as_numpy(name: str, x: ArrayLike, dtype: np.dtype, ndim: int) -> np.ndarray
         arr = x.detach().numpy()
     elif isinstance(x, np.ndarray):
         if x.dtype != dtype:
-            raise TypeError(f"{name} must have dtype {np.dtype(dtype).name}, got {x.dtype.name}")
+            raise TypeError(f"{name} must have dtype {_dtype_name(np.dtype(dtype))}, got {_dtype_name(x.dtype)}")
         if not x.flags.c_contiguous:
             raise ValueError(f"{name} must be C-contiguous; call np.ascontiguousarray first")
         arr = x
@@ -89,9 +101,17 @@ class SparseTable:
         return self.config.dim
 
     def pull(self, keys: ArrayLike, with_stats: bool = False) -> torch.Tensor:
-        """Rows of ``keys``; unknown keys and keys without mf read zeros in the missing part."""
+        """Rows of ``keys``; unknown keys and keys without mf read zeros in the missing part.
+
+        Args:
+            keys: int64 ``(N,)``, CPU, contiguous (values are read as unsigned 64-bit feasigns).
+            with_stats (bool): prepend each row's show and click.
+
+        Returns:
+            float32 ``(N, 1 + dim)`` (lr, then mf), or ``(N, 3 + dim)`` with stats (show, click, lr, mf).
+        """
         k = _as_numpy("keys", keys, np.int64, 1)
-        return torch.from_numpy(self._backend.pull(k, bool(with_stats)))
+        return torch.from_numpy(self._backend.pull(k, _as_bool("with_stats", with_stats)))
 
     def prefetch(self, keys: ArrayLike, with_stats: bool = False) -> None:
         """Start the pull that the next ``pull(keys, with_stats)`` returns.
@@ -103,9 +123,10 @@ class SparseTable:
         ``docs/distributed.md``, "Prefetch"). A local table has nothing to overlap: only the keys are checked.
         """
         k = _as_numpy("keys", keys, np.int64, 1)
+        with_stats = _as_bool("with_stats", with_stats)
         start = getattr(self._backend, "prefetch", None)
         if start is not None:
-            start(k, bool(with_stats))
+            start(k, with_stats)
 
     def push(
         self,
@@ -115,7 +136,17 @@ class SparseTable:
         clicks: ArrayLike,
         slots: Optional[ArrayLike] = None,
     ) -> int:
-        """Apply gradients with show/click counts; repeated keys are merged. Returns rows skipped (NaN/Inf)."""
+        """Apply gradients with show/click counts; repeated keys are merged. Returns rows skipped (NaN/Inf).
+
+        Args:
+            keys: int64 ``(N,)``; repeated keys are merged (gradients, shows and clicks summed).
+            grads: float32 ``(N, 1 + dim)``, finite (or ``nan_policy="skip"`` drops the rows that are not).
+            shows, clicks: float32 ``(N,)``, finite and >= 0.
+            slots: int32 ``(N,)`` in ``[0, 2**24)`` (a checkpoint stores slots as float32), or None to keep
+                each row's slot.
+
+        Bad input raises a ``TypeError``/``ValueError`` naming the argument, and the table is unchanged.
+        """
         k = _as_numpy("keys", keys, np.int64, 1)
         g = _as_numpy("grads", grads, np.float32, 2)
         s = _as_numpy("shows", shows, np.float32, 1)
@@ -134,8 +165,9 @@ class SparseTable:
 
     def end_day(self, day: int) -> int:
         """Close day ``day``: decay by the days elapsed, age rows, delete. Idempotent for the same day."""
-        if not isinstance(day, int) or day < 0:
-            raise ValueError(f"day must be an int >= 0, got {day!r}")
+        if isinstance(day, bool) or not isinstance(day, (int, np.integer)) or not 0 <= int(day) < 2**63 - 1:
+            raise ValueError(f"day must be an int in [0, 2**63 - 1), got {day!r}")
+        day = int(day)
         return int(self._backend.end_day(day))
 
     @property
@@ -176,6 +208,8 @@ class SparseTable:
 
     def __contains__(self, key: object) -> bool:
         if isinstance(key, torch.Tensor):
+            if key.numel() != 1 or key.dtype.is_floating_point or key.dtype == torch.bool:
+                raise TypeError(f"a key must be one integer, got a {key.dtype} tensor of shape {tuple(key.shape)}")
             key = int(key.item())
         if not isinstance(key, (int, np.integer)):
             return False

@@ -25,6 +25,7 @@
 #include "bindings/array_checks.h"
 #include "bindings/table_handle.h"
 #include "table/checked_push.h"
+#include "table/row_store/feature_value.h"
 #include "table/sparse_table.h"
 #include "util/crc32.h"
 #include "util/float_string.h"
@@ -846,6 +847,9 @@ std::shared_ptr<SparseTable> SharedTableOf(const py::handle& table) {
 }
 
 void RegisterTableBindings(py::module_& m) {
+  // Pushed slots must lie in [0, SLOT_LIMIT) (table/row_store/feature_value.h says why); PSEmbedding checks
+  // its slot against it.
+  m.attr("SLOT_LIMIT") = kSlotLimit;
   m.def("crc32", &Crc32Buffer, py::arg("data"), py::arg("value") = 0,
         R"doc(crc32(data: buffer, value=0) -> int: zlib.crc32(data, value), the checksum of the save files
 (carry-less multiply where the CPU has it). Any C-contiguous buffer (bytes, numpy array, mmap); releases the GIL.)doc");

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "table/row_store/feature_value.h"
 #include "util/float_string.h"
 
 namespace psembed {
@@ -37,6 +38,17 @@ bool AllCountsValid(const float* v, size_t n) {
   uint32_t bad = 0;
   for (size_t i = 0; i < n; ++i) bad |= BadCount(FloatBits(v[i]));
   return bad == 0;
+}
+
+// The first index of slots[0, n) outside [0, kSlotLimit), or n. One unsigned compare covers both ends.
+size_t FirstBadSlot(const int32_t* slots, size_t n) {
+  uint32_t bad = 0;
+  for (size_t i = 0; i < n; ++i) bad |= static_cast<uint32_t>(static_cast<uint32_t>(slots[i]) >= kSlotLimit);
+  if (bad == 0) return n;  // the common push: one vectorized pass
+  for (size_t i = 0; i < n; ++i) {
+    if (static_cast<uint32_t>(slots[i]) >= kSlotLimit) return i;
+  }
+  return n;
 }
 
 }  // namespace
@@ -75,6 +87,12 @@ Status CheckedPush(SparseTable* table, const PushArgs& a, size_t* skipped) {
   if (bad_click < n) {
     return Status::InvalidArgument("clicks must be finite and >= 0, got clicks[" + std::to_string(bad_click) +
                                    "] = " + FloatString(a.clicks[bad_click]));
+  }
+  const size_t bad_slot = a.slots != nullptr ? FirstBadSlot(a.slots, n) : n;
+  if (bad_slot < n) {
+    return Status::InvalidArgument("slots must be in [0, " + std::to_string(kSlotLimit) + ") (a checkpoint stores " +
+                                   "them as float32, exact up to 2^24), got slots[" + std::to_string(bad_slot) +
+                                   "] = " + std::to_string(a.slots[bad_slot]));
   }
   std::vector<uint8_t> skip;
   const bool all_finite = std::all_of(finite.begin(), finite.end(), [](uint8_t f) { return f != 0; });

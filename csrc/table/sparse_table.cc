@@ -276,7 +276,10 @@ void SparseTable::NewDay() {
 
 Status SparseTable::EndDay(int64_t day, size_t* deleted) {
   *deleted = 0;
-  if (day < 0) return Status::InvalidArgument("day must be >= 0, got " + std::to_string(day));
+  // Below INT64_MAX: day + 1 below (the admission draws' day index) must not overflow.
+  if (day < 0 || day == INT64_MAX) {
+    return Status::InvalidArgument("day must be in [0, 2^63 - 1), got " + std::to_string(day));
+  }
   MutexLock l(&day_mu_);
   const int64_t elapsed = day_ < 0 ? 1 : day - day_;
   if (elapsed < 0) {

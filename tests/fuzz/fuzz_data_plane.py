@@ -224,6 +224,8 @@ def expected_code(r) -> int:
     for a in (r["shows"], r["clicks"]):
         if not np.all(np.isfinite(a) & (a >= 0)):
             return INVALID
+    if r["slots"] is not None and not np.all((r["slots"] >= 0) & (r["slots"] < 2**24)):  # float32-exact slots
+        return INVALID
     if not np.all(np.isfinite(r["grads"])):  # nan_policy="raise"
         return INVALID
     return OK

@@ -30,6 +30,10 @@
 namespace psembed {
 
 constexpr uint16_t kMaxUnseenDays = 0xffff;  // unseen_days saturates here
+// Pushed slots lie in [0, kSlotLimit): a checkpoint stores the slot as a float32 column, which holds
+// every integer up to 2^24 exactly and rounds larger ones (a slot of 2^24 + 1 would come back as 2^24).
+// -1 marks a row that no push gave a slot yet.
+constexpr int32_t kSlotLimit = int32_t{1} << 24;
 
 struct RowHeader {
   float show;
