@@ -174,3 +174,112 @@ def test_bad_arguments(tmp_path):
         pse.InferenceEmbedding(torch.tensor([2, 1]), torch.zeros(2, 3))
     empty = pse.InferenceEmbedding(torch.zeros(0, dtype=torch.int64), torch.zeros(0, 3), mode="sum")
     assert torch.equal(empty(torch.tensor([[1, 2]])), torch.zeros(1, 2))
+
+
+def test_inference_embedding_checks_its_arguments_like_psembedding():
+    """Each bad argument raises naming it (as PSEmbedding and SparseTable.pull do), instead of a wrong row (float
+    keys: 1.0 read key 1's row), an AttributeError/OverflowError from inside, or being silently ignored."""
+    keys = torch.tensor([1, 2, 3])
+    vals = torch.arange(9, dtype=torch.float32).view(3, 3)
+    inf = pse.InferenceEmbedding(keys, vals)
+    for bad in (torch.tensor([1.0]), torch.tensor([1], dtype=torch.uint8), torch.tensor([1], dtype=torch.int32)):
+        with pytest.raises(TypeError, match="keys must have dtype torch.int64"):
+            inf.pull(bad)
+    with pytest.raises(ValueError, match=r"keys must be 1-D, got shape \(1, 1\)"):
+        inf.pull(torch.tensor([[1]]))
+    with pytest.raises(TypeError, match="keys must be a torch.Tensor or numpy.ndarray, got list"):
+        inf.pull([1])
+    assert torch.equal(inf.pull(np.array([2, 7], np.int64)), torch.tensor([[3.0, 4.0, 5.0], [0.0, 0.0, 0.0]]))
+    with pytest.raises(TypeError, match="padding_id must be None or an int id, got str"):
+        pse.InferenceEmbedding(keys, vals, padding_id="a")
+    with pytest.raises(TypeError, match="padding_id"):
+        pse.InferenceEmbedding(keys, vals, padding_id=True)
+    for big in (2**64, -(2**63) - 1):
+        with pytest.raises(ValueError, match="padding_id must fit in int64"):
+            pse.InferenceEmbedding(keys, vals, padding_id=big)
+    assert pse.InferenceEmbedding(keys, vals, mode="sum", padding_id=np.int64(2)).padding_id == 2
+    with pytest.raises(ValueError, match="include_last_offset=True needs mode"):
+        pse.InferenceEmbedding(keys, vals, include_last_offset=True)
+    with pytest.raises(TypeError, match="include_last_offset must be a bool"):
+        pse.InferenceEmbedding(keys, vals, mode="sum", include_last_offset="yes")
+    with pytest.raises(ValueError, match=r"keys must be 1-D, got shape \(3, 1\)"):
+        pse.InferenceEmbedding(keys.view(3, 1), vals)
+    with pytest.raises(TypeError, match="keys must have dtype torch.int64, got torch.float32"):
+        pse.InferenceEmbedding(keys.float(), vals)
+    with pytest.raises(TypeError, match="keys must be a torch.Tensor"):
+        pse.InferenceEmbedding([1, 2, 3], vals)
+    assert 2**64 not in inf and -(2**63) - 1 not in inf and 2 in inf and torch.tensor(3) in inf
+
+
+@pytest.mark.parametrize("which, where, value, match", [
+    ("values", (1, 0), float("nan"), r"values row 1 \(key 2\).*not finite"),
+    ("values", (2, 2), float("inf"), r"values row 2 \(key 3\).*not finite"),
+    ("stats", (0, 1), float("nan"), r"stats row 0 \(key 1\).*not finite"),
+    ("stats", (1, 0), -3.0, r"stats row 1 \(key 2\).*show and click must be >= 0"),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_inference_embedding_refuses_values_that_give_nan_outputs(which, where, value, match, dtype):
+    keys = torch.tensor([1, 2, 3])
+    vals = torch.ones(3, 3, dtype=dtype)
+    stats = torch.ones(3, 2)
+    (vals if which == "values" else stats)[where] = value
+    with pytest.raises(ValueError, match=match):
+        pse.InferenceEmbedding(keys, vals, stats, mode="sum", output="cvm_lr_mf")
+
+
+def _rewrite_serving(path, column, fn):
+    """Apply ``fn`` to the numpy array of part 0's ``column`` file and fix its crc32 in the manifest."""
+    import zlib
+
+    m = json.load(open(os.path.join(path, F.MANIFEST)))
+    e = next(e for e in m["files"] if e["column"] == column)
+    p = os.path.join(path, m["data_dir"], e["name"])
+    dt = {"keys": "<i8", "stats": "<f4"}.get(column) or {"float32": "<f4", "float16": "<f2",
+                                                         "bfloat16": "<u2"}[m["dtype"]]
+    a = np.fromfile(p, dt).reshape(e["rows"], -1)
+    fn(a)
+    data = a.tobytes()
+    open(p, "wb").write(data)
+    e["crc32"] = zlib.crc32(data)
+    json.dump(m, open(os.path.join(path, F.MANIFEST), "w"))
+    return p
+
+
+NAN_BITS = {"float32": np.float32("nan"), "float16": np.float16("nan"), "bfloat16": np.uint16(0x7FC0)}
+
+
+@pytest.mark.parametrize("problem, column, match", [
+    ("nan value", "values", "row 3 .*not finite"),
+    ("negative show", "stats", "row 4 .*>= 0"),
+    ("inf click", "stats", "row 5 .*not finite"),
+    ("swapped keys", "keys", "row 8 .*not strictly ascending"),
+    ("duplicate key", "keys", "row 8 .*not strictly ascending"),
+])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_loading_an_export_refuses_bad_values_naming_the_file(tmp_path, problem, column, match, dtype):
+    """A serving file whose checksum matches but that holds a NaN, a negative show or keys out of order was
+    served (NaN outputs, or rows under the wrong key after the reader re-sorted them): it is corrupt."""
+    from torch_psembed import tools
+
+    t, _ = trained_table()
+    path = str(tmp_path / "srv")
+    pse.export(t, path, dtype=dtype, with_stats=True)
+    pse.InferenceEmbedding.load(path)
+
+    def damage(a):
+        if problem == "nan value":
+            a[3, 2] = NAN_BITS[dtype]
+        elif problem == "negative show":
+            a[4, 0] = -1.0
+        elif problem == "inf click":
+            a[5, 1] = np.inf
+        elif problem == "swapped keys":
+            a[[7, 8]] = a[[8, 7]]
+        else:
+            a[8] = a[7]
+
+    bad = _rewrite_serving(path, column, damage)
+    for read in (pse.InferenceEmbedding.load, tools.verify):
+        with pytest.raises(CorruptCheckpointError, match=match) as info:
+            read(path)
+        assert info.value.path == bad

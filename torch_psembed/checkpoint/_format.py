@@ -21,7 +21,7 @@ import json
 import mmap
 import os
 import zlib
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
@@ -365,6 +365,72 @@ def validate_manifest(m: Dict[str, Any], fmt: str) -> None:
             raise _SchemaError(f"rows_with_mf is {m['rows_with_mf']}, but the mf files hold {sums['mf']}")
 
 
+# -- optimizer state columns ----------------------------------------------------------------------------------
+
+# The sparse rules a signature may name (config._RULE_NAMES, csrc/table/sparse_rule.cc); do not rename.
+RULE_NAMES = ("sgd", "adagrad", "std_adagrad", "adam", "ftrl")
+_RULE_TITLES = {"sgd": "SGD", "adagrad": "AdaGrad", "std_adagrad": "StdAdaGrad", "adam": "Adam", "ftrl": "FTRL"}
+
+
+def state_dim(rule: str, width: int) -> int:
+    """Floats of optimizer state after the ``width`` weights of a block (``SparseRule::StateDim``)."""
+    return {"sgd": 0, "adagrad": 1, "std_adagrad": width, "adam": 2 * width + 2, "ftrl": 2 * width}[rule]
+
+
+def state_ranges(rule: str, width: int) -> List[Tuple[int, int, float, float, str]]:
+    """The state columns of a block that hold a bounded range by construction, as ``(first, end, low, high,
+    name)`` with columns counted from the block's first state column; a value outside ``[low, high]`` can only
+    come from corruption. Sums of squares are never negative (AdaGrad's and StdAdaGrad's g2sum, Adam's second
+    moment v, FTRL's n); Adam's beta powers start at beta (in [0, 1)) and are multiplied by it on every push,
+    so they lie in [0, 1] (0 for beta = 0 or after underflow). Adam's m and FTRL's z take either sign."""
+    t = _RULE_TITLES[rule]
+    if rule in ("adagrad", "std_adagrad"):
+        return [(0, state_dim(rule, width), 0.0, np.inf, f"{t} g2sum")]
+    if rule == "adam":
+        return [(width, 2 * width, 0.0, np.inf, "Adam second moment v"),
+                (2 * width, 2 * width + 1, 0.0, 1.0, "Adam beta1 power"),
+                (2 * width + 1, 2 * width + 2, 0.0, 1.0, "Adam beta2 power")]
+    if rule == "ftrl":
+        return [(width, 2 * width, 0.0, np.inf, "FTRL n")]
+    return []
+
+
+def column_ranges(m: Dict[str, Any]) -> Dict[str, Tuple[int, List[Tuple[int, int, float, float, str]]]]:
+    """``{"base": (state_start, ranges), "mf": (state_start, ranges)}``: where the lr and mf blocks' state starts
+    in the columns of the ``.base`` and ``.mf`` files, and their :func:`state_ranges` in those columns. ``m`` is
+    a validated manifest (its layout agrees with its signature)."""
+    sig = m["signature"]
+    dim = int(sig["dim"])
+    out = {}
+    for column, block, start, width in (("base", "lr_optimizer", len(BASE_COLUMNS_HEAD), 1),
+                                        ("mf", "mf_optimizer", dim, dim)):
+        ranges = state_ranges(sig[block]["name"], width)
+        out[column] = (start, [(start + a, start + b, lo, hi, name) for a, b, lo, hi, name in ranges])
+    return out
+
+
+def _validate_layout(m: Dict[str, Any]) -> None:
+    """The layout is the one the signature implies: its dim, and the widths of the optimizers' state."""
+    sig, layout = m["signature"], m["layout"]
+    dim = _int(sig, "dim", "signature.", 1, 1 << 20)
+    names = []
+    for block in ("lr_optimizer", "mf_optimizer"):
+        opt = _get(sig, block, "signature.")
+        name = opt.get("name") if isinstance(opt, dict) else None
+        if name not in RULE_NAMES:
+            raise _SchemaError(f"signature.{block} must be an object whose name is one of {list(RULE_NAMES)}, "
+                               f"got {_short(opt)}")
+        names.append(name)
+    if layout["dim"] != dim:
+        raise _SchemaError(f"layout.dim is {layout['dim']}, but the signature's dim is {dim}")
+    # base: show, click, delta_score, unseen_days, slot, lr_w (BASE_COLUMNS_HEAD), then the lr state
+    want = {"base_width": len(BASE_COLUMNS_HEAD) + state_dim(names[0], 1), "mf_width": dim + state_dim(names[1], dim)}
+    for k, block, name in (("base_width", "lr", names[0]), ("mf_width", "mf", names[1])):
+        if layout[k] != want[k]:
+            raise _SchemaError(f"layout.{k} is {layout[k]}, but the signature's {block} block ({_RULE_TITLES[name]}, "
+                               f"dim {dim}) takes {want[k]} columns")
+
+
 def _validate_table_fields(m: Dict[str, Any]) -> None:
     if _get(m, "mode", "") not in MODES:
         raise _SchemaError(f"unknown mode {_short(m['mode'])}; expected one of {list(MODES)}")
@@ -382,6 +448,7 @@ def _validate_table_fields(m: Dict[str, Any]) -> None:
     _int(layout, "dim", "layout.", 1, 1 << 20)
     _int(layout, "base_width", "layout.", len(BASE_COLUMNS_HEAD), 1 << 20)
     _int(layout, "mf_width", "layout.", 1, 1 << 20)
+    _validate_layout(m)
 
 
 def data_path(path: str, m: Dict[str, Any]) -> str:

@@ -193,10 +193,13 @@ def read_rows(
     m: Dict[str, Any],
     owner: Optional[Tuple[int, int]] = None,
     check_buckets: bool = True,
+    check_values: bool = True,
 ) -> Dict[str, np.ndarray]:
     """Read and verify every file of save ``m`` at ``path``; returns the row set (bucket, part order) in
-    fresh arrays. ``owner`` and the checks are those of :func:`read_segments`."""
-    segments, tomb = read_segments(path, m, owner=owner, check_buckets=check_buckets)
+    fresh arrays. ``owner`` and the checks are those of :func:`read_segments`; with ``check_values`` (the
+    default) the values too, with the checks of ``SparseTable.load``: what export, merge and verify read is
+    what a load would accept."""
+    segments, tomb = read_segments(path, m, owner=owner, check_buckets=check_buckets, check_values_too=check_values)
     layout = m["layout"]
     segments.append(empty_rows(int(layout["base_width"]), int(layout["mf_width"])))
     out = {c: np.concatenate([s[c] for s in segments]) for c in F.ROW_COLUMNS}
@@ -220,10 +223,12 @@ def read_segments(
     truncate the files of a save while it is being loaded: docs/format.md.) With ``owner=(index, n)``
     only the keys with ``_C.route(key, n) == index`` are kept (rows and tombstones), copied out of the
     mapping, so memory holds this owner's rows only. Every group is verified from IO_THREADS threads:
-    size, crc32, has_mf flags and count, keys in their bucket (``check_buckets``), and with
-    ``check_values_too`` the values (:func:`check_values`, numpy). ``check_values_with``, a ``_C.Table``,
-    checks the values of the rows kept instead, with its ``check_segments`` (the checks of
-    ``load_segments``, in C++, in parallel; see :func:`check_segment_values`). Raises
+    size, crc32, has_mf flags and count, keys strictly ascending as uint64 (:func:`check_key_order`), keys
+    in their bucket (``check_buckets``), and with ``check_values_too`` the values (:func:`check_values`,
+    numpy). ``check_values_with``, a ``_C.Table``, checks the values of the rows kept instead, with its
+    ``check_segments`` (the checks of ``load_segments``, in C++, in parallel; see
+    :func:`check_segment_values`). Either way the optimizer state is checked too (:func:`check_state`).
+    A key held by the files of two parts (each part owns its keys) is refused as well. Raises
     CorruptCheckpointError naming the file on any problem (the first group in order that has one).
     """
     from .. import _C
@@ -249,24 +254,31 @@ def read_segments(
         for entry in groups[key].values():
             F.check_size(os.path.join(ddir, entry["name"]), entry)
     split = owner is not None and owner[1] > 1
+    ranges = F.column_ranges(m) if (check_values_too or check_values_with is not None) else None
+
+    def files_of(key) -> Dict[str, str]:
+        return {c: os.path.join(ddir, groups[key][c]["name"]) for c in F.ROW_COLUMNS}
 
     def group_job(key) -> Dict[str, np.ndarray]:
         cols = groups[key]
-        seg = {c: F.map_array(os.path.join(ddir, cols[c]["name"]), cols[c], c, layout) for c in F.ROW_COLUMNS}
+        files = files_of(key)
+        seg = {c: F.map_array(files[c], cols[c], c, layout) for c in F.ROW_COLUMNS}
         has = seg["has_mf"]
         if has.size and has.max() > 1:
-            p = os.path.join(ddir, cols["has_mf"]["name"])
-            raise CorruptCheckpointError(f"{p}: holds a value other than 0 or 1", p)
+            raise CorruptCheckpointError(f"{files['has_mf']}: holds a value other than 0 or 1", files["has_mf"])
         got = int(np.count_nonzero(has))
         if got != cols["mf"]["rows"]:
-            p = os.path.join(ddir, cols["mf"]["name"])
-            raise CorruptCheckpointError(f"{p}: holds {cols['mf']['rows']} rows, but has_mf marks {got}", p)
+            raise CorruptCheckpointError(f"{files['mf']}: holds {cols['mf']['rows']} rows, but has_mf marks {got}",
+                                         files["mf"])
         if check_buckets and has.size:
             if not F.all_in_bucket(seg["keys"], m["num_buckets"], key[0]):
-                p = os.path.join(ddir, cols["keys"]["name"])
+                p = files["keys"]
                 raise CorruptCheckpointError(f"{p}: holds keys of another bucket than {key[0]}", p)
+        check_key_order(seg["keys"], files["keys"])
         if check_values_too:
-            check_values(seg, ddir)
+            check_values(seg, files)
+        if ranges is not None:
+            check_state(seg, files, ranges)
         if split:
             seg = take_rows(dict(seg, tombstones=None), _C.route(seg["keys"], owner[1]) == owner[0])
             del seg["tombstones"]
@@ -281,12 +293,67 @@ def read_segments(
         tomb_futures = [pool.submit(tomb_job, k) for k in tomb_groups]
         segments = [f.result() for f in seg_futures]
         tombs = [f.result() for f in tomb_futures]
+        # A key in the files of two parts of one bucket (the rows kept): each part owns its keys.
+        by_bucket: Dict[int, List[int]] = {}
+        for i, k in enumerate(row_groups):
+            if segments[i]["keys"].size:
+                by_bucket.setdefault(k[0], []).append(i)
+        shared = [pool.submit(_check_parts_disjoint, [segments[i]["keys"] for i in idx],
+                              [files_of(row_groups[i])["keys"] for i in idx], not split)
+                  for idx in by_bucket.values() if len(idx) > 1]
+        for f in shared:
+            f.result()
     tomb = np.concatenate(tombs) if tombs else np.zeros(0, np.int64)
     if split and tomb.size:
         tomb = tomb[_C.route(tomb, owner[1]) == owner[0]]
     if check_values_with is not None:
         check_segment_values(check_values_with, segments, [groups[k] for k in row_groups], ddir)
     return segments, tomb
+
+
+def first_unordered(keys: np.ndarray) -> int:
+    """The first row ``i`` whose key is not above row ``i - 1``'s (in the order of ``keys``' dtype), or -1."""
+    if keys.shape[0] < 2:
+        return -1
+    up = keys[1:] > keys[:-1]
+    if up.all():
+        return -1
+    return int(np.argmin(up)) + 1
+
+
+def check_key_order(keys: np.ndarray, path: str) -> None:
+    """The keys of a bucket file are strictly ascending as uint64 (docs/format.md): refuse a duplicate (a load
+    would keep one of the rows and drop the other) or a key out of order, naming ``path`` and the row."""
+    u = keys.view(np.uint64)
+    i = first_unordered(u)
+    if i < 0:
+        return
+    k, prev = int(keys[i]), int(keys[i - 1])
+    what = f"duplicates row {i - 1}" if u[i] == u[i - 1] else f"is below key {prev} of row {i - 1}"
+    raise CorruptCheckpointError(f"{path}: row {i}: key {k} {what}: the keys are not strictly ascending as uint64",
+                                 path)
+
+
+def _check_parts_disjoint(keys: List[np.ndarray], paths: List[str], file_rows: bool) -> None:
+    """No key in two of the ``keys`` arrays (each strictly ascending as uint64: the files of one bucket's parts,
+    ``file_rows`` when they are the files' whole rows, not the rows one server keeps)."""
+    u = np.concatenate([k.view(np.uint64) for k in keys])
+    u.sort(kind="stable")  # sorted runs: a merge
+    dup = np.flatnonzero(u[1:] == u[:-1])
+    if not dup.size:
+        return
+    k = u[dup[0]]
+    holders = [j for j, a in enumerate(keys) if _holds(a.view(np.uint64), k)][:2]
+    first, second = paths[holders[0]], paths[holders[1]]
+    row = f"row {int(np.searchsorted(keys[holders[1]].view(np.uint64), k))}: " if file_rows else ""
+    key = int(np.array([k], np.uint64).view(np.int64)[0])
+    raise CorruptCheckpointError(
+        f"{second}: {row}key {key} is also in {os.path.basename(first)}: each key belongs to one part", second)
+
+
+def _holds(sorted_keys: np.ndarray, k) -> bool:
+    i = int(np.searchsorted(sorted_keys, k))
+    return i < sorted_keys.shape[0] and sorted_keys[i] == k
 
 
 def check_segment_values(table, segments: List[Dict[str, np.ndarray]], group_files: List[Dict[str, Any]],
@@ -318,40 +385,75 @@ MAX_UNSEEN_DAYS = 65535  # _C's saturation point (kMaxUnseenDays)
 INT32_MAX = 2147483647
 
 
-def check_values(rows: Dict[str, np.ndarray], where: str) -> None:
-    """Refuse, as CorruptCheckpointError naming ``where``, the values ``_C.Table.load_rows`` would refuse.
+def _path_of(where, column: str) -> str:
+    return where if isinstance(where, str) else where[column]
 
-    The same rules as load_rows (finite floats, show/click >= 0, unseen_days an integer in [0, 65535], slot an
-    int32, has_mf 0/1), checked vectorised before the table is touched, so a refused load changes nothing.
-    Whole-array reductions first (about 25 ms per million rows); the offending row is located only on failure.
+
+def check_values(rows: Dict[str, np.ndarray], where) -> None:
+    """Refuse, as CorruptCheckpointError, the values ``_C.Table.load_rows`` would refuse.
+
+    The same rules and messages as load_rows / ``check_segments`` (finite floats, show/click >= 0, unseen_days
+    an integer in [0, 65535], slot an int32, has_mf 0/1), checked vectorised before the table is touched, so a
+    refused load changes nothing. ``where`` names the files: a path, or ``{column: path}`` (the error then names
+    the ``.base``, ``.has_mf`` or ``.mf`` file). Whole-array reductions first (about 25 ms per million rows);
+    the offending row is located only on failure.
     """
-    base, mf, has = rows["base"], rows["mf"], rows["has_mf"]
+    base, mf, has, keys = rows["base"], rows["mf"], rows["has_mf"], rows["keys"]
 
-    def bad(msg, row_mask):
+    def bad(column, msg, row_mask):
         i = int(np.flatnonzero(row_mask)[0])
-        raise CorruptCheckpointError(f"{where}: {msg} (row {i}, key {int(rows['keys'][i])})", where)
+        p = _path_of(where, column)
+        raise CorruptCheckpointError(f"{p}: row {i}: {msg(i)} (key {int(keys[i])})", p)
 
     if has.size and has.max() > 1:
-        bad("has_mf holds a value other than 0 or 1", has > 1)
+        bad("has_mf", lambda i: f"has_mf is {int(has[i])}, not 0 or 1", has > 1)
     if base.size:
         if not np.isfinite(base).all():
-            bad("base holds a NaN or infinite value", ~np.isfinite(base).all(axis=1))
+            rows_bad = ~np.isfinite(base).all(axis=1)
+            bad("base", lambda i: f"base column {int(np.argmin(np.isfinite(base[i])))} is not finite", rows_bad)
         if min(base[:, 0].min(), base[:, 1].min()) < 0:
-            bad("base holds a negative show or click", (base[:, 0] < 0) | (base[:, 1] < 0))
+            bad("base", lambda i: "show and click must be >= 0", (base[:, 0] < 0) | (base[:, 1] < 0))
         u = base[:, 3]
         if u.min() < 0 or u.max() > MAX_UNSEEN_DAYS or not np.array_equal(u, np.floor(u)):
-            bad("unseen_days (base column 3) is not an integer in [0, 65535]",
+            bad("base", lambda i: f"unseen_days (base column 3) must be an integer in [0, {MAX_UNSEEN_DAYS}], "
+                                  f"got {float(u[i]):.9g}",
                 (u < 0) | (u > MAX_UNSEEN_DAYS) | (u != np.floor(u)))
         sl = base[:, 4]
         # Compared in float64 as load_rows does: float32(2**31 - 1) rounds up to 2**31, which it refuses.
         if float(np.abs(sl).max()) > INT32_MAX or not np.array_equal(sl, np.floor(sl)):
-            bad("slot (base column 4) is not an int32",
+            bad("base", lambda i: f"slot (base column 4) must be an int32, got {float(sl[i]):.9g}",
                 (np.abs(sl.astype(np.float64)) > INT32_MAX) | (sl != np.floor(sl)))
     if mf.size and not np.isfinite(mf).all():
         j = int(np.flatnonzero(~np.isfinite(mf).all(axis=1))[0])
+        c = int(np.argmin(np.isfinite(mf[j])))
         i = int(np.flatnonzero(has)[j])
-        raise CorruptCheckpointError(f"{where}: mf holds a NaN or infinite value (row {i}, key {int(rows['keys'][i])})",
-                                     where)
+        p = _path_of(where, "mf")
+        raise CorruptCheckpointError(f"{p}: mf row {j} column {c} is not finite (key {int(keys[i])})", p)
+
+
+def check_state(rows: Dict[str, np.ndarray], where, ranges) -> None:
+    """Refuse optimizer state no training can produce: a negative sum of squares (AdaGrad/StdAdaGrad g2sum,
+    Adam's v, FTRL's n) or an Adam beta power outside [0, 1] (``ranges``: :func:`_format.column_ranges`).
+    The next push would turn it into wrong weights (a negative g2sum drives them to the bound). Weights are not
+    checked: a table may load a model into changed weight_bounds. NaN passes here (the finiteness check has it).
+    ``where`` as in :func:`check_values`; a ``.mf`` row is counted in the ``.mf`` file."""
+    for column, prefix in (("base", "lr_state"), ("mf", "mf_state")):
+        arr = rows[column]
+        start, spans = ranges[column]
+        if not arr.shape[0]:
+            continue
+        for first, end, lo, hi, name in spans:
+            block = arr[:, first:end]
+            if not (block.min() < lo or (hi != np.inf and block.max() > hi)):
+                continue
+            r, c = (int(x) for x in np.argwhere((block < lo) | (block > hi))[0])
+            key_row = r if column == "base" else int(np.flatnonzero(rows["has_mf"])[r])
+            col = first + c
+            want = f">= {lo:g}" if hi == np.inf else f"in [{lo:g}, {hi:g}]"
+            p = _path_of(where, column)
+            raise CorruptCheckpointError(
+                f"{p}: row {r}: {column} column {col} ({prefix}{col - start}) is {float(block[r, c]):.9g}, but "
+                f"{name} is {want} by construction (key {int(rows['keys'][key_row])})", p)
 
 
 # -- merging ---------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from . import _format as F
 from . import _rows as R
 from . import _table_io as T
 
-__all__ = ["export", "DTYPES"]
+__all__ = ["export", "read_serving", "DTYPES"]
 
 # dtype name -> (numpy storage dtype, bytes per value)
 DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
@@ -129,7 +129,7 @@ def _rows_from_paths(paths: Sequence[str]):
             if m["mode"] != "delta":
                 raise CheckpointMismatchError(f"{p}: a {m['mode']} save can only come first, not after {paths[0]}")
             T.check_chain(m, chain, p)
-        rows = R.read_rows(p, m)
+        rows = R.read_rows(p, m)  # verified as SparseTable.load verifies: files, keys, values, optimizer state
         if i == 0:
             cur = R.sort_by_key(rows)
             cur["tombstones"] = np.zeros(0, np.int64)
@@ -202,7 +202,7 @@ def export(table_or_path, out, dtype: str = "float16", *, with_stats: bool = Fal
             f"got {type(table_or_path).__name__}"
         )
     merged, first, last = _rows_from_paths(paths)
-    dim = int(first["layout"]["dim"])
+    dim = int(first["signature"]["dim"])  # = its layout's dim and every delta's (read_manifest, check of signatures)
     keys, values, stats = serving_arrays(merged, dim, dtype, bool(with_stats), rows)
     os.makedirs(out, exist_ok=True)
     import uuid
@@ -219,8 +219,45 @@ def export(table_or_path, out, dtype: str = "float16", *, with_stats: bool = Fal
     return manifest
 
 
+def values_tensor(values: np.ndarray, dtype: str) -> torch.Tensor:
+    """The values of an export as a tensor of their dtype (bfloat16 is stored as its uint16 bits); no copy."""
+    t = torch.from_numpy(values)
+    return t.view(torch.int16).view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+def serving_rows_problem(keys: torch.Tensor, values: torch.Tensor, stats=None):
+    """The first problem of serving rows, as ``(argument, row, what)``, or None.
+
+    Keys strictly ascending as int64 (a lookup is a binary search), values finite (any float dtype; a NaN or an
+    infinity in a row poisons every output pooled with it), stats (show, click) finite and >= 0 (the cvm
+    columns take their logarithm). The one check of :func:`read_serving` (per file) and of the
+    :class:`InferenceEmbedding` constructor (per argument): CPU tensors, shapes already checked.
+    """
+    k = keys.numpy()
+    i = R.first_unordered(k)
+    if i >= 0:
+        what = f"duplicates row {i - 1}" if k[i] == k[i - 1] else f"is below key {int(k[i - 1])} of row {i - 1}"
+        return "keys", i, f"{what}: the keys are not strictly ascending as int64 (sorted, no duplicates)"
+    if values.numel():
+        ok = torch.isfinite(values).all(dim=1)
+        if not bool(ok.all()):
+            return "values", int(torch.argmin(ok.to(torch.uint8))), "a value is not finite"
+    if stats is not None and stats.numel():
+        ok = torch.isfinite(stats).all(dim=1)
+        if not bool(ok.all()):
+            return "stats", int(torch.argmin(ok.to(torch.uint8))), "show or click is not finite"
+        neg = (stats < 0).any(dim=1)
+        if bool(neg.any()):
+            return "stats", int(torch.argmax(neg.to(torch.uint8))), "show and click must be >= 0"
+    return None
+
+
 def read_serving(path) -> Dict[str, Any]:
-    """Read and verify an export directory: ``{"manifest", "keys", "values", "stats"}`` (keys ascending)."""
+    """Read and verify an export directory: ``{"manifest", "keys", "values", "stats"}`` (keys ascending).
+
+    Besides sizes and checksums, each part's rows are checked (:func:`serving_rows_problem`: keys strictly
+    ascending, values finite, stats finite and >= 0) and no key may be in two parts; CorruptCheckpointError
+    names the file and the row."""
     path = os.path.abspath(os.fspath(path))
     m = F.read_manifest(path, F.SERVING_FORMAT_NAME)
     mpath = os.path.join(path, F.MANIFEST)
@@ -252,10 +289,17 @@ def read_serving(path) -> Dict[str, Any]:
     off = 0
     for p, cols in sorted(by_part.items()):
         r = cols["keys"]["rows"]
-        F.read_into(os.path.join(ddir, cols["keys"]["name"]), keys[off:off + r], cols["keys"])
-        F.read_into(os.path.join(ddir, cols["values"]["name"]), values[off:off + r], cols["values"])
+        files = {c: os.path.join(ddir, cols[c]["name"]) for c in need}
+        F.read_into(files["keys"], keys[off:off + r], cols["keys"])
+        F.read_into(files["values"], values[off:off + r], cols["values"])
         if with_stats:
-            F.read_into(os.path.join(ddir, cols["stats"]["name"]), stats[off:off + r], cols["stats"])
+            F.read_into(files["stats"], stats[off:off + r], cols["stats"])
+        problem = serving_rows_problem(torch.from_numpy(keys[off:off + r]),
+                                       values_tensor(values[off:off + r], dtype),
+                                       torch.from_numpy(stats[off:off + r]) if with_stats else None)
+        if problem is not None:
+            column, i, what = problem
+            raise CorruptCheckpointError(f"{files[column]}: row {i} (key {int(keys[off + i])}): {what}", files[column])
         off += r
     if n > 1 and not np.all(keys[1:] > keys[:-1]):
         order = np.argsort(keys, kind="stable")
@@ -263,5 +307,6 @@ def read_serving(path) -> Dict[str, Any]:
         values = values[order]
         stats = stats[order] if stats is not None else None
         if np.any(keys[1:] == keys[:-1]):
-            raise CorruptCheckpointError(f"{ddir}: a key appears in more than one part", ddir)
+            k = int(keys[1:][keys[1:] == keys[:-1]][0])
+            raise CorruptCheckpointError(f"{ddir}: key {k} appears in more than one part", ddir)
     return {"manifest": m, "keys": keys, "values": values, "stats": stats}

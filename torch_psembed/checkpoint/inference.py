@@ -10,9 +10,19 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as PF
-from .export import read_serving
+from ..table import _as_numpy
+from .export import read_serving, serving_rows_problem, values_tensor
 
 __all__ = ["InferenceEmbedding"]
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _keys_tensor(keys) -> Tensor:
+    """``keys`` as a CPU int64 1-D tensor, checked (and named) as ``SparseTable.pull`` checks its keys."""
+    if isinstance(keys, Tensor) and keys.layout == torch.strided:
+        keys = keys.contiguous()
+    return torch.from_numpy(_as_numpy("keys", keys, np.int64, 1))
 
 
 class _ServingRows:
@@ -92,27 +102,42 @@ class InferenceEmbedding(nn.Module):
         super().__init__()
         if mode not in PF.MODES:
             raise ValueError(f"mode must be one of None, 'sum', 'mean', got {mode!r}")
-        if not isinstance(keys, Tensor) or keys.dtype != torch.int64 or keys.dim() != 1:
-            raise TypeError(f"keys must be a 1-D int64 tensor, got {getattr(keys, 'dtype', type(keys).__name__)}")
-        if not isinstance(values, Tensor) or values.dim() != 2 or values.shape[0] != keys.shape[0] or values.shape[1] < 2:
-            raise ValueError(f"values must have shape ({keys.shape[0]}, 1 + dim), got {tuple(getattr(values, 'shape', ()))}")
+        keys = _keys_tensor(keys)
+        n = keys.shape[0]
+        if not isinstance(values, Tensor):
+            raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
+        if values.dim() != 2 or values.shape[0] != n or values.shape[1] < 2:
+            raise ValueError(f"values must have shape ({n}, 1 + dim), got {tuple(values.shape)}")
         if values.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"values must be float32, float16 or bfloat16, got {values.dtype}")
-        if keys.numel() > 1 and not bool((keys[1:] > keys[:-1]).all()):
-            raise ValueError("keys must be strictly ascending (sorted, no duplicates)")
-        if stats is not None and (stats.dtype != torch.float32 or tuple(stats.shape) != (keys.shape[0], 2)):
-            raise ValueError(f"stats must be float32 of shape ({keys.shape[0]}, 2), got {stats.dtype} {tuple(stats.shape)}")
+        if values.device.type != "cpu" or values.layout != torch.strided:
+            raise ValueError(f"values must be a dense CPU tensor, got a {values.layout} tensor on {values.device}")
+        if stats is not None:
+            if not isinstance(stats, Tensor):
+                raise TypeError(f"stats must be None or a torch.Tensor, got {type(stats).__name__}")
+            if stats.dtype != torch.float32 or tuple(stats.shape) != (n, 2):
+                raise ValueError(f"stats must be float32 of shape ({n}, 2), got {stats.dtype} {tuple(stats.shape)}")
+            if stats.device.type != "cpu" or stats.layout != torch.strided:
+                raise ValueError(f"stats must be a dense CPU tensor, got a {stats.layout} tensor on {stats.device}")
+            stats = stats.contiguous()
+        values = values.contiguous()
+        problem = serving_rows_problem(keys, values, stats)
+        if problem is not None:
+            arg, i, what = problem
+            raise ValueError(f"{arg} row {i} (key {int(keys[i])}): {what}")
         dim = values.shape[1] - 1
         self.embedding_dim = PF.output_dim(output, dim)
         if output == "cvm_lr_mf" and stats is None:
             raise ValueError("output='cvm_lr_mf' needs show/click: export with pse.export(..., with_stats=True)")
+        padding_id = PF._check_padding_id(padding_id)
+        include_last_offset = PF._check_include_last_offset(include_last_offset, mode)
         self.mode = mode
         self.output = output
         self.padding_id = padding_id
-        self.include_last_offset = bool(include_last_offset)
+        self.include_last_offset = include_last_offset
         self.cvm_click_prior = PF._check_click_prior(cvm_click_prior)
         self.dim = dim
-        self._rows = _ServingRows(keys.contiguous(), values.contiguous(), stats)
+        self._rows = _ServingRows(keys, values, stats)
 
     @classmethod
     def load(
@@ -127,9 +152,7 @@ class InferenceEmbedding(nn.Module):
         """Load an export directory written by :func:`torch_psembed.export` (checksums verified)."""
         d = read_serving(os.fspath(path))
         m = d["manifest"]
-        values = torch.from_numpy(d["values"])
-        if m["dtype"] == "bfloat16":
-            values = values.view(torch.int16).view(torch.bfloat16)
+        values = values_tensor(d["values"], m["dtype"])
         stats = torch.from_numpy(d["stats"]) if d["stats"] is not None else None
         if output == "cvm_lr_mf" and stats is None:
             raise ValueError(f"{path}: output='cvm_lr_mf' needs show/click, but this export has none "
@@ -153,8 +176,10 @@ class InferenceEmbedding(nn.Module):
         )
 
     def pull(self, keys: Tensor, with_stats: bool = False) -> Tensor:
-        """Rows ``lr, mf`` (with ``show, click`` first when ``with_stats``) as float32; unknown keys read zeros."""
-        return self._rows.pull(keys, with_stats)
+        """Rows ``lr, mf`` (with ``show, click`` first when ``with_stats``) as float32; unknown keys read zeros.
+
+        ``keys`` as :meth:`SparseTable.pull` takes them: a 1-D int64 tensor or numpy array."""
+        return self._rows.pull(_keys_tensor(keys), with_stats)
 
     def __len__(self) -> int:
         return int(self._rows.keys.numel())
@@ -162,7 +187,7 @@ class InferenceEmbedding(nn.Module):
     def __contains__(self, key) -> bool:
         if isinstance(key, Tensor):
             key = int(key.item())
-        if not isinstance(key, (int, np.integer)):
+        if not isinstance(key, (int, np.integer)) or not _INT64_MIN <= int(key) <= _INT64_MAX:
             return False
         _, hit = self._rows.find(torch.tensor([int(key)], dtype=torch.int64))
         return bool(hit[0])

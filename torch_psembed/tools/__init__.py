@@ -41,7 +41,9 @@ def inspect_path(path) -> Dict[str, Any]:
 
 
 def verify(path) -> Dict[str, Any]:
-    """Read every file of a save or export and check sizes, checksums and row counts.
+    """Read every file of a save or export and check it as a load would: sizes, checksums, row counts, key
+    order and the values (a save: the checks of ``SparseTable.load``; an export: those of
+    ``InferenceEmbedding.load``; docs/format.md).
 
     Raises CorruptCheckpointError naming the first bad file; returns ``{"path", "files", "rows", "bytes"}``.
     """

@@ -2,7 +2,7 @@
 
 Commands:
     inspect PATH            a readable summary of a save or an export (``--json`` for the raw manifest)
-    verify PATH...          check every file's size and checksum and the row counts; exit status 1 on a problem
+    verify PATH...          check every file as a load would (sizes, checksums, keys, values); exit 1 on a problem
     merge BASE DELTA... -o OUT      apply deltas (in order) to a base or checkpoint; writes a base-mode save
     export PATH [DELTA...] -o OUT   write serving files (``--dtype``, ``--with-stats``, ``--rows``)
 """
@@ -60,7 +60,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     pi = sub.add_parser("inspect", help="print a summary of a save or export")
     pi.add_argument("path")
     pi.add_argument("--json", action="store_true", help="print the manifest as JSON")
-    pv = sub.add_parser("verify", help="verify sizes and checksums of every file")
+    pv = sub.add_parser("verify", help="check every file as a load would (sizes, checksums, keys, values)")
     pv.add_argument("paths", nargs="+", metavar="path")
     pm = sub.add_parser("merge", help="apply deltas to a base (or checkpoint), write a base save")
     pm.add_argument("paths", nargs="+", metavar="path", help="the base, then its deltas in order")
