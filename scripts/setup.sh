@@ -2,8 +2,9 @@
 # Installs what torch_psembed needs into the current Python environment, then builds and installs the package
 # from source (editable, so tests and the main job run against this checkout).
 #
-# torch is installed only when missing, pinned to the CPU build 2.13.0 (an unpinned `torch` pulls a multi-GB
-# CUDA build). Set PYTHON to choose the interpreter.
+# torch is installed only when missing, pinned to 2.13.0: the CPU build on this project's machines, from their
+# wheel cache; on stock PyPI for Linux x86_64 it may pull a multi-GB CUDA build. Set PYTHON to choose the
+# interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

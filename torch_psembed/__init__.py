@@ -2,7 +2,8 @@
 
 A C++ hash-table store keyed by 64-bit feasigns, with the CTR feature lifecycle (show/click statistics,
 score-gated admission of the mf vector, decay and eviction, base/delta saves), behind a drop-in
-``PSEmbedding`` module, sharded over ``torchrun`` ranks with ``torch.distributed.rpc``.
+``PSEmbedding`` module, sharded over ``torchrun`` ranks: pulls and pushes go over a C++ TCP data plane by
+default, control calls over ``torch.distributed.rpc``.
 
 Differences from ``torch.nn.EmbeddingBag`` that users should know:
 

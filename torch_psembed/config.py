@@ -232,7 +232,8 @@ class TableConfig:
         lr_optimizer, mf_optimizer: the sparse rule for the 1-dim lr weight and for the mf block.
         seed (int): seed of the counter-based generator for initial values and admission draws.
         num_shards (int): internal shards (hash maps with their own lock). Default: 64.
-        num_threads (int): threads used by one pull/push call; 0 means the cores available.
+        num_threads (int): threads used by one pull/push call; 0 means the CPUs this process may run on
+            (its CPU affinity: ``taskset``, a container's cpuset; a cgroup CPU quota is not seen).
         spin_wait_us (int): microseconds the table's threads poll for the next parallel step of a
             call (and the caller for its step's last tasks, at least 50 whatever this is) before
             sleeping. Default 0: the pool's threads sleep at once.
@@ -279,7 +280,7 @@ class TableConfig:
         if not _is_int(self.num_shards) or not 1 <= self.num_shards <= 65536:
             raise ValueError(f"TableConfig.num_shards must be an int in [1, 65536], got {self.num_shards!r}")
         if not _is_int(self.num_threads) or not 0 <= self.num_threads <= 4096:
-            raise ValueError(f"TableConfig.num_threads must be an int in [0, 4096] (0: the cores available), "
+            raise ValueError(f"TableConfig.num_threads must be an int in [0, 4096] (0: the CPUs this process may run on), "
                              f"got {self.num_threads!r}")
         for name in ("dim", "seed", "num_shards", "num_threads"):
             object.__setattr__(self, name, int(getattr(self, name)))

@@ -1,7 +1,7 @@
 """Exception types raised by torch_psembed.
 
 Every error names what was wrong: the argument, the file, or the rank. They subclass the built-in type a user
-would catch anyway (``ValueError``, ``RuntimeError``, ``OSError``), so ``except ValueError`` keeps working.
+would catch anyway (``ValueError``, ``RuntimeError``), so ``except ValueError`` keeps working.
 """
 
 __all__ = [

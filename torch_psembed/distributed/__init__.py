@@ -1,4 +1,5 @@
-"""Sharding tables across torchrun ranks with ``torch.distributed.rpc``.
+"""Sharding tables across torchrun ranks: pulls and pushes over a C++ TCP data plane (``init(transport="tcp")``,
+the default) or ``torch.distributed.rpc``; control calls over RPC.
 
 ``pse.init()`` reads torchrun's environment; ``SparseTable(config, name)`` then splits its rows over the server
 ranks by a mixing hash of the key. See ``docs/distributed.md``.

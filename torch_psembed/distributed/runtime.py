@@ -184,8 +184,9 @@ def init(max_staleness: int = 1, num_servers: int = 0, rpc_timeout: float = 60.0
 
     Reads ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``. With ``WORLD_SIZE`` unset or 1 tables
     stay local to the process. Initialises the default gloo process group unless one exists, a trainer-only
-    gloo group (:func:`trainer_group`, use it for DDP), RPC on ``MASTER_PORT + 1`` (``PSEMBED_RPC_PORT``
-    overrides it) and, with ``transport="tcp"``, a data server on every serving rank (any free port).
+    gloo group (:func:`trainer_group`, use it for DDP), RPC (its store shares torchrun's on ``MASTER_PORT``, or
+    goes on ``MASTER_PORT + 1`` with the environment set by hand; ``PSEMBED_RPC_PORT`` overrides both) and, with
+    ``transport="tcp"``, a data server on every serving rank (any free port).
 
     Args:
         max_staleness (int): how many steps of pushes a pull may run ahead of; 0 applies every push before the
