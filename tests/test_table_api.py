@@ -8,6 +8,7 @@ key semantics, stats counters, end_day idempotency and the export/commit/load/er
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -1032,3 +1033,19 @@ def test_unaligned_arrays_are_read_like_aligned_ones(make_c_table):
     b.push(unaligned(keys), unaligned(grads), unaligned(shows), unaligned(clicks))
     assert np.array_equal(a.pull(keys, True), b.pull(unaligned(keys), True))
     assert a.erase(unaligned(keys[:50])) == len(np.unique(keys[:50])) and len(a) == len(b) - len(np.unique(keys[:50]))
+
+
+def test_num_threads_0_means_the_cpus_this_process_may_run_on():
+    # TableConfig(num_threads=0): the pool takes the process's CPU affinity (taskset, a container's cpuset),
+    # not the host's core count. Pinned to one CPU in a child process, the table gets a pool of 1.
+    code = ("import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})\n"
+            "from torch_psembed import _C\n"
+            "from torch_psembed.config import TableConfig\n"
+            "print(_C.Table(TableConfig(dim=2, num_threads=0).to_dict()).num_threads)\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"
+    unpinned = _C.Table(TableConfig(dim=2, num_threads=0).to_dict()).num_threads
+    assert unpinned == len(os.sched_getaffinity(0))

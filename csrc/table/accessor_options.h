@@ -76,7 +76,7 @@ struct TableOptions {
 
   // -------- affects performance
   int num_shards = 64;  // hash maps with their own mutex. REQUIRES: 1..65536.
-  int num_threads = 0;  // threads of one call; 0 = hardware_concurrency().
+  int num_threads = 0;  // threads of one call; 0 = UsableCpus() (util/thread_pool.h).
   // Microseconds the pool's threads poll for the next step of a call before sleeping (ThreadPool;
   // 0 = sleep at once). REQUIRES: >= 0.
   int spin_wait_us = 0;

@@ -2,6 +2,7 @@
 
 #include "util/thread_pool.h"
 
+#include <sched.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -76,9 +77,22 @@ struct ThreadPool::Loop {
   }
 };
 
+int UsableCpus() {
+  // The CPUs this process may run on (taskset, a container's cpuset): hardware_concurrency() counts the
+  // host's, and a pool larger than the CPUs it may use only adds context switches. A CPU quota (cgroup
+  // cpu.max) is not seen here.
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    const int n = CPU_COUNT(&set);
+    if (n > 0) return n;
+  }
+  return static_cast<int>(std::thread::hardware_concurrency());
+}
+
 ThreadPool::ThreadPool(int num_threads, int spin_micros)
     : owner_pid_(static_cast<int>(getpid())), spin_micros_(std::max(0, spin_micros)), shared_(new Shared) {
-  if (num_threads <= 0) num_threads = static_cast<int>(std::thread::hardware_concurrency());
+  if (num_threads <= 0) num_threads = UsableCpus();
   if (num_threads <= 0) num_threads = 1;
   num_threads_ = num_threads;
   for (int i = 1; i < num_threads_; ++i) workers_.emplace_back([this] { WorkerMain(); });

@@ -27,6 +27,9 @@
 
 namespace psembed {
 
+// The CPUs this process may run on (its affinity mask), or hardware_concurrency() if that is unknown.
+int UsableCpus();
+
 class ThreadPool {
  public:
   // spin_micros: how long a worker polls for the next loop of the same call (see ParallelFor's
@@ -44,7 +47,7 @@ class ThreadPool {
   static constexpr int kMinCallerPollMicros = 50;
 
   // num_threads: total parallelism of one loop, the caller included (so num_threads - 1 workers).
-  // 0 means std::thread::hardware_concurrency(). spin_micros >= 0: see kDefaultSpinMicros.
+  // 0 means UsableCpus(). spin_micros >= 0: see kDefaultSpinMicros.
   explicit ThreadPool(int num_threads, int spin_micros = kDefaultSpinMicros);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
