@@ -8,6 +8,7 @@ nn.EmbeddingBag(sparse=True) + torch.optim.SGD once the gradient units are match
 
 import doctest
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -377,36 +378,46 @@ def test_bench_script_runs_small(capsys):
     assert (ranks == 0).mean() > (ranks == 10).mean() > (ranks == 500).mean()  # heavy head
 
 
+class RecordingTable:
+    """Stands in for ``table`` in a PSEmbedding: appends every call to ``calls`` as ``(method, thread name,
+    keys, with_stats or clicks)`` (copies), then pulls from ``table`` and pushes to it unless
+    ``forward_push`` is off (the push then returns 0)."""
+
+    def __init__(self, table, calls, forward_push=True):
+        self.table, self.calls, self.forward_push = table, calls, forward_push
+        self.dim = table.dim
+
+    def _record(self, method, k, extra):
+        self.calls.append((method, threading.current_thread().name, np.asarray(k).copy(), extra))
+
+    def pull(self, k, with_stats=False):
+        self._record("pull", k, bool(with_stats))
+        return self.table.pull(k, with_stats)
+
+    def push(self, k, grads, shows, clicks, slots=None):
+        self._record("push", k, np.asarray(clicks).copy())
+        return self.table.push(k, grads, shows, clicks, slots) if self.forward_push else 0
+
+    def prefetch(self, k, with_stats=False):
+        self._record("prefetch", k, bool(with_stats))
+
+
 def test_prefetch_starts_exactly_the_pull_forward_makes(loaded):
     # PSEmbedding.prefetch dedups like forward: the table gets the same unique keys (first-occurrence order)
     # and the same with_stats, so a sharded table's next pull takes the prefetched rows.
     table, keys, weight = loaded
     calls = []
-
-    class Recording:
-        dim = table.dim
-
-        def pull(self, k, with_stats=False):
-            calls.append(("pull", np.asarray(k).copy(), bool(with_stats)))
-            return table.pull(k, with_stats)
-
-        def push(self, *args, **kwargs):
-            return table.push(*args, **kwargs)
-
-        def prefetch(self, k, with_stats=False):
-            calls.append(("prefetch", np.asarray(k).copy(), bool(with_stats)))
-
     ids = keys[[3, 1, 3, 7, 1, 20]]
     offsets = torch.tensor([0, 2, 4])
     for output in ("mf", "cvm_lr_mf"):
-        emb = pse.PSEmbedding(Recording(), mode="sum", output=output)
+        emb = pse.PSEmbedding(RecordingTable(table, calls), mode="sum", output=output)
         calls.clear()
         emb.prefetch(ids, offsets)
         emb(ids, offsets)
         assert [c[0] for c in calls] == ["prefetch", "pull"]
-        np.testing.assert_array_equal(calls[0][1], calls[1][1])
-        np.testing.assert_array_equal(calls[0][1], keys[[3, 1, 7, 20]].numpy())
-        assert calls[0][2] == calls[1][2] == (output == "cvm_lr_mf")
+        np.testing.assert_array_equal(calls[0][2], calls[1][2])
+        np.testing.assert_array_equal(calls[0][2], keys[[3, 1, 7, 20]].numpy())
+        assert calls[0][3] == calls[1][3] == (output == "cvm_lr_mf")
     with pytest.raises(RuntimeError, match="input must hold integer ids of dtype torch.int64"):
         emb.prefetch(ids.float(), offsets)  # bad input: the error forward gives
 
@@ -498,22 +509,9 @@ def test_a_loss_that_does_not_depend_on_the_output_pushes_nothing(loaded):
 def test_feed_blocks_are_per_thread(loaded):
     # docs/embedding.md: feed blocks "are per thread". Thread A's block is open while thread B runs a step
     # (B pushes clicks 0), and B's own block is open while A runs its step (A pushes A's labels).
-    import threading
-
     table, keys, weight = loaded
-    pushes = []
-
-    class Recording:
-        dim = table.dim
-
-        def pull(self, k, with_stats=False):
-            return table.pull(k, with_stats)
-
-        def push(self, k, grads, shows, clicks, slots=None):
-            pushes.append((threading.current_thread().name, np.asarray(k).copy(), np.asarray(clicks).copy()))
-            return 0
-
-    emb = pse.PSEmbedding(Recording(), output="lr_mf")
+    calls = []
+    emb = pse.PSEmbedding(RecordingTable(table, calls, forward_push=False), output="lr_mf")
     ids = keys[[0, 1, 2]]  # mode=None, 1-D: one instance per id
     labels_a, labels_b = torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0.0, 3.0, 2.0])
     steps = [threading.Barrier(2, timeout=30) for _ in range(3)]
@@ -521,7 +519,7 @@ def test_feed_blocks_are_per_thread(loaded):
 
     def step(tag):
         emb(ids).sum().backward()
-        pushes.append((threading.current_thread().name, tag, None))
+        calls.append(("step", threading.current_thread().name, tag, None))
 
     def a():
         try:
@@ -557,14 +555,16 @@ def test_feed_blocks_are_per_thread(loaded):
     assert not errors, errors
     # each step is one push followed by its tag from the same thread
     by_tag = {}
-    for i, (name, tag, clicks) in enumerate(pushes):
-        if clicks is None:
-            by_tag[tag] = [p for p in pushes[:i] if p[0] == name and p[2] is not None][-1]
+    pushes = [c for c in calls if c[0] in ("push", "step")]
+    for i, (method, name, tag, _) in enumerate(pushes):
+        if method == "step":
+            by_tag[tag] = [p for p in pushes[:i] if p[1] == name and p[0] == "push"][-1]
     assert set(by_tag) == {"a", "b-outside", "b-inside"} and len(pushes) == 6
-    for tag, (name, k, clicks) in by_tag.items():
+    for tag, (_, name, k, clicks) in by_tag.items():
         np.testing.assert_array_equal(k, ids.numpy())
-    np.testing.assert_array_equal(by_tag["b-outside"][2], np.zeros(3, np.float32))  # A's block is not B's
-    np.testing.assert_array_equal(by_tag["a"][2], labels_a.numpy())  # B's block is not A's
-    np.testing.assert_array_equal(by_tag["b-inside"][2], labels_b.numpy())
+    np.testing.assert_array_equal(by_tag["b-outside"][3], np.zeros(3, np.float32))  # A's block is not B's
+    np.testing.assert_array_equal(by_tag["a"][3], labels_a.numpy())  # B's block is not A's
+    np.testing.assert_array_equal(by_tag["b-inside"][3], labels_b.numpy())
     emb(ids).sum().backward()  # and the main thread, outside every block, sees none of them
-    np.testing.assert_array_equal(pushes[-1][2], np.zeros(3, np.float32))
+    assert calls[-1][0] == "push"
+    np.testing.assert_array_equal(calls[-1][3], np.zeros(3, np.float32))
