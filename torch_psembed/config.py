@@ -280,8 +280,8 @@ class TableConfig:
         if not _is_int(self.num_shards) or not 1 <= self.num_shards <= 65536:
             raise ValueError(f"TableConfig.num_shards must be an int in [1, 65536], got {self.num_shards!r}")
         if not _is_int(self.num_threads) or not 0 <= self.num_threads <= 4096:
-            raise ValueError(f"TableConfig.num_threads must be an int in [0, 4096] (0: the CPUs this process may run on), "
-                             f"got {self.num_threads!r}")
+            raise ValueError(f"TableConfig.num_threads must be an int in [0, 4096] (0: the CPUs this process may "
+                             f"run on), got {self.num_threads!r}")
         for name in ("dim", "seed", "num_shards", "num_threads"):
             object.__setattr__(self, name, int(getattr(self, name)))
         if not isinstance(self.spin_wait_us, int) or isinstance(self.spin_wait_us, bool) \
