@@ -61,8 +61,9 @@ class Batch(NamedTuple):
     """A checked input: what to look up and how the lookups form the output.
 
     ``ids`` is flat int64 (ids in no bag are dropped, as ``nn.EmbeddingBag`` ignores them: those past
-    ``offsets[-1]`` with ``include_last_offset``, and all of them when ``offsets`` is empty without it); ``shape`` is the shape ``ids`` is viewed as for the pooling op (the input
-    shape for ``mode=None`` and 2-D bags, ``(n,)`` with offsets); ``offsets`` is the int64 offsets (``None``
+    ``offsets[-1]`` with ``include_last_offset``, and all of them when ``offsets`` is empty without it);
+    ``shape`` is the shape ``ids`` is viewed as for the pooling op (the input shape for ``mode=None`` and 2-D
+    bags, ``(n,)`` with offsets); ``offsets`` is the int64 offsets (``None``
     unless 1-D ids with offsets); ``per_sample_weights`` is viewed like ``ids``; ``num_instances`` is the batch
     size: the first dim for ``mode=None`` (1 for a 0-d input), the rows of 2-D ids, or the number of bags.
     """
