@@ -165,3 +165,18 @@ def test_empty_offsets_are_zero_bags_and_push_nothing(mode, weights):
     after = _state(t)
     np.testing.assert_array_equal(before[0], after[0])
     np.testing.assert_array_equal(before[1], after[1])
+
+
+@pytest.mark.parametrize("field, value", [
+    ("first_order_std", float("inf")),  # was accepted: every label came out 0
+    ("pair_std", float("inf")),  # was accepted: NaN click probabilities
+    ("zipf_max", float("inf")),
+    ("vocab_min", 1.5),
+    ("ctr", "0.1"),  # was a raw TypeError from a comparison
+    ("num_slots", True),
+])
+def test_bad_simulator_values_are_refused_naming_the_field(field, value):
+    from torch_psembed.data import SimulatorConfig
+
+    with pytest.raises(ValueError, match=f"SimulatorConfig.{field} must be"):
+        SimulatorConfig(**{field: value})

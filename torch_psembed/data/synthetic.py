@@ -23,6 +23,7 @@ from typing import Any, Dict
 import numpy as np
 import torch
 
+from ..config import _check_number, _is_int
 from .hashing import feasigns, mix64, normal, uniform01
 
 __all__ = ["SimulatorConfig", "ClickLogSimulator"]
@@ -71,22 +72,27 @@ class SimulatorConfig:
             if not cond:
                 raise ValueError(f"SimulatorConfig.{what}")
 
-        need(isinstance(self.num_slots, int) and self.num_slots >= 2, f"num_slots must be an int >= 2, got {self.num_slots!r}")
-        need(isinstance(self.samples_per_day, int) and self.samples_per_day >= 1,
-             f"samples_per_day must be an int >= 1, got {self.samples_per_day!r}")
-        need(isinstance(self.test_samples, int) and self.test_samples >= 1,
-             f"test_samples must be an int >= 1, got {self.test_samples!r}")
-        need(1 <= self.vocab_min <= self.vocab_max < 2**40,
-             f"vocab_min/vocab_max must satisfy 1 <= vocab_min <= vocab_max < 2**40, got {self.vocab_min}, {self.vocab_max}")
-        need(1.0 < self.zipf_min <= self.zipf_max, f"zipf_min/zipf_max must satisfy 1 < zipf_min <= zipf_max, got {self.zipf_min}, {self.zipf_max}")
-        need(0.0 < self.churn <= 1.0, f"churn must be in (0, 1], got {self.churn!r}")
-        need(self.first_order_std >= 0 and self.pair_std >= 0, "first_order_std and pair_std must be >= 0")
-        need(isinstance(self.num_pairs, int) and 0 <= self.num_pairs <= self.num_slots * (self.num_slots - 1) // 2,
-             f"num_pairs must be an int in [0, num_slots*(num_slots-1)/2], got {self.num_pairs!r}")
-        need(isinstance(self.latent_dim, int) and self.latent_dim >= 1, f"latent_dim must be an int >= 1, got {self.latent_dim!r}")
-        need(0.0 < self.ctr < 1.0, f"ctr must be in (0, 1), got {self.ctr!r}")
-        need(isinstance(self.chunk_size, int) and self.chunk_size >= 1, f"chunk_size must be an int >= 1, got {self.chunk_size!r}")
-        need(isinstance(self.seed, int) and 0 <= self.seed < 2**63, f"seed must be an int in [0, 2**63), got {self.seed!r}")
+        def need_int(name: str, low: int, high: int) -> None:
+            v = getattr(self, name)
+            need(_is_int(v) and low <= v <= high, f"{name} must be an int in [{low}, {high}], got {v!r}")
+
+        need_int("num_slots", 2, 2**31)
+        need_int("samples_per_day", 1, 2**40)
+        need_int("test_samples", 1, 2**40)
+        need_int("vocab_min", 1, 2**40 - 1)
+        need_int("vocab_max", 1, 2**40 - 1)
+        need(self.vocab_min <= self.vocab_max, f"vocab_min must be <= vocab_max, got {self.vocab_min}, {self.vocab_max}")
+        _check_number("SimulatorConfig", "zipf_min", self.zipf_min, 1.0, math.inf, low_open=True, high_open=True)
+        _check_number("SimulatorConfig", "zipf_max", self.zipf_max, 1.0, math.inf, low_open=True, high_open=True)
+        need(self.zipf_min <= self.zipf_max, f"zipf_min must be <= zipf_max, got {self.zipf_min}, {self.zipf_max}")
+        _check_number("SimulatorConfig", "churn", self.churn, 0.0, 1.0, low_open=True)
+        _check_number("SimulatorConfig", "first_order_std", self.first_order_std, 0.0, math.inf, high_open=True)
+        _check_number("SimulatorConfig", "pair_std", self.pair_std, 0.0, math.inf, high_open=True)
+        need_int("num_pairs", 0, self.num_slots * (self.num_slots - 1) // 2)
+        need_int("latent_dim", 1, 4096)
+        _check_number("SimulatorConfig", "ctr", self.ctr, 0.0, 1.0, low_open=True, high_open=True)
+        need_int("chunk_size", 1, 2**31)
+        need_int("seed", 0, 2**63 - 1)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
