@@ -340,6 +340,19 @@ def test_adagrad_squares_past_float32_range_keep_a_finite_mean():
     assert_match(table, ref, np.array([7]))
 
 
+def test_adagrad_at_learning_rate_0_keeps_its_weights_whatever_the_scaled_gradient():
+    # g / show past float32's range (1e30 / 1e-30): the scaled gradient saturates, so 0 * it is 0 and the
+    # weights stay (an inf there made 0 * inf = NaN, which the clip turned into the lower bound).
+    for rule in (AdaGrad, StdAdaGrad):
+        opt = rule(learning_rate=0.0, initial_range=0.5, initial_g2sum=1.0)
+        table, ref = _one_key_table(opt, opt, show_scale=True)
+        _push1(table, ref, 4, [0.0, 0.0, 0.0], show=1.0)  # creates the row and its mf
+        before = table.pull(np.array([4])).numpy().copy()
+        _push1(table, ref, 4, [1e30, -1e30, 1e30], show=1e-30)
+        np.testing.assert_array_equal(table.pull(np.array([4])).numpy(), before)
+        assert_match(table, ref, np.array([4]), ctx=rule.__name__)
+
+
 def test_zero_show_uses_scale_one():
     ada = AdaGrad(learning_rate=0.5, initial_range=0.0, initial_g2sum=1.0)
     table, ref = _one_key_table(ada, ada, show_scale=True)

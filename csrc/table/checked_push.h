@@ -26,10 +26,11 @@ struct PushArgs {
   uint64_t push_id = SparseTable::kOwnPushId;
 };
 
-// Shows and clicks must be finite and >= 0, slots in [0, kSlotLimit) (feature_value.h); a row of grads with NaN/Inf refuses the whole push, or
-// under the table's nan_policy="skip" is skipped and counted (*skipped, and stats().rejected). A bad
-// value is InvalidArgument naming its index (the first one in input order) and nothing changes. The
-// checks run on the table's pool in chunks, like its own passes over the keys.
+// Shows and clicks must be finite and >= 0, slots in [0, kSlotLimit) (feature_value.h); a row of grads
+// with NaN/Inf refuses the whole push, or under the table's nan_policy="skip" is skipped and counted
+// (*skipped, and stats().rejected). A bad value is InvalidArgument naming its index (the first one in
+// input order) and nothing changes. The checks run on the table's pool in chunks, like its own passes
+// over the keys.
 // REQUIRES: the buffers hold the shapes above with dim = table->options().dim; n < 2^32.
 Status CheckedPush(SparseTable* table, const PushArgs& args, size_t* skipped);
 

@@ -2,6 +2,7 @@
 
 #include "table/sparse_rule.h"
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 
@@ -53,9 +54,15 @@ class AdaGradRule final : public SparseRule {
     // slower (paired two-build runs, 10M keys; docs/benchmarks.md, "Table", session 14). Against the
     // float64 reference a weight moves by at most ~2 float32 ulps of its update more.
     const double g0 = options_.initial_g2sum;
-    const float ratio = static_cast<float>(options_.learning_rate * std::sqrt(g0 / (g0 + double{state[0]})));
-    // Saturated: 1 / a show under ~3e-39 would round to inf, and 0 * inf is NaN.
-    const float inv_scale_f = SaturateToFloat(inv_scale);
+    const double ratio_d = options_.learning_rate * std::sqrt(g0 / (g0 + double{state[0]}));
+    // A scaled gradient past float32's range (g / show, so only with a show under 1) takes a loop in
+    // double: in float32 it would be inf, and inf * a ratio of 0 (lr 0) is NaN.
+    if (inv_scale > 1.0 && ScaledPastFloat(g, inv_scale)) {
+      UpdateDouble(w, state, g, inv_scale, ratio_d);
+      return;
+    }
+    const float ratio = static_cast<float>(ratio_d);
+    const float inv_scale_f = static_cast<float>(inv_scale);
     float sum = 0.0f;
     for (int i = 0; i < dim_; ++i) {
       const float gs = g[i] * inv_scale_f;
@@ -80,6 +87,22 @@ class AdaGradRule final : public SparseRule {
   void InitState(float* state) const override { state[0] = 0.0f; }
 
  private:
+  bool ScaledPastFloat(const float* g, double inv_scale) const {
+    bool past = false;
+    for (int i = 0; i < dim_; ++i) past |= std::fabs(double{g[i]}) * inv_scale > double{FLT_MAX};
+    return past;
+  }
+
+  void UpdateDouble(float* w, float* state, const float* g, double inv_scale, double ratio) const {
+    double s = 0.0;
+    for (int i = 0; i < dim_; ++i) {
+      const double gs = g[i] * inv_scale;
+      w[i] = static_cast<float>(Bound(double{w[i]} - gs * ratio));
+      s += gs * gs;
+    }
+    state[0] = SaturateToFloat(double{state[0]} + s * inv_dim_);
+  }
+
   const double inv_dim_;
 };
 
