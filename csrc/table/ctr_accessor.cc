@@ -2,6 +2,9 @@
 
 #include "table/ctr_accessor.h"
 
+#include <algorithm>
+#include <cfloat>
+
 #include "util/hash.h"
 #include "util/saturate.h"
 
@@ -38,8 +41,8 @@ void CtrAccessor::InitMf(float* mf, uint64_t key) const {
 
 bool CtrAccessor::Update(RowHeader* h, float* mf, const float* g, float show, float click,
                          const int32_t* slot) const {
-  h->show = SaturateToFloat(double{h->show} + show);
-  h->click = SaturateToFloat(double{h->click} + click);
+  h->show = std::min(h->show + show, FLT_MAX);  // both >= 0: saturating at the top is enough
+  h->click = std::min(h->click + click, FLT_MAX);
   h->delta_score = SaturateToFloat(double{h->delta_score} + Score(show, click));
   h->unseen_days = 0;
   if (slot != nullptr) h->slot = *slot;

@@ -2,6 +2,9 @@
 
 #include "table/push_merge.h"
 
+#include <algorithm>
+#include <cfloat>
+
 #include "util/hash.h"
 #include "util/prefetch.h"
 #include "util/saturate.h"
@@ -41,16 +44,24 @@ void PushMerger::AddDuplicate(size_t k, size_t p, const PushRows& rows) {
   }
   float* acc = sums_.data() + static_cast<size_t>(sum_row_[k]) * gw_;
   const float* g = rows.grads + p * gw_;
-  // Saturating sums: the rules require a finite gradient, and two finite ones can add up to an inf.
-  for (size_t d = 0; d < gw_; ++d) acc[d] = SaturateFloat(acc[d] + g[d]);
-  it.show = SaturateFloat(it.show + rows.shows[p]);
-  it.click = SaturateFloat(it.click + rows.clicks[p]);
+  // Plain float sums; one that passes float32's range stays +-inf (adding finite values never leaves inf)
+  // until PointItemsAtSums saturates it: once per merged key, not per duplicate (a clamp per element
+  // here made Zipf pushes ~4% slower, paired two-build runs, session 24).
+  for (size_t d = 0; d < gw_; ++d) acc[d] += g[d];
+  it.show += rows.shows[p];
+  it.click += rows.clicks[p];
   if (rows.slots != nullptr) it.slot = rows.slots[p];
 }
 
 void PushMerger::PointItemsAtSums() {
   for (size_t k = 0; k < num_; ++k) {
-    if (sum_row_[k] >= 0) items_[k].grad = sums_.data() + static_cast<size_t>(sum_row_[k]) * gw_;
+    if (sum_row_[k] < 0) continue;
+    float* acc = sums_.data() + static_cast<size_t>(sum_row_[k]) * gw_;
+    // The rules require a finite gradient, and finite inputs can add up to an inf: saturated sums.
+    for (size_t d = 0; d < gw_; ++d) acc[d] = SaturateFloat(acc[d]);
+    items_[k].grad = acc;
+    items_[k].show = std::min(items_[k].show, FLT_MAX);  // shows and clicks are >= 0
+    items_[k].click = std::min(items_[k].click, FLT_MAX);
   }
 }
 

@@ -339,17 +339,20 @@ class CtrTableRef:
         shows = np.asarray(shows, dtype=np.float32)
         clicks = np.asarray(clicks, dtype=np.float32)
         merged: Dict[int, list] = {}  # key -> [g (float32 sum in input order), show, click, slot]
-        for j, k in enumerate(keys.tolist()):
-            slot = None if slots is None else float(slots[j])
-            if k not in merged:
-                merged[k] = [grads[j].copy(), np.float32(shows[j]), np.float32(clicks[j]), slot]
-            else:
-                m = merged[k]
-                m[0] = _store(m[0].astype(np.float64) + grads[j])
-                m[1] = _f32(float(m[1]) + float(shows[j]))
-                m[2] = _f32(float(m[2]) + float(clicks[j]))
-                if slot is not None:
-                    m[3] = slot
+        with np.errstate(over="ignore"):  # a float32 sum past the range is inf until the merge ends
+            for j, k in enumerate(keys.tolist()):
+                slot = None if slots is None else float(slots[j])
+                if k not in merged:
+                    merged[k] = [grads[j].copy(), np.float32(shows[j]), np.float32(clicks[j]), slot]
+                else:
+                    m = merged[k]
+                    m[0] = (m[0] + grads[j]).astype(np.float32)
+                    m[1] = np.float32(m[1] + shows[j])
+                    m[2] = np.float32(m[2] + clicks[j])
+                    if slot is not None:
+                        m[3] = slot
+        for m in merged.values():  # the merged sums, saturated once (an inf sum stays inf while it is summed)
+            m[0], m[1], m[2] = _store(m[0]), _f32(m[1]), _f32(m[2])
         for k, (g, show, click, slot) in merged.items():
             row = self.rows.get(k)
             if row is None:
