@@ -180,3 +180,15 @@ def test_bad_simulator_values_are_refused_naming_the_field(field, value):
 
     with pytest.raises(ValueError, match=f"SimulatorConfig.{field} must be"):
         SimulatorConfig(**{field: value})
+
+
+def test_membership_takes_a_keys_signed_and_unsigned_spellings_in_both_classes(tmp_path):
+    t = _table()
+    _push(t, [-1, 7])
+    pse.export(t, tmp_path / "serve", "float32", rows="all")
+    inf = pse.InferenceEmbedding.load(tmp_path / "serve")
+    for holder in (t, inf):
+        assert -1 in holder and 2**64 - 1 in holder and np.uint64(2**64 - 1) in holder and torch.tensor(7) in holder
+        assert 2**64 not in holder and -(2**63) - 1 not in holder and 1.0 not in holder and True not in holder
+        with pytest.raises(TypeError, match="a key must be one integer"):
+            torch.tensor([7, -1]) in holder  # noqa: B015

@@ -32,6 +32,23 @@ def _dtype_name(dtype: np.dtype) -> str:
     return dtype.name if dtype.isnative else f"{dtype.name} ({'big' if dtype.byteorder == '>' else 'little'}-endian)"
 
 
+def _as_key(key: object) -> Optional[int]:
+    """``key`` as the int64 value of a feasign, or None when it cannot be one (``key in table`` is then False).
+
+    Ints in ``[-2**63, 2**64)``: a key's signed and unsigned spellings are one key (``-1`` and ``2**64 - 1``).
+    A tensor must hold one integer (raises otherwise, as a 2-element tensor has no single truth value)."""
+    if isinstance(key, torch.Tensor):
+        if key.numel() != 1 or key.dtype.is_floating_point or key.dtype.is_complex or key.dtype == torch.bool:
+            raise TypeError(f"a key must be one integer, got a {key.dtype} tensor of shape {tuple(key.shape)}")
+        key = int(key.item())
+    if isinstance(key, (bool, np.bool_)) or not isinstance(key, (int, np.integer)):
+        return None
+    key = int(key)
+    if not -(2**63) <= key < 2**64:
+        return None
+    return key - 2**64 if key >= 2**63 else key
+
+
 def _as_numpy(name: str, x: ArrayLike, dtype: np.dtype, ndim: int) -> np.ndarray:
     """A zero-copy numpy view of ``x``; raises naming ``name`` when it is not what the table takes."""
     if isinstance(x, torch.Tensor):
@@ -207,13 +224,8 @@ class SparseTable:
         return len(self._backend)
 
     def __contains__(self, key: object) -> bool:
-        if isinstance(key, torch.Tensor):
-            if key.numel() != 1 or key.dtype.is_floating_point or key.dtype == torch.bool:
-                raise TypeError(f"a key must be one integer, got a {key.dtype} tensor of shape {tuple(key.shape)}")
-            key = int(key.item())
-        if not isinstance(key, (int, np.integer)):
-            return False
-        return int(key) in self._backend
+        k = _as_key(key)
+        return k is not None and k in self._backend
 
     def __repr__(self) -> str:
         return f"SparseTable(name={self.name!r}, dim={self.dim}, keys={len(self)})"

@@ -10,12 +10,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as PF
-from ..table import _as_numpy
+from ..table import _as_key, _as_numpy
 from .export import read_serving, serving_rows_problem, values_tensor
 
 __all__ = ["InferenceEmbedding"]
-
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _keys_tensor(keys) -> Tensor:
@@ -185,11 +183,10 @@ class InferenceEmbedding(nn.Module):
         return int(self._rows.keys.numel())
 
     def __contains__(self, key) -> bool:
-        if isinstance(key, Tensor):
-            key = int(key.item())
-        if not isinstance(key, (int, np.integer)) or not _INT64_MIN <= int(key) <= _INT64_MAX:
+        k = _as_key(key)
+        if k is None:
             return False
-        _, hit = self._rows.find(torch.tensor([int(key)], dtype=torch.int64))
+        _, hit = self._rows.find(torch.tensor([k], dtype=torch.int64))
         return bool(hit[0])
 
     @property
