@@ -64,11 +64,11 @@ class PushPlan:
 
     __slots__ = (
         "table", "keys", "inverse", "batch", "output", "padding_row", "grad_scale", "slot", "clicks", "timings",
-        "click_prior",
+        "click_prior", "grad_scaler",
     )
 
     def __init__(self, table, keys, inverse, batch, output, padding_row, grad_scale, slot, clicks, timings,
-                 click_prior=1.0):
+                 click_prior=1.0, grad_scaler=None):
         self.table = table
         self.keys = keys  # int64[U]: unique ids, padding id left out
         self.inverse = inverse  # int64[n]: row of each id (padding_row for the padding id)
@@ -80,6 +80,7 @@ class PushPlan:
         self.clicks = clicks  # float32[num_instances] or None
         self.timings = timings  # Timings or None
         self.click_prior = click_prior  # float > 0: the ctr column's prior click count (cvm_lr_mf)
+        self.grad_scaler = grad_scaler  # torch.amp.GradScaler or None: the loss scale to divide out
 
 
 def pull_rows(
@@ -113,10 +114,18 @@ def push_rows(plan: PushPlan, grad: Tensor) -> None:
     """Push ``grad_scale * grad`` (the unique rows' gradient) with show/click counts and the slot."""
     t0 = time.perf_counter() if plan.timings is not None else 0.0
     u = plan.keys.numel()
+    s = plan.grad_scale
+    scaler = plan.grad_scaler
+    if u and scaler is not None and scaler.is_enabled():
+        # The loss was multiplied by the scaler's scale (the one in use until scaler.update(), after this
+        # backward): divide it out. A gradient that overflowed makes the scaler skip this step's optimizer
+        # step; the push is skipped with it (nothing pushed, no show counted), as the dense weights are.
+        s = s / float(scaler.get_scale())
+        if not bool(torch.isfinite(grad[:u]).all()):
+            u = 0
     if u:
         table = plan.table
         g = grad[:u]
-        s = plan.grad_scale
         if plan.output == "mf":
             grads = torch.zeros(u, 1 + table.dim, dtype=torch.float32)
             torch.mul(g, s, out=grads[:, 1:])

@@ -134,6 +134,11 @@ class PSEmbedding(nn.Module):
             ``log(click + cvm_click_prior) - log(show + 1)``. ``1.0`` is Paddle's CVM; it puts an id never shown
             at ctr 1, the end of the column. About the data's CTR (say 0.2) puts it at the typical value.
             Default: ``1.0``
+        grad_scaler (torch.amp.GradScaler, optional): the loss scaler of a mixed-precision loop. The push
+            happens inside ``backward``, before ``scaler.unscale_``/``step`` can see the gradient, so the
+            module divides the scaler's current scale out itself, and skips its push when the gradient
+            overflowed (the scaler then skips the dense step too). Without it, a scaled loss pushes scaled
+            gradients into the table. Default: ``None``
 
     Attributes:
         table (SparseTable): the table.
@@ -210,6 +215,7 @@ class PSEmbedding(nn.Module):
         include_last_offset: bool = False,
         grad_scale: Optional[float] = None,
         cvm_click_prior: float = 1.0,
+        grad_scaler=None,
     ) -> None:
         super().__init__()
         for attr in ("pull", "push", "dim"):
@@ -231,7 +237,12 @@ class PSEmbedding(nn.Module):
         self.include_last_offset = include_last_offset
         self.grad_scale = PF._check_grad_scale(grad_scale)
         self.cvm_click_prior = PF._check_click_prior(cvm_click_prior)
+        if grad_scaler is not None and not all(hasattr(grad_scaler, a) for a in ("get_scale", "is_enabled")):
+            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler or None, got {type(grad_scaler).__name__}")
+        self.grad_scaler = grad_scaler
         self.embedding_dim = PF.output_dim(output, int(table.dim))
+        self.frozen = False  # requires_grad_(False): pull, never push
+        self.output_dtype = torch.float32  # half(), double(), to(dtype): the output's dtype (the rows stay float32)
         self.timings = None
         self._prefetched_dedup = None  # (ids, their dedup) of the last prefetch, for the next forward
 
@@ -243,7 +254,7 @@ class PSEmbedding(nn.Module):
     ) -> Tensor:
         """Look up (and pool) ``input``; see the class docstring for shapes."""
         cache, self._prefetched_dedup = self._prefetched_dedup, None
-        return PF.ps_embedding(
+        out = PF.ps_embedding(
             input,
             self.table,
             offsets,
@@ -255,11 +266,28 @@ class PSEmbedding(nn.Module):
             include_last_offset=self.include_last_offset,
             grad_scale=self.grad_scale,
             clicks=current_clicks(),
-            push=self.training,
+            push=self.training and not self.frozen,
             timings=self.timings,
             dedup_cache=cache,
             cvm_click_prior=self.cvm_click_prior,
+            grad_scaler=self.grad_scaler,
         )
+        return out if self.output_dtype == torch.float32 else out.to(self.output_dtype)
+
+    def requires_grad_(self, requires_grad: bool = True) -> "PSEmbedding":
+        """``requires_grad_(False)`` freezes the rows as it freezes ``nn.Embedding``'s weight: the module pulls
+        but never pushes, and its output needs no gradient (in train mode too); ``True`` unfreezes. Only a
+        call on this module reaches it: a parent's ``requires_grad_`` sets its parameters' flags, and this
+        module has none (``eval()`` on the parent reaches it)."""
+        if not isinstance(requires_grad, bool):
+            raise TypeError(f"requires_grad must be a bool, got {type(requires_grad).__name__}")
+        self.frozen = not requires_grad
+        return super().requires_grad_(requires_grad)
+
+    def _apply(self, fn, recurse=True):
+        # half(), double(), to(dtype) convert parameters; this module has none, so it converts its output.
+        self.output_dtype = PF.converted_dtype(fn, self.output_dtype)
+        return super()._apply(fn, recurse)
 
     def prefetch(
         self,
@@ -302,4 +330,8 @@ class PSEmbedding(nn.Module):
             s += f", grad_scale={self.grad_scale}"
         if self.cvm_click_prior != 1.0:
             s += f", cvm_click_prior={self.cvm_click_prior}"
+        if self.frozen:
+            s += ", frozen=True"
+        if self.output_dtype != torch.float32:
+            s += f", output_dtype={self.output_dtype}"
         return s

@@ -413,6 +413,7 @@ def ps_embedding(
     timings: Optional[_autograd.Timings] = None,
     dedup_cache: Optional[Tuple[Tensor, Dedup]] = None,
     cvm_click_prior: float = 1.0,
+    grad_scaler=None,
 ) -> Tensor:
     """Look up ``input`` in ``table`` and pool like ``nn.Embedding``/``nn.EmbeddingBag``.
 
@@ -421,7 +422,7 @@ def ps_embedding(
     of the instances (shape ``(num_instances,)``); ``grad_scale`` defaults to ``num_instances``.
     ``cvm_click_prior`` is the ctr column's prior click count (``cvm_lr_mf``; see ``PSEmbedding``).
     ``dedup_cache`` (ids, ``dedup(ids, padding_id)``), as ``PSEmbedding.prefetch`` keeps it, is used instead of a
-    new dedup when the ids are equal.
+    new dedup when the ids are equal. ``grad_scaler`` (a ``torch.amp.GradScaler``): see ``PSEmbedding``.
     """
     if torch._C._are_functorch_transforms_active():
         raise RuntimeError(
@@ -464,6 +465,7 @@ def ps_embedding(
             clicks=labels,
             timings=timings,
             click_prior=cvm_click_prior,
+            grad_scaler=grad_scaler,
         )
         rows = _autograd.PullPush.apply(_autograd.ANCHOR, plan)
     else:
@@ -496,6 +498,16 @@ def _check_include_last_offset(include_last_offset, mode: Optional[str]) -> bool
     if include_last_offset and mode is None:
         raise ValueError("include_last_offset=True needs mode='sum' or 'mean' (mode=None takes no offsets)")
     return include_last_offset
+
+
+def converted_dtype(fn, current: torch.dtype) -> torch.dtype:
+    """The output dtype after a module's ``_apply(fn)`` (``half()``, ``double()``, ``float()``, ``to(...)``):
+    what ``fn`` makes of a tensor of the ``current`` dtype, when floating. PSEmbedding and InferenceEmbedding
+    have no float parameters to convert, so they convert their output. An ``fn`` that cannot run here
+    (``cuda()`` without a GPU) raises, as it does for ``nn.Embedding``; a device move keeps the dtype (the
+    output follows the ids' device)."""
+    dtype = fn(torch.zeros(0, dtype=current)).dtype
+    return dtype if dtype.is_floating_point else current
 
 
 def _check_click_prior(prior) -> float:

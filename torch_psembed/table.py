@@ -230,6 +230,18 @@ class SparseTable:
     def __repr__(self) -> str:
         return f"SparseTable(name={self.name!r}, dim={self.dim}, keys={len(self)})"
 
+    _NOT_COPYABLE = (
+        "a SparseTable cannot be pickled or copied (torch.save(model), copy.deepcopy, a spawned process's "
+        "arguments): its rows live in its C++ table or on its servers. Save them with table.save(path) and "
+        "load them into a new table with table.load(path); to share one table, pass the same SparseTable"
+    )
+
+    def __reduce__(self):
+        raise TypeError(self._NOT_COPYABLE)
+
+    def __deepcopy__(self, memo):
+        raise TypeError(self._NOT_COPYABLE)
+
 
 def _make_backend(config: TableConfig, name: str):
     """The local C++ table, or the sharded client when a multi-rank runtime is up."""

@@ -135,6 +135,7 @@ class InferenceEmbedding(nn.Module):
         self.include_last_offset = include_last_offset
         self.cvm_click_prior = PF._check_click_prior(cvm_click_prior)
         self.dim = dim
+        self.output_dtype = torch.float32  # half(), double(), to(dtype) change it
         self._rows = _ServingRows(keys, values, stats)
 
     @classmethod
@@ -160,7 +161,7 @@ class InferenceEmbedding(nn.Module):
 
     def forward(self, input: Tensor, offsets: Optional[Tensor] = None,
                 per_sample_weights: Optional[Tensor] = None) -> Tensor:
-        return PF.ps_embedding(
+        out = PF.ps_embedding(
             input,
             self._rows,
             offsets,
@@ -172,6 +173,12 @@ class InferenceEmbedding(nn.Module):
             push=False,
             cvm_click_prior=self.cvm_click_prior,
         )
+        return out if self.output_dtype == torch.float32 else out.to(self.output_dtype)
+
+    def _apply(self, fn, recurse=True):
+        # half(), double(), to(dtype): the output's dtype (the served rows keep their exported dtype).
+        self.output_dtype = PF.converted_dtype(fn, self.output_dtype)
+        return super()._apply(fn, recurse)
 
     def pull(self, keys: Tensor, with_stats: bool = False) -> Tensor:
         """Rows ``lr, mf`` (with ``show, click`` first when ``with_stats``) as float32; unknown keys read zeros.
@@ -200,4 +207,10 @@ class InferenceEmbedding(nn.Module):
             s += f", mode={self.mode!r}"
         if self.padding_id is not None:
             s += f", padding_id={self.padding_id}"
+        if self.include_last_offset:
+            s += ", include_last_offset=True"
+        if self.cvm_click_prior != 1.0:
+            s += f", cvm_click_prior={self.cvm_click_prior}"
+        if self.output_dtype != torch.float32:
+            s += f", output_dtype={self.output_dtype}"
         return s

@@ -1,0 +1,165 @@
+"""What a PyTorch user expects of an nn.Module and an embedding layer, where an audit (session 24) found
+PSEmbedding or InferenceEmbedding silently doing otherwise: loss scaling (GradScaler), freezing with
+requires_grad_(False), dtype conversions (half/double), cuda() without a GPU, pickling and deep copies."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import torch_psembed as pse
+from torch_psembed.config import SGD, CtrAccessorConfig, TableConfig
+
+DIM = 2
+
+
+def _table():
+    sgd = SGD(learning_rate=0.01, initial_range=0.0)
+    return pse.SparseTable(TableConfig(dim=DIM, accessor=CtrAccessorConfig(embedx_threshold=0.0),
+                                       lr_optimizer=sgd, mf_optimizer=sgd))
+
+
+def _rows(t, keys=(1, 2, 3)):
+    return t.pull(torch.tensor(keys), with_stats=True)
+
+
+class FixedScaler:
+    """A GradScaler stand-in with a fixed scale (torch.amp.GradScaler's interface for PSEmbedding)."""
+
+    def __init__(self, scale):
+        self.scale = scale
+
+    def is_enabled(self):
+        return True
+
+    def get_scale(self):
+        return self.scale
+
+
+IDS = torch.tensor([[1, 2], [1, 3]])
+WEIGHT = torch.tensor([[0.5, -1.0, 2.0]])
+
+
+def _step(emb, factor=1.0):
+    out = emb(IDS) @ WEIGHT.T
+    (out.sum() * factor).backward()
+
+
+def test_a_grad_scaler_scale_is_divided_out_of_the_pushed_gradient():
+    plain, scaled = _table(), _table()
+    for _ in range(3):  # the first push creates mf (threshold 0), the next ones train it
+        _step(pse.PSEmbedding(plain, mode="sum", output="lr_mf"))
+        _step(pse.PSEmbedding(scaled, mode="sum", output="lr_mf", grad_scaler=FixedScaler(1024.0)), factor=1024.0)
+    torch.testing.assert_close(_rows(scaled), _rows(plain), rtol=1e-6, atol=0)
+    assert float(_rows(plain)[0, 2]) != 0.0  # the pushes did train
+
+
+def test_with_a_grad_scaler_an_overflowed_gradient_skips_the_push_as_the_scaler_skips_the_step():
+    t = _table()
+    emb = pse.PSEmbedding(t, mode="sum", output="lr_mf", grad_scaler=FixedScaler(2.0**16))
+    _step(emb)
+    before = _rows(t).clone()
+    _step(emb, factor=float("inf"))  # an fp16 overflow under loss scaling: inf gradients
+    torch.testing.assert_close(_rows(t), before, rtol=0, atol=0)  # nothing pushed, no show counted
+    with pytest.raises(ValueError, match="NaN/Inf"):  # without a scaler, the table refuses it
+        _step(pse.PSEmbedding(t, mode="sum", output="lr_mf"), factor=float("inf"))
+
+
+def test_a_real_grad_scaler_on_cpu_matches_an_unscaled_step():
+    plain, scaled = _table(), _table()
+    _step(pse.PSEmbedding(plain, mode="sum", output="lr_mf"))
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    emb = pse.PSEmbedding(scaled, mode="sum", output="lr_mf", grad_scaler=scaler)
+    scaler.scale((emb(IDS) @ WEIGHT.T).sum()).backward()
+    torch.testing.assert_close(_rows(scaled), _rows(plain), rtol=1e-6, atol=0)
+    with pytest.raises(TypeError, match="grad_scaler must be a torch.amp.GradScaler"):
+        pse.PSEmbedding(plain, grad_scaler=2.0)
+
+
+def test_requires_grad_false_freezes_the_rows_in_train_mode_too():
+    t = _table()
+    emb = pse.PSEmbedding(t, mode="sum", output="lr_mf")
+    _step(emb)
+    before = _rows(t).clone()
+    assert emb.requires_grad_(False) is emb and emb.training
+    out = emb(IDS)
+    assert not out.requires_grad  # as a frozen nn.Embedding's output: nothing can push
+    torch.testing.assert_close(_rows(t), before, rtol=0, atol=0)
+    emb.requires_grad_(True)
+    _step(emb)
+    assert not torch.equal(_rows(t), before)
+    with pytest.raises(TypeError, match="requires_grad must be a bool"):
+        emb.requires_grad_("no")
+
+
+@pytest.mark.parametrize("convert, dtype", [
+    (lambda m: m.half(), torch.float16),
+    (lambda m: m.bfloat16(), torch.bfloat16),
+    (lambda m: m.double(), torch.float64),
+    (lambda m: m.to(torch.float16), torch.float16),
+    (lambda m: m.double().float(), torch.float32),
+    (lambda m: m.half().to("cpu"), torch.float16),  # a device move keeps the dtype
+])
+def test_dtype_conversions_convert_the_output(convert, dtype):
+    t = _table()
+    _step(pse.PSEmbedding(t, mode="sum", output="lr_mf"))
+    emb = convert(pse.PSEmbedding(t, mode="sum", output="lr_mf"))
+    out = emb(IDS)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), pse.PSEmbedding(t, mode="sum", output="lr_mf")(IDS).detach(),
+                               rtol=1e-2, atol=1e-3)
+
+
+def test_a_half_model_trains_its_table_like_a_float_one():
+    # Sequential(PSEmbedding, Linear).double(): the dense layer and the output agree, and the pushed gradient
+    # (cast back to float32) is the float model's.
+    plain, converted = _table(), _table()
+    for t, to in ((plain, lambda m: m), (converted, lambda m: m.double())):
+        model = to(torch.nn.Sequential(pse.PSEmbedding(t, mode="sum", output="lr_mf"), torch.nn.Linear(3, 1)))
+        with torch.no_grad():
+            model[1].weight.copy_(WEIGHT)
+            model[1].bias.zero_()
+        for _ in range(2):
+            model(IDS).sum().backward()
+    torch.testing.assert_close(_rows(converted), _rows(plain), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_a_gpu_raises_as_for_nn_embedding():
+    t = _table()
+    with pytest.raises((AssertionError, RuntimeError)) as ours:
+        pse.PSEmbedding(t).cuda()
+    with pytest.raises(type(ours.value)):
+        torch.nn.Embedding(3, 2).cuda()
+
+
+@pytest.mark.parametrize("copy_it", [
+    lambda m: copy.deepcopy(m),
+    lambda m: pickle.dumps(m),
+    lambda m: torch.save(m, io.BytesIO()),
+    lambda m: pickle.dumps(m.table),
+])
+def test_pickling_or_deep_copying_says_how_to_save_the_rows(copy_it):
+    emb = pse.PSEmbedding(_table())
+    with pytest.raises(TypeError, match=r"cannot be pickled or copied.*table\.save\(path\)"):
+        copy_it(emb)
+    shallow = copy.copy(emb)  # a shallow copy shares the table, as it shares an nn.Embedding's weight
+    assert shallow.table is emb.table
+
+
+def test_inference_embedding_converts_its_output_dtype_and_shows_its_settings(tmp_path):
+    t = _table()
+    _step(pse.PSEmbedding(t, mode="sum", output="lr_mf"))
+    pse.export(t, tmp_path / "serve", "float32", with_stats=True, rows="all")
+    inf = pse.InferenceEmbedding.load(tmp_path / "serve", mode="sum", output="cvm_lr_mf", cvm_click_prior=0.5,
+                                      include_last_offset=False)
+    ref = inf(IDS)
+    half = inf.half()
+    assert half(IDS).dtype == torch.float16
+    np.testing.assert_allclose(half(IDS).float().numpy(), ref.numpy(), rtol=1e-2, atol=1e-3)
+    assert "cvm_click_prior=0.5" in repr(half) and "output_dtype=torch.float16" in repr(half)
