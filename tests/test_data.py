@@ -203,13 +203,19 @@ def test_criteo_parser_rejects(line, match):
 
 def _odd_criteo_lines(rng, n):
     """Lines mixing the common forms with every unusual and bad form of a column."""
-    ints = ["", "0", "5", "-2", "-3", "1000", "007", "-0", "999999999999999999", "1234567890123456789", "+5", " 5",
-            "1_000", "-8589934592", "-8589934593", "x", "1.5", "\u0663"]
-    cats = ["", "68fd1e64", "FFFFFFFFFFFFFFFF", "0", "a" * 17, "zz not hex", "0x1f", "-1f", "caf\u00e9", "1_f", " 1f"]
+    ints = ["", "0", "5", "-2", "-3", "1000", "007", "-0", "999999999999999999", "1234567890123456789",
+            "-8589934592"]
+    odd_ints = ["+5", " 5", "5 ", "1_000", "-8589934593", "x", "1.5", "\u0663", "5\x0b", "-", "1\r2"]  # bad rows
+    cats = ["", "68fd1e64", "FFFFFFFFFFFFFFFF", "0", "8000000000000000", "a" * 17, "zz not hex", "0x1f", "-1f",
+            "caf\u00e9", "1_f", " 1f", "+1f", "-0"]  # all good: hex, or hashed
+
+    def integer():
+        return str(rng.choice(odd_ints if rng.random() < 0.05 else ints))
+
     lines = []
     for _ in range(n):
         label = rng.choice(["0", "1", "1", "0", "2", ""])
-        row = [str(label)] + [str(rng.choice(ints)) for _ in range(13)] + [str(rng.choice(cats)) for _ in range(26)]
+        row = [str(label)] + [integer() for _ in range(13)] + [str(rng.choice(cats)) for _ in range(26)]
         cut = rng.random()
         if cut < 0.03:
             row = row[:-1]  # 39 columns
@@ -248,7 +254,7 @@ def test_parse_lines_is_parse_line_by_line():
         else:
             assert good[i] and i not in err, (i, lines[i])
             assert labels[i] == w[0] and values[i].tolist() == w[2], (i, lines[i])
-    # both kinds are well represented, with or without the Criteo sample (the made-up lines alone: 1,889 bad)
+    # both kinds are well represented, with or without the Criteo sample (the made-up lines alone: 1,330 bad)
     n_bad = sum(isinstance(w, str) for w in want)
     assert n_bad > 200 and len(lines) - n_bad > 250
     from torch_psembed import _C
@@ -256,6 +262,135 @@ def test_parse_lines_is_parse_line_by_line():
     assert _C.parse_criteo(lines)[2][:200].all()  # and the fast path took the common lines
     with pytest.raises(TypeError, match="list of str"):
         _C.parse_criteo(["0\t1", b"0\t1"])
+
+
+# Forms Python's int() / int(s, 16) take but the format (and the C++ fast path) does not.
+_NOT_INTEGERS = ["+5", " 5", "5 ", "5\x0b", "1_000", "\u0663", "\u00b2", "-", "--5", "-+5", "0x10", "1.5", "5\x00"]
+_NOT_HEX = ["0x1f", "0X1F", " 1f", "1f ", "1_f", "+1f", "-1f", "-0", "\u0661f", "\uff46", "a" * 17, "1f\x0b"]
+
+
+def test_criteo_python_and_cpp_paths_agree_on_strict_fields():
+    # The C++ fast path takes an integer only as "-"? plus ASCII digits and a categorical as hex only as 1 to 16
+    # ASCII hex digits; the Python parser (its fallback, and the definition of the format) must read the same
+    # way: such an integer is a bad row with a reason, such a categorical is not hex and is hashed. Before, the
+    # Python parser turned "+5" into 5 and "0x1f" into 31 (and 0x1f's id into the feasign of "1f").
+    from torch_psembed import _C
+    from torch_psembed.data.hashing import hash_string
+
+    off, P = 1 << 33, CriteoParser()
+    lines, want = [], []
+    for k, v in enumerate(_NOT_INTEGERS):
+        ints = [""] * 13
+        ints[k % 13] = v
+        lines.append(_criteo_row(ints=ints))
+        want.append(f"integer column I{k % 13 + 1} is not an integer")
+    for k, v in enumerate(_NOT_HEX):
+        cats = ["1f"] * 26
+        cats[k % 26] = v
+        lines.append(_criteo_row(cats=cats))
+        want.append((13 + k % 26, hash_string(v)))
+    # plain forms both paths take, with the same values
+    for ints_v, cats_v, slot, value in [("-0", "1f", 0, off), ("007", "1f", 0, 3 + off), ("-8589934592", "1f", 0, 0),
+                                        ("", "00", 13, 0), ("", "fF", 13, 255),
+                                        # an id equal to the missing marker 1 << 63 reads as "missing" (the same
+                                        # in C++): inherent to 16 hex digits in 64 bits, kept (readers._MISSING)
+                                        ("", "8000000000000000", 13, 1 << 63), ("", "", 13, 1 << 63)]:
+        lines.append(_criteo_row(ints=[ints_v] + [""] * 12, cats=[cats_v] + ["1f"] * 25))
+        want.append((slot, value))
+    labels, values, good, errors = P.parse_lines(lines)
+    cpp_ok = _C.parse_criteo(lines)[2].astype(bool)
+    err = dict(errors)
+    for i, (line, w) in enumerate(zip(lines, want)):
+        if isinstance(w, str):
+            with pytest.raises(ValueError, match=w):
+                P.parse(line)
+            assert not good[i] and w in err[i] and not cpp_ok[i], line
+        else:
+            vals = P.parse(line)[2]
+            assert vals[w[0]] == w[1], line
+            assert good[i] and values[i].tolist() == vals, line
+    # the C++ path refuses every field the Python parser rejects or hashes, and takes the plain ones
+    n_odd = len(_NOT_INTEGERS) + len(_NOT_HEX)
+    assert not cpp_ok[:n_odd].any() and cpp_ok[n_odd:].all()
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n", ""])
+def test_criteo_carriage_return_inside_a_line_is_a_bad_row(ending):
+    # only \n ends a line (a \r\n ending is fine); a \r inside a line is a bad row in both paths
+    from torch_psembed import _C
+
+    row = _criteo_row().rstrip("\n")
+    ok = row + ending
+    bad = [row.replace("\t", "\r", 1) + ending, row.replace("\t", "\t\r", 1) + ending, row + "\r" + row + ending]
+    assert CriteoParser().parse(ok)[2] == CriteoParser().parse(row)[2]
+    for line in bad:
+        with pytest.raises(ValueError, match="carriage return"):
+            CriteoParser().parse(line)
+    _, _, good, errors = CriteoParser().parse_lines([ok] + bad)
+    assert good.tolist() == [True, False, False, False] and all("carriage return" in e for _, e in errors)
+    assert not _C.parse_criteo(bad)[2].any()
+
+
+def _rows(n):
+    return [_criteo_row(label=str(i % 2), ints=[str(i)] + [""] * 12).rstrip("\n") for i in range(n)]
+
+
+def _read_day(src, day=0):
+    stream = BatchStream(make_loader(src.train_dataset(day), 0))
+    firsts = [int(k) for b in stream for k in b["keys"].view(-1, 39)[:, 0]]
+    return firsts, stream
+
+
+def _first_key(i):
+    return ref_feasign(((i).bit_length() if i > 0 else 0) + (1 << 33), 0)
+
+
+def test_crlf_file_parses_every_row(tmp_path):
+    f = tmp_path / "crlf.txt"
+    f.write_bytes(("\r\n".join(_rows(10)) + "\r\n").encode())
+    got, stream = _read_day(FileSource(str(f), batch_size=4))
+    assert got == [_first_key(i) for i in range(10)] and stream.bad_rows == 0
+    src = FileSource(str(f), days=2, batch_size=4)
+    assert [_read_day(src, d)[0] for d in range(2)] == [[_first_key(i) for i in r] for r in (range(5), range(5, 10))]
+
+
+@pytest.mark.parametrize("days", [1, 2])
+def test_stray_carriage_return_loses_exactly_its_row(tmp_path, days):
+    # Before, the reader (text mode) took the \r for a line end while the day was cut by counting \n: the row
+    # became two bad lines, and the day's last row was pushed past its end and never read.
+    rows = _rows(10)
+    rows[2] = rows[2].replace("\t", "\r", 1)
+    f = tmp_path / "stray.txt"
+    f.write_bytes(("\n".join(rows) + "\n").encode())
+    src = FileSource(str(f), days=days, batch_size=4)
+    got, bad, ok = [], 0, 0
+    for d in range(days):
+        keys, stream = _read_day(src, d)
+        got += keys
+        bad, ok = bad + stream.bad_rows, ok + stream.rows
+        if d == 0:
+            with pytest.warns(BadDataWarning, match=r"skipped 1 bad row.*stray.txt:3: carriage return"):
+                stream.warn()
+    assert bad == 1 and ok == 9
+    assert got == [_first_key(i) for i in range(10) if i != 2]
+
+
+def test_cr_only_file_is_reported(tmp_path):
+    # A file with CR line endings is one line holding \r's: an error before training (not 1 sample of it)
+    f = tmp_path / "cr.txt"
+    f.write_bytes(("\r".join(_rows(200)) + "\r").encode())
+    with pytest.raises(ValueError, match=r"cr.txt.*not in criteo format.*carriage return"):
+        FileSource(str(f))
+    d = tmp_path / "days"
+    d.mkdir()
+    (d / "0.txt").write_bytes(f.read_bytes())
+    with pytest.raises(ValueError, match=r"0.txt.*carriage return"):
+        FileSource(str(d))
+    # CR-ended rows after good ones: counted as one bad row and warned, not read as rows
+    g = tmp_path / "mixed.txt"
+    g.write_bytes(("\n".join(_rows(5)) + "\n" + "\r".join(_rows(20)) + "\r").encode())
+    got, stream = _read_day(FileSource(str(g), batch_size=4))
+    assert len(got) == 5 and stream.bad_rows == 1 and "carriage return" in stream.examples[0]
 
 
 def test_criteo_file_batches_are_the_same_by_lines_or_in_bulk(tmp_path):
@@ -364,6 +499,30 @@ def test_slot_format(tmp_path):
     assert b["slots"].tolist() == [0, 1, 1, 2]
     with pytest.raises(ValueError, match="slots"):
         FileSource(str(f), fmt="slot")
+
+
+@pytest.mark.parametrize("line", [
+    "1 1 10:1_000", "1 1 +10:5", "1 1 10:+5", "1 1 10:\u0665", "1 1 \u0661\u0660:5", "1 1 10:0x10", "1 1 10:5e3",
+    "1 1 10:5\x1c20:6", "1 1 10:5\u202820:6", "1 1 10:5\x0b20:6", "1 1 10:5\r20:6\n", "1_0 1 10:5", "\u0661 1 10:5",
+    "inf 1 10:5", "1 1e999 10:5", "+1 1 10:5", "1 1 10:" + "0" * 30 + "1" * 21,
+])
+def test_slot_parser_rejects_what_int_and_split_would_take(line):
+    # ASCII digits only, fields separated by spaces or tabs: int() took "+5", "1_000", "\u0665"; split() took
+    # "\x1c", "\u2028", "\x0b" and "\r" for separators, so two tokens hid in one
+    with pytest.raises(ValueError):
+        SlotParser([10, 20]).parse(line)
+
+
+def test_slot_parser_plain_forms_and_stray_carriage_return_in_a_file(tmp_path):
+    p = SlotParser([10, 20, -3])
+    assert p.parse("1 1 10:5\t20:6 -3:0\r\n") == (1.0, [0, 1, 2], [5, 6, 0])
+    assert p.parse("  0.5 2.0e1  010:007  \n") == (1.0, [0], [7])
+    assert p.parse("0 1 10:" + "0" * 30 + "18446744073709551615") == (0.0, [0], [2**64 - 1])
+    f = tmp_path / "s.txt"
+    f.write_bytes(b"1 1 10:5\n1 1 10:6\r0 1 20:7\n0 1 20:8\n")  # before: the \r made two good rows of one line
+    stream = BatchStream(make_loader(FileSource(str(f), fmt="slot", slots=[10, 20], batch_size=8).train_dataset(0), 0))
+    (b,) = list(stream)
+    assert stream.bad_rows == 1 and b["keys"].tolist() == [5, 8] and "s.txt:2: carriage return" in stream.examples[0]
 
 
 @pytest.mark.skipif(not os.path.isdir(CRITEO), reason="Criteo sample not present")

@@ -91,7 +91,7 @@ class _FileDataset(IterableDataset):
         """(line index, line) of this consumer's non-blank lines in [start, stop)."""
         wid, nw = _consumer()
         consumer, consumers = self.rank * nw + wid, self.world * nw
-        with open(self.path, encoding="utf-8", errors="replace") as f:
+        with _open_lines(self.path) as f:
             for i, line in enumerate(f):
                 if i < self.start:
                     continue
@@ -182,7 +182,17 @@ class _BadRows:
         return {"bad_rows": self.bad, "rows": self.good, "examples": self.examples}
 
 
+def _open_lines(path: str):
+    """``path`` as text lines split exactly as :func:`_count_lines` counts them: only ``\\n`` ends a line and
+    line endings come back untranslated (``newline="\\n"``). In the default universal-newline mode a lone
+    ``\\r`` also ended a line, so the line indices ran ahead of the count and the rows past it were never read
+    (a CR-only file read as one sample); now such a ``\\r`` stays inside its line and the parser calls the row
+    bad (``readers._strip_line_end``)."""
+    return open(path, encoding="utf-8", errors="replace", newline="\n")
+
+
 def _count_lines(path: str) -> int:
+    """Lines of ``path`` as :func:`_open_lines` reads them: each ``\\n`` ends one, plus a last line without one."""
     n = 0
     last = b"\n"
     with open(path, "rb") as f:
@@ -201,7 +211,7 @@ def check_file(parser, path: str) -> None:
         raise FileNotFoundError(f"data file {path!r} does not exist")
     tried = 0
     errors: List[str] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with _open_lines(path) as f:
         for i, line in enumerate(f):
             if not line.strip():
                 continue

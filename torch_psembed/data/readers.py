@@ -6,9 +6,16 @@ categorical is read as a hex number (or hashed with blake2b when it is not one),
 "missing" value; each value is then hashed with its slot into a 64-bit feasign
 (:func:`torch_psembed.data.hashing.feasigns`).
 
-Slot format (whitespace-separated): ``click show slot:feasign slot:feasign ...``; the label is ``click > 0``,
-a slot may hold any number of feasigns (the bag is sum-pooled), feasigns are unsigned 64-bit decimals used as
-they are.
+Slot format (fields separated by spaces or tabs): ``click show slot:feasign slot:feasign ...``; the label is
+``click > 0``, a slot may hold any number of feasigns (the bag is sum-pooled), feasigns are unsigned 64-bit
+decimals used as they are.
+
+Fields are strict, the same in both formats and in the C++ fast path: an integer (a Criteo integer column, a
+slot id, a feasign) is ASCII digits, with an optional leading ``-`` where negatives are allowed (no ``+``,
+spaces, underscores or non-ASCII digits, which Python's ``int`` would take); a categorical is hex only when it
+is 1 to 16 ASCII hex digits (``"0x1f"``, ``"+1f"``, ``" 1f"``, ``"1_f"``, ``"-0"`` are not hex, so they are
+hashed). Only ``\\n`` ends a line (a ``\\r\\n`` ending is accepted); a ``\\r`` inside a line makes it a bad row,
+so a file with CR line endings reads as one bad line instead of rows cut in odd places.
 
 A parser turns one line into ``(label, slot_indices, values)`` or raises ``ValueError`` with the reason;
 the dataset counts and skips such rows. ``CriteoParser.parse_lines`` parses many lines at once: the common
@@ -18,6 +25,8 @@ definition of the format.
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -27,8 +36,30 @@ from .hashing import feasigns, hash_string
 
 __all__ = ["CriteoParser", "SlotParser", "make_parser", "assemble", "assemble_criteo"]
 
+# The "missing" value of a slot (an empty field). A categorical's hex value spans all of uint64, so the id
+# "8000000000000000" reads as this same value and shares its slot's missing feasign; the C++ fast path
+# (csrc/data/criteo_line.cc, kCriteoMissing) does the same, so both paths agree. It is inherent to reading
+# 16 hex digits as a 64-bit value and kept: changing it would change every stored feasign of such an id.
 _MISSING = 1 << 63
 _INT_OFFSET = 1 << 33
+_HEX = re.compile(r"[0-9a-fA-F]{1,16}")
+_SLOT_SEP = re.compile(r"[ \t]+")
+_NUMBER = re.compile(r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")  # click, show: ASCII, >= 0
+_CR_REASON = "carriage return (\\r) inside the line: only \\n ends a line (CR line endings?)"
+
+
+def _strip_line_end(line: str) -> str:
+    """``line`` without its ending (``\\n``, ``\\r\\n``; like the C++ fast path, any run of ``\\r``/``\\n`` at the
+    end); raises ``ValueError`` for a ``\\r`` left inside, which a text-mode reader would have taken for a line end."""
+    s = line.rstrip("\r\n")
+    if "\r" in s:
+        raise ValueError(_CR_REASON)
+    return s
+
+
+def _is_decimal(s: str) -> bool:
+    """ASCII digits only (``str.isdigit`` alone also takes other scripts' digits)."""
+    return s.isascii() and s.isdigit()
 
 
 class CriteoParser:
@@ -40,7 +71,7 @@ class CriteoParser:
     num_slots = 39
 
     def parse(self, line: str) -> Tuple[float, Optional[List[int]], List[int]]:
-        f = line.rstrip("\r\n").split("\t")
+        f = _strip_line_end(line).split("\t")
         if len(f) != 40:
             raise ValueError(f"expected 40 tab-separated columns, got {len(f)}")
         lab = f[0]
@@ -56,10 +87,13 @@ class CriteoParser:
             if s == "":
                 values[i] = _MISSING
                 continue
+            # "-"? then ASCII digits, as the C++ path; int() alone would also take "+5", " 5", "1_000", "\u0663"
+            if not _is_decimal(s[1:] if s[0] == "-" else s):
+                raise ValueError(f"integer column I{i + 1} is not an integer: {s[:20]!r}")
             try:
                 v = int(s)
-            except ValueError:
-                raise ValueError(f"integer column I{i + 1} is not an integer: {s[:20]!r}") from None
+            except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
+                raise ValueError(f"integer column I{i + 1} has too many digits: {s[:20]!r}...") from None
             if v < -_INT_OFFSET:  # v + offset would be negative: no slot value
                 raise ValueError(f"integer column I{i + 1} is below -2**33: {s[:20]!r}")
             values[i] = (v.bit_length() if v > 0 else v) + _INT_OFFSET
@@ -68,13 +102,9 @@ class CriteoParser:
             if s == "":
                 values[13 + j] = _MISSING
                 continue
-            v = -1
-            if len(s) <= 16:
-                try:
-                    v = int(s, 16)
-                except ValueError:
-                    v = -1
-            values[13 + j] = v if v >= 0 else hash_string(s)
+            # 1 to 16 ASCII hex digits, as the C++ path; int(s, 16) alone would also take "0x1f", "+1f", " 1f",
+            # "1_f", "-0": those are not hex ids, so they are hashed like any other string
+            values[13 + j] = int(s, 16) if _HEX.fullmatch(s) else hash_string(s)
         return label, None, values
 
     def parse_lines(self, lines: List[str]) -> Tuple[np.ndarray, np.ndarray, np.ndarray, List[Tuple[int, str]]]:
@@ -112,27 +142,32 @@ class SlotParser:
         self.num_slots = len(slots)
 
     def parse(self, line: str) -> Tuple[float, Optional[List[int]], List[int]]:
-        f = line.split()
+        s = _strip_line_end(line).strip(" \t")
+        f = _SLOT_SEP.split(s) if s else []  # spaces and tabs only: str.split() also splits at "\x1c", "\u2028"...
         if len(f) < 2:
             raise ValueError(f"expected 'click show slot:feasign ...', got {len(f)} fields")
-        try:
-            click = float(f[0])
-            show = float(f[1])
-        except ValueError:
-            raise ValueError(f"click and show must be numbers, got {f[0][:20]!r} {f[1][:20]!r}") from None
-        if not (click >= 0 and show >= 0):
-            raise ValueError(f"click and show must be >= 0, got {f[0]!r} {f[1]!r}")
+        if not (_NUMBER.fullmatch(f[0]) and _NUMBER.fullmatch(f[1])):
+            raise ValueError(f"click and show must be numbers >= 0, got {f[0][:20]!r} {f[1][:20]!r}")
+        click = float(f[0])
+        show = float(f[1])
+        if not (math.isfinite(click) and math.isfinite(show)):  # "1e999"
+            raise ValueError(f"click and show must be finite, got {f[0][:20]!r} {f[1][:20]!r}")
         idx: List[int] = []
         vals: List[int] = []
         for tok in f[2:]:
             s, sep, fs = tok.partition(":")
             if not sep:
                 raise ValueError(f"expected slot:feasign, got {tok[:30]!r}")
+            # ASCII digits ("-" allowed on the slot id): int() alone would take "+5", "1_000", "\u0665"
+            if not (_is_decimal(s[1:] if s[:1] == "-" else s) and _is_decimal(fs)):
+                raise ValueError(f"slot and feasign must be integers, got {tok[:30]!r}")
+            if len(fs.lstrip("0")) > 20:  # more digits than 2**64 - 1 (and than int() may convert)
+                raise ValueError(f"feasign must be in [0, 2**64), got {fs[:30]!r}")
             try:
                 slot = int(s)
-                v = int(fs)
-            except ValueError:
-                raise ValueError(f"slot and feasign must be integers, got {tok[:30]!r}") from None
+            except ValueError:  # more digits than int() converts
+                raise ValueError(f"slot {s[:30]!r} is not one of the configured slots") from None
+            v = int(fs)
             if not 0 <= v < 2**64:
                 raise ValueError(f"feasign must be in [0, 2**64), got {fs[:30]!r}")
             i = self.index.get(slot)
