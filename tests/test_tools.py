@@ -145,3 +145,88 @@ def test_merge_takes_the_save_rule_for_its_bucket_count(chain, tmp_path):
     assert main(["merge"] + paths + ["-o", str(tmp_path / "merged")]) == 0
     m = F.read_manifest(tmp_path / "merged")
     assert m["num_buckets"] == F.auto_num_buckets(m["rows"]) == 1  # a few hundred rows: one bucket
+
+
+@pytest.mark.parametrize("buckets", ["0", "-1", "10000", "3000000000", "eight"])
+def test_merge_refuses_a_bucket_count_no_save_may_have(chain, tmp_path, buckets, capsys):
+    # Audit: --buckets 10000 wrote a save no reader accepts (num_buckets in [1, 9999]) and exited 0; -1 and
+    # 3000000000 escaped as a ValueError traceback from _C.route.
+    paths, _ = chain
+    out = tmp_path / "merged"
+    with pytest.raises(SystemExit) as info:
+        main(["merge"] + paths + ["-o", str(out), "--buckets", buckets])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--buckets" in err and "1 to 9999" in err and buckets in err
+    assert not os.path.exists(out / F.MANIFEST)
+    from torch_psembed import tools
+
+    with pytest.raises(ValueError, match=r"num_buckets must be an int in \[1, 9999\]"):
+        tools.merge(paths, out, num_buckets=int(buckets) if buckets != "eight" else buckets)
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    assert "1 to 9999" in " ".join(capsys.readouterr().out.split())
+
+
+def test_merge_refuses_to_start_from_a_delta(chain, tmp_path, capsys):
+    # Audit: merge D1 D2 wrote a "base" without the rows of the real base and exited 0.
+    paths, _ = chain
+    out = tmp_path / "merged"
+    assert main(["merge", paths[1], paths[2], "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert paths[1] in err and "must start from a base or checkpoint" in err and "Traceback" not in err
+    assert not os.path.exists(out)
+    # export still takes one delta alone
+    assert main(["export", paths[1], "-o", str(tmp_path / "srv")]) == 0
+
+
+def test_output_that_is_an_input_or_a_save_of_the_other_kind_is_refused(chain, tmp_path, capsys):
+    # Audit: export BASE -o OTHER_BASE replaced a table save by an export (deleting its data); merge B D1 -o B
+    # replaced the base it read.
+    paths, _ = chain
+    table, srv = tmp_path / "table", tmp_path / "srv"
+    assert main(["merge", paths[0], "-o", str(table)]) == 0
+    assert main(["export", paths[0], "-o", str(srv)]) == 0
+    capsys.readouterr()
+
+    def manifests():
+        return {p: open(os.path.join(p, F.MANIFEST)).read() for p in paths + [str(table), str(srv)]}
+
+    before = manifests()
+    for argv, named in (
+        (["export", paths[0], "-o", str(table)], str(table)),       # a table save as an export's output
+        (["merge"] + paths + ["-o", str(srv)], str(srv)),          # a serving export as a merge's output
+        (["merge"] + paths + ["-o", paths[0]], paths[0]),          # the base it reads
+        (["merge"] + paths + ["-o", paths[2] + "/"], paths[2]),    # a delta it reads (spelled differently)
+        (["export"] + paths + ["-o", paths[1]], paths[1]),         # an input of the export
+    ):
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert named in err and "Traceback" not in err, (argv, err)
+    assert manifests() == before
+    assert main(["verify"] + paths + [str(table), str(srv)]) == 0
+    # An earlier output of the same kind is replaced (daily re-exports, re-merges).
+    assert main(["export"] + paths + ["-o", str(srv)]) == 0
+    assert main(["merge"] + paths + ["-o", str(table)]) == 0
+    assert F.read_manifest(table)["sequence"] == 2
+    assert F.read_manifest(srv, F.SERVING_FORMAT_NAME)["source"]["sequence"] == 2
+    assert main(["verify", str(table), str(srv)]) == 0
+
+
+def test_merge_output_errors_are_one_line(chain, tmp_path, capsys):
+    # Audit: -o naming a regular file (FileExistsError) or a path that cannot be created (FileNotFoundError
+    # for /proc/nope/x) escaped as tracebacks.
+    paths, _ = chain
+    afile = tmp_path / "afile"
+    afile.write_bytes(b"x")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    cases = [(afile, afile), (afile / "x", afile)]
+    if not os.access(locked, os.W_OK):  # root writes anyway
+        cases.append((locked / "out", locked))
+    for out, named in cases:
+        assert main(["merge"] + paths + ["-o", str(out)]) == 1, out
+        err = capsys.readouterr().err
+        assert err.startswith("ERROR ") and err.count("\n") == 1 and str(named) in err, err
+    assert afile.read_bytes() == b"x"

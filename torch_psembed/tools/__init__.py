@@ -15,9 +15,49 @@ from ..checkpoint import _format as F
 from ..checkpoint import _rows as R
 from ..checkpoint import _table_io as T
 from ..checkpoint.export import _rows_from_paths, read_serving
-from ..errors import CorruptCheckpointError
+from ..errors import CheckpointMismatchError, CorruptCheckpointError
 
-__all__ = ["inspect_path", "verify", "merge"]
+__all__ = ["inspect_path", "verify", "merge", "check_out", "OutputError", "MAX_NUM_BUCKETS"]
+
+# The bucket counts a save may have: what SparseTable.save writes (_table_io.save_group) and what every reader
+# accepts (_format._validate_table_fields); the automatic count stays within 1 to DEFAULT_NUM_BUCKETS (64).
+MAX_NUM_BUCKETS = 9999
+
+
+class OutputError(ValueError):
+    """An output directory the tools refuse to write: one of the inputs, a file, or a save of another format."""
+
+
+def check_out(paths: Sequence, out, fmt: str) -> str:
+    """Refuse ``out`` (raises OutputError naming it) when it is one of ``paths``, is not a directory, or holds a
+    manifest that is not of format ``fmt``; an earlier output of the same format may be replaced (the write is
+    atomic: new data directory, then the manifest by rename). Returns ``out`` as an absolute path."""
+    out = os.path.abspath(os.fspath(out))
+    real = os.path.realpath(out)
+    for p in paths:
+        p = os.path.abspath(os.fspath(p))
+        same = os.path.realpath(p) == real
+        if not same and os.path.exists(p) and os.path.exists(out):
+            try:
+                same = os.path.samefile(p, out)
+            except OSError:
+                pass
+        if same:
+            raise OutputError(f"{out}: the output is also an input ({p}); writing it would replace what is read")
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise OutputError(f"{out}: exists and is not a directory; the output must be a directory (or not exist yet)")
+    mpath = os.path.join(out, F.MANIFEST)
+    if os.path.lexists(mpath):
+        try:
+            with open(mpath, "rb") as f:
+                found = F.parse_json(f.read()).get("format")
+        except (OSError, ValueError, AttributeError):
+            found = None
+        if found != fmt:
+            kinds = {F.FORMAT_NAME: "a table save", F.SERVING_FORMAT_NAME: "a serving export"}
+            what, want = kinds.get(found, "an unreadable or unknown manifest"), kinds[fmt]
+            raise OutputError(f"{out}: holds {what}, not {want}; refusing to replace it (choose another output)")
+    return out
 
 
 def _kind(path: str) -> str:
@@ -70,12 +110,25 @@ def merge(paths: Sequence, out, num_buckets: Optional[int] = None) -> Dict[str, 
 
     The result keeps the chain position of the last delta, so a table that loads it can go on with the next
     delta of the same base.
+
+    ``paths[0]`` must be a base or checkpoint save (CheckpointMismatchError otherwise). ``out`` may not be one of
+    ``paths``, a file or a serving export (OutputError); an earlier table save there is replaced atomically.
+    ``num_buckets`` is None (the rule of ``SparseTable.save``) or an int in [1, MAX_NUM_BUCKETS].
     """
+    if num_buckets is not None and (isinstance(num_buckets, bool) or not isinstance(num_buckets, (int, np.integer))
+                                    or not 1 <= num_buckets <= MAX_NUM_BUCKETS):
+        raise ValueError(f"num_buckets must be an int in [1, {MAX_NUM_BUCKETS}], got {num_buckets!r}")
     paths = [os.path.abspath(os.fspath(p)) for p in paths]
+    if not paths:
+        raise ValueError("merge needs a base or checkpoint save, then its deltas")
+    out = check_out(paths, out, F.FORMAT_NAME)
+    head = F.read_manifest(paths[0])
+    if head["mode"] not in ("base", "checkpoint"):
+        raise CheckpointMismatchError(f"{paths[0]}: a {head['mode']} save; a merge must start from a base or "
+                                      "checkpoint save (then its deltas in order)")
     rows, first, last = _rows_from_paths(paths)
     # the rule of SparseTable.save (one bucket per 65,536 rows) applied to the merged rows, unless given
-    nb = int(num_buckets) if num_buckets else F.auto_num_buckets(rows["keys"].shape[0])
-    out = os.path.abspath(os.fspath(out))
+    nb = int(num_buckets) if num_buckets is not None else F.auto_num_buckets(rows["keys"].shape[0])
     os.makedirs(out, exist_ok=True)
     save_id = uuid.uuid4().hex
     tmp = os.path.join(out, ".tmp-" + save_id)

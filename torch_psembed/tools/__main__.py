@@ -5,6 +5,9 @@ Commands:
     verify PATH...          check every file as a load would (sizes, checksums, keys, values); exit 1 on a problem
     merge BASE DELTA... -o OUT      apply deltas (in order) to a base or checkpoint; writes a base-mode save
     export PATH [DELTA...] -o OUT   write serving files (``--dtype``, ``--with-stats``, ``--rows``)
+
+``-o`` may not name an input or a save of the other kind (a table save for export, an export for merge); an
+earlier output of the same kind is replaced atomically. Errors print one line and exit with status 1.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import sys
 from typing import List, Optional
 
 from ..errors import CheckpointMismatchError, CorruptCheckpointError
-from . import inspect_path, merge, verify
+from . import MAX_NUM_BUCKETS, OutputError, check_out, inspect_path, merge, verify
 
 __all__ = ["main"]
 
@@ -54,6 +57,25 @@ def _print_summary(info) -> None:
     print(f"  writer        {m.get('writer')}")
 
 
+def _buckets(text: str) -> int:
+    """``--buckets``: an int in [1, MAX_NUM_BUCKETS], the range a save may have (argparse names the option)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = None
+    if n is None or not 1 <= n <= MAX_NUM_BUCKETS:
+        raise argparse.ArgumentTypeError(f"must be an integer from 1 to {MAX_NUM_BUCKETS}, got {text!r}")
+    return n
+
+
+def _os_error(e: OSError) -> str:
+    """One line naming the path(s) of an OSError."""
+    if e.filename is None:
+        return str(e)
+    names = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+    return f"{names}: {e.strerror or e}"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m torch_psembed.tools", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -63,12 +85,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     pv = sub.add_parser("verify", help="check every file as a load would (sizes, checksums, keys, values)")
     pv.add_argument("paths", nargs="+", metavar="path")
     pm = sub.add_parser("merge", help="apply deltas to a base (or checkpoint), write a base save")
-    pm.add_argument("paths", nargs="+", metavar="path", help="the base, then its deltas in order")
-    pm.add_argument("-o", "--out", required=True)
-    pm.add_argument("--buckets", type=int, default=None, help="buckets of the output (default: one per 65,536 rows, 1 to 64, as a save)")
+    pm.add_argument("paths", nargs="+", metavar="path",
+                    help="a base or checkpoint save (not a delta), then its deltas in order")
+    pm.add_argument("-o", "--out", required=True,
+                    help="output directory (not an input, not a serving export; a table save there is replaced)")
+    pm.add_argument("--buckets", type=_buckets, default=None,
+                    help=f"buckets of the output, 1 to {MAX_NUM_BUCKETS} (default: one per 65,536 rows, at most 64, "
+                         "as a save)")
     pe = sub.add_parser("export", help="write serving files from a save (and its deltas)")
     pe.add_argument("paths", nargs="+", metavar="path", help="a save, then optionally its deltas in order")
-    pe.add_argument("-o", "--out", required=True)
+    pe.add_argument("-o", "--out", required=True,
+                    help="output directory (not an input, not a table save; an earlier export there is replaced)")
     pe.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     pe.add_argument("--with-stats", action="store_true", help="also write show/click (for output='cvm_lr_mf')")
     pe.add_argument("--rows", default="mf", choices=["mf", "all"])
@@ -90,13 +117,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"merged {len(args.paths)} saves into {os.path.abspath(args.out)}: {m['rows']:,} rows "
                   f"(base {m['base_id']}, sequence {m['sequence']})")
         elif args.cmd == "export":
+            from ..checkpoint import _format as F
             from ..checkpoint import export
 
+            check_out(args.paths, args.out, F.SERVING_FORMAT_NAME)
             src = args.paths[0] if len(args.paths) == 1 else args.paths
             m = export(src, args.out, dtype=args.dtype, with_stats=args.with_stats, rows=args.rows)
             print(f"exported {m['rows']:,} rows (dim {m['dim']}, {m['dtype']}) to {os.path.abspath(args.out)}")
-    except (CorruptCheckpointError, CheckpointMismatchError) as e:
+    except (CorruptCheckpointError, CheckpointMismatchError, OutputError) as e:
         print(f"ERROR {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the output cannot be created or written, an input cannot be read, ...
+        print(f"ERROR {type(e).__name__}: {_os_error(e)}", file=sys.stderr)
         return 1
     return 0
 
