@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     if args.path:
-        with open(args.path, encoding="utf-8", errors="replace") as f:
+        with open(args.path, encoding="utf-8", errors="replace", newline="\n") as f:  # as the job reads
             lines = [line for line in f if line.strip()]
         what = args.path
     else:
