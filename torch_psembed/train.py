@@ -23,6 +23,7 @@ import contextlib
 import copy
 import inspect
 import json
+import math
 import os
 import resource
 import sys
@@ -117,6 +118,9 @@ def _merge(base: Dict[str, Any], over: Dict[str, Any], where: str = "") -> Dict[
         path = f"{where}.{k}" if where else k
         if k not in out and where not in ("table.accessor", "data.synthetic") + _OPTIMIZER_KEYS:
             raise ValueError(f"unknown config key {path!r}")
+        if isinstance(out.get(k), dict) and not isinstance(v, dict):
+            # a section replaced by a scalar: named here (a later key under it would read as an unknown key)
+            raise ValueError(f"{path} must be a JSON object (a section of the config), got {v!r}")
         if (path in _OPTIMIZER_KEYS and isinstance(v, dict) and isinstance(out.get(k), dict)
                 and v.get("name", out[k].get("name")) != out[k].get("name")):
             # another rule: its own arguments only (the old rule's, e.g. AdaGrad's initial_g2sum, would be
@@ -187,9 +191,15 @@ def load_config(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.config:
         with open(args.config, encoding="utf-8") as f:
             try:
-                cfg = _merge(cfg, json.load(f))
+                over = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"--config {args.config!r} is not valid JSON: {e}") from None
+            except UnicodeDecodeError as e:
+                raise ValueError(f"--config {args.config!r} is not UTF-8 text: {e}") from None
+        if not isinstance(over, dict):
+            raise ValueError(f"--config {args.config!r} must hold a JSON object (config keys and values), "
+                             f"got a {type(over).__name__}")
+        cfg = _merge(cfg, over)
     flat = {
         "out": args.out,
         "days": args.days,
@@ -225,27 +235,138 @@ def load_config(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return cfg
 
 
+# The schema is DEFAULTS itself: every value must have its default's type (bool is not int; an int is
+# accepted for a float; a list's items take the type of the default's first item; a dict is checked key by
+# key). A default of None takes null or a value like the prototype below; the rest are the value checks.
+_NULLABLE: Dict[str, Any] = {
+    "out": "dir", "threads": 1, "data.path": "file", "data.test_path": "file", "data.file_days": 1,
+    "data.slots": [1], "data.num_workers": 0, "table.max_keys": 1,
+}
+_INT_RANGE: Dict[str, tuple] = {  # (low, high), inclusive; None: unbounded
+    "seed": (0, 2**63 - 1),  # torch.manual_seed, TableConfig.seed and SimulatorConfig.seed all take it
+    "days": (1, None), "passes_per_day": (1, None), "threads": (1, None),
+    "data.batch_size": (1, None), "data.file_days": (1, None), "data.num_workers": (0, None),
+    "model.hidden": (1, None), "embedding.dim": (1, 4096),
+    "embedding.hashed_size": (1, None), "table.num_shards": (1, None), "table.num_threads": (0, None),
+    "table.max_keys": (1, None), "ps.max_staleness": (0, None), "ps.num_servers": (0, None),
+}
+_FLOAT_LOW: Dict[str, tuple] = {  # (low, open)
+    "model.lr": (0.0, False), "embedding.hashed_lr": (0.0, False), "ps.rpc_timeout": (0.0, True),
+}
+
+
+def _choices() -> Dict[str, tuple]:
+    from .distributed.runtime import TRANSPORTS
+    from .functional import OUTPUTS
+    from .models.ctr import MODELS, NORMS
+
+    return {"data.kind": ("synthetic", "criteo", "slot"), "model.kind": tuple(MODELS), "model.norm": tuple(NORMS),
+            "embedding.kind": ("ps", "hashed"), "embedding.output": tuple(OUTPUTS), "ps.transport": tuple(TRANSPORTS)}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _describe(path: str, proto: Any, choices: Dict[str, tuple], plural: bool = False) -> str:
+    if isinstance(proto, bool):
+        return "booleans (true or false)" if plural else "true or false"
+    if isinstance(proto, int):
+        lo, hi = _INT_RANGE.get(path, (None, None))
+        rng = (f" in [{lo}, {hi}]" if hi is not None else f" >= {lo}") if lo is not None else ""
+        return ("ints" if plural else "an int") + rng
+    if isinstance(proto, float):
+        lo, open_ = _FLOAT_LOW.get(path, (None, False))
+        rng = f" {'>' if open_ else '>='} {lo}" if lo is not None else ""
+        return ("finite numbers" if plural else "a finite number") + rng
+    if isinstance(proto, str):
+        if path in choices:
+            return "one of " + ", ".join(map(repr, choices[path]))
+        return "strings" if plural else "a string"
+    if isinstance(proto, list):
+        return "a list of " + _describe(path, proto[0], choices, plural=True)
+    return "a JSON object"
+
+
+def _fits(path: str, v: Any, proto: Any, choices: Dict[str, tuple]) -> bool:
+    if isinstance(proto, bool):
+        return isinstance(v, bool)
+    if isinstance(proto, int):
+        lo, hi = _INT_RANGE.get(path, (None, None))
+        return _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi)
+    if isinstance(proto, float):
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+            return False
+        lo, open_ = _FLOAT_LOW.get(path, (None, False))
+        return lo is None or (v > lo if open_ else v >= lo)
+    if isinstance(proto, str):
+        return isinstance(v, str) and (path not in choices or v in choices[path])
+    if isinstance(proto, list):
+        return isinstance(v, list) and all(_fits(path, x, proto[0], choices) for x in v)
+    return isinstance(v, dict)
+
+
+def _check_schema(cfg: Dict[str, Any], default: Dict[str, Any], choices: Dict[str, tuple], where: str = "") -> None:
+    """A ValueError naming the key, its value and what it must be, unless ``cfg`` has DEFAULTS' types."""
+    for k, d in default.items():
+        if k not in cfg:  # (a sparse rule given another name keeps only its own fields)
+            continue
+        path = f"{where}.{k}" if where else k
+        v = cfg[k]
+        proto, nullable = d, False
+        if d is None:
+            proto, nullable = _NULLABLE[path], True
+            if v is None:
+                continue
+        if not _fits(path, v, proto, choices):
+            what = _describe(path, proto, choices)
+            raise ValueError(f"{path} must be {'null or ' if nullable else ''}{what}, got {v!r}")
+        if isinstance(proto, dict):
+            _check_schema(v, proto, choices, path)
+
+
+def _check_paths(d: Dict[str, Any]) -> None:
+    """data.path and data.test_path, where they exist, must be what FileSource reads (a missing one is its error)."""
+    for key in ("path", "test_path"):
+        p = d[key]
+        if not p or not os.path.exists(p):
+            continue
+        if key == "test_path" and os.path.isdir(p):
+            raise ValueError(f"data.test_path {p!r} is a directory; it must be one file (--test-path)")
+        if not (os.path.isfile(p) or os.path.isdir(p)):
+            raise ValueError(f"data.{key} {p!r} is not a regular file or a directory")
+
+
+def _simulator_config(cfg: Dict[str, Any]) -> SimulatorConfig:
+    sim = dict(cfg["data"]["synthetic"])
+    sim.setdefault("seed", cfg["seed"])
+    sim.setdefault("chunk_size", cfg["data"]["batch_size"])
+    try:
+        return SimulatorConfig(**sim)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"data.synthetic: {e}") from None
+
+
 def _validate(cfg: Dict[str, Any]) -> None:
-    for k in ("days", "passes_per_day"):
-        if not isinstance(cfg[k], int) or cfg[k] < 1:
-            raise ValueError(f"{k} must be an int >= 1, got {cfg[k]!r}")
-    if cfg["data"]["kind"] not in ("synthetic", "criteo", "slot"):
-        raise ValueError(f"data.kind must be 'synthetic', 'criteo' or 'slot', got {cfg['data']['kind']!r}")
+    """Every check of the config, before anything runs: a ValueError naming the key and the value."""
+    _check_schema(cfg, DEFAULTS, _choices())
     if cfg["data"]["kind"] != "synthetic" and not cfg["data"]["path"]:
         raise ValueError(f"data.kind={cfg['data']['kind']!r} needs data.path (--data-path)")
-    nw = cfg["data"]["num_workers"]
-    if nw is not None and (isinstance(nw, bool) or not isinstance(nw, int) or nw < 0):
-        raise ValueError(f"data.num_workers must be null or an int >= 0, got {nw!r}")
-    if cfg["embedding"]["kind"] not in ("ps", "hashed"):
-        raise ValueError(f"embedding.kind must be 'ps' or 'hashed', got {cfg['embedding']['kind']!r}")
+    slots = cfg["data"]["slots"]
+    if cfg["data"]["kind"] == "slot" and (not slots or len(set(slots)) != len(slots)):
+        raise ValueError(f"data.kind='slot' needs data.slots, a non-empty list of distinct slot ids, got {slots!r}")
     from .functional import _check_click_prior
 
     _check_click_prior(cfg["embedding"]["cvm_click_prior"])  # a ValueError naming it
-    if not isinstance(cfg["embedding"]["prefetch"], bool):
-        raise ValueError(f"embedding.prefetch must be true or false, got {cfg['embedding']['prefetch']!r}")
     if cfg["resume"] and not cfg["out"]:
         raise ValueError("--resume needs --out (the directory of the run to continue)")
     _check_device(cfg["device"])
+    if cfg["data"]["kind"] == "synthetic":
+        _simulator_config(cfg)  # SimulatorConfig's own checks (its fields' ranges, keys it does not take)
+    else:
+        _check_paths(cfg["data"])
+    if cfg["embedding"]["kind"] == "ps":
+        _table_config(cfg)  # the accessor's and the sparse rules' own checks, each named by its key
 
 
 def _check_device(name: Any) -> torch.device:
@@ -334,13 +455,7 @@ def _log(rt: _Runtime, msg: str) -> None:
 def _make_source(cfg: Dict[str, Any]):
     d = cfg["data"]
     if d["kind"] == "synthetic":
-        sim = dict(d["synthetic"])
-        sim.setdefault("seed", cfg["seed"])
-        sim.setdefault("chunk_size", d["batch_size"])
-        try:
-            return SyntheticSource(SimulatorConfig(**sim))
-        except TypeError as e:
-            raise ValueError(f"data.synthetic: {e}") from None
+        return SyntheticSource(_simulator_config(cfg))
     return FileSource(
         d["path"],
         fmt="criteo" if d["kind"] == "criteo" else "slot",
@@ -359,11 +474,11 @@ def _optimizer(where: str, d: Dict[str, Any]):
     name = d.pop("name", None)
     if name not in classes:
         raise ValueError(f"{where}.name must be one of {tuple(classes)}, got {name!r}")
-    if "weight_bounds" in d:
+    if isinstance(d.get("weight_bounds"), list):  # (anything else is refused by the rule, named below)
         d["weight_bounds"] = tuple(d["weight_bounds"])
     try:
         return classes[name](**d)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: {e}") from None
 
 
@@ -373,7 +488,7 @@ def _table_config(cfg: Dict[str, Any]):
     t = cfg["table"]
     try:
         accessor = CtrAccessorConfig(**t["accessor"])
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ValueError(f"table.accessor: {e}") from None
     return TableConfig(
         dim=cfg["embedding"]["dim"],
@@ -666,9 +781,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run the job with command-line ``argv``; returns ``{"out", "records", "seconds"}`` (records on rank 0)."""
     cfg = load_config(argv)
     threads = torch.get_num_threads()
-    if cfg["threads"] is not None:
-        if not isinstance(cfg["threads"], int) or cfg["threads"] < 1:
-            raise ValueError(f"threads must be null or an int >= 1, got {cfg['threads']!r}")
+    if cfg["threads"] is not None:  # (an int >= 1: _validate)
         torch.set_num_threads(cfg["threads"])
     rt = _Runtime(cfg)
     try:
