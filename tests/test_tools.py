@@ -230,3 +230,20 @@ def test_merge_output_errors_are_one_line(chain, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("ERROR ") and err.count("\n") == 1 and str(named) in err, err
     assert afile.read_bytes() == b"x"
+
+
+def test_pse_export_refuses_a_table_save_or_an_input_as_its_output(chain, tmp_path):
+    # The same output rules from Python as from the command line: pse.export onto a table save deleted it.
+    import torch_psembed as pse
+    from torch_psembed.checkpoint._output_dir import OutputError
+
+    paths, _ = chain
+    base = paths[0]
+    before = open(os.path.join(base, "manifest.json")).read()
+    with pytest.raises(OutputError, match="holds a table save, not a serving export"):
+        pse.export(paths[1], base)
+    with pytest.raises(OutputError, match="the output is also an input"):
+        pse.export([base, paths[1]], paths[1])
+    assert open(os.path.join(base, "manifest.json")).read() == before
+    pse.export(base, tmp_path / "serve")
+    pse.export(base, tmp_path / "serve")  # an earlier export is replaced

@@ -19,6 +19,7 @@ import torch
 
 from ..errors import CheckpointMismatchError, CorruptCheckpointError
 from . import _format as F
+from ._output_dir import check_out
 from . import _rows as R
 from . import _table_io as T
 
@@ -149,7 +150,8 @@ def export(table_or_path, out, dtype: str = "float16", *, with_stats: bool = Fal
     Args:
         table_or_path: a :class:`~torch_psembed.SparseTable` (all its ranks when sharded; collective), a saved
             directory, or a list ``[base_or_checkpoint, delta1, delta2, ...]`` applied in order.
-        out (str): the export directory (created when missing).
+        out (str): the export directory (created when missing; an earlier export there is replaced). It may
+            not be one of the saved directories read, a file, or a table save (``OutputError``, a ValueError).
         dtype (str, optional): ``"float16"``, ``"bfloat16"`` or ``"float32"``. Default: ``"float16"``
         with_stats (bool, optional): also write show and click (float32), which ``output="cvm_lr_mf"``
             needs. Default: ``False``
@@ -163,11 +165,15 @@ def export(table_or_path, out, dtype: str = "float16", *, with_stats: bool = Fal
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     if rows not in ROW_SETS:
         raise ValueError(f"rows must be one of {ROW_SETS}, got {rows!r}")
-    out = os.path.abspath(os.fspath(out))
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"out must be a directory (or not exist yet), got the file {out}")
-
     from ..table import SparseTable
+
+    if isinstance(table_or_path, (str, os.PathLike)):
+        sources = [table_or_path]
+    elif isinstance(table_or_path, (list, tuple)):
+        sources = list(table_or_path)
+    else:  # a table (or a wrong argument, refused below)
+        sources = []
+    out = check_out(sources, out, F.SERVING_FORMAT_NAME)  # not an input, a file or a table save
 
     if isinstance(table_or_path, SparseTable):
         group = T.group_of(table_or_path)

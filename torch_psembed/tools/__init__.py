@@ -14,6 +14,7 @@ import numpy as np
 from ..checkpoint import _format as F
 from ..checkpoint import _rows as R
 from ..checkpoint import _table_io as T
+from ..checkpoint._output_dir import OutputError, check_out
 from ..checkpoint.export import _rows_from_paths, read_serving
 from ..errors import CheckpointMismatchError, CorruptCheckpointError
 
@@ -22,42 +23,6 @@ __all__ = ["inspect_path", "verify", "merge", "check_out", "OutputError", "MAX_N
 # The bucket counts a save may have: what SparseTable.save writes (_table_io.save_group) and what every reader
 # accepts (_format._validate_table_fields); the automatic count stays within 1 to DEFAULT_NUM_BUCKETS (64).
 MAX_NUM_BUCKETS = 9999
-
-
-class OutputError(ValueError):
-    """An output directory the tools refuse to write: one of the inputs, a file, or a save of another format."""
-
-
-def check_out(paths: Sequence, out, fmt: str) -> str:
-    """Refuse ``out`` (raises OutputError naming it) when it is one of ``paths``, is not a directory, or holds a
-    manifest that is not of format ``fmt``; an earlier output of the same format may be replaced (the write is
-    atomic: new data directory, then the manifest by rename). Returns ``out`` as an absolute path."""
-    out = os.path.abspath(os.fspath(out))
-    real = os.path.realpath(out)
-    for p in paths:
-        p = os.path.abspath(os.fspath(p))
-        same = os.path.realpath(p) == real
-        if not same and os.path.exists(p) and os.path.exists(out):
-            try:
-                same = os.path.samefile(p, out)
-            except OSError:
-                pass
-        if same:
-            raise OutputError(f"{out}: the output is also an input ({p}); writing it would replace what is read")
-    if os.path.lexists(out) and not os.path.isdir(out):
-        raise OutputError(f"{out}: exists and is not a directory; the output must be a directory (or not exist yet)")
-    mpath = os.path.join(out, F.MANIFEST)
-    if os.path.lexists(mpath):
-        try:
-            with open(mpath, "rb") as f:
-                found = F.parse_json(f.read()).get("format")
-        except (OSError, ValueError, AttributeError):
-            found = None
-        if found != fmt:
-            kinds = {F.FORMAT_NAME: "a table save", F.SERVING_FORMAT_NAME: "a serving export"}
-            what, want = kinds.get(found, "an unreadable or unknown manifest"), kinds[fmt]
-            raise OutputError(f"{out}: holds {what}, not {want}; refusing to replace it (choose another output)")
-    return out
 
 
 def _kind(path: str) -> str:

@@ -19,7 +19,7 @@ import sys
 from typing import List, Optional
 
 from ..errors import CheckpointMismatchError, CorruptCheckpointError
-from . import MAX_NUM_BUCKETS, OutputError, check_out, inspect_path, merge, verify
+from . import MAX_NUM_BUCKETS, OutputError, inspect_path, merge, verify
 
 __all__ = ["main"]
 
@@ -117,10 +117,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"merged {len(args.paths)} saves into {os.path.abspath(args.out)}: {m['rows']:,} rows "
                   f"(base {m['base_id']}, sequence {m['sequence']})")
         elif args.cmd == "export":
-            from ..checkpoint import _format as F
             from ..checkpoint import export
 
-            check_out(args.paths, args.out, F.SERVING_FORMAT_NAME)
             src = args.paths[0] if len(args.paths) == 1 else args.paths
             m = export(src, args.out, dtype=args.dtype, with_stats=args.with_stats, rows=args.rows)
             print(f"exported {m['rows']:,} rows (dim {m['dim']}, {m['dtype']}) to {os.path.abspath(args.out)}")
