@@ -108,6 +108,9 @@ class MemoryTransport(Transport):
     def broadcast_from_first_trainer(self, obj):
         return obj
 
+    def gather_trainers(self, obj):
+        return [obj]  # one trainer
+
 
 def _cfg(dim=3):
     return worker.table_config(dim=dim)
@@ -695,6 +698,29 @@ def test_routing_one_trainer_two_servers_matches_local_table(tmp_path, transport
 
 @pytest.mark.distributed
 @pytest.mark.slow
+def test_trainers_calling_different_collectives_all_refuse_and_nothing_runs(tmp_path):
+    # The barriers only count calls: trainer 0's end_day(5) and trainer 1's shrink() went through together,
+    # only trainer 0's ran, and both returned as if theirs had (found by an audit, session 24).
+    out = str(tmp_path / "mismatch")
+    outs = _run(_torchrun(2, "mismatch", out, ["--rpc-timeout", "30"]))
+    assert all(rc == 0 for rc, _ in outs.values()), _show(outs)
+    r0, r1 = _load(out, 0), _load(out, 1)
+    for name, ops in (("end_day_vs_shrink", ("op_end_day(5,) on table 'a'", "op_shrink() on table 'a'")),
+                      ("other_table", ("op_end_day(7,) on table 'a'", "op_end_day(7,) on table 'b'")),
+                      ("other_day", ("op_end_day(8,)", "op_end_day(9,)"))):
+        assert r0[name] == r1[name], name  # the same error on every trainer
+        kind, message = r0[name]
+        assert kind == "error" and "the trainers called different table-wide operations" in message, message
+        assert f"trainer 0: {ops[0]}" in message and f"trainer 1: {ops[1]}" in message, message
+    assert r0["same"] == r1["same"] == ["ok", 0]
+    assert r0["days"] == r1["days"] == [5, -1]  # only the agreed end_day ran; table b never closed a day
+    assert r0["len"] == r1["len"] == 100
+    for r in (r0, r1):
+        assert "slots must be in [0, 16777216)" in r["bad_slot"] and not r["contains_bad_slot_keys"]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_colocated_two_trainers_ddp_staleness2_converges(tmp_path, baseline):
     out = str(tmp_path / "colo")
     outs = _run(_torchrun(2, "train", out, ["--staleness", "2"]))
@@ -812,3 +838,14 @@ def test_pushes_back_to_back_and_after_a_collective(k):
     local.push(*batch)
     t.flush()
     np.testing.assert_array_equal(t.pull(universe, True), local.pull(universe, True))
+
+
+def test_push_checks_slots_before_sending_any_part():
+    # A server refuses a slot no checkpoint can hold; checked by the trainer first, or the other servers'
+    # parts would be applied while one refused (found by an audit, session 24).
+    t, tr = _sharded(num_servers=2)
+    k = np.arange(1000, 1020, dtype=np.int64)
+    with pytest.raises(ValueError, match=r"slots must be in \[0, 16777216\).*slots\[3\] = -2"):
+        t.push(k, np.zeros((20, 4), np.float32), np.ones(20, np.float32), np.zeros(20, np.float32),
+               np.where(np.arange(20) == 3, -2, 1).astype(np.int32))
+    assert tr.pending == 0 and len(t) == 0

@@ -277,9 +277,46 @@ def _raise_on_server(table, server_index, num_servers):
     raise ValueError(f"boom on server {server_index}")
 
 
+def mismatch(args) -> dict:
+    """Two trainers calling different table-wide operations at once: both refuse, nothing runs (session 24)."""
+    pse.init(max_staleness=0, rpc_timeout=args.rpc_timeout, transport=args.transport)
+    rank = int(os.environ["RANK"])
+    a = pse.SparseTable(table_config(dim=3), name="a")
+    b = pse.SparseTable(table_config(dim=3), name="b")
+    keys = np.arange(100 * rank, 100 * rank + 50, dtype=np.int64)
+    shows = np.full(keys.size, 100.0, np.float32)  # a score well above the delete threshold: end_day keeps them
+    for t in (a, b):
+        t.push(keys, np.zeros((keys.size, 4), np.float32), shows, np.zeros(keys.size, np.float32))
+    out = {}
+
+    def attempt(name, fn):
+        try:
+            out[name] = ["ok", fn()]
+        except RuntimeError as e:
+            out[name] = ["error", str(e)]
+
+    attempt("end_day_vs_shrink", (lambda: a.end_day(5)) if rank == 0 else (lambda: a.shrink()))
+    attempt("other_table", (lambda: a.end_day(7)) if rank == 0 else (lambda: b.end_day(7)))
+    attempt("other_day", lambda: a.end_day(8 + rank))
+    attempt("same", lambda: a.end_day(5))  # the trainers agree again: it runs
+    # a push with a slot no checkpoint can hold, for keys on both servers: refused before anything is sent
+    try:
+        a.push(np.arange(1000, 1020, dtype=np.int64), np.zeros((20, 4), np.float32), np.ones(20, np.float32),
+               np.zeros(20, np.float32), np.full(20, 2**25, np.int32))
+        out["bad_slot"] = "no error"
+    except ValueError as e:
+        out["bad_slot"] = str(e)
+    a.flush()
+    out["days"] = [a.day, b.day]
+    out["len"] = len(a)
+    out["contains_bad_slot_keys"] = any(int(k) in a for k in range(1000, 1020))
+    pse.shutdown()
+    return out
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("scenario", choices=["routing", "train", "fault"])
+    ap.add_argument("scenario", choices=["routing", "train", "fault", "mismatch"])
     ap.add_argument("out")
     ap.add_argument("--num-servers", type=int, default=0)
     ap.add_argument("--staleness", type=int, default=0)
@@ -304,6 +341,8 @@ def main() -> None:
     args = parse_args()
     if args.scenario == "routing":
         out = routing(args)
+    elif args.scenario == "mismatch":
+        out = mismatch(args)
     else:
         out = train(args)
     rank = os.environ.get("RANK", "0")

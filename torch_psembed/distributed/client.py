@@ -32,7 +32,7 @@ import queue
 import threading
 import time
 import weakref
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -339,8 +339,16 @@ class ShardedTable:
                 raise ValueError(f"{name} must be finite (no NaN/Inf)")
             if (a < 0).any():
                 raise ValueError(f"{name} must be >= 0, got a negative value")
-        if slots is not None and slots.shape != (n,):
-            raise ValueError(f"slots must have shape ({n},), got {tuple(slots.shape)}")
+        if slots is not None:
+            if slots.shape != (n,):
+                raise ValueError(f"slots must have shape ({n},), got {tuple(slots.shape)}")
+            # Checked here, before any server gets its part: a server refusing its part would leave the
+            # others' applied (the servers check it too, as a local table does).
+            bad = np.flatnonzero((slots < 0) | (slots >= _C.SLOT_LIMIT))
+            if bad.size:
+                i = int(bad[0])
+                raise ValueError(f"slots must be in [0, {_C.SLOT_LIMIT}) (a checkpoint stores them as float32, "
+                                 f"exact up to 2^24), got slots[{i}] = {int(slots[i])}")
 
     def push(self, keys, grads, shows, clicks, slots=None) -> int:
         self._check_alive()
@@ -425,6 +433,7 @@ class ShardedTable:
         self._check_alive()
         self.flush()
         self._transport.trainer_barrier()
+        self._check_same_collective(fn, args)
         payload = None
         if self.trainer_rank == 0:
             try:
@@ -449,6 +458,20 @@ class ShardedTable:
 
             raise _failure(value[0], "collective", PeerUnavailableError(value[1], rank=value[0]))
         return value
+
+    def _check_same_collective(self, fn: Callable, args: Sequence[Any]) -> None:
+        """Raise the same error on every trainer unless all called this operation, on this table, with the
+        same numeric arguments (a day): the barriers only count calls, so trainers calling different ones (one
+        end_day, another shrink, or end_day on another table) went on, and only the first trainer's ran.
+        Other arguments (paths) are not compared: trainers may spell one path differently."""
+        mine = (f"{fn.__module__}.{fn.__qualname__}", self.name,
+                tuple(a for a in args if a is None or isinstance(a, (bool, int, float))))
+        every = self._transport.gather_trainers(mine)
+        if any(s != every[0] for s in every):
+            calls = "; ".join(f"trainer {i}: {s[0].rsplit('.', 1)[-1]}{s[2] if s[2] else '()'} on table {s[1]!r}"
+                              for i, s in enumerate(every))
+            raise RuntimeError(f"the trainers called different table-wide operations at once ({calls}): every "
+                               "trainer must call them in the same order, with the same arguments; none was run")
 
     def shrink(self) -> int:
         return int(sum(self.collective(server.op_shrink)))

@@ -194,6 +194,14 @@ class RpcTransport(Transport):
             raise self._on_failure(self.trainer_ranks[0], "broadcast from the first trainer", e) from e
         return box[0]
 
+    def gather_trainers(self, obj: Any) -> List[Any]:
+        out: List[Any] = [None] * len(self.trainer_ranks)
+        try:
+            dist.all_gather_object(out, obj, group=self.trainer_group)
+        except Exception as e:  # noqa: BLE001
+            raise self._on_failure(self.trainer_ranks[0], "gather over the trainers", e) from e
+        return out
+
 
 server_mod = server
 

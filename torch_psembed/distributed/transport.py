@@ -125,6 +125,10 @@ class Transport(abc.ABC):
     def broadcast_from_first_trainer(self, obj: Any) -> Any:
         """Every trainer returns the object the first trainer passed (others pass None)."""
 
+    @abc.abstractmethod
+    def gather_trainers(self, obj: Any) -> List[Any]:
+        """Every trainer returns the objects every trainer passed, in trainer order."""
+
     def close(self) -> None:
         """Release this transport's own connections (idempotent; ``runtime.shutdown`` calls it). Default:
         nothing to release."""
