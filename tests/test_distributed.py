@@ -526,6 +526,8 @@ def test_init_argument_errors(monkeypatch):
         pse.init(num_servers=-2)
     with pytest.raises(ValueError, match="rpc_timeout"):
         pse.init(rpc_timeout=0)
+    with pytest.raises(ValueError, match="rpc_timeout must be a finite number of seconds > 0, got True"):
+        pse.init(rpc_timeout=True)
     with pytest.raises(ValueError, match="transport must be one of 'tcp', 'rpc', got 'udp'"):
         pse.init(transport="udp")
     with pytest.raises(ValueError, match="num_servers=1 needs at least 2 processes"):

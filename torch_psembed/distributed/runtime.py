@@ -216,7 +216,8 @@ def init(max_staleness: int = 1, num_servers: int = 0, rpc_timeout: float = 60.0
         raise ValueError(f"max_staleness must be an int >= 0, got {max_staleness!r}")
     if not isinstance(num_servers, int) or isinstance(num_servers, bool) or num_servers < 0:
         raise ValueError(f"num_servers must be an int >= 0, got {num_servers!r}")
-    if not isinstance(rpc_timeout, (int, float)) or not math.isfinite(rpc_timeout) or rpc_timeout <= 0:
+    if (not isinstance(rpc_timeout, (int, float)) or isinstance(rpc_timeout, bool) or not math.isfinite(rpc_timeout)
+            or rpc_timeout <= 0):  # True would be a 1 s timeout
         raise ValueError(f"rpc_timeout must be a finite number of seconds > 0, got {rpc_timeout!r}")
     if transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {', '.join(map(repr, TRANSPORTS))}, got {transport!r}")
