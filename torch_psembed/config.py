@@ -56,7 +56,7 @@ def _check_number(owner: str, name: str, v: object, low: float, high: float, low
         raise ValueError(f"{owner}.{name} must be {kind} in {lo}{low}, {high}{hi}, got {v!r}")
 
 
-def _check_bounds(owner: str, obj: object) -> None:
+def _check_bounds(obj: object, owner: str) -> None:
     bounds = obj.weight_bounds
     ok = isinstance(bounds, (tuple, list)) and len(bounds) == 2 and all(_is_number(b) for b in bounds)
     if not ok or not bounds[0] <= bounds[1]:  # NaN fails the comparison
@@ -86,7 +86,7 @@ class SGD:
 
     def __post_init__(self) -> None:
         _check_finite_nonneg(self, type(self).__name__, "learning_rate", "initial_range")
-        _check_bounds(type(self).__name__, self)
+        _check_bounds(self, type(self).__name__)
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,12 @@ from typing import Iterator, List, Optional
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import _C
 from . import functional as PF
 from ._autograd import Timings
+from ._output_dtype import ConvertsOutput
 
 __all__ = ["PSEmbedding", "feed"]
 
@@ -92,7 +93,7 @@ def current_clicks() -> Optional[Tensor]:
     return stack[-1] if stack else None
 
 
-class PSEmbedding(nn.Module):
+class PSEmbedding(ConvertsOutput):
     r"""Looks up 64-bit feature ids in a :class:`~torch_psembed.SparseTable`, like ``nn.Embedding`` (``mode=None``)
     or ``nn.EmbeddingBag`` (``mode="sum"``/``"mean"``), and updates the rows with the table's own sparse rule
     during ``backward``.
@@ -242,7 +243,6 @@ class PSEmbedding(nn.Module):
         self.grad_scaler = grad_scaler
         self.embedding_dim = PF.output_dim(output, int(table.dim))
         self.frozen = False  # requires_grad_(False): pull, never push
-        self.output_dtype = torch.float32  # half(), double(), to(dtype): the output's dtype (the rows stay float32)
         self.timings = None
         self._prefetched_dedup = None  # (ids, their dedup) of the last prefetch, for the next forward
 
@@ -272,7 +272,7 @@ class PSEmbedding(nn.Module):
             cvm_click_prior=self.cvm_click_prior,
             grad_scaler=self.grad_scaler,
         )
-        return out if self.output_dtype == torch.float32 else out.to(self.output_dtype)
+        return self._convert_output(out)
 
     def requires_grad_(self, requires_grad: bool = True) -> "PSEmbedding":
         """``requires_grad_(False)`` freezes the rows as it freezes ``nn.Embedding``'s weight: the module pulls
@@ -283,11 +283,6 @@ class PSEmbedding(nn.Module):
             raise TypeError(f"requires_grad must be a bool, got {type(requires_grad).__name__}")
         self.frozen = not requires_grad
         return super().requires_grad_(requires_grad)
-
-    def _apply(self, fn, recurse=True):
-        # half(), double(), to(dtype) convert parameters; this module has none, so it converts its output.
-        self.output_dtype = PF.converted_dtype(fn, self.output_dtype)
-        return super()._apply(fn, recurse)
 
     def prefetch(
         self,

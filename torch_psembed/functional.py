@@ -500,16 +500,6 @@ def _check_include_last_offset(include_last_offset, mode: Optional[str]) -> bool
     return include_last_offset
 
 
-def converted_dtype(fn, current: torch.dtype) -> torch.dtype:
-    """The output dtype after a module's ``_apply(fn)`` (``half()``, ``double()``, ``float()``, ``to(...)``):
-    what ``fn`` makes of a tensor of the ``current`` dtype, when floating. PSEmbedding and InferenceEmbedding
-    have no float parameters to convert, so they convert their output. An ``fn`` that cannot run here
-    (``cuda()`` without a GPU) raises, as it does for ``nn.Embedding``; a device move keeps the dtype (the
-    output follows the ids' device)."""
-    dtype = fn(torch.zeros(0, dtype=current)).dtype
-    return dtype if dtype.is_floating_point else current
-
-
 def _check_click_prior(prior) -> float:
     """``cvm_click_prior`` as a float, or a ValueError naming it (it must be a finite number > 0)."""
     if isinstance(prior, bool) or not isinstance(prior, (int, float)) or not math.isfinite(prior) or prior <= 0:

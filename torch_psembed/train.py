@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .config import _is_int, _is_number
 from .data import BatchStream, FileSource, SimulatorConfig, SyntheticSource, make_loader
 from .metrics import JsonlWriter, PassMetrics, read_jsonl
 from .models import HashedSlotEmbedding, PSSlotEmbedding, build_model
@@ -264,10 +265,6 @@ def _choices() -> Dict[str, tuple]:
             "embedding.kind": ("ps", "hashed"), "embedding.output": tuple(OUTPUTS), "ps.transport": tuple(TRANSPORTS)}
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _describe(path: str, proto: Any, choices: Dict[str, tuple], plural: bool = False) -> str:
     if isinstance(proto, bool):
         return "booleans (true or false)" if plural else "true or false"
@@ -295,7 +292,7 @@ def _fits(path: str, v: Any, proto: Any, choices: Dict[str, tuple]) -> bool:
         lo, hi = _INT_RANGE.get(path, (None, None))
         return _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi)
     if isinstance(proto, float):
-        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+        if not (_is_number(v) and math.isfinite(v)):
             return False
         lo, open_ = _FLOAT_LOW.get(path, (None, False))
         return lo is None or (v > lo if open_ else v >= lo)

@@ -37,6 +37,7 @@ MANIFEST = "manifest.json"
 # The salt keeps buckets independent of the server routing (mix64(key) % num_servers). Frozen.
 BUCKET_SALT = 0x5EED_C0DE_B0C4_E75A
 DEFAULT_NUM_BUCKETS = 64  # the most buckets a save takes when it chooses the count itself
+MAX_NUM_BUCKETS = 9999  # the most a save may be given (bucket numbers are 4 digits in the file names)
 # A save that chooses its bucket count takes one bucket per this many rows of the table (1 to
 # DEFAULT_NUM_BUCKETS): every bucket costs 4 files per part, and creating and fsyncing a file costs ~0.3 ms
 # on the development VM whatever its size, so a 35k-row table saved in 64 buckets from 2 servers spent ~150
@@ -62,6 +63,14 @@ _SALT_I64 = np.array([BUCKET_SALT], dtype=np.uint64).view(np.int64)[0]
 # zlib.crc32, computed by _C (carry-less multiplies where the CPU has them: ~4x zlib's speed here; the same
 # value, tested against zlib in tests/test_checkpoint_load.py). zlib where _C predates it.
 crc32 = getattr(_C, "crc32", zlib.crc32)
+
+
+def check_num_buckets(num_buckets) -> None:
+    """A ``num_buckets`` argument of a writer (save, merge): None (the automatic count) or an int in
+    [1, MAX_NUM_BUCKETS], the range every reader accepts; a ValueError naming it otherwise."""
+    if num_buckets is not None and (isinstance(num_buckets, bool) or not isinstance(num_buckets, (int, np.integer))
+                                    or not 1 <= num_buckets <= MAX_NUM_BUCKETS):
+        raise ValueError(f"num_buckets must be an int in [1, {MAX_NUM_BUCKETS}], got {num_buckets!r}")
 
 
 def auto_num_buckets(rows: int) -> int:
@@ -438,7 +447,7 @@ def _validate_table_fields(m: Dict[str, Any]) -> None:
     if base_id is not None and not isinstance(base_id, str):
         raise _SchemaError(f"base_id must be a str or null, got {_short(base_id)}")
     _int(m, "sequence")
-    _int(m, "num_buckets", lo=1, hi=9999)
+    _int(m, "num_buckets", lo=1, hi=MAX_NUM_BUCKETS)
     _int(m, "rows_with_mf")
     _int(m, "tombstones")
     for k in ("config", "signature", "layout"):

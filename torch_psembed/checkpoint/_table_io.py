@@ -314,9 +314,7 @@ def save_group(
     ``num_buckets=None`` takes ``_format.auto_num_buckets`` of the table's key count."""
     if mode not in F.MODES:
         raise ValueError(f"mode must be one of {F.MODES}, got {mode!r}")
-    if num_buckets is not None and (isinstance(num_buckets, bool) or not isinstance(num_buckets, int)
-                                    or not 1 <= num_buckets <= 9999):
-        raise ValueError(f"num_buckets must be an int in [1, 9999], got {num_buckets!r}")
+    F.check_num_buckets(num_buckets)
     path = _check_path(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"path must be a directory (or not exist yet), got the file {path}")

@@ -7,9 +7,10 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import functional as PF
+from .._output_dtype import ConvertsOutput
 from ..table import _as_key, _as_numpy
 from .export import read_serving, serving_rows_problem, values_tensor
 
@@ -53,7 +54,7 @@ class _ServingRows:
         return rows
 
 
-class InferenceEmbedding(nn.Module):
+class InferenceEmbedding(ConvertsOutput):
     r"""A read-only :class:`~torch_psembed.PSEmbedding` over the files written by :func:`torch_psembed.export`.
 
     It holds the exported keys (sorted) and their ``lr, mf`` rows in the exported dtype, and looks ids up
@@ -135,7 +136,6 @@ class InferenceEmbedding(nn.Module):
         self.include_last_offset = include_last_offset
         self.cvm_click_prior = PF._check_click_prior(cvm_click_prior)
         self.dim = dim
-        self.output_dtype = torch.float32  # half(), double(), to(dtype) change it
         self._rows = _ServingRows(keys, values, stats)
 
     @classmethod
@@ -173,12 +173,7 @@ class InferenceEmbedding(nn.Module):
             push=False,
             cvm_click_prior=self.cvm_click_prior,
         )
-        return out if self.output_dtype == torch.float32 else out.to(self.output_dtype)
-
-    def _apply(self, fn, recurse=True):
-        # half(), double(), to(dtype): the output's dtype (the served rows keep their exported dtype).
-        self.output_dtype = PF.converted_dtype(fn, self.output_dtype)
-        return super()._apply(fn, recurse)
+        return self._convert_output(out)
 
     def pull(self, keys: Tensor, with_stats: bool = False) -> Tensor:
         """Rows ``lr, mf`` (with ``show, click`` first when ``with_stats``) as float32; unknown keys read zeros.

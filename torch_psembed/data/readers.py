@@ -62,6 +62,11 @@ def _is_decimal(s: str) -> bool:
     return s.isascii() and s.isdigit()
 
 
+def _is_signed_decimal(s: str) -> bool:
+    """An optional ``-``, then ASCII digits (``int()`` alone would also take "+5", " 5", "1_000", "\u0663")."""
+    return _is_decimal(s[1:] if s[:1] == "-" else s)
+
+
 class CriteoParser:
     """Parses Criteo lines: label, 13 integer and 26 categorical columns -> 39 slots, one feasign each."""
 
@@ -87,8 +92,7 @@ class CriteoParser:
             if s == "":
                 values[i] = _MISSING
                 continue
-            # "-"? then ASCII digits, as the C++ path; int() alone would also take "+5", " 5", "1_000", "\u0663"
-            if not _is_decimal(s[1:] if s[0] == "-" else s):
+            if not _is_signed_decimal(s):  # as the C++ path
                 raise ValueError(f"integer column I{i + 1} is not an integer: {s[:20]!r}")
             try:
                 v = int(s)
@@ -158,8 +162,7 @@ class SlotParser:
             s, sep, fs = tok.partition(":")
             if not sep:
                 raise ValueError(f"expected slot:feasign, got {tok[:30]!r}")
-            # ASCII digits ("-" allowed on the slot id): int() alone would take "+5", "1_000", "\u0665"
-            if not (_is_decimal(s[1:] if s[:1] == "-" else s) and _is_decimal(fs)):
+            if not (_is_signed_decimal(s) and _is_decimal(fs)):
                 raise ValueError(f"slot and feasign must be integers, got {tok[:30]!r}")
             if len(fs.lstrip("0")) > 20:  # more digits than 2**64 - 1 (and than int() may convert)
                 raise ValueError(f"feasign must be in [0, 2**64), got {fs[:30]!r}")

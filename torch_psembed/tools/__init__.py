@@ -20,9 +20,8 @@ from ..errors import CheckpointMismatchError, CorruptCheckpointError
 
 __all__ = ["inspect_path", "verify", "merge", "check_out", "OutputError", "MAX_NUM_BUCKETS"]
 
-# The bucket counts a save may have: what SparseTable.save writes (_table_io.save_group) and what every reader
-# accepts (_format._validate_table_fields); the automatic count stays within 1 to DEFAULT_NUM_BUCKETS (64).
-MAX_NUM_BUCKETS = 9999
+# The bucket counts a save may have (the automatic count stays within 1 to DEFAULT_NUM_BUCKETS, 64).
+MAX_NUM_BUCKETS = F.MAX_NUM_BUCKETS
 
 
 def _kind(path: str) -> str:
@@ -80,9 +79,7 @@ def merge(paths: Sequence, out, num_buckets: Optional[int] = None) -> Dict[str, 
     ``paths``, a file or a serving export (OutputError); an earlier table save there is replaced atomically.
     ``num_buckets`` is None (the rule of ``SparseTable.save``) or an int in [1, MAX_NUM_BUCKETS].
     """
-    if num_buckets is not None and (isinstance(num_buckets, bool) or not isinstance(num_buckets, (int, np.integer))
-                                    or not 1 <= num_buckets <= MAX_NUM_BUCKETS):
-        raise ValueError(f"num_buckets must be an int in [1, {MAX_NUM_BUCKETS}], got {num_buckets!r}")
+    F.check_num_buckets(num_buckets)
     paths = [os.path.abspath(os.fspath(p)) for p in paths]
     if not paths:
         raise ValueError("merge needs a base or checkpoint save, then its deltas")
