@@ -722,6 +722,33 @@ def test_trainers_calling_different_collectives_all_refuse_and_nothing_runs(tmp_
 
 
 @pytest.mark.distributed
+def test_ranks_calling_init_with_different_arguments_all_raise(tmp_path):
+    # Rank 0 colocated over TCP, rank 1 with one dedicated server over RPC: each built its groups from its own
+    # num_servers and waited in dist.new_group for a group the other never made (found by an audit, session 24).
+    out = str(tmp_path / "init_args")
+    outs = _run(_by_hand(2, "init_args", out, ["--rpc-timeout", "20"]), timeout=60)
+    assert all(rc == 0 for rc, _ in outs.values()), _show(outs)
+    r0, r1 = _load(out, 0), _load(out, 1)
+    assert r0["error"] == r1["error"] and r0["error"] is not None, (r0, r1)
+    assert "the ranks called pse.init() with different arguments" in r0["error"], r0["error"]
+    assert "rank 0: num_servers=0, transport='tcp'; rank 1: num_servers=1, transport='rpc'" in r0["error"], r0
+    assert r0["initialized"] is r1["initialized"] is False
+
+
+@pytest.mark.distributed
+def test_a_rank_stopped_by_an_error_tells_the_others_why(tmp_path):
+    # Rank 1 creates rank 0's table with another config: its ValueError stops it, and rank 0's next request
+    # failed with only "rank 1 is unavailable: ... connection closed" (found by an audit, session 24).
+    out = str(tmp_path / "other_config")
+    outs = _run(_by_hand(2, "other_config", out, ["--rpc-timeout", "10"]), timeout=90)
+    assert outs["rank1"][0] == 1 and "already exists with a different config" in outs["rank1"][1], _show(outs)
+    assert outs["rank0"][0] == 1, _show(outs)  # a PeerUnavailableError ends the survivor's process with 1 too
+    r0 = _load(out, 0)
+    assert r0["rank"] == 1 and r0["error"].startswith("rank 1 is unavailable: it stopped on an uncaught ValueError: "
+                                                      "table 'feasign' already exists with a different config"), r0
+
+
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_colocated_two_trainers_ddp_staleness2_converges(tmp_path, baseline):
     out = str(tmp_path / "colo")

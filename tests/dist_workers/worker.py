@@ -316,7 +316,7 @@ def mismatch(args) -> dict:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("scenario", choices=["routing", "train", "fault", "mismatch"])
+    ap.add_argument("scenario", choices=["routing", "train", "fault", "mismatch", "init_args", "other_config"])
     ap.add_argument("out")
     ap.add_argument("--num-servers", type=int, default=0)
     ap.add_argument("--staleness", type=int, default=0)
@@ -328,6 +328,42 @@ def parse_args(argv=None):
     ap.add_argument("--kill-rank", type=int, default=-1)
     ap.add_argument("--step-sleep", type=float, default=0.0)
     return ap.parse_args(argv)
+
+
+def init_args(args) -> dict:
+    """pse.init with arguments that differ by rank (rank 1: a dedicated server layout over RPC)."""
+    rank = int(os.environ["RANK"])
+    try:
+        pse.init(max_staleness=0, num_servers=rank, rpc_timeout=args.rpc_timeout,
+                 transport="rpc" if rank else "tcp")
+    except RuntimeError as e:
+        return {"error": str(e), "initialized": pse.is_initialized()}
+    return {"error": None}
+
+
+def other_config(args) -> dict:
+    """Rank 1 creates rank 0's table with another config and stops on the uncaught ValueError; rank 0 trains
+    on until its next request to rank 1 fails, and reports the error it got (rank 1 writes nothing)."""
+    import torch.distributed as dist
+
+    pse.init(max_staleness=0, rpc_timeout=args.rpc_timeout, transport=args.transport)
+    rank = int(os.environ["RANK"])
+    if rank == 0:
+        table = pse.SparseTable(table_config(dim=3), name="feasign")
+    dist.barrier()  # rank 0 created it first
+    if rank == 1:
+        pse.SparseTable(table_config(dim=5), name="feasign")  # raises ValueError, uncaught: the process stops
+    keys = np.arange(64, dtype=np.int64)
+    deadline = time.monotonic() + 4 * args.rpc_timeout
+    while time.monotonic() < deadline:
+        try:
+            table.pull(keys)
+            table.push(keys, np.zeros((keys.size, 4), np.float32), np.ones(keys.size, np.float32),
+                       np.zeros(keys.size, np.float32))
+        except pse.PeerUnavailableError as e:
+            return {"error": str(e), "rank": e.rank}
+        time.sleep(0.05)
+    return {"error": None}
 
 
 def main() -> None:
@@ -343,6 +379,10 @@ def main() -> None:
         out = routing(args)
     elif args.scenario == "mismatch":
         out = mismatch(args)
+    elif args.scenario == "init_args":
+        out = init_args(args)
+    elif args.scenario == "other_config":
+        out = other_config(args)
     else:
         out = train(args)
     rank = os.environ.get("RANK", "0")

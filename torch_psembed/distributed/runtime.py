@@ -125,6 +125,11 @@ def _failure(rank: int, what: str, exc: BaseException) -> PeerUnavailableError:
             f"failed (rpc_timeout={timeout:g}s): {detail}",
             rank=dead,
         )
+    elif report is not None and report[0] == report[1] == rank:  # it said why it stopped (_install_excepthook)
+        err = PeerUnavailableError(
+            f"rank {rank} is unavailable: {report[2]}; then {what} failed (rpc_timeout={timeout:g}s): {detail}",
+            rank=rank,
+        )
     else:
         who = f"rank {rank}" if rank >= 0 else "a peer rank"
         err = PeerUnavailableError(f"{who} is unavailable: {what} failed (rpc_timeout={timeout:g}s): {detail}",
@@ -257,7 +262,13 @@ def init(max_staleness: int = 1, num_servers: int = 0, rpc_timeout: float = 60.0
             st.server_ranks = list(range(world))
             st.trainer_ranks = list(range(world))
         _state = st
-    _start(st)
+    try:
+        _start(st)
+    except BaseException:
+        if not st.rpc_up and not st.owns_pg:  # nothing left running: init may be called again
+            with _lock:
+                _state = None
+        raise
     atexit.register(_atexit)
     _install_excepthook()
     if not st.is_trainer:
@@ -282,6 +293,7 @@ def _start(st: _Runtime) -> None:
             f"the default process group has rank {dist.get_rank()} of {dist.get_world_size()}, "
             f"but torchrun's env says RANK={st.rank} WORLD_SIZE={st.world_size}"
         )
+    _check_same_init(st)
     # Every rank must take part in creating every group, in the same order.
     # The trainers' group carries the broadcast that ends a collective, which waits for the servers' part of
     # it (a save can take minutes): its timeout is collective_timeout; barriers pass rpc_timeout themselves.
@@ -326,6 +338,30 @@ def _start(st: _Runtime) -> None:
                                 collective_timeout=st.collective_timeout)
     if st.is_trainer:
         st.transport.connect()
+
+
+def _check_same_init(st: _Runtime) -> None:
+    """Raise on every rank when the ranks called ``init`` with different arguments.
+
+    Each rank builds its groups from its own ``num_servers``: ranks that disagree would wait in
+    ``dist.new_group`` for a group the others never make (a hang), and a different transport or staleness
+    would fail later with an unrelated error. One gather on the default group settles it before anything else.
+    """
+    import torch.distributed as dist
+
+    mine = {"num_servers": len(st.server_ranks) if st.dedicated else 0, "transport": st.transport_kind,
+            "max_staleness": st.max_staleness, "rpc_timeout": st.rpc_timeout}
+    every: List[Any] = [None] * st.world_size
+    dist.all_gather_object(every, mine)
+    if all(a == mine for a in every):
+        return
+    keys = [k for k in mine if any(a[k] != every[0][k] for a in every)]
+    calls = "; ".join(f"rank {r}: " + ", ".join(f"{k}={a[k]!r}" for k in keys) for r, a in enumerate(every))
+    if st.owns_pg:
+        dist.destroy_process_group()
+        st.owns_pg = False
+    raise RuntimeError(f"the ranks called pse.init() with different arguments ({calls}); every rank must pass "
+                       "the same num_servers, transport, max_staleness and rpc_timeout")
 
 
 def _shorten_gil_switch_interval() -> None:
@@ -554,6 +590,12 @@ def _install_excepthook() -> None:
         st = _state
         if st is not None and not st.local and not issubclass(tp, SystemExit):
             st.failed = True
+            if not issubclass(tp, PeerUnavailableError):  # (that one was told by _failure)
+                # Tell the others why this rank stops, so that their PeerUnavailableError names the cause
+                # (e.g. a trainer that created a table with another config), not only a closed connection.
+                first = str(value).strip().splitlines()[0] if str(value).strip() else ""
+                _tell_others(st, PeerUnavailableError(
+                    f"it stopped on an uncaught {tp.__name__}{': ' + first if first else ''}", rank=st.rank))
         previous(tp, value, tb)
 
     sys.excepthook = hook
