@@ -499,6 +499,11 @@ def test_slot_format(tmp_path):
     assert b["slots"].tolist() == [0, 1, 1, 2]
     with pytest.raises(ValueError, match="slots"):
         FileSource(str(f), fmt="slot")
+    # slot ids are integers: int() made 1.7 slot 1 and True slot 1; a string was read as one slot per character
+    for bad in ([1.7, 2], [True], "12", [None]):
+        with pytest.raises(ValueError, match="slots must be a list of integer slot ids"):
+            SlotParser(bad)
+    assert SlotParser([np.int64(3), -2]).slots == [3, -2]
 
 
 @pytest.mark.parametrize("line", [

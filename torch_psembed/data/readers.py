@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..config import _is_int
 from .hashing import feasigns, hash_string
 
 __all__ = ["CriteoParser", "SlotParser", "make_parser", "assemble", "assemble_criteo"]
@@ -138,6 +139,8 @@ class SlotParser:
     name = "slot"
 
     def __init__(self, slots: Sequence[int]) -> None:
+        if isinstance(slots, (str, bytes)) or not all(_is_int(s) for s in slots):  # int(1.7) would be slot 1
+            raise ValueError(f"slots must be a list of integer slot ids, got {slots!r}")
         slots = [int(s) for s in slots]
         if not slots or len(set(slots)) != len(slots):
             raise ValueError(f"slots must be a non-empty list of distinct slot ids, got {slots!r}")
