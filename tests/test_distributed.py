@@ -749,6 +749,21 @@ def test_a_rank_stopped_by_an_error_tells_the_others_why(tmp_path):
 
 
 @pytest.mark.distributed
+def test_collective_after_a_trainer_shut_down_says_so_and_the_job_still_ends_cleanly(tmp_path):
+    # A trainer calling end_day after the other called shutdown() waited rpc_timeout, then got "rank 1 is
+    # unavailable" and exited 1, though rank 1 had only finished (found by an audit, session 24).
+    out = str(tmp_path / "after_shutdown")
+    outs = _run(_by_hand(2, "after_shutdown", out, ["--rpc-timeout", "5"]), timeout=90)
+    assert all(rc == 0 for rc, _ in outs.values()), _show(outs)
+    r0 = _load(out, 0)
+    for name in ("waiting", "after"):  # the notice came while rank 0 waited in the barrier; then before it
+        message, seconds = r0[name]
+        assert message.startswith("trainer rank 1 already called pse.shutdown(): a table-wide operation"), r0
+    assert r0["after"][1] < 1.0, r0  # refused at once, not after rpc_timeout
+    assert r0["shows"] == 64.0 and r0["day"] == -1, r0  # no day closed; rank 1's part still took the push
+
+
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_colocated_two_trainers_ddp_staleness2_converges(tmp_path, baseline):
     out = str(tmp_path / "colo")

@@ -316,7 +316,7 @@ def mismatch(args) -> dict:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("scenario", choices=["routing", "train", "fault", "mismatch", "init_args", "other_config"])
+    ap.add_argument("scenario", choices=["routing", "train", "fault", "mismatch", "init_args", "other_config", "after_shutdown"])
     ap.add_argument("out")
     ap.add_argument("--num-servers", type=int, default=0)
     ap.add_argument("--staleness", type=int, default=0)
@@ -366,6 +366,33 @@ def other_config(args) -> dict:
     return {"error": None}
 
 
+def after_shutdown(args) -> dict:
+    """Rank 1 shuts down while rank 0 waits in end_day's barrier; rank 0 then tries again, trains on and shuts
+    down cleanly (rank 1 writes nothing)."""
+    pse.init(max_staleness=0, rpc_timeout=args.rpc_timeout, transport=args.transport)
+    rank = int(os.environ["RANK"])
+    table = pse.SparseTable(table_config(dim=3), name="feasign")
+    if rank == 1:
+        time.sleep(1.0)  # rank 0 is in the barrier by now
+        pse.shutdown()
+        raise SystemExit(0)
+    out = {}
+    for name in ("waiting", "after"):
+        start = time.monotonic()
+        try:
+            table.end_day(3)
+            out[name] = ["no error", 0.0]
+        except RuntimeError as e:
+            out[name] = [str(e), time.monotonic() - start]
+    keys = np.arange(64, dtype=np.int64)  # rank 1 still serves its part until every trainer shut down
+    table.push(keys, np.zeros((keys.size, 4), np.float32), np.ones(keys.size, np.float32),
+               np.zeros(keys.size, np.float32))
+    out["shows"] = float(table.pull(keys, with_stats=True)[:, 0].sum())
+    out["day"] = table.day
+    pse.shutdown()
+    return out
+
+
 def main() -> None:
     # Here, not at import: tests/test_distributed.py imports this module, and a process-wide thread count
     # set at import would change torch's behaviour for every later test in the pytest process.
@@ -383,6 +410,8 @@ def main() -> None:
         out = init_args(args)
     elif args.scenario == "other_config":
         out = other_config(args)
+    elif args.scenario == "after_shutdown":
+        out = after_shutdown(args)
     else:
         out = train(args)
     rank = os.environ.get("RANK", "0")

@@ -184,7 +184,24 @@ class RpcTransport(Transport):
         return self._async(server, f"create table {table!r}", server_mod.create_table, (table, config))
 
     def trainer_barrier(self) -> None:
-        barrier(self.trainer_group, self.rpc_timeout, self._on_failure, "trainer barrier")
+        def on_failure(rank: int, what: str, e: BaseException) -> BaseException:
+            # A trainer that already shut down (its notice may come while this one waits) never arrives: say
+            # so, rather than calling it unavailable. Not a peer failure: the job can still shut down cleanly.
+            return self._finished_trainers_error() or self._on_failure(rank, what, e)
+
+        err = self._finished_trainers_error()
+        if err is not None:
+            raise err
+        barrier(self.trainer_group, self.rpc_timeout, on_failure, "trainer barrier")
+
+    def _finished_trainers_error(self) -> Optional[RuntimeError]:
+        done = sorted(set(server.done_ranks()) & set(self.trainer_ranks) - {self.rank})
+        if not done:
+            return None
+        which = ", ".join(map(str, done))
+        return RuntimeError(f"trainer rank{'s' if len(done) > 1 else ''} {which} already called pse.shutdown(): a "
+                            "table-wide operation (shrink, new_day, end_day, save, load) needs every trainer; call "
+                            "it on every trainer before shutdown")
 
     def broadcast_from_first_trainer(self, obj: Any) -> Any:
         box = [obj]
