@@ -2,9 +2,9 @@
 extension itself (the bindings included) under ASan+UBSan and under TSan, driven by part of the Python suite
 ("pyasan", "pytsan").
 
-Part of the default test run (marked slow: ~1-3 minutes each on 2 cores from a cold build, seconds to
-a minute when the build trees in build/sanitize-* are warm). Skipped only when no C++ compiler or cmake
-exists.
+Part of the default test run (marked slow: ~1-2 minutes each on 2 cores from a cold build, seconds to
+a minute when the build trees build/sanitize-asan and build/sanitize-tsan are warm; "asan" and "pyasan" share
+the first, "tsan" and "pytsan" the second). Skipped only when no C++ compiler or cmake exists.
 """
 
 from __future__ import annotations
