@@ -588,15 +588,16 @@ def _install_excepthook() -> None:
 
     def hook(tp, value, tb):
         st = _state
-        if st is not None and not st.local and not issubclass(tp, SystemExit):
+        failing = st is not None and not st.local and not issubclass(tp, SystemExit)
+        if failing:
             st.failed = True
-            if not issubclass(tp, PeerUnavailableError):  # (that one was told by _failure)
-                # Tell the others why this rank stops, so that their PeerUnavailableError names the cause
-                # (e.g. a trainer that created a table with another config), not only a closed connection.
-                first = str(value).strip().splitlines()[0] if str(value).strip() else ""
-                _tell_others(st, PeerUnavailableError(
-                    f"it stopped on an uncaught {tp.__name__}{': ' + first if first else ''}", rank=st.rank))
-        previous(tp, value, tb)
+        previous(tp, value, tb)  # the traceback first: telling the others may wait for them (5 s at most)
+        if failing and not issubclass(tp, PeerUnavailableError):  # (that one was told by _failure)
+            # Tell the others why this rank stops, so that their PeerUnavailableError names the cause (e.g. a
+            # trainer that created a table with another config), not only a closed connection.
+            first = str(value).strip().splitlines()[0] if str(value).strip() else ""
+            _tell_others(st, PeerUnavailableError(
+                f"it stopped on an uncaught {tp.__name__}{': ' + first if first else ''}", rank=st.rank))
 
     sys.excepthook = hook
 
