@@ -2,8 +2,9 @@
 
 ``ps_embedding`` checks the input the way ``torch.nn.functional.embedding_bag`` does, dedups the ids
 (a hash dedup with the inverse index, :func:`dedup`), pulls the unique rows once through
-:class:`~torch_psembed._autograd.PullPush` and builds the output with the very ops ``nn.Embedding`` and
-``nn.EmbeddingBag`` use, run over the pulled ``(U, D)`` rows with the inverse index as input. So the output is
+:class:`~torch_psembed._autograd.PullPush` and builds the output over the pulled ``(U, D)`` rows with the
+inverse index as input: ``index_select`` for ``mode=None`` (the gather ``nn.Embedding`` computes) and the very
+``F.embedding_bag`` that ``nn.EmbeddingBag`` uses for bags. So the output is
 that of ``nn.Embedding``/``nn.EmbeddingBag`` over a weight holding the same rows, and autograd reduces the
 incoming gradient to one row per unique id, which ``PullPush.backward`` pushes with show/click counts.
 
@@ -300,7 +301,7 @@ def pool(
 ) -> Tensor:
     """The output from the unique rows: ``nn.Embedding``/``nn.EmbeddingBag`` over ``rows`` at ``inverse``.
 
-    The forward runs ``F.embedding``/``F.embedding_bag`` themselves; the backward (:class:`~torch_psembed.
+    The forward is ``index_select`` (``mode=None``) or ``F.embedding_bag`` itself (bags); the backward (:class:`~torch_psembed.
     _autograd.Pool`) reduces the gradient with one ``embedding_bag`` over the id groups of ``groups`` (or an
     ``index_add_`` without them), several times faster on CPU than their own dense backward.
 

@@ -435,7 +435,8 @@ def check_state(rows: Dict[str, np.ndarray], where, ranges) -> None:
     """Refuse optimizer state no training can produce: a negative sum of squares (AdaGrad/StdAdaGrad g2sum,
     Adam's v, FTRL's n) or an Adam beta power outside [0, 1] (``ranges``: :func:`_format.column_ranges`).
     The next push would turn it into wrong weights (a negative g2sum drives them to the bound). Weights are not
-    checked: a table may load a model into changed weight_bounds. NaN passes here (the finiteness check has it).
+    checked against weight_bounds: a weight outside them is clipped by the row's next push (and a table with
+    other bounds refuses the save: they are part of the signature). NaN passes here (the finiteness check has it).
     ``where`` as in :func:`check_values`; a ``.mf`` row is counted in the ``.mf`` file."""
     for column, prefix in (("base", "lr_state"), ("mf", "mf_state")):
         arr = rows[column]

@@ -4,9 +4,9 @@ The work is split into *server steps*: module-level functions ``fn(local_c_table
 *args)`` that run next to each ``_C.Table`` part (through ``backend.collective`` when the table is sharded, in
 this process otherwise), and the *writer step* (the manifest), done by one trainer. A save is:
 
-1. ``_srv_begin_save``: agree on a save id (server 0's), create ``PATH/.tmp-<id>/`` and, unless the caller
-   fixed it, choose the bucket count from the table's size (``_format.auto_num_buckets``);
-2. ``_srv_write_part``: each server writes its rows of one moment, grouped by bucket: a checkpoint streams
+1. ``_srv_begin_save``: agree on a save id (server 0's), create ``PATH`` and, unless the caller fixed it,
+   choose the bucket count from the table's size (``_format.auto_num_buckets``);
+2. ``_srv_write_part``: each server creates ``PATH/.tmp-<id>/`` (if no other did yet) and writes its rows of one moment, grouped by bucket: a checkpoint streams
    them from the table into the bucket files (``_C.Table.save_buckets``: mutating calls wait until every
    file is written, nothing but one bucket per thread is held in memory); a base/delta takes the snapshot
    (``_C.Table.export_buckets``) and writes each file from a slice of it, keeping the side-effect inputs in
