@@ -158,3 +158,75 @@ def test_ps_slot_embedding_timing_sums_its_modules():
         assert t["pull"] > 0 and t["push"] > 0
     emb.enable_timing(False)
     assert emb.timing() is None
+
+
+class _RecordingTable:
+    """A table stand-in that forwards to a SparseTable and records every prefetch and push."""
+
+    def __init__(self, table):
+        self.table, self.dim, self.calls = table, table.dim, []
+
+    def pull(self, k, with_stats=False):
+        return self.table.pull(k, with_stats)
+
+    def prefetch(self, k, with_stats=False):
+        self.calls.append(("prefetch", np.asarray(k).copy()))
+
+    def push(self, k, grads, shows, clicks, slots=None):
+        self.calls.append(("push", np.asarray(k).copy(), np.asarray(grads).copy(), np.asarray(shows).copy(),
+                           np.asarray(clicks).copy(), None if slots is None else np.asarray(slots).copy()))
+        return self.table.push(k, grads, shows, clicks, slots)
+
+
+@pytest.mark.parametrize("keys, offsets", [
+    ([5, 6], [0, 2]),                # 1 sample x 2 slots: slot 0 holds 5 and 6, slot 1 is empty
+    ([5, 6, 7, 8], [0, 0, 3, 3]),    # 2 samples x 2 slots: {}, {5, 6, 7} | {}, {8}
+])
+def test_slot_embeddings_key_count_equal_to_bag_count_is_not_one_key_per_bag(keys, offsets):
+    # As many keys as bags, but uneven bags: the one-key-per-bag fast path must not be taken.
+    torch.manual_seed(0)
+    S, n = 2, len(keys)
+    B = len(offsets) // S
+    table = _filled_table(keys)
+    rec = _RecordingTable(table)
+    k, off = torch.tensor(keys), torch.tensor(offsets)
+    ends = offsets[1:] + [n]
+    bag_of_key = np.repeat(np.arange(len(offsets)), np.subtract(ends, offsets))  # bag b*S+s of each key
+    # cvm_lr_mf (the default) against the table's rows
+    emb = PSSlotEmbedding(rec, S).eval()
+    emb.prefetch(k, off)
+    assert rec.calls == []  # only the one-key-per-bag lookup is prefetched
+    np.testing.assert_allclose(emb(k, off).double().numpy(), _reference_bags(table, keys, offsets, S),
+                               rtol=1e-5, atol=1e-6)
+    # lr_mf, and the hashed embedding over rows holding the same lr_mf values: both give the same bags
+    emb = PSSlotEmbedding(rec, S, output="lr_mf")
+    rows = table.pull(k).double().numpy()  # (n, 1 + dim): lr, mf
+    ref = np.zeros((len(offsets), rows.shape[1]))
+    np.add.at(ref, bag_of_key, rows)
+    out = emb.eval()(k, off)
+    np.testing.assert_allclose(out.double().numpy().reshape(-1, rows.shape[1]), ref, rtol=1e-5, atol=1e-6)
+    hashed = HashedSlotEmbedding(1031, rows.shape[1], num_slots=S)
+    buckets = hashed.bucket(k)
+    assert len(set(buckets.tolist())) == n  # no collision among these keys
+    with torch.no_grad():
+        hashed.bag.weight[buckets] = torch.from_numpy(rows).float()
+    torch.testing.assert_close(hashed(k, off), out, rtol=1e-5, atol=1e-6)
+    # backward: each key pushed once, with its own bag's gradient, show, click (its sample's label) and slot
+    emb.train()
+    rec.calls.clear()
+    labels = torch.tensor([1.0, 0.0][:B])
+    w = torch.randn(B, S, rows.shape[1])
+    with pse.feed(clicks=labels):
+        (emb(k, off) * w).sum().backward()
+    pushes = [c for c in rec.calls if c[0] == "push"]
+    pushed = {}
+    for _, pk, g, shows, clicks, slots in pushes:
+        for j, key in enumerate(pk.tolist()):
+            assert key not in pushed
+            pushed[key] = (g[j], shows[j], clicks[j], slots[j])
+    assert sorted(pushed) == sorted(keys)
+    for key, bag in zip(keys, bag_of_key):
+        g, show, click, slot = pushed[key]
+        b, s = divmod(int(bag), S)
+        np.testing.assert_allclose(g, B * w[b, s].numpy(), rtol=1e-5)  # default grad_scale: the batch size
+        assert (show, click, slot) == (1, labels[b].item(), s)

@@ -22,6 +22,15 @@ def _bag_lengths(offsets: Tensor, n: int) -> Tensor:
     return torch.diff(offsets, append=offsets.new_tensor([n]))
 
 
+def _one_key_per_bag(keys: Tensor, offsets: Tensor) -> bool:
+    """Whether every bag holds exactly one key: ``offsets == arange(num_bags)`` and as many keys as bags. The
+    key count alone does not tell (an empty bag and a bag of two keys also add up to one key per bag)."""
+    n = offsets.numel()
+    if keys.numel() != n:
+        return False
+    return torch.equal(offsets, torch.arange(n, dtype=offsets.dtype, device=offsets.device))
+
+
 class PSSlotEmbedding(nn.Module):
     r"""Sum-pooled slot embeddings from one sharded :class:`~torch_psembed.SparseTable`.
 
@@ -82,7 +91,7 @@ class PSSlotEmbedding(nn.Module):
         lookup of one key per bag is prefetched: the per-slot lookups are several pulls of one table, and a
         table holds one prefetched pull."""
         S = self.num_slots
-        if offsets.numel() % S == 0 and keys.numel() == offsets.numel():
+        if offsets.numel() % S == 0 and _one_key_per_bag(keys, offsets):
             self.single.prefetch(keys.view(-1, S))
 
     def forward(self, keys: Tensor, offsets: Tensor) -> Tensor:
@@ -91,7 +100,7 @@ class PSSlotEmbedding(nn.Module):
         if n_bags % S:
             raise ValueError(f"offsets must have B * num_slots = B * {S} entries, got {n_bags}")
         B = n_bags // S
-        if keys.numel() == n_bags:  # one key per bag: offsets must be arange
+        if _one_key_per_bag(keys, offsets):  # offsets == arange(n_bags): the (B, S) key matrix
             return self.single(keys.view(B, S))
         lengths = _bag_lengths(offsets, keys.numel())
         slot_of_key = torch.arange(n_bags).remainder(S).repeat_interleave(lengths)
