@@ -72,7 +72,8 @@ def run_job(out: str, args: List[str], nproc: int, log) -> Dict[str, Any]:
         cmd = [sys.executable, "-m", "torch_psembed.train"]
     # delta and base saves on, as in the job (each delta save drains the table's pending tombstones, so the
     # PS memory figure includes what the job's publishing costs); checkpoints off (they do not change the table)
-    cmd += ["--out", out, "--no-progress", "--no-plot", "--set", "save.checkpoint=false", *args]
+    # --overwrite: a rerun of the comparison into the same --out replaces its own earlier runs
+    cmd += ["--out", out, "--overwrite", "--no-progress", "--no-plot", "--set", "save.checkpoint=false", *args]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.perf_counter()

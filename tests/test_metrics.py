@@ -41,6 +41,8 @@ def test_auc_edge_cases():
     assert math.isnan(auc([], []))
     with pytest.raises(ValueError, match="same length"):
         auc([0.1], [0, 1])
+    with pytest.raises(ValueError, match="finite"):  # also on a one-class day, whose AUC is otherwise NaN
+        auc([0.1, float("nan")], [0, 0])
     with pytest.raises(ValueError, match="finite"):
         auc([float("nan"), 0.2], [0, 1])
 

@@ -136,7 +136,7 @@ def test_test_path_that_is_a_directory(tmp_path):
 ])
 def test_valid_configs_still_load(argv):
     cfg = load_config(argv)
-    assert set(cfg) == set(DEFAULTS) | {"resume"}
+    assert set(cfg) == set(DEFAULTS) | {"resume", "overwrite"}
 
 
 def test_int_given_for_a_float_is_kept_and_floats_stay_floats():

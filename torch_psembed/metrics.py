@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Dict, List, Optional
 
@@ -31,13 +32,13 @@ def _arrays(scores, labels):
 def auc(scores, labels) -> float:
     """Exact ROC AUC of ``scores`` against 0/1 ``labels`` (ties count one half). NaN when a class is absent."""
     s, y = _arrays(scores, labels)
+    if not np.all(np.isfinite(s)):  # (before the class count: NaN scores of a one-class day are an error too)
+        raise ValueError("scores must be finite")
     pos = y > 0.5
     n_pos = int(pos.sum())
     n_neg = s.shape[0] - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    if not np.all(np.isfinite(s)):
-        raise ValueError("scores must be finite")
     uniq, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
     # average 1-based rank of each distinct score: (first + last) / 2
     last = np.cumsum(counts).astype(np.float64)
@@ -168,14 +169,22 @@ class JsonlWriter:
             f.write(json.dumps(_clean(record), sort_keys=False) + "\n")
 
 
-def read_jsonl(path: str) -> List[Dict[str, Any]]:
-    """The records of a JSON-lines file."""
+def read_jsonl(path: str, skip_cut_last: bool = False) -> List[Dict[str, Any]]:
+    """The records of a JSON-lines file.
+
+    ``skip_cut_last``: a last line with no newline that is not JSON (a crash while :class:`JsonlWriter` wrote
+    it) is left out, with a warning on stderr, instead of raising."""
     out = []
     with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i + 1}: not JSON: {e}") from None
+        lines = f.readlines()
+    for i, line in enumerate(lines):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if skip_cut_last and i == len(lines) - 1 and not line.endswith("\n"):
+                    print(f"warning: {path}:{i + 1}: the last line is cut short (a crash while writing it); "
+                          "left out", file=sys.stderr, flush=True)
+                    break
+                raise ValueError(f"{path}:{i + 1}: not JSON: {e}") from None
     return out

@@ -36,6 +36,8 @@ import torch.nn.functional as F
 
 from .config import _is_int, _is_number
 from .data import BatchStream, FileSource, SimulatorConfig, SyntheticSource, make_loader
+from . import _run_dir as RD
+from .errors import CheckpointMismatchError
 from .metrics import JsonlWriter, PassMetrics, read_jsonl
 from .models import HashedSlotEmbedding, PSSlotEmbedding, build_model
 
@@ -159,7 +161,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="JSON config file (see configs/default.json); flags override it")
     p.add_argument("--out", help="output directory (default runs/<timestamp>)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint, with the config it was started with "
+                        "(config.json; flags may change only days, threads, device, workers, saves, plot, progress "
+                        "and ps.rpc_timeout)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out that holds one: its files (config, metrics, saves, "
+                        "checkpoints) are deleted first")
     p.add_argument("--days", type=int, help="days to train")
     p.add_argument("--passes", type=int, dest="passes_per_day", help="passes per day")
     p.add_argument("--data", choices=["synthetic", "criteo", "slot"], help="data kind")
@@ -186,9 +194,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def load_config(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """The run's config: DEFAULTS, then ``--config FILE``, then flags and ``--set``."""
+    """The run's config: DEFAULTS (with ``--resume``: the run's own ``config.json``), then ``--config FILE``,
+    then flags and ``--set``."""
     args = _parser().parse_args(argv)
-    cfg = copy.deepcopy(DEFAULTS)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
+    saved = None
+    if args.resume and args.out:
+        raw = RD.read_run_config(args.out)
+        try:
+            saved = _merge(DEFAULTS, raw)
+        except ValueError as e:
+            raise ValueError(f"--resume: {os.path.join(args.out, RD.CONFIG)}: {e}") from None
+    cfg = copy.deepcopy(DEFAULTS if saved is None else saved)
     if args.config:
         with open(args.config, encoding="utf-8") as f:
             try:
@@ -200,6 +218,7 @@ def load_config(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         if not isinstance(over, dict):
             raise ValueError(f"--config {args.config!r} must hold a JSON object (config keys and values), "
                              f"got a {type(over).__name__}")
+        over.pop("resume", None)  # a run's config.json from before this release had it
         cfg = _merge(cfg, over)
     flat = {
         "out": args.out,
@@ -232,8 +251,20 @@ def load_config(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.no_save:
         cfg["save"] = {"delta": False, "base": False, "checkpoint": False}
     cfg["resume"] = bool(args.resume)
+    cfg["overwrite"] = bool(args.overwrite)
     _validate(cfg)
+    if saved is not None:
+        changed = RD.resume_differences(saved, _run_config(cfg))
+        if changed:
+            raise ValueError(f"--resume: the run in {args.out!r} was started with other settings ("
+                             + "; ".join(changed) + "): a resumed run keeps them (only "
+                             + ", ".join(RD.RESUME_MAY_CHANGE) + " may change); start a new run to change them")
     return cfg
+
+
+def _run_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """What ``config.json`` holds: the config without the command's own switches."""
+    return {k: v for k, v in cfg.items() if k not in ("resume", "overwrite")}
 
 
 # The schema is DEFAULTS itself: every value must have its default's type (bool is not int; an int is
@@ -349,6 +380,11 @@ def _validate(cfg: Dict[str, Any]) -> None:
     _check_schema(cfg, DEFAULTS, _choices())
     if cfg["data"]["kind"] != "synthetic" and not cfg["data"]["path"]:
         raise ValueError(f"data.kind={cfg['data']['kind']!r} needs data.path (--data-path)")
+    if cfg["data"]["kind"] == "synthetic":  # the built-in log reads no file: a path given would be ignored
+        given = [k for k in ("path", "test_path", "file_days", "slots") if cfg["data"][k] is not None]
+        if given:
+            raise ValueError(f"data.kind='synthetic' (the built-in log) reads no files, but data.{given[0]} is set "
+                             f"to {cfg['data'][given[0]]!r}: pass --data criteo or --data slot to read files")
     slots = cfg["data"]["slots"]
     if cfg["data"]["kind"] == "slot" and (not slots or len(set(slots)) != len(slots)):
         raise ValueError(f"data.kind='slot' needs data.slots, a non-empty list of distinct slot ids, got {slots!r}")
@@ -635,11 +671,25 @@ class _Job:
             state["sparse_opt"] = self.sparse_opt.state_dict()
         return state
 
-    def load_dense_state(self, state: Dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"], strict=self.table is None)
-        self.dense_opt.load_state_dict(state["dense_opt"])
-        if self.sparse_opt is not None:
-            self.sparse_opt.load_state_dict(state["sparse_opt"])
+    def load_dense_state(self, state: Dict[str, Any], where: str) -> None:
+        """Load ``dense_state()``'s dict from checkpoint ``where``: every key of this model (the PS embedding's
+        aside: its rows are in the table) and nothing else, or a CheckpointMismatchError naming them."""
+        model_state = state["model"]
+        if self.table is not None:
+            expected = {k for k in self.model.state_dict() if not k.startswith("embedding.")}
+            got = set(model_state)
+            if got != expected:
+                raise CheckpointMismatchError(
+                    f"{where}/dense.pt does not fit this model (missing {sorted(expected - got)[:5]}, unexpected "
+                    f"{sorted(got - expected)[:5]})")
+        try:
+            self.model.load_state_dict(model_state, strict=self.table is None)
+            self.dense_opt.load_state_dict(state["dense_opt"])
+            if self.sparse_opt is not None:
+                self.sparse_opt.load_state_dict(state["sparse_opt"])
+        except (RuntimeError, ValueError, KeyError) as e:  # shapes, parameter groups, a missing part
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointMismatchError(f"{where}/dense.pt does not fit this model: {first}") from None
 
 
 class _NoBar:
@@ -713,6 +763,7 @@ def _run_pass(job: _Job, rt: _Runtime, cfg: Dict[str, Any], source, day: int, p:
         for i, (batch, next_batch) in enumerate(_with_next(stream)):  # one batch ahead, for the prefetch
             steps += 1
             logits = job.step(batch, next_batch)
+            _check_finite(logits, f"day {day} pass {p} batch {i}")
             metrics.add(torch.sigmoid(logits), batch["labels"], batch.get("prob"))
             bar.update(int(batch["labels"].numel()))
             if i % 20 == 19:
@@ -730,6 +781,12 @@ def _run_pass(job: _Job, rt: _Runtime, cfg: Dict[str, Any], source, day: int, p:
     return res
 
 
+def _check_finite(logits: torch.Tensor, where: str) -> None:
+    if not bool(torch.isfinite(logits).all()):
+        raise FloatingPointError(f"{where}: the model's predictions are not finite (NaN or inf): training diverged; "
+                                 "lower model.lr (or embedding.hashed_lr, or the table's learning rates)")
+
+
 def _run_eval(job: _Job, rt: _Runtime, cfg: Dict[str, Any], source, day: int) -> Optional[Dict[str, Any]]:
     ds = source.eval_dataset(day, rt.rank, rt.world)
     if ds is None:
@@ -738,8 +795,10 @@ def _run_eval(job: _Job, rt: _Runtime, cfg: Dict[str, Any], source, day: int) ->
     metrics = PassMetrics()
     job.model.eval()
     bar = _progress(rt, cfg, _expected(source, cfg, rt, "test"), f"eval after day {day}")
-    for batch in stream:
-        metrics.add(torch.sigmoid(job.predict(batch)), batch["labels"], batch.get("prob"))
+    for i, batch in enumerate(stream):
+        logits = job.predict(batch)
+        _check_finite(logits, f"evaluation after day {day}, batch {i}")
+        metrics.add(torch.sigmoid(logits), batch["labels"], batch.get("prob"))
         bar.update(int(batch["labels"].numel()))
     bar.close()
     stream.warn(f"evaluation after day {day} (rank {rt.rank})")
@@ -759,14 +818,6 @@ def _fmt_pass(tag: str, r: Dict[str, Any]) -> str:
 
 def _ckpt_dir(out: str, day: int) -> str:
     return os.path.join(out, "checkpoints", f"day_{day:03d}")
-
-
-def _latest_checkpoint(out: str) -> Optional[Dict[str, Any]]:
-    path = os.path.join(out, "checkpoints", "latest.json")
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -792,10 +843,16 @@ def _main(cfg: Dict[str, Any], rt: _Runtime) -> Dict[str, Any]:
     out = cfg["out"] or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     out = rt.broadcast(out)
     cfg["out"] = out
-    if rt.rank == 0:
+    # Rank 0 decides (the others must not see the config.json it is about to write) and tells every rank.
+    refusal = RD.check_new_run(out, cfg["overwrite"]) if rt.rank == 0 and not cfg["resume"] else None
+    refusal = rt.broadcast(refusal)
+    if refusal is not None:
+        raise ValueError(refusal)
+    if rt.rank == 0 and not cfg["resume"]:
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2)
+        if cfg["overwrite"]:
+            RD.clear_run(out)
+        RD.write_json(os.path.join(out, RD.CONFIG), _run_config(cfg))
     rt.barrier()
     source = _make_source(cfg)
     days = cfg["days"]
@@ -806,25 +863,20 @@ def _main(cfg: Dict[str, Any], rt: _Runtime) -> Dict[str, Any]:
     writer = JsonlWriter(os.path.join(out, "metrics.jsonl")) if rt.rank == 0 else None
     start_day = 0
     if cfg["resume"]:
-        latest = _latest_checkpoint(out)
-        if latest is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {os.path.join(out, 'checkpoints')!r}")
-        ck = os.path.join(out, latest["dir"])
+        latest = RD.latest_checkpoint(out)
+        ck = latest["dir"]
+        dense = RD.load_dense(ck)  # before the table: a bad file is refused before anything is loaded
         if job.table is not None:
             job.table.load(os.path.join(ck, "table"))
             rt.barrier()
-        job.load_dense_state(torch.load(os.path.join(ck, "dense.pt"), map_location="cpu", weights_only=False))
-        start_day = int(latest["day"]) + 1
-        mpath = os.path.join(out, "metrics.jsonl")
-        if rt.rank == 0 and os.path.exists(mpath):  # drop what a crashed run logged after the checkpoint
-            kept = [r for r in read_jsonl(mpath) if r.get("event") in ("pass", "eval") and r["day"] < start_day]
-            os.remove(mpath)
-            for r in kept:
-                writer.write(r)
+        job.load_dense_state(dense, ck)
+        start_day = latest["day"] + 1
+        rt.barrier()  # every rank has read config.json and the checkpoint
+        if rt.rank == 0:
+            # drop what a crashed run logged after the checkpoint; config.json gets this command's days etc.
+            RD.rewrite_metrics(out, RD.metrics_before(out, start_day))
+            RD.write_json(os.path.join(out, RD.CONFIG), _run_config(cfg))
         _log(rt, f"[psembed-train] resumed from {ck}: continuing at day {start_day}")
-    else:
-        if rt.rank == 0 and os.path.exists(os.path.join(out, "metrics.jsonl")):
-            os.remove(os.path.join(out, "metrics.jsonl"))
     e = cfg["embedding"]
     _log(rt, f"[psembed-train] out={out} ranks={rt.world} data={cfg['data']['kind']} embedding={e['kind']} "
              f"model={cfg['model']['kind']} days={days} passes/day={cfg['passes_per_day']} "
@@ -853,10 +905,8 @@ def _main(cfg: Dict[str, Any], rt: _Runtime) -> Dict[str, Any]:
                 torch.save(job.dense_state(), os.path.join(ck, "dense.pt"))
                 with open(os.path.join(ck, "progress.json"), "w", encoding="utf-8") as f:
                     json.dump({"day": day, "next_day": day + 1, "passes_per_day": cfg["passes_per_day"]}, f)
-                tmp = os.path.join(out, "checkpoints", "latest.json.tmp")
-                with open(tmp, "w", encoding="utf-8") as f:
-                    json.dump({"day": day, "dir": os.path.relpath(ck, out)}, f)
-                os.replace(tmp, os.path.join(out, "checkpoints", "latest.json"))
+                RD.write_json(os.path.join(out, "checkpoints", "latest.json"),
+                              {"day": day, "dir": os.path.relpath(ck, out)})
             rt.barrier()
         ev = _run_eval(job, rt, cfg, source, day)
         if ev is not None:
