@@ -128,6 +128,14 @@ def test_resume_of_a_directory_without_a_run_writes_nothing(tmp_path):
     assert not os.path.exists(out)
 
 
+def test_a_day_with_fewer_batches_than_passes_is_refused_before_anything_runs(tmp_path):
+    # it failed after start-up with "day 0 pass 0: no training samples on any rank" (audit, session 25)
+    out = str(tmp_path / "run")
+    with pytest.raises(ValueError, match="makes 4 batch.*of 500 a day, fewer than passes_per_day=5"):
+        run(["--out", out, *SMALL, "--passes", "5"])
+    assert not os.path.exists(out)
+
+
 @pytest.mark.parametrize("flags", [["--data-path", "x.txt"], ["--test-path", "x.txt"], ["--file-days", "2"],
                                    ["--set", "data.slots=[1, 2]"]])
 def test_file_settings_with_the_built_in_log_are_refused_not_ignored(flags):

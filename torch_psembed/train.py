@@ -395,7 +395,12 @@ def _validate(cfg: Dict[str, Any]) -> None:
         raise ValueError("--resume needs --out (the directory of the run to continue)")
     _check_device(cfg["device"])
     if cfg["data"]["kind"] == "synthetic":
-        _simulator_config(cfg)  # SimulatorConfig's own checks (its fields' ranges, keys it does not take)
+        sim = _simulator_config(cfg)  # SimulatorConfig's own checks (its fields' ranges, keys it does not take)
+        batches = -(-sim.samples_per_day // sim.chunk_size)  # a pass takes whole batches (SyntheticSource)
+        if batches < cfg["passes_per_day"]:
+            raise ValueError(f"data.synthetic.samples_per_day={sim.samples_per_day} makes {batches} batch(es) of "
+                             f"{sim.chunk_size} a day, fewer than passes_per_day={cfg['passes_per_day']}: every "
+                             "pass needs one at least")
     else:
         _check_paths(cfg["data"])
     if cfg["embedding"]["kind"] == "ps":
