@@ -893,3 +893,96 @@ def test_push_checks_slots_before_sending_any_part():
         t.push(k, np.zeros((20, 4), np.float32), np.ones(20, np.float32), np.zeros(20, np.float32),
                np.where(np.arange(20) == 3, -2, 1).astype(np.int32))
     assert tr.pending == 0 and len(t) == 0
+
+
+def _keys_on(owner, count, num_servers=2):
+    u = np.arange(1, 400, dtype=np.int64)
+    return u[_C.route(u, num_servers) == owner][:count]
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_finite_rows_summing_past_float32_are_merged_as_a_local_table_merges_them(k):
+    # Two gradients (or shows) of 3e38 for one key sum to inf in float32: the trainer's merge sent the inf, the
+    # owning server refused it after the other server applied its part (found by an audit, session 25). The
+    # merge now saturates at FLT_MAX as the table's own merge does.
+    (a,), (b,) = _keys_on(0, 1), _keys_on(1, 1)
+    keys = np.array([a, b, b], np.int64)
+    for big in ("grads", "shows"):
+        t, tr = _sharded(num_servers=2, max_staleness=k)
+        local = _C.Table(_cfg(3).to_dict())
+        g = np.ones((3, 4), np.float32)
+        s = np.ones(3, np.float32)
+        if big == "grads":
+            g[1:, 0] = 3e38
+        else:
+            s[1:] = 3e38
+        c = np.zeros(3, np.float32)
+        assert t.push(keys, g, s, c) == local.push(keys, g, s, c) == 0
+        t.flush()
+        np.testing.assert_array_equal(t.pull(keys, True), local.pull(keys, True))
+        assert len(t) == 2 and t.stats()["rejected"] == 0
+    merged = _C.merge_push(np.array([0, 0, 1]), 2, np.full((3, 2), 3e38, np.float32),
+                           np.array([3e38, 3e38, 1], np.float32), np.zeros(3, np.float32))
+    assert merged[0][0].tolist() == [np.finfo(np.float32).max] * 2 and merged[1][0] == np.finfo(np.float32).max
+
+
+def test_an_older_push_failing_never_leaves_a_later_push_half_sent():
+    # With the in-flight bound reached, the next push waited for the oldest between two of its own parts: an
+    # error of that older push was raised with server 0's part of the new push applied and server 1's never
+    # sent (found by an audit, session 25). Now a push makes room for all its parts before sending any.
+    class FailingFirstPushTo1(MemoryTransport):
+        def push(self, s, table, keys, *rest):
+            h = super().push(s, table, keys, *rest)
+            if s == 1 and not getattr(self, "failed", False):
+                self.failed = True
+                return DoneHandle(error=ValueError("server 1 refused push 1"))
+            return h
+
+    tr = FailingFirstPushTo1(2)
+    t = ShardedTable("t", _cfg(3), tr, 2, 0, 1, lambda: None, max_inflight=2)
+    a, b = _keys_on(0, 2), _keys_on(1, 2)
+    ones, zeros = np.ones(2, np.float32), np.zeros(2, np.float32)
+    t.push(np.array([a[0], b[0]]), np.ones((2, 4), np.float32), ones, zeros)  # push 1: server 1 refuses it
+    with pytest.raises(ValueError, match="server 1 refused push 1"):
+        t.push(np.array([a[1], b[1]]), np.ones((2, 4), np.float32), ones, zeros)  # push 2: raises push 1's error
+    t.flush()
+    present = [int(x) in t for x in (a[1], b[1])]
+    assert present in ([False, False], [True, True]), present  # push 2 whole or not at all
+
+
+def test_collective_returns_only_after_every_server_ended_its_part():
+    # call_all stopped at the first server's error while the others still ran the operation, so the trainers
+    # went on with a failed load or save still running (found by an audit, session 25).
+    import concurrent.futures
+
+    pool = concurrent.futures.ThreadPoolExecutor(3)
+    finished = []
+
+    class FutureHandle(Handle):
+        def __init__(self, f):
+            self.f = f
+
+        def wait(self):
+            return self.f.result()
+
+        def done(self):
+            return self.f.done()
+
+    class Concurrent(MemoryTransport):
+        def call(self, s, table, fn, args=()):
+            return FutureHandle(pool.submit(fn, self.tables[(s, table)], s, self.num_servers, *args))
+
+    tr = Concurrent(3)
+    t = ShardedTable("t", _cfg(3), tr, 1, 0, 1, lambda: None)
+    with pytest.raises(ValueError, match="server 0: corrupt part"):
+        t.collective(_fail_on_server_0_others_slow, finished)
+    assert sorted(finished) == [1, 2]  # both slow servers had ended when the collective raised
+    pool.shutdown()
+
+
+def _fail_on_server_0_others_slow(table, server, num_servers, finished):
+    if server == 0:
+        raise ValueError("server 0: corrupt part")
+    time.sleep(0.5)
+    finished.append(server)
+    return 1

@@ -30,6 +30,7 @@
 #include "util/crc32.h"
 #include "util/float_string.h"
 #include "util/hash.h"
+#include "util/saturate.h"
 #include "util/thread_scratch.h"
 
 namespace py = pybind11;
@@ -736,6 +737,14 @@ py::tuple MergePushArray(const py::handle& inverse_obj, int64_t u, const py::han
     AddRowsByInverse(inv, n, Ptr<float>(grads), w, go);
     AddRowsByInverse(inv, n, Ptr<float>(shows), 1, so);
     AddRowsByInverse(inv, n, Ptr<float>(clicks), 1, co);
+    // Sums past float32's range saturate at +-FLT_MAX, once per merged key, as a table's own merge does
+    // (PushMerger::PointItemsAtSums): finite rows summing to an inf would be refused by the server that owns
+    // the key, after the other servers applied their parts of the push. A NaN passes (nan_policy sees it).
+    for (size_t i = 0; i < static_cast<size_t>(u) * w; ++i) go[i] = SaturateFloat(go[i]);
+    for (int64_t i = 0; i < u; ++i) {
+      so[i] = SaturateFloat(so[i]);
+      co[i] = SaturateFloat(co[i]);
+    }
   }
   return py::make_tuple(g, s, c);
 }
@@ -873,7 +882,7 @@ values[i], summed in input order (float32, as the table merges a push). Releases
         py::arg("clicks"),
         R"doc(merge_push(inverse: int64[n], u, grads: float32[n, w], shows: float32[n], clicks: float32[n]) ->
 (grads float32[u, w], shows float32[u], clicks float32[u]): each summed by inverse in input order, as
-sum_by_inverse. Releases the GIL.)doc");
+sum_by_inverse, then saturated at +-FLT_MAX as a table's own merge (a NaN stays NaN). Releases the GIL.)doc");
   m.def("group_by_owner", &GroupByOwnerArray, py::arg("keys"), py::arg("num_parts"),
         R"doc(group_by_owner(keys: int64[n], num_parts) -> (order int64[n], starts int64[num_parts]): the positions
 of keys grouped by owner route(k, num_parts): order[starts[p]:starts[p+1]] (the last up to n) are those of part p,

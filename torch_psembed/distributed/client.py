@@ -11,7 +11,9 @@ Staleness: pushes issued after the latest pull form one *step*. Before a pull, t
 ``max_staleness`` steps of pushes are still unacknowledged, so with ``max_staleness=k`` the pull of step ``t``
 sees every push of step ``t-k-1`` and earlier. ``max_staleness=0`` also waits for the previous push before
 issuing the next one, so every push is applied, in order, before anything else (deterministic mode).
-At most ``max_inflight`` push requests are outstanding; a push beyond that waits for the oldest.
+Steps are counted by their pushes: pulls with no push between them open no step. At most ``max_inflight``
+push requests are outstanding; a push that would pass it waits for the oldest until all of its requests fit,
+before sending any.
 
 Prefetch: ``prefetch(keys)`` hands the next pull's whole path (dedup, the wait for the pushes its rows must
 see, the requests, the assembly in input order) to one background thread per table, so that it overlaps the
@@ -368,6 +370,12 @@ class ShardedTable:
         if not self._step_open:
             self._steps.append([])
             self._step_open = True
+        # Room for every request of this push before the first is sent (at most one per server, and one more
+        # per server for skipped rows): waiting for an older push between two of them would raise that push's
+        # error with this one half sent, its first servers' parts applied and the rest never sent.
+        parts = self.num_servers * (2 if skipped else 1)
+        while self._inflight > 0 and self._inflight + parts > self.max_inflight:
+            self._wait_oldest_push()
         if skipped:
             # nan_policy="skip": the table skips (and counts) each bad input row; merging one into a good
             # row would poison the sum, so the bad rows travel unmerged to their owners.
@@ -412,8 +420,7 @@ class ShardedTable:
             self._send(s, *arrays, push_id)
 
     def _send(self, s, keys, grads, shows, clicks, slots, push_id) -> None:
-        while self._inflight >= self.max_inflight:
-            self._wait_oldest_push()
+        # (no wait here: push made room for all of its requests before sending the first)
         self._steps[-1].append(self._transport.push(s, self.name, keys, grads, shows, clicks, slots, push_id))
         self._inflight += 1
 

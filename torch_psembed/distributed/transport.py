@@ -18,6 +18,8 @@ from typing import Any, Callable, List, Optional, Sequence
 
 import numpy as np
 
+from ..errors import PeerUnavailableError
+
 __all__ = ["Handle", "DoneHandle", "Transport", "raised_by"]
 
 
@@ -134,14 +136,24 @@ class Transport(abc.ABC):
         nothing to release."""
 
     def call_all(self, table: str, fn: Callable, args: Sequence[Any] = ()) -> List[Any]:
-        """``call`` on every server concurrently; the results in server order."""
+        """``call`` on every server concurrently; the results in server order.
+
+        Returns or raises only after every server's call ended, so a table-wide operation that failed on one
+        server is not still running on the others when the trainers go on. Raises the first error in server
+        order, a peer's unavailability before any other (it explains the rest)."""
         handles = [self.call(s, table, fn, args) for s in range(self.num_servers) if s != self.local_server]
         local = None
         if self.local_server is not None:
             local = self.call(self.local_server, table, fn, args)
-        results = []
+        results: List[Any] = []
+        errors: List[BaseException] = []
         it = iter(handles)
         for s in range(self.num_servers):
             h = local if s == self.local_server else next(it)
-            results.append(h.wait())
+            try:
+                results.append(h.wait())
+            except Exception as e:  # noqa: BLE001 - raised below, after every server ended
+                errors.append(e)
+        if errors:
+            raise next((e for e in errors if isinstance(e, PeerUnavailableError)), errors[0])
         return results
