@@ -192,3 +192,15 @@ def test_membership_takes_a_keys_signed_and_unsigned_spellings_in_both_classes(t
         assert 2**64 not in holder and -(2**63) - 1 not in holder and 1.0 not in holder and True not in holder
         with pytest.raises(TypeError, match="a key must be one integer"):
             torch.tensor([7, -1]) in holder  # noqa: B015
+
+
+def test_table_names_longer_than_the_data_plane_carries_are_refused():
+    # a sharded table with a name over 1024 bytes was created, then every pull failed and a push raised after
+    # its local part was applied (found by an audit, session 25); refused for local tables too
+    limit = _C.MAX_TABLE_NAME_BYTES
+    assert limit == 1024
+    pse.SparseTable(TableConfig(dim=2), name="x" * limit)
+    pse.SparseTable(TableConfig(dim=2), name="\u00e9" * (limit // 2))  # 2 bytes each in UTF-8
+    for name in ("x" * (limit + 1), "\u00e9" * (limit // 2 + 1)):
+        with pytest.raises(ValueError, match=f"name must have at most {limit} bytes in UTF-8"):
+            pse.SparseTable(TableConfig(dim=2), name=name)

@@ -109,6 +109,11 @@ class SparseTable:
             raise TypeError(f"config must be a TableConfig, got {type(self.config).__name__}")
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
+        # The data plane carries names up to this length: a longer one made every sharded pull fail, and a
+        # push after its local part was applied (checked for local tables too, so a script runs either way).
+        if len(name.encode("utf-8", "surrogatepass")) > _C.MAX_TABLE_NAME_BYTES:
+            raise ValueError(f"name must have at most {_C.MAX_TABLE_NAME_BYTES} bytes in UTF-8, got "
+                             f"{len(name.encode('utf-8', 'surrogatepass'))}")
         self.name = name
         self._backend = _make_backend(self.config, name)
 

@@ -164,6 +164,8 @@ class PyDataChannel {
 }  // namespace
 
 void RegisterNetBindings(py::module_& m) {
+  // The longest table name a data-plane request carries (net/wire.h); SparseTable refuses longer names.
+  m.attr("MAX_TABLE_NAME_BYTES") = wire::kMaxNameLen;
   py::class_<PyDataServer>(m, "DataServer", R"doc(DataServer(host: str, port: int = 0): serves the pulls and pushes
 of registered tables over TCP with no Python on the path (docs/distributed.md, "The TCP data plane").
 host is an IPv4 address; port 0 takes any free port (see .port). ConnectionError if it cannot listen.)doc")
