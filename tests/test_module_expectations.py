@@ -163,3 +163,37 @@ def test_inference_embedding_converts_its_output_dtype_and_shows_its_settings(tm
     assert half(IDS).dtype == torch.float16
     np.testing.assert_allclose(half(IDS).float().numpy(), ref.numpy(), rtol=1e-2, atol=1e-3)
     assert "cvm_click_prior=0.5" in repr(half) and "output_dtype=torch.float16" in repr(half)
+
+
+@pytest.mark.parametrize("mode", [None, "sum"])
+@pytest.mark.parametrize("timed", [False, True])
+def test_output_may_be_changed_in_place_as_nn_embeddings_may(mode, timed):
+    # mode=None returned a view made inside the pooling Function (and timing an identity view for every mode):
+    # h += 1, relu_() or Dropout(inplace=True) raised "Output 0 of Pool is a view and is being modified
+    # inplace" in training, where nn.Embedding's output allows it (found by an audit, session 25).
+    table = pse.SparseTable(TableConfig(dim=3, accessor=CtrAccessorConfig(embedx_threshold=0.0),
+                                        lr_optimizer=SGD(learning_rate=1.0), mf_optimizer=SGD(learning_rate=1.0)))
+    emb = pse.PSEmbedding(table, mode=mode, output="lr_mf")
+    if timed:
+        emb.enable_timing()
+    ids = torch.tensor([[1, 2], [2, 3]])
+    h = emb(ids)
+    h += 1.0
+    h.mul_(2.0).sum().backward()
+    # d(sum(2 (x + 1)))/dx = 2 per occurrence, scaled by the batch (grad_scale = 2 instances): key 2 twice
+    expected_grad = {1: 2.0 * 2, 2: 2.0 * 2 * 2, 3: 2.0 * 2}
+    lr = table.pull(torch.tensor([1, 2, 3]))[:, 0]  # SGD at rate 1 from 0: lr = -grad (the push that creates
+    assert lr.tolist() == [-expected_grad[k] for k in (1, 2, 3)]  # mf drops its mf part: lr is checked)
+
+
+def test_feed_captures_the_labels_at_forward_time():
+    # feed kept the caller's float32 tensor without a copy: label smoothing in place after the forward changed
+    # the clicks the backward pushed (found by an audit, session 25)
+    table = pse.SparseTable(TableConfig(dim=2))
+    emb = pse.PSEmbedding(table, mode="sum")
+    labels = torch.tensor([1.0, 0.0])
+    with pse.feed(labels):
+        y = emb(torch.tensor([[1, 2], [3, 4]]))
+    labels.mul_(0.8).add_(0.1)
+    y.sum().backward()
+    assert table.pull(torch.tensor([1, 2, 3, 4]), with_stats=True)[:, 1].tolist() == [1.0, 1.0, 0.0, 0.0]

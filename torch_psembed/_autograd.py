@@ -187,7 +187,7 @@ class BackwardMark(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, timings: Timings) -> Tensor:  # type: ignore[override]
         ctx.timings = timings
-        return x.view_as(x)
+        return x.clone()  # not a view: the caller may change the output in place (only while timing: one copy)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]

@@ -48,7 +48,9 @@ def _as_labels(clicks) -> Tensor:
         raise TypeError(f"clicks must be real-valued labels, got dtype {t.dtype}")
     if t.dim() != 1:
         raise ValueError(f"clicks must be 1-D with one label per instance (shape [batch]), got shape {tuple(t.shape)}")
-    t = t.to(torch.float32).contiguous()
+    # A copy: the labels are captured at forward time, and a caller may change its tensor in place before the
+    # backward (label smoothing, a reused buffer); without the copy the push counted the changed values.
+    t = t.to(torch.float32, copy=True).contiguous()
     if t.numel() and not bool(torch.isfinite(t).all()):
         raise ValueError("clicks must be finite; got NaN or Inf labels")
     if t.numel() and bool((t < 0).any()):

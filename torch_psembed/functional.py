@@ -320,7 +320,12 @@ def pool(
 def pool_forward(rows: Tensor, psw: Optional[Tensor], inverse: Tensor, batch: Batch, mode, padding_row) -> Tensor:
     """The forward of :func:`pool` (no autograd)."""
     if mode is None:
-        return rows.index_select(0, inverse).view(batch.shape + (rows.shape[1],))
+        # Gathered into the output's own storage, not returned as a view of the gather: autograd forbids
+        # in-place changes to a view made inside a custom Function, and nn.Embedding's output allows them
+        # (h += 1, relu_, Dropout(inplace=True)).
+        out = rows.new_empty(batch.shape + (rows.shape[1],))
+        torch.index_select(rows, 0, inverse, out=out.view(-1, rows.shape[1]))
+        return out
     idx = inverse.view(batch.shape)
     if psw is not None:
         psw = psw.reshape(batch.shape)
