@@ -986,3 +986,19 @@ def _fail_on_server_0_others_slow(table, server, num_servers, finished):
     time.sleep(0.5)
     finished.append(server)
     return 1
+
+
+def test_a_failed_request_does_not_leave_the_rest_of_its_step_unwaited():
+    # _wait_steps stopped at a step's first failed request: the step's other requests were never waited for,
+    # so their errors were lost and a later flush returned while they were still in flight (audit, session 25)
+    class FailingPushTo0(MemoryTransport):
+        def push(self, s, table, keys, *rest):
+            return DoneHandle(error=ValueError("server 0 refused")) if s == 0 else super().push(s, table, keys, *rest)
+
+    tr = FailingPushTo0(2)
+    t = ShardedTable("t", _cfg(3), tr, 1, 0, 1, lambda: None)
+    (a,), (b,) = _keys_on(0, 1), _keys_on(1, 1)
+    t.push(np.array([a, b]), np.ones((2, 4), np.float32), np.ones(2, np.float32), np.zeros(2, np.float32))
+    with pytest.raises(ValueError, match="server 0 refused"):
+        t.flush()
+    assert tr.pending == 0 and int(b) in t  # server 1's request was waited for (applied), not dropped

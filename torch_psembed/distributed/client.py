@@ -154,11 +154,17 @@ class ShardedTable:
         """Wait until at most ``keep`` steps of pushes are unacknowledged."""
         while len(self._steps) > keep:
             step = self._steps.popleft()
-            try:
-                for h in step:
+            self._inflight -= len(step)
+            # Every request of the step is waited for, then its first error raised: stopping at the first
+            # error left the others unwaited (their errors lost, a later flush returning while they ran).
+            errors = []
+            for h in step:
+                try:
                     h.wait()
-            finally:
-                self._inflight -= len(step)
+                except Exception as e:  # noqa: BLE001 - raised below
+                    errors.append(e)
+            if errors:
+                raise next((e for e in errors if _is_peer_error(e)), errors[0])
         if not self._steps:  # the open step (if any) was drained too: the next push opens a new one
             self._step_open = False
 
