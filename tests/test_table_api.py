@@ -733,8 +733,8 @@ def test_base_commit_drops_all_tombstones(make_c_table):
     t.commit_save("delta", d["keys"], d["base"][:, 2].copy(), 2)  # drops the first two
     assert len(t.export("delta")["tombstones"]) == 1
     b = t.export("base")
-    assert len(b["tombstones"]) == 0
-    t.commit_save("base", b["keys"], b["base"][:, 2].copy(), 0)
+    assert len(b["tombstones"]) == 0 and b["pending_tombstones"] == 1  # a base carries none, drops those pending
+    t.commit_save("base", b["keys"], b["base"][:, 2].copy(), b["pending_tombstones"])
     assert len(t.export("checkpoint")["tombstones"]) == 0
     t.commit_save("checkpoint", b["keys"], b["base"][:, 2].copy(), 0)  # no effect, no error
 
@@ -968,7 +968,7 @@ def test_saved_tombstones_give_their_memory_back():
     assert t.shrink() == len(keys)
     before = t.stats()["bytes"]
     assert len(t.export("delta")["tombstones"]) == len(keys)
-    t.commit_save("base", np.zeros(0, np.int64), np.zeros(0, np.float32), 0)  # a base drops every tombstone
+    t.commit_save("base", np.zeros(0, np.int64), np.zeros(0, np.float32), len(keys))  # the base saw them all
     assert len(t.export("delta")["tombstones"]) == 0
     # the list's 8 bytes per key went back (stats()["bytes"] counts capacity)
     assert before - t.stats()["bytes"] >= 8 * len(keys)
@@ -1049,3 +1049,38 @@ def test_num_threads_0_means_the_cpus_this_process_may_run_on():
     assert out.stdout.strip() == "1"
     unpinned = _C.Table(TableConfig(dim=2, num_threads=0).to_dict()).num_threads
     assert unpinned == len(os.sched_getaffinity(0))
+
+
+def test_keys_deleted_while_a_base_is_written_reach_the_next_delta(make_c_table):
+    # A base's commit cleared every pending tombstone, those of keys deleted after its snapshot too, and a
+    # table's first base did not even list them (tracking came on at the commit): serving kept those keys
+    # for ever (found by an audit, session 25)
+    acc = CtrAccessorConfig(show_click_decay_rate=1.0, delete_threshold=1.0, base_threshold=0.0, delta_threshold=0.0)
+    t = make_c_table(dim=2, accessor=acc)
+    t.track_tombstones = False  # as a new SparseTable's: no base or delta yet
+    push(t, [1, 2, 3], 2, show=1.0, click=0.0)  # score 0.1: deleted by the next shrink
+    push(t, [4], 2, show=1.0, click=1.0)  # score 1.0: kept
+    b = t.export("base")  # the snapshot
+    assert b["keys"].tolist() == [1, 2, 3, 4] and b["pending_tombstones"] == 0
+    assert t.shrink() == 3  # while the base is written
+    t.commit_save("base", b["keys"], b["base"][:, 2].copy(), b["pending_tombstones"])
+    assert sorted(t.export("delta")["tombstones"].tolist()) == [1, 2, 3]
+
+
+def test_a_key_deleted_and_made_anew_while_a_delta_is_written_keeps_its_own_delta_score(make_c_table):
+    # The commit subtracted the saved delta_score from the new row of a key deleted after the snapshot and
+    # pushed again: its delta_score went negative and its pushes were held back from the next delta, whose
+    # tombstone then removed it from serving (found by an audit, session 25)
+    acc = CtrAccessorConfig(show_click_decay_rate=0.01, delete_threshold=0.8)
+    t = make_c_table(dim=2, accessor=acc)
+    push(t, [5, 6], 2, show=100.0, click=0.0)  # score 10 each
+    d = t.export("delta")
+    saved = dict(zip(d["keys"].tolist(), d["base"][:, 2].tolist()))
+    assert saved == {5: pytest.approx(10.0), 6: pytest.approx(10.0)}
+    assert t.shrink() == 2  # while the delta is written: show 100 -> 1, score 0.1 < 0.8, both deleted
+    push(t, [5], 2, show=50.0, click=0.0)  # key 5 made anew: score 5
+    t.commit_save("delta", d["keys"], d["base"][:, 2].copy(), d["pending_tombstones"])
+    c = t.export("checkpoint")
+    assert c["keys"].tolist() == [5] and c["base"][0, 2] == pytest.approx(5.0)  # its own, not 5 - 10
+    nxt = t.export("delta")
+    assert nxt["keys"].tolist() == [5] and sorted(nxt["tombstones"].tolist()) == [5, 6]  # erased, then re-added

@@ -14,6 +14,7 @@
 #include <memory>
 #include <mutex>
 #include <numeric>
+#include <unordered_set>
 
 #include "table/in_order_pull.h"
 #include "table/push_merge.h"
@@ -254,6 +255,7 @@ void SparseTable::Push(const uint64_t* keys, size_t n, const float* grads, const
 
 size_t SparseTable::DecayAndDeleteAll(double factor, uint32_t add_unseen, int64_t new_day_index) {
   ReaderMutexLock gate(&gate_);
+  MutexLock deleting(&delete_mu_);  // until the deleted keys are listed (see CommitSave)
   std::vector<std::vector<uint64_t>> deleted(shards_.size());
   pool_->ParallelFor(
       shards_.size(),
@@ -436,6 +438,9 @@ void SparseTable::Export(ExportMode mode, uint32_t buckets, int64_t bucket, Expo
       });
     }, threads);
     MutexLock l(&tomb_mu_);
+    // A base or delta snapshot is about to reach a serving view: deletions from now on must be listed
+    // (the first base's included), so that the next delta carries them.
+    if (mode == ExportMode::kBase || mode == ExportMode::kDelta) track_tombstones_ = true;
     out->pending_tombstones = tombstones_.size();
     out->tombstones.clear();
     if (mode == ExportMode::kCheckpoint || mode == ExportMode::kDelta) {
@@ -508,18 +513,22 @@ void SparseTable::CommitSave(ExportMode mode, const uint64_t* keys, const float*
                              size_t tombstones) {
   if (mode != ExportMode::kBase && mode != ExportMode::kDelta) return;
   ReaderMutexLock gate(&gate_);
+  MutexLock no_deletions(&delete_mu_);  // the list below stays every key deleted since the snapshot
+  std::unordered_set<uint64_t> deleted_since;
+  {
+    MutexLock l(&tomb_mu_);
+    if (tombstones < tombstones_.size()) deleted_since.insert(tombstones_.begin() + tombstones, tombstones_.end());
+  }
   const uint32_t num_shards = static_cast<uint32_t>(shards_.size());
   for (size_t i = 0; i < n; ++i) {
+    if (!deleted_since.empty() && deleted_since.count(keys[i]) != 0) continue;  // not the saved row
     const uint64_t h = TableHash(keys[i]);
     shards_[ShardOf(h, num_shards)]->SubtractDelta(keys[i], h, delta_scores[i]);
   }
   MutexLock l(&tomb_mu_);
   track_tombstones_ = true;  // a serving view now holds keys of this table: its deletions matter
-  if (mode == ExportMode::kBase || tombstones >= tombstones_.size()) {
-    tombstones_.clear();
-  } else {
-    tombstones_.erase(tombstones_.begin(), tombstones_.begin() + static_cast<std::ptrdiff_t>(tombstones));
-  }
+  const size_t saved = std::min(tombstones, tombstones_.size());
+  tombstones_.erase(tombstones_.begin(), tombstones_.begin() + static_cast<std::ptrdiff_t>(saved));
   // A day's deletions can be millions of keys: give the memory back once the list has been saved,
   // rather than holding the high-water mark forever (stats()["bytes"] counts the capacity).
   if (tombstones_.capacity() > 2 * tombstones_.size() + 1024) tombstones_.shrink_to_fit();
@@ -743,6 +752,7 @@ void SparseTable::ExportBucketsWith(ExportMode mode, uint32_t buckets, uint64_t 
     done(b, dest, hi - lo, j);
   }, threads);
   MutexLock l(&tomb_mu_);
+  if (mode == ExportMode::kBase || mode == ExportMode::kDelta) track_tombstones_ = true;  // as Export
   *pending = tombstones_.size();
   tombstones->clear();
   if (mode == ExportMode::kCheckpoint || mode == ExportMode::kDelta) *tombstones = tombstones_;

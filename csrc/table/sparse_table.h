@@ -16,7 +16,7 @@
 // holds gate_ exclusively while it copies (the shards in parallel, each under its own lock in shared
 // mode, so pulls go on, then the tombstone list), so an export is one moment of the whole table: a concurrent push lands wholly
 // before or wholly after it even though the push spans many shards. Pulls do not take gate_ (they
-// change no row). Lock order: day_mu_ -> gate_ -> one shard lock at a time -> tomb_mu_; two
+// change no row). Lock order: day_mu_ -> gate_ -> delete_mu_ -> one shard lock at a time -> tomb_mu_; two
 // exceptions hold every shard's lock at once, taken in index order: LoadRowSegments exclusively (so that
 // a pull never sees a row it has inserted but not yet written), and the in-order pull in shared mode,
 // which only ever tries them (a busy one makes it let go of all), so neither can deadlock.
@@ -192,7 +192,10 @@ class SparseTable {
   Status SaveBuckets(ExportMode mode, uint32_t buckets, uint64_t salt, const std::vector<std::string>& paths,
                      bool sync, BucketSave* out);
   // base/delta: delta_score -= saved for each present key; drops the first `tombstones` pending
-  // tombstones (base: all of them). checkpoint/serving: no effect.
+  // tombstones, which must be the count the snapshot saw (its pending_tombstones), for a base too: the
+  // keys deleted since the snapshot were not in it and must reach the next delta. A key deleted since
+  // the snapshot (listed after those) gets no subtraction: its row, if any, was made anew after the
+  // snapshot, and its delta_score is its own. Turns tombstone tracking on. checkpoint/serving: no effect.
   void CommitSave(ExportMode mode, const uint64_t* keys, const float* delta_scores, size_t n, size_t tombstones);
   // Insert/overwrite rows. base: n x base_export_width; has_mf: n; mf: (#has_mf) x mf_width.
   // REQUIRES: values valid (as LoadRowSegments checks them; bindings/ does it).
@@ -267,6 +270,11 @@ class SparseTable {
 
   Mutex day_mu_;
   int64_t day_ GUARDED_BY(day_mu_) = -1;
+
+  // Held by a deletion pass from its first deleted row until its keys are on the tombstone list, and by
+  // CommitSave throughout: so CommitSave sees every key deleted since the snapshot on the list, never a
+  // row deleted and made anew whose tombstone is not listed yet.
+  Mutex delete_mu_;
 
   Mutex tomb_mu_;
   std::vector<uint64_t> tombstones_ GUARDED_BY(tomb_mu_);  // pending, in deletion order

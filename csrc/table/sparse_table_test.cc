@@ -423,7 +423,7 @@ void TestConcurrentCommitSave() {
         saved[i] = e.base[i * bw + 2];  // delta_score column
         committed[e.keys[i]] += saved[i];
       }
-      t.CommitSave(mode, e.keys.data(), saved.data(), e.keys.size(), e.tombstones.size());
+      t.CommitSave(mode, e.keys.data(), saved.data(), e.keys.size(), e.pending_tombstones);
       CHECK(t.track_tombstones());
       ++commits;
     } while (pushers_left.load() > 0);

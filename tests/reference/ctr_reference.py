@@ -256,8 +256,8 @@ class CtrTableRef:
         self.mf_rule = make_rule(config["mf_optimizer"])
         self.rows: Dict[int, Row] = {}
         self.tombstones: List[int] = []
-        # Deletions become tombstones only on a save chain with a committed base or delta (a bare table
-        # lists them all; SparseTable starts with this off; commit_save of a base or delta turns it on).
+        # Deletions become tombstones only on a save chain with a base or delta (a bare table lists them all;
+        # SparseTable starts with this off; the snapshot of a base or delta turns it on, and its commit).
         self.track_tombstones = True
         self.pushes = 0  # pushes with keys so far: the next own push id
         self.day = -1
@@ -442,6 +442,8 @@ class CtrTableRef:
                 has_mf[j] = 1
                 mf.append(np.concatenate([r.mf, r.mf_state]))
         mf_arr = np.array(mf, np.float32).reshape(len(mf), self.mf_width)
+        if mode in ("base", "delta"):  # deletions while the save is written must reach the next delta
+            self.track_tombstones = True
         tomb = self.tombstones if mode in ("checkpoint", "delta") else []
         return {
             "keys": np.array(keys, np.int64).reshape(-1),
@@ -455,14 +457,14 @@ class CtrTableRef:
         if mode not in ("base", "delta"):
             return
         self.track_tombstones = True
+        # `tombstones` is the count the snapshot saw; keys listed after it were deleted since, and a row of
+        # theirs is a new one, not the saved row: no subtraction
+        deleted_since = set(self.tombstones[int(tombstones) :])
         for k, d in zip(np.asarray(keys, np.int64).tolist(), np.asarray(delta_scores, np.float32).tolist()):
             r = self.rows.get(k)
-            if r is not None:
+            if r is not None and k not in deleted_since:
                 r.delta_score = _f32(float(r.delta_score) - d)
-        if mode == "base":
-            self.tombstones = []
-        else:
-            self.tombstones = self.tombstones[int(tombstones) :]
+        self.tombstones = self.tombstones[int(tombstones) :]  # base and delta alike
 
     def __len__(self) -> int:
         return len(self.rows)

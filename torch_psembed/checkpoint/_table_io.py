@@ -145,7 +145,9 @@ def _srv_write_part(local, index, num, path, save_id, mode, num_buckets):
     else:
         snap = local.export(mode)
     day = int(local.day)
-    table_tombstones = int(snap["tombstones"].shape[0])
+    # The table's pending tombstones at the snapshot (a base carries none, a delta all of them): commit_save
+    # drops those, and keeps the ones of keys deleted while the files were written for the next delta.
+    table_tombstones = int(snap["pending_tombstones"])
     if restored is not None and mode in ("checkpoint", "delta"):
         snap["tombstones"] = np.concatenate([restored, snap["tombstones"]])
     if mode in ("base", "delta"):
