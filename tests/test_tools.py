@@ -247,3 +247,67 @@ def test_pse_export_refuses_a_table_save_or_an_input_as_its_output(chain, tmp_pa
     assert open(os.path.join(base, "manifest.json")).read() == before
     pse.export(base, tmp_path / "serve")
     pse.export(base, tmp_path / "serve")  # an earlier export is replaced
+
+
+def test_writers_delete_only_the_folders_they_made(chain, tmp_path, capsys):
+    # merge and export deleted every data-* folder of their output directory that the new manifest did not
+    # name: a user's data-raw/, and even a save copied there that was the command's own input (found by an
+    # audit, session 25). Only data-<uuid hex> and .tmp-<uuid hex> folders are a writer's.
+    import shutil
+
+    paths, _ = chain
+    for cmd in (["export"], ["merge"]):
+        w = tmp_path / f"w-{cmd[0]}"
+        (w / "data-raw").mkdir(parents=True)
+        (w / "data-raw" / "file.csv").write_text("precious")
+        shutil.copytree(paths[0], w / "data-day1")
+        stale = w / (".tmp-" + "0" * 32)  # a killed writer's leftover: removed
+        stale.mkdir()
+        assert main(cmd + [str(w / "data-day1"), "-o", str(w)]) == 0, capsys.readouterr().err
+        assert (w / "data-raw" / "file.csv").read_text() == "precious"
+        assert F.read_manifest(str(w / "data-day1"))["mode"] == "base"  # the input is still there, whole
+        assert not stale.exists()
+    t = pse.SparseTable(CFG)  # and a table's own save into such a folder
+    s = tmp_path / "w-save"
+    (s / "data-raw").mkdir(parents=True)
+    t.save(s, "checkpoint")
+    t.save(s, "checkpoint")  # the second save replaces the first one's data-<id> folder, not data-raw
+    assert (s / "data-raw").exists()
+    assert sorted(n for n in os.listdir(s) if n.startswith("data-")) == sorted(
+        ["data-raw", F.read_manifest(str(s))["data_dir"]])
+
+
+def test_export_refuses_an_overflow_in_either_reduced_dtype_in_one_line(tmp_path, capsys):
+    # float16 raised a ValueError traceback from the tool; bfloat16 wrote a file its own verify refused
+    # (found by an audit, session 25)
+    t = pse.SparseTable(pse.TableConfig(dim=2, accessor=pse.CtrAccessorConfig(embedx_threshold=0.0),
+                                        lr_optimizer=pse.SGD(learning_rate=1.0, weight_bounds=(-3.4e38, 3.4e38))))
+    t.push(np.array([1, 2], np.int64), np.array([[-1e5, 0, 0], [-3.4e38, 0, 0]], np.float32),
+           np.ones(2, np.float32), np.zeros(2, np.float32))
+    t.save(tmp_path / "big", "checkpoint")
+    for dtype, limit in (("float16", "65504"), ("bfloat16", "3.39e38")):
+        out = tmp_path / f"e-{dtype}"
+        assert main(["export", str(tmp_path / "big"), "-o", str(out), "--dtype", dtype, "--rows", "all"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"ERROR ValueError: dtype='{dtype}' overflows") and limit in err and "\n" not in err
+        assert not (out / F.MANIFEST).exists()
+    assert main(["export", str(tmp_path / "big"), "-o", str(tmp_path / "e32"), "--dtype", "float32"]) == 0
+
+
+def test_verify_reports_every_path_and_a_merge_of_a_bad_config_leaves_nothing(chain, tmp_path, capsys):
+    import json
+    import shutil
+
+    paths, _ = chain
+    bad = tmp_path / "bad"
+    shutil.copytree(paths[0], bad)
+    m = json.loads((bad / F.MANIFEST).read_text())
+    m["config"] = {}
+    (bad / F.MANIFEST).write_text(json.dumps(m))
+    assert main(["verify", str(bad), paths[0]]) == 1  # it stopped at the first bad path
+    io = capsys.readouterr()
+    assert "config does not hold the signature" in io.err and f"OK  {paths[0]}" in io.out
+    out = tmp_path / "merged"
+    assert main(["merge", str(bad), "-o", str(out)]) == 1  # a KeyError after making out/.tmp-<id>/
+    assert "config does not hold the signature" in capsys.readouterr().err
+    assert not out.exists() or os.listdir(out) == []

@@ -458,6 +458,11 @@ def _validate_table_fields(m: Dict[str, Any]) -> None:
     _int(layout, "base_width", "layout.", len(BASE_COLUMNS_HEAD), 1 << 20)
     _int(layout, "mf_width", "layout.", 1, 1 << 20)
     _validate_layout(m)
+    # The config a merge copies into its output: it must say what the signature says (tools merge read it
+    # with a KeyError, after making its output folder).
+    cfg = m["config"]
+    if any(k not in cfg for k in ("dim", "lr_optimizer", "mf_optimizer")) or config_signature(cfg) != m["signature"]:
+        raise _SchemaError("config does not hold the signature's dim, lr_optimizer and mf_optimizer")
 
 
 def data_path(path: str, m: Dict[str, Any]) -> str:

@@ -24,6 +24,7 @@ buckets and values), and changes the tables only when all of them succeeded (``_
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 import time
@@ -186,9 +187,14 @@ def _srv_abort(local, index, num, path, save_id):
     return True
 
 
+# The folders a writer makes: data-<id> and .tmp-<id>, the id a uuid4's 32 hex digits. Only those are ever
+# deleted: a folder of the user's that happens to start with "data-" (even a save copied there) is not ours.
+_OWN_FOLDER = re.compile(r"(data|\.tmp)-[0-9a-f]{32}")
+
+
 def _remove_stale(path: str, keep: Optional[str], save_id: str) -> None:
-    """Delete what the manifest does not name: older ``data-*`` directories and the temporary directories
-    of saves that were killed (one directory takes one save at a time)."""
+    """Delete what the manifest does not name: older ``data-<id>`` directories and the temporary directories
+    of saves that were killed (one directory takes one save at a time); nothing a writer did not make."""
     try:
         with open(os.path.join(path, F.MANIFEST), "rb") as f:
             current = F.parse_json(f.read()).get("data_dir")
@@ -196,7 +202,7 @@ def _remove_stale(path: str, keep: Optional[str], save_id: str) -> None:
         current = keep
     for name in os.listdir(path):
         full = os.path.join(path, name)
-        if name.startswith(".tmp-") or (name.startswith("data-") and name != current):
+        if _OWN_FOLDER.fullmatch(name) and name != current:
             shutil.rmtree(full, ignore_errors=True)
         elif name == F.MANIFEST + ".tmp":
             try:

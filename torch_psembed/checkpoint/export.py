@@ -53,8 +53,9 @@ def serving_arrays(rows: Dict[str, np.ndarray], dim: int, dtype: str, with_stats
     keys = rows["keys"][order]
     vals = vals[order]
     stored = _to_storage(vals, dtype)
-    if dtype == "float16" and not np.isfinite(stored).all() and np.isfinite(vals).all():
-        raise ValueError("dtype='float16' overflows for some weights (|w| > 65504); export with dtype='float32'")
+    if dtype != "float32" and np.isfinite(vals).all() and not bool(torch.isfinite(values_tensor(stored, dtype)).all()):
+        limit = "65504" if dtype == "float16" else "about 3.39e38"
+        raise ValueError(f"dtype={dtype!r} overflows for some weights (|w| > {limit}); export with dtype='float32'")
     stats = np.ascontiguousarray(rows["base"][order, :2]) if with_stats else None
     return keys, stored, stats
 

@@ -6,6 +6,7 @@ The functions here are what the command line runs; they are usable from Python t
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from typing import Any, Dict, Optional, Sequence
 
@@ -95,14 +96,18 @@ def merge(paths: Sequence, out, num_buckets: Optional[int] = None) -> Dict[str, 
     save_id = uuid.uuid4().hex
     tmp = os.path.join(out, ".tmp-" + save_id)
     os.makedirs(tmp)
-    rows["tombstones"] = rows["tombstones"][:0]
-    part = R.write_part(tmp, 0, rows, nb)
-    lay = first["layout"]
-    part.update(day=int(last["day"]), dim=lay["dim"], base_width=lay["base_width"], mf_width=lay["mf_width"])
-    chain = {"base_id": last["base_id"], "sequence": int(last["sequence"])}
-    manifest = T._make_manifest(first["config"], "base", save_id, chain, [part], nb)
-    manifest["merged_from"] = [{"path": p, "save_id": s} for p, s in zip(paths, _ids(paths))]
-    F.fsync_dir(tmp)
+    try:
+        rows["tombstones"] = rows["tombstones"][:0]
+        part = R.write_part(tmp, 0, rows, nb)
+        lay = first["layout"]
+        part.update(day=int(last["day"]), dim=lay["dim"], base_width=lay["base_width"], mf_width=lay["mf_width"])
+        chain = {"base_id": last["base_id"], "sequence": int(last["sequence"])}
+        manifest = T._make_manifest(first["config"], "base", save_id, chain, [part], nb)
+        manifest["merged_from"] = [{"path": p, "save_id": s} for p, s in zip(paths, _ids(paths))]
+        F.fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half written is left behind
+        raise
     os.rename(tmp, os.path.join(out, manifest["data_dir"]))
     F.fsync_dir(out)
     F.write_json_atomic(os.path.join(out, F.MANIFEST), manifest)

@@ -7,7 +7,8 @@ Commands:
     export PATH [DELTA...] -o OUT   write serving files (``--dtype``, ``--with-stats``, ``--rows``)
 
 ``-o`` may not name an input or a save of the other kind (a table save for export, an export for merge); an
-earlier output of the same kind is replaced atomically. Errors print one line and exit with status 1.
+earlier output of the same kind is replaced atomically. Errors print one line and exit with status 1 (usage
+errors: argparse's message, status 2). ``verify`` checks every path it is given and fails if any failed.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _print_summary(info) -> None:
     m = info["manifest"]
     if info["kind"] == "serving":
         print(f"serving export  {info['path']}")
-        print(f"  rows          {m['rows']:,} ({m['rows_exported']} rows), dim {m['dim']}, dtype {m['dtype']}"
+        print(f"  rows          {m['rows']:,} ({m.get('rows_exported', '?')} rows), dim {m['dim']}, dtype {m['dtype']}"
               f"{', with show/click' if m['with_stats'] else ''}")
         print(f"  day           {m.get('day')}")
         print(f"  files         {len(m['files'])} in {m['num_parts']} part(s), {_human(info['bytes'])}"
@@ -50,7 +51,7 @@ def _print_summary(info) -> None:
     print(f"  day           {m['day']}")
     print(f"  model         dim {sig['dim']}, lr {sig['lr_optimizer']['name']}, mf {sig['mf_optimizer']['name']}")
     print(f"  rows          {m['rows']:,} ({m['rows_with_mf']:,} with mf), tombstones {m['tombstones']:,}")
-    print(f"  layout        base {m['layout']['base_width']} cols {m['layout']['base_columns']}")
+    print(f"  layout        base {m['layout']['base_width']} cols {m['layout'].get('base_columns', '?')}")
     print(f"                mf {m['layout']['mf_width']} cols")
     print(f"  files         {len(m['files'])} in {m['num_buckets']} buckets x {m['num_parts']} part(s), "
           f"{_human(info['bytes'])} ({info['bytes_per_key']:.1f} bytes/key)")
@@ -109,9 +110,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             else:
                 _print_summary(info)
         elif args.cmd == "verify":
-            for path in args.paths:
-                r = verify(path)
+            failed = 0
+            for path in args.paths:  # each path gets its line: one bad save does not hide the others' state
+                try:
+                    r = verify(path)
+                except (CorruptCheckpointError, CheckpointMismatchError, OSError) as e:
+                    failed += 1
+                    print(f"ERROR {type(e).__name__}: {_os_error(e) if isinstance(e, OSError) else e}",
+                          file=sys.stderr)
+                    continue
                 print(f"OK  {r['path']}: {r['files']} files, {r['rows']:,} rows, {_human(r['bytes'])} verified")
+            return 1 if failed else 0
         elif args.cmd == "merge":
             m = merge(args.paths, args.out, num_buckets=args.buckets)
             print(f"merged {len(args.paths)} saves into {os.path.abspath(args.out)}: {m['rows']:,} rows "
@@ -127,6 +136,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     except OSError as e:  # the output cannot be created or written, an input cannot be read, ...
         print(f"ERROR {type(e).__name__}: {_os_error(e)}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # e.g. an export to float16 that would overflow
+        print(f"ERROR {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return 0
 
