@@ -97,7 +97,7 @@ class _FileDataset(IterableDataset):
                     continue
                 if self.stop is not None and i >= self.stop:
                     break
-                if (i - self.start) % consumers != consumer or not line.strip():
+                if (i - self.start) % consumers != consumer or _is_blank(line):
                     continue
                 yield i, line
 
@@ -187,8 +187,16 @@ def _open_lines(path: str):
     line endings come back untranslated (``newline="\\n"``). In the default universal-newline mode a lone
     ``\\r`` also ended a line, so the line indices ran ahead of the count and the rows past it were never read
     (a CR-only file read as one sample); now such a ``\\r`` stays inside its line and the parser calls the row
-    bad (``readers._strip_line_end``)."""
-    return open(path, encoding="utf-8", errors="replace", newline="\n")
+    bad (``readers._strip_line_end``). Bytes that are not UTF-8 come back as surrogate escapes, so that
+    they hash as themselves (``hashing.hash_string``); with ``errors="replace"`` every such value read as
+    U+FFFD, and different categories shared one feasign."""
+    return open(path, encoding="utf-8", errors="surrogateescape", newline="\n")
+
+
+def _is_blank(line: str) -> bool:
+    """An empty line (skipped, not a row). A line of tabs or other whitespace is a row, and a bad one:
+    ``str.strip()`` took it for blank, and a Criteo row of 40 empty fields vanished uncounted."""
+    return not line.rstrip("\r\n")
 
 
 def _count_lines(path: str) -> int:
@@ -213,7 +221,7 @@ def check_file(parser, path: str) -> None:
     errors: List[str] = []
     with _open_lines(path) as f:
         for i, line in enumerate(f):
-            if not line.strip():
+            if _is_blank(line):
                 continue
             tried += 1
             try:

@@ -116,7 +116,9 @@ class ClickLogSimulator:
         rng = np.random.default_rng([c.seed, 0x51A7])
         S = c.num_slots
         self.vocab = np.exp(rng.uniform(math.log(c.vocab_min), math.log(c.vocab_max), S)).astype(np.int64)
-        self.vocab = np.maximum(self.vocab, 1)
+        # exp(log(n)) may round below n and the cast truncates: clipped into the documented range (the
+        # shipped configs' seeds draw no such value, so their data did not change)
+        self.vocab = np.clip(self.vocab, c.vocab_min, c.vocab_max)
         self.zipf = rng.uniform(c.zipf_min, c.zipf_max, S)
         raw = rng.uniform(0.3, 1.0, S)
         self.sigma = raw * (c.first_order_std / math.sqrt(float(np.sum(raw**2))))
