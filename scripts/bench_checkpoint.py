@@ -35,7 +35,9 @@ import torch_psembed as pse  # noqa: E402
 from torch_psembed.checkpoint import _format as F  # noqa: E402
 
 
-def synthetic_rows(n: int, base_width: int, mf_width: int, mf_fraction: float, seed: int = 0):
+def synthetic_rows(n: int, base_width: int, mf_width: int, mf_fraction: float, mf_state: int, seed: int = 0):
+    """Random rows a table may hold: the last ``mf_state`` mf columns (the rule's state, an AdaGrad g2sum) are
+    >= 0, as a load checks (the base columns after lr_w are in [0, 1) already)."""
     rng = np.random.default_rng(seed)
     keys = rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64)
     base = rng.random((n, base_width), dtype=np.float32)
@@ -45,6 +47,8 @@ def synthetic_rows(n: int, base_width: int, mf_width: int, mf_fraction: float, s
     base[:, 4] = rng.integers(0, 1000, n)
     has = (rng.random(n) < mf_fraction).astype(np.uint8)
     mf = rng.standard_normal((int(has.sum()), mf_width), dtype=np.float32)
+    if mf_state:
+        mf[:, mf_width - mf_state:] = np.abs(mf[:, mf_width - mf_state:])
     return keys, base, has, mf
 
 
@@ -80,62 +84,64 @@ def main() -> None:
     table = pse.SparseTable(cfg)
     b = table._backend
     t0 = time.perf_counter()
-    keys, base, has, mf = synthetic_rows(args.keys, b.base_width, b.mf_width, args.mf_fraction)
+    keys, base, has, mf = synthetic_rows(args.keys, b.base_width, b.mf_width, args.mf_fraction, b.mf_state_dim)
     b.load_rows(keys, base, has, mf)
     fill = time.perf_counter() - t0
     data_bytes = keys.nbytes + base.nbytes + has.nbytes + mf.nbytes
     del keys, base, has, mf
     workdir = tempfile.mkdtemp(dir=args.dir)
-    ck = os.path.join(workdir, "ck")
-    print(f"# {args.keys:,} keys, dim {args.dim}, AdaGrad, {args.mf_fraction:.0%} with mf: "
-          f"{data_bytes / 1e6:.0f} MB of row data (filled in {fill:.1f} s); torch {torch.__version__}, "
-          f"{os.cpu_count()} cpus; dir {workdir}")
+    try:
+        ck = os.path.join(workdir, "ck")
+        print(f"# {args.keys:,} keys, dim {args.dim}, AdaGrad, {args.mf_fraction:.0%} with mf: "
+              f"{data_bytes / 1e6:.0f} MB of row data (filled in {fill:.1f} s); torch {torch.__version__}, "
+              f"{os.cpu_count()} cpus; dir {workdir}")
 
-    t_export, snap = best(lambda: b.export_buckets("checkpoint", args.buckets, F.BUCKET_SALT), args.repeat)
-    t_save, summary = best(lambda: table.save(ck, num_buckets=args.buckets), args.repeat)
-    file_bytes = summary["bytes"]
-    t2 = pse.SparseTable(cfg)
-    t_load, _ = best(lambda: t2.load(ck), args.repeat)
-    assert len(t2) == args.keys
-    del t2
-    # The rows as one dense row set (mf compacted), and as the per-bucket segments load_segments takes.
-    rb, mfr = snap["row_begin"], snap["mf_rows"]
-    segments = [(snap["keys"][rb[i]:rb[i + 1]], snap["base"][rb[i]:rb[i + 1]], snap["has_mf"][rb[i]:rb[i + 1]],
-                 snap["mf"][rb[i]:rb[i] + mfr[i]]) for i in range(args.buckets)]
-    t_load_rows, _ = best(lambda: pse.SparseTable(cfg)._backend.load_segments(segments), args.repeat)  # empty table
+        t_export, snap = best(lambda: b.export_buckets("checkpoint", args.buckets, F.BUCKET_SALT), args.repeat)
+        t_save, summary = best(lambda: table.save(ck, num_buckets=args.buckets), args.repeat)
+        file_bytes = summary["bytes"]
+        t2 = pse.SparseTable(cfg)
+        t_load, _ = best(lambda: t2.load(ck), args.repeat)
+        assert len(t2) == args.keys
+        del t2
+        # The rows as one dense row set (mf compacted), and as the per-bucket segments load_segments takes.
+        rb, mfr = snap["row_begin"], snap["mf_rows"]
+        segments = [(snap["keys"][rb[i]:rb[i + 1]], snap["base"][rb[i]:rb[i + 1]], snap["has_mf"][rb[i]:rb[i + 1]],
+                     snap["mf"][rb[i]:rb[i] + mfr[i]]) for i in range(args.buckets)]
+        t_load_rows, _ = best(lambda: pse.SparseTable(cfg)._backend.load_segments(segments), args.repeat)  # empty table
 
-    dense = {k: torch.from_numpy(np.concatenate([s[i] for s in segments]))
-             for i, k in enumerate(("keys", "base", "has_mf", "mf"))}
-    del segments
-    tpath = os.path.join(workdir, "dense.pt")
+        dense = {k: torch.from_numpy(np.concatenate([s[i] for s in segments]))
+                 for i, k in enumerate(("keys", "base", "has_mf", "mf"))}
+        del segments
+        tpath = os.path.join(workdir, "dense.pt")
 
-    def torch_save():
-        torch.save(dense, tpath)
-        with open(tpath, "rb+") as f:
-            os.fsync(f.fileno())
+        def torch_save():
+            torch.save(dense, tpath)
+            with open(tpath, "rb+") as f:
+                os.fsync(f.fileno())
 
-    t_tsave, _ = best(torch_save, args.repeat)
-    t_tload, loaded = best(lambda: torch.load(tpath), args.repeat)
-    assert torch.equal(loaded["keys"], dense["keys"])
-    tfile = os.path.getsize(tpath)
-    del loaded, dense, snap
+        t_tsave, _ = best(torch_save, args.repeat)
+        t_tload, loaded = best(lambda: torch.load(tpath), args.repeat)
+        assert torch.equal(loaded["keys"], dense["keys"])
+        tfile = os.path.getsize(tpath)
+        del loaded, dense, snap
 
-    mb = data_bytes / 1e6
-    rows = [
-        ("save (checkpoint)", t_save, mb / t_save),
-        ("  _C export_buckets (in memory)", t_export, mb / t_export),
-        ("load", t_load, mb / t_load),
-        ("  of which _C load_segments", t_load_rows, mb / t_load_rows),
-        ("torch.save (+fsync)", t_tsave, mb / t_tsave),
-        ("torch.load", t_tload, mb / t_tload),
-    ]
-    print(f"{'workload':30s} {'seconds':>8s} {'MB/s':>8s} {'cpu s':>8s}  every run (s)")
-    for name, s, r in rows:
-        print(f"{name:30s} {s:8.2f} {r:8.0f} {CPU[s]:8.2f}  {' '.join(f'{w:.2f}' for w in RUNS[s])}")
-    print(f"file size per key: checkpoint {file_bytes / args.keys:.1f} B ({len(F.read_manifest(ck)['files'])} files), "
-          f"torch.save {tfile / args.keys:.1f} B")
-    print(f"ratios: save/torch.save time {t_save / t_tsave:.2f}x, load/torch.load time {t_load / t_tload:.2f}x")
-    shutil.rmtree(workdir, ignore_errors=True)
+        mb = data_bytes / 1e6
+        rows = [
+            ("save (checkpoint)", t_save, mb / t_save),
+            ("  _C export_buckets (in memory)", t_export, mb / t_export),
+            ("load", t_load, mb / t_load),
+            ("  of which _C load_segments", t_load_rows, mb / t_load_rows),
+            ("torch.save (+fsync)", t_tsave, mb / t_tsave),
+            ("torch.load", t_tload, mb / t_tload),
+        ]
+        print(f"{'workload':30s} {'seconds':>8s} {'MB/s':>8s} {'cpu s':>8s}  every run (s)")
+        for name, s, r in rows:
+            print(f"{name:30s} {s:8.2f} {r:8.0f} {CPU[s]:8.2f}  {' '.join(f'{w:.2f}' for w in RUNS[s])}")
+        print(f"file size per key: checkpoint {file_bytes / args.keys:.1f} B ({len(F.read_manifest(ck)['files'])} files), "
+              f"torch.save {tfile / args.keys:.1f} B")
+        print(f"ratios: save/torch.save time {t_save / t_tsave:.2f}x, load/torch.load time {t_load / t_tload:.2f}x")
+    finally:  # also when a step fails: the folder holds the whole table's files
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

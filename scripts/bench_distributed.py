@@ -33,8 +33,10 @@ Prints, per job, the local baseline and the sharded run (medians over rounds) an
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -237,6 +239,7 @@ def main() -> None:
         child(args)
         return
     tmp = tempfile.mkdtemp(prefix="bench_dist_")
+    atexit.register(shutil.rmtree, tmp, True)  # the children's result files only: gone however the run ends
     jobs = {"colocated": (2, 0), "dedicated": (2, 1)}
     print(f"transport {args.transport}; batch {args.batch} x {args.slots} ids, dim {args.dim}, max_staleness {args.staleness}, "
           f"{args.rounds} rounds x {args.steps} steps (+{args.warmup} warm-up), 1 compute thread per process"

@@ -258,7 +258,11 @@ def launch(a) -> int:
     if a.out:
         with open(a.out, "w") as f:
             json.dump(dict(res, samples=samples, ok=ok, minutes=a.minutes), f)
-    print("[soak] PASS" if ok else "[soak] FAILED")
+    print("[soak] PASS" if ok else f"[soak] FAILED; logs in {workdir}")
+    if ok:  # the logs are kept only when they explain a failure
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0 if ok else 1
 
 
