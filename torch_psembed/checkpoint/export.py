@@ -35,7 +35,8 @@ def _to_storage(x: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "float32":
         return np.ascontiguousarray(x, dtype=np.float32)
     if dtype == "float16":
-        return x.astype(np.float16)
+        with np.errstate(over="ignore"):  # an overflow is refused by name after the cast (serving_arrays)
+            return x.astype(np.float16)
     # bfloat16: torch rounds to nearest even; keep the bits as uint16.
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
 
