@@ -1002,3 +1002,27 @@ def test_a_failed_request_does_not_leave_the_rest_of_its_step_unwaited():
     with pytest.raises(ValueError, match="server 0 refused"):
         t.flush()
     assert tr.pending == 0 and int(b) in t  # server 1's request was waited for (applied), not dropped
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("k", [1, 2])
+def test_staleness_window_counts_steps_without_pushes(k, prefetch):
+    # Steps were counted by their pushes: after a pull-only step (an evaluation batch) the next pull could
+    # still miss the push of step t-k-1 (found by an audit, session 25). Every pull now ends a step.
+    rng = np.random.default_rng(11)
+    universe = np.arange(1, 100, dtype=np.int64)
+    pushes = rng.random(40) < 0.5
+    t, tr = _prefetching(k)
+    for step in range(40):
+        _settle(t)
+        t.pull(universe[:10])
+        for old in range(step - k):  # steps t-k-1 and earlier, pushing or not
+            if pushes[old]:
+                assert old in tr.applied, (step, old)
+        if prefetch:  # right after the pull, as --prefetch does: the same window
+            t.prefetch(universe[:10])
+        if pushes[step]:
+            tr.step_tag = step
+            t.push(*_batch(rng, universe, 16, 3))
+    t.flush()
+    assert tr.pending == 0 and set(tr.applied) == {s for s in range(40) if pushes[s]}

@@ -11,7 +11,7 @@ Staleness: pushes issued after the latest pull form one *step*. Before a pull, t
 ``max_staleness`` steps of pushes are still unacknowledged, so with ``max_staleness=k`` the pull of step ``t``
 sees every push of step ``t-k-1`` and earlier. ``max_staleness=0`` also waits for the previous push before
 issuing the next one, so every push is applied, in order, before anything else (deterministic mode).
-Steps are counted by their pushes: pulls with no push between them open no step. At most ``max_inflight``
+A step with no push (pulls in a row) counts as a step too. At most ``max_inflight``
 push requests are outstanding; a push that would pass it waits for the oldest until all of its requests fit,
 before sending any.
 
@@ -91,6 +91,7 @@ class ShardedTable:
         # Each entry: the handles of one step's pushes. Written only by the training thread.
         self._steps: Deque[List[Handle]] = collections.deque()
         self._step_open = False
+        self._pulled = False  # a pull was made: the next one ends a step, with or without pushes
         self._inflight = 0
         self.max_inflight = max_inflight or max(4, 2 * (self.max_staleness + 1)) * self.num_servers
         self.timers: Dict[str, float] = dict.fromkeys(_TIMER_NAMES + _PREFETCH_TIMERS, 0.0)
@@ -188,6 +189,11 @@ class ShardedTable:
         if pending is None and keys.shape[0] > 0:
             plan = self._timed_plan(keys)  # before the wait: it overlaps the servers' work on those pushes
         t0 = time.perf_counter()
+        if self._pulled and not self._step_open:
+            # The step since the last pull pushed nothing (an evaluation batch, an accumulation step): it
+            # still counts, so the pull of step t sees the pushes of step t-k-1 as documented.
+            self._steps.append([])
+        self._pulled = True
         # With a prefetch this only books the steps its thread waited for (and raises a failed push's error
         # here, as a plain pull does).
         self._wait_steps(self.max_staleness)
