@@ -47,6 +47,13 @@ def test_auc_edge_cases():
         auc([float("nan"), 0.2], [0, 1])
 
 
+def test_log_loss_refuses_what_is_not_a_probability():
+    # logits passed by mistake gave a loss of ~1e-7, NaN probabilities a NaN loss (audit, session 25)
+    for bad in ([5.0, -3.0], [0.5, float("nan")], [1.2, 0.1]):
+        with pytest.raises(ValueError, match="probs must be finite probabilities in \\[0, 1\\]"):
+            log_loss(bad, [1, 0])
+
+
 def test_log_loss_matches_formula():
     p = np.array([0.1, 0.8, 0.5, 0.0, 1.0])
     y = np.array([0, 1, 1, 0, 1])

@@ -43,7 +43,8 @@ def test_hashed_embedding_matches_numpy_lookup():
     out.sum().backward()
     assert emb.bag.weight.grad.is_sparse
     opt = torch.optim.Adagrad(emb.parameters(), lr=0.1)
-    opt.step()
+    with torch.sparse.check_sparse_tensor_invariants(enable=False):  # as the job's step (train.py)
+        opt.step()
     assert emb.memory_bytes(opt) == 2 * 97 * 5 * 4
     with pytest.raises(ValueError, match="num_slots"):
         emb(keys, offsets[:4])
@@ -230,3 +231,50 @@ def test_slot_embeddings_key_count_equal_to_bag_count_is_not_one_key_per_bag(key
         b, s = divmod(int(bag), S)
         np.testing.assert_allclose(g, B * w[b, s].numpy(), rtol=1e-5)  # default grad_scale: the batch size
         assert (show, click, slot) == (1, labels[b].item(), s)
+
+
+def test_slot_embeddings_check_their_batch_and_arguments_as_embedding_bag_does():
+    # offsets[0] = 1 read the bags from the wrong keys, silently; int32 keys were hashed two at a time by the
+    # hashed baseline; output="cvm" was a KeyError; num_slots=0 a ZeroDivisionError later (audit, session 25)
+    table = pse.SparseTable(pse.TableConfig(dim=2))
+    ps = PSSlotEmbedding(table, 2, output="lr_mf")
+    hashed = HashedSlotEmbedding(1031, 3, num_slots=2)
+    keys = torch.arange(1, 6)
+    for emb in (ps, hashed):
+        for offsets, match in (([1, 2, 3, 3], r"offsets\[0\] must be 0"), ([0, 2, 1, 3], "must not decrease"),
+                               ([0, 1, 2, 9], r"offsets\[-1\] = 9 is past the 5 keys"),
+                               ([0, 1, 2], "B \\* num_slots")):
+            with pytest.raises(ValueError, match=match):
+                emb(keys, torch.tensor(offsets))
+        with pytest.raises(TypeError, match="keys must be a 1-D int64 or int32 tensor"):
+            emb(keys.float(), torch.tensor([0, 1, 2, 3]))
+        off = torch.tensor([0, 1, 3, 3])
+        assert torch.equal(emb(keys.int(), off.int()), emb(keys, off))  # int32 reads as int64
+    assert torch.equal(hashed.bucket(torch.tensor([1, 2, 3, 4], dtype=torch.int32)),
+                       hashed.bucket(torch.tensor([1, 2, 3, 4])))
+    with pytest.raises(ValueError, match="output must be one of"):
+        PSSlotEmbedding(table, 2, output="cvm")
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="num_slots must be an int >= 1"):
+            HashedSlotEmbedding(10, 4, num_slots=bad)
+        with pytest.raises(ValueError, match="num_slots must be an int >= 1"):
+            PSSlotEmbedding(table, bad)
+
+
+def test_building_the_hashed_baseline_leaves_torchs_sparse_checks_alone():
+    # the constructor switched torch's sparse invariant checks off for the whole process (audit, session 25)
+    was = torch.sparse.check_sparse_tensor_invariants.is_enabled()
+    torch.sparse.check_sparse_tensor_invariants.enable()
+    try:
+        HashedSlotEmbedding(100, 5, num_slots=3)
+        assert torch.sparse.check_sparse_tensor_invariants.is_enabled()
+    finally:
+        if not was:
+            torch.sparse.check_sparse_tensor_invariants.disable()
+
+
+def test_build_model_refuses_hidden_widths_that_are_not_ints():
+    emb = HashedSlotEmbedding(100, 5, num_slots=3)
+    for bad in ("128", [2.7], [True]):
+        with pytest.raises(ValueError, match="hidden must be a list of int widths"):
+            build_model("dnn", emb, hidden=bad)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 from torch import Tensor, nn
 
 __all__ = ["CTRDNN", "DeepFM", "build_model", "MODELS"]
@@ -99,6 +100,10 @@ def build_model(
     """``CTRDNN`` (``kind="dnn"``) or ``DeepFM`` (``kind="deepfm"``) over ``embedding``."""
     if kind not in MODELS:
         raise ValueError(f"model kind must be one of {tuple(MODELS)}, got {kind!r}")
+    # a list of ints: int() made the string "128" three layers of 1, 2 and 8, and 2.7 a layer of 2
+    if isinstance(hidden, (str, bytes)) or not all(isinstance(h, (int, np.integer)) and not isinstance(h, bool)
+                                                   for h in hidden):
+        raise ValueError(f"hidden must be a list of int widths, got {hidden!r}")
     hidden = [int(h) for h in hidden]
     if any(h < 1 for h in hidden):
         raise ValueError(f"hidden widths must be >= 1, got {hidden!r}")

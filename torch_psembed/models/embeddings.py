@@ -22,6 +22,34 @@ def _bag_lengths(offsets: Tensor, n: int) -> Tensor:
     return torch.diff(offsets, append=offsets.new_tensor([n]))
 
 
+def _check_num_slots(num_slots) -> int:
+    if not isinstance(num_slots, int) or isinstance(num_slots, bool) or num_slots < 1:
+        raise ValueError(f"num_slots must be an int >= 1, got {num_slots!r}")
+    return num_slots
+
+
+def _check_batch(keys: Tensor, offsets: Tensor, num_slots: int) -> Tensor:
+    """The keys as int64, after the checks of ``nn.EmbeddingBag`` on bags given by offsets (the per-slot split
+    reads the bags from them: offsets[0] = 3 gave bags of the wrong keys, silently). Raises naming the problem."""
+    for name, t in (("keys", keys), ("offsets", offsets)):
+        if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype not in (torch.int64, torch.int32):
+            what = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+            raise TypeError(f"{name} must be a 1-D int64 or int32 tensor, got {what}")
+    n_bags = offsets.numel()
+    if n_bags % num_slots:
+        raise ValueError(f"offsets must have B * num_slots = B * {num_slots} entries, got {n_bags}")
+    if n_bags:
+        if int(offsets[0]) != 0:
+            raise ValueError(f"offsets[0] must be 0, got {int(offsets[0])}")
+        if n_bags > 1 and bool((offsets[1:] < offsets[:-1]).any()):
+            raise ValueError("offsets must not decrease")
+        if int(offsets[-1]) > keys.numel():
+            raise ValueError(f"offsets[-1] = {int(offsets[-1])} is past the {keys.numel()} keys")
+    elif keys.numel():
+        raise ValueError(f"{keys.numel()} keys but no bags (offsets is empty)")
+    return keys.to(torch.int64)
+
+
 def _one_key_per_bag(keys: Tensor, offsets: Tensor) -> bool:
     """Whether every bag holds exactly one key: ``offsets == arange(num_bags)`` and as many keys as bags. The
     key count alone does not tell (an empty bag and a bag of two keys also add up to one key per bag)."""
@@ -54,9 +82,12 @@ class PSSlotEmbedding(nn.Module):
         super().__init__()
         import torch_psembed as pse
 
-        self.num_slots = num_slots
+        leads = {"mf": 0, "lr_mf": 1, "cvm_lr_mf": 3}
+        if output not in leads:
+            raise ValueError(f"output must be one of {', '.join(map(repr, leads))}, got {output!r}")
+        self.num_slots = _check_num_slots(num_slots)
         self.output = output
-        lead = {"mf": 0, "lr_mf": 1, "cvm_lr_mf": 3}[output]
+        lead = leads[output]
         self.width = lead + table.dim
         self.cvm_cols = slice(0, 2) if output == "cvm_lr_mf" else slice(0, 0)
         self.lr_col: Optional[int] = lead - 1 if lead else None
@@ -91,19 +122,19 @@ class PSSlotEmbedding(nn.Module):
         lookup of one key per bag is prefetched: the per-slot lookups are several pulls of one table, and a
         table holds one prefetched pull."""
         S = self.num_slots
-        if offsets.numel() % S == 0 and _one_key_per_bag(keys, offsets):
+        keys = _check_batch(keys, offsets, S)  # (the forward raises the same error for a bad batch)
+        if _one_key_per_bag(keys, offsets):
             self.single.prefetch(keys.view(-1, S))
 
     def forward(self, keys: Tensor, offsets: Tensor) -> Tensor:
         S = self.num_slots
+        keys = _check_batch(keys, offsets, S)
         n_bags = offsets.numel()
-        if n_bags % S:
-            raise ValueError(f"offsets must have B * num_slots = B * {S} entries, got {n_bags}")
         B = n_bags // S
         if _one_key_per_bag(keys, offsets):  # offsets == arange(n_bags): the (B, S) key matrix
             return self.single(keys.view(B, S))
         lengths = _bag_lengths(offsets, keys.numel())
-        slot_of_key = torch.arange(n_bags).remainder(S).repeat_interleave(lengths)
+        slot_of_key = torch.arange(n_bags, device=offsets.device).remainder(S).repeat_interleave(lengths)
         order = torch.argsort(slot_of_key, stable=True)
         sorted_keys = keys[order]
         per_slot_len = lengths.view(B, S)
@@ -140,28 +171,25 @@ class HashedSlotEmbedding(nn.Module):
         if not isinstance(dim, int) or dim < 2:
             raise ValueError(f"dim must be an int >= 2 (lr + mf), got {dim!r}")
         self.num_buckets = num_buckets
-        self.num_slots = num_slots
+        self.num_slots = _check_num_slots(num_slots)
         self.width = dim
         self.cvm_cols = slice(0, 0)
         self.lr_col: Optional[int] = 0
         self.mf_cols = slice(1, dim)
         self.bag = nn.EmbeddingBag(num_buckets, dim, mode="sum", sparse=True)
-        # Sparse optimizers build their update tensors from coalesced gradients, valid by construction: opt out
-        # of torch's (costly) sparse invariant checks explicitly, which also silences its warning about them.
-        torch.sparse.check_sparse_tensor_invariants.disable()
         with torch.no_grad():
             self.bag.weight.uniform_(-init_range, init_range)
             self.bag.weight[:, 0] = 0.0
 
     def bucket(self, keys: Tensor) -> Tensor:
         """Each key's row, on the keys' device (the hash itself runs on the host, in numpy's uint64)."""
-        h = mix64(keys.cpu().numpy().view(np.uint64)) % np.uint64(self.num_buckets)
+        # as int64 first: the uint64 view of an int32 array would read two keys as one
+        h = mix64(keys.to(torch.int64).cpu().numpy().view(np.uint64)) % np.uint64(self.num_buckets)
         return torch.from_numpy(h.astype(np.int64)).to(keys.device)
 
     def forward(self, keys: Tensor, offsets: Tensor) -> Tensor:
         S = self.num_slots
-        if offsets.numel() % S:
-            raise ValueError(f"offsets must have B * num_slots = B * {S} entries, got {offsets.numel()}")
+        keys = _check_batch(keys, offsets, S)
         out = self.bag(self.bucket(keys), offsets)
         return out.view(-1, S, self.width)
 
