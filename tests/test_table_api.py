@@ -1084,3 +1084,51 @@ def test_a_key_deleted_and_made_anew_while_a_delta_is_written_keeps_its_own_delt
     assert c["keys"].tolist() == [5] and c["base"][0, 2] == pytest.approx(5.0)  # its own, not 5 - 10
     nxt = t.export("delta")
     assert nxt["keys"].tolist() == [5] and sorted(nxt["tombstones"].tolist()) == [5, 6]  # erased, then re-added
+
+
+@pytest.mark.parametrize("rule", ["adam", "ftrl", "std_adagrad"])
+def test_the_widest_records_train_and_round_trip(rule):
+    # dim 4096 with Adam, FTRL or StdAdaGrad makes records of over 32 KiB: a slab chunk of 1024 of them was
+    # larger than the arena's segment and ran past its end, and pushing two keys segfaulted (audit, session
+    # 25). In a child process, so that a crash is a failure here rather than the end of the test run.
+    code = f"""
+import numpy as np
+from torch_psembed import _C
+from torch_psembed.config import TableConfig, CtrAccessorConfig, {dict(adam="Adam", ftrl="FTRL", std_adagrad="StdAdaGrad")[rule]} as Rule
+cfg = TableConfig(dim=4096, accessor=CtrAccessorConfig(embedx_threshold=0.0), mf_optimizer=Rule())
+t = _C.Table(cfg.to_dict())
+k = np.arange(1, 65, dtype=np.int64)
+for _ in range(2):
+    t.push(k, np.full((64, 4097), 0.5, np.float32), np.ones(64, np.float32), np.zeros(64, np.float32))
+e = t.export("checkpoint")
+u = _C.Table(cfg.to_dict())
+u.load_rows(e["keys"], e["base"], e["has_mf"], e["mf"])
+assert np.array_equal(u.pull(k, True), t.pull(k, True)) and len(t) == 64 and e["has_mf"].all()
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
+
+
+def test_load_without_checks_reads_any_nonzero_has_mf_as_one_mf_row(make_c_table):
+    # load_segments(check=False) advanced its mf offset by the raw flag: a has_mf of 2 shifted every later
+    # row's mf by one row, reading past the array (audit, session 25)
+    t = make_c_table(dim=2)
+    src = make_c_table(dim=2, accessor=CtrAccessorConfig(embedx_threshold=0.0))
+    push(src, [1, 2], 2, show=5.0)
+    push(src, [1, 2], 2, show=5.0)
+    e = src.export("checkpoint")
+    has = e["has_mf"].copy()
+    assert has.tolist() == [1, 1]
+    has[0] = 2
+    parent = np.vstack([e["mf"], np.full((4, e["mf"].shape[1]), 777.0, np.float32)])
+    t.load_segments([(e["keys"], e["base"], has, parent[:2])], False)
+    np.testing.assert_array_equal(t.pull(e["keys"], True), src.pull(e["keys"], True))
+
+
+def test_day_setter_refuses_the_day_end_day_refuses():
+    t = _C.Table(TableConfig(dim=2).to_dict())
+    with pytest.raises(ValueError, match=r"day must be in \[-1, 2\^63 - 1\)"):
+        t.day = 2**63 - 1
+    t.day = 2**63 - 2
+    assert t.day == 2**63 - 2

@@ -945,7 +945,10 @@ the table's own count of pushes (a sharded table's trainer passes (trainer << 32
       }, py::arg("day"), R"doc(end_day(day: int) -> int: decay by elapsed days, age, delete. Idempotent per day.)doc")
       .def_property("day", [](PyTable& t) { return t.t().day(); },
                     [](PyTable& t, int64_t d) {
-                      if (d < -1) throw py::value_error("day must be >= -1, got " + std::to_string(d));
+                      // below INT64_MAX, as end_day's: the admission draws use day + 1
+                      if (d < -1 || d == INT64_MAX) {
+                        throw py::value_error("day must be in [-1, 2^63 - 1), got " + std::to_string(d));
+                      }
                       t.t().set_day(d);
                     })
       .def("stats", &PyTable::Stats)

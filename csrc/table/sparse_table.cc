@@ -1063,7 +1063,7 @@ Status SparseTable::LoadSegments(const RowSegment* segs, size_t num_segs, bool c
       const uint64_t key = seg.keys[i];
       const uint64_t d = cur[ShardOf(TableHash(key), num_shards)]++;
       io[d] = key;
-      flags[d] = seg.has_mf[i];
+      flags[d] = seg.has_mf[i] != 0 ? 1 : 0;
     }
   }, static_cast<int>(par));
   // The load holds every shard's lock from here to the end, taken by this thread in index order (nothing
@@ -1119,14 +1119,14 @@ Status SparseTable::LoadSegments(const RowSegment* segs, size_t num_segs, bool c
       if (i + kWriteAhead < pc.hi) look(i + kWriteAhead);
       const uint32_t s = a.shard;
       const uint64_t d = a.d;
-      const uint8_t has = seg.has_mf[i];
+      const bool has = seg.has_mf[i] != 0;  // a flag: a 2 (check = false lets it through) counts one mf row
       const uint64_t v = io[d];
       if (v != Shard::kLoadExisting) {
         shards_[s]->WriteNewRow(v, seg.base + i * bw, has ? seg.mf + m * mw : nullptr);
       } else {
         io[d] = (uint64_t{p} << 32) | ((i - pc.lo) << 16) | (m - pc.mf_before);
       }
-      m += has;
+      m += has ? 1 : 0;
     }
   }, static_cast<int>(par));
   // Phase 3, one task per shard: rows of keys that were present, in input order.

@@ -20,7 +20,7 @@ ChunkArena::~ChunkArena() {
 }
 
 void* ChunkArena::Allocate(size_t bytes) {
-  assert(bytes > 0 && bytes <= kSegmentBytes);
+  assert(bytes > 0);
   const size_t size = RoundUp(bytes, kAlign);
   MutexLock l(&mu_);
   for (auto& [s, blocks] : free_) {
@@ -31,10 +31,20 @@ void* ChunkArena::Allocate(size_t bytes) {
       return p;
     }
   }
+  if (size > kSegmentBytes) {
+    // A chunk larger than a segment (1024 records of over 32 KiB: dim ~2700+ with Adam or FTRL, ~4093+
+    // with StdAdaGrad) gets a mapping of its own; carving it from a segment ran past the segment's end.
+    // Freed, it is reused for a chunk of the same size, as any block.
+    segments_.reserve(segments_.size() + 1);
+    char* own = static_cast<char*>(HugePageAlloc(size));
+    segments_.emplace_back(own, size);
+    in_use_ += size;
+    return own;
+  }
   if (left_ < size) {
     segments_.reserve(segments_.size() + 1);  // so the push_back below cannot throw after the map
     char* seg = static_cast<char*>(HugePageAlloc(kSegmentBytes));
-    segments_.push_back(seg);
+    segments_.emplace_back(seg, kSegmentBytes);
     next_ = seg;
     left_ = kSegmentBytes;
   }
@@ -68,7 +78,7 @@ size_t ChunkArena::bytes_in_use() const {
 }
 
 void ChunkArena::ReleaseAllLocked() {
-  for (char* seg : segments_) HugePageFree(seg, kSegmentBytes);
+  for (const auto& [seg, bytes] : segments_) HugePageFree(seg, bytes);
   segments_.clear();
   segments_.shrink_to_fit();
   free_.clear();

@@ -38,7 +38,7 @@ class ChunkArena {
   ChunkArena(const ChunkArena&) = delete;
   ChunkArena& operator=(const ChunkArena&) = delete;
 
-  // REQUIRES: 0 < bytes <= kSegmentBytes. Throws std::bad_alloc.
+  // REQUIRES: bytes > 0 (a request over kSegmentBytes gets a mapping of its own). Throws std::bad_alloc.
   void* Allocate(size_t bytes) LOCKS_EXCLUDED(mu_);
   // REQUIRES: p came from Allocate(bytes) with the same bytes and was not freed since.
   void Free(void* p, size_t bytes) LOCKS_EXCLUDED(mu_);
@@ -50,7 +50,7 @@ class ChunkArena {
   void ReleaseAllLocked() EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   mutable Mutex mu_;
-  std::vector<char*> segments_ GUARDED_BY(mu_);  // each kSegmentBytes, from HugePageAlloc
+  std::vector<std::pair<char*, size_t>> segments_ GUARDED_BY(mu_);  // (mapping, its bytes), from HugePageAlloc
   char* next_ GUARDED_BY(mu_) = nullptr;         // bump pointer in the last segment
   size_t left_ GUARDED_BY(mu_) = 0;              // bytes after next_ in the last segment
   std::vector<std::pair<size_t, std::vector<void*>>> free_ GUARDED_BY(mu_);  // (size, blocks)

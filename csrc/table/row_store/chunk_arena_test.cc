@@ -61,6 +61,31 @@ void TestArenaAlignsReusesAndReleases() {
   arena.Free(p, 4096);
 }
 
+// A block larger than a segment (a chunk of 1024 records of over 32 KiB: dim 4096 with Adam) was carved
+// from one segment and ran past its end, and every later block came from outside any mapping (a
+// segfault with two keys). Such a block gets a mapping of its own; every byte of every block is writable
+// and no two blocks overlap.
+void TestBlocksLargerThanASegment() {
+  ChunkArena arena;
+  const size_t big = ChunkArena::kSegmentBytes + 4096 + 64;
+  std::vector<std::pair<char*, size_t>> blocks;
+  for (int i = 0; i < 3; ++i) {
+    blocks.emplace_back(static_cast<char*>(arena.Allocate(big)), big);
+    blocks.emplace_back(static_cast<char*>(arena.Allocate(4096)), 4096);
+  }
+  for (size_t i = 0; i < blocks.size(); ++i) std::memset(blocks[i].first, static_cast<int>(i + 1), blocks[i].second);
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    CHECK_EQ(reinterpret_cast<uintptr_t>(blocks[i].first) % 64, 0u);
+    CHECK_EQ(blocks[i].first[0], static_cast<char>(i + 1));
+    CHECK_EQ(blocks[i].first[blocks[i].second - 1], static_cast<char>(i + 1));  // nothing wrote over it
+  }
+  CHECK_EQ(arena.bytes_in_use(), 3 * (big + 4096));
+  arena.Free(blocks[2].first, big);
+  CHECK_EQ(arena.Allocate(big), blocks[2].first);  // reused for the same size, as any block
+  for (auto& [p, n] : blocks) arena.Free(p, n);
+  CHECK_EQ(arena.bytes_in_use(), 0u);
+}
+
 void TestConcurrentBlocksNeverOverlap() {
   ChunkArena arena;
   constexpr int kThreads = 4;
@@ -101,6 +126,7 @@ void TestConcurrentBlocksNeverOverlap() {
 int main() {
   RUN_TEST(psembed::TestHugePageAllocIsZeroedAndAligned);
   RUN_TEST(psembed::TestArenaAlignsReusesAndReleases);
+  RUN_TEST(psembed::TestBlocksLargerThanASegment);
   RUN_TEST(psembed::TestConcurrentBlocksNeverOverlap);
   return 0;
 }
