@@ -342,7 +342,8 @@ bool SparseTable::Contains(uint64_t key) {
 namespace {
 struct KeyPos {
   uint64_t key;
-  uint32_t pos;
+  uint64_t pos;  // 64-bit: a table may hold 2^32 rows or more (a uint32 wrapped, exporting wrong rows); the
+                 // struct is 16 bytes either way
 };
 inline bool KeyPosLess(const KeyPos& a, const KeyPos& b) { return a.key < b.key; }
 
@@ -384,7 +385,7 @@ void SparseTable::Export(ExportMode mode, uint32_t buckets, int64_t bucket, Expo
   std::vector<KeyPos> kp;
   std::vector<float> base;
   std::vector<uint8_t> has_mf;
-  std::vector<uint32_t> mf_of;  // mf row of unsorted row i (when has_mf)
+  std::vector<uint64_t> mf_of;  // mf row of unsorted row i (when has_mf); 64-bit as KeyPos::pos
   std::vector<float> mf;
   {
     // One consistent moment: gate_ held exclusively means no mutating call is in flight (they all
@@ -420,7 +421,7 @@ void SparseTable::Export(ExportMode mode, uint32_t buckets, int64_t bucket, Expo
       size_t i = row_begin[s], j = mf_begin[s];
       sh->ForEachLocked([&](uint64_t key, const RowHeader& h, const float* m) {
         if (!keep(key, h, m)) return;
-        kp[i] = KeyPos{key, static_cast<uint32_t>(i)};
+        kp[i] = KeyPos{key, i};
         float* b = base.data() + i * bw;
         b[0] = h.show;
         b[1] = h.click;
@@ -430,7 +431,7 @@ void SparseTable::Export(ExportMode mode, uint32_t buckets, int64_t bucket, Expo
         std::memcpy(b + 5, RowLayout::Lr(&h), lw * sizeof(float));
         has_mf[i] = m != nullptr ? 1 : 0;
         if (m != nullptr) {
-          mf_of[i] = static_cast<uint32_t>(j);
+          mf_of[i] = j;
           std::memcpy(mf.data() + j * mw, m, mw * sizeof(float));
           ++j;
         }
@@ -493,11 +494,11 @@ void SparseTable::Export(ExportMode mode, uint32_t buckets, int64_t bucket, Expo
     constexpr size_t kAhead = 16;
     for (size_t i = Split(n, parts, p), e = Split(n, parts, p + 1); i < e; ++i) {
       if (i + kAhead < e) {  // the reads are random: overlap their misses
-        const uint32_t ahead = kp[i + kAhead].pos;
+        const uint64_t ahead = kp[i + kAhead].pos;
         PrefetchBytes(&base[static_cast<size_t>(ahead) * bw], bw * sizeof(float));
         if (has_mf[ahead]) PrefetchBytes(&mf[static_cast<size_t>(mf_of[ahead]) * mw], mw * sizeof(float));
       }
-      const uint32_t src = kp[i].pos;
+      const uint64_t src = kp[i].pos;
       out->keys[i] = kp[i].key;
       std::memcpy(&out->base[i * bw], &base[static_cast<size_t>(src) * bw], bw * sizeof(float));
       out->has_mf[i] = has_mf[src];
