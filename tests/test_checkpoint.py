@@ -794,3 +794,31 @@ def test_every_writer_writes_keys_strictly_ascending_as_uint64_and_every_save_lo
             load_group(LocalParts(dest), cfg.to_dict(), chain, tmp_path / name / mode)
             assert sum(len(d) for d in dest) == F.read_manifest(tmp_path / name / mode)["rows"]
     assert merged["rows"] > 0
+
+
+def test_a_table_restored_from_a_checkpoint_then_given_later_deltas_lists_what_its_source_lists(tmp_path):
+    # B loads A's checkpoint (pending tombstones P), then A's delta d1 (which published P): B kept P pending and
+    # its own next delta listed them again (found by an audit, session 25). A delta's load forgets the pending
+    # tombstones it published.
+    cfg = pse.TableConfig(dim=2, accessor=pse.CtrAccessorConfig(show_click_decay_rate=1.0, delete_threshold=1.0,
+                                                                 base_threshold=0.0, delta_threshold=0.0))
+    a = pse.SparseTable(cfg)
+    k = np.arange(1, 11, dtype=np.int64)
+    a.push(k, np.ones((10, 3), np.float32), np.where(k % 2 == 0, 1.0, 50.0).astype(np.float32),
+           np.zeros(10, np.float32))
+    a.save(tmp_path / "base", "base")
+    assert a.shrink() == 5  # the even keys: pending tombstones
+    a.save(tmp_path / "ck", "checkpoint")
+    a.save(tmp_path / "d1", "delta")  # publishes them
+    b = pse.SparseTable(cfg)
+    b.load(tmp_path / "ck")
+    assert sorted(b._backend.export("delta")["tombstones"].tolist()) == [2, 4, 6, 8, 10]
+    b.load(tmp_path / "d1")
+    for t in (a, b):
+        t.push(np.array([3, 12], np.int64), np.ones((2, 3), np.float32), np.full(2, 50.0, np.float32),
+               np.zeros(2, np.float32))
+    assert a.shrink() == b.shrink() == 0
+    a.save(tmp_path / "a2", "delta")
+    b.save(tmp_path / "b2", "delta")
+    ma, mb = (F.read_manifest(str(tmp_path / n)) for n in ("a2", "b2"))
+    assert ma["tombstones"] == mb["tombstones"] == 0 and ma["rows"] == mb["rows"]

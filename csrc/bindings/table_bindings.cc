@@ -537,6 +537,14 @@ class PyTable {
     table_->SetTombstones(k, n);
   }
 
+  void ForgetTombstones(const py::handle& keys_obj) {
+    py::array keys = CheckKeys(keys_obj);
+    const uint64_t* k = KeyPtr(keys);
+    const size_t n = keys.shape(0);
+    py::gil_scoped_release release;
+    table_->ForgetTombstones(k, n);
+  }
+
   size_t Erase(const py::handle& keys_obj) {
     py::array keys = CheckKeys(keys_obj);
     const uint64_t* k = KeyPtr(keys);
@@ -988,6 +996,9 @@ row); changes nothing.)doc")
       .def("set_tombstones", &PyTable::SetTombstones, py::arg("keys"),
            R"doc(set_tombstones(keys: int64[n]) -> None: replace the pending tombstone list with keys, in order.
 Used to restore a checkpoint's pending list; the next checkpoint/delta export lists them.)doc")
+      .def("forget_tombstones", &PyTable::ForgetTombstones, py::arg("keys"),
+           R"doc(forget_tombstones(keys: int64[n]) -> None: remove keys from the pending tombstone list (a delta
+loaded into this table published them already).)doc")
       .def_property("track_tombstones", [](PyTable& t) { return t.t().track_tombstones(); },
                     [](PyTable& t, bool on) { t.t().SetTrackTombstones(on); },
                     R"doc(Whether deletions (shrink, end_day) add their keys to the pending tombstone list (default True;

@@ -565,6 +565,16 @@ void SparseTable::SetTombstones(const uint64_t* keys, size_t n) {
   tombstones_.swap(list);
 }
 
+void SparseTable::ForgetTombstones(const uint64_t* keys, size_t n) {
+  if (n == 0) return;
+  const std::unordered_set<uint64_t> published(keys, keys + n);  // built outside the locks
+  ReaderMutexLock gate(&gate_);
+  MutexLock l(&tomb_mu_);
+  tombstones_.erase(std::remove_if(tombstones_.begin(), tombstones_.end(),
+                                   [&](uint64_t k) { return published.count(k) != 0; }),
+                    tombstones_.end());
+}
+
 void SparseTable::SetTrackTombstones(bool on) {
   MutexLock l(&tomb_mu_);
   track_tombstones_ = on;

@@ -217,6 +217,10 @@ class SparseTable {
   Status CheckRowSegments(const RowSegment* segs, size_t num_segs);
   // Replaces the pending tombstone list with keys[0..n), in order (restores a checkpoint's list).
   void SetTombstones(const uint64_t* keys, size_t n);
+  // Removes keys[0..n) from the pending tombstone list (keeping the others' order): a delta loaded into
+  // this table already published them (a table restored from a checkpoint, then given the deltas written
+  // after it, listed them again in its own next delta).
+  void ForgetTombstones(const uint64_t* keys, size_t n);
   // Whether deletions append their keys to the pending tombstone list. A tombstone only matters to a
   // serving view built from this table's base/delta saves, so the Python layer turns this off for a
   // table whose save chain has no base or delta yet (a job that only checkpoints would otherwise grow
