@@ -529,20 +529,13 @@ class PyTable {
     if (!st.ok()) throw py::value_error(st.message());
   }
 
-  void SetTombstones(const py::handle& keys_obj) {
+  // set_tombstones / forget_tombstones: checked keys, then the table's method without the GIL.
+  void OnTombstones(const py::handle& keys_obj, void (SparseTable::*method)(const uint64_t*, size_t)) {
     py::array keys = CheckKeys(keys_obj);
     const uint64_t* k = KeyPtr(keys);
     const size_t n = keys.shape(0);
     py::gil_scoped_release release;
-    table_->SetTombstones(k, n);
-  }
-
-  void ForgetTombstones(const py::handle& keys_obj) {
-    py::array keys = CheckKeys(keys_obj);
-    const uint64_t* k = KeyPtr(keys);
-    const size_t n = keys.shape(0);
-    py::gil_scoped_release release;
-    table_->ForgetTombstones(k, n);
+    (table_.get()->*method)(k, n);
   }
 
   size_t Erase(const py::handle& keys_obj) {
@@ -993,10 +986,12 @@ the value checks (not the has_mf count) for rows check_segments passed already.)
            R"doc(check_segments(segments): the checks of load_segments alone (ValueError naming the segment and
 row); changes nothing.)doc")
       .def("load_rows", &PyTable::LoadRows, py::arg("keys"), py::arg("base"), py::arg("has_mf"), py::arg("mf"))
-      .def("set_tombstones", &PyTable::SetTombstones, py::arg("keys"),
+      .def("set_tombstones", [](PyTable& t, const py::handle& k) { t.OnTombstones(k, &SparseTable::SetTombstones); },
+           py::arg("keys"),
            R"doc(set_tombstones(keys: int64[n]) -> None: replace the pending tombstone list with keys, in order.
 Used to restore a checkpoint's pending list; the next checkpoint/delta export lists them.)doc")
-      .def("forget_tombstones", &PyTable::ForgetTombstones, py::arg("keys"),
+      .def("forget_tombstones",
+           [](PyTable& t, const py::handle& k) { t.OnTombstones(k, &SparseTable::ForgetTombstones); }, py::arg("keys"),
            R"doc(forget_tombstones(keys: int64[n]) -> None: remove keys from the pending tombstone list (a delta
 loaded into this table published them already).)doc")
       .def_property("track_tombstones", [](PyTable& t) { return t.t().track_tombstones(); },
