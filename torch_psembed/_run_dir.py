@@ -82,14 +82,6 @@ def resume_differences(saved: Dict[str, Any], cfg: Dict[str, Any]) -> List[str]:
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
 
 
-def write_json(path: str, obj: Any) -> None:
-    """Replace ``path`` with ``obj`` as JSON, atomically."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def latest_checkpoint(out: str) -> Dict[str, Any]:
     """``checkpoints/latest.json``: ``{"day", "dir"}`` of the last checkpoint, checked."""
     path = os.path.join(out, "checkpoints", "latest.json")

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from .config import _is_int, _is_number
 from .data import BatchStream, FileSource, SimulatorConfig, SyntheticSource, make_loader
 from . import _run_dir as RD
+from .checkpoint._format import write_json_atomic
 from .errors import CheckpointMismatchError
 from .metrics import JsonlWriter, PassMetrics, read_jsonl
 from .models import HashedSlotEmbedding, PSSlotEmbedding, build_model
@@ -860,7 +861,7 @@ def _main(cfg: Dict[str, Any], rt: _Runtime) -> Dict[str, Any]:
         os.makedirs(out, exist_ok=True)
         if cfg["overwrite"]:
             RD.clear_run(out)
-        RD.write_json(os.path.join(out, RD.CONFIG), _run_config(cfg))
+        write_json_atomic(os.path.join(out, RD.CONFIG), _run_config(cfg))
     rt.barrier()
     source = _make_source(cfg)
     days = cfg["days"]
@@ -883,7 +884,7 @@ def _main(cfg: Dict[str, Any], rt: _Runtime) -> Dict[str, Any]:
         if rt.rank == 0:
             # drop what a crashed run logged after the checkpoint; config.json gets this command's days etc.
             RD.rewrite_metrics(out, RD.metrics_before(out, start_day))
-            RD.write_json(os.path.join(out, RD.CONFIG), _run_config(cfg))
+            write_json_atomic(os.path.join(out, RD.CONFIG), _run_config(cfg))
         _log(rt, f"[psembed-train] resumed from {ck}: continuing at day {start_day}")
     e = cfg["embedding"]
     _log(rt, f"[psembed-train] out={out} ranks={rt.world} data={cfg['data']['kind']} embedding={e['kind']} "
@@ -913,7 +914,7 @@ def _main(cfg: Dict[str, Any], rt: _Runtime) -> Dict[str, Any]:
                 torch.save(job.dense_state(), os.path.join(ck, "dense.pt"))
                 with open(os.path.join(ck, "progress.json"), "w", encoding="utf-8") as f:
                     json.dump({"day": day, "next_day": day + 1, "passes_per_day": cfg["passes_per_day"]}, f)
-                RD.write_json(os.path.join(out, "checkpoints", "latest.json"),
+                write_json_atomic(os.path.join(out, "checkpoints", "latest.json"),
                               {"day": day, "dir": os.path.relpath(ck, out)})
             rt.barrier()
         ev = _run_eval(job, rt, cfg, source, day)

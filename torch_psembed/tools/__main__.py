@@ -19,8 +19,7 @@ import os
 import sys
 from typing import List, Optional
 
-from ..errors import CheckpointMismatchError, CorruptCheckpointError
-from . import MAX_NUM_BUCKETS, OutputError, inspect_path, merge, verify
+from . import MAX_NUM_BUCKETS, inspect_path, merge, verify
 
 __all__ = ["main"]
 
@@ -77,6 +76,11 @@ def _os_error(e: OSError) -> str:
     return f"{names}: {e.strerror or e}"
 
 
+def _print_error(e: BaseException) -> None:
+    """The one line an error prints: its type, then its message (an OSError's path(s))."""
+    print(f"ERROR {type(e).__name__}: {_os_error(e) if isinstance(e, OSError) else e}", file=sys.stderr)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m torch_psembed.tools", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -114,10 +118,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             for path in args.paths:  # each path gets its line: one bad save does not hide the others' state
                 try:
                     r = verify(path)
-                except (CorruptCheckpointError, CheckpointMismatchError, OSError) as e:
+                except (OSError, ValueError) as e:
                     failed += 1
-                    print(f"ERROR {type(e).__name__}: {_os_error(e) if isinstance(e, OSError) else e}",
-                          file=sys.stderr)
+                    _print_error(e)
                     continue
                 print(f"OK  {r['path']}: {r['files']} files, {r['rows']:,} rows, {_human(r['bytes'])} verified")
             return 1 if failed else 0
@@ -131,14 +134,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             src = args.paths[0] if len(args.paths) == 1 else args.paths
             m = export(src, args.out, dtype=args.dtype, with_stats=args.with_stats, rows=args.rows)
             print(f"exported {m['rows']:,} rows (dim {m['dim']}, {m['dtype']}) to {os.path.abspath(args.out)}")
-    except (CorruptCheckpointError, CheckpointMismatchError, OutputError) as e:
-        print(f"ERROR {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # the output cannot be created or written, an input cannot be read, ...
-        print(f"ERROR {type(e).__name__}: {_os_error(e)}", file=sys.stderr)
-        return 1
-    except ValueError as e:  # e.g. an export to float16 that would overflow
-        print(f"ERROR {type(e).__name__}: {e}", file=sys.stderr)
+    # A damaged or mismatched save, a refused output (CorruptCheckpointError, CheckpointMismatchError and
+    # OutputError are ValueErrors), a float16 export that would overflow; an output that cannot be written.
+    except (OSError, ValueError) as e:
+        _print_error(e)
         return 1
     return 0
 
