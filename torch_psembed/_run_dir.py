@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from .checkpoint._format import write_bytes_atomic
 from .errors import CorruptCheckpointError
 from .metrics import read_jsonl
 
@@ -130,12 +131,7 @@ def metrics_before(out: str, day: int) -> List[Dict[str, Any]]:
 
 def rewrite_metrics(out: str, records: List[Dict[str, Any]]) -> None:
     """Replace ``metrics.jsonl`` with ``records``, atomically."""
-    path = os.path.join(out, METRICS)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    write_bytes_atomic(os.path.join(out, METRICS), "".join(json.dumps(r) + "\n" for r in records).encode())
 
 
 def check_new_run(out: Optional[str], overwrite: bool) -> Optional[str]:

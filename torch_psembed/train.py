@@ -683,16 +683,12 @@ class _Job:
     def load_dense_state(self, state: Dict[str, Any], where: str) -> None:
         """Load ``dense_state()``'s dict from checkpoint ``where``: every key of this model (the PS embedding's
         aside: its rows are in the table) and nothing else, or a CheckpointMismatchError naming them."""
-        model_state = state["model"]
-        if self.table is not None:
-            expected = {k for k in self.model.state_dict() if not k.startswith("embedding.")}
-            got = set(model_state)
-            if got != expected:
-                raise CheckpointMismatchError(
-                    f"{where}/dense.pt does not fit this model (missing {sorted(expected - got)[:5]}, unexpected "
-                    f"{sorted(got - expected)[:5]})")
         try:
-            self.model.load_state_dict(model_state, strict=self.table is None)
+            res = self.model.load_state_dict(state["model"], strict=False)
+            missing = [k for k in res.missing_keys if self.table is None or not k.startswith("embedding.")]
+            if missing or res.unexpected_keys:
+                raise CheckpointMismatchError(f"{where}/dense.pt does not fit this model (missing {missing[:5]}, "
+                                              f"unexpected {res.unexpected_keys[:5]})")
             self.dense_opt.load_state_dict(state["dense_opt"])
             if self.sparse_opt is not None:
                 self.sparse_opt.load_state_dict(state["sparse_opt"])

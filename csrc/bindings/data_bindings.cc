@@ -21,8 +21,7 @@ py::tuple ParseCriteo(const py::list& lines) {
   const size_t n = lines.size();
   // The UTF-8 of every line, read with the GIL (an ASCII str hands out its own buffer: no copy); the list
   // keeps the strings alive while the parse runs without it.
-  std::vector<std::pair<const char*, size_t>> text(n);
-  std::vector<uint8_t> has_text(n, 1);
+  std::vector<std::pair<const char*, size_t>> text(n);  // {nullptr, 0}: no UTF-8 for that line
   for (size_t i = 0; i < n; ++i) {
     PyObject* s = lines[i].ptr();
     if (!PyUnicode_Check(s)) {
@@ -35,7 +34,6 @@ py::tuple ParseCriteo(const py::list& lines) {
       // No UTF-8 for this str (a lone surrogate: the reader keeps undecodable bytes as surrogate escapes so
       // that they hash as themselves): left to the Python parser, as every unusual line is.
       PyErr_Clear();
-      has_text[i] = 0;
       continue;
     }
     text[i] = {p, static_cast<size_t>(len)};
@@ -49,7 +47,7 @@ py::tuple ParseCriteo(const py::list& lines) {
   {
     py::gil_scoped_release release;
     for (size_t i = 0; i < n; ++i) {
-      o[i] = has_text[i] && ParseCriteoLine(text[i].first, text[i].second, &l[i], v + i * kCriteoSlots) ? 1 : 0;
+      o[i] = text[i].first != nullptr && ParseCriteoLine(text[i].first, text[i].second, &l[i], v + i * kCriteoSlots) ? 1 : 0;
       if (!o[i]) l[i] = 0.0f;  // defined contents for the rows the caller parses again
     }
   }

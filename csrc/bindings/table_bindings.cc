@@ -741,11 +741,7 @@ py::tuple MergePushArray(const py::handle& inverse_obj, int64_t u, const py::han
     // Sums past float32's range saturate at +-FLT_MAX, once per merged key, as a table's own merge does
     // (PushMerger::PointItemsAtSums): finite rows summing to an inf would be refused by the server that owns
     // the key, after the other servers applied their parts of the push. A NaN passes (nan_policy sees it).
-    for (size_t i = 0; i < static_cast<size_t>(u) * w; ++i) go[i] = SaturateFloat(go[i]);
-    for (int64_t i = 0; i < u; ++i) {
-      so[i] = SaturateFloat(so[i]);
-      co[i] = SaturateFloat(co[i]);
-    }
+    for (int64_t i = 0; i < u; ++i) SaturateSums(go + static_cast<size_t>(i) * w, w, so + i, co + i);
   }
   return py::make_tuple(g, s, c);
 }

@@ -58,10 +58,8 @@ void PushMerger::PointItemsAtSums() {
     if (sum_row_[k] < 0) continue;
     float* acc = sums_.data() + static_cast<size_t>(sum_row_[k]) * gw_;
     // The rules require a finite gradient, and finite inputs can add up to an inf: saturated sums.
-    for (size_t d = 0; d < gw_; ++d) acc[d] = SaturateFloat(acc[d]);
+    SaturateSums(acc, gw_, &items_[k].show, &items_[k].click);
     items_[k].grad = acc;
-    items_[k].show = std::min(items_[k].show, FLT_MAX);  // shows and clicks are >= 0
-    items_[k].click = std::min(items_[k].click, FLT_MAX);
   }
 }
 

@@ -10,11 +10,20 @@
 
 #include <algorithm>
 #include <cfloat>
+#include <cstddef>
 
 namespace psembed {
 
 // x clamped to [-FLT_MAX, FLT_MAX] (infinities included). REQUIRES: x is not NaN (a NaN passes through).
 inline float SaturateFloat(float x) { return std::min(std::max(x, -FLT_MAX), FLT_MAX); }
+
+// A merged push's sums of one key saturated in place: the gradient row g[0..n), its show and its click
+// (the table's own merge, PushMerger, and the sharded trainer's, _C.merge_push). NaNs pass.
+inline void SaturateSums(float* g, size_t n, float* show, float* click) {
+  for (size_t i = 0; i < n; ++i) g[i] = SaturateFloat(g[i]);
+  *show = SaturateFloat(*show);
+  *click = SaturateFloat(*click);
+}
 
 // x rounded to float32, clamped to [-FLT_MAX, FLT_MAX] first. REQUIRES: x is not NaN.
 inline float SaturateToFloat(double x) {

@@ -142,9 +142,13 @@ def write_array(path: str, arr: np.ndarray, fsync: bool = True) -> Dict[str, int
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-    """Write JSON to ``path`` through ``path.tmp`` + fsync + rename + fsync of the directory."""
+    """Write JSON to ``path`` atomically (:func:`write_bytes_atomic`)."""
+    write_bytes_atomic(path, json.dumps(obj, indent=1, sort_keys=False).encode())
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through ``path.tmp`` + fsync + rename + fsync of the directory."""
     tmp = path + ".tmp"
-    data = json.dumps(obj, indent=1, sort_keys=False).encode()
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

@@ -41,7 +41,7 @@ import torch
 
 from .. import _C
 from . import server
-from .transport import Handle, Transport
+from .transport import Handle, Transport, wait_all
 
 __all__ = ["ShardedTable"]
 
@@ -156,16 +156,7 @@ class ShardedTable:
         while len(self._steps) > keep:
             step = self._steps.popleft()
             self._inflight -= len(step)
-            # Every request of the step is waited for, then its first error raised: stopping at the first
-            # error left the others unwaited (their errors lost, a later flush returning while they ran).
-            errors = []
-            for h in step:
-                try:
-                    h.wait()
-                except Exception as e:  # noqa: BLE001 - raised below
-                    errors.append(e)
-            if errors:
-                raise next((e for e in errors if _is_peer_error(e)), errors[0])
+            wait_all(step)  # every request of the step, then its first error
         if not self._steps:  # the open step (if any) was drained too: the next push opens a new one
             self._step_open = False
 

@@ -20,7 +20,23 @@ import numpy as np
 
 from ..errors import PeerUnavailableError
 
-__all__ = ["Handle", "DoneHandle", "Transport", "raised_by"]
+__all__ = ["Handle", "DoneHandle", "Transport", "raised_by", "wait_all"]
+
+
+def wait_all(handles: Sequence["Handle"]) -> List[Any]:
+    """Every handle's result, in order, after all of them ended; else the first error, a peer's
+    unavailability before any other (it explains the rest). Stopping at the first error left the other
+    requests running unwaited, their errors lost."""
+    results: List[Any] = []
+    errors: List[BaseException] = []
+    for h in handles:
+        try:
+            results.append(h.wait())
+        except Exception as e:  # noqa: BLE001 - raised below, after every handle ended
+            errors.append(e)
+    if errors:
+        raise next((e for e in errors if isinstance(e, PeerUnavailableError)), errors[0])
+    return results
 
 
 def raised_by(e: BaseException, message: str, rank: int) -> BaseException:
@@ -145,15 +161,5 @@ class Transport(abc.ABC):
         local = None
         if self.local_server is not None:
             local = self.call(self.local_server, table, fn, args)
-        results: List[Any] = []
-        errors: List[BaseException] = []
         it = iter(handles)
-        for s in range(self.num_servers):
-            h = local if s == self.local_server else next(it)
-            try:
-                results.append(h.wait())
-            except Exception as e:  # noqa: BLE001 - raised below, after every server ended
-                errors.append(e)
-        if errors:
-            raise next((e for e in errors if isinstance(e, PeerUnavailableError)), errors[0])
-        return results
+        return wait_all([local if s == self.local_server else next(it) for s in range(self.num_servers)])

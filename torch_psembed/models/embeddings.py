@@ -82,13 +82,12 @@ class PSSlotEmbedding(nn.Module):
         super().__init__()
         import torch_psembed as pse
 
-        leads = {"mf": 0, "lr_mf": 1, "cvm_lr_mf": 3}
-        if output not in leads:
-            raise ValueError(f"output must be one of {', '.join(map(repr, leads))}, got {output!r}")
+        from .. import functional as PF
+
+        self.width = PF.output_dim(output, table.dim)  # (ValueError naming a bad output)
         self.num_slots = _check_num_slots(num_slots)
         self.output = output
-        lead = leads[output]
-        self.width = lead + table.dim
+        lead = PF.OUTPUTS[output]
         self.cvm_cols = slice(0, 2) if output == "cvm_lr_mf" else slice(0, 0)
         self.lr_col: Optional[int] = lead - 1 if lead else None
         self.mf_cols = slice(lead, lead + table.dim)
@@ -122,8 +121,8 @@ class PSSlotEmbedding(nn.Module):
         lookup of one key per bag is prefetched: the per-slot lookups are several pulls of one table, and a
         table holds one prefetched pull."""
         S = self.num_slots
-        keys = _check_batch(keys, offsets, S)  # (the forward raises the same error for a bad batch)
-        if _one_key_per_bag(keys, offsets):
+        # (no batch check here: one key per bag with offsets == arange is a valid batch; the forward checks)
+        if offsets.numel() % S == 0 and _one_key_per_bag(keys, offsets):
             self.single.prefetch(keys.view(-1, S))
 
     def forward(self, keys: Tensor, offsets: Tensor) -> Tensor:
