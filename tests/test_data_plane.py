@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import socket
 import struct
+import subprocess
+import sys
+import textwrap
 import threading
 
 import numpy as np
@@ -193,6 +196,156 @@ def test_a_reply_that_never_comes_times_out():
                 channel.wait(rid, 0.2)
         finally:
             channel.close()
+
+
+def test_a_timeout_fails_every_request_on_the_channel():
+    # A hung peer: the first request's timeout fails the channel, so the others fail at once (not one
+    # timeout each), and waiting for an id never sent is refused.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        channel = _C.DataChannel("127.0.0.1", listener.getsockname()[1], TIMEOUT, TIMEOUT)
+        try:
+            ids = [channel.pull("t", np.arange(3, dtype=np.int64)) for _ in range(4)]
+            with pytest.raises(ValueError, match="not sent or was already waited for"):
+                channel.wait(10**6, 0.2)
+            with pytest.raises(ConnectionError, match="no reply within"):
+                channel.wait(ids[0], 0.2)
+            assert all(channel.ready(i) for i in ids[1:])
+            for i in ids[1:]:
+                with pytest.raises(ConnectionError, match="no reply within"):
+                    channel.wait(i, 3600.0)  # returns at once: the channel already failed
+            with pytest.raises(ConnectionError):
+                channel.pull("t", np.arange(3, dtype=np.int64))
+        finally:
+            channel.close()
+
+
+_REPLY = struct.Struct("<IB3sIIQQQ")  # wire.h ReplyHeader
+
+
+def _fake_server(replies):
+    """A listening socket whose one connection answers each request with the next of ``replies``: functions
+    (request id, key count) -> bytes. Returns (port, thread)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn, listener:
+            for reply in replies:
+                header = conn.recv(40, socket.MSG_WAITALL)
+                if len(header) < 40:
+                    return
+                _, _, _, name_len, _, _, rid, n, _ = struct.unpack("<IBBHIIQQQ", header)
+                conn.recv(((name_len + 7) & ~7) + 8 * n, socket.MSG_WAITALL)
+                conn.sendall(reply(rid, n))
+            conn.recv(1)  # until the channel closes
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener.getsockname()[1], thread
+
+
+@pytest.mark.parametrize("reply, message", [
+    # An error message announced at 2**40 bytes (the trainer used to allocate it and abort).
+    (lambda rid, n: _REPLY.pack(0x52455350, 1, b"", 0, 0, rid, 0, 1 << 40), "an error reply of 1099511627776 bytes"),
+    # Rows within every wire limit but not the request's: 2**28 rows of 1024 floats for a pull of 3 keys.
+    (lambda rid, n: _REPLY.pack(0x52455350, 0, b"", 1024, 0, rid, 1 << 28, 1 << 40), "2..435456 rows"),
+    # One row for a pull of 3 (was broadcast into all three), and a pull answered like a push.
+    (lambda rid, n: _REPLY.pack(0x52455350, 0, b"", 5, 0, rid, 1, 20) + bytes(20), "1 rows of 5 floats"),
+    (lambda rid, n: _REPLY.pack(0x52455350, 0, b"", 0, 0, rid, n, 0), "3 rows of 0 floats"),
+    # A reply to a request that was never sent.
+    (lambda rid, n: _REPLY.pack(0x52455350, 0, b"", 5, 0, rid + 7, n, 20 * n) + bytes(20 * n), "not waiting"),
+])
+def test_a_reply_that_does_not_match_its_request_fails_the_channel(reply, message):
+    port, thread = _fake_server([reply])
+    channel = _C.DataChannel("127.0.0.1", port, TIMEOUT, TIMEOUT)
+    try:
+        with pytest.raises(ConnectionError, match=message):
+            channel.wait(channel.pull("t", np.arange(3, dtype=np.int64)), TIMEOUT)
+    finally:
+        channel.close()
+    thread.join(TIMEOUT)
+
+
+def _run_child(code: str) -> str:
+    """Runs ``code`` in a fresh interpreter (for limits on memory or descriptors); returns its stdout."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_a_server_out_of_memory_answers_memoryerror_and_keeps_serving():
+    # A pull whose reply cannot be allocated (4M keys of a dim-4096 table with stats: 67 GB) and a push of
+    # new keys beyond an address-space limit: before, std::bad_alloc escaped the connection's thread and the
+    # whole server process aborted. Now each request gets MemoryError and the connection goes on.
+    out = _run_child("""
+        import resource
+        import numpy as np
+        from torch_psembed import _C
+        wide = _C.Table({"dim": 4096})
+        narrow = _C.Table({"dim": 8})
+        server = _C.DataServer("127.0.0.1", 0)
+        server.register("wide", wide)
+        server.register("narrow", narrow)
+        channel = _C.DataChannel("127.0.0.1", server.port, 60.0, 60.0)
+        try:
+            channel.wait(channel.pull("wide", np.arange(4 << 20, dtype=np.int64), True), 60.0)
+        except MemoryError as e:
+            print("pull:", e)
+        vm = int(open("/proc/self/statm").read().split()[0]) * 4096
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (256 << 20), resource.RLIM_INFINITY))
+        n = 200_000
+        grads, shows, clicks = np.zeros((n, 9), np.float32), np.ones(n, np.float32), np.zeros(n, np.float32)
+        for b in range(100):
+            keys = np.arange(b * n, (b + 1) * n, dtype=np.int64)
+            try:
+                channel.wait(channel.push("narrow", keys, grads, shows, clicks), 60.0)
+            except MemoryError as e:
+                print("push:", e)
+                break
+        resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        rows = channel.wait(channel.pull("narrow", np.arange(3, dtype=np.int64)), 60.0)
+        print("served after:", rows.shape, len(narrow) > 0)
+        channel.close()
+        server.stop()
+    """)
+    assert "pull: the data server ran out of memory" in out
+    assert "push: the data server ran out of memory" in out
+    assert "served after: (3, 9) True" in out
+
+
+def test_the_server_accepts_again_after_running_out_of_descriptors():
+    # accept() failing with EMFILE used to end the accept loop for good: later clients connected (the
+    # kernel's backlog) and were never served.
+    out = _run_child("""
+        import encodings.idna, os, resource, socket, time
+        import numpy as np
+        from torch_psembed import _C
+        server = _C.DataServer("127.0.0.1", 0)
+        server.register("t", _C.Table({"dim": 4}))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        fillers = []
+        while True:
+            try:
+                fillers.append(os.open("/dev/null", os.O_RDONLY))
+            except OSError:
+                break
+        os.close(fillers.pop())  # room for the client's socket only: the server's accept() gets EMFILE
+        client = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        time.sleep(0.3)
+        for fd in fillers:
+            os.close(fd)
+        client.close()
+        channel = _C.DataChannel("127.0.0.1", server.port, 20.0, 20.0)
+        print("served:", channel.wait(channel.pull("t", np.arange(3, dtype=np.int64)), 20.0).shape)
+        channel.close()
+        server.stop()
+    """)
+    assert "served: (3, 5)" in out
 
 
 def test_no_server_listening_is_a_connection_error():

@@ -141,6 +141,10 @@ class PyDataChannel {
     }
     ThrowIfFailed(s);
     if (r.code == Status::kInvalidArgument || r.code == Status::kNotFound) throw py::value_error(r.message);
+    if (r.code == Status::kResourceExhausted) {
+      PyErr_SetString(PyExc_MemoryError, r.message.c_str());
+      throw py::error_already_set();
+    }
     if (r.code != Status::kOk) throw std::runtime_error(r.message);
     if (r.width == 0) return py::int_(r.value);  // a push
     const std::vector<py::ssize_t> shape = {static_cast<py::ssize_t>(r.value), static_cast<py::ssize_t>(r.width)};
@@ -185,8 +189,9 @@ host is an IPv4 address; port 0 takes any free port (see .port). ConnectionError
   py::class_<PyDataChannel>(m, "DataChannel", R"doc(DataChannel(host, port, connect_timeout, send_timeout): a
 connection to one DataServer. pull()/push() send a request and return its id; wait(id, timeout) returns a
 pull's rows (float32 [n, width]) or a push's count of skipped rows. ConnectionError when the connection is
-lost or no reply comes within the timeout; ValueError/RuntimeError with the server's message when it
-refused the request.)doc")
+lost, a reply does not match its request, or no reply comes within the timeout (which fails every request
+on the channel); ValueError/RuntimeError with the server's message when it refused the request,
+MemoryError when either end ran out of memory for it.)doc")
       .def(py::init<const std::string&, int, double, double>(), py::arg("host"), py::arg("port"),
            py::arg("connect_timeout"), py::arg("send_timeout"))
       .def("pull", &PyDataChannel::Pull, py::arg("table"), py::arg("keys"), py::arg("with_stats") = false)

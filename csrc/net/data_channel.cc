@@ -5,6 +5,7 @@
 #include <sys/uio.h>
 
 #include <chrono>
+#include <new>
 #include <cstring>
 #include <utility>
 
@@ -34,10 +35,11 @@ void DataChannel::Close() {
     if (closed_) return;
     closed_ = true;
   }
-  net::ShutdownBoth(fd_);  // wakes the receiver
+  Fail(Status::IOError("the channel was closed"));  // first, so that no new frame starts
+  net::ShutdownBoth(fd_);  // wakes the receiver and a sender blocked in a write
   receiver_.join();
+  std::lock_guard<std::mutex> l(send_mu_);  // a sender past its check of failed_ is done with fd_
   net::Close(fd_);
-  Fail(Status::IOError("the channel was closed"));
 }
 
 void DataChannel::Fail(const Status& s) {
@@ -88,6 +90,10 @@ Status DataChannel::SendPull(const std::string& table, const uint64_t* keys, siz
   }
   h.id = next_id_++;
   *id = h.id;
+  {
+    std::lock_guard<std::mutex> m(mu_);
+    sent_[h.id] = Sent{wire::kPull, n};
+  }
   return Send(&h, table, arrays, sizes, 1);
 }
 
@@ -115,12 +121,19 @@ Status DataChannel::SendPush(const std::string& table, const PushArgs& a, uint32
   }
   h.id = next_id_++;
   *id = h.id;
+  {
+    std::lock_guard<std::mutex> m(mu_);
+    sent_[h.id] = Sent{wire::kPush, a.n};
+  }
   return Send(&h, table, arrays, sizes, a.slots ? 5 : 4);
 }
 
 Status DataChannel::Wait(uint64_t id, double timeout_s, DataReply* out) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
   std::unique_lock<std::mutex> l(mu_);
+  if (replies_.count(id) == 0 && sent_.count(id) == 0 && failed_.ok()) {
+    return Status::InvalidArgument("request " + std::to_string(id) + " was not sent or was already waited for");
+  }
   for (;;) {
     auto it = replies_.find(id);
     if (it != replies_.end()) {
@@ -130,7 +143,13 @@ Status DataChannel::Wait(uint64_t id, double timeout_s, DataReply* out) {
     }
     if (!failed_.ok()) return failed_;
     if (cv_.wait_until(l, deadline) == std::cv_status::timeout && replies_.count(id) == 0 && failed_.ok()) {
-      return Status::IOError("no reply within " + std::to_string(timeout_s) + " s");
+      // The peer is hung (or its replies are lost): fail the whole channel, so that every other request
+      // waiting on it fails now too instead of each waiting its own timeout, and replies that come late
+      // are not kept. closed_ is false, so fd_ is still open (Close sets closed_ under mu_ first).
+      failed_ = Status::IOError("no reply within " + std::to_string(timeout_s) + " s");
+      cv_.notify_all();
+      if (!closed_) net::ShutdownBoth(fd_);  // ends the receiver
+      return failed_;
     }
   }
 }
@@ -141,38 +160,90 @@ bool DataChannel::Ready(uint64_t id) {
 }
 
 void DataChannel::ReceiveLoop() {
+  Status s;
+  try {
+    s = ReceiveReplies();
+  } catch (const std::bad_alloc&) {
+    s = Status::IOError("the trainer ran out of memory receiving a reply");
+  }
+  Fail(s);
+}
+
+// Reads replies until the connection fails; returns why. Every reply is checked against the request it
+// answers before anything is allocated for it, so a corrupt or hostile header cannot make us allocate more
+// than the request asked for.
+Status DataChannel::ReceiveReplies() {
   for (;;) {
     wire::ReplyHeader h;
-    bool eof = false;
-    Status s = net::ReadFull(fd_, &h, sizeof(h), &eof);
-    if (!s.ok()) return Fail(s);
-    if (h.magic != wire::kReplyMagic) return Fail(Status::IOError("not a psembed data-plane reply (bad magic)"));
-    if (h.payload_bytes > wire::kMaxPayload || h.value > wire::kMaxKeys || h.width > wire::kMaxWidth) {
-      return Fail(Status::IOError("reply sizes beyond the limits"));
+    Status s = net::ReadFull(fd_, &h, sizeof(h));
+    if (!s.ok()) return s;
+    if (h.magic != wire::kReplyMagic) return Status::IOError("not a psembed data-plane reply (bad magic)");
+    const bool ok = h.code == Status::kOk;
+    if (!ok && h.payload_bytes > kMaxErrorMessage) {
+      return Status::IOError("an error reply of " + std::to_string(h.payload_bytes) + " bytes (at most " +
+                             std::to_string(kMaxErrorMessage) + ")");
     }
     DataReply r;
     r.code = static_cast<Status::Code>(h.code);
     r.value = h.value;
     r.width = h.width;
-    if (h.code == Status::kOk) {
-      if (h.payload_bytes != 4 * h.value * h.width) return Fail(Status::IOError("reply payload of the wrong size"));
-      if (h.payload_bytes) {
-        r.rows.reset(new float[h.payload_bytes / 4]);  // uninitialised: the payload fills it
-        s = net::ReadFull(fd_, r.rows.get(), h.payload_bytes);
-      }
-    } else {
+    if (!ok) {
       r.message.resize(h.payload_bytes);
       s = net::ReadFull(fd_, &r.message[0], h.payload_bytes);
+      if (!s.ok()) return s;
+      // The server could not read one of our frames (or serve the connection) and closes it.
+      if (h.id == 0) return Status::IOError("the server closed the connection: " + r.message);
     }
-    if (!s.ok()) return Fail(s);
-    if (h.id == 0) {
-      // The server could not read one of our frames and closes the connection.
-      return Fail(Status::IOError("the server refused a frame: " + r.message));
+    Sent sent;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      auto it = sent_.find(h.id);
+      if (it == sent_.end()) {
+        return Status::IOError("a reply to request " + std::to_string(h.id) + ", which is not waiting for one");
+      }
+      sent = it->second;  // erased with the reply's arrival in replies_ (Wait looks in one or the other)
+    }
+    if (ok) {
+      s = CheckReply(h, sent);
+      if (!s.ok()) return s;
+      if (h.payload_bytes) {
+        try {
+          r.rows.reset(new float[h.payload_bytes / 4]);  // uninitialised: the payload fills it
+        } catch (const std::bad_alloc&) {
+          // This request fails alone: its rows are read and dropped, the channel goes on.
+          r = DataReply();
+          r.code = Status::kResourceExhausted;
+          r.message = "the trainer ran out of memory for a reply of " + std::to_string(h.payload_bytes) + " bytes";
+          s = net::Discard(fd_, h.payload_bytes);
+          if (!s.ok()) return s;
+        }
+        if (r.rows) {
+          s = net::ReadFull(fd_, r.rows.get(), h.payload_bytes);
+          if (!s.ok()) return s;
+        }
+      }
     }
     std::lock_guard<std::mutex> l(mu_);
+    sent_.erase(h.id);
     replies_.emplace(h.id, std::move(r));
     cv_.notify_all();
   }
+}
+
+Status DataChannel::CheckReply(const wire::ReplyHeader& h, const Sent& sent) {
+  const std::string what = std::string(sent.op == wire::kPull ? "pull" : "push") + " of " + std::to_string(sent.n) +
+                           " keys";
+  if (sent.op == wire::kPull) {
+    if (h.value != sent.n || (sent.n > 0 && h.width == 0) || h.width > wire::kMaxWidth ||
+        h.payload_bytes != 4 * h.value * uint64_t{h.width}) {
+      return Status::IOError("a reply of " + std::to_string(h.value) + " rows of " + std::to_string(h.width) +
+                             " floats in " + std::to_string(h.payload_bytes) + " bytes to a " + what);
+    }
+  } else if (h.width != 0 || h.payload_bytes != 0 || h.value > sent.n) {
+    return Status::IOError("a reply of " + std::to_string(h.value) + " rows skipped in " +
+                           std::to_string(h.payload_bytes) + " bytes to a " + what);
+  }
+  return Status::OK();
 }
 
 }  // namespace psembed

@@ -5,10 +5,12 @@
 // replies as they come and keeps each until it is waited for, so the server never blocks writing to us
 // (which could otherwise deadlock against our own blocking send).
 //
-// Failures: a lost connection (peer died, or a frame we cannot read) fails every request not yet
-// answered and every later call, with IOError naming the cause; Wait gives up after its timeout with
-// IOError too. The server's own refusal of a request (unknown table, bad values) is not a failure of
-// the channel: it is the reply's code and message.
+// Failures: a lost connection (peer died, a frame we cannot read, a reply that does not match its
+// request) fails every request not yet answered and every later call, with IOError naming the cause. So
+// does a Wait that times out: a peer that does not answer one request is taken for hung, and every other
+// request on the channel fails at once instead of each waiting its own timeout. The server's own refusal
+// of a request (unknown table, bad values, no memory) is not a failure of the channel: it is the reply's
+// code and message. A reply is checked against its request before anything is allocated for it.
 //
 // Thread safety: every method may be called from many threads at once.
 
@@ -23,6 +25,7 @@
 #include <string>
 #include <thread>
 
+#include "net/wire.h"
 #include "table/checked_push.h"
 #include "util/status.h"
 
@@ -49,7 +52,8 @@ class DataChannel {
   Status SendPull(const std::string& table, const uint64_t* keys, size_t n, bool with_stats, uint64_t* id);
   // Send a push; width = columns of grads (1 + dim); push_id as in SparseTable::Push (kOwnPushId: none).
   Status SendPush(const std::string& table, const PushArgs& args, uint32_t width, uint64_t* id);
-  // Waits up to timeout_s for the reply to `id` (each id can be waited for once).
+  // Waits up to timeout_s for the reply to `id` (each id can be waited for once; InvalidArgument for an id
+  // not sent or already waited for). On timeout the channel fails (see above).
   Status Wait(uint64_t id, double timeout_s, DataReply* out);
   // Whether Wait(id) would return at once (its reply came, or the channel failed).
   bool Ready(uint64_t id);
@@ -57,10 +61,20 @@ class DataChannel {
   void Close();
 
  private:
+  // A request sent and not yet answered: what its reply must match.
+  struct Sent {
+    uint8_t op = 0;  // wire::Op
+    uint64_t n = 0;  // keys
+  };
+  // An error reply's message is a line of text; a longer one means a corrupt stream.
+  static constexpr uint64_t kMaxErrorMessage = uint64_t{1} << 16;
+
   explicit DataChannel(int fd);
   Status Send(const void* header, const std::string& table, const void* const* arrays, const size_t* sizes,
               int num_arrays);
   void ReceiveLoop();
+  Status ReceiveReplies();
+  static Status CheckReply(const wire::ReplyHeader& h, const Sent& sent);
   void Fail(const Status& s);
 
   const int fd_;
@@ -71,6 +85,7 @@ class DataChannel {
 
   std::mutex mu_;  // guards the rest
   std::condition_variable cv_;
+  std::map<uint64_t, Sent> sent_;          // sent, reply not yet received
   std::map<uint64_t, DataReply> replies_;  // received, not yet waited for
   Status failed_;                          // not OK once the connection is lost or closed
   bool closed_ = false;

@@ -10,6 +10,9 @@
 #include <cstring>
 #include <deque>
 #include <mutex>
+#include <new>
+#include <system_error>
+#include <thread>
 #include <utility>
 
 #include "net/socket.h"
@@ -25,6 +28,18 @@ namespace {
 // connection ends, while a real request of any size costs a few reallocations at most.
 constexpr uint64_t kTrustedBody = uint64_t{1} << 20;
 constexpr uint64_t kReadStep = uint64_t{64} << 20;
+
+// How long the accept loop waits before it tries again after a failed accept() (out of descriptors).
+constexpr int kAcceptRetryMs = 50;
+
+// A request that threw (std::bad_alloc: memory ran out for its body, its reply or the table's rows) as the
+// error its reply carries; the connection goes on.
+Status FromException(const std::exception& e) {
+  if (dynamic_cast<const std::bad_alloc*>(&e) != nullptr) {
+    return Status::ResourceExhausted("the data server ran out of memory serving the request");
+  }
+  return Status::IOError(std::string("the data server failed to serve the request: ") + e.what());
+}
 
 // The name as it may appear in a message: printable ASCII kept, other bytes as \xNN (replies are UTF-8).
 std::string PrintableName(const std::string& name) {
@@ -157,7 +172,16 @@ void DataServer::ReapFinished() {
 void DataServer::AcceptLoop() {
   for (;;) {
     int fd = -1;
-    if (!net::Accept(listen_fd_, &fd).ok()) return;  // shut down (Stop) or a fatal error
+    if (!net::Accept(listen_fd_, &fd).ok()) {
+      {
+        MutexLock l(&mu_);
+        if (stopping_) return;  // Stop shut the listening socket down
+      }
+      // Out of descriptors, buffers or memory (EMFILE, ENOBUFS, ...): the listening socket is still good and
+      // the connection waits in its backlog, so try again once some may have been freed.
+      std::this_thread::sleep_for(std::chrono::milliseconds(kAcceptRetryMs));
+      continue;
+    }
     MutexLock l(&mu_);
     if (stopping_) {
       net::Close(fd);
@@ -168,7 +192,13 @@ void DataServer::AcceptLoop() {
     c->fd = fd;
     Connection* raw = c.get();
     connections_.push_back(std::move(c));
-    raw->thread = std::thread([this, raw] { Serve(raw); });
+    try {
+      raw->thread = std::thread([this, raw] { Serve(raw); });
+    } catch (const std::system_error&) {
+      // No thread for it (EAGAIN): refuse this one connection; its client sees the connection closed.
+      connections_.pop_back();
+      net::Close(fd);
+    }
   }
 }
 
@@ -196,9 +226,12 @@ namespace {
 constexpr size_t kMaxQueuedPushes = 16;
 
 // Reads one request. False when the connection is done: closed, cut short, or an unreadable header (answered
-// with an error reply with id 0 first; *bad counts it).
-bool ReadRequest(int fd, wire::RequestHeader* h, std::vector<uint64_t>* body, std::mutex* write_mu, bool* bad) {
+// with an error reply with id 0 first; *bad counts it). *no_memory: the body could not be allocated; it was
+// read and dropped, and the caller answers the request with an error.
+bool ReadRequest(int fd, wire::RequestHeader* h, std::vector<uint64_t>* body, std::mutex* write_mu, bool* bad,
+                 bool* no_memory) {
   *bad = false;
+  *no_memory = false;
   if (!net::ReadFull(fd, h, sizeof(*h)).ok()) return false;  // the client left (or Stop)
   Status s = CheckHeader(*h);
   if (!s.ok()) {
@@ -212,7 +245,15 @@ bool ReadRequest(int fd, wire::RequestHeader* h, std::vector<uint64_t>* body, st
   uint64_t got = 0;
   while (got < bytes) {
     const uint64_t step = bytes <= kTrustedBody ? bytes : std::min({kReadStep, bytes - got, std::max(kTrustedBody, got)});
-    if (body->size() * 8 < got + step) body->resize((got + step + 7) / 8);
+    if (body->size() * 8 < got + step) {
+      try {
+        body->resize((got + step + 7) / 8);
+      } catch (const std::bad_alloc&) {
+        *no_memory = true;
+        std::vector<uint64_t>().swap(*body);
+        return net::Discard(fd, bytes - got).ok();
+      }
+    }
     if (!net::ReadFull(fd, reinterpret_cast<char*>(body->data()) + got, step).ok()) return false;
     got += step;
   }
@@ -254,6 +295,13 @@ void DataServer::ServePull(Session* session, const wire::RequestHeader& h, const
     const bool with_stats = (h.flags & wire::kWithStats) != 0;
     const int width = table->pull_width(with_stats);
     const size_t n = static_cast<size_t>(h.n);
+    if (4 * uint64_t{h.n} * static_cast<uint64_t>(width) > wire::kMaxPayload) {
+      Reply(session, h.id,
+            Status::InvalidArgument("a pull of " + std::to_string(n) + " keys of " + std::to_string(width) +
+                                    " floats would reply more than the data plane's 2**40 bytes; pull fewer keys"),
+            nullptr, nullptr);
+      return;
+    }
     rows->resize(n * static_cast<size_t>(width));
     const auto t0 = std::chrono::steady_clock::now();
     table->Pull(reinterpret_cast<const uint64_t*>(Arrays(h, body)), n, with_stats, rows->data());
@@ -309,7 +357,11 @@ void DataServer::PushWorker(Session* session) {
       session->pushes.pop_front();
     }
     session->cv.notify_all();  // room for the reader
-    ServePush(session, push.header, push.body);
+    try {
+      ServePush(session, push.header, push.body);
+    } catch (const std::exception& e) {  // the table's push ran out of memory: nothing of it was applied
+      Reply(session, push.header.id, FromException(e), nullptr, nullptr);
+    }
     std::lock_guard<std::mutex> l(session->mu);
     if (session->spare.size() < 2) session->spare.push_back(std::move(push.body));
   }
@@ -318,41 +370,71 @@ void DataServer::PushWorker(Session* session) {
 void DataServer::Serve(Connection* c) {
   Session session;
   session.fd = c->fd;
-  std::thread push_thread([this, &session] { PushWorker(&session); });
+  std::thread push_thread;
+  try {
+    push_thread = std::thread([this, &session] { PushWorker(&session); });
+  } catch (const std::system_error&) {
+    std::lock_guard<std::mutex> l(session.write_mu);
+    SendError(session.fd, 0, Status::ResourceExhausted("the data server could not start a thread for the connection"));
+  }
+  if (push_thread.joinable()) {
+    try {
+      ServeRequests(&session);
+    } catch (const std::exception& e) {  // e.g. no memory to queue a push: this connection ends, the server goes on
+      errors_.fetch_add(1, std::memory_order_relaxed);
+      std::lock_guard<std::mutex> l(session.write_mu);
+      SendError(session.fd, 0, FromException(e));
+    }
+    {
+      std::lock_guard<std::mutex> l(session.mu);
+      session.closing = true;
+    }
+    session.cv.notify_all();
+    push_thread.join();
+  }
+  // The peer sees EOF now; the descriptor is closed when the thread is reaped (or at Stop).
+  net::ShutdownBoth(session.fd);
+  c->finished.store(true, std::memory_order_release);
+}
+
+void DataServer::ServeRequests(Session* session) {
   std::vector<uint64_t> body;  // a pull's request, reused; uint64_t for the keys' alignment
   std::vector<float> rows;     // a pull's reply, reused
   for (;;) {
     wire::RequestHeader h;
-    bool bad = false;
-    if (!ReadRequest(session.fd, &h, &body, &session.write_mu, &bad)) {
+    bool bad = false, no_memory = false;
+    if (!ReadRequest(session->fd, &h, &body, &session->write_mu, &bad, &no_memory)) {
       if (bad) errors_.fetch_add(1, std::memory_order_relaxed);
-      break;
+      return;
     }
     requests_.fetch_add(1, std::memory_order_relaxed);
-    if (h.op == wire::kPull) {
-      ServePull(&session, h, body, &rows);
+    if (no_memory) {
+      Reply(session, h.id,
+            Status::ResourceExhausted("the data server ran out of memory for a request of " +
+                                      std::to_string(wire::RequestBodyBytes(h)) + " bytes"),
+            nullptr, nullptr);
       continue;
     }
-    std::unique_lock<std::mutex> l(session.mu);
-    session.cv.wait(l, [&session] { return session.pushes.size() < kMaxQueuedPushes; });
-    session.pushes.push_back(Session::Push{h, std::move(body)});
+    if (h.op == wire::kPull) {
+      try {
+        ServePull(session, h, body, &rows);
+      } catch (const std::exception& e) {  // no memory for the reply's rows
+        std::vector<float>().swap(rows);
+        Reply(session, h.id, FromException(e), nullptr, nullptr);
+      }
+      continue;
+    }
+    std::unique_lock<std::mutex> l(session->mu);
+    session->cv.wait(l, [session] { return session->pushes.size() < kMaxQueuedPushes; });
+    session->pushes.push_back(Session::Push{h, std::move(body)});
     body = std::vector<uint64_t>();  // the queued push owns its buffer; take a spare one if any
-    if (!session.spare.empty()) {
-      body = std::move(session.spare.back());
-      session.spare.pop_back();
+    if (!session->spare.empty()) {
+      body = std::move(session->spare.back());
+      session->spare.pop_back();
     }
     l.unlock();
-    session.cv.notify_all();
+    session->cv.notify_all();
   }
-  {
-    std::lock_guard<std::mutex> l(session.mu);
-    session.closing = true;
-  }
-  session.cv.notify_all();
-  push_thread.join();
-  // The peer sees EOF now; the descriptor is closed when the thread is reaped (or at Stop).
-  net::ShutdownBoth(session.fd);
-  c->finished.store(true, std::memory_order_release);
 }
 
 }  // namespace psembed

@@ -10,6 +10,8 @@
 // error reply with the message and the connection goes on. A frame that cannot be read (bad magic, an
 // unknown op, a length beyond the limits of wire.h) gets an error reply with id 0, then the server
 // closes that connection, whose stream can no longer be trusted; other connections are not affected.
+// Running out of memory (a request's body, a pull's reply, a push's new rows) gets an error reply
+// (ResourceExhausted) and the connection goes on; no failure of one request ends the process.
 //
 // Thread safety: Register, Clear and Stop may be called from any thread while connections are served.
 
@@ -67,7 +69,8 @@ class DataServer {
 
   DataServer(int listen_fd, int port);
   void AcceptLoop();
-  void Serve(Connection* c);
+  void Serve(Connection* c);  // a connection's thread: starts its PushWorker, then ServeRequests
+  void ServeRequests(Session* session);  // reads until the connection ends; serves pulls, queues pushes
   void PushWorker(Session* session);
   void ServePull(Session* session, const wire::RequestHeader& h, const std::vector<uint64_t>& body,
                  std::vector<float>* rows);

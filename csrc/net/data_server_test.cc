@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <memory>
 #include <random>
@@ -21,6 +22,7 @@
 
 #include "net/data_channel.h"
 #include "net/data_server.h"
+#include "net/socket.h"
 #include "net/wire.h"
 #include "table/counting_options_for_test.h"
 #include "table/sparse_table.h"
@@ -231,14 +233,36 @@ void TestStoppedServerFailsWaiters() {
   }
   CHECK(!s.ok());
   CHECK_EQ(s.code(), Status::kIOError);
-  // A wait for a reply that never comes times out.
+  // Waiting for an id never sent is refused at once.
   auto server2 = std::unique_ptr<DataServer>();
   CHECK_OK(DataServer::Start("127.0.0.1", 0, &server2));
   auto c2 = Connect(*server2);
   DataReply r;
-  Status t = c2->Wait(12345, 0.05, &r);
-  CHECK_EQ(t.code(), Status::kIOError);
-  CHECK(t.message().find("no reply") != std::string::npos);
+  CHECK_EQ(c2->Wait(12345, 0.05, &r).code(), Status::kInvalidArgument);
+}
+
+// A peer that takes requests and never answers (hung): the first wait times out and fails the channel, so the
+// other request fails at once instead of waiting its own timeout.
+void TestTimeoutFailsTheChannel() {
+  int listen_fd = -1, port = 0;
+  CHECK_OK(net::Listen("127.0.0.1", 0, &listen_fd, &port));  // never accepts: the kernel's backlog answers
+  std::unique_ptr<DataChannel> c;
+  CHECK_OK(DataChannel::Connect("127.0.0.1", port, kTimeout, kTimeout, &c));
+  std::vector<uint64_t> keys = {1, 2};
+  uint64_t first = 0, second = 0;
+  CHECK_OK(c->SendPull("t", keys.data(), keys.size(), false, &first));
+  CHECK_OK(c->SendPull("t", keys.data(), keys.size(), false, &second));
+  DataReply r;
+  Status s = c->Wait(first, 0.05, &r);
+  CHECK_EQ(s.code(), Status::kIOError);
+  CHECK(s.message().find("no reply") != std::string::npos);
+  const auto t0 = std::chrono::steady_clock::now();
+  s = c->Wait(second, 30.0, &r);
+  CHECK_EQ(s.code(), Status::kIOError);
+  CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(10));
+  CHECK(c->Ready(second));
+  c->Close();
+  net::Close(listen_fd);
 }
 
 }  // namespace
@@ -250,5 +274,6 @@ int main() {
   RUN_TEST(psembed::TestRefusedRequestsKeepTheConnection);
   RUN_TEST(psembed::TestGarbageFrameClosesOnlyItsConnection);
   RUN_TEST(psembed::TestStoppedServerFailsWaiters);
+  RUN_TEST(psembed::TestTimeoutFailsTheChannel);
   return 0;
 }

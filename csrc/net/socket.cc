@@ -9,9 +9,10 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
-#include <climits>
 #include <chrono>
+#include <climits>
 #include <cstring>
 #include <thread>
 
@@ -129,6 +130,17 @@ Status ReadFull(int fd, void* buf, size_t n, bool* eof) {
     }
     if (errno == EINTR) continue;
     return Errno("recv");
+  }
+  return Status::OK();
+}
+
+Status Discard(int fd, uint64_t n) {
+  char sink[1 << 16];
+  while (n > 0) {
+    const size_t step = static_cast<size_t>(std::min<uint64_t>(n, sizeof(sink)));
+    Status s = ReadFull(fd, sink, step);
+    if (!s.ok()) return s;
+    n -= step;
   }
   return Status::OK();
 }

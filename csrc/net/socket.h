@@ -13,6 +13,7 @@
 #include <sys/uio.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <string>
 
 #include "util/status.h"
@@ -29,6 +30,8 @@ Status Accept(int listen_fd, int* fd);
 Status Connect(const std::string& host, int port, double timeout_s, double send_timeout_s, int* fd);
 // Reads exactly n bytes. *eof (may be null) is set when the peer closed before the first byte.
 Status ReadFull(int fd, void* buf, size_t n, bool* eof = nullptr);
+// Reads and drops exactly n bytes (a body or payload there is no memory for; the stream stays readable).
+Status Discard(int fd, uint64_t n);
 // Writes all of iov[0..iovcnt) (modified in place as it goes).
 Status WriteAll(int fd, struct iovec* iov, int iovcnt);
 // shutdown(SHUT_RDWR): wakes a thread blocked in accept/read/write on fd. close() is separate.

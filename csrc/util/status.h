@@ -13,7 +13,8 @@ namespace psembed {
 class Status {
  public:
   // Do not renumber: bindings map codes to exception types.
-  enum Code { kOk = 0, kInvalidArgument = 1, kNotFound = 2, kCorruption = 3, kIOError = 4 };
+  enum Code { kOk = 0, kInvalidArgument = 1, kNotFound = 2, kCorruption = 3, kIOError = 4,
+              kResourceExhausted = 5 };
 
   Status() = default;
   static Status OK() { return Status(); }
@@ -21,6 +22,8 @@ class Status {
   static Status NotFound(std::string msg) { return Status(kNotFound, std::move(msg)); }
   static Status Corruption(std::string msg) { return Status(kCorruption, std::move(msg)); }
   static Status IOError(std::string msg) { return Status(kIOError, std::move(msg)); }
+  // Memory (or threads) ran out: Python sees MemoryError.
+  static Status ResourceExhausted(std::string msg) { return Status(kResourceExhausted, std::move(msg)); }
 
   bool ok() const { return code_ == kOk; }
   Code code() const { return code_; }

@@ -8,8 +8,8 @@ liveness probes) still goes through :class:`~.rpc_transport.RpcTransport`, whose
 
 Errors keep the RPC transport's contract: a lost connection or a reply that does not come within
 ``rpc_timeout`` becomes :class:`~torch_psembed.errors.PeerUnavailableError` naming the server's rank; a request
-the server refused (bad values, unknown table) raises ``ValueError``/``RuntimeError`` with the server's message
-and the rank that raised it.
+the server refused (bad values, unknown table) raises ``ValueError``/``RuntimeError`` (``MemoryError`` when it ran
+out of memory for it) with the server's message and the rank that raised it.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class _TcpHandle(Handle):
                     except ConnectionError as e:
                         self._error = self._on_failure(self._rank, self._what, e)
                         self._error.__cause__ = e
-                    except (ValueError, RuntimeError) as e:
+                    except (ValueError, RuntimeError, MemoryError) as e:
                         self._error = raised_by(e, str(e), self._rank)
                     self._done = True  # last: a caller that sees it set finds _value or _error set
         if self._error is not None:
