@@ -354,6 +354,53 @@ def test_adagrad_at_learning_rate_0_keeps_its_weights_whatever_the_scaled_gradie
         assert_match(table, ref, np.array([4]), ctx=rule.__name__)
 
 
+@pytest.mark.parametrize("lr, show, g", [(0.05, 1e-40, 0.0), (0.05, 1e-40, 1e-40), (1e39, 1.0, 0.0), (1e300, 1.0, 0.0)],
+                         ids=["denormal_show_zero_g", "denormal_show_unit_ratio", "lr_1e39", "lr_1e300"])
+def test_adagrad_factors_past_float32_take_the_double_loop(lr, show, g):
+    # 1 / show (a denormal show) or the step factor (a learning rate over FLT_MAX) past float32: the float32
+    # loop computed 0 * inf = NaN for a zero gradient, which the clip turned into the lower bound (-10).
+    ada = AdaGrad(learning_rate=lr, initial_range=0.5, initial_g2sum=3.0, weight_bounds=(-10.0, 10.0))
+    table, ref = _one_key_table(ada, ada, show_scale=True)
+    _push1(table, ref, 4, [0.0, 0.0, 0.0], show=1.0)  # creates the row and its mf
+    before = table.pull(np.array([4])).numpy().copy()
+    _push1(table, ref, 4, [g, 0.0, 0.0], show=show)
+    after = table.pull(np.array([4])).numpy()
+    np.testing.assert_array_equal(after[0, 1:], before[0, 1:])  # zero gradients: the mf weights stay
+    if g:  # g / show = 1: one AdaGrad step from G = 0, w -= lr * 1 * sqrt(3 / 3)
+        np.testing.assert_allclose(after[0, 0], before[0, 0] - lr, rtol=1e-6)
+    assert_match(table, ref, np.array([4]))
+
+
+def test_bounds_below_float32_range_clip_to_minus_flt_max():
+    # (-inf, -inf) and (-1e39, -1e39) are valid (low <= high) bounds: weights must be -FLT_MAX, not -inf
+    # (a checkpoint of -inf weights was refused by its own loader).
+    fmax = float(np.finfo(np.float32).max)
+    for bounds in ((-np.inf, -np.inf), (-1e39, -1e39), (np.inf, np.inf)):
+        opt = SGD(learning_rate=0.1, initial_range=0.0, weight_bounds=bounds)
+        table, ref = _one_key_table(opt, opt)
+        _push1(table, ref, 2, [1.0, 1.0, 1.0], show=1.0)
+        want = -fmax if bounds[0] < 0 else fmax
+        np.testing.assert_array_equal(table.pull(np.array([2])).numpy(), [[want] * 3], err_msg=str(bounds))
+        assert_match(table, ref, np.array([2]), ctx=str(bounds))
+
+
+def test_float32_degenerate_rule_settings_are_refused():
+    # Adam keeps beta powers in float32: 1 - 1e-9 rounds to 1 there (lr_t = inf for beta1, 0 for beta2).
+    for name in ("beta1", "beta2"):
+        with pytest.raises(ValueError, match=f"Adam.{name} must be below 1 in float32"):
+            Adam(**{name: 1.0 - 1e-9})
+        with pytest.raises(ValueError, match=f"'{name}'\\] must be in \\[0, 1\\), and below 1 in float32"):
+            _C.Table({"dim": 2, "lr_optimizer": {"name": "adam", name: 1.0 - 1e-9}})
+    Adam(beta1=1.0 - 2.0**-24, beta2=0.9999999)  # the largest float32 below 1 is fine
+    # FTRL with beta = l2 = 0: w = -z / (sqrt(n) / alpha), and float32 n rounds to 0 for a gradient of 1e-25.
+    with pytest.raises(ValueError, match="FTRL needs beta > 0 or l2 > 0"):
+        FTRL(beta=0.0, l2=0.0)
+    with pytest.raises(ValueError, match="FTRL needs beta > 0 or l2 > 0"):
+        _C.Table({"dim": 2, "lr_optimizer": {"name": "ftrl", "beta": 0.0, "l2": 0.0}})
+    FTRL(beta=0.0, l2=1e-3)
+    FTRL(beta=0.5, l2=0.0)
+
+
 def test_zero_show_uses_scale_one():
     ada = AdaGrad(learning_rate=0.5, initial_range=0.0, initial_g2sum=1.0)
     table, ref = _one_key_table(ada, ada, show_scale=True)
@@ -632,6 +679,30 @@ def test_export_predicates_at_boundary_and_commit():
     assert_match(table, ref, np.arange(1, 6))
     np.testing.assert_array_equal(table.pull(np.array([1]), with_stats=True).numpy()[0, :2], [7.0, 0.0])
     assert table._backend.export("checkpoint")["base"][0, 2] == 0.25
+
+
+def test_delta_threshold_compared_in_float32_and_base_needs_a_nonnegative_delta_score():
+    # 7 shows at nonclk_coeff 0.1: S = 0.7000000000000001 in double, delta_score = float32(0.7) = 0.69999999.
+    # With every threshold 0.7 the row gets its mf and goes into the base; the delta compared that float32
+    # delta_score with the double 0.7 and left it out. The reference compares floats: 0.7f >= 0.7f.
+    table, ref = _lifecycle_pair(base_threshold=0.7, delta_threshold=0.7, show_click_decay_rate=1.0,
+                                 delete_threshold=0.0)
+    _push_stats(table, ref, [1], [7], [0])
+    assert table._backend.export("base")["keys"].tolist() == [1]
+    assert table._backend.export("delta")["keys"].tolist() == [1]
+    assert_match(table, ref, np.array([1]))
+    # delta_score < 0 (more clicks than shows with nonclk_coeff > click_coeff): S >= base_threshold, but the
+    # reference's base predicate is its delta one with delta_threshold := 0, so the row stays out.
+    table, ref = _lifecycle_pair(nonclk_coeff=2.0, click_coeff=1.0, base_threshold=0.0, delta_threshold=0.0,
+                                 show_click_decay_rate=1.0, delete_threshold=0.0)
+    _push_stats(table, ref, [5, 6], [100, 100], [0, 0])
+    _save_both(table, ref, "base", "base")  # both saved; their delta_score back to 0
+    _push_stats(table, ref, [5, 6], [0, 3], [5, 0])  # key 5: delta_score = -5 * 2 + 5 * 1 = -5 (S = 195); key 6: 6
+    assert table._backend.export("base")["keys"].tolist() == [6]
+    assert table._backend.export("delta")["keys"].tolist() == [6]
+    for mode in ("base", "delta"):
+        assert sorted(k for k, r in ref.rows.items() if ref.save_predicate(mode, r)) == \
+            table._backend.export(mode)["keys"].tolist()
 
 
 def test_tombstones_in_delta_and_dropped_by_commit():

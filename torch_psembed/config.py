@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -54,6 +55,14 @@ def _check_number(owner: str, name: str, v: object, low: float, high: float, low
     if not ok:
         kind = "a number" if allow_inf else "a finite number"
         raise ValueError(f"{owner}.{name} must be {kind} in {lo}{low}, {high}{hi}, got {v!r}")
+
+
+_LARGEST_FLOAT32_BELOW_1 = 1.0 - 2.0**-24
+
+
+def _as_float32(v: float) -> float:
+    """v rounded to float32, as the table stores it."""
+    return struct.unpack("f", struct.pack("f", v))[0]
 
 
 def _check_bounds(obj: object, owner: str) -> None:
@@ -127,6 +136,11 @@ class Adam(SGD):
         for name in ("beta1", "beta2"):
             _check_number("Adam", name, getattr(self, name), 0.0, 1.0, high_open=True)
             _set_float(self, name, getattr(self, name))
+            if _as_float32(getattr(self, name)) >= 1.0:
+                # The table keeps the betas (and their powers) in float32: a beta that rounds to 1 there
+                # divides by 1 - beta1**t = 0, or stops every step with 1 - beta2**t = 0.
+                raise ValueError(f"Adam.{name} must be below 1 in float32 (at most {_LARGEST_FLOAT32_BELOW_1!r}), "
+                                 f"got {getattr(self, name)!r}")
         _check_number("Adam", "epsilon", self.epsilon, 0.0, math.inf, low_open=True, high_open=True)
         _set_float(self, "epsilon", self.epsilon)
 
@@ -146,6 +160,11 @@ class FTRL(SGD):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_finite_nonneg(self, "FTRL", "beta", "l1", "l2")
+        if self.beta == 0.0 and self.l2 == 0.0:
+            # Then w = -z / (sqrt(n) / alpha), and n (float32 state) rounds to 0 for a gradient under ~1e-19:
+            # the weight would jump to a bound.
+            raise ValueError("FTRL needs beta > 0 or l2 > 0 (with both 0 the weight divides by sqrt(n), which "
+                             "float32 state cannot hold for tiny gradients)")
         if self.alpha is not None:
             _check_number("FTRL", "alpha", self.alpha, 0.0, math.inf, low_open=True, high_open=True)
             _set_float(self, "alpha", self.alpha)

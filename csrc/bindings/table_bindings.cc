@@ -159,8 +159,14 @@ RuleOptions ParseRule(const py::handle& obj, const std::string& ctx) {
     o.beta1 = r.Double("beta1", o.beta1);
     o.beta2 = r.Double("beta2", o.beta2);
     o.epsilon = r.Double("epsilon", o.epsilon);
-    if (!(o.beta1 >= 0 && o.beta1 < 1)) throw py::value_error(ctx + "['beta1'] must be in [0, 1)");
-    if (!(o.beta2 >= 0 && o.beta2 < 1)) throw py::value_error(ctx + "['beta2'] must be in [0, 1)");
+    // The rule keeps the betas and their powers in float32 (sparse_rule.cc): a beta that rounds to 1 there
+    // divides by 1 - beta1^t = 0, or stops every step with 1 - beta2^t = 0.
+    if (!(o.beta1 >= 0 && static_cast<float>(o.beta1) < 1.0f)) {
+      throw py::value_error(ctx + "['beta1'] must be in [0, 1), and below 1 in float32, got " + FloatString(o.beta1));
+    }
+    if (!(o.beta2 >= 0 && static_cast<float>(o.beta2) < 1.0f)) {
+      throw py::value_error(ctx + "['beta2'] must be in [0, 1), and below 1 in float32, got " + FloatString(o.beta2));
+    }
     if (!(std::isfinite(o.epsilon) && o.epsilon > 0)) throw py::value_error(ctx + "['epsilon'] must be > 0");
   }
   if (o.kind == RuleOptions::kFtrl) {
@@ -172,6 +178,9 @@ RuleOptions ParseRule(const py::handle& obj, const std::string& ctx) {
     o.beta = r.NonNeg("beta", o.beta);
     o.l1 = r.NonNeg("l1", o.l1);
     o.l2 = r.NonNeg("l2", o.l2);
+    if (o.beta == 0 && o.l2 == 0) {  // w = -z / (sqrt(n) / alpha), and float32 n rounds to 0 for tiny gradients
+      throw py::value_error(ctx + " FTRL needs beta > 0 or l2 > 0");
+    }
   }
   r.CheckNoUnknown();
   return o;

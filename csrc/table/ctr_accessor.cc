@@ -66,13 +66,17 @@ bool CtrAccessor::ShouldDelete(const RowHeader& h) const {
          static_cast<int64_t>(h.unseen_days) > options_.accessor.delete_after_unseen_days;
 }
 
-bool CtrAccessor::SaveBase(const RowHeader& h) const {
+bool CtrAccessor::SavedScore(const RowHeader& h) const {
   return Score(h.show, h.click) >= options_.accessor.base_threshold &&
          static_cast<int64_t>(h.unseen_days) <= options_.accessor.delta_keep_days;
 }
 
+bool CtrAccessor::SaveBase(const RowHeader& h) const { return SavedScore(h) && h.delta_score >= 0.0f; }
+
 bool CtrAccessor::SaveDelta(const RowHeader& h) const {
-  return SaveBase(h) && h.delta_score >= options_.accessor.delta_threshold;
+  // In float32, as the reference compares them: delta_score is stored in float32, so a row pushed to exactly
+  // the threshold holds float32(S), which may fall under a double threshold that float32 does not represent.
+  return SavedScore(h) && h.delta_score >= static_cast<float>(options_.accessor.delta_threshold);
 }
 
 }  // namespace psembed

@@ -70,12 +70,15 @@ class CtrAccessor {
   void Decay(RowHeader* h, double factor) const;
   // S < delete_threshold or unseen_days > delete_after_unseen_days.
   bool ShouldDelete(const RowHeader& h) const;
-  // S >= base_threshold and unseen_days <= delta_keep_days.
+  // SavedScore and delta_score >= 0 (the reference's delta predicate with delta_threshold := 0).
   bool SaveBase(const RowHeader& h) const;
-  // SaveBase and delta_score >= delta_threshold.
+  // SavedScore and delta_score >= delta_threshold, compared in float32.
   bool SaveDelta(const RowHeader& h) const;
 
  private:
+  // S >= base_threshold and unseen_days <= delta_keep_days: what base and delta saves share.
+  bool SavedScore(const RowHeader& h) const;
+
   const TableOptions options_;
   std::unique_ptr<SparseRule> lr_rule_;
   std::unique_ptr<SparseRule> mf_rule_;

@@ -12,8 +12,9 @@
 namespace psembed {
 
 RuleOptions SparseRule::WithFiniteBounds(RuleOptions options) {
-  options.min_bound = std::max(options.min_bound, -double{FLT_MAX});
-  options.max_bound = std::min(options.max_bound, double{FLT_MAX});
+  // Both bounds into float32's range, from both sides: (-inf, -inf) must give -FLT_MAX, not -inf weights.
+  options.min_bound = std::clamp(options.min_bound, -double{FLT_MAX}, double{FLT_MAX});
+  options.max_bound = std::clamp(options.max_bound, -double{FLT_MAX}, double{FLT_MAX});
   return options;
 }
 
@@ -56,8 +57,10 @@ class AdaGradRule final : public SparseRule {
     const double g0 = options_.initial_g2sum;
     const double ratio_d = options_.learning_rate * std::sqrt(g0 / (g0 + double{state[0]}));
     // A scaled gradient past float32's range (g / show, so only with a show under 1) takes a loop in
-    // double: in float32 it would be inf, and inf * a ratio of 0 (lr 0) is NaN.
-    if (inv_scale > 1.0 && ScaledPastFloat(g, inv_scale)) {
+    // double: in float32 it would be inf, and inf * a ratio of 0 (lr 0) is NaN. So do a 1 / show or a
+    // ratio past it (a show under ~2.9e-39, a learning rate over FLT_MAX): 0 * inf is NaN for a zero g.
+    if (inv_scale > double{FLT_MAX} || ratio_d > double{FLT_MAX} ||
+        (inv_scale > 1.0 && ScaledPastFloat(g, inv_scale))) {
       UpdateDouble(w, state, g, inv_scale, ratio_d);
       return;
     }

@@ -101,7 +101,7 @@ class _Rule:
         self.lr = float(opt["learning_rate"])
         self.initial_range = float(opt["initial_range"])
         lo, hi = opt["weight_bounds"]
-        self.lo, self.hi = max(float(lo), -FLT_MAX), min(float(hi), FLT_MAX)
+        self.lo, self.hi = (min(max(float(b), -FLT_MAX), FLT_MAX) for b in (lo, hi))
 
     def bounds(self):
         return (self.lo, self.hi)
@@ -424,8 +424,10 @@ class CtrTableRef:
         ok = self.score(r.show, r.click) >= float(self.acc["base_threshold"]) and float(r.unseen_days) <= float(
             self.acc["delta_keep_days"]
         )
-        if mode == "delta":
-            ok = ok and float(r.delta_score) >= float(self.acc["delta_threshold"])
+        if mode == "delta":  # both in float32, as the reference's accessor has them
+            ok = ok and np.float32(r.delta_score) >= np.float32(self.acc["delta_threshold"])
+        else:  # base: the delta predicate with delta_threshold := 0
+            ok = ok and float(r.delta_score) >= 0.0
         return ok
 
     def export(self, mode: str) -> dict:
