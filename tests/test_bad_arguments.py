@@ -115,10 +115,12 @@ def test_a_big_endian_array_is_named_as_such():
 
 def test_numpy_numbers_are_taken_and_stored_as_python_numbers():
     cfg = TableConfig(dim=np.int64(4), lr_optimizer=SGD(learning_rate=np.float32(0.5)),
-                      mf_optimizer=Adam(beta1=np.float64(0.5)), accessor=CtrAccessorConfig(delta_keep_days=np.int32(3)))
+                      mf_optimizer=Adam(beta1=np.float64(0.5)), accessor=CtrAccessorConfig(delta_keep_days=np.int32(3)),
+                      spin_wait_us=np.int64(5), max_keys=np.uint32(128))
     d = cfg.to_dict()
     json.dumps(d)  # a manifest holds it: numpy scalars would not serialise
     assert type(d["dim"]) is int and d["dim"] == 4
+    assert (type(d["spin_wait_us"]), type(d["max_keys"])) == (int, int)
     assert type(d["lr_optimizer"]["learning_rate"]) is float and d["lr_optimizer"]["learning_rate"] == 0.5
     assert type(d["accessor"]["delta_keep_days"]) is int
     pse.SparseTable(cfg)

@@ -303,15 +303,16 @@ class TableConfig:
                              f"run on), got {self.num_threads!r}")
         for name in ("dim", "seed", "num_shards", "num_threads"):
             object.__setattr__(self, name, int(getattr(self, name)))
-        if not isinstance(self.spin_wait_us, int) or isinstance(self.spin_wait_us, bool) \
-                or not 0 <= self.spin_wait_us <= 1_000_000:
+        if not _is_int(self.spin_wait_us) or not 0 <= self.spin_wait_us <= 1_000_000:
             raise ValueError(f"TableConfig.spin_wait_us must be an int in [0, 1000000], got {self.spin_wait_us!r}")
+        object.__setattr__(self, "spin_wait_us", int(self.spin_wait_us))
         if self.nan_policy not in _NAN_POLICIES:
             raise ValueError(f"TableConfig.nan_policy must be one of {_NAN_POLICIES}, got {self.nan_policy!r}")
-        if self.max_keys is not None and (not isinstance(self.max_keys, int) or isinstance(self.max_keys, bool)
-                                          or not self.num_shards <= self.max_keys < 2**63):
-            raise ValueError(f"TableConfig.max_keys must be None or an int in [num_shards, 2**63) (each of the "
-                             f"{self.num_shards} shards holds max_keys // num_shards rows), got {self.max_keys!r}")
+        if self.max_keys is not None:
+            if not _is_int(self.max_keys) or not self.num_shards <= self.max_keys < 2**63:
+                raise ValueError(f"TableConfig.max_keys must be None or an int in [num_shards, 2**63) (each of the "
+                                 f"{self.num_shards} shards holds max_keys // num_shards rows), got {self.max_keys!r}")
+            object.__setattr__(self, "max_keys", int(self.max_keys))
 
     def to_dict(self) -> Dict[str, Any]:
         """A plain dict (JSON-serialisable) that ``_C.Table`` and checkpoint manifests take."""
