@@ -344,6 +344,61 @@ def test_delta_chain_is_checked_and_a_failed_load_changes_nothing(tmp_path):
     c.load(tmp_path / "b2d2")
 
 
+def test_deltas_saved_before_any_base_load_only_onto_their_own_table(tmp_path):
+    # Audit (session 26): deltas saved before a table's first base all had base_id null, so a table that had
+    # loaded delta 1 of one table took delta 2 of another (and export([a1, b2]) merged them). The first such
+    # delta names the chain (chain_id: its save id), and the later ones carry it, as base_id does for a base.
+    rng = np.random.default_rng(7)
+    pool = rng.integers(0, 2**40, 300, dtype=np.int64)
+    producers = {"a": pse.SparseTable(config()), "b": pse.SparseTable(config())}
+    for name, p in producers.items():
+        for i in (1, 2):
+            push_random(p, rng, pool, 0.9)
+            p.save(tmp_path / f"{name}{i}", "delta")
+    m = {n: F.read_manifest(tmp_path / n) for n in ("a1", "a2", "b1", "b2")}
+    assert [m[n]["base_id"] for n in m] == [None] * 4
+    assert m["a1"]["chain_id"] == m["a2"]["chain_id"] == m["a1"]["save_id"] != m["b2"]["chain_id"]
+
+    c = pse.SparseTable(config())
+    c.load(tmp_path / "a1")
+    before = state(c._backend)
+    with pytest.raises(CheckpointMismatchError, match="no base yet follows the deltas started by save"):
+        c.load(tmp_path / "b2")
+    assert_rows_equal(state(c._backend), before)
+    with pytest.raises(CheckpointMismatchError, match="no base yet"):
+        pse.export([str(tmp_path / "a1"), str(tmp_path / "b2")], tmp_path / "srv")
+    c.load(tmp_path / "a2")
+    with pytest.raises(CheckpointMismatchError, match="no base yet starts its deltas"):
+        c.load(tmp_path / "b1")  # another table's first delta: only onto a table without such deltas
+    pse.export([str(tmp_path / "b1"), str(tmp_path / "b2")], tmp_path / "srv")
+
+    # A checkpoint keeps the chain: its restore takes the next delta; a base starts a chain of its own.
+    a = producers["a"]
+    a.save(tmp_path / "ck")
+    push_random(a, rng, pool)
+    a.save(tmp_path / "a3", "delta")
+    r = pse.SparseTable(config())
+    r.load(tmp_path / "ck")
+    r.load(tmp_path / "a3")
+    c.load(tmp_path / "a3")
+    a.save(tmp_path / "base", "base")
+    push_random(a, rng, pool)
+    a.save(tmp_path / "bd1", "delta")
+    assert F.read_manifest(tmp_path / "bd1")["chain_id"] is None
+    c.load(tmp_path / "base")
+    c.load(tmp_path / "bd1")
+
+    # Saves older than chain_id (none in their manifest) load in order as before.
+    for n in ("b1", "b2"):
+        mpath = os.path.join(tmp_path, n, F.MANIFEST)
+        old = json.load(open(mpath))
+        del old["chain_id"]
+        json.dump(old, open(mpath, "w"))
+    o = pse.SparseTable(config())
+    o.load(tmp_path / "b1")
+    o.load(tmp_path / "b2")
+
+
 def test_resaving_to_the_same_path_replaces_it_and_cleans_up(tmp_path):
     t = populated(n=200)
     t.save(tmp_path / "ck")
@@ -356,6 +411,22 @@ def test_resaving_to_the_same_path_replaces_it_and_cleans_up(tmp_path):
     t2 = pse.SparseTable(config())
     t2.load(tmp_path / "ck")
     assert_rows_equal(state(t2._backend), state(t._backend))
+
+
+def test_a_save_refuses_to_replace_a_serving_export(tmp_path):
+    # Audit (session 26): SparseTable.save into an export directory replaced the export and deleted its data;
+    # pse.export and tools merge already refused the mirror case. The save checks its output as they do.
+    from torch_psembed.checkpoint._output_dir import OutputError
+
+    t = populated(n=200)
+    srv = str(tmp_path / "srv")
+    pse.export(t, srv)
+    before = (open(os.path.join(srv, F.MANIFEST)).read(), sorted(os.listdir(srv)))
+    for mode in F.MODES:
+        with pytest.raises(OutputError, match="holds a serving export, not a table save"):
+            t.save(srv, mode)
+    assert (open(os.path.join(srv, F.MANIFEST)).read(), sorted(os.listdir(srv))) == before
+    pse.InferenceEmbedding.load(srv)
 
 
 # -- bad input ---------------------------------------------------------------------------------------------
@@ -450,6 +521,57 @@ def test_bad_manifest_is_refused(saved, problem):
         t.load(path)
     assert ei.value.path == mpath
     assert_rows_equal(state(t._backend), before)
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo", "device", "too_big"])
+def test_a_manifest_that_is_not_a_small_regular_file_is_corrupt(saved, kind, monkeypatch, capsys):
+    # Audit (session 26): manifest.json was read with a bare open().read(): a FIFO hung every reader, a link to
+    # /dev/zero read until MemoryError, a directory raised IsADirectoryError. Readers open it without blocking,
+    # take only a regular file, and at most MAX_MANIFEST_BYTES (made small here to test the bound).
+    from torch_psembed.tools.__main__ import main
+
+    path, _ = saved
+    mpath = os.path.join(path, F.MANIFEST)
+    raw = open(mpath, "rb").read()
+    os.remove(mpath)
+    match = {"directory": "is a directory, not a regular file", "fifo": "is a FIFO, not a regular file",
+             "device": "is a device, not a regular file", "too_big": "more than a manifest may have"}[kind]
+    if kind == "directory":
+        os.mkdir(mpath)
+    elif kind == "fifo":
+        os.mkfifo(mpath)
+    elif kind == "device":
+        os.symlink(os.devnull, mpath)  # /dev/zero was endless; /dev/null keeps a regression from eating memory
+    else:
+        monkeypatch.setattr(F, "MAX_MANIFEST_BYTES", len(raw) + 100)
+        open(mpath, "wb").write(raw + b" " * 200)  # valid JSON, longer than the bound
+    stop = threading.Event()
+
+    def unblock():  # a reader blocked opening the FIFO gets EOF instead of hanging the test
+        stop.wait(5)
+        while not stop.wait(0.2):
+            try:
+                os.close(os.open(mpath, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+
+    if kind == "fifo":
+        threading.Thread(target=unblock, daemon=True).start()
+    try:
+        t, before = _loaded_target()
+        readers = (t.load, lambda p: pse.export(p, os.path.join(os.path.dirname(path), "srv")),
+                   pse.InferenceEmbedding.load)
+        for read in readers:
+            with pytest.raises(CorruptCheckpointError, match=match) as ei:
+                read(path)
+            assert ei.value.path == mpath
+        assert_rows_equal(state(t._backend), before)
+        for command in ("verify", "inspect"):
+            assert main([command, str(path)]) == 1
+            err = capsys.readouterr().err
+            assert err.startswith("ERROR CorruptCheckpointError") and err.count("\n") == 1 and match in err, err
+    finally:
+        stop.set()
 
 
 @pytest.mark.parametrize("other", ["dim", "optimizer", "hyper"])

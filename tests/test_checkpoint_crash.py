@@ -165,3 +165,60 @@ def test_killed_first_save_leaves_nothing_loadable(tmp_path):
     with pytest.raises(CorruptCheckpointError, match="manifest.json: missing"):
         t.load(path)
     assert len(t) == 0
+
+
+SHORT_WRITE_CHILD = textwrap.dedent(
+    """
+    import os, resource, signal, sys
+    import numpy as np
+    sys.path.insert(0, {root!r})
+    import torch_psembed as pse
+
+    save, srv = sys.argv[1], sys.argv[2]
+    t = pse.SparseTable(pse.TableConfig(dim={dim}))
+    rng = np.random.default_rng(1)
+    keys = rng.integers(-2**63, 2**63 - 1, 4000, dtype=np.int64)
+    t.push(keys, rng.standard_normal((keys.size, 1 + {dim})).astype(np.float32),
+           np.full(keys.size, 20, np.float32), np.full(keys.size, 5, np.float32))
+    # No file may grow past 16 KiB: a write that crosses the limit ends short without an error (as one on a
+    # full disk, or of more than 2 GiB, does), the next one fails with EFBIG (SIGXFSZ ignored).
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16384, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    for what, write in (("base", lambda: t.save(save, mode="base")),
+                        ("export", lambda: pse.export(t, srv, dtype="float32", rows="all"))):
+        try:
+            write()
+            print(what, "COMMITTED", flush=True)
+        except OSError as e:
+            print(what, "OSError", e.errno, flush=True)
+    """
+)
+
+
+def test_a_short_write_fails_the_save_and_the_previous_save_stays(tmp_path):
+    # Audit (session 26): write_array ignored how many bytes write() took. A column file written short (a full
+    # disk, a quota, or any file over 2 GiB: one write(2) moves at most 2,147,479,552 bytes) was committed
+    # under a manifest recording its full size and crc32, and the previous save was deleted.
+    import errno
+
+    rng = np.random.default_rng(0)
+    t = pse.SparseTable(pse.TableConfig(dim=DIM))
+    keys = rng.integers(-2**63, 2**63 - 1, 200, dtype=np.int64)
+    t.push(keys, rng.standard_normal((keys.size, 1 + DIM)).astype(np.float32),
+           np.full(keys.size, 20, np.float32), np.full(keys.size, 5, np.float32))
+    save, srv = str(tmp_path / "base"), str(tmp_path / "srv")
+    t.save(save, mode="base")
+    pse.export(t, srv, dtype="float32", rows="all")
+    before = {p: (open(os.path.join(p, F.MANIFEST)).read(), sorted(os.listdir(p))) for p in (save, srv)}
+    script = tmp_path / "child.py"
+    script.write_text(SHORT_WRITE_CHILD.format(root=ROOT, dim=DIM))
+    r = subprocess.run([sys.executable, str(script), save, srv], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split("\n")[:2] == [f"base OSError {errno.EFBIG}", f"export OSError {errno.EFBIG}"], r.stdout
+    # Nothing of the failed writes is left, and the previous save and export load as they were.
+    assert {p: (open(os.path.join(p, F.MANIFEST)).read(), sorted(os.listdir(p))) for p in (save, srv)} == before
+    back = pse.SparseTable(pse.TableConfig(dim=DIM))
+    back.load(save)
+    assert np.array_equal(np.sort(back._backend.export("checkpoint")["keys"]), np.sort(keys))
+    pse.InferenceEmbedding.load(srv)
+    assert verify(srv)["rows"] == keys.size

@@ -283,3 +283,26 @@ def test_loading_an_export_refuses_bad_values_naming_the_file(tmp_path, problem,
         with pytest.raises(CorruptCheckpointError, match=match) as info:
             read(path)
         assert info.value.path == bad
+
+
+def test_an_export_claiming_more_rows_than_its_files_hold_is_corrupt_before_any_allocation(tmp_path):
+    """Audit (session 26): read_serving allocated the rows the manifest claimed before it checked a file's size:
+    2^50 rows (byte counts consistent) gave a MemoryError (a traceback from ``tools verify``). Each file's size
+    is checked first, as the readers of table saves do."""
+    from torch_psembed import tools
+
+    t, _ = trained_table()
+    path = str(tmp_path / "srv")
+    pse.export(t, path, with_stats=True)
+    mpath = os.path.join(path, F.MANIFEST)
+    m = json.load(open(mpath))
+    for e in m["files"]:
+        e["bytes"] = e["bytes"] // e["rows"] * 2**50
+        e["rows"] = 2**50
+    m["rows"] = 2**50
+    json.dump(m, open(mpath, "w"))
+    keys = os.path.join(path, m["data_dir"], "part-000.keys")
+    for read in (pse.InferenceEmbedding.load, tools.verify):
+        with pytest.raises(CorruptCheckpointError, match="truncated") as info:
+            read(path)
+        assert info.value.path == keys

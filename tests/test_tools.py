@@ -311,3 +311,27 @@ def test_verify_reports_every_path_and_a_merge_of_a_bad_config_leaves_nothing(ch
     assert main(["merge", str(bad), "-o", str(out)]) == 1  # a KeyError after making out/.tmp-<id>/
     assert "config does not hold the signature" in capsys.readouterr().err
     assert not out.exists() or os.listdir(out) == []
+
+
+@pytest.mark.parametrize("dtype", [[], {}, ["float16"]])
+def test_a_serving_manifest_whose_dtype_is_not_a_string_is_corrupt(chain, tmp_path, dtype, capsys):
+    # Audit (session 26): `dtype not in SERVING_DTYPE_BYTES` raised TypeError (unhashable) for a list or a
+    # dict; inspect and verify printed tracebacks.
+    import json
+
+    from torch_psembed.errors import CorruptCheckpointError
+
+    paths, _ = chain
+    srv = str(tmp_path / "srv")
+    pse.export(paths[0], srv)
+    mpath = os.path.join(srv, F.MANIFEST)
+    m = json.load(open(mpath))
+    m["dtype"] = dtype
+    json.dump(m, open(mpath, "w"))
+    with pytest.raises(CorruptCheckpointError, match="unknown dtype") as ei:
+        pse.InferenceEmbedding.load(srv)
+    assert ei.value.path == mpath
+    for command in ("inspect", "verify"):
+        assert main([command, srv]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("ERROR CorruptCheckpointError") and err.count("\n") == 1 and "unknown dtype" in err

@@ -17,9 +17,11 @@ All little-endian, no headers; each file's byte count and ``zlib.crc32`` are in 
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
+import stat
 import zlib
 from typing import Any, Dict, List, Tuple
 
@@ -129,16 +131,33 @@ fsync_dir = fsync_file
 
 
 def write_array(path: str, arr: np.ndarray, fsync: bool = True) -> Dict[str, int]:
-    """Write ``arr``'s raw bytes to a new file ``path``; returns ``{"bytes", "crc32"}``."""
+    """Write ``arr``'s raw bytes to a new file ``path``; returns ``{"bytes", "crc32"}``.
+
+    Raises OSError naming ``path`` unless every byte is in the file: the manifest records the whole array's
+    size and crc32, and a short file under a committed manifest is a lost save. One write(2) moves at most
+    2,147,479,552 bytes on Linux, and one that hits a full disk, a quota or RLIMIT_FSIZE may end short
+    without an error, so the writes loop, and the file's size is checked before it counts as written.
+    """
     arr = np.ascontiguousarray(arr)
+    nbytes = int(arr.nbytes)
     mv = memoryview(arr).cast("B") if arr.size else b""
     crc = crc32(mv)
     with open(path, "wb", buffering=0) as f:
-        if arr.size:
-            f.write(mv)
+        done = 0
+        while done < nbytes:
+            try:
+                n = f.write(mv[done:])
+            except OSError as e:  # EFBIG, ENOSPC, EDQUOT: name the file (a FileIO write error names none)
+                raise OSError(e.errno, f"{e.strerror} ({done} of {nbytes} bytes written)", path) from None
+            if not n:  # 0 (or None: would block) never finishes: no room left
+                raise OSError(errno.ENOSPC, f"short write: {done} of {nbytes} bytes written", path)
+            done += n
+        size = os.fstat(f.fileno()).st_size
+        if size != nbytes:
+            raise OSError(errno.EIO, f"{size} bytes in the file after writing {nbytes}", path)
         if fsync:
             os.fsync(f.fileno())
-    return {"bytes": int(arr.nbytes), "crc32": int(crc)}
+    return {"bytes": nbytes, "crc32": int(crc)}
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
@@ -234,6 +253,61 @@ def parse_json(raw: bytes) -> Any:
         raise ValueError(str(e)) from None
 
 
+# The largest manifest.json a reader takes. A file entry is ~160 bytes of JSON, so this holds 1.6 million of
+# them (9999 buckets x 4 columns x 40 parts); without a bound, a manifest.json that is a link to /dev/zero or
+# a huge file would be read whole into memory (a MemoryError after seconds of paging).
+MAX_MANIFEST_BYTES = 256 << 20
+
+
+def read_manifest_bytes(mpath: str) -> bytes:
+    """The bytes of the manifest file ``mpath``, which must be a regular file of at most MAX_MANIFEST_BYTES.
+
+    Opened with O_NONBLOCK, so that a FIFO does not block the open, and checked with fstat before any read
+    (a FIFO, a device or a directory is refused). FileNotFoundError is raised as it is (its callers tell
+    "no save here" from a bad one); any other problem is a CorruptCheckpointError naming ``mpath``.
+    """
+    try:
+        fd = os.open(mpath, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise CorruptCheckpointError(f"{mpath}: cannot be opened ({e.strerror or e})", mpath) from None
+    chunks: List[bytes] = []
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            mode = st.st_mode
+            what = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+                    "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
+            raise CorruptCheckpointError(f"{mpath}: is {what}, not a regular file", mpath)
+        if st.st_size > MAX_MANIFEST_BYTES:
+            raise CorruptCheckpointError(
+                f"{mpath}: {st.st_size} bytes, more than a manifest may have ({MAX_MANIFEST_BYTES})", mpath)
+        left = MAX_MANIFEST_BYTES + 1  # the file may have grown since fstat
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as e:
+        raise CorruptCheckpointError(f"{mpath}: cannot be read ({e.strerror or e})", mpath) from None
+    finally:
+        os.close(fd)
+    if left <= 0:
+        raise CorruptCheckpointError(f"{mpath}: more than a manifest may have ({MAX_MANIFEST_BYTES} bytes)", mpath)
+    return b"".join(chunks)
+
+
+def peek_manifest(mpath: str, key: str) -> Any:
+    """The field ``key`` of the manifest file ``mpath``, or None when it is missing, unreadable (a FIFO, a
+    device, too big) or not a JSON object: for writers deciding what a folder holds, not for loading it."""
+    try:
+        return parse_json(read_manifest_bytes(mpath)).get(key)
+    except (OSError, ValueError, AttributeError):  # CorruptCheckpointError is a ValueError
+        return None
+
+
 def read_manifest(path: str, expect_format: str = FORMAT_NAME) -> Dict[str, Any]:
     """Parse and validate ``PATH/manifest.json`` against the schema of its format.
 
@@ -245,8 +319,7 @@ def read_manifest(path: str, expect_format: str = FORMAT_NAME) -> Dict[str, Any]
     if not os.path.isdir(path):
         raise CorruptCheckpointError(f"{path}: not a directory (no saved table here)", path)
     try:
-        with open(mpath, "rb") as f:
-            raw = f.read()
+        raw = read_manifest_bytes(mpath)
     except FileNotFoundError:
         raise CorruptCheckpointError(
             f"{mpath}: missing; {path} holds no committed save (an interrupted first save leaves none)", mpath
@@ -330,7 +403,7 @@ def validate_manifest(m: Dict[str, Any], fmt: str) -> None:
     else:
         dim = _int(m, "dim", lo=1, hi=1 << 20)
         dtype = _get(m, "dtype", "")
-        if dtype not in SERVING_DTYPE_BYTES:
+        if not isinstance(dtype, str) or dtype not in SERVING_DTYPE_BYTES:  # a list or dict is unhashable
             raise _SchemaError(f"unknown dtype {_short(dtype)}; expected one of {sorted(SERVING_DTYPE_BYTES)}")
         if not isinstance(_get(m, "with_stats", ""), bool):
             raise _SchemaError(f"with_stats must be true or false, got {_short(m['with_stats'])}")
@@ -450,6 +523,9 @@ def _validate_table_fields(m: Dict[str, Any]) -> None:
     base_id = _get(m, "base_id", "")
     if base_id is not None and not isinstance(base_id, str):
         raise _SchemaError(f"base_id must be a str or null, got {_short(base_id)}")
+    chain_id = m.get("chain_id")  # absent in saves older than it: null
+    if chain_id is not None and not isinstance(chain_id, str):
+        raise _SchemaError(f"chain_id must be a str or null, got {_short(chain_id)}")
     _int(m, "sequence")
     _int(m, "num_buckets", lo=1, hi=MAX_NUM_BUCKETS)
     _int(m, "rows_with_mf")

@@ -36,11 +36,7 @@ def check_out(paths: Sequence, out, fmt: str) -> str:
         raise OutputError(f"{out}: exists and is not a directory; the output must be a directory (or not exist yet)")
     mpath = os.path.join(out, F.MANIFEST)
     if os.path.lexists(mpath):
-        try:
-            with open(mpath, "rb") as f:
-                found = F.parse_json(f.read()).get("format")
-        except (OSError, ValueError, AttributeError):
-            found = None
+        found = F.peek_manifest(mpath, "format")
         if found != fmt:
             kinds = {F.FORMAT_NAME: "a table save", F.SERVING_FORMAT_NAME: "a serving export"}
             what, want = kinds.get(found, "an unreadable or unknown manifest"), kinds[fmt]

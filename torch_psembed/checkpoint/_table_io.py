@@ -37,6 +37,7 @@ import numpy as np
 from ..errors import CheckpointMismatchError, CorruptCheckpointError
 from . import _format as F
 from . import _rows as R
+from ._output_dir import check_out
 
 # Per-server scratch between the steps of one save/load, keyed by (id(local table), operation).
 _STASH: Dict[Tuple[int, str], Any] = {}
@@ -111,11 +112,17 @@ _CHAIN_ATTR = "_psembed_chain"
 
 
 def chain_of(table) -> Dict[str, Any]:
-    return dict(getattr(table, _CHAIN_ATTR, None) or {"base_id": None, "sequence": 0})
+    return dict(getattr(table, _CHAIN_ATTR, None) or {"base_id": None, "sequence": 0, "chain_id": None})
 
 
 def set_chain(table, chain: Dict[str, Any]) -> None:
-    setattr(table, _CHAIN_ATTR, {"base_id": chain["base_id"], "sequence": int(chain["sequence"])})
+    setattr(table, _CHAIN_ATTR, {"base_id": chain["base_id"], "sequence": int(chain["sequence"]),
+                                 "chain_id": chain.get("chain_id")})
+
+
+def manifest_chain(m: Dict[str, Any]) -> Dict[str, Any]:
+    """The chain position a save records (a manifest without ``chain_id``, older than it, has null)."""
+    return {"base_id": m["base_id"], "sequence": int(m["sequence"]), "chain_id": m.get("chain_id")}
 
 
 # -- server steps (module level so that they pickle) ----------------------------------------------------------
@@ -166,11 +173,7 @@ def _srv_write_part(local, index, num, path, save_id, mode, num_buckets):
 def _srv_finish(local, index, num, path, save_id, mode):
     """Commit the side effects iff the manifest now names this save; server 0 removes stale directories."""
     pending = _stash_pop(local, "save:" + save_id)
-    try:
-        with open(os.path.join(path, F.MANIFEST), "rb") as f:
-            committed = F.parse_json(f.read()).get("save_id") == save_id
-    except (OSError, ValueError, AttributeError):
-        committed = False
+    committed = F.peek_manifest(os.path.join(path, F.MANIFEST), "save_id") == save_id
     if committed and pending is not None:
         keys, delta_scores, tombstones = pending
         local.commit_save(mode, keys, delta_scores, tombstones)
@@ -195,10 +198,8 @@ _OWN_FOLDER = re.compile(r"(data|\.tmp)-[0-9a-f]{32}")
 def _remove_stale(path: str, keep: Optional[str], save_id: str) -> None:
     """Delete what the manifest does not name: older ``data-<id>`` directories and the temporary directories
     of saves that were killed (one directory takes one save at a time); nothing a writer did not make."""
-    try:
-        with open(os.path.join(path, F.MANIFEST), "rb") as f:
-            current = F.parse_json(f.read()).get("data_dir")
-    except (OSError, ValueError, AttributeError):
+    current = F.peek_manifest(os.path.join(path, F.MANIFEST), "data_dir")
+    if current is None:
         current = keep
     for name in os.listdir(path):
         full = os.path.join(path, name)
@@ -335,6 +336,9 @@ def save_group(
     path = _check_path(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"path must be a directory (or not exist yet), got the file {path}")
+    # An earlier table save there is replaced; a serving export (or an unknown manifest) is refused, as
+    # pse.export and tools merge refuse the mirror case (OutputError): the save would delete its data.
+    check_out([], path, F.FORMAT_NAME)
     t0 = time.perf_counter()
     group.flush()
     begun = group.run(_srv_begin_save, path)
@@ -348,12 +352,17 @@ def save_group(
         raise
     t_write = time.perf_counter() - t0
 
+    base_id, sequence, chain_id = chain.get("base_id"), int(chain.get("sequence", 0)), chain.get("chain_id")
     if mode == "base":
-        new_chain = {"base_id": save_id, "sequence": 0}
+        new_chain = {"base_id": save_id, "sequence": 0, "chain_id": None}
     elif mode == "delta":
-        new_chain = {"base_id": chain.get("base_id"), "sequence": int(chain.get("sequence", 0)) + 1}
+        if base_id is None and chain_id is None and sequence == 0:
+            # The first delta of a table that has no base yet names the chain it starts (as a base does with
+            # base_id), so that its successors load only after it, not after another table's deltas.
+            chain_id = save_id
+        new_chain = {"base_id": base_id, "sequence": sequence + 1, "chain_id": chain_id}
     else:
-        new_chain = {"base_id": chain.get("base_id"), "sequence": int(chain.get("sequence", 0))}
+        new_chain = {"base_id": base_id, "sequence": sequence, "chain_id": chain_id}
     manifest = _make_manifest(config_dict, mode, save_id, new_chain, parts, num_buckets)
 
     error: Optional[BaseException] = None
@@ -410,6 +419,7 @@ def _make_manifest(config_dict, mode, save_id, chain, parts, num_buckets) -> Dic
         "save_id": save_id,
         "base_id": chain["base_id"],
         "sequence": chain["sequence"],
+        "chain_id": chain.get("chain_id"),
         "day": int(p0["day"]),
         "created_unix": time.time(),
         "writer": f"torch_psembed {_C.__version__}",
@@ -445,7 +455,11 @@ def chain_has_serving_view(m: Dict[str, Any]) -> bool:
 
 
 def check_chain(m: Dict[str, Any], chain: Dict[str, Any], path: str) -> None:
-    """A delta loads only onto its own base, right after the delta before it."""
+    """A delta loads only onto its own base, right after the delta before it.
+
+    Deltas saved before any base (``base_id`` null) are told apart by ``chain_id``, the save id of the first
+    of them: that one loads onto a table that holds no such chain, the others onto the table that holds it.
+    Saves older than ``chain_id`` have none (null) and chain as before: by sequence alone."""
     if m["mode"] != "delta":
         return
     want_seq = int(m["sequence"]) - 1
@@ -454,6 +468,17 @@ def check_chain(m: Dict[str, Any], chain: Dict[str, Any], path: str) -> None:
             f"{path}: delta {m['sequence']} follows base {m['base_id']}, but the table holds base "
             f"{chain.get('base_id')} (load that base, then its deltas in order)"
         )
+    if m["base_id"] is None:
+        cid = m.get("chain_id")
+        want = None if cid == m["save_id"] else cid  # the chain's first delta starts it
+        held = chain.get("chain_id")
+        if held != want:
+            what = "starts its deltas" if want is None else f"follows the deltas started by save {cid}"
+            have = "no such deltas" if held is None else f"the deltas started by save {held}"
+            raise CheckpointMismatchError(
+                f"{path}: delta {m['sequence']} of a table with no base yet {what}, but the table holds {have} "
+                "(load one table's deltas, in order)"
+            )
     if int(chain.get("sequence", 0)) != want_seq:
         raise CheckpointMismatchError(
             f"{path}: delta {m['sequence']} is out of order: the table is at delta {chain.get('sequence', 0)} of "
@@ -489,7 +514,7 @@ def load_group(group: _Group, config_dict: Dict[str, Any], chain: Dict[str, Any]
         "tombstones": m["tombstones"],
         "bytes": F.total_bytes(m),
         "seconds": time.perf_counter() - t0,
-        "chain": {"base_id": m["base_id"], "sequence": int(m["sequence"])},
+        "chain": manifest_chain(m),
     }
 
 

@@ -138,7 +138,7 @@ def _rows_from_paths(paths: Sequence[str]):
             cur["tombstones"] = np.zeros(0, np.int64)
         else:
             cur = R.apply_delta(cur, rows)
-        chain = {"base_id": m["base_id"], "sequence": int(m["sequence"])}
+        chain = T.manifest_chain(m)
     return cur, first, m
 
 
@@ -281,6 +281,7 @@ def read_serving(path) -> Dict[str, Any]:
     for e in m["files"]:
         by_part.setdefault(e["part"], {})[e["column"]] = e
     need = ("keys", "values", "stats") if with_stats else ("keys", "values")
+    ddir = F.data_path(path, m)
     n = 0
     for p, cols in sorted(by_part.items()):
         for c in need:
@@ -290,10 +291,13 @@ def read_serving(path) -> Dict[str, Any]:
                 raise CorruptCheckpointError(f"{mpath}: part {p}: {c} has {cols[c]['rows']} rows, keys has "
                                              f"{cols['keys']['rows']}", mpath)
         n += cols["keys"]["rows"]
+    # Every file's size before anything is allocated: the arrays below take the row count the manifest
+    # claims, which only the files on disk bound (a manifest claiming 2^40 rows named no file of that size).
+    for e in m["files"]:
+        F.check_size(os.path.join(ddir, e["name"]), e)
     keys = np.empty(n, np.int64)
     values = np.empty((n, 1 + dim), DTYPES[dtype])
     stats = np.empty((n, 2), np.float32) if with_stats else None
-    ddir = F.data_path(path, m)
     off = 0
     for p, cols in sorted(by_part.items()):
         r = cols["keys"]["rows"]

@@ -27,12 +27,7 @@ MAX_NUM_BUCKETS = F.MAX_NUM_BUCKETS
 
 def _kind(path: str) -> str:
     """``"table"`` or ``"serving"``, from the manifest's format field."""
-    mpath = os.path.join(path, F.MANIFEST)
-    try:
-        with open(mpath, "rb") as f:
-            fmt = F.parse_json(f.read()).get("format")
-    except (OSError, ValueError, AttributeError):
-        return "table"  # read_manifest reports the precise problem
+    fmt = F.peek_manifest(os.path.join(path, F.MANIFEST), "format")  # None: read_manifest names the problem
     return "serving" if fmt == F.SERVING_FORMAT_NAME else "table"
 
 
@@ -101,7 +96,7 @@ def merge(paths: Sequence, out, num_buckets: Optional[int] = None) -> Dict[str, 
         part = R.write_part(tmp, 0, rows, nb)
         lay = first["layout"]
         part.update(day=int(last["day"]), dim=lay["dim"], base_width=lay["base_width"], mf_width=lay["mf_width"])
-        chain = {"base_id": last["base_id"], "sequence": int(last["sequence"])}
+        chain = T.manifest_chain(last)
         manifest = T._make_manifest(first["config"], "base", save_id, chain, [part], nb)
         manifest["merged_from"] = [{"path": p, "save_id": s} for p, s in zip(paths, _ids(paths))]
         F.fsync_dir(tmp)
