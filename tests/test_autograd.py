@@ -344,3 +344,85 @@ def test_timings_cover_every_phase():
     assert d["calls"] == 2
     assert all(d[p] > 0 for p in _autograd.Timings.PHASES), d
     assert emb.enable_timing(False) is None and emb.timings is None
+
+
+@pytest.mark.parametrize("how", ["trace_eval", "trace_train", "script", "export"])
+def test_torchscript_and_torch_export_raise_naming_them(how):
+    # They failed deep inside ("unordered_map::at", ".numpy() is not supported for tensor subclasses", an
+    # annotation error) or, worse, could freeze one batch's rows into a graph (audit, session 26).
+    table = sgd_table()
+    emb = pse.PSEmbedding(table, mode="sum")
+    ids = torch.tensor([[1, 2], [2, 3]])
+    model = torch.nn.Sequential(emb, torch.nn.Linear(DIM, 1))
+    name = "torch.export" if how == "export" else "TorchScript"
+    with pytest.raises(RuntimeError, match=f"PSEmbedding (and InferenceEmbedding do|does) not support {name}"):
+        if how == "trace_eval":
+            torch.jit.trace(model.eval(), (ids,), check_trace=False)
+        elif how == "trace_train":
+            torch.jit.trace(model, (ids,), check_trace=False)
+        elif how == "script":
+            torch.jit.script(model)
+        else:
+            torch.export.export(model, (ids,))
+    assert len(table) == 0
+
+
+def test_torch_compile_still_runs_the_module_eagerly_at_its_graph_breaks():
+    torch._dynamo.reset()
+    compiled_table, eager_table = sgd_table(), sgd_table()
+    ids, other = torch.tensor([[1, 2], [2, 3]]), torch.tensor([[7, 8], [8, 8]])
+    losses = []
+    for table, wrap in ((compiled_table, lambda f: torch.compile(f, backend="eager")), (eager_table, lambda f: f)):
+        emb = pse.PSEmbedding(table, mode="sum", grad_scale=1.0)
+        f = wrap(lambda i: emb(i).pow(2).sum())
+        with pse.feed(clicks=[1.0, 0.0]):
+            for batch in (ids, other, ids):  # other ids: pulled and pushed, not a frozen batch
+                loss = f(batch)
+                loss.backward()
+                losses.append(float(loss.detach()))
+    assert losses[:3] == losses[3:]
+    keys = torch.tensor([1, 2, 3, 7, 8])
+    torch.testing.assert_close(compiled_table.pull(keys, with_stats=True), eager_table.pull(keys, with_stats=True))
+
+
+def test_functional_ps_embedding_checks_output_and_slot_as_the_module_does():
+    # output="MF" returned lr_mf rows, then failed in backward on a grads shape; slot=-5 failed only in the
+    # push (audit, session 26). Both are refused up front, naming the argument.
+    table = sgd_table()
+    ids = torch.tensor([[1, 2], [3, 4]])
+    for push in (False, True):
+        with pytest.raises(ValueError, match=r"output must be one of \('mf', 'lr_mf', 'cvm_lr_mf'\), got 'MF'"):
+            PF.ps_embedding(ids, table, mode="sum", output="MF", push=push)
+        for bad in (-5, 2**24, True, 1.0):
+            with pytest.raises(ValueError, match=r"slot must be an int in \[0, 2\*\*24\)"):
+                PF.ps_embedding(ids, table, mode="sum", slot=bad, push=push)
+    with pytest.raises(ValueError, match="output must be one of"):
+        PF.ps_embedding(ids, table, mode="sum", output=["mf"])
+    assert len(table) == 0
+    y = PF.ps_embedding(ids, table, mode="sum", output="lr_mf", slot=np.int64(5))
+    assert y.shape == (2, DIM + 1)
+    y.sum().backward()
+    assert slots_of(table, [1, 2, 3, 4]) == [5] * 4
+
+
+def test_per_id_slots_record_each_keys_slot_and_a_repeated_key_its_last():
+    table = sgd_table()
+    emb = pse.PSEmbedding(table, mode="sum", slot=9)
+    ids = torch.tensor([[1, 2, 3], [4, 2, 5]])
+    emb(ids, slots=torch.tensor([0, 1, 2])).sum().backward()  # broadcast: column j is slot j
+    assert slots_of(table, [1, 2, 3, 4, 5]) == [0, 1, 2, 0, 2]  # key 2: slot 1 twice
+    flat = torch.tensor([6, 7, 6, 8])  # 1-D ids with offsets: one slot per id; key 6 last in slot 4
+    emb(flat, torch.tensor([0, 2]), slots=torch.tensor([3, 3, 4, 4], dtype=torch.int32)).sum().backward()
+    assert slots_of(table, [6, 7, 8]) == [4, 3, 4]
+    emb(torch.tensor([[1, 2]])).sum().backward()  # without slots: the module's slot
+    assert slots_of(table, [1, 2]) == [9, 9]
+    padded = pse.PSEmbedding(table, mode="sum", padding_id=0)  # the padding id is left out, keys keep theirs
+    padded(torch.tensor([[0, 10, 11], [11, 0, 12]]), slots=torch.tensor([[1, 2, 3], [4, 5, 6]])).sum().backward()
+    assert slots_of(table, [10, 11, 12]) == [2, 4, 6] and 0 not in table
+    for bad, err, match in ((torch.tensor([0.0, 1.0, 2.0]), TypeError, "slots must be an integer tensor"),
+                            (torch.tensor([0, 1]), ValueError, r"slots of shape \(2,\) do not broadcast"),
+                            (torch.tensor([[[0, 1, 2]]]), ValueError, "do not broadcast"),
+                            (torch.tensor([0, -1, 2]), ValueError, r"slots must be in \[0, 2\*\*24\)"),
+                            (torch.tensor([0, 1, 2**24]), ValueError, r"slots must be in \[0, 2\*\*24\)")):
+        with pytest.raises(err, match=match):
+            emb(ids, slots=bad)

@@ -64,7 +64,8 @@ def test_with_a_grad_scaler_an_overflowed_gradient_skips_the_push_as_the_scaler_
     emb = pse.PSEmbedding(t, mode="sum", output="lr_mf", grad_scaler=FixedScaler(2.0**16))
     _step(emb)
     before = _rows(t).clone()
-    _step(emb, factor=float("inf"))  # an fp16 overflow under loss scaling: inf gradients
+    with pytest.warns(RuntimeWarning, match="cannot make the grad_scaler .a FixedScaler. skip the step"):
+        _step(emb, factor=float("inf"))  # an fp16 overflow under loss scaling: inf gradients
     torch.testing.assert_close(_rows(t), before, rtol=0, atol=0)  # nothing pushed, no show counted
     with pytest.raises(ValueError, match="NaN/Inf"):  # without a scaler, the table refuses it
         _step(pse.PSEmbedding(t, mode="sum", output="lr_mf"), factor=float("inf"))
@@ -79,6 +80,47 @@ def test_a_real_grad_scaler_on_cpu_matches_an_unscaled_step():
     torch.testing.assert_close(_rows(scaled), _rows(plain), rtol=1e-6, atol=0)
     with pytest.raises(TypeError, match="grad_scaler must be a torch.amp.GradScaler"):
         pse.PSEmbedding(plain, grad_scaler=2.0)
+
+
+def test_an_overflow_in_the_embedding_gradient_alone_makes_the_grad_scaler_skip_the_step_and_back_off():
+    # fp16 autocast: with a big first-layer weight the gradient into the embedding's output overflows, while
+    # the Linear's own gradients stay finite. The push was skipped but the scaler never heard of it: the dense
+    # step ran, the scale never dropped, and the table never trained, silently (audit, session 26).
+    t = _table()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    emb = pse.PSEmbedding(t, mode="sum", output="lr_mf", grad_scaler=scaler)
+    lin = torch.nn.Linear(DIM + 1, 1)
+    opts = [torch.optim.SGD([lin.weight], lr=0.1), torch.optim.SGD([lin.bias], lr=0.1)]  # two: both skip
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = lin(emb(IDS)).float().mean()
+        for opt in opts:
+            opt.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opts[0])  # as before clipping: the report holds for unscale_ and for step alike
+        finite = all(bool(torch.isfinite(p.grad).all()) for p in lin.parameters())
+        before = [p.detach().clone() for p in lin.parameters()]
+        for opt in opts:
+            scaler.step(opt)
+        scale = scaler.get_scale()
+        scaler.update()
+        stepped = [not torch.equal(b, p) for b, p in zip(before, lin.parameters())]
+        return finite, stepped, scale, scaler.get_scale()
+
+    with torch.no_grad():
+        lin.weight.fill_(3e4)
+        lin.bias.fill_(1.0)
+    finite, stepped, scale, new_scale = step()
+    assert finite and stepped == [False, False] and new_scale == scale / 2  # skipped, and backed off
+    assert len(t) == 0  # nothing pushed
+    assert "_unscale_grads_" not in vars(scaler) and "update" not in vars(scaler)  # the scaler is as it was
+    pickle.dumps(scaler)
+    with torch.no_grad():
+        lin.weight.fill_(0.5)
+    finite, stepped, scale, new_scale = step()  # no overflow: the next iteration steps and pushes as usual
+    assert finite and stepped[1] and new_scale == scale  # (the weight's gradient is 0: the rows read zeros)
+    assert len(t) == 3
 
 
 def test_requires_grad_false_freezes_the_rows_in_train_mode_too():

@@ -14,13 +14,16 @@ the instances each occurrence is in) and calls ``table.push``. The push is a sid
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Dict, Optional
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["ANCHOR", "PullPush", "Pool", "PushPlan", "Timings", "BackwardMark", "pull_rows", "push_rows"]
+__all__ = [
+    "ANCHOR", "PullPush", "Pool", "PushPlan", "Timings", "BackwardMark", "pull_rows", "push_rows", "report_overflow",
+]
 
 # The zero-size leaf that requires grad; PullPush returns None for it, so it never accumulates a .grad.
 ANCHOR = torch.empty(0, requires_grad=True)
@@ -76,7 +79,7 @@ class PushPlan:
         self.output = output  # "mf" | "lr_mf" | "cvm_lr_mf"
         self.padding_row = padding_row  # None, or U (the appended zero row)
         self.grad_scale = grad_scale  # float: pushed gradient = grad_scale * d(loss)/d(row)
-        self.slot = slot  # int: recorded in every pushed row
+        self.slot = slot  # int: recorded in every pushed row; or int32[U]: each key's (functional.slot_of_keys)
         self.clicks = clicks  # float32[num_instances] or None
         self.timings = timings  # Timings or None
         self.click_prior = click_prior  # float > 0: the ctr column's prior click count (cvm_lr_mf)
@@ -110,6 +113,52 @@ def pull_rows(
     return rows
 
 
+def report_overflow(scaler) -> bool:
+    """Make ``scaler`` (a ``torch.amp.GradScaler``) treat this iteration as overflowed, as if an optimizer's
+    gradient held an inf: each ``step(optimizer)`` until the next ``update()`` skips ``optimizer.step()``, and
+    that ``update()`` lowers the scale. Returns False (after a warning) for a scaler it cannot tell.
+
+    The scaler only inspects the ``.grad`` of the optimizers' parameters, and the table's rows are none: so
+    until its ``update()`` the scaler's ``_unscale_grads_`` (where ``unscale_``, ``step`` and the fused
+    optimizers' path gather each optimizer's ``found_inf``; FSDP's ``ShardedGradScaler`` overrides the same
+    method) is wrapped on the instance to report an inf, and ``update`` to remove both wrappers again, so the
+    scaler's class and state dict are untouched. ``tests/test_module_expectations.py`` checks it on torch's
+    own scaler.
+    """
+    cls = type(scaler)
+    if not (callable(getattr(cls, "_unscale_grads_", None)) and callable(getattr(cls, "update", None))):
+        warnings.warn(
+            f"PSEmbedding skipped a push whose gradient overflowed, but cannot make the grad_scaler (a "
+            f"{cls.__name__}) skip the step and lower its scale: it has no GradScaler._unscale_grads_",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    if "_unscale_grads_" in vars(scaler):  # reported already in this iteration
+        return True
+    unscale_grads = cls._unscale_grads_.__get__(scaler)
+    update = cls.update.__get__(scaler)
+
+    def _unscale_grads_(optimizer, inv_scale, found_inf, allow_fp16):
+        found = unscale_grads(optimizer, inv_scale, found_inf, allow_fp16)  # {device: found_inf}
+        if not found:  # no dense gradient: the scaler's own tensor carries the inf
+            found = {found_inf.device: found_inf}
+        for t in found.values():
+            t.fill_(1.0)
+        return found
+
+    def update_(new_scale=None):
+        try:
+            return update(new_scale)
+        finally:  # the report is this iteration's: the next one starts clean
+            vars(scaler).pop("_unscale_grads_", None)
+            vars(scaler).pop("update", None)
+
+    scaler._unscale_grads_ = _unscale_grads_
+    scaler.update = update_
+    return True
+
+
 def push_rows(plan: PushPlan, grad: Tensor) -> None:
     """Push ``grad_scale * grad`` (the unique rows' gradient) with show/click counts and the slot."""
     t0 = time.perf_counter() if plan.timings is not None else 0.0
@@ -118,10 +167,12 @@ def push_rows(plan: PushPlan, grad: Tensor) -> None:
     scaler = plan.grad_scaler
     if u and scaler is not None and scaler.is_enabled():
         # The loss was multiplied by the scaler's scale (the one in use until scaler.update(), after this
-        # backward): divide it out. A gradient that overflowed makes the scaler skip this step's optimizer
-        # step; the push is skipped with it (nothing pushed, no show counted), as the dense weights are.
+        # backward): divide it out. A gradient that overflowed is not pushed (nothing pushed, no show
+        # counted), and the scaler is told, so that it skips this iteration's optimizer steps and lowers the
+        # scale as it does for a dense overflow (the dense gradients may well be finite).
         s = s / float(scaler.get_scale())
         if not bool(torch.isfinite(grad[:u]).all()):
+            report_overflow(scaler)
             u = 0
     if u:
         table = plan.table
@@ -141,7 +192,10 @@ def push_rows(plan: PushPlan, grad: Tensor) -> None:
             clicks = torch.zeros(n_rows, dtype=torch.float32).index_add_(0, inverse, per_id)[:u]
         else:
             clicks = torch.zeros(u, dtype=torch.float32)
-        slots = torch.full((u,), plan.slot, dtype=torch.int32)
+        if isinstance(plan.slot, Tensor):
+            slots = plan.slot
+        else:
+            slots = torch.full((u,), plan.slot, dtype=torch.int32)
         table.push(plan.keys, grads, shows, clicks, slots)
     if plan.timings is not None:
         plan.timings.add("push", time.perf_counter() - t0)

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _C
 from . import functional as PF
 from ._autograd import Timings
 from ._output_dtype import ConvertsOutput
@@ -122,8 +121,8 @@ class PSEmbedding(ConvertsOutput):
             for the two statistics columns). Pooling applies to the row as a whole, statistics columns included.
             Default: ``"mf"``
         slot (int, optional): the slot recorded in the rows this module pushes, in ``[0, 2**24)`` (a
-            checkpoint stores slots as float32, exact up to ``2**24``).
-            Default: ``0``
+            checkpoint stores slots as float32, exact up to ``2**24``); a call's ``slots=`` overrides it per id
+            (see :meth:`forward`). Default: ``0``
         padding_id (int, optional): an id that reads zeros, is left out of bags (and of a ``"mean"``'s count)
             and is never pushed, like ``padding_idx``. Default: ``None``
         include_last_offset (bool, optional): as in ``nn.EmbeddingBag``: ``offsets`` has one more entry, the
@@ -139,9 +138,14 @@ class PSEmbedding(ConvertsOutput):
             Default: ``1.0``
         grad_scaler (torch.amp.GradScaler, optional): the loss scaler of a mixed-precision loop. The push
             happens inside ``backward``, before ``scaler.unscale_``/``step`` can see the gradient, so the
-            module divides the scaler's current scale out itself, and skips its push when the gradient
-            overflowed (the scaler then skips the dense step too). Without it, a scaled loss pushes scaled
-            gradients into the table. Default: ``None``
+            module divides the scaler's current scale out itself. When this module's gradient overflowed
+            (NaN/Inf), it skips its push and tells the scaler, so that the scaler's next ``step(optimizer)``
+            skips the optimizer step and ``update()`` lowers the scale, as for an overflow in a dense gradient
+            (even if the dense gradients are finite; see ``docs/embedding.md``, "Mixed precision", for how; a
+            scaler without ``GradScaler._unscale_grads_`` gets a ``RuntimeWarning`` instead). The reverse does
+            not hold: when only a dense gradient overflowed, the push of a finite gradient has already
+            happened. Without ``grad_scaler``, a scaled loss pushes scaled gradients into the table.
+            Default: ``None``
 
     Attributes:
         table (SparseTable): the table.
@@ -162,7 +166,9 @@ class PSEmbedding(ConvertsOutput):
 
     .. note::
         The backward pushes as a side effect: double backward (``create_graph=True``) and ``torch.func``
-        transforms raise a ``RuntimeError``. Ids must be int64 (int32 is converted).
+        transforms raise a ``RuntimeError``. So do TorchScript (``torch.jit.trace``/``script``) and
+        ``torch.export``, which would freeze one batch's rows; ``torch.compile`` works. Ids must be int64 (int32
+        is converted).
 
     .. note::
         The table lives in host memory. Ids on an accelerator (say ``cuda:0``, with ``offsets`` and
@@ -226,16 +232,14 @@ class PSEmbedding(ConvertsOutput):
                 raise TypeError(f"table must be a SparseTable, got {type(table).__name__}")
         if mode not in PF.MODES:
             raise ValueError(f"mode must be one of None, 'sum', 'mean', got {mode!r}")
-        if output not in PF.OUTPUTS:
-            raise ValueError(f"output must be one of {tuple(PF.OUTPUTS)}, got {output!r}")
-        if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)) or not 0 <= int(slot) < _C.SLOT_LIMIT:
-            raise ValueError(f"slot must be an int in [0, 2**24), got {slot!r}")
+        output = PF._check_output(output)
+        slot = PF._check_slot(slot)
         padding_id = PF._check_padding_id(padding_id)
         include_last_offset = PF._check_include_last_offset(include_last_offset, mode)
         self.table = table
         self.mode = mode
         self.output = output
-        self.slot = int(slot)
+        self.slot = slot
         self.padding_id = padding_id
         self.include_last_offset = include_last_offset
         self.grad_scale = PF._check_grad_scale(grad_scale)
@@ -253,8 +257,17 @@ class PSEmbedding(ConvertsOutput):
         input: Tensor,
         offsets: Optional[Tensor] = None,
         per_sample_weights: Optional[Tensor] = None,
+        *,
+        slots: Optional[Tensor] = None,
     ) -> Tensor:
-        """Look up (and pool) ``input``; see the class docstring for shapes."""
+        """Look up (and pool) ``input``; see the class docstring for shapes.
+
+        ``slots`` (integer tensor broadcastable to the shape of ``input``, values in ``[0, 2**24)``) gives each id
+        the slot its push records, instead of the module's ``slot``: with ``slots=torch.arange(S)`` a
+        ``(B, S)`` input records slot ``j`` for the ids of column ``j``. A key occurring with several slots in
+        one call records the slot of its last occurrence, as the table keeps the last slot of a key repeated in
+        one push.
+        """
         cache, self._prefetched_dedup = self._prefetched_dedup, None
         out = PF.ps_embedding(
             input,
@@ -263,7 +276,7 @@ class PSEmbedding(ConvertsOutput):
             per_sample_weights,
             mode=self.mode,
             output=self.output,
-            slot=self.slot,
+            slot=self.slot if slots is None else slots,
             padding_id=self.padding_id,
             include_last_offset=self.include_last_offset,
             grad_scale=self.grad_scale,
@@ -275,6 +288,14 @@ class PSEmbedding(ConvertsOutput):
             grad_scaler=self.grad_scaler,
         )
         return self._convert_output(out)
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling: refuse by name, not with an
+        # error about the table's type annotation.
+        raise RuntimeError(
+            "PSEmbedding does not support TorchScript (torch.jit.script / torch.jit.trace): it looks its rows up "
+            "in the table from Python; run it eagerly or under torch.compile"
+        )
 
     def requires_grad_(self, requires_grad: bool = True) -> "PSEmbedding":
         """``requires_grad_(False)`` freezes the rows as it freezes ``nn.Embedding``'s weight: the module pulls

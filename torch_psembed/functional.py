@@ -37,6 +37,7 @@ __all__ = [
     "dedup",
     "Dedup",
     "Groups",
+    "slot_of_keys",
     "MODES",
     "OUTPUTS",
 ]
@@ -48,14 +49,8 @@ OUTPUTS = {"mf": 0, "lr_mf": 1, "cvm_lr_mf": 3}
 
 
 def output_dim(output: str, dim: int) -> int:
-    """The width ``D`` of the output rows: ``dim``, ``1 + dim`` or ``3 + dim``."""
-    if output == "mf":
-        return dim
-    if output == "lr_mf":
-        return 1 + dim
-    if output == "cvm_lr_mf":
-        return 3 + dim
-    raise ValueError(f"output must be one of {tuple(OUTPUTS)}, got {output!r}")
+    """The width ``D`` of the output rows: ``dim``, ``1 + dim`` or ``3 + dim`` (ValueError for another output)."""
+    return OUTPUTS[_check_output(output)] + dim
 
 
 class Batch(NamedTuple):
@@ -291,6 +286,21 @@ def dedup(ids: Tensor, padding_id: Optional[int] = None) -> Dedup:
     return Dedup(keys, inverse, u - 1, Groups(order, starts, p))
 
 
+def slot_of_keys(slots: Tensor, groups: Groups) -> Tensor:
+    """``int32[U]``: per-id ``slots`` (int32, like the deduped ids) reduced to one per key of :func:`dedup`'s
+    ``keys`` (padding left out): the slot of the key's last occurrence, as the table's merge keeps the last
+    slot of a key repeated in one push. O(U): the last position of each id group."""
+    starts, n = groups.starts, slots.numel()
+    if starts.numel() == 0:
+        return slots.new_empty(0)
+    ends = torch.cat([starts[1:], starts.new_tensor([n])]) - 1
+    last = groups.order.index_select(0, ends)
+    p = groups.padding_pos
+    if p is not None:
+        last = torch.cat([last[:p], last[p + 1 :]])
+    return slots.index_select(0, last)
+
+
 def pool(
     rows: Tensor,
     inverse: Tensor,
@@ -427,6 +437,8 @@ def ps_embedding(
     push: the rows are constants, and only ``per_sample_weights`` can get a gradient. ``clicks`` are the labels
     of the instances (shape ``(num_instances,)``); ``grad_scale`` defaults to ``num_instances``.
     ``cvm_click_prior`` is the ctr column's prior click count (``cvm_lr_mf``; see ``PSEmbedding``).
+    ``slot`` is an int, or an integer tensor broadcastable to the shape of ``input`` giving each id its slot
+    (see ``PSEmbedding.forward``'s ``slots``).
     ``dedup_cache`` (ids, ``dedup(ids, padding_id)``), as ``PSEmbedding.prefetch`` keeps it, is used instead of a
     new dedup when the ids are equal. ``grad_scaler`` (a ``torch.amp.GradScaler``): see ``PSEmbedding``.
     """
@@ -435,8 +447,11 @@ def ps_embedding(
             "PSEmbedding does not support torch.func transforms (vmap, grad, jacrev, functional_call under "
             "them, ...): its backward pushes rows to the table as a side effect"
         )
+    _refuse_tracing()
+    output = _check_output(output)
     cvm_click_prior = _check_click_prior(cvm_click_prior)
     input, offsets, per_sample_weights, device = to_host(input, offsets, per_sample_weights)
+    slot = _check_slots(slot, input.shape) if isinstance(slot, Tensor) else _check_slot(slot)
     t0 = time.perf_counter() if timings is not None else 0.0
     batch = check_input(input, offsets, per_sample_weights, mode, include_last_offset)
     if dedup_cache is not None and dedup_cache[0].shape == batch.ids.shape and torch.equal(dedup_cache[0], batch.ids):
@@ -459,6 +474,8 @@ def ps_embedding(
                     f"instance of this batch), got {tuple(clicks.shape)}"
                 )
             labels = clicks.cpu()  # a no-op for the labels pse.feed captured (they are on the CPU)
+        if isinstance(slot, Tensor):  # one slot per id of batch.ids (ids past the last bag were dropped)
+            slot = slot_of_keys(slot.expand(input.shape).reshape(-1)[: batch.ids.numel()], groups)
         plan = _autograd.PushPlan(
             table=table,
             keys=keys,
@@ -484,6 +501,65 @@ def ps_embedding(
         if grad_needed:
             out = _autograd.BackwardMark.apply(out, timings)
     return out if device is None else out.to(device)
+
+
+def _refuse_tracing() -> None:
+    """A RuntimeError naming TorchScript / torch.export while one of them traces the call.
+
+    The lookup runs the table and the dedup in Python and C++ outside torch's ops: a trace would bake this
+    batch's rows and dedup into constants (or fail deep inside), and the push is a side effect of backward.
+    ``torch.compile`` is not refused: dynamo runs the module eagerly at its graph breaks.
+    """
+    if torch.jit.is_tracing():
+        raise RuntimeError(
+            "PSEmbedding and InferenceEmbedding do not support TorchScript (torch.jit.trace / torch.jit.script): "
+            "they look their rows up in the table from Python, so a trace would freeze this batch's rows; run "
+            "them eagerly or under torch.compile"
+        )
+    if torch.compiler.is_exporting():
+        raise RuntimeError(
+            "PSEmbedding and InferenceEmbedding do not support torch.export: they look their rows up in the table "
+            "from Python, so an exported program would freeze this batch's rows; run them eagerly or under "
+            "torch.compile"
+        )
+
+
+def _check_output(output) -> str:
+    """``output``, or a ValueError naming it (one of :data:`OUTPUTS`)."""
+    if not isinstance(output, str) or output not in OUTPUTS:
+        raise ValueError(f"output must be one of {tuple(OUTPUTS)}, got {output!r}")
+    return output
+
+
+def _check_slot(slot) -> int:
+    """``slot`` as an int, or a ValueError naming it (an int in ``[0, 2**24)``: a checkpoint stores slots as
+    float32, exact up to ``2**24``)."""
+    from . import _C
+
+    if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)) or not 0 <= int(slot) < _C.SLOT_LIMIT:
+        raise ValueError(f"slot must be an int in [0, 2**24), got {slot!r}")
+    return int(slot)
+
+
+def _check_slots(slots: Tensor, shape: torch.Size) -> Tensor:
+    """Per-id slots as an int32 CPU tensor (not yet broadcast), or an exception naming them: an integer tensor
+    broadcastable to the ids' ``shape``, with values in ``[0, 2**24)`` (ValueError; TypeError for the dtype)."""
+    from . import _C
+
+    if slots.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"slots must be an integer tensor, got dtype {slots.dtype}")
+    try:
+        fits = torch.broadcast_shapes(slots.shape, shape) == shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"slots of shape {tuple(slots.shape)} do not broadcast to the ids' shape {tuple(shape)}")
+    slots = slots.cpu()
+    if slots.numel():
+        lo, hi = int(slots.min()), int(slots.max())
+        if lo < 0 or hi >= _C.SLOT_LIMIT:
+            raise ValueError(f"slots must be in [0, 2**24), got values in [{lo}, {hi}]")
+    return slots.to(torch.int32)
 
 
 def _check_padding_id(padding_id) -> Optional[int]:

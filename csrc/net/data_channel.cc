@@ -5,8 +5,8 @@
 #include <sys/uio.h>
 
 #include <chrono>
-#include <new>
 #include <cstring>
+#include <new>
 #include <utility>
 
 #include "net/socket.h"

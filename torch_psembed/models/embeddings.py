@@ -64,8 +64,9 @@ class PSSlotEmbedding(nn.Module):
 
     When every bag holds exactly one key (Criteo, the simulator) one ``PSEmbedding`` looks up the ``(B, S)``
     key matrix in a single pull/push (``mode=None``; each sample is one instance, so ``pse.feed(clicks=...)``
-    takes the ``(B,)`` labels). Otherwise one ``PSEmbedding(slot=i, mode="sum")`` per slot, all over the same
-    table, pools slot ``i``'s bags.
+    takes the ``(B,)`` labels), pushing column ``i``'s keys with slot ``i`` (``slots=arange(S)``). Otherwise one
+    ``PSEmbedding(slot=i, mode="sum")`` per slot, all over the same table, pools slot ``i``'s bags. Either way
+    the keys of slot ``i`` (bag ``b`` is slot ``b % S``) record slot ``i`` in the table.
 
     Args:
         table (SparseTable): the table.
@@ -92,7 +93,8 @@ class PSSlotEmbedding(nn.Module):
         self.lr_col: Optional[int] = lead - 1 if lead else None
         self.mf_cols = slice(lead, lead + table.dim)
         kw = dict(output=output, cvm_click_prior=cvm_click_prior)
-        self.single = pse.PSEmbedding(table, mode=None, slot=0, **kw)
+        self.single = pse.PSEmbedding(table, mode=None, slot=0, **kw)  # pushes with slots=self._slots
+        self._slots = torch.arange(self.num_slots, dtype=torch.int32)  # column i of the (B, S) keys: slot i
         self.per_slot = nn.ModuleList([pse.PSEmbedding(table, mode="sum", slot=i, **kw) for i in range(num_slots)])
 
     def enable_timing(self, enabled: bool = True) -> None:
@@ -131,7 +133,7 @@ class PSSlotEmbedding(nn.Module):
         n_bags = offsets.numel()
         B = n_bags // S
         if _one_key_per_bag(keys, offsets):  # offsets == arange(n_bags): the (B, S) key matrix
-            return self.single(keys.view(B, S))
+            return self.single(keys.view(B, S), slots=self._slots)
         lengths = _bag_lengths(offsets, keys.numel())
         slot_of_key = torch.arange(n_bags, device=offsets.device).remainder(S).repeat_interleave(lengths)
         order = torch.argsort(slot_of_key, stable=True)
