@@ -3,7 +3,7 @@
 
 Workloads (each one run of the main job, ``python -m torch_psembed.train``, under torchrun when --nproc > 1):
 
-  ps             PSEmbedding over the sharded table (admission, decay and eviction on): the job's defaults
+  ps             PSEmbedding over the sharded table (mf admission by score, decay and eviction): the job's defaults
   hashed-<size>  nn.EmbeddingBag(size, dim + 1, sparse=True) over hashed feasigns + torch.optim.Adagrad,
                  one run per table size in --sizes (same model, dense optimizer, data and seed)
 
