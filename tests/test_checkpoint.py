@@ -944,3 +944,36 @@ def test_a_table_restored_from_a_checkpoint_then_given_later_deltas_lists_what_i
     b.save(tmp_path / "b2", "delta")
     ma, mb = (F.read_manifest(str(tmp_path / n)) for n in ("a2", "b2"))
     assert ma["tombstones"] == mb["tombstones"] == 0 and ma["rows"] == mb["rows"]
+
+
+def test_saves_and_loads_of_one_table_run_one_at_a_time(tmp_path, monkeypatch):
+    # A save's commit drops the pending tombstones its snapshot saw by their count, and a load replaces or
+    # trims that list: another save or load of the same table between the snapshot and the commit (from
+    # another thread) made the count name other tombstones, and a deletion never reached a delta. A second
+    # save of the table now waits for the first.
+    from torch_psembed.checkpoint import _table_io as T
+
+    t = populated(n=300, seed=4)
+    t.save(str(tmp_path / "base"), mode="base")
+    real_finish = T._srv_finish
+    committing, release = threading.Event(), threading.Event()
+
+    def finish_slowly(*args):
+        if threading.current_thread().name == "first":
+            committing.set()
+            release.wait(30)
+        return real_finish(*args)
+
+    monkeypatch.setattr(T, "_srv_finish", finish_slowly)
+    first = threading.Thread(target=t.save, args=(str(tmp_path / "d1"), "delta"), name="first")
+    first.start()
+    assert committing.wait(30)
+    second = threading.Thread(target=t.save, args=(str(tmp_path / "ck"), "checkpoint"), name="second")
+    second.start()
+    second.join(0.5)
+    assert second.is_alive()  # waiting for the first save's commit
+    release.set()
+    first.join(30)
+    second.join(30)
+    assert not first.is_alive() and not second.is_alive()
+    assert F.read_manifest(str(tmp_path / "ck"))["sequence"] == 1  # the checkpoint saw the delta's chain step

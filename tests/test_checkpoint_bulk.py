@@ -163,10 +163,63 @@ def test_load_segments_refuses_bad_shapes():
         t.load_segments([list(good)])
     with pytest.raises(TypeError, match="sequence"):
         t.load_segments(5)
+    for check in (True, False):  # a segment with no rows has no has_mf ones: its mf rows are not its own
+        with pytest.raises(ValueError, match="has_mf marks 0 rows, but mf holds 5"):
+            t.load_segments([(k[:0], good[1][:0], good[2][:0], np.zeros((5, mw), np.float32))], check=check)
     assert len(t) == 0
     t.load_segments([])
     t.load_segments([good])
     assert len(t) == 3
+
+
+def test_unchecked_load_clamps_what_a_row_cannot_hold():
+    # check=False takes the caller's word (the loader checked the files); values a record cannot hold used
+    # to go through undefined float-to-int conversions (NaN unseen_days -> 0, 70000 -> 4464, slot 3e9 ->
+    # INT_MIN on this machine). Now they are clamped into the fields' ranges, NaN reading 0.
+    t = pse.SparseTable(config())._backend
+    b = np.zeros((4, t.base_width), np.float32)
+    b[:, 3] = [np.nan, 70000.0, -3.0, 5.0]
+    b[:, 4] = [3e9, np.nan, -3e9, 7.0]
+    t.load_segments([(np.arange(1, 5, dtype=np.int64), b, np.zeros(4, np.uint8), np.zeros((0, t.mf_width),
+                                                                                         np.float32))], check=False)
+    np.testing.assert_array_equal(t.export("checkpoint")["base"][:, 3:5],
+                                  [[0, 2147483520], [65535, 0], [0, -2147483648], [5, 7]])
+
+
+def test_a_load_survives_another_thread_writing_its_keys():
+    # The load reads keys and has_mf in more than one pass without the GIL; another thread writing the keys
+    # meanwhile made the passes' shard counts disagree, and the load wrote past its buffers (SIGSEGV). It
+    # copies them first now: the rows load with whichever keys it copied.
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import threading, time
+        import numpy as np
+        from torch_psembed import _C
+        t = _C.Table({"dim": 4, "num_shards": 64, "num_threads": 2})
+        n = 1_000_000
+        keys = np.arange(1, n + 1, dtype=np.int64)
+        base = np.zeros((n, t.base_width), np.float32)
+        has_mf, mf = np.zeros(n, np.uint8), np.zeros((0, t.mf_width), np.float32)
+        stop = False
+        def scramble():
+            while not stop:
+                np.multiply(keys, 3, out=keys)  # numpy's loop runs without the GIL
+        writer = threading.Thread(target=scramble)
+        writer.start()
+        t0 = time.time()
+        try:
+            while time.time() - t0 < 4:
+                t.load_segments([(keys, base, has_mf, mf)], check=False)
+        finally:
+            stop = True
+            writer.join()
+        print("loaded", len(t) > 0)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "loaded True" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
 
 
 def test_read_segments_maps_the_files_and_splits_by_owner(tmp_path):

@@ -801,6 +801,19 @@ def test_thread_count_does_not_change_results(make_c_table):
 # ------------------------------------------------------------------------------------ set_tombstones
 
 
+def test_more_keys_than_one_call_takes_are_refused_before_reading_them(tmp_path):
+    # A push's merge numbers a call's keys with int32: 2**31 keys or more are refused by their count (a
+    # sparse file mapped as the keys: nothing is read). Before, the limit was 2**32 - 2, past the merge's.
+    path = tmp_path / "keys"
+    with open(path, "wb") as f:
+        f.truncate(8 * 2**31)
+    keys = np.memmap(path, dtype=np.int64, mode="r", shape=(2**31,))
+    t = _C.Table({"dim": 4})
+    with pytest.raises(ValueError, match=r"keys has too many entries \(at most 2\*\*31 - 1 per call\)"):
+        t.pull(keys, False)
+    del keys
+
+
 def test_set_tombstones_replaces_the_pending_list_in_order(make_c_table):
     t = make_c_table(dim=2)
     push(t, [1, 2, 3], 2)

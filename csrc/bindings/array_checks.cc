@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "table/sparse_table.h"
+
 namespace psembed {
 
 // Built with std::to_string, not an ostringstream: see util/float_string.h for why the extension keeps
@@ -45,8 +47,8 @@ py::array CheckArray(const py::handle& obj, const char* name, char kind, int ite
 
 py::array CheckKeys(const py::handle& obj, const char* name) {
   py::array a = CheckArray(obj, name, 'i', 8, "int64", 1);
-  if (static_cast<uint64_t>(a.shape(0)) >= (uint64_t{1} << 32) - 1) {
-    throw py::value_error(std::string(name) + " has too many entries (at most 2**32 - 2 per call)");
+  if (static_cast<uint64_t>(a.shape(0)) > SparseTable::kMaxKeysPerCall) {
+    throw py::value_error(std::string(name) + " has too many entries (at most 2**31 - 1 per call)");
   }
   return a;
 }

@@ -501,7 +501,13 @@ class PyTable {
     const RowLayout& lay = table_->layout();
     const size_t bw = lay.base_export_width(), mw = lay.mf_width();
     auto seq = py::reinterpret_borrow<py::sequence>(segs_obj);
-    std::vector<py::array> keep;  // the arrays stay alive (and unchanged: the GIL is ours) below
+    // The arrays stay alive below, but another Python thread may write them while the load runs without the
+    // GIL. The load reads keys and has_mf in more than one pass (to count, then to place each shard's rows),
+    // and counts that disagree between passes would write past its buffers: those two are copied first.
+    // (A base or mf value written meanwhile loads as written, like any value a caller passes.)
+    std::vector<py::array> keep;
+    std::vector<std::vector<uint64_t>> key_copies;
+    std::vector<std::vector<uint8_t>> has_mf_copies;
     std::vector<RowSegment> segs;
     for (size_t i = 0; i < seq.size(); ++i) {
       py::object item = seq[i];
@@ -519,11 +525,13 @@ class PyTable {
       if (static_cast<size_t>(mf.shape(1)) != mw) {
         throw py::value_error("mf must have shape [m, " + std::to_string(mw) + "], got " + ShapeString(mf));
       }
+      key_copies.emplace_back(KeyPtr(keys), KeyPtr(keys) + n);
+      has_mf_copies.emplace_back(Ptr<uint8_t>(has_mf), Ptr<uint8_t>(has_mf) + n);
       RowSegment seg;
-      seg.keys = KeyPtr(keys);
+      seg.keys = key_copies.back().data();
       seg.n = n;
       seg.base = Ptr<float>(base);
-      seg.has_mf = Ptr<uint8_t>(has_mf);
+      seg.has_mf = has_mf_copies.back().data();
       seg.mf = Ptr<float>(mf);
       seg.mf_rows = static_cast<size_t>(mf.shape(0));
       segs.push_back(seg);

@@ -22,6 +22,8 @@
 namespace psembed {
 namespace {
 
+static_assert(wire::kMaxKeys == SparseTable::kMaxKeysPerCall, "a frame carries at most one table call's keys");
+
 // A body of up to kTrustedBody bytes is read into a buffer of its announced size at once; beyond that the
 // buffer grows with the bytes that actually arrived (to at most twice them, at most kReadStep a step). So a
 // header that lies about its length holds at most max(kTrustedBody, 2 x the bytes sent) until the

@@ -33,7 +33,7 @@ enum Flags : uint8_t { kWithStats = 1, kHasSlots = 2, kHasPushId = 4 };
 // Limits a server enforces before it reads a body (a frame beyond them is refused and the
 // connection closed: its length cannot be trusted, so the stream cannot be resynchronised).
 constexpr uint32_t kMaxNameLen = 1024;
-constexpr uint64_t kMaxKeys = (uint64_t{1} << 32) - 2;  // as a table call (SparseTable::Push)
+constexpr uint64_t kMaxKeys = (uint64_t{1} << 31) - 1;  // as a table call (SparseTable::kMaxKeysPerCall)
 constexpr uint32_t kMaxWidth = 1 << 16;
 constexpr uint64_t kMaxPayload = uint64_t{1} << 40;  // a reply's payload, checked by the client
 

@@ -31,7 +31,7 @@ struct PushArgs {
 // (*skipped, and stats().rejected). A bad value is InvalidArgument naming its index (the first one in
 // input order) and nothing changes. The checks run on the table's pool in chunks, like its own passes
 // over the keys.
-// REQUIRES: the buffers hold the shapes above with dim = table->options().dim; n < 2^32.
+// REQUIRES: the buffers hold the shapes above with dim = table->options().dim; n <= SparseTable::kMaxKeysPerCall.
 Status CheckedPush(SparseTable* table, const PushArgs& args, size_t* skipped);
 
 // Whether every float of v[0..n) is finite (one vectorized pass).

@@ -303,8 +303,11 @@ void Shard::WriteRecord(uint32_t ref, const float* base, const float* mf) {
   h->show = base[0];
   h->click = base[1];
   h->delta_score = base[2];
-  h->unseen_days = static_cast<uint16_t>(base[3]);
-  h->slot = static_cast<int32_t>(base[4]);
+  // Checked loads pass whole numbers in range; an unchecked one (load_segments(check=False)) may not, and a
+  // float-to-int conversion out of range is undefined: clamp first (NaN reads 0).
+  auto clamp = [](float v, float lo, float hi) { return std::isnan(v) ? 0.0f : std::min(std::max(v, lo), hi); };
+  h->unseen_days = static_cast<uint16_t>(clamp(base[3], 0.0f, static_cast<float>(kMaxUnseenDays)));
+  h->slot = static_cast<int32_t>(clamp(base[4], -2147483648.0f, 2147483520.0f));  // the floats in int32's range
   h->reserved = 0;
   CopyFloats(RowLayout::Lr(h), base + 5, layout_.lr_width());
   if (RowRef::HasMf(ref)) CopyFloats(layout_.Mf(h), mf, layout_.mf_width());

@@ -994,6 +994,10 @@ Status SparseTable::LoadSegments(const RowSegment* segs, size_t num_segs, bool c
     if (segs[si].n >= (size_t{1} << 32)) {
       return Status::InvalidArgument("segment " + std::to_string(si) + " has 2^32 rows or more");
     }
+    if (segs[si].n == 0 && segs[si].mf_rows != 0) {  // no piece of it below counts its has_mf ones
+      return Status::InvalidArgument("segment " + std::to_string(si) + ": has_mf marks 0 rows, but mf holds " +
+                                     std::to_string(segs[si].mf_rows));
+    }
     for (size_t lo = 0; lo < segs[si].n; lo += kLoadPieceRows) {
       pieces.push_back(LoadPiece{si, lo, std::min(segs[si].n, lo + kLoadPieceRows)});
     }

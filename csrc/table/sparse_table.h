@@ -130,7 +130,12 @@ class SparseTable {
   const RowLayout& layout() const { return accessor_.layout(); }
   int pull_width(bool with_stats) const { return static_cast<int>(layout().pull_width(with_stats)); }
 
+  // The most keys one Pull or Push takes: a push's merge numbers a call's keys with int32 (push_merge.h),
+  // and the key partitions count them in 32 bits. The bindings and the data plane refuse more.
+  static constexpr uint64_t kMaxKeysPerCall = (uint64_t{1} << 31) - 1;
+
   // out: n x pull_width(with_stats) floats. Missing keys read zeros. Never inserts.
+  // REQUIRES: n <= kMaxKeysPerCall.
   void Pull(const uint64_t* keys, size_t n, bool with_stats, float* out);
 
   // grads: n x (1 + dim); slots may be nullptr (slots unchanged); skip (may be nullptr) marks rows to
@@ -138,7 +143,7 @@ class SparseTable {
   // (sums in input order; last slot wins) before the rule runs. push_id names the push for admission
   // draws (AdmissionDraw in ctr_accessor.h); kOwnPushId takes the next of this table's own count (one
   // per push with n > 0), which is what a local table does; a sharded table's trainer passes its own.
-  // REQUIRES: n < 2^32.
+  // REQUIRES: n <= kMaxKeysPerCall.
   static constexpr uint64_t kOwnPushId = ~uint64_t{0};
   void Push(const uint64_t* keys, size_t n, const float* grads, const float* shows, const float* clicks,
             const int32_t* slots, const uint8_t* skip, uint64_t push_id = kOwnPushId);
@@ -196,6 +201,9 @@ class SparseTable {
   // keys deleted since the snapshot were not in it and must reach the next delta. A key deleted since
   // the snapshot (listed after those) gets no subtraction: its row, if any, was made anew after the
   // snapshot, and its delta_score is its own. Turns tombstone tracking on. checkpoint/serving: no effect.
+  // REQUIRES: no other CommitSave, SetTombstones, ForgetTombstones or Clear between the snapshot and this
+  // commit (the count would then name other tombstones); the Python layer runs one save or load of a table
+  // at a time (checkpoint/_table_io.py).
   void CommitSave(ExportMode mode, const uint64_t* keys, const float* delta_scores, size_t n, size_t tombstones);
   // Insert/overwrite rows. base: n x base_export_width; has_mf: n; mf: (#has_mf) x mf_width.
   // REQUIRES: values valid (as LoadRowSegments checks them; bindings/ does it).

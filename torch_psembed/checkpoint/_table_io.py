@@ -520,15 +520,33 @@ def load_group(group: _Group, config_dict: Dict[str, Any], chain: Dict[str, Any]
 
 # -- the SparseTable entry points -----------------------------------------------------------------------------
 
+# One save or load of a table at a time, per process. A save's commit drops the pending tombstones its
+# snapshot saw by their count (_C.Table.commit_save), and a load replaces or trims that list: another save or
+# load of the same table between a snapshot and its commit would drop a deletion that no save has written.
+# The chain position is read before and written after, too.
+_TABLE_LOCKS: "weakref.WeakKeyDictionary[Any, threading.Lock]" = weakref.WeakKeyDictionary()
+_TABLE_LOCKS_GUARD = threading.Lock()
+
+
+def _table_lock(table) -> threading.Lock:
+    with _TABLE_LOCKS_GUARD:
+        lock = _TABLE_LOCKS.get(table)
+        if lock is None:
+            lock = _TABLE_LOCKS[table] = threading.Lock()
+        return lock
+
+
 def save_table(table, path, mode: str = "checkpoint", num_buckets: Optional[int] = None) -> Dict[str, Any]:
     """Save ``table`` to directory ``path`` (see :meth:`SparseTable.save` and docs/format.md)."""
-    summary = save_group(group_of(table), table.config.to_dict(), chain_of(table), path, mode, num_buckets)
-    set_chain(table, summary["chain"])
+    with _table_lock(table):
+        summary = save_group(group_of(table), table.config.to_dict(), chain_of(table), path, mode, num_buckets)
+        set_chain(table, summary["chain"])
     return summary
 
 
 def load_table(table, path) -> Dict[str, Any]:
     """Load directory ``path`` into ``table`` (see :meth:`SparseTable.load`)."""
-    summary = load_group(group_of(table), table.config.to_dict(), chain_of(table), path)
-    set_chain(table, summary["chain"])
+    with _table_lock(table):
+        summary = load_group(group_of(table), table.config.to_dict(), chain_of(table), path)
+        set_chain(table, summary["chain"])
     return summary
