@@ -178,25 +178,44 @@ void Shard::DeleteRowLocked(uint64_t key, uint64_t hash) {
   if (ref != HashIndex::kNotFound) FreeRecord(ref);
 }
 
+namespace {
+
+void DecayAndAge(const CtrAccessor& accessor, RowHeader* h, double factor, uint32_t add_unseen) {
+  accessor.Decay(h, factor);
+  const uint32_t u = uint32_t{h->unseen_days} + add_unseen;
+  h->unseen_days = static_cast<uint16_t>(u > kMaxUnseenDays ? kMaxUnseenDays : u);
+}
+
+}  // namespace
+
+size_t Shard::CountDoomed(double factor, uint32_t add_unseen) {
+  ReaderMutexLock l(&mu_);
+  size_t doomed = 0;
+  index_.ForEach([&](uint64_t, uint32_t row) {
+    RowHeader h = *Row(row);  // a copy: nothing changes
+    DecayAndAge(*accessor_, &h, factor, add_unseen);
+    doomed += accessor_->ShouldDelete(h) ? 1 : 0;
+  });
+  return doomed;
+}
+
 size_t Shard::DecayAndDelete(double factor, uint32_t add_unseen, std::vector<uint64_t>* deleted,
                              int64_t new_day_index) {
   WriterMutexLock l(&mu_);
   const bool boundary = new_day_index >= 0;
   if (boundary) admission_day_ = static_cast<uint32_t>(new_day_index);
   // Two passes: backward-shift deletion moves entries, so deleting while scanning could visit an
-  // entry twice (and decay it twice).
-  std::vector<uint64_t> doomed;
+  // entry twice (and decay it twice). The keys go straight into *deleted, within its reserved room.
+  const size_t first = deleted->size();
   index_.ForEach([&](uint64_t key, uint32_t row) {
     RowHeader* h = Row(row);
-    accessor_->Decay(h, factor);
-    const uint32_t u = uint32_t{h->unseen_days} + add_unseen;
-    h->unseen_days = static_cast<uint16_t>(u > kMaxUnseenDays ? kMaxUnseenDays : u);
-    if (accessor_->ShouldDelete(*h)) doomed.push_back(key);
+    DecayAndAge(*accessor_, h, factor, add_unseen);
+    if (accessor_->ShouldDelete(*h) && deleted->size() < deleted->capacity()) deleted->push_back(key);
   });
-  for (uint64_t key : doomed) DeleteRowLocked(key, TableHash(key));
-  counters_.deleted += doomed.size();
-  deleted->insert(deleted->end(), doomed.begin(), doomed.end());
-  return doomed.size();
+  for (size_t i = first; i < deleted->size(); ++i) DeleteRowLocked((*deleted)[i], TableHash((*deleted)[i]));
+  const size_t num = deleted->size() - first;
+  counters_.deleted += num;
+  return num;
 }
 
 void Shard::SetAdmissionDay(uint32_t day_index) {
@@ -254,7 +273,11 @@ bool Shard::LoadIndexBulk(uint64_t* io, const uint8_t* has_mf, size_t n, std::ve
         index_.Prefetch(ahead);
       }
       uint32_t ref = 0;
-      const uint32_t found = index_.FindOrInsert(key, hash, [&] { return ref = AllocateRecord(has_mf[j] != 0); });
+      const uint32_t found = index_.FindOrInsert(key, hash, [&] {
+        ref = AllocateRecord(has_mf[j] != 0);
+        Row(ref)->reserved = kLoadMark;  // until phase 2 writes the row (see UndoLoadIndexBulk)
+        return ref;
+      });
       if (found != HashIndex::kNotFound) {
         existing->push_back(static_cast<uint32_t>(j));  // may throw: io[j] is still the key then
         io[j] = kLoadExisting;
@@ -273,25 +296,15 @@ bool Shard::LoadIndexBulk(uint64_t* io, const uint8_t* has_mf, size_t n, std::ve
   return true;
 }
 
-void Shard::UndoLoadIndexBulk(const uint64_t* io, size_t n) {
-  // The keys are gone from io (it holds RowRefs now): find them through the index, by RowRef (one
-  // flag per record of either pool: made[2 * index + has_mf]).
-  std::vector<uint8_t> made;
-  auto flag = [](uint32_t ref) { return 2 * size_t{RowRef::Index(ref)} + (RowRef::HasMf(ref) ? 1 : 0); };
-  for (size_t j = 0; j < n; ++j) {
-    if (io[j] == kLoadExisting) continue;
-    const size_t f = flag(static_cast<uint32_t>(io[j]));
-    if (f >= made.size()) made.resize(f + 1, 0);
-    made[f] = 1;
-  }
-  std::vector<uint64_t> keys;
+void Shard::UndoLoadIndexBulk(uint64_t* io, size_t n) {
+  // The keys are gone from io (it holds RowRefs now), and this runs after a std::bad_alloc, so it may not
+  // allocate: the rows the load inserted are the ones whose header still carries kLoadMark (every other
+  // live row has 0 there), found by one pass over the index. Their keys, at most n, go into io.
+  size_t found = 0;
   index_.ForEach([&](uint64_t key, uint32_t ref) {
-    if (flag(ref) < made.size() && made[flag(ref)]) keys.push_back(key);
+    if (Row(ref)->reserved == kLoadMark && found < n) io[found++] = key;
   });
-  for (uint64_t key : keys) index_.Erase(key, TableHash(key));
-  for (size_t j = 0; j < n; ++j) {
-    if (io[j] != kLoadExisting) FreeRecord(static_cast<uint32_t>(io[j]));
-  }
+  for (size_t i = 0; i < found; ++i) FreeRecord(index_.Erase(io[i], TableHash(io[i])));
 }
 
 void Shard::WriteNewRow(uint64_t io, const float* base, const float* mf) {

@@ -93,9 +93,15 @@ class Shard {
   // is still not inserted while the shard holds max_rows rows (counted in capacity_rejected).
   void Push(const MergedPush* items, size_t n, bool has_slots, uint64_t push_id) LOCKS_EXCLUDED(mu_);
 
+  // How many rows DecayAndDelete(factor, add_unseen, ...) would delete now; changes nothing. The caller
+  // reserves room for their keys with it, so that the pass that changes rows allocates nothing.
+  size_t CountDoomed(double factor, uint32_t add_unseen) LOCKS_EXCLUDED(mu_);
   // show, click *= factor; unseen_days += add_unseen (saturating); then deletes rows by the delete
-  // predicate, appending their keys to *deleted. Returns the number deleted. If new_day_index >= 0
-  // this is a day boundary (end_day): admission draws use day index new_day_index from now on.
+  // predicate, appending their keys to *deleted, at most deleted->capacity() - deleted->size() of them (the
+  // room CountDoomed asked for; a row that became deletable since, by a push in between, waits for the
+  // next pass). Returns the number deleted. Allocates nothing, so it never stops half-way. If
+  // new_day_index >= 0 this is a day boundary (end_day): admission draws use day index new_day_index
+  // from now on.
   size_t DecayAndDelete(double factor, uint32_t add_unseen, std::vector<uint64_t>* deleted,
                         int64_t new_day_index = -1) LOCKS_EXCLUDED(mu_);
 
@@ -125,11 +131,13 @@ class Shard {
   // it in input order (LoadExistingRow), so the last row of a key wins. On std::bad_alloc returns false
   // with this shard as it was before the call.
   static constexpr uint64_t kLoadExisting = ~uint64_t{0};
+  // RowHeader::reserved of a row LoadIndexBulk made and phase 2 has not written yet (live rows hold 0).
+  static constexpr uint16_t kLoadMark = 0x10ad;
   bool LoadIndexBulk(uint64_t* io, const uint8_t* has_mf, size_t n, std::vector<uint32_t>* existing)
       NO_THREAD_SAFETY_ANALYSIS;
   // Undoes a LoadIndexBulk that succeeded on io[0, n) (another shard's failed): erases the keys it
-  // inserted and frees their records. O(index capacity).
-  void UndoLoadIndexBulk(const uint64_t* io, size_t n) NO_THREAD_SAFETY_ANALYSIS;
+  // inserted and frees their records; allocates nothing, and overwrites io. O(index capacity).
+  void UndoLoadIndexBulk(uint64_t* io, size_t n) NO_THREAD_SAFETY_ANALYSIS;
   // Phase 2: writes the record of a row phase 1 made (io = its io[j]) from export columns: base has
   // base_export_width floats, mf mf_width floats (nullptr when has_mf was 0).
   void WriteNewRow(uint64_t io, const float* base, const float* mf) NO_THREAD_SAFETY_ANALYSIS;

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <numeric>
@@ -256,14 +257,32 @@ void SparseTable::Push(const uint64_t* keys, size_t n, const float* grads, const
 size_t SparseTable::DecayAndDeleteAll(double factor, uint32_t add_unseen, int64_t new_day_index) {
   ReaderMutexLock gate(&gate_);
   MutexLock deleting(&delete_mu_);  // until the deleted keys are listed (see CommitSave)
-  std::vector<std::vector<uint64_t>> deleted(shards_.size());
+  // Everything that allocates comes first: each shard's count of the rows it will delete, room for their
+  // keys and room on the tombstone list. A std::bad_alloc there leaves the table as it was; the pass that
+  // decays and deletes then allocates nothing, so a day is never half closed (some shards decayed and
+  // their deletions unlisted, then decayed again when the caller retries).
+  const size_t num_shards = shards_.size();
+  std::vector<size_t> doomed(num_shards, 0);
   pool_->ParallelFor(
-      shards_.size(),
-      [&](size_t s) { shards_[s]->DecayAndDelete(factor, add_unseen, &deleted[s], new_day_index); }, num_threads());
+      num_shards, [&](size_t s) { doomed[s] = shards_[s]->CountDoomed(factor, add_unseen); }, num_threads());
+  std::vector<std::vector<uint64_t>> deleted(num_shards);
+  size_t room = 0;
+  for (size_t s = 0; s < num_shards; ++s) {
+    deleted[s].reserve(doomed[s]);
+    room += doomed[s];
+  }
+  {
+    MutexLock l(&tomb_mu_);
+    if (track_tombstones_) tombstones_.reserve(tombstones_.size() + room);
+  }
+  pool_->ParallelFor(
+      num_shards, [&](size_t s) { shards_[s]->DecayAndDelete(factor, add_unseen, &deleted[s], new_day_index); },
+      num_threads());
   size_t total = 0;
   MutexLock l(&tomb_mu_);
   for (auto& d : deleted) {
     total += d.size();
+    // Within the room reserved above (a list replaced meanwhile by set_tombstones may have to grow).
     if (track_tombstones_) tombstones_.insert(tombstones_.end(), d.begin(), d.end());
   }
   return total;
@@ -1081,39 +1100,22 @@ Status SparseTable::LoadSegments(const RowSegment* segs, size_t num_segs, bool c
       flags[d] = seg.has_mf[i] != 0 ? 1 : 0;
     }
   }, static_cast<int>(par));
-  // The load holds every shard's lock from here to the end, taken by this thread in index order (nothing
-  // else holds two shard locks, so the order cannot deadlock): a pull never sees a row of phase 1 before
-  // phase 2 wrote it. The pool tasks below work on disjoint shards or rows under these locks.
-  ReaderMutexLock gate(&gate_);
-  for (auto& sh : shards_) sh->mu()->Lock();
-  struct Unlocker {
-    std::vector<std::unique_ptr<Shard>>* shards;
-    ~Unlocker() NO_THREAD_SAFETY_ANALYSIS {
-      for (size_t s = shards->size(); s-- > 0;) (*shards)[s]->mu()->Unlock();
-    }
-  } unlock{&shards_};
-  // Phase 1, one task per shard: find or insert every key (its index grown once), allocating the new rows.
+  // Phase 1's output: per shard, the rows of keys already present (phase 3 loads them).
   std::vector<std::vector<uint32_t>> existing(num_shards);
   std::vector<uint8_t> ok(num_shards, 1);
-  pool_->ParallelFor(num_shards, [&](size_t s) {
-    if (shard_rows[s] == 0) return;
-    ok[s] = shards_[s]->LoadIndexBulk(io + shard_start[s], flags + shard_start[s], shard_rows[s], &existing[s]) ? 1 : 0;
-  }, static_cast<int>(par));
-  if (std::find(ok.begin(), ok.end(), 0) != ok.end()) {
-    for (uint32_t s = 0; s < num_shards; ++s) {
-      if (ok[s] && shard_rows[s] > 0) shards_[s]->UndoLoadIndexBulk(io + shard_start[s], shard_rows[s]);
-    }
-    throw std::bad_alloc();
-  }
+  // Phases 2 and 3 (below, after phase 1) as functions made now: a std::function of a lambda with these
+  // captures allocates, and nothing may fail between phase 1 inserting keys and phase 2 writing their rows.
   // Phase 2, one task per piece: walk the input in order (sequential reads) and write each new row into
   // its shard's records (sequential writes within each shard). A row of a present key instead leaves
   // where it is in the input for phase 3: piece << 32 | row offset << 16 | mf row offset (pieces hold at
   // most 2^16 rows).
+  // It allocates nothing (its cursors are `at`'s own slice, which nothing reads after it): a std::bad_alloc
+  // here would leave phase 1's rows in the index unwritten.
   static_assert(kLoadPieceRows <= (size_t{1} << 16), "phase 2 packs offsets in a piece into 16 bits");
-  pool_->ParallelFor(np, [&](size_t p) {
+  const std::function<void(size_t)> write_new_rows = [&](size_t p) {
     const LoadPiece& pc = pieces[p];
     const RowSegment& seg = segs[pc.seg];
-    std::vector<uint64_t> cur(at.begin() + p * num_shards, at.begin() + (p + 1) * num_shards);
+    uint64_t* cur = &at[p * num_shards];
     // The destinations kWriteAhead rows ahead are looked up early and prefetched for writing: the rows go
     // to 2 x num_shards write streams, more than the hardware prefetchers follow.
     constexpr size_t kWriteAhead = 16;
@@ -1143,9 +1145,9 @@ Status SparseTable::LoadSegments(const RowSegment* segs, size_t num_segs, bool c
       }
       m += has ? 1 : 0;
     }
-  }, static_cast<int>(par));
+  };
   // Phase 3, one task per shard: rows of keys that were present, in input order.
-  pool_->ParallelFor(num_shards, [&](size_t s) {
+  const std::function<void(size_t)> load_existing_rows = [&](size_t s) {
     Shard* sh = shards_[s].get();
     for (uint32_t j : existing[s]) {
       const uint64_t v = io[shard_start[s] + j];
@@ -1155,7 +1157,38 @@ Status SparseTable::LoadSegments(const RowSegment* segs, size_t num_segs, bool c
       const float* mf = seg.has_mf[i] ? seg.mf + (pc.mf_before + (v & 0xffff)) * mw : nullptr;
       sh->LoadExistingRow(seg.keys[i], seg.base + i * bw, mf);
     }
-  }, static_cast<int>(par));
+  };
+  // The load holds every shard's lock from here to the end, taken by this thread in index order (nothing
+  // else holds two shard locks, so the order cannot deadlock): a pull never sees a row of phase 1 before
+  // phase 2 wrote it. The pool tasks below work on disjoint shards or rows under these locks.
+  ReaderMutexLock gate(&gate_);
+  for (auto& sh : shards_) sh->mu()->Lock();
+  struct Unlocker {
+    std::vector<std::unique_ptr<Shard>>* shards;
+    ~Unlocker() NO_THREAD_SAFETY_ANALYSIS {
+      for (size_t s = shards->size(); s-- > 0;) (*shards)[s]->mu()->Unlock();
+    }
+  } unlock{&shards_};
+  // Phase 1, one task per shard: find or insert every key (its index grown once), allocating the new rows.
+  // A shard that fails undoes itself; then every shard undoes what it inserted (a shard whose task never
+  // ran, the pool failing to start it, inserted nothing: its undo finds no row), and the load fails whole.
+  bool started = true;
+  try {
+    pool_->ParallelFor(num_shards, [&](size_t s) {
+      if (shard_rows[s] == 0) return;
+      ok[s] = shards_[s]->LoadIndexBulk(io + shard_start[s], flags + shard_start[s], shard_rows[s], &existing[s]) ? 1 : 0;
+    }, static_cast<int>(par));
+  } catch (const std::bad_alloc&) {
+    started = false;
+  }
+  if (!started || std::find(ok.begin(), ok.end(), 0) != ok.end()) {
+    for (uint32_t s = 0; s < num_shards; ++s) {
+      if (shard_rows[s] > 0) shards_[s]->UndoLoadIndexBulk(io + shard_start[s], shard_rows[s]);
+    }
+    throw std::bad_alloc();
+  }
+  pool_->ParallelFor(np, write_new_rows, static_cast<int>(par));  // phase 2
+  pool_->ParallelFor(num_shards, load_existing_rows, static_cast<int>(par));  // phase 3
   return Status::OK();
 }
 

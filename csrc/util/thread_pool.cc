@@ -9,6 +9,8 @@
 #include <atomic>
 #include <chrono>
 #include <exception>
+#include <string>
+#include <system_error>
 
 namespace psembed {
 
@@ -95,7 +97,19 @@ ThreadPool::ThreadPool(int num_threads, int spin_micros)
   if (num_threads <= 0) num_threads = UsableCpus();
   if (num_threads <= 0) num_threads = 1;
   num_threads_ = num_threads;
-  for (int i = 1; i < num_threads_; ++i) workers_.emplace_back([this] { WorkerMain(); });
+  workers_.reserve(static_cast<size_t>(num_threads_ - 1));  // so only starting a thread can fail below
+  try {
+    for (int i = 1; i < num_threads_; ++i) workers_.emplace_back([this] { WorkerMain(); });
+  } catch (const std::system_error& e) {
+    const size_t started = workers_.size();
+    StopAndJoinWorkers();
+    throw std::system_error(e.code(), "cannot start " + std::to_string(num_threads_ - 1) +
+                                          " worker threads for num_threads=" + std::to_string(num_threads_) +
+                                          " (" + std::to_string(started) + " started)");
+  } catch (...) {  // std::bad_alloc for a thread's state
+    StopAndJoinWorkers();
+    throw;
+  }
 }
 
 bool ThreadPool::InForkedChild() const { return static_cast<int>(getpid()) != owner_pid_; }
@@ -109,6 +123,10 @@ ThreadPool::~ThreadPool() {
     shared_.release();
     return;
   }
+  StopAndJoinWorkers();
+}
+
+void ThreadPool::StopAndJoinWorkers() {
   {
     std::lock_guard<std::mutex> l(shared_->mu);
     shared_->stop = true;
@@ -161,8 +179,19 @@ void ThreadPool::ParallelFor(size_t n, const std::function<void(size_t)>& fn, in
   const size_t helpers = std::min({workers_.size(), n - 1, static_cast<size_t>(max_parallel - 1)});
   {
     std::lock_guard<std::mutex> l(shared_->mu);
-    for (size_t i = 0; i < helpers; ++i) shared_->queue.push_back(loop);
-    shared_->queued.store(shared_->queue.size(), std::memory_order_relaxed);
+    std::deque<std::shared_ptr<Loop>>& queue = shared_->queue;
+    size_t queued = 0;
+    try {
+      for (; queued < helpers; ++queued) queue.push_back(loop);
+    } catch (...) {
+      // std::bad_alloc for a new deque block (push_back itself leaves the queue as it was). The
+      // entries queued so far point at fn, which the caller may destroy as this unwinds: take them
+      // back. They are the last `queued` ones, since mu has been held throughout and no worker popped
+      // any. (No cost when nothing throws: no allocation or lock beyond what the loop needs anyway.)
+      for (; queued > 0; --queued) queue.pop_back();
+      throw;
+    }
+    shared_->queued.store(queue.size(), std::memory_order_relaxed);
   }
   if (helpers == 1) {
     shared_->cv.notify_one();

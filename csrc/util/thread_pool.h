@@ -48,6 +48,14 @@ class ThreadPool {
 
   // num_threads: total parallelism of one loop, the caller included (so num_threads - 1 workers).
   // 0 means UsableCpus(). spin_micros >= 0: see kDefaultSpinMicros.
+  //
+  // Throws std::system_error if the system refuses a worker thread (EAGAIN: a pids limit, `ulimit -v`
+  // with 8 MiB stacks), its message naming the count ("cannot start 4095 worker threads ..."), or
+  // std::bad_alloc; the workers already started are stopped and joined first (a joinable std::thread
+  // destroyed by the unwinding would std::terminate the process). It does not run with fewer threads:
+  // num_threads is the pool's size, what num_threads() reports and what a table's settable thread
+  // count is capped at, so a smaller pool would quietly differ from the configuration; the caller can
+  // ask for fewer.
   explicit ThreadPool(int num_threads, int spin_micros = kDefaultSpinMicros);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
@@ -58,6 +66,8 @@ class ThreadPool {
   // Runs fn(i) for every i in [0, n), on at most max_parallel threads (the caller included), and
   // returns when all calls returned. If some fn(i) threw (std::bad_alloc, say), the other indices still
   // run and the first exception is rethrown here, on the calling thread, after all calls returned.
+  // Throws std::bad_alloc, before any fn(i) runs, if the loop cannot be set up; nothing then refers
+  // to fn once it returns.
   // more_loops_follow: the caller starts another loop right after this one, so the workers that ran
   // this one poll for it (up to the spin time) instead of going to sleep.
   void ParallelFor(size_t n, const std::function<void(size_t)>& fn, int max_parallel = 1 << 30,
@@ -66,6 +76,8 @@ class ThreadPool {
  private:
   struct Loop;
   void WorkerMain();
+  // Sets stop, wakes the workers and joins them (each first drains the queue).
+  void StopAndJoinWorkers();
 
   bool InForkedChild() const;
 

@@ -2,21 +2,31 @@
 //
 // ThreadPool: every index runs exactly once, and a task's exception reaches the caller (never
 // std::terminate on a worker), so a std::bad_alloc inside a table call becomes a Python MemoryError;
-// whether the threads poll or sleep between loops changes neither.
+// whether the threads poll or sleep between loops changes neither. A pool whose threads cannot all be
+// started throws (no std::terminate, no thread left running), and a ParallelFor that fails to queue
+// its helpers leaves nothing queued (this binary's operator new fails on request).
 
 #include "util/thread_pool.h"
 
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
 #include <memory>
 #include <new>
 #include <stdexcept>
+#include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
+#include "util/failing_new_for_test.h"
 #include "util/testharness.h"
 
 namespace psembed {
@@ -121,6 +131,122 @@ void TestUsableAndDestructibleInAForkedChild() {
   CHECK_EQ(ran.load(), 100);
 }
 
+void FailAllocation(long k) { failing_new::FailFrom(k); }
+void AllocationsSucceed() { failing_new::Stop(); }
+
+// The threads of this process (Threads: in /proc/self/status).
+int ThreadCount() {
+  FILE* f = std::fopen("/proc/self/status", "r");
+  CHECK(f != nullptr);
+  char line[256];
+  int n = -1;
+  while (std::fgets(line, sizeof(line), f)) {
+    if (std::strncmp(line, "Threads:", 8) == 0) n = std::atoi(line + 8);
+  }
+  std::fclose(f);
+  CHECK(n > 0);
+  return n;
+}
+
+// A worker that cannot be started (here std::thread's own allocation fails) used to leave the started
+// ones joinable, and destroying them called std::terminate: a Python process creating a Table died.
+// Now the constructor stops and joins them and rethrows: with the k-th allocation failing for every k
+// up to past the last thread, construction either succeeds or throws std::bad_alloc, and no thread is
+// left behind.
+void TestFailedThreadStartJoinsTheStartedOnes() {
+  const int threads_before = ThreadCount();
+  int failed_after_some_started = 0;
+  for (long k = 0; k < 24; ++k) {
+    bool threw = false;
+    FailAllocation(k);
+    try {
+      ThreadPool pool(12);
+      AllocationsSucceed();
+      std::atomic<int> ran{0};
+      pool.ParallelFor(100, [&](size_t) { ran.fetch_add(1); });
+      CHECK_EQ(ran.load(), 100);
+    } catch (const std::bad_alloc&) {
+      threw = true;
+    }
+    AllocationsSucceed();
+    if (threw && k >= 6) ++failed_after_some_started;  // ~4 allocations precede the first thread's
+    CHECK_EQ(ThreadCount(), threads_before);
+  }
+  CHECK(failed_after_some_started >= 5);
+}
+
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+// A thread that the system refuses (EAGAIN: a pids limit, or `ulimit -v` with 8 MiB stacks) gives a
+// std::system_error that names what could not be done; the binding turns it into a RuntimeError. In a
+// child process whose address space is capped just above what it uses now. (Not under ASan or TSan:
+// their runtimes need address space of their own and abort instead.)
+void TestThreadsTheSystemRefusesGiveANamedError() {
+  const pid_t pid = fork();
+  CHECK(pid >= 0);
+  if (pid == 0) {
+    long vm_kib = -1;
+    if (FILE* f = std::fopen("/proc/self/status", "r")) {
+      char line[256];
+      while (std::fgets(line, sizeof(line), f)) {
+        if (std::strncmp(line, "VmSize:", 7) == 0) vm_kib = std::atol(line + 7);
+      }
+      std::fclose(f);
+    }
+    if (vm_kib <= 0) _exit(2);
+    const rlim_t cap = (static_cast<rlim_t>(vm_kib) << 10) + (rlim_t{64} << 20);
+    struct rlimit rl;
+    getrlimit(RLIMIT_AS, &rl);
+    rl.rlim_cur = cap;
+    if (setrlimit(RLIMIT_AS, &rl) != 0) _exit(2);
+    try {
+      ThreadPool pool(1024);
+      _exit(3);  // 1023 stacks fitted in 64 MiB?
+    } catch (const std::system_error& e) {
+      const std::string what = e.what();
+      if (what.find("cannot start 1023 worker threads") == std::string::npos) {
+        std::fprintf(stderr, "unexpected message: %s\n", what.c_str());
+        _exit(4);
+      }
+      _exit(0);
+    } catch (...) {
+      _exit(5);
+    }
+  }
+  int status = 0;
+  CHECK_EQ(waitpid(pid, &status, 0), pid);
+  CHECK(WIFEXITED(status));
+  CHECK_EQ(WEXITSTATUS(status), 0);
+}
+#endif
+
+// ParallelFor queues one entry per helper, each pointing at the caller's fn. A std::bad_alloc from the
+// queue (a new deque block: libstdc++ holds 32 entries per block, so 63 helpers cross one) used to leave
+// the entries queued before it, and after the caller's fn was gone a worker called it
+// (heap-use-after-free). Now a failed ParallelFor takes them back: fn is never called once it has
+// thrown, even by workers draining the queue as the pool is destroyed; a call that succeeds runs every
+// index once.
+void TestFailedQueueingLeavesNothingQueued() {
+  int threw = 0;
+  for (long k = 0; k < 4; ++k) {
+    auto pool = std::make_unique<ThreadPool>(64);
+    constexpr size_t kN = 10000;
+    std::vector<std::atomic<int>> hits(kN);
+    const std::function<void(size_t)> fn = [&](size_t i) { hits[i].fetch_add(1); };
+    bool failed = false;
+    FailAllocation(k);
+    try {
+      pool->ParallelFor(kN, fn);
+    } catch (const std::bad_alloc&) {
+      failed = true;
+    }
+    AllocationsSucceed();
+    pool.reset();  // the workers run whatever is still queued before they exit
+    for (size_t i = 0; i < kN; ++i) CHECK_EQ(hits[i].load(), failed ? 0 : 1);
+    threw += failed;
+  }
+  CHECK(threw >= 2);  // the Loop's allocation, and the deque block with helpers already queued
+}
+
 }  // namespace
 }  // namespace psembed
 
@@ -129,6 +255,11 @@ int main() {
   RUN_TEST(psembed::TestPollingCallerSeesEveryTaskWrite);
   RUN_TEST(psembed::TestWorkersSleepingPastThePollAreWoken);
   RUN_TEST(psembed::TestExceptionReachesTheCaller);
+  RUN_TEST(psembed::TestFailedQueueingLeavesNothingQueued);
+  RUN_TEST(psembed::TestFailedThreadStartJoinsTheStartedOnes);
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+  RUN_TEST(psembed::TestThreadsTheSystemRefusesGiveANamedError);
+#endif
 #if defined(__SANITIZE_THREAD__)
   // TSan does not support a child of a multithreaded process running on (it may hang or report).
 #else

@@ -23,13 +23,22 @@ void* ChunkArena::Allocate(size_t bytes) {
   assert(bytes > 0);
   const size_t size = RoundUp(bytes, kAlign);
   MutexLock l(&mu_);
-  for (auto& [s, blocks] : free_) {
-    if (s == size && !blocks.empty()) {
-      void* p = blocks.back();
-      blocks.pop_back();
-      in_use_ += size;
-      return p;
+  FreeList* list = nullptr;
+  for (FreeList& f : free_) {
+    if (f.size == size) {
+      list = &f;
+      break;
     }
+  }
+  if (list == nullptr) {
+    // The first block of this size: its list entry now, so that freeing it never allocates. (If the
+    // mapping below fails, the empty entry stays, harmless; ReleaseAllLocked drops it.)
+    free_.push_back(FreeList{size, nullptr});
+  } else if (list->head != nullptr) {
+    void* p = list->head;
+    list->head = *static_cast<void**>(p);
+    in_use_ += size;
+    return p;
   }
   if (size > kSegmentBytes) {
     // A chunk larger than a segment (1024 records of over 32 KiB: dim ~2700+ with Adam or FTRL, ~4093+
@@ -55,21 +64,23 @@ void* ChunkArena::Allocate(size_t bytes) {
   return p;
 }
 
-void ChunkArena::Free(void* p, size_t bytes) {
+void ChunkArena::Free(void* p, size_t bytes) noexcept {
   const size_t size = RoundUp(bytes, kAlign);
   MutexLock l(&mu_);
+  assert(in_use_ >= size);
   in_use_ -= size;
   if (in_use_ == 0) {  // the whole table is gone (Clear): give everything back
     ReleaseAllLocked();
     return;
   }
-  for (auto& [s, blocks] : free_) {
-    if (s == size) {
-      blocks.push_back(p);
+  for (FreeList& f : free_) {
+    if (f.size == size) {  // present: Allocate(size) made it (see free_)
+      *static_cast<void**>(p) = f.head;  // a block is >= 64 bytes and 64-byte aligned
+      f.head = p;
       return;
     }
   }
-  free_.emplace_back(size, std::vector<void*>{p});
+  assert(false && "ChunkArena::Free: a size never allocated");
 }
 
 size_t ChunkArena::bytes_in_use() const {
@@ -77,11 +88,11 @@ size_t ChunkArena::bytes_in_use() const {
   return in_use_;
 }
 
+// Allocates nothing (Free calls it): the vectors' memory goes by swap, not shrink_to_fit.
 void ChunkArena::ReleaseAllLocked() {
   for (const auto& [seg, bytes] : segments_) HugePageFree(seg, bytes);
-  segments_.clear();
-  segments_.shrink_to_fit();
-  free_.clear();
+  std::vector<std::pair<char*, size_t>>().swap(segments_);
+  free_.clear();  // every block was in a segment; the heads of the sizes come back with Allocate
   next_ = nullptr;
   left_ = 0;
 }

@@ -10,9 +10,16 @@
 // of regions could waste up to 256 MiB.
 //
 // Contract: Allocate(bytes) returns a 64-byte-aligned block of unspecified contents (fresh memory
-// reads zero; a recycled block keeps old bytes). Free(p, bytes) puts it on a free list of that exact
-// size, reused first. When the last block is freed every segment is unmapped, so clearing a table
-// gives its memory back to the system.
+// reads zero; a recycled block keeps old bytes, but for its first 8). Free(p, bytes) puts it on a free
+// list of that exact size, reused first, and never fails. When the last block is freed every segment
+// is unmapped, so clearing a table gives its memory back to the system.
+//
+// Why Free cannot fail: it runs inside SlabPool::Clear and ~SlabPool, where a std::bad_alloc would
+// leave a block counted as free but still owned by its pool (a retried Clear freed it twice, and the
+// arena unmapped memory in use) or reach std::terminate. So Free allocates nothing: a free list is
+// threaded through its blocks (a block's first word points to the next), and the list head of a size
+// is created by the first Allocate of that size, which may throw before it hands anything out. The
+// heads are few: one per distinct chunk size, i.e. per record stride (a table has two).
 //
 // Thread safety: every method locks mu_ (a chunk is allocated once per 1024 records, so the lock is
 // cold). The arena must outlive every pool that uses it.
@@ -41,7 +48,7 @@ class ChunkArena {
   // REQUIRES: bytes > 0 (a request over kSegmentBytes gets a mapping of its own). Throws std::bad_alloc.
   void* Allocate(size_t bytes) LOCKS_EXCLUDED(mu_);
   // REQUIRES: p came from Allocate(bytes) with the same bytes and was not freed since.
-  void Free(void* p, size_t bytes) LOCKS_EXCLUDED(mu_);
+  void Free(void* p, size_t bytes) noexcept LOCKS_EXCLUDED(mu_);
 
   // Bytes handed out and not freed (what stats() counts as held by the slabs).
   size_t bytes_in_use() const LOCKS_EXCLUDED(mu_);
@@ -53,7 +60,14 @@ class ChunkArena {
   std::vector<std::pair<char*, size_t>> segments_ GUARDED_BY(mu_);  // (mapping, its bytes), from HugePageAlloc
   char* next_ GUARDED_BY(mu_) = nullptr;         // bump pointer in the last segment
   size_t left_ GUARDED_BY(mu_) = 0;              // bytes after next_ in the last segment
-  std::vector<std::pair<size_t, std::vector<void*>>> free_ GUARDED_BY(mu_);  // (size, blocks)
+  // Freed blocks of one (rounded) size, a list through the blocks' first words. Invariant: every block
+  // handed out and not freed has the entry of its size here (Allocate adds it, and only
+  // ReleaseAllLocked, with nothing in use, removes entries), so Free only ever links into one.
+  struct FreeList {
+    size_t size;
+    void* head;  // nullptr: none free
+  };
+  std::vector<FreeList> free_ GUARDED_BY(mu_);
   size_t in_use_ GUARDED_BY(mu_) = 0;
 };
 

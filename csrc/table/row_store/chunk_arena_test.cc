@@ -2,18 +2,28 @@
 //
 // ChunkArena and HugePageAlloc: alignment, zeroed fresh memory, exact-size reuse, release on empty,
 // and blocks that never overlap (each block is filled with its own pattern and re-checked), with
-// several threads allocating at once as the shards of one table do.
+// several threads allocating at once as the shards of one table do. ChunkArena::Free and
+// SlabPool::Clear never allocate: with every heap allocation failing they still free everything once
+// (this binary's operator new fails on request).
 
 #include "table/row_store/chunk_arena.h"
 
 #include <sys/mman.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <new>
 #include <thread>
+#include <utility>
 #include <vector>
 
+#include "table/row_store/slab_pool.h"
 #include "util/huge_pages.h"
+#include "util/failing_new_for_test.h"
 #include "util/testharness.h"
 
 namespace psembed {
@@ -120,6 +130,107 @@ void TestConcurrentBlocksNeverOverlap() {
   CHECK_EQ(arena.bytes_in_use(), 0u);
 }
 
+using FailAllocations = failing_new::FailAll;  // every heap allocation fails for its lifetime
+
+// Free used to lower in_use_ and then allocate a free-list entry (the first block of a size, or a
+// vector growing); a std::bad_alloc there left the block counted as free but on no list, and a Clear
+// that retried freed it twice. Free now never allocates: with every allocation failing it frees
+// blocks of several sizes (a segment's and one of its own mapping), and each comes back, once.
+static_assert(noexcept(std::declval<ChunkArena&>().Free(nullptr, 64)), "Free is called where it must not fail");
+static_assert(noexcept(std::declval<SlabPool&>().Clear()), "a shard's Clear and destructor run it");
+
+void TestFreeNeverAllocates() {
+  ChunkArena arena;
+  const size_t sizes[] = {36 * 1024, 32 * 1024 + 4, ChunkArena::kSegmentBytes + 4096};
+  std::vector<std::vector<void*>> blocks(3);
+  for (int i = 0; i < 40; ++i) {
+    for (int s = 0; s < 3; ++s) {
+      if (s < 2 || i < 2) blocks[s].push_back(arena.Allocate(sizes[s]));
+    }
+  }
+  void* keep = arena.Allocate(4096);  // still in use: the frees below do not empty the arena
+  bool threw = false;
+  {
+    FailAllocations fail;
+    for (int s = 0; s < 3; ++s) {
+      for (void* p : blocks[s]) {
+        try {
+          arena.Free(p, sizes[s]);
+        } catch (const std::bad_alloc&) {
+          threw = true;
+        }
+      }
+    }
+  }
+  CHECK(!threw);
+  CHECK_EQ(arena.bytes_in_use(), 4096u);
+  for (int s = 0; s < 3; ++s) {  // every freed block is reused for its size, and none twice
+    std::vector<void*> again;
+    for (size_t i = 0; i < blocks[s].size(); ++i) again.push_back(arena.Allocate(sizes[s]));
+    std::sort(again.begin(), again.end());
+    std::sort(blocks[s].begin(), blocks[s].end());
+    CHECK(again == blocks[s]);
+  }
+  for (int s = 0; s < 3; ++s) {
+    for (void* p : blocks[s]) arena.Free(p, sizes[s]);
+  }
+  arena.Free(keep, 4096);
+  CHECK_EQ(arena.bytes_in_use(), 0u);
+}
+
+// A shard's two pools share the table's arena. A std::bad_alloc inside Clear (from the arena's Free)
+// left the pool holding chunks the arena counted as free; a second Clear freed them again, the arena
+// unmapped every segment while the other pool still used them, and the next allocation wrote to
+// unmapped memory. Clear (and ~SlabPool) now cannot fail: with every allocation failing it empties the
+// pool, a second Clear is a no-op, and the other pool's records are untouched by the refilled one.
+void TestSlabPoolClearUnderBadAlloc() {
+  ChunkArena arena;
+  SlabPool a(32, &arena);
+  SlabPool b(48, &arena);
+  constexpr uint32_t kRecords = 5000;  // 5 chunks each
+  for (uint32_t i = 0; i < kRecords; ++i) {
+    CHECK_EQ(a.Allocate(), i);
+    CHECK_EQ(b.Allocate(), i);
+    std::memset(b.At(i), 0x5b, 48);
+  }
+  for (uint32_t i = 0; i < kRecords; i += 3) a.Free(i);  // a free list through the records as well
+  const size_t chunks = (kRecords + SlabPool::kChunkRecords - 1) / SlabPool::kChunkRecords;
+  const size_t a_bytes = chunks * 32 * SlabPool::kChunkRecords;
+  const size_t b_bytes = chunks * 48 * SlabPool::kChunkRecords;
+  bool threw = false;
+  {
+    FailAllocations fail;
+    try {
+      a.Clear();
+    } catch (const std::bad_alloc&) {
+      threw = true;
+    }
+  }
+  CHECK(!threw);
+  CHECK_EQ(a.live(), 0u);
+  CHECK_EQ(a.bytes(), 0u);
+  CHECK_EQ(arena.bytes_in_use(), b_bytes);  // only b's chunks are left
+  a.Clear();  // nothing left to free: b's chunks stay
+  CHECK_EQ(arena.bytes_in_use(), b_bytes);
+  for (uint32_t i = 0; i < kRecords; ++i) {
+    CHECK_EQ(a.Allocate(), i);
+    std::memset(a.At(i), 0xa3, 32);
+  }
+  for (uint32_t i = 0; i < kRecords; ++i) {
+    const auto* r = reinterpret_cast<const unsigned char*>(b.At(i));
+    for (int j = 0; j < 48; ++j) CHECK_EQ(r[j], 0x5b);
+  }
+  // Destroying pools (a shard's destructor) with allocation failing: no std::terminate, all given back.
+  auto c = std::make_unique<SlabPool>(64, &arena);
+  for (uint32_t i = 0; i < 1500; ++i) c->Allocate();
+  {
+    FailAllocations fail;
+    c.reset();
+    b.Clear();
+  }
+  CHECK_EQ(arena.bytes_in_use(), a_bytes);  // only a's (refilled) chunks are left
+}
+
 }  // namespace
 }  // namespace psembed
 
@@ -128,5 +239,7 @@ int main() {
   RUN_TEST(psembed::TestArenaAlignsReusesAndReleases);
   RUN_TEST(psembed::TestBlocksLargerThanASegment);
   RUN_TEST(psembed::TestConcurrentBlocksNeverOverlap);
+  RUN_TEST(psembed::TestFreeNeverAllocates);
+  RUN_TEST(psembed::TestSlabPoolClearUnderBadAlloc);
   return 0;
 }

@@ -63,13 +63,16 @@ class SlabPool {
 
   char* At(uint32_t idx) const { return chunks_[idx >> kChunkShift] + (idx & (kChunkRecords - 1)) * stride_; }
 
-  void Clear() {
-    for (char* c : chunks_) arena_->Free(c, chunk_bytes());
-    chunks_.clear();
-    chunks_.shrink_to_fit();
+  // Frees every record and gives the chunks back to the arena. Cannot fail (a shard's Clear and
+  // destructor run it): the pool is emptied first, so each chunk is given back once whatever happens,
+  // and the arena's Free allocates nothing.
+  void Clear() noexcept {
+    std::vector<char*> chunks;
+    chunks.swap(chunks_);  // the directory's memory goes with it (no shrink_to_fit, which may allocate)
     next_ = 0;
     free_head_ = kNone;
     live_ = 0;
+    for (char* c : chunks) arena_->Free(c, chunk_bytes());
   }
 
   size_t live() const { return live_; }
