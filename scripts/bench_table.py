@@ -6,7 +6,11 @@ Workloads (one line each, what it measures):
   push/uniform   keys/s of _C.Table.push (AdaGrad on lr and mf, show/click stats, duplicate merging)
   push/zipf      same with Zipf keys
   baseline       torch index_select / index_add_ on a dense [--keys, 1+dim] float32 tensor with the
-                 same batch positions (the cheapest possible "embedding table"); ratios = ours / baseline
+                 same batch positions, as torch allocates it (4 KiB pages on a machine whose transparent huge
+                 pages are "madvise": torch asks for none unless THP_MEM_ALLOC_ENABLE=1); ratios = ours /
+                 baseline, the issue's targets judged on these
+  baseline (hp)  the same on a copy of the tensor in a mapping madvised for huge pages, as the table's own
+                 records and index are: the cheapest dense table this machine offers, ratios printed beside
   memory         bytes per key from RSS growth of a fresh process holding only the table (AdaGrad both
                  parts): with mf (embedx_threshold=0: every row gets mf) and without (a huge threshold);
                  compared with the payload 8 + 4*(5 + 1 + lr_state + dim + mf_state) bytes.
@@ -130,6 +134,34 @@ def timeit(fn, batches, warmup_s: float = 0.0) -> float:
     return time.perf_counter() - t0
 
 
+def huge_page_copy(src):
+    """A copy of the float32 tensor ``src`` in an anonymous mapping madvised for transparent huge pages (as the
+    table maps its records and index), and the mapping (keep it alive while the tensor is used)."""
+    import mmap
+
+    import torch
+
+    nbytes = src.numel() * 4
+    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: shared memory gets no THP
+    if hasattr(mm, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+        mm.madvise(mmap.MADV_HUGEPAGE)
+    dst = torch.from_numpy(np.frombuffer(mm, dtype=np.float32, count=src.numel()).reshape(src.shape))
+    dst.copy_(src)
+    return dst, mm
+
+
+def anon_huge_kib() -> int:
+    """AnonHugePages of this process (kB), from /proc/self/smaps_rollup; -1 where unreadable."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
 def main(argv=None) -> int:
     # This tree's torch_psembed first, as the other benchmark scripts do (an in-place build, or a checkout that
     # is not the installed one, times its own code). ab_table_builds.py imports this module without calling main.
@@ -191,6 +223,12 @@ def main(argv=None) -> int:
     print(f"populate: {args.keys / (time.perf_counter() - t0) / 1e6:.2f} M keys/s (first push inserts)")
     # Filled, like the table: a never-written torch.zeros would read the shared zero page (no misses).
     dense = torch.randn(args.keys, 1 + args.dim)
+    huge_before = anon_huge_kib()
+    dense_hp, _dense_hp_map = huge_page_copy(dense)
+    huge_mib = (anon_huge_kib() - huge_before) / 1024
+    results["dense_hp_huge_mib"] = huge_mib
+    print(f"dense baseline: {dense.numel() * 4 / 2**20:.0f} MiB as torch allocates it; its huge-page copy is "
+          f"backed by {huge_mib:.0f} MiB of huge pages")
     rng = np.random.default_rng(1)
     width = 1 + args.dim
     grads_np = rng.normal(size=(args.batch, width)).astype(np.float32)
@@ -213,6 +251,8 @@ def main(argv=None) -> int:
                 "index_select": (lambda i: dense.index_select(0, i), ib),
                 "push": (lambda k: table.push(k, grads_np, shows, clicks), kb),
                 "index_add_": (lambda i: dense.index_add_(0, i, grads_t), ib),
+                "index_select_hp": (lambda i: dense_hp.index_select(0, i), ib),
+                "index_add_hp": (lambda i: dense_hp.index_add_(0, i, grads_t), ib),
             }
             times = {k: [] for k in work}
             for _ in range(max(1, args.repeat)):
@@ -221,13 +261,18 @@ def main(argv=None) -> int:
             rate = {k: n / float(np.median(v)) for k, v in times.items()}
             r_pull = rate["pull"] / rate["index_select"]
             r_push = rate["push"] / rate["index_add_"]
+            r_pull_hp = rate["pull"] / rate["index_select_hp"]
+            r_push_hp = rate["push"] / rate["index_add_hp"]
             results[f"{dist}_t{threads}"] = {**{k: v for k, v in rate.items()}, "pull_ratio": r_pull,
-                                             "push_ratio": r_push,
+                                             "push_ratio": r_push, "pull_ratio_hp": r_pull_hp,
+                                             "push_ratio_hp": r_push_hp,
                                              "seconds": {k: v for k, v in times.items()}}
             print(f"{dist:7s} threads={threads}: pull {rate['pull'] / 1e6:6.2f} M/s vs index_select "
                   f"{rate['index_select'] / 1e6:6.2f} M/s = {r_pull:.2f}x (target >= {TARGETS['pull']}) | "
                   f"push {rate['push'] / 1e6:6.2f} M/s vs index_add_ {rate['index_add_'] / 1e6:6.2f} M/s = "
                   f"{r_push:.2f}x (target >= {TARGETS['push']})")
+            print(f"{'':7s}   huge-page baseline: index_select {rate['index_select_hp'] / 1e6:6.2f} M/s: pull "
+                  f"{r_pull_hp:.2f}x | index_add_ {rate['index_add_hp'] / 1e6:6.2f} M/s: push {r_push_hp:.2f}x")
     torch.set_num_threads(all_threads)
     results["load_avg_end"] = os.getloadavg()[0]
     print(f"# load avg at end {os.getloadavg()[0]:.1f}")
