@@ -764,6 +764,45 @@ def test_collective_after_a_trainer_shut_down_says_so_and_the_job_still_ends_cle
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("late", [0, 2], ids=["coordinator-late", "other-late"])
+def test_a_late_trainer_is_named_within_rpc_timeout_by_every_other_trainer(tmp_path, late):
+    # The barriers ran on the trainers' group whose timeout is 1800 s (it carries the broadcast that waits for
+    # the servers' part), and monitored_barrier applies its own timeout only on the group's rank 0: with
+    # trainer 0 late or hung, every other trainer waited for it up to 30 min, then named "rank -1" (found by
+    # an audit, session 26). Rank 1 comes first; with late=2, rank 0 comes 0.5 s after it, so rank 1's wait ends
+    # before rank 0 knows who is missing, and rank 1 must ask it rather than blame it.
+    out = str(tmp_path / "late")
+    outs = _run(_by_hand(3, "late_trainer", out, ["--rpc-timeout", "2", "--late", str(late)]), timeout=90)
+    for r in sorted({0, 1, 2} - {late}):
+        assert outs[f"rank{r}"][0] is not None, _show(outs)
+        res = _load(out, r)
+        assert res["rank"] == late, (r, res, _show(outs))
+        assert res["error"].startswith(f"rank {late} is unavailable"), (r, res)
+        # rpc_timeout (2 s), then rank 1 waits for the coordinator's answer; the late rank comes after 12 s
+        assert res["seconds"] < 8.0, (r, res)
+    if late == 0:
+        assert "the barrier's coordinator (rank 0) had not reached it after 2s" in _load(out, 1)["error"]
+    else:
+        assert "rank 2 did not arrive" in _load(out, 1)["error"] or "reported by rank 0" in _load(out, 1)["error"]
+    assert _load(out, late) == {"late": True}
+
+
+@pytest.mark.distributed
+def test_a_server_dying_in_a_collective_is_raised_at_once_by_every_trainer(tmp_path):
+    # Trainer 0 broadcast the failure and raised, but the other trainers entered the second barrier before
+    # looking at what it sent, and trainer 0 never came: they waited for its process to end, or 1800 s
+    # (found by an audit, session 26).
+    out = str(tmp_path / "dies")
+    outs = _run(_by_hand(3, "server_dies_in_collective", out, ["--rpc-timeout", "6"]), timeout=90)
+    assert outs["rank0"][0] == -signal.SIGKILL, _show(outs)
+    for r in (1, 2):
+        res = _load(out, r)
+        assert res["rank"] == 0 and res["error"].startswith("rank 0 is unavailable"), (r, res, _show(outs))
+        assert res["seconds"] < 3.0, (r, res)  # not rpc_timeout (6 s), nor until trainer 0's process ends
+        assert outs[f"rank{r}"][0] == 1, _show(outs)
+
+
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_colocated_two_trainers_ddp_staleness2_converges(tmp_path, baseline):
     out = str(tmp_path / "colo")
@@ -1026,3 +1065,81 @@ def test_staleness_window_counts_steps_without_pushes(k, prefetch):
             t.push(*_batch(rng, universe, 16, 3))
     t.flush()
     assert tr.pending == 0 and set(tr.applied) == {s for s in range(40) if pushes[s]}
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_pushes_go_on_after_a_push_error_raised_by_flush(k):
+    # With max_staleness >= 1, a push error raised by flush() (a server's MemoryError, which the job may
+    # survive: the connection goes on) left no step but the step marked open: every later push raised
+    # IndexError and sent nothing until the next pull (found by an audit, session 26).
+    class OomOnce(MemoryTransport):
+        def push(self, s, table, *rest):
+            if not getattr(self, "failed", False):
+                self.failed = True
+                return DoneHandle(error=MemoryError("the data server ran out of memory (raised by rank 0)"))
+            return super().push(s, table, *rest)
+
+    tr = OomOnce(1)  # one server: the failed push applied nothing
+    t = ShardedTable("t", _cfg(3), tr, k, 0, 1, lambda: None)
+    keys = np.array([1, 2, 3], np.int64)
+    args = (np.ones((3, 4), np.float32), np.ones(3, np.float32), np.zeros(3, np.float32))
+    if k == 0:  # the error comes from the push itself there (it waits for its own requests)
+        with pytest.raises(MemoryError, match="ran out of memory"):
+            t.push(keys, *args)
+    else:
+        t.push(keys, *args)
+        with pytest.raises(MemoryError, match="ran out of memory"):
+            t.flush()
+    for _ in range(3):
+        t.push(keys, *args)  # no pull in between
+    t.flush()
+    assert tr.pending == 0 and t._inflight == 0
+    assert t.pull(keys, with_stats=True)[:, 0].tolist() == [3.0, 3.0, 3.0]  # shows: the 3 later pushes
+
+
+class _Waited(Handle):
+    """A reply that records being waited for; ``error`` makes it fail."""
+
+    def __init__(self, value, error, log, server):
+        self.value, self.error, self.log, self.server = value, error, log, server
+
+    def wait(self):
+        self.log.append(self.server)
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+    def done(self):
+        return True
+
+
+class _PullErrors(MemoryTransport):
+    """Pulls answered by ``_Waited`` handles; ``errors[s]`` makes server s's pull fail."""
+
+    def __init__(self, num_servers, errors, local_server=None):
+        super().__init__(num_servers)
+        self.errors, self.local_server, self.waited = errors, local_server, []
+
+    def pull(self, s, table, keys, with_stats):
+        rows = self.tables[(s, table)].pull(keys, with_stats)
+        return _Waited(rows, self.errors.get(s), self.waited, s)
+
+
+@pytest.mark.parametrize("local", [None, 1], ids=["remote", "local-part-fails"])
+def test_a_failed_pull_part_waits_for_every_other_part(local):
+    # A pull stopped at its first failed part (a server's MemoryError: the connection goes on): the other
+    # servers' replies were never waited for, left in their channels (found by an audit, session 26). Same when
+    # this rank's own part (colocated layout) failed after the remote requests were sent.
+    failing = 0 if local is None else local
+    tr = _PullErrors(3, {failing: MemoryError(f"out of memory (raised by rank {failing})")}, local)
+    t = ShardedTable("t", _cfg(3), tr, 1, 0, 1, lambda: None)
+    keys = np.arange(1, 300, dtype=np.int64)
+    with pytest.raises(MemoryError, match=f"raised by rank {failing}"):
+        t.pull(keys)
+    assert sorted(tr.waited) == [0, 1, 2], tr.waited  # every part was waited for before the error came
+    # a peer's unavailability is raised before another error (it explains the rest)
+    tr.errors[2] = PeerUnavailableError("rank 2 is unavailable: pull failed", rank=2)
+    with pytest.raises(PeerUnavailableError, match="rank 2 is unavailable"):
+        t.pull(keys)
+    tr.errors.clear()
+    assert t.pull(keys).shape == (keys.size, 4)

@@ -11,6 +11,8 @@ Scenarios:
            data; the first trainer writes the test AUC. With WORLD_SIZE unset it is the single-process run.
   fault    colocated training in a loop; the rank given by --kill-rank SIGKILLs itself at step 5. The
            survivors must fail with PeerUnavailableError naming it.
+  late_trainer, server_dies_in_collective, mismatch, init_args, other_config, after_shutdown: see each
+           function's docstring.
 """
 
 from __future__ import annotations
@@ -314,9 +316,79 @@ def mismatch(args) -> dict:
     return out
 
 
+def _wait_for_files(paths, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not all(os.path.exists(p) for p in paths):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _write(args, out: dict) -> None:
+    with open(f"{args.out}.{os.environ['RANK']}", "w") as f:
+        json.dump(out, f)
+
+
+def late_trainer(args) -> dict:
+    """Colocated ranks; rank ``--late`` comes to a shrink only after every other rank's shrink ended (or, if
+    theirs wait for it, after 6 rpc_timeouts). The others report how their shrink ended, and when. With a late
+    rank other than 0, rank 0 (the barriers' coordinator) comes 0.5 s after the others, so their wait ends before
+    rank 0 learns who is missing: they must ask it. Every rank waits for every other's output before it ends
+    (so that rank 0 still answers when asked)."""
+    import torch.distributed as dist
+
+    pse.init(max_staleness=0, rpc_timeout=args.rpc_timeout, transport=args.transport)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    table = pse.SparseTable(table_config(dim=3), name="feasign")
+    dist.barrier()
+    others = [f"{args.out}.{r}" for r in range(world) if r not in (rank, args.late)]
+    if rank == args.late:
+        if _wait_for_files(others, 6 * args.rpc_timeout):
+            return {"late": True}
+        table.shrink()  # the others waited for this rank all along (the bug): let their shrink end
+        return {"late": True}
+    if rank == 0:
+        time.sleep(0.5)
+    start = time.monotonic()
+    try:
+        table.shrink()
+        out = {"error": None, "rank": None}
+    except pse.PeerUnavailableError as e:
+        out = {"error": str(e), "rank": e.rank}
+    out["seconds"] = time.monotonic() - start
+    _write(args, out)
+    _wait_for_files([f"{args.out}.{r}" for r in range(world) if r != rank], 6 * args.rpc_timeout)
+    return out
+
+
+def _die_in_collective(table, server_index, num_servers):
+    time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def server_dies_in_collective(args) -> dict:
+    """One dedicated server, killed in the middle of a collective's fn; each trainer reports its error and
+    when it came. Trainer 0 (which sees the failure first) then stays up until trainer 1 has reported."""
+    pse.init(max_staleness=0, num_servers=1, rpc_timeout=args.rpc_timeout, transport=args.transport)
+    table = pse.SparseTable(table_config(dim=3), name="feasign")
+    start = time.monotonic()
+    try:
+        table._backend.collective(_die_in_collective)
+        out = {"error": None, "rank": None}
+    except pse.PeerUnavailableError as e:
+        out = {"error": str(e), "rank": e.rank}
+    out["seconds"] = time.monotonic() - start
+    _write(args, out)
+    if pse.distributed.trainer_rank() == 0:
+        _wait_for_files([f"{args.out}.2"], 4 * args.rpc_timeout)
+    return out
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("scenario", choices=["routing", "train", "fault", "mismatch", "init_args", "other_config", "after_shutdown"])
+    ap.add_argument("scenario", choices=["routing", "train", "fault", "mismatch", "init_args", "other_config",
+                                         "after_shutdown", "late_trainer", "server_dies_in_collective"])
     ap.add_argument("out")
     ap.add_argument("--num-servers", type=int, default=0)
     ap.add_argument("--staleness", type=int, default=0)
@@ -327,6 +399,7 @@ def parse_args(argv=None):
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--kill-rank", type=int, default=-1)
     ap.add_argument("--step-sleep", type=float, default=0.0)
+    ap.add_argument("--late", type=int, default=0, help="the rank that comes late to a collective (late_trainer)")
     return ap.parse_args(argv)
 
 
@@ -412,6 +485,10 @@ def main() -> None:
         out = other_config(args)
     elif args.scenario == "after_shutdown":
         out = after_shutdown(args)
+    elif args.scenario == "late_trainer":
+        out = late_trainer(args)
+    elif args.scenario == "server_dies_in_collective":
+        out = server_dies_in_collective(args)
     else:
         out = train(args)
     rank = os.environ.get("RANK", "0")

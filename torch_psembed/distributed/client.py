@@ -41,7 +41,7 @@ import torch
 
 from .. import _C
 from . import server
-from .transport import Handle, Transport, wait_all
+from .transport import Handle, Transport, first_error, wait_all
 
 __all__ = ["ShardedTable"]
 
@@ -107,9 +107,7 @@ class ShardedTable:
             if cfg["max_keys"] < config.num_shards:
                 raise ValueError(f"TableConfig.max_keys={config.max_keys} leaves each of the {self.num_servers} "
                                  f"servers {cfg['max_keys']} rows, fewer than its {config.num_shards} shards")
-        handles = [transport.create_table(s, name, cfg) for s in range(self.num_servers)]
-        for h in handles:
-            h.wait()
+        wait_all([transport.create_table(s, name, cfg) for s in range(self.num_servers)])
 
     # -- helpers ------------------------------------------------------------------------------------------
     def _split(self, keys: np.ndarray) -> List[Tuple[int, np.ndarray]]:
@@ -153,12 +151,16 @@ class ShardedTable:
 
     def _wait_steps(self, keep: int) -> None:
         """Wait until at most ``keep`` steps of pushes are unacknowledged."""
-        while len(self._steps) > keep:
-            step = self._steps.popleft()
-            self._inflight -= len(step)
-            wait_all(step)  # every request of the step, then its first error
-        if not self._steps:  # the open step (if any) was drained too: the next push opens a new one
-            self._step_open = False
+        try:
+            while len(self._steps) > keep:
+                step = self._steps.popleft()
+                self._inflight -= len(step)
+                wait_all(step)  # every request of the step, then its first error
+        finally:
+            # Also when a push failed (a server's MemoryError, which the job may survive): the step is gone
+            # from _steps either way, and a push must not find the open step missing.
+            if not self._steps:  # the open step (if any) was drained too: the next push opens a new one
+                self._step_open = False
 
     def _wait_oldest_push(self) -> None:
         while len(self._steps) > 1 and not self._steps[0]:
@@ -299,7 +301,16 @@ class ShardedTable:
         if local is not None:
             s, a, b = local
             tl = time.perf_counter()
-            r = self._transport.pull(s, self.name, uniq[a:b], with_stats).wait()
+            try:
+                r = self._transport.pull(s, self.name, uniq[a:b], with_stats).wait()
+            except Exception as e:  # noqa: BLE001 - raised once the remote parts in flight have ended
+                errors: List[BaseException] = [e]
+                for _, _, h in handles:
+                    try:
+                        h.wait()
+                    except Exception as e2:  # noqa: BLE001
+                        errors.append(e2)
+                raise first_error(errors) from None
             t_local = time.perf_counter() - tl
             if whole:
                 rows = r
@@ -316,14 +327,22 @@ class ShardedTable:
         t2 = time.perf_counter()
         rows = p["rows"]
         wait_time = 0.0
+        errors: List[BaseException] = []
         for a, b, h in p["handles"]:
             tw = time.perf_counter()
-            r = h.wait()
-            wait_time += time.perf_counter() - tw
+            try:
+                r = h.wait()
+            except Exception as e:  # noqa: BLE001 - raised after every part ended: none is left unwaited
+                errors.append(e)
+                continue
+            finally:
+                wait_time += time.perf_counter() - tw
             if p["whole"]:
                 rows = r
             else:
                 rows[a:b] = r
+        if errors:
+            raise first_error(errors)
         if p["inverse"] is None:  # distinct keys, one server: the rows are in input order already
             out = rows
         else:
@@ -456,17 +475,20 @@ class ShardedTable:
                     raise
                 payload = ("error", _picklable(e))
         payload = self._transport.broadcast_from_first_trainer(payload)
+        if payload is not None and payload[0] == "peer":
+            # The first trainer raised right after sending it, without the second barrier: waiting there
+            # would hold this trainer until the first one's process ends (or the barrier times out).
+            from ..errors import PeerUnavailableError
+            from .runtime import _failure
+
+            rank, message = payload[1]
+            raise _failure(rank, "collective", PeerUnavailableError(message, rank=rank))
         self._transport.trainer_barrier()
         if payload is None:
             raise RuntimeError(f"collective on table {self.name!r}: the first trainer sent no result")
         kind, value = payload
         if kind == "error":
             raise value
-        if kind == "peer":
-            from ..errors import PeerUnavailableError
-            from .runtime import _failure
-
-            raise _failure(value[0], "collective", PeerUnavailableError(value[1], rank=value[0]))
         return value
 
     def _check_same_collective(self, fn: Callable, args: Sequence[Any]) -> None:

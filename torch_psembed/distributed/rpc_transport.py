@@ -11,7 +11,8 @@ from __future__ import annotations
 import ast
 import datetime
 import re
-from typing import Any, Callable, List, Optional, Sequence
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -110,8 +111,12 @@ class RpcTransport(Transport):
         rank (int): this process's global rank.
         rpc_timeout (float): seconds per data-path call.
         collective_timeout (float): seconds per ``call`` (the servers' part of table-wide operations).
-        trainer_group: the gloo process group of the trainers (barriers and broadcasts).
+        trainer_group: the gloo process group of the trainers for the broadcast that ends a table-wide
+            operation (it waits for the servers' part: its timeout is ``collective_timeout``).
         on_failure: ``on_failure(rank, what, exc) -> Exception`` builds the error for an unreachable peer.
+        barrier_group: a gloo group of the same trainers whose timeout is ``rpc_timeout``, for the barriers and
+            the gather of table-wide operations (default: ``trainer_group``). Only the first trainer of a
+            ``monitored_barrier`` applies its timeout; the others wait for it as long as the group's timeout.
     """
 
     def __init__(
@@ -123,6 +128,7 @@ class RpcTransport(Transport):
         trainer_group,
         on_failure: Callable,
         collective_timeout: Optional[float] = None,
+        barrier_group=None,
     ) -> None:
         self.server_ranks = list(server_ranks)
         self.trainer_ranks = list(trainer_ranks)
@@ -132,6 +138,7 @@ class RpcTransport(Transport):
         self.rpc_timeout = float(rpc_timeout)
         self.collective_timeout = float(collective_timeout or rpc_timeout)
         self.trainer_group = trainer_group
+        self.barrier_group = trainer_group if barrier_group is None else barrier_group
         self._on_failure = on_failure
         self._names = [worker_name(r) for r in self.server_ranks]
 
@@ -192,7 +199,7 @@ class RpcTransport(Transport):
         err = self._finished_trainers_error()
         if err is not None:
             raise err
-        barrier(self.trainer_group, self.rpc_timeout, on_failure, "trainer barrier")
+        barrier(self.barrier_group, self.rpc_timeout, on_failure, "trainer barrier", name="trainers")
 
     def _finished_trainers_error(self) -> Optional[RuntimeError]:
         done = sorted(set(server.done_ranks()) & set(self.trainer_ranks) - {self.rank})
@@ -214,7 +221,7 @@ class RpcTransport(Transport):
     def gather_trainers(self, obj: Any) -> List[Any]:
         out: List[Any] = [None] * len(self.trainer_ranks)
         try:
-            dist.all_gather_object(out, obj, group=self.trainer_group)
+            dist.all_gather_object(out, obj, group=self.barrier_group)  # right after a barrier: rpc_timeout
         except Exception as e:  # noqa: BLE001
             raise self._on_failure(self.trainer_ranks[0], "gather over the trainers", e) from e
         return out
@@ -227,20 +234,134 @@ def server_pull_numpy(table: str, keys: np.ndarray, with_stats: bool) -> np.ndar
     return server.local_table(table).pull(keys, bool(with_stats))
 
 
-_FAILED_RANK = re.compile(r"[Rr]anks? ([0-9][0-9, ]*) failed")
+# monitored_barrier's errors (ProcessGroupGloo::monitoredBarrier, torch 2.13). Only group rank 0, the
+# coordinator, applies the timeout and learns who is missing: "[Rank 0]: Rank 2 failed to pass monitoredBarrier
+# in 3000 ms" (or "... Rank 2 timed out in monitoredBarrier after ...", when no time was left to wait for it).
+# Every other member sends to it and waits for its answer, bounded by the group's timeout: "Rank 1 successfully
+# reached monitoredBarrier, but received errors while waiting for send/recv from rank 0. ...".
+_FAILED_RANK = re.compile(r"[Rr]anks? ([0-9][0-9, ]*) (?:failed|timed out)")
+_NO_ANSWER_FROM_COORDINATOR = re.compile(r"successfully reached monitoredBarrier.*from rank 0", re.S)
+
+# Per barrier name ("trainers", "all"): how many barriers this process entered, and (for the coordinator) the
+# latest one's outcome: (generation, None while it waits, [] once passed, or the global ranks that failed).
+_barrier_counts: Dict[str, int] = {}
+_barrier_outcomes: Dict[str, Tuple[int, Optional[List[int]]]] = {}
 
 
-def barrier(group, timeout_s: float, on_failure: Callable, what: str) -> None:
-    """A gloo barrier over ``group`` that times out after ``timeout_s`` and names the rank that failed."""
+def barrier_outcome(name: str) -> Tuple[int, Optional[List[int]]]:
+    """(Run over RPC on a barrier's coordinator.) Its latest barrier ``name``: see ``_barrier_outcomes``."""
+    return _barrier_outcomes.get(name, (0, []))
+
+
+def _global_rank(group, group_rank: int) -> int:
+    if group is None or group is dist.group.WORLD:
+        return group_rank
     try:
-        dist.monitored_barrier(group=group, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
+        return dist.get_global_rank(group, group_rank)
+    except Exception:  # noqa: BLE001
+        return group_rank
+
+
+def barrier(group, timeout_s: float, on_failure: Callable, what: str, name: Optional[str] = None) -> None:
+    """A gloo barrier over ``group`` that times out after ``timeout_s`` and names the rank that failed.
+
+    ``group``'s own timeout must be ``timeout_s``: only its coordinator (group rank 0) applies ``timeout_s``;
+    the other members wait for the coordinator's answer as long as the group's timeout. Every member must call
+    the barriers of one ``name`` in the same order (they are counted, so that a member can ask the coordinator
+    about the one it failed in).
+    """
+    name = name or what
+    generation = _barrier_counts.get(name, 0) + 1
+    _barrier_counts[name] = generation
+    coordinator = _global_rank(group, 0)
+    is_coordinator = dist.get_rank(group) == 0
+    if is_coordinator:
+        _barrier_outcomes[name] = (generation, None)
+    try:
+        dist.monitored_barrier(group=group, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=False)
     except Exception as e:  # noqa: BLE001
+        if not is_coordinator:
+            if _NO_ANSWER_FROM_COORDINATOR.search(str(e)):
+                rank, why = _ask_coordinator(name, generation, coordinator, timeout_s)
+                raise on_failure(rank, what, RuntimeError(why)) from e
+            raise on_failure(_first_unreachable(group, timeout_s), what, e) from e
         m = _FAILED_RANK.search(str(e))
-        rank = int(m.group(1).split(",")[0]) if m else -1
-        if m and group is not None and group is not dist.group.WORLD:
-            # monitored_barrier reports ranks within the group
-            try:
-                rank = dist.get_global_rank(group, rank)
-            except Exception:  # noqa: BLE001
-                pass
-        raise on_failure(rank, what, e) from e
+        if m:
+            failed = [_global_rank(group, int(r)) for r in m.group(1).split(",") if r.strip()]
+        else:  # e.g. a member's connection closed before the wait began (gloo's own error, no rank in it)
+            failed = [_first_unreachable(group, timeout_s)]
+        _barrier_outcomes[name] = (generation, failed)  # the others may ask (_ask_coordinator)
+        raise on_failure(failed[0], what, e) from e
+    if is_coordinator:
+        _barrier_outcomes[name] = (generation, [])
+
+
+def _first_unreachable(group, timeout_s: float) -> int:
+    """The first other member of ``group`` that does not answer an RPC ping within ``timeout_s``, or -1."""
+    from torch.distributed import rpc
+
+    try:
+        members = list(range(dist.get_world_size())) if group is None or group is dist.group.WORLD \
+            else dist.get_process_group_ranks(group)
+        me = dist.get_rank()
+    except Exception:  # noqa: BLE001
+        return -1
+    futs = []
+    for r in members:
+        if r == me:
+            continue
+        try:
+            futs.append((r, rpc.rpc_async(worker_name(r), server.ping, timeout=timeout_s)))
+        except Exception:  # noqa: BLE001
+            return r
+    gone = -1
+    for r, fut in futs:
+        try:
+            fut.wait()
+        except Exception:  # noqa: BLE001
+            if gone < 0:
+                gone = r
+    return gone
+
+
+def _ask_coordinator(name: str, generation: int, coordinator: int, timeout_s: float) -> Tuple[int, str]:
+    """``(rank, why)`` of a barrier that failed on a member other than its coordinator, which gave no answer.
+
+    The member only knows that the coordinator did not answer within the group's timeout: the coordinator may
+    be late, hung or gone, or still waiting for another member. Ask it (RPC, ``timeout_s`` at most in all):
+    unreachable, or not yet in this barrier, it is the rank to name; else the rank it found missing (waiting
+    for its verdict, which comes within ``timeout_s`` of its own arrival).
+    """
+    from torch.distributed import rpc
+
+    me = dist.get_rank()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return -1, (f"the barrier's coordinator (rank {coordinator}) did not answer within {timeout_s:g}s, and "
+                        f"after {timeout_s:g}s more it was still waiting for another rank")
+        try:
+            seen, outcome = rpc.rpc_sync(worker_name(coordinator), barrier_outcome, args=(name,),
+                                         timeout=max(left, 0.1))
+        except Exception as e:  # noqa: BLE001 - unreachable: it is hung or gone
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return coordinator, (f"the barrier's coordinator (rank {coordinator}) did not answer within "
+                                 f"{timeout_s:g}s, nor a probe after it: {first}")
+        if seen < generation:
+            return coordinator, (f"the barrier's coordinator (rank {coordinator}) had not reached it after "
+                                 f"{timeout_s:g}s")
+        if seen == generation and outcome is None:  # it is there, waiting for someone else: its verdict
+            time.sleep(min(0.05, max(left, 0.0)))
+            continue
+        if seen > generation:  # the members did not call the same barriers (an earlier one failed on some)
+            return -1, f"the barrier's coordinator (rank {coordinator}) counted other barriers than this rank"
+        if not outcome:  # it passed: its answer came after this rank stopped waiting
+            return coordinator, (f"the barrier's coordinator (rank {coordinator}) did not answer within "
+                                 f"{timeout_s:g}s")
+        missing = [r for r in outcome if r not in (me, -1)]
+        if not missing:
+            return -1, f"the barrier failed on its coordinator (rank {coordinator}) too, naming no other rank"
+        which = ", ".join(map(str, missing))
+        return missing[0], (f"rank{'s' if len(missing) > 1 else ''} {which} did not arrive (seen by the "
+                            f"barrier's coordinator, rank {coordinator})")

@@ -7,11 +7,12 @@ Layouts (``W`` = torchrun's ``WORLD_SIZE``):
   called ``shutdown`` and then ends the process with status 0); ranks ``S..W-1`` train.
 
 Start-up order: the default gloo process group first (``init_process_group("gloo", init_method="env://")``,
-made by ``init`` unless the user already made one), then two gloo subgroups (the trainers, for DDP and for the
-barriers of table-wide operations; all ranks, for shutdown), then RPC. RPC's rendezvous needs a TCPStore:
-under torchrun it shares the agent's store on ``MASTER_PORT`` (as clients, with its own key prefix); with the
-env set by hand rank 0 hosts it on ``MASTER_PORT + 1``, since the process group's store holds ``MASTER_PORT``
-(``PSEMBED_RPC_PORT`` overrides both).
+made by ``init`` unless the user already made one), then three gloo subgroups (the trainers, for DDP and for
+the broadcast that ends a table-wide operation; all ranks, for shutdown; the trainers again, with
+``timeout=rpc_timeout``, for the barriers of table-wide operations), then RPC. RPC's rendezvous needs a
+TCPStore: under torchrun it shares the agent's store on ``MASTER_PORT`` (as clients, with its own key
+prefix); with the env set by hand rank 0 hosts it on ``MASTER_PORT + 1``, since the process group's store
+holds ``MASTER_PORT`` (``PSEMBED_RPC_PORT`` overrides both).
 
 Failures: an unreachable peer raises :class:`~torch_psembed.errors.PeerUnavailableError` naming its rank
 within ``rpc_timeout``. After such an error (or any uncaught exception) the process shuts RPC down without
@@ -75,6 +76,7 @@ class _Runtime:
         self.trainer_group = None
         self.ctl_group = None
         self.all_group = None
+        self.barrier_group = None
         self.rpc_up = False
         self.failed = False
         self.first_error: Optional[PeerUnavailableError] = None  # later calls re-raise it
@@ -296,11 +298,15 @@ def _start(st: _Runtime) -> None:
     _check_same_init(st)
     # Every rank must take part in creating every group, in the same order.
     # The trainers' group carries the broadcast that ends a collective, which waits for the servers' part of
-    # it (a save can take minutes): its timeout is collective_timeout; barriers pass rpc_timeout themselves.
+    # it (a save can take minutes): its timeout is collective_timeout. The barriers (and the gather) of a
+    # collective use a second group of the trainers whose timeout is rpc_timeout: monitored_barrier applies
+    # its timeout on the first trainer only, the others wait for that one's answer as long as the group's
+    # timeout, so on the long group a late or hung first trainer held them for collective_timeout.
     st.ctl_group = dist.new_group(
         st.trainer_ranks, timeout=datetime.timedelta(seconds=st.collective_timeout), backend="gloo"
     )
     st.all_group = dist.new_group(list(range(st.world_size)), timeout=timeout, backend="gloo")
+    st.barrier_group = dist.new_group(st.trainer_ranks, timeout=timeout, backend="gloo")
     st.trainer_group = st.ctl_group if st.dedicated else dist.group.WORLD
     _shorten_gil_switch_interval()
     server_index = st.server_ranks.index(st.rank) if st.is_server else -1
@@ -318,7 +324,8 @@ def _start(st: _Runtime) -> None:
     st.rpc_up = True
     args = (st.server_ranks, st.trainer_ranks, st.rank, st.rpc_timeout, st.ctl_group, _failure)
     if st.transport_kind == "rpc":
-        st.transport = RpcTransport(*args, collective_timeout=st.collective_timeout)
+        st.transport = RpcTransport(*args, collective_timeout=st.collective_timeout,
+                                    barrier_group=st.barrier_group)
         return
     from .tcp_transport import TcpTransport, data_plane_host
 
@@ -335,7 +342,7 @@ def _start(st: _Runtime) -> None:
     endpoints: List[Any] = [None] * st.world_size
     dist.all_gather_object(endpoints, mine, group=st.all_group)
     st.transport = TcpTransport([endpoints[r] for r in st.server_ranks], *args,
-                                collective_timeout=st.collective_timeout)
+                                collective_timeout=st.collective_timeout, barrier_group=st.barrier_group)
     if st.is_trainer:
         st.transport.connect()
 
@@ -483,7 +490,7 @@ def shutdown() -> None:
                 except Exception as e:  # noqa: BLE001
                     raise _failure(r, "shutdown notice", e) from e
         _wait_for_trainers(st)
-        barrier(st.all_group, st.rpc_timeout, _failure, "shutdown barrier")
+        barrier(st.all_group, st.rpc_timeout, _failure, "shutdown barrier", name="all")
         _close_data_plane(st)
         rpc.shutdown(graceful=True, timeout=st.rpc_timeout)
         st.rpc_up = False
@@ -512,14 +519,14 @@ def _close_groups(st: _Runtime) -> None:
     import torch.distributed as dist
 
     try:
-        for g in (st.ctl_group, st.all_group):
+        for g in (st.ctl_group, st.all_group, st.barrier_group):
             if g is not None:
                 dist.destroy_process_group(g)
         if st.owns_pg and dist.is_initialized():
             dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - best effort at teardown
         pass
-    st.ctl_group = st.all_group = st.trainer_group = None
+    st.ctl_group = st.all_group = st.barrier_group = st.trainer_group = None
     free_process_groups()
 
 

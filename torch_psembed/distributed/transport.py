@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import PeerUnavailableError
 
-__all__ = ["Handle", "DoneHandle", "Transport", "raised_by", "wait_all"]
+__all__ = ["Handle", "DoneHandle", "Transport", "first_error", "raised_by", "wait_all"]
 
 
 def wait_all(handles: Sequence["Handle"]) -> List[Any]:
@@ -35,8 +35,14 @@ def wait_all(handles: Sequence["Handle"]) -> List[Any]:
         except Exception as e:  # noqa: BLE001 - raised below, after every handle ended
             errors.append(e)
     if errors:
-        raise next((e for e in errors if isinstance(e, PeerUnavailableError)), errors[0])
+        raise first_error(errors)
     return results
+
+
+def first_error(errors: Sequence[BaseException]) -> BaseException:
+    """The error to raise of several requests that failed: a peer's unavailability before any other (it
+    explains the rest), else the first."""
+    return next((e for e in errors if isinstance(e, PeerUnavailableError)), errors[0])
 
 
 def raised_by(e: BaseException, message: str, rank: int) -> BaseException:
