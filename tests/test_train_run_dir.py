@@ -141,3 +141,89 @@ def test_a_day_with_fewer_batches_than_passes_is_refused_before_anything_runs(tm
 def test_file_settings_with_the_built_in_log_are_refused_not_ignored(flags):
     with pytest.raises(ValueError, match="data.kind='synthetic' .* reads no files"):
         load_config(flags)
+
+
+def test_a_run_stopped_in_its_next_day_test_resumes_and_tests_that_day(tmp_path, monkeypatch):
+    # The checkpoint of day d was written before day d's next-day test: a run stopped in that test resumed at
+    # day d + 1, and day d was never tested (audit, session 26). The test now comes first. The first pass
+    # record after a resume also owed the checkpointed day's end_day deletions (it reported 0).
+    import torch_psembed.train as T
+
+    out = str(tmp_path / "run")
+    evict = ["--set", "table.accessor.delete_after_unseen_days=0"]  # end_day deletes every row unseen that day
+    real_eval = T._run_eval
+
+    def stop_in_day_1(job, rt, cfg, source, day):
+        if day == 1:
+            raise KeyboardInterrupt("stopped during the next-day test")
+        return real_eval(job, rt, cfg, source, day)
+
+    monkeypatch.setattr(T, "_run_eval", stop_in_day_1)
+    with pytest.raises(KeyboardInterrupt):
+        run(["--out", out, "--days", "3", *SMALL, *evict])
+    monkeypatch.setattr(T, "_run_eval", real_eval)
+    with open(os.path.join(out, "checkpoints", "latest.json")) as f:
+        assert json.load(f)["day"] == 0  # day 1's checkpoint waits for its test
+    run(["--out", out, "--resume", "--days", "3"])
+    assert _events(out) == [("pass", 0), ("eval", 0), ("pass", 1), ("eval", 1), ("pass", 2), ("eval", 2),
+                            ("end", None)]
+    records = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    day0_deleted = next(r["end_day_deleted"] for r in records if r["event"] == "eval" and r["day"] == 0)
+    day1_first_pass = next(r for r in records if r["event"] == "pass" and r["day"] == 1)
+    assert day0_deleted > 0 and day1_first_pass["deleted"] == day0_deleted
+
+
+def test_resume_writes_only_days_into_the_runs_config(one_day_run, tmp_path):
+    # `--resume --no-save` wrote the whole command's config back, so a later plain --resume saved nothing.
+    out = _copy(one_day_run, tmp_path)
+    run(["--out", out, "--resume", "--days", "2", "--no-save"])
+    with open(os.path.join(out, "config.json")) as f:
+        saved = json.load(f)
+    assert saved["days"] == 2 and saved["save"] == {"delta": True, "base": True, "checkpoint": True}
+    run(["--out", out, "--resume", "--days", "3"])
+    assert os.path.isdir(os.path.join(out, "checkpoints", "day_002"))
+
+
+def _criteo_lines(n, seed=0):
+    import random
+
+    rnd = random.Random(seed)
+    return "".join("\t".join([str(rnd.randint(0, 1))] + [str(rnd.randint(0, 50)) for _ in range(13)]
+                             + [f"{rnd.randint(0, 40):08x}" for _ in range(26)]) + "\n" for _ in range(n))
+
+
+def test_unusable_data_is_refused_before_the_run_directory_is_made(tmp_path):
+    # A bad data file, or a day with fewer lines than passes, was refused after config.json was written, and
+    # the corrected command was then refused as a second run in the same --out (audit, session 26).
+    bad = tmp_path / "bad.txt"
+    bad.write_text("garbage\n")
+    short = tmp_path / "short.txt"
+    short.write_text(_criteo_lines(12))
+    common = ["--data", "criteo", "--batch-size", "4", "--num-workers", "0", "--no-progress", "--no-plot",
+              "--set", "threads=1"]
+    for path, extra, match in ((bad, [], "criteo"), (short, ["--file-days", "2", "--passes", "8"],
+                                                     "day 0 .* has 6 line.*fewer than passes_per_day=8")):
+        out = str(tmp_path / f"run-{path.stem}")
+        with pytest.raises(ValueError, match=match):
+            run(["--out", out, "--data-path", str(path), *extra, *common])
+        assert not os.path.exists(out)
+    out = tmp_path / "a-file"
+    out.write_text("not a directory")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        run(["--out", str(out), "--data-path", str(short), "--file-days", "2", *common])
+
+
+def test_a_test_file_among_the_training_days_is_refused(tmp_path):
+    from torch_psembed.data.dataset import FileSource
+
+    days = tmp_path / "days"
+    days.mkdir()
+    (days / "a_train.txt").write_text(_criteo_lines(20))
+    (days / "b_test.txt").write_text(_criteo_lines(10, seed=1))
+    with pytest.raises(ValueError, match="is also a training day"):
+        FileSource(str(days), test_path=str(days / "b_test.txt"))
+    with pytest.raises(ValueError, match="is also a training day"):
+        FileSource(str(days / "a_train.txt"), days=2, test_path=str(days / "a_train.txt"))
+    with pytest.raises(ValueError, match="slots apply to the slot format, not to criteo"):
+        FileSource(str(days / "a_train.txt"), slots=[1, 2])
+    FileSource(str(days / "a_train.txt"), test_path=str(days / "b_test.txt"))

@@ -118,6 +118,21 @@ def load_dense(ck: str) -> Dict[str, Any]:
     return state
 
 
+def checkpoint_progress(ck: str) -> Dict[str, Any]:
+    """``progress.json`` of checkpoint folder ``ck`` (``{}`` when absent: checkpoints older than it)."""
+    path = os.path.join(ck, "progress.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            progress = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptCheckpointError(f"{path}: not JSON ({e})", path) from None
+    if not isinstance(progress, dict) or not isinstance(progress.get("end_day_deleted", 0), int):
+        raise CorruptCheckpointError(f"{path}: not a checkpoint's progress", path)
+    return progress
+
+
 def metrics_before(out: str, day: int) -> List[Dict[str, Any]]:
     """The pass and eval records of days before ``day`` in ``metrics.jsonl`` (what a resumed run keeps: a
     crashed run may have logged past its last checkpoint). A last line cut short by a crash is left out, with

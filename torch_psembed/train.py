@@ -505,6 +505,15 @@ def _make_source(cfg: Dict[str, Any]):
     )
 
 
+def _check_passes_fit(source, passes: int) -> None:
+    """A ValueError when a day cut from one file has fewer lines than passes (a pass would get none; a day
+    file of its own is counted only as it is read, and a pass without samples stops the job then)."""
+    for day, (path, start, stop) in enumerate(getattr(source, "days", [])):
+        if stop is not None and stop - start < passes:
+            raise ValueError(f"day {day} of {path!r} has {stop - start} line(s), fewer than passes_per_day={passes}: "
+                             "every pass needs one at least")
+
+
 def _optimizer(where: str, d: Dict[str, Any]):
     from . import config as C
 
@@ -586,6 +595,7 @@ class _Job:
         else:
             self.ddp = self.model
         self._last_counters: Dict[str, int] = {}
+        self.carry_deleted = 0  # rows deleted before a resume that the next pass record still owes (end_day)
 
     # -- training ----------------------------------------------------------------------------------------
     def feed(self, labels: torch.Tensor):
@@ -657,6 +667,8 @@ class _Job:
             total = int(s.get(key, 0))
             out[name] = total - self._last_counters.get(key, 0)
             self._last_counters[key] = total
+        out["deleted"] += self.carry_deleted
+        self.carry_deleted = 0
         return out
 
     def save_table(self, path: str, mode: str) -> Optional[Dict[str, Any]]:
@@ -853,13 +865,18 @@ def _main(cfg: Dict[str, Any], rt: _Runtime) -> Dict[str, Any]:
     refusal = rt.broadcast(refusal)
     if refusal is not None:
         raise ValueError(refusal)
+    # The data first: a file the job cannot read is refused before --out is made (a new run there would then
+    # be refused as a second run, and --resume would find no checkpoint).
+    source = _make_source(cfg)
+    _check_passes_fit(source, cfg["passes_per_day"])
     if rt.rank == 0 and not cfg["resume"]:
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise ValueError(f"--out {out!r} is a file, not a directory")
         os.makedirs(out, exist_ok=True)
         if cfg["overwrite"]:
             RD.clear_run(out)
         write_json_atomic(os.path.join(out, RD.CONFIG), _run_config(cfg))
     rt.barrier()
-    source = _make_source(cfg)
     days = cfg["days"]
     if source.num_days() is not None and days > source.num_days():
         _log(rt, f"[psembed-train] data has {source.num_days()} day(s); training {source.num_days()} instead of {days}")
@@ -876,11 +893,15 @@ def _main(cfg: Dict[str, Any], rt: _Runtime) -> Dict[str, Any]:
             rt.barrier()
         job.load_dense_state(dense, ck)
         start_day = latest["day"] + 1
+        # The next pass record counts from here (not the load's inserts), plus the checkpointed day's eviction.
+        job.table_stats()
+        job.carry_deleted = RD.checkpoint_progress(ck).get("end_day_deleted", 0)
         rt.barrier()  # every rank has read config.json and the checkpoint
         if rt.rank == 0:
-            # drop what a crashed run logged after the checkpoint; config.json gets this command's days etc.
+            # drop what a crashed run logged after the checkpoint. config.json keeps the run's settings but
+            # `days`: this command's one-off switches (--no-save, --no-plot, threads) are not the run's.
             RD.rewrite_metrics(out, RD.metrics_before(out, start_day))
-            write_json_atomic(os.path.join(out, RD.CONFIG), _run_config(cfg))
+            write_json_atomic(os.path.join(out, RD.CONFIG), {**RD.read_run_config(out), "days": cfg["days"]})
         _log(rt, f"[psembed-train] resumed from {ck}: continuing at day {start_day}")
     e = cfg["embedding"]
     _log(rt, f"[psembed-train] out={out} ranks={rt.world} data={cfg['data']['kind']} embedding={e['kind']} "
@@ -900,6 +921,14 @@ def _main(cfg: Dict[str, Any], rt: _Runtime) -> Dict[str, Any]:
         deleted = job.end_day(day)
         if cfg["save"]["base"] and job.table is not None:
             job.save_table(os.path.join(out, "saves", f"day_{day:03d}", "base"), "base")
+        # The next-day test before the checkpoint: a run stopped during it resumes from the day before and
+        # tests again, where a checkpoint first would have resumed past a day never tested.
+        ev = _run_eval(job, rt, cfg, source, day)
+        if ev is not None:
+            rec = {"event": "eval", "day": day, "end_day_deleted": deleted, **ev}
+            _log(rt, _fmt_pass(f"day {day} -> next day", rec))
+            if writer:
+                writer.write(rec)
         if cfg["save"]["checkpoint"]:
             ck = _ckpt_dir(out, day)
             if rt.rank == 0:
@@ -909,16 +938,11 @@ def _main(cfg: Dict[str, Any], rt: _Runtime) -> Dict[str, Any]:
             if rt.rank == 0:
                 torch.save(job.dense_state(), os.path.join(ck, "dense.pt"))
                 with open(os.path.join(ck, "progress.json"), "w", encoding="utf-8") as f:
-                    json.dump({"day": day, "next_day": day + 1, "passes_per_day": cfg["passes_per_day"]}, f)
+                    json.dump({"day": day, "next_day": day + 1, "passes_per_day": cfg["passes_per_day"],
+                               "end_day_deleted": deleted}, f)
                 write_json_atomic(os.path.join(out, "checkpoints", "latest.json"),
                               {"day": day, "dir": os.path.relpath(ck, out)})
             rt.barrier()
-        ev = _run_eval(job, rt, cfg, source, day)
-        if ev is not None:
-            rec = {"event": "eval", "day": day, "end_day_deleted": deleted, **ev}
-            _log(rt, _fmt_pass(f"day {day} -> next day", rec))
-            if writer:
-                writer.write(rec)
     seconds = time.perf_counter() - t_job
     records: List[Dict[str, Any]] = []
     if rt.rank == 0:

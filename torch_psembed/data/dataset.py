@@ -291,6 +291,12 @@ class FileSource:
             self.days = [(path,) + _slice(n, d, days) for d in range(days)]
         else:
             raise FileNotFoundError(f"data path {path!r} does not exist")
+        if test_path is not None and os.path.exists(test_path):
+            # A test file that is also a training day would test the model on what it just trained on.
+            for p in {d[0] for d in self.days}:
+                if os.path.samefile(p, test_path):
+                    raise ValueError(f"test_path {test_path!r} is also a training day ({p!r}): the next-day test "
+                                     "must be held out (move it out of the data directory)")
         self.test_path = test_path
         for p in sorted({d[0] for d in self.days} | ({test_path} if test_path else set())):
             check_file(self.parser, p)

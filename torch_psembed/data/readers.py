@@ -187,6 +187,8 @@ class SlotParser:
 def make_parser(fmt: str, slots: Optional[Sequence[int]] = None):
     """The parser of format ``fmt`` (``"criteo"`` or ``"slot"``; the slot format needs ``slots``)."""
     if fmt == "criteo":
+        if slots is not None:  # Criteo's 39 columns are its slots; a list given would be ignored
+            raise ValueError(f"slots apply to the slot format, not to criteo (its 39 columns), got {slots!r}")
         return CriteoParser()
     if fmt == "slot":
         if slots is None:
