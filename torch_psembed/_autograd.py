@@ -125,6 +125,17 @@ def report_overflow(scaler) -> bool:
     scaler's class and state dict are untouched. ``tests/test_module_expectations.py`` checks it on torch's
     own scaler.
     """
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        # Only this rank saw the overflow (the table's gradient is not all-reduced as DDP's dense ones are):
+        # a step skipped here alone would leave this replica's dense weights behind the others' for good.
+        warnings.warn(
+            "PSEmbedding skipped a push whose gradient overflowed; in a multi-process job the grad_scaler is not "
+            "told (a step skipped on one rank alone would make the DDP replicas differ), so its scale stays",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
     cls = type(scaler)
     if not (callable(getattr(cls, "_unscale_grads_", None)) and callable(getattr(cls, "update", None))):
         warnings.warn(

@@ -516,7 +516,7 @@ def _refuse_tracing() -> None:
             "they look their rows up in the table from Python, so a trace would freeze this batch's rows; run "
             "them eagerly or under torch.compile"
         )
-    if torch.compiler.is_exporting():
+    if getattr(torch.compiler, "is_exporting", lambda: False)():  # (torch >= 2.7; before it, no export check)
         raise RuntimeError(
             "PSEmbedding and InferenceEmbedding do not support torch.export: they look their rows up in the table "
             "from Python, so an exported program would freeze this batch's rows; run them eagerly or under "

@@ -361,7 +361,7 @@ void DataServer::PushWorker(Session* session) {
     session->cv.notify_all();  // room for the reader
     try {
       ServePush(session, push.header, push.body);
-    } catch (const std::exception& e) {  // the table's push ran out of memory: nothing of it was applied
+    } catch (const std::exception& e) {  // the table's push ran out of memory (keys before that may be applied)
       Reply(session, push.header.id, FromException(e), nullptr, nullptr);
     }
     std::lock_guard<std::mutex> l(session->mu);

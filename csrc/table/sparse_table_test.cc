@@ -715,7 +715,7 @@ void TestBulkLoadFailureLeavesNoUnwrittenRow() {
   o.num_shards = 4;
   o.num_threads = 2;
   o.accessor.embedx_threshold = 0;  // every pushed row has mf
-  const int n = 2000;
+  const int n = 6000;  // over the load's kParallelMinKeys: its phases run on the pool (whose set-up allocates)
   int failures = 0;
   for (bool persist : {false, true}) {
     for (long k = 0; k < 400; ++k) {
@@ -736,11 +736,14 @@ void TestBulkLoadFailureLeavesNoUnwrittenRow() {
         base[i * bw + 0] = 7.0f;
         base[i * bw + 4] = 3.0f;
       }
-      RowSegment seg{lk.data(), static_cast<size_t>(n), base.data(), has_mf.data(), mf.data(), static_cast<size_t>(n)};
+      const size_t half = n / 2;  // two segments
+      const RowSegment segs[2] = {
+          {lk.data(), half, base.data(), has_mf.data(), mf.data(), half},
+          {lk.data() + half, n - half, base.data() + half * bw, has_mf.data() + half, mf.data() + half * mw, n - half}};
       bool threw = false;
       failing_new::FailFrom(k, persist);
       try {
-        (void)t.LoadRowSegments(&seg, 1, /*check=*/true);
+        (void)t.LoadRowSegments(segs, 2, /*check=*/true);
       } catch (const std::bad_alloc&) {
         threw = true;
       }

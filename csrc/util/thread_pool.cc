@@ -156,28 +156,38 @@ void ThreadPool::WorkerMain() {
   }
 }
 
+namespace {
+
+// Every index on the calling thread, with the parallel path's contract: every index runs, and the first
+// exception is rethrown after the last.
+void RunOnCaller(size_t n, const std::function<void(size_t)>& fn) {
+  std::exception_ptr error;
+  for (size_t i = 0; i < n; ++i) {
+    try {
+      fn(i);
+    } catch (...) {
+      if (!error) error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+}  // namespace
+
 void ThreadPool::ParallelFor(size_t n, const std::function<void(size_t)>& fn, int max_parallel,
                              bool more_loops_follow) {
   if (n == 0) return;
   if (n == 1 || workers_.empty() || max_parallel <= 1 || InForkedChild()) {
-    // The same contract as the parallel path: every index runs, the first exception comes last.
-    std::exception_ptr error;
-    for (size_t i = 0; i < n; ++i) {
-      try {
-        fn(i);
-      } catch (...) {
-        if (!error) error = std::current_exception();
-      }
-    }
-    if (error) std::rethrow_exception(error);
+    RunOnCaller(n, fn);
     return;
   }
-  auto loop = std::make_shared<Loop>();
-  loop->n = n;
-  loop->fn = &fn;  // fn outlives the loop's work: we wait for done == n below
-  loop->more_loops_follow = more_loops_follow;
+  std::shared_ptr<Loop> loop;
   const size_t helpers = std::min({workers_.size(), n - 1, static_cast<size_t>(max_parallel - 1)});
-  {
+  try {
+    loop = std::make_shared<Loop>();
+    loop->n = n;
+    loop->fn = &fn;  // fn outlives the loop's work: we wait for done == n below
+    loop->more_loops_follow = more_loops_follow;
     std::lock_guard<std::mutex> l(shared_->mu);
     std::deque<std::shared_ptr<Loop>>& queue = shared_->queue;
     size_t queued = 0;
@@ -185,13 +195,16 @@ void ThreadPool::ParallelFor(size_t n, const std::function<void(size_t)>& fn, in
       for (; queued < helpers; ++queued) queue.push_back(loop);
     } catch (...) {
       // std::bad_alloc for a new deque block (push_back itself leaves the queue as it was). The
-      // entries queued so far point at fn, which the caller may destroy as this unwinds: take them
-      // back. They are the last `queued` ones, since mu has been held throughout and no worker popped
-      // any. (No cost when nothing throws: no allocation or lock beyond what the loop needs anyway.)
+      // entries queued so far point at fn: take them back. They are the last `queued` ones, since mu has
+      // been held throughout and no worker popped any. (No cost when nothing throws.)
       for (; queued > 0; --queued) queue.pop_back();
       throw;
     }
     shared_->queued.store(queue.size(), std::memory_order_relaxed);
+  } catch (const std::bad_alloc&) {
+    // Nothing is queued and no index ran: the caller runs them all, which allocates nothing.
+    RunOnCaller(n, fn);
+    return;
   }
   if (helpers == 1) {
     shared_->cv.notify_one();

@@ -66,8 +66,9 @@ class ThreadPool {
   // Runs fn(i) for every i in [0, n), on at most max_parallel threads (the caller included), and
   // returns when all calls returned. If some fn(i) threw (std::bad_alloc, say), the other indices still
   // run and the first exception is rethrown here, on the calling thread, after all calls returned.
-  // Throws std::bad_alloc, before any fn(i) runs, if the loop cannot be set up; nothing then refers
-  // to fn once it returns.
+  // Allocates nothing it cannot do without: if the loop cannot be set up (std::bad_alloc for it or a
+  // queue block), nothing is queued and the caller runs every index itself, so a caller that must not
+  // fail half-way (a bulk load's phase 2) can count on ParallelFor to throw only what fn throws.
   // more_loops_follow: the caller starts another loop right after this one, so the workers that ran
   // this one poll for it (up to the spin time) instead of going to sleep.
   void ParallelFor(size_t n, const std::function<void(size_t)>& fn, int max_parallel = 1 << 30,

@@ -248,6 +248,12 @@ _barrier_counts: Dict[str, int] = {}
 _barrier_outcomes: Dict[str, Tuple[int, Optional[List[int]]]] = {}
 
 
+def reset_barriers() -> None:
+    """Forget the barriers counted so far (``shutdown``: the next ``init``'s members count from 0 again)."""
+    _barrier_counts.clear()
+    _barrier_outcomes.clear()
+
+
 def barrier_outcome(name: str) -> Tuple[int, Optional[List[int]]]:
     """(Run over RPC on a barrier's coordinator.) Its latest barrier ``name``: see ``_barrier_outcomes``."""
     return _barrier_outcomes.get(name, (0, []))

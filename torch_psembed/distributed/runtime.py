@@ -528,6 +528,9 @@ def _close_groups(st: _Runtime) -> None:
         pass
     st.ctl_group = st.all_group = st.barrier_group = st.trainer_group = None
     free_process_groups()
+    from .rpc_transport import reset_barriers
+
+    reset_barriers()  # a later init() counts its barriers from the start, as its coordinator does
 
 
 def free_process_groups() -> None:
