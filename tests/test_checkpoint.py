@@ -335,13 +335,19 @@ def test_delta_chain_is_checked_and_a_failed_load_changes_nothing(tmp_path):
     c.load(tmp_path / "b2d1")
 
     # A checkpoint keeps the chain position: its restore can go on with the next delta.
-    p.save(tmp_path / "ck")
-    push_random(p, rng, pool)
-    p.save(tmp_path / "b2d2", "delta")
-    r = pse.SparseTable(config())
-    r.load(tmp_path / "ck")
-    r.load(tmp_path / "b2d2")
-    c.load(tmp_path / "b2d2")
+    checkpoint_keeps_the_chain(p, c, tmp_path, "b2d2", rng, pool)
+
+
+def checkpoint_keeps_the_chain(producer, consumer, tmp_path, delta: str, rng, pool) -> None:
+    """``producer`` saves a checkpoint, then delta ``delta``: a table restored from the checkpoint takes that
+    delta, and so does ``consumer`` (which holds the chain up to the checkpoint)."""
+    producer.save(tmp_path / "ck")
+    push_random(producer, rng, pool)
+    producer.save(tmp_path / delta, "delta")
+    restored = pse.SparseTable(config())
+    restored.load(tmp_path / "ck")
+    restored.load(tmp_path / delta)
+    consumer.load(tmp_path / delta)
 
 
 def test_deltas_saved_before_any_base_load_only_onto_their_own_table(tmp_path):
@@ -374,13 +380,7 @@ def test_deltas_saved_before_any_base_load_only_onto_their_own_table(tmp_path):
 
     # A checkpoint keeps the chain: its restore takes the next delta; a base starts a chain of its own.
     a = producers["a"]
-    a.save(tmp_path / "ck")
-    push_random(a, rng, pool)
-    a.save(tmp_path / "a3", "delta")
-    r = pse.SparseTable(config())
-    r.load(tmp_path / "ck")
-    r.load(tmp_path / "a3")
-    c.load(tmp_path / "a3")
+    checkpoint_keeps_the_chain(a, c, tmp_path, "a3", rng, pool)
     a.save(tmp_path / "base", "base")
     push_random(a, rng, pool)
     a.save(tmp_path / "bd1", "delta")
