@@ -22,13 +22,30 @@ namespace py = pybind11;
 namespace psembed {
 namespace {
 
-void ThrowIfFailed(const Status& s) {
-  if (s.ok()) return;
-  if (s.code() == Status::kIOError) {
-    PyErr_SetString(PyExc_ConnectionError, s.message().c_str());
-    throw py::error_already_set();
+// The Python exception of a status code: the channel's own failures (IOError) are ConnectionError, a
+// refusal of bad values ValueError, running out of memory MemoryError, anything else RuntimeError.
+[[noreturn]] void ThrowStatus(Status::Code code, const std::string& message) {
+  PyObject* type = PyExc_RuntimeError;
+  switch (code) {
+    case Status::kIOError:
+      type = PyExc_ConnectionError;
+      break;
+    case Status::kInvalidArgument:
+    case Status::kNotFound:
+      type = PyExc_ValueError;
+      break;
+    case Status::kResourceExhausted:
+      type = PyExc_MemoryError;
+      break;
+    default:
+      break;
   }
-  throw py::value_error(s.message());
+  PyErr_SetString(type, message.c_str());
+  throw py::error_already_set();
+}
+
+void ThrowIfFailed(const Status& s) {
+  if (!s.ok()) ThrowStatus(s.code(), s.message());
 }
 
 double CheckTimeout(double seconds, const char* name) {
@@ -140,12 +157,8 @@ class PyDataChannel {
       s = channel_->Wait(id, timeout, &r);
     }
     ThrowIfFailed(s);
-    if (r.code == Status::kInvalidArgument || r.code == Status::kNotFound) throw py::value_error(r.message);
-    if (r.code == Status::kResourceExhausted) {
-      PyErr_SetString(PyExc_MemoryError, r.message.c_str());
-      throw py::error_already_set();
-    }
-    if (r.code != Status::kOk) throw std::runtime_error(r.message);
+    // The server's verdict on the request (an IOError there is its own failure, not this channel's).
+    if (r.code != Status::kOk) ThrowStatus(r.code == Status::kIOError ? Status::kCorruption : r.code, r.message);
     if (r.width == 0) return py::int_(r.value);  // a push
     const std::vector<py::ssize_t> shape = {static_cast<py::ssize_t>(r.value), static_cast<py::ssize_t>(r.width)};
     if (r.value == 0) return py::array_t<float>(shape);

@@ -68,64 +68,54 @@ Status DataChannel::Send(const void* header, const std::string& table, const voi
   return s;
 }
 
-Status DataChannel::SendPull(const std::string& table, const uint64_t* keys, size_t n, bool with_stats,
-                             uint64_t* id) {
+Status DataChannel::NewHeader(uint8_t op, const std::string& table, uint64_t n, wire::RequestHeader* h) {
   if (table.empty() || table.size() > wire::kMaxNameLen) {
     return Status::InvalidArgument("table name must have 1 to " + std::to_string(wire::kMaxNameLen) + " bytes");
   }
-  if (n > wire::kMaxKeys) return Status::InvalidArgument("too many keys in one pull");
+  if (n > wire::kMaxKeys) return Status::InvalidArgument("too many keys in one request");
+  std::memset(h, 0, sizeof(*h));
+  h->magic = wire::kRequestMagic;
+  h->op = op;
+  h->name_len = static_cast<uint16_t>(table.size());
+  h->n = n;
+  return Status::OK();
+}
+
+Status DataChannel::Register(wire::RequestHeader* h, uint64_t* id) {
+  std::lock_guard<std::mutex> m(mu_);
+  if (!failed_.ok()) return failed_;
+  h->id = next_id_++;
+  sent_[h->id] = Sent{h->op, h->n};
+  *id = h->id;
+  return Status::OK();
+}
+
+Status DataChannel::SendPull(const std::string& table, const uint64_t* keys, size_t n, bool with_stats,
+                             uint64_t* id) {
   wire::RequestHeader h;
-  std::memset(&h, 0, sizeof(h));
-  h.magic = wire::kRequestMagic;
-  h.op = wire::kPull;
+  Status s = NewHeader(wire::kPull, table, n, &h);
+  if (!s.ok()) return s;
   h.flags = with_stats ? wire::kWithStats : 0;
-  h.name_len = static_cast<uint16_t>(table.size());
-  h.n = n;
   const void* arrays[] = {keys};
   const size_t sizes[] = {8 * n};
   std::lock_guard<std::mutex> l(send_mu_);
-  {
-    std::lock_guard<std::mutex> m(mu_);
-    if (!failed_.ok()) return failed_;
-  }
-  h.id = next_id_++;
-  *id = h.id;
-  {
-    std::lock_guard<std::mutex> m(mu_);
-    sent_[h.id] = Sent{wire::kPull, n};
-  }
-  return Send(&h, table, arrays, sizes, 1);
+  s = Register(&h, id);
+  return s.ok() ? Send(&h, table, arrays, sizes, 1) : s;
 }
 
 Status DataChannel::SendPush(const std::string& table, const PushArgs& a, uint32_t width, uint64_t* id) {
-  if (table.empty() || table.size() > wire::kMaxNameLen) {
-    return Status::InvalidArgument("table name must have 1 to " + std::to_string(wire::kMaxNameLen) + " bytes");
-  }
-  if (a.n > wire::kMaxKeys) return Status::InvalidArgument("too many keys in one push");
   if (width == 0 || width > wire::kMaxWidth) return Status::InvalidArgument("push width out of range");
   wire::RequestHeader h;
-  std::memset(&h, 0, sizeof(h));
-  h.magic = wire::kRequestMagic;
-  h.op = wire::kPush;
+  Status s = NewHeader(wire::kPush, table, a.n, &h);
+  if (!s.ok()) return s;
   h.flags = (a.slots ? wire::kHasSlots : 0) | (a.push_id != SparseTable::kOwnPushId ? wire::kHasPushId : 0);
-  h.name_len = static_cast<uint16_t>(table.size());
   h.width = width;
-  h.n = a.n;
   h.push_id = a.push_id;
   const void* arrays[] = {a.keys, a.grads, a.shows, a.clicks, a.slots};
   const size_t sizes[] = {8 * a.n, 4 * a.n * width, 4 * a.n, 4 * a.n, a.slots ? 4 * a.n : 0};
   std::lock_guard<std::mutex> l(send_mu_);
-  {
-    std::lock_guard<std::mutex> m(mu_);
-    if (!failed_.ok()) return failed_;
-  }
-  h.id = next_id_++;
-  *id = h.id;
-  {
-    std::lock_guard<std::mutex> m(mu_);
-    sent_[h.id] = Sent{wire::kPush, a.n};
-  }
-  return Send(&h, table, arrays, sizes, a.slots ? 5 : 4);
+  s = Register(&h, id);
+  return s.ok() ? Send(&h, table, arrays, sizes, a.slots ? 5 : 4) : s;
 }
 
 Status DataChannel::Wait(uint64_t id, double timeout_s, DataReply* out) {
@@ -231,17 +221,18 @@ Status DataChannel::ReceiveReplies() {
 }
 
 Status DataChannel::CheckReply(const wire::ReplyHeader& h, const Sent& sent) {
-  const std::string what = std::string(sent.op == wire::kPull ? "pull" : "push") + " of " + std::to_string(sent.n) +
-                           " keys";
+  auto what = [&] {  // for the message only: a reply that checks out builds no string
+    return std::string(sent.op == wire::kPull ? "pull" : "push") + " of " + std::to_string(sent.n) + " keys";
+  };
   if (sent.op == wire::kPull) {
     if (h.value != sent.n || (sent.n > 0 && h.width == 0) || h.width > wire::kMaxWidth ||
         h.payload_bytes != 4 * h.value * uint64_t{h.width}) {
       return Status::IOError("a reply of " + std::to_string(h.value) + " rows of " + std::to_string(h.width) +
-                             " floats in " + std::to_string(h.payload_bytes) + " bytes to a " + what);
+                             " floats in " + std::to_string(h.payload_bytes) + " bytes to a " + what());
     }
   } else if (h.width != 0 || h.payload_bytes != 0 || h.value > sent.n) {
     return Status::IOError("a reply of " + std::to_string(h.value) + " rows skipped in " +
-                           std::to_string(h.payload_bytes) + " bytes to a " + what);
+                           std::to_string(h.payload_bytes) + " bytes to a " + what());
   }
   return Status::OK();
 }

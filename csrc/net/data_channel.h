@@ -70,6 +70,11 @@ class DataChannel {
   static constexpr uint64_t kMaxErrorMessage = uint64_t{1} << 16;
 
   explicit DataChannel(int fd);
+  // The header of an `op` request for n keys of `table` (id still unset), or why it cannot be sent.
+  static Status NewHeader(uint8_t op, const std::string& table, uint64_t n, wire::RequestHeader* h);
+  // Numbers the request and records what its reply must match, unless the channel failed.
+  // REQUIRES: send_mu_ held (ids go out in the order they are taken).
+  Status Register(wire::RequestHeader* h, uint64_t* id);
   Status Send(const void* header, const std::string& table, const void* const* arrays, const size_t* sizes,
               int num_arrays);
   void ReceiveLoop();

@@ -1103,6 +1103,11 @@ Status SparseTable::LoadSegments(const RowSegment* segs, size_t num_segs, bool c
   // Phase 1's output: per shard, the rows of keys already present (phase 3 loads them).
   std::vector<std::vector<uint32_t>> existing(num_shards);
   std::vector<uint8_t> ok(num_shards, 1);
+  // Phase 1, one task per shard: find or insert every key (its index grown once), allocating the new rows.
+  const std::function<void(size_t)> insert_keys = [&](size_t s) {
+    if (shard_rows[s] == 0) return;
+    ok[s] = shards_[s]->LoadIndexBulk(io + shard_start[s], flags + shard_start[s], shard_rows[s], &existing[s]) ? 1 : 0;
+  };
   // Phases 2 and 3 (below, after phase 1) as functions made now: a std::function of a lambda with these
   // captures allocates, and nothing may fail between phase 1 inserting keys and phase 2 writing their rows.
   // Phase 2, one task per piece: walk the input in order (sequential reads) and write each new row into
@@ -1169,21 +1174,12 @@ Status SparseTable::LoadSegments(const RowSegment* segs, size_t num_segs, bool c
       for (size_t s = shards->size(); s-- > 0;) (*shards)[s]->mu()->Unlock();
     }
   } unlock{&shards_};
-  // Phase 1, one task per shard: find or insert every key (its index grown once), allocating the new rows.
-  // A shard that fails undoes itself; then every shard undoes what it inserted (a shard whose task never
-  // ran, the pool failing to start it, inserted nothing: its undo finds no row), and the load fails whole.
-  bool started = true;
-  try {
-    pool_->ParallelFor(num_shards, [&](size_t s) {
-      if (shard_rows[s] == 0) return;
-      ok[s] = shards_[s]->LoadIndexBulk(io + shard_start[s], flags + shard_start[s], shard_rows[s], &existing[s]) ? 1 : 0;
-    }, static_cast<int>(par));
-  } catch (const std::bad_alloc&) {
-    started = false;
-  }
-  if (!started || std::find(ok.begin(), ok.end(), 0) != ok.end()) {
+  // Phase 1 (ParallelFor throws only what its tasks throw, and LoadIndexBulk catches its own failure): a
+  // shard that fails undoes itself, then the others undo theirs, and the load fails whole.
+  pool_->ParallelFor(num_shards, insert_keys, static_cast<int>(par));
+  if (std::find(ok.begin(), ok.end(), 0) != ok.end()) {
     for (uint32_t s = 0; s < num_shards; ++s) {
-      if (shard_rows[s] > 0) shards_[s]->UndoLoadIndexBulk(io + shard_start[s], shard_rows[s]);
+      if (ok[s] && shard_rows[s] > 0) shards_[s]->UndoLoadIndexBulk(io + shard_start[s], shard_rows[s]);
     }
     throw std::bad_alloc();
   }
