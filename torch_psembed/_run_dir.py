@@ -17,10 +17,12 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .checkpoint._format import write_bytes_atomic
+from .config import _is_int
 from .errors import CorruptCheckpointError
 from .metrics import read_jsonl
 
 CONFIG = "config.json"
+PROGRESS = "progress.json"  # in a checkpoint folder: where the run was, and the day's end_day deletions
 METRICS = "metrics.jsonl"
 # What the job writes under --out: what --overwrite deletes (and nothing else there).
 RUN_FILES = (CONFIG, METRICS, "summary.txt", "metrics.png")
@@ -120,7 +122,7 @@ def load_dense(ck: str) -> Dict[str, Any]:
 
 def checkpoint_progress(ck: str) -> Dict[str, Any]:
     """``progress.json`` of checkpoint folder ``ck`` (``{}`` when absent: checkpoints older than it)."""
-    path = os.path.join(ck, "progress.json")
+    path = os.path.join(ck, PROGRESS)
     try:
         with open(path, encoding="utf-8") as f:
             progress = json.load(f)
@@ -128,7 +130,7 @@ def checkpoint_progress(ck: str) -> Dict[str, Any]:
         return {}
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CorruptCheckpointError(f"{path}: not JSON ({e})", path) from None
-    if not isinstance(progress, dict) or not isinstance(progress.get("end_day_deleted", 0), int):
+    if not isinstance(progress, dict) or not _is_int(progress.get("end_day_deleted", 0)):
         raise CorruptCheckpointError(f"{path}: not a checkpoint's progress", path)
     return progress
 
@@ -151,6 +153,8 @@ def rewrite_metrics(out: str, records: List[Dict[str, Any]]) -> None:
 
 def check_new_run(out: Optional[str], overwrite: bool) -> Optional[str]:
     """Why a new run may not start in ``out`` (None: it may)."""
+    if out is not None and os.path.exists(out) and not os.path.isdir(out):
+        return f"--out {out!r} is a file, not a directory"
     if out is None or overwrite:
         return None
     found = holds_run(out) if os.path.isdir(out) else []

@@ -870,8 +870,6 @@ def _main(cfg: Dict[str, Any], rt: _Runtime) -> Dict[str, Any]:
     source = _make_source(cfg)
     _check_passes_fit(source, cfg["passes_per_day"])
     if rt.rank == 0 and not cfg["resume"]:
-        if os.path.exists(out) and not os.path.isdir(out):
-            raise ValueError(f"--out {out!r} is a file, not a directory")
         os.makedirs(out, exist_ok=True)
         if cfg["overwrite"]:
             RD.clear_run(out)
@@ -937,9 +935,9 @@ def _main(cfg: Dict[str, Any], rt: _Runtime) -> Dict[str, Any]:
             job.save_table(os.path.join(ck, "table"), "checkpoint")
             if rt.rank == 0:
                 torch.save(job.dense_state(), os.path.join(ck, "dense.pt"))
-                with open(os.path.join(ck, "progress.json"), "w", encoding="utf-8") as f:
-                    json.dump({"day": day, "next_day": day + 1, "passes_per_day": cfg["passes_per_day"],
-                               "end_day_deleted": deleted}, f)
+                write_json_atomic(os.path.join(ck, RD.PROGRESS), {"day": day, "next_day": day + 1,
+                                                                 "passes_per_day": cfg["passes_per_day"],
+                                                                 "end_day_deleted": deleted})
                 write_json_atomic(os.path.join(out, "checkpoints", "latest.json"),
                               {"day": day, "dir": os.path.relpath(ck, out)})
             rt.barrier()

@@ -304,13 +304,11 @@ class ShardedTable:
             try:
                 r = self._transport.pull(s, self.name, uniq[a:b], with_stats).wait()
             except Exception as e:  # noqa: BLE001 - raised once the remote parts in flight have ended
-                errors: List[BaseException] = [e]
-                for _, _, h in handles:
-                    try:
-                        h.wait()
-                    except Exception as e2:  # noqa: BLE001
-                        errors.append(e2)
-                raise first_error(errors) from None
+                try:
+                    wait_all([h for _, _, h in handles])
+                except Exception as e2:  # noqa: BLE001
+                    raise first_error([e, e2]) from None
+                raise
             t_local = time.perf_counter() - tl
             if whole:
                 rows = r

@@ -302,32 +302,34 @@ def barrier(group, timeout_s: float, on_failure: Callable, what: str, name: Opti
         _barrier_outcomes[name] = (generation, [])
 
 
-def _first_unreachable(group, timeout_s: float) -> int:
-    """The first other member of ``group`` that does not answer an RPC ping within ``timeout_s``, or -1."""
+def unreachable(ranks: Sequence[int], timeout_s: float) -> List[Tuple[int, BaseException]]:
+    """``(rank, error)`` of each of ``ranks`` that does not answer an RPC ping within ``timeout_s``, in order."""
     from torch.distributed import rpc
 
+    futs, gone = [], {}
+    for r in ranks:
+        try:
+            futs.append((r, rpc.rpc_async(worker_name(r), server.ping, timeout=timeout_s)))
+        except Exception as e:  # noqa: BLE001
+            gone[r] = e
+    for r, fut in futs:
+        try:
+            fut.wait()
+        except Exception as e:  # noqa: BLE001
+            gone[r] = e
+    return [(r, gone[r]) for r in ranks if r in gone]
+
+
+def _first_unreachable(group, timeout_s: float) -> int:
+    """The first other member of ``group`` that does not answer an RPC ping within ``timeout_s``, or -1."""
     try:
         members = list(range(dist.get_world_size())) if group is None or group is dist.group.WORLD \
             else dist.get_process_group_ranks(group)
         me = dist.get_rank()
     except Exception:  # noqa: BLE001
         return -1
-    futs = []
-    for r in members:
-        if r == me:
-            continue
-        try:
-            futs.append((r, rpc.rpc_async(worker_name(r), server.ping, timeout=timeout_s)))
-        except Exception:  # noqa: BLE001
-            return r
-    gone = -1
-    for r, fut in futs:
-        try:
-            fut.wait()
-        except Exception:  # noqa: BLE001
-            if gone < 0:
-                gone = r
-    return gone
+    gone = unreachable([r for r in members if r != me], timeout_s)
+    return gone[0][0] if gone else -1
 
 
 def _ask_coordinator(name: str, generation: int, coordinator: int, timeout_s: float) -> Tuple[int, str]:

@@ -412,9 +412,7 @@ def _rpc_port() -> str:
 
 def _wait_for_trainers(st: _Runtime) -> None:
     """Block until every trainer has called shutdown; probe the other ranks meanwhile so a dead one is named."""
-    from torch.distributed import rpc
-
-    from .rpc_transport import worker_name
+    from .rpc_transport import unreachable
 
     interval = min(1.0, st.rpc_timeout / 4)
     trainers = set(st.trainer_ranks)
@@ -422,21 +420,9 @@ def _wait_for_trainers(st: _Runtime) -> None:
         done = server.wait_done(interval)
         if trainers <= done:
             return
-        probes = []
-        for r in range(st.world_size):
-            if r == st.rank or r in done:
-                continue
-            try:
-                probes.append((r, rpc.rpc_async(worker_name(r), server.ping, timeout=st.rpc_timeout)))
-            except Exception as e:  # noqa: BLE001
-                raise _failure(r, "liveness probe while waiting for the trainers to finish", e) from e
-        dead = []
-        for r, fut in probes:
-            try:
-                fut.wait()
-            except Exception as e:  # noqa: BLE001
-                if r not in server.done_ranks():  # (a rank that finished meanwhile is not dead)
-                    dead.append((r, e))
+        others = [r for r in range(st.world_size) if r != st.rank and r not in done]
+        # (a rank that finished meanwhile is not dead)
+        dead = [(r, e) for r, e in unreachable(others, st.rpc_timeout) if r not in server.done_ranks()]
         if dead:
             # Name every rank that is gone: when one dies, others often fail right after it (DDP, requests).
             names = ", ".join(str(r) for r, _ in dead)
