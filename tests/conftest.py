@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 
 from torch_psembed import _C
@@ -17,3 +22,14 @@ def make_c_table():
         return _C.Table(cfg.to_dict())
 
     return make
+
+
+def run_python(code: str = "", *, script: str = "", args=(), timeout: float = 300, env=None) -> str:
+    """Runs ``code`` (dedented) or the file ``script`` with ``args`` in a fresh interpreter: for limits on memory,
+    descriptors or file sizes that must not touch the test process, or a crash it must survive. Asserts it
+    exited 0 (the end of its stderr in the message) and returns its stdout."""
+    argv = [sys.executable, script] if script else [sys.executable, "-c", textwrap.dedent(code)]
+    proc = subprocess.run(argv + list(args), capture_output=True, text=True, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env})
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    return proc.stdout

@@ -14,6 +14,7 @@ import torch_psembed as pse
 from torch_psembed.checkpoint import _format as F
 from torch_psembed.checkpoint import _rows as R
 
+from conftest import run_python
 from test_checkpoint import ROW_KEYS, assert_rows_equal, config, populated, state
 
 MODES = ("checkpoint", "base", "delta", "serving")
@@ -190,11 +191,7 @@ def test_a_load_survives_another_thread_writing_its_keys():
     # The load reads keys and has_mf in more than one pass without the GIL; another thread writing the keys
     # meanwhile made the passes' shard counts disagree, and the load wrote past its buffers (SIGSEGV). It
     # copies them first now: the rows load with whichever keys it copied.
-    import subprocess
-    import sys
-    import textwrap
-
-    code = textwrap.dedent("""
+    out = run_python("""
         import threading, time
         import numpy as np
         from torch_psembed import _C
@@ -217,9 +214,8 @@ def test_a_load_survives_another_thread_writing_its_keys():
             stop = True
             writer.join()
         print("loaded", len(t) > 0)
-    """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "loaded True" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
+    """, timeout=120)
+    assert "loaded True" in out
 
 
 def test_read_segments_maps_the_files_and_splits_by_owner(tmp_path):

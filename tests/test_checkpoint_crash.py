@@ -24,6 +24,8 @@ from torch_psembed.checkpoint import _format as F
 from torch_psembed.errors import CorruptCheckpointError
 from torch_psembed.tools import verify
 
+from conftest import run_python
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 150_000
 DIM = 8
@@ -212,9 +214,8 @@ def test_a_short_write_fails_the_save_and_the_previous_save_stays(tmp_path):
     before = {p: (open(os.path.join(p, F.MANIFEST)).read(), sorted(os.listdir(p))) for p in (save, srv)}
     script = tmp_path / "child.py"
     script.write_text(SHORT_WRITE_CHILD.format(root=ROOT, dim=DIM))
-    r = subprocess.run([sys.executable, str(script), save, srv], capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split("\n")[:2] == [f"base OSError {errno.EFBIG}", f"export OSError {errno.EFBIG}"], r.stdout
+    out = run_python(script=str(script), args=(save, srv), timeout=240)
+    assert out.split("\n")[:2] == [f"base OSError {errno.EFBIG}", f"export OSError {errno.EFBIG}"], out
     # Nothing of the failed writes is left, and the previous save and export load as they were.
     assert {p: (open(os.path.join(p, F.MANIFEST)).read(), sorted(os.listdir(p))) for p in (save, srv)} == before
     back = pse.SparseTable(pse.TableConfig(dim=DIM))

@@ -542,8 +542,9 @@ def test_real_criteo_sample_parses_cleanly():
 
 
 def _criteo_line(cat0: bytes) -> bytes:
-    """A made-up Criteo row: label 1, 13 integers, 26 categories (the first one given)."""
-    return b"\t".join([b"1"] + [str(i).encode() for i in range(13)] + [cat0] + [b"%08x" % i for i in range(25)])
+    """A made-up Criteo row without its newline: label 1, 13 integers, 26 categories (the first one given)."""
+    cats = [cat0.decode("utf-8", "surrogateescape")] + ["%08x" % i for i in range(25)]
+    return _criteo_row(ints=[str(i) for i in range(13)], cats=cats).rstrip("\n").encode("utf-8", "surrogateescape")
 
 
 def test_undecodable_category_bytes_keep_distinct_feasigns(tmp_path):

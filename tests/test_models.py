@@ -9,6 +9,8 @@ import torch_psembed as pse
 from torch_psembed.data.hashing import mix64
 from torch_psembed.models import CTRDNN, DeepFM, HashedSlotEmbedding, PSSlotEmbedding, build_model
 
+from test_autograd import slots_of
+
 
 class FixedEmbedding(nn.Module):
     """A stand-in slot embedding returning a given (B, S, W) block."""
@@ -233,12 +235,6 @@ def test_slot_embeddings_key_count_equal_to_bag_count_is_not_one_key_per_bag(key
         assert (show, click, slot) == (1, labels[b].item(), s)
 
 
-def _slots_of(table, keys):
-    snap = table._backend.export("checkpoint")
-    where = {int(k): i for i, k in enumerate(snap["keys"])}
-    return [int(snap["base"][where[int(k)], 4]) for k in keys]
-
-
 def test_ps_slot_embedding_records_slot_i_for_the_keys_of_slot_i_in_both_layouts():
     # The one-key-per-bag lookup pushed every key with slot 0, the per-slot lookups slot i: a row's slot (kept
     # in checkpoints) depended on the layout of the batch (audit, session 26).
@@ -250,7 +246,7 @@ def test_ps_slot_embedding_records_slot_i_for_the_keys_of_slot_i_in_both_layouts
         PSSlotEmbedding(rec, S)(torch.tensor(keys + extra), torch.arange(6)).sum().backward()
         pushes = [c for c in rec.calls if c[0] == "push"]
         assert len(pushes) == (1 if not extra else S)
-        assert _slots_of(table, keys + extra) == [0, 1, 2, 0, 1, 2] + [2] * len(extra)
+        assert slots_of(table, keys + extra) == [0, 1, 2, 0, 1, 2] + [2] * len(extra)
     # a key in several slots of one single lookup: the slot of its last occurrence, as the table keeps the
     # last slot of a key repeated in one push
     table = pse.SparseTable(pse.TableConfig(dim=4))
@@ -258,7 +254,7 @@ def test_ps_slot_embedding_records_slot_i_for_the_keys_of_slot_i_in_both_layouts
     PSSlotEmbedding(rec, S)(torch.tensor([7, 8, 9, 8, 7, 5]), torch.arange(6)).sum().backward()
     (_, pk, _, shows, _, slots), = [c for c in rec.calls if c[0] == "push"]
     assert pk.tolist() == [7, 8, 9, 5] and slots.tolist() == [1, 0, 2, 2] and shows.tolist() == [2, 2, 1, 1]
-    assert _slots_of(table, [7, 8, 9, 5]) == [1, 0, 2, 2]
+    assert slots_of(table, [7, 8, 9, 5]) == [1, 0, 2, 2]
 
 
 def test_slot_embeddings_check_their_batch_and_arguments_as_embedding_bag_does():

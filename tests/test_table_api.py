@@ -8,7 +8,6 @@ key semantics, stats counters, end_day idempotency and the export/commit/load/er
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -18,6 +17,7 @@ from torch_psembed import _C
 from torch_psembed.config import FTRL, SGD, AdaGrad, Adam, CtrAccessorConfig, StdAdaGrad, TableConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_python  # noqa: E402
 from reference.ctr_reference import uniform as ref_uniform  # noqa: E402  (independent of _C.uniform)
 
 U64 = (1 << 64) - 1
@@ -1056,10 +1056,8 @@ def test_num_threads_0_means_the_cpus_this_process_may_run_on():
             "from torch_psembed.config import TableConfig\n"
             "print(_C.Table(TableConfig(dim=2, num_threads=0).to_dict()).num_threads)\n")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "1"
+    out = run_python(code, timeout=120, env={"PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])})
+    assert out.strip() == "1"
     unpinned = _C.Table(TableConfig(dim=2, num_threads=0).to_dict()).num_threads
     assert unpinned == len(os.sched_getaffinity(0))
 
@@ -1119,8 +1117,7 @@ u.load_rows(e["keys"], e["base"], e["has_mf"], e["mf"])
 assert np.array_equal(u.pull(k, True), t.pull(k, True)) and len(t) == 64 and e["has_mf"].all()
 print("ok")
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
+    assert run_python(code, timeout=120).strip() == "ok"
 
 
 def test_load_without_checks_reads_any_nonzero_has_mf_as_one_mf_row(make_c_table):

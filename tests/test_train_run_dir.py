@@ -187,9 +187,11 @@ def test_resume_writes_only_days_into_the_runs_config(one_day_run, tmp_path):
 def _criteo_lines(n, seed=0):
     import random
 
+    from test_data import _criteo_row
+
     rnd = random.Random(seed)
-    return "".join("\t".join([str(rnd.randint(0, 1))] + [str(rnd.randint(0, 50)) for _ in range(13)]
-                             + [f"{rnd.randint(0, 40):08x}" for _ in range(26)]) + "\n" for _ in range(n))
+    return "".join(_criteo_row(str(rnd.randint(0, 1)), [str(rnd.randint(0, 50)) for _ in range(13)],
+                               [f"{rnd.randint(0, 40):08x}" for _ in range(26)]) for _ in range(n))
 
 
 def test_unusable_data_is_refused_before_the_run_directory_is_made(tmp_path):
