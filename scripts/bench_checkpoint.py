@@ -60,27 +60,32 @@ CPU = {}
 RUNS = {}  # best wall -> every run's wall (the first run pays for fresh memory: see docs/benchmarks.md)
 
 
-def best(fn, repeat: int):
-    """(best wall seconds, result); the CPU seconds of that run (all threads) go to CPU[fn]."""
-    runs = []
-    out = None
-    for _ in range(repeat):
-        c0, t0 = time.process_time(), time.perf_counter()
-        out = fn()
-        runs.append((time.perf_counter() - t0, time.process_time() - c0))
-    wall, cpu = min(runs)
+def timed(fn):
+    """(wall seconds, CPU seconds of the process, all threads, result) of one call of fn."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, time.process_time() - c0, out
+
+
+def record(runs, wall: float, cpu: float) -> float:
+    """Files wall (the figure reported) in CPU and RUNS with its CPU seconds and every run's wall."""
     CPU[wall] = cpu
     RUNS[wall] = [w for w, _ in runs]
-    return wall, out
+    return wall
+
+
+def best(fn, repeat: int):
+    """(best wall seconds, result of the last run)."""
+    runs, out = [], None
+    for _ in range(repeat):
+        wall, cpu, out = timed(fn)
+        runs.append((wall, cpu))
+    return record(runs, *min(runs)), out
 
 
 def median_run(runs) -> float:
-    """The median wall time of (wall, cpu) runs (CPU and RUNS record it, as best() does)."""
-    walls = sorted(w for w, _ in runs)
-    wall = float(np.median(walls))
-    CPU[wall] = float(np.median([c for _, c in runs]))
-    RUNS[wall] = [w for w, _ in runs]
-    return wall
+    """The median wall time of (wall, cpu) runs."""
+    return record(runs, float(np.median([w for w, _ in runs])), float(np.median([c for _, c in runs])))
 
 
 def main() -> None:
@@ -139,15 +144,13 @@ def main() -> None:
         for _ in range(max(1, args.repeat)):
             fresh = pse.SparseTable(cfg)
             gc.collect()
-            c0, t0 = time.process_time(), time.perf_counter()
-            fresh.load(ck)
-            loads.append((time.perf_counter() - t0, time.process_time() - c0))
+            wall, cpu, _ = timed(lambda: fresh.load(ck))
+            loads.append((wall, cpu))
             assert len(fresh) == args.keys
             del fresh
             gc.collect()
-            c0, t0 = time.process_time(), time.perf_counter()
-            loaded = torch.load(tpath)
-            tloads.append((time.perf_counter() - t0, time.process_time() - c0))
+            wall, cpu, loaded = timed(lambda: torch.load(tpath))
+            tloads.append((wall, cpu))
             assert loaded["keys"].numel() == n_keys
             del loaded
             gc.collect()

@@ -306,3 +306,12 @@ def test_an_export_claiming_more_rows_than_its_files_hold_is_corrupt_before_any_
         with pytest.raises(CorruptCheckpointError, match="truncated") as info:
             read(path)
         assert info.value.path == keys
+
+
+def test_torchscript_is_refused_by_name(tmp_path):
+    # torch.jit.script failed deep inside ("has no attribute '_rows' ... _ServingRows"); the refusal now lives
+    # in the base both modules share, as PSEmbedding's did (review, session 26).
+    t, _ = trained_table()
+    pse.export(t, tmp_path / "srv")
+    with pytest.raises(RuntimeError, match="InferenceEmbedding does not support TorchScript"):
+        torch.jit.script(pse.InferenceEmbedding.load(tmp_path / "srv"))

@@ -1,4 +1,5 @@
-"""ConvertsOutput: the base of PSEmbedding and InferenceEmbedding for dtype conversions.
+"""ConvertsOutput: the base of PSEmbedding and InferenceEmbedding for dtype conversions (and their refusal of
+TorchScript).
 
 Their rows live in a table (or in served arrays), not in float parameters, so ``half()``, ``double()`` or
 ``to(dtype)`` would convert nothing; this base converts their output instead, as ``nn.Embedding.half()``
@@ -27,6 +28,14 @@ class ConvertsOutput(nn.Module):
         if dtype.is_floating_point:
             self.output_dtype = dtype
         return super()._apply(fn, recurse)
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling: refuse by name, not with an error
+        # about a type annotation (tracing is refused in functional.ps_embedding).
+        raise RuntimeError(
+            f"{type(self).__name__} does not support TorchScript (torch.jit.script / torch.jit.trace): it looks "
+            "its rows up in a table from Python; run it eagerly or under torch.compile"
+        )
 
     def _convert_output(self, out: Tensor) -> Tensor:
         return out if out.dtype == self.output_dtype else out.to(self.output_dtype)

@@ -290,14 +290,6 @@ class PSEmbedding(ConvertsOutput):
         )
         return self._convert_output(out)
 
-    def __prepare_scriptable__(self):
-        # torch.jit.script calls this on every submodule before compiling: refuse by name, not with an
-        # error about the table's type annotation.
-        raise RuntimeError(
-            "PSEmbedding does not support TorchScript (torch.jit.script / torch.jit.trace): it looks its rows up "
-            "in the table from Python; run it eagerly or under torch.compile"
-        )
-
     def requires_grad_(self, requires_grad: bool = True) -> "PSEmbedding":
         """``requires_grad_(False)`` freezes the rows as it freezes ``nn.Embedding``'s weight: the module pulls
         but never pushes, and its output needs no gradient (in train mode too); ``True`` unfreezes. Only a
