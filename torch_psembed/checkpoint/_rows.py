@@ -129,12 +129,11 @@ def write_buckets(dirpath: str, part: int, snap: Dict[str, np.ndarray]) -> Dict[
     }
 
 
-def stream_part(local, dirpath: str, part: int, num_buckets: int,
-                restored_tombstones: Optional[np.ndarray] = None) -> Dict[str, Any]:
+def stream_part(local, dirpath: str, part: int, num_buckets: int) -> Dict[str, Any]:
     """A checkpoint-mode part written by ``_C.Table.save_buckets``: the rows go from the table to the files
     bucket by bucket (no snapshot of the whole table in memory), and each file is fsynced in the background
-    as soon as it is written, so the disk works while the next buckets are copied. ``restored_tombstones``
-    go before the table's own in the tombstone file. Same files and fragment as :func:`write_buckets` of
+    as soon as it is written, so the disk works while the next buckets are copied. Same files and fragment
+    as :func:`write_buckets` of
     ``export_buckets("checkpoint")``."""
     paths = [os.path.join(dirpath, F.bucket_file(b, part, c)) for b in range(num_buckets) for c in F.ROW_COLUMNS]
     r = local.save_buckets("checkpoint", num_buckets, F.BUCKET_SALT, paths, sync=True)
@@ -144,8 +143,6 @@ def stream_part(local, dirpath: str, part: int, num_buckets: int,
         files.append({"name": F.bucket_file(b, part, col), "column": col, "bucket": int(b), "part": part,
                       "rows": int(rows), "bytes": int(nbytes), "crc32": int(crc)})
     tomb = r["tombstones"]
-    if restored_tombstones is not None:
-        tomb = np.concatenate([restored_tombstones, tomb])
     tomb_entry = {"name": F.tombstone_file(part), "column": "tombstones", "bucket": None, "part": part,
                   "rows": int(tomb.shape[0])}
 

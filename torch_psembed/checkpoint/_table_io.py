@@ -140,10 +140,9 @@ def _srv_begin_save(local, index, num, path):
 def _srv_write_part(local, index, num, path, save_id, mode, num_buckets):
     tmp = os.path.join(path, ".tmp-" + save_id)
     os.makedirs(tmp, exist_ok=True)
-    restored = _restored_tombstones(local)
     if mode == "checkpoint" and hasattr(local, "save_buckets"):
         # Streamed: the table writes its rows of one moment straight to the bucket files.
-        part = R.stream_part(local, tmp, index, num_buckets, restored)
+        part = R.stream_part(local, tmp, index, num_buckets)
         part.update(day=int(local.day), dim=int(local.dim), base_width=int(local.base_width),
                     mf_width=int(local.mf_width))
         return part
@@ -156,8 +155,6 @@ def _srv_write_part(local, index, num, path, save_id, mode, num_buckets):
     # The table's pending tombstones at the snapshot (a base carries none, a delta all of them): commit_save
     # drops those, and keeps the ones of keys deleted while the files were written for the next delta.
     table_tombstones = int(snap["pending_tombstones"])
-    if restored is not None and mode in ("checkpoint", "delta"):
-        snap["tombstones"] = np.concatenate([restored, snap["tombstones"]])
     if mode in ("base", "delta"):
         # What commit_save needs once the files are durable; nothing else of the snapshot is kept.
         _stash_put(local, "save:" + save_id, (
@@ -177,7 +174,6 @@ def _srv_finish(local, index, num, path, save_id, mode):
     if committed and pending is not None:
         keys, delta_scores, tombstones = pending
         local.commit_save(mode, keys, delta_scores, tombstones)
-        _set_restored_tombstones(local, None)
     if index == 0:
         _remove_stale(path, keep=F.data_dir_name(save_id) if committed else None, save_id=save_id)
     return committed
@@ -248,18 +244,12 @@ def _srv_apply_load(local, index, num, save_id, mode, day, track_tombstones):
             local.erase(tombstones)
             # Published by this delta: a table restored from a checkpoint held some of them as pending and
             # would list them again in its own next delta.
-            forget = getattr(local, "forget_tombstones", None)
-            if forget is not None:
-                forget(tombstones)
-            else:  # the tests' reference table keeps its restored list here
-                restored = _restored_tombstones(local)
-                if restored is not None:
-                    _set_restored_tombstones(local, restored[~np.isin(restored, tombstones)])
+            local.forget_tombstones(tombstones)
     else:
         local.clear()
-        _set_restored_tombstones(local, None)
         if mode == "checkpoint" and tombstones.size:
-            _restore_tombstones(local, tombstones)
+            # The checkpoint's pending list, in order: the next delta publishes it.
+            local.set_tombstones(np.ascontiguousarray(tombstones, dtype=np.int64))
     segments = [s for s in segments if s["keys"].size]
     if segments:
         _load_segments(local, segments)
@@ -277,45 +267,6 @@ def _load_segments(local, segments: List[Dict[str, np.ndarray]]) -> None:
         return
     rows = {c: np.concatenate([s[c] for s in segments]) for c in F.ROW_COLUMNS}
     local.load_rows(rows["keys"], rows["base"], rows["has_mf"], rows["mf"])
-
-
-def _restore_tombstones(local, keys: np.ndarray) -> None:
-    """Put ``keys`` back as the pending tombstone list of a table just cleared, in order.
-
-    ``_C.Table.set_tombstones`` replaces its list. A table without that setter (the tests' reference table)
-    gets them kept here, beside it: the next checkpoint/delta save writes them before the table's own, and a
-    committed base/delta drops them, as the table does with its own list.
-    """
-    setter = getattr(local, "set_tombstones", None)
-    if setter is not None:
-        setter(np.ascontiguousarray(keys, dtype=np.int64))
-        return
-    _set_restored_tombstones(local, np.ascontiguousarray(keys, dtype=np.int64))
-
-
-# id(local table) -> (weak reference to it, restored pending tombstones)
-_RESTORED: Dict[int, Tuple[Any, np.ndarray]] = {}
-
-
-def _restored_tombstones(local) -> Optional[np.ndarray]:
-    with _STASH_LOCK:
-        entry = _RESTORED.get(id(local))
-    if entry is None or entry[0]() is not local:
-        return None
-    return entry[1]
-
-
-def _set_restored_tombstones(local, keys: Optional[np.ndarray]) -> None:
-    key = id(local)
-    with _STASH_LOCK:
-        _RESTORED.pop(key, None)
-        if keys is not None and keys.size:
-            def forget(_ref, key=key):
-                with _STASH_LOCK:
-                    if key in _RESTORED and _RESTORED[key][0] is _ref:
-                        del _RESTORED[key]
-
-            _RESTORED[key] = (weakref.ref(local, forget), keys)
 
 
 # -- save ---------------------------------------------------------------------------------------------------
