@@ -55,19 +55,51 @@ def _run_threads(targets):
         raise errors[0]
 
 
-class _Countdown:
-    """Sets ``done`` once ``n`` workers have called ``finish`` (from a ``finally``: a worker that raises
-    still ends the loops of the others, so _run_threads reports its error rather than a hang)."""
+class _Race:
+    """Ends a stress run only once it has really raced.
 
-    def __init__(self, n):
+    On a slow machine the workers (pushers) could finish before a racing thread ran once, and the test
+    would check nothing concurrent. So each worker loops while ``keep_going(i)``: at least ``min_iters``
+    rounds, then on until every goal (``name=minimum``) that the racers ``count`` toward is met, or
+    ``max_iters`` rounds (the test's own assertion on the goals then fails). A racer wrapped by ``racer``
+    that stops (on an error, which _run_threads reports) releases the workers too. ``done`` is set once
+    every worker has called ``finish`` (from a ``finally``), which ends the racers' loops.
+    """
+
+    def __init__(self, workers, min_iters, max_iters=None, **goals):
         self.done = threading.Event()
-        self._left = n
+        self.counts = dict.fromkeys(goals, 0)
+        self.worker_rounds = 0
+        self._goals = goals
+        self._min_iters, self._max_iters = min_iters, max_iters or 50 * min_iters
+        self._workers_left = workers
+        self._released = threading.Event()
         self._lock = threading.Lock()
+        if not goals:
+            self._released.set()
 
-    def finish(self):
+    def keep_going(self, i):
+        return i < self._min_iters or (i < self._max_iters and not self._released.is_set())
+
+    def count(self, name, n=1):
         with self._lock:
-            self._left -= 1
-            if self._left == 0:
+            self.counts[name] += n
+            if all(self.counts[k] >= v for k, v in self._goals.items()):
+                self._released.set()
+
+    def racer(self, fn):
+        def run():
+            try:
+                fn()
+            finally:
+                self._released.set()
+        return run
+
+    def finish(self, rounds):
+        with self._lock:
+            self.worker_rounds += rounds
+            self._workers_left -= 1
+            if self._workers_left == 0:
                 self.done.set()
 
 
@@ -79,23 +111,24 @@ def _check_rows_whole(rows):
 
 def test_concurrent_push_pull_lifecycle_export_invariants():
     t = _counting_table()
-    pushers, iters = 3, 12
-    countdown = _Countdown(pushers)
-    done = countdown.done
-    counts = {"pulls": 0, "exports": 0}
+    pushers = 3
+    race = _Race(pushers, min_iters=12, pulls=2, exports=2)
+    done = race.done
 
     def pusher(seed):
         def run():
+            i = 0
             try:
                 rng = np.random.default_rng(seed)
                 grads = np.full((BATCH, 1 + DIM), -1.0, np.float32)
                 shows = np.ones(BATCH, np.float32)
                 clicks = np.zeros(BATCH, np.float32)
-                for _ in range(iters):
+                while race.keep_going(i):
                     keys = rng.integers(-KEY_SPACE // 2, KEY_SPACE // 2, size=BATCH).astype(np.int64)
                     assert t.push(keys, grads, shows, clicks) == 0
+                    i += 1
             finally:
-                countdown.finish()
+                race.finish(i)
         return run
 
     def puller():
@@ -103,7 +136,7 @@ def test_concurrent_push_pull_lifecycle_export_invariants():
         while not done.is_set():
             keys = rng.integers(-KEY_SPACE // 2, KEY_SPACE // 2, size=6000).astype(np.int64)
             _check_rows_whole(t.pull(keys, with_stats=True))
-            counts["pulls"] += 1
+            race.count("pulls")
 
     def lifecycle():
         day = 0
@@ -123,17 +156,18 @@ def test_concurrent_push_pull_lifecycle_export_invariants():
             assert total % BATCH == 0, f"export saw a partial push: total show {total}"
             np.testing.assert_array_equal(base[:, 0], base[:, 5])
             assert len(e["mf"]) == int(e["has_mf"].sum())
-            counts["exports"] += 1
+            race.count("exports")
 
-    _run_threads([pusher(s) for s in range(pushers)] + [puller, lifecycle, exporter])
+    _run_threads([pusher(s) for s in range(pushers)] + [race.racer(puller), lifecycle, race.racer(exporter)])
 
     e = t.export("checkpoint")
-    assert float(e["base"][:, 0].astype(np.float64).sum()) == pushers * iters * BATCH
+    assert float(e["base"][:, 0].astype(np.float64).sum()) == race.worker_rounds * BATCH
     s = t.stats()
     assert s["inserts"] == len(e["keys"]) == s["keys"] == s["keys_with_mf"]
     assert s["deleted"] == 0
     _check_rows_whole(t.pull(e["keys"], with_stats=True))
-    assert counts["pulls"] > 0 and counts["exports"] > 0
+    # the race really happened: both readers finished calls while the pushers ran
+    assert race.counts["pulls"] >= 2 and race.counts["exports"] >= 2, race.counts
 
 
 def test_concurrent_pushes_equal_sequential_sum():
@@ -159,31 +193,35 @@ def test_concurrent_pushes_equal_sequential_sum():
 def test_concurrent_shrink_with_deletes_keeps_books_balanced():
     t = _counting_table(delete_threshold=0.5)  # S = 0.1 * show: rows with show < 5 are deleted
     pushers = 2
-    countdown = _Countdown(pushers)
-    deleted_by_racing_shrinks = []
+    race = _Race(pushers, min_iters=10, deleted=1)
 
     def pusher(seed):
         def run():
+            i = 0
             try:
                 rng = np.random.default_rng(seed)
                 g = np.full((BATCH, 1 + DIM), -1.0, np.float32)
-                for _ in range(10):
-                    keys = rng.integers(0, 8000, size=BATCH).astype(np.int64)
+                while race.keep_going(i):
+                    # a window sliding over the key space: each round brings new rows with few shows,
+                    # which a shrink deletes, however late the shrinker first gets a CPU
+                    keys = rng.integers(0, 8000, size=BATCH).astype(np.int64) + 4000 * i
                     t.push(keys, g, np.ones(BATCH, np.float32), np.zeros(BATCH, np.float32))
+                    i += 1
             finally:
-                countdown.finish()
+                race.finish(i)
         return run
 
     def shrinker():
-        while not countdown.done.is_set():
-            deleted_by_racing_shrinks.append(t.shrink())
+        while not race.done.is_set():
+            race.count("deleted", t.shrink())
 
-    _run_threads([pusher(s) for s in range(pushers)] + [shrinker])
+    _run_threads([pusher(s) for s in range(pushers)] + [race.racer(shrinker)])
     # The race really happened: shrinks ran while the pushers did, and some of them deleted rows.
-    assert sum(deleted_by_racing_shrinks) > 0
+    assert race.counts["deleted"] > 0
     s = t.stats()
     e = t.export("checkpoint")
     assert s["keys"] == len(e["keys"]) == len(t)
     assert s["inserts"] == s["deleted"] + s["keys"]
     assert len(e["tombstones"]) == s["deleted"]
+    assert s["deleted"] == race.counts["deleted"]  # shrink is the only thing deleting here
     _check_rows_whole(t.pull(e["keys"], with_stats=True))
