@@ -399,6 +399,20 @@ def test_float32_degenerate_rule_settings_are_refused():
         _C.Table({"dim": 2, "lr_optimizer": {"name": "ftrl", "beta": 0.0, "l2": 0.0}})
     FTRL(beta=0.0, l2=1e-3)
     FTRL(beta=0.5, l2=0.0)
+    # ... and so with beta / alpha and l2 too small for float32, which the table's loop stores them in: the
+    # loop's w = -z / (beta / alpha) for a gradient of 1e-25 was a jump to the bound
+    for beta, l2, alpha in ((1e-50, 0.0, 1.0), (0.0, 1e-50, 1.0), (1e-30, 0.0, 1e20), (1e-50, 1e-50, 0.5)):
+        with pytest.raises(ValueError, match="FTRL needs beta > 0 or l2 > 0 in float32"):
+            FTRL(beta=beta, l2=l2, alpha=alpha)
+        with pytest.raises(ValueError, match="FTRL needs beta > 0 or l2 > 0 in float32"):
+            _C.Table({"dim": 2, "lr_optimizer": {"name": "ftrl", "beta": beta, "l2": l2, "alpha": alpha}})
+    FTRL(beta=1e-40, l2=0.0)  # a float32 subnormal is stored, and so not refused
+    FTRL(beta=1e300, l2=1e300, alpha=1e-300)  # past float32's range the table saturates, also not refused
+    cfg = TableConfig(dim=2, lr_optimizer=FTRL(beta=1e300, l1=1e300), mf_optimizer=FTRL(beta=1e-40))
+    table = _C.Table(cfg.to_dict())
+    table.push(np.array([1], np.int64), np.full((1, 3), 1e-25, np.float32), np.array([1e6], np.float32),
+               np.zeros(1, np.float32))
+    assert np.isfinite(table.pull(np.array([1], np.int64))).all()
 
 
 def test_zero_show_uses_scale_one():

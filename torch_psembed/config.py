@@ -58,6 +58,7 @@ def _check_number(owner: str, name: str, v: object, low: float, high: float, low
 
 
 _LARGEST_FLOAT32_BELOW_1 = 1.0 - 2.0**-24
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _as_float32(v: float) -> float:
@@ -160,14 +161,17 @@ class FTRL(SGD):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_finite_nonneg(self, "FTRL", "beta", "l1", "l2")
-        if self.beta == 0.0 and self.l2 == 0.0:
-            # Then w = -z / (sqrt(n) / alpha), and n (float32 state) rounds to 0 for a gradient under ~1e-19:
-            # the weight would jump to a bound.
-            raise ValueError("FTRL needs beta > 0 or l2 > 0 (with both 0 the weight divides by sqrt(n), which "
-                             "float32 state cannot hold for tiny gradients)")
         if self.alpha is not None:
             _check_number("FTRL", "alpha", self.alpha, 0.0, math.inf, low_open=True, high_open=True)
             _set_float(self, "alpha", self.alpha)
+        # The table's float32 loop divides by (beta + sqrt(n)) / alpha + l2, and n (float32 state) rounds to 0
+        # for a gradient under ~1e-19: with beta / alpha and l2 both 0 in float32 (both 0, or too small to be
+        # stored) the weight would jump to a bound.
+        beta, l2, inv_alpha = (_as_float32(min(v, _FLOAT32_MAX)) for v in (self.beta, self.l2, 1.0 / self.effective_alpha))
+        if _as_float32(beta * inv_alpha) == 0.0 and l2 == 0.0:
+            raise ValueError(f"FTRL needs beta > 0 or l2 > 0 in float32 (beta / alpha and l2 as the table stores "
+                             f"them; with both 0 the weight divides by sqrt(n), which float32 state cannot hold for "
+                             f"tiny gradients), got beta {self.beta!r}, l2 {self.l2!r}, alpha {self.effective_alpha!r}")
 
     @property
     def effective_alpha(self) -> float:

@@ -203,8 +203,9 @@ class FtrlRule final : public SparseRule {
     float* z = state;
     float* n = state + dim_;
     const float inv_alpha = SaturateToFloat(1.0 / options_.alpha);
-    const float l1 = static_cast<float>(options_.l1), l2 = static_cast<float>(options_.l2);
-    const float beta = static_cast<float>(options_.beta);
+    // Saturated: the settings are any finite doubles >= 0, and a cast of one past float32's range is undefined.
+    const float l1 = SaturateToFloat(options_.l1), l2 = SaturateToFloat(options_.l2);
+    const float beta = SaturateToFloat(options_.beta);
     for (int i = 0; i < dim_; ++i) {
       const float gi = g[i];
       const float g2 = gi * gi;
