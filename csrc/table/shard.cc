@@ -256,6 +256,11 @@ void Shard::Load(uint64_t key, uint64_t hash, const float* base, const float* mf
 bool Shard::LoadIndexBulk(uint64_t* io, const uint8_t* has_mf, size_t n, std::vector<uint32_t>* existing) {
   const size_t existing_before = existing->size();
   size_t done = 0;  // io[0, done) hold results (a row or kLoadExisting); io[done, n) still keys
+  // Phase 3 moves a present row whose mf flag differs from its record into the other pool. Each such row
+  // of the load counts one record of that pool; phase 1 reserves them, so that phase 3 allocates nothing
+  // and the load stays all-or-nothing. (A key whose rows flip back and forth reuses the record it freed;
+  // so the count over rows bounds what the pools give out.)
+  size_t to_long = 0, to_short = 0;
   try {
     index_.Reserve(index_.size() + n);
     // Hashes of the keys kAhead ahead (their slots are being prefetched), in a ring.
@@ -282,11 +287,14 @@ bool Shard::LoadIndexBulk(uint64_t* io, const uint8_t* has_mf, size_t n, std::ve
         existing->push_back(static_cast<uint32_t>(j));  // may throw: io[j] is still the key then
         io[j] = kLoadExisting;
         done = j + 1;
+        if (RowRef::HasMf(found) != (has_mf[j] != 0)) ++(has_mf[j] != 0 ? to_long : to_short);
         continue;
       }
       io[j] = ref;  // from here on the undo covers this row
       done = j + 1;
     }
+    mf_records_.Reserve(to_long);
+    records_.Reserve(to_short);
   } catch (const std::bad_alloc&) {
     // Undo what this call did: the keys it inserted and their records.
     UndoLoadIndexBulk(io, done);

@@ -128,8 +128,9 @@ class Shard {
   // absent key gets a new record, long if has_mf[j]: io[j] = its RowRef; the records are written in
   // phase 2 (WriteNewRow). A key already present (in the table, or
   // earlier in this load) gets io[j] = kLoadExisting and j is appended to *existing: phase 3 overwrites
-  // it in input order (LoadExistingRow), so the last row of a key wins. On std::bad_alloc returns false
-  // with this shard as it was before the call.
+  // it in input order (LoadExistingRow), so the last row of a key wins. Reserves the records phase 3's
+  // moves between the pools take, so that phase 3 cannot fail. On std::bad_alloc returns false with this
+  // shard's rows and index as they were before the call (its pools may keep room they reserved).
   static constexpr uint64_t kLoadExisting = ~uint64_t{0};
   // RowHeader::reserved of a row LoadIndexBulk made and phase 2 has not written yet (live rows hold 0).
   static constexpr uint16_t kLoadMark = 0x10ad;
@@ -143,7 +144,8 @@ class Shard {
   void WriteNewRow(uint64_t io, const float* base, const float* mf) NO_THREAD_SAFETY_ANALYSIS;
   // Hints the cache that WriteNewRow(io, ...) comes soon (both ends of the record).
   void PrefetchNewRow(uint64_t io) const NO_THREAD_SAFETY_ANALYSIS { PrefetchRecord(static_cast<uint32_t>(io), 1); }
-  // Phase 3: overwrites the row of a present key (insert-or-overwrite, as Load).
+  // Phase 3: overwrites the row of a present key (insert-or-overwrite, as Load). Allocates nothing for a
+  // key of the LoadIndexBulk before it (its records reserved there).
   void LoadExistingRow(uint64_t key, const float* base, const float* mf) NO_THREAD_SAFETY_ANALYSIS {
     LoadLocked(key, TableHash(key), base, mf);
   }

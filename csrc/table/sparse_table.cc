@@ -1151,7 +1151,8 @@ Status SparseTable::LoadSegments(const RowSegment* segs, size_t num_segs, bool c
       m += has ? 1 : 0;
     }
   };
-  // Phase 3, one task per shard: rows of keys that were present, in input order.
+  // Phase 3, one task per shard: rows of keys that were present, in input order. A row that gains or loses
+  // its mf moves into a record phase 1 reserved, so this allocates nothing either.
   const std::function<void(size_t)> load_existing_rows = [&](size_t s) {
     Shard* sh = shards_[s].get();
     for (uint32_t j : existing[s]) {

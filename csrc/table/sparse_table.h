@@ -216,9 +216,11 @@ class SparseTable {
   // the has_mf count is checked then. The load itself, with every shard lock held throughout (a
   // concurrent pull sees a row wholly loaded or not at all): the keys and flags are scattered into shard
   // order (9 bytes of scratch per row); phase 1, per shard, finds or inserts every key in its index
-  // (grown once), allocating the new rows' records; phase 2, per block of input, walks the input in
-  // order and writes each new row into its shard's records (sequential reads; writes sequential per
-  // shard); phase 3, per shard, overwrites the rows of keys that were present, in input order.
+  // (grown once), allocating the new rows' records and reserving those that phase 3 moves rows into;
+  // phase 2, per block of input, walks the input in order and writes each new row into its shard's
+  // records (sequential reads; writes sequential per shard); phase 3, per shard, overwrites the rows of
+  // keys that were present, in input order. Only the scatter and phase 1 allocate: a std::bad_alloc
+  // leaves every row and key as before the call (a shard's pools may keep room they reserved).
   // REQUIRES: segs[i].n < 2^32.
   Status LoadRowSegments(const RowSegment* segs, size_t num_segs, bool check = true);
   // The checks of LoadRowSegments alone (in parallel; changes nothing).

@@ -20,6 +20,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstring>
 #include <map>
 #include <random>
 #include <set>
@@ -762,6 +763,64 @@ void TestBulkLoadFailureLeavesNoUnwrittenRow() {
   std::fprintf(stderr, "  bulk loads failed at %d allocations, none leaving an unwritten row\n", failures);
 }
 
+// A std::bad_alloc anywhere in a bulk load leaves the table as it was, also when the load gives present
+// rows their mf: phase 3 moved those rows into the long pool one by one, so an allocation failing there left
+// the load half done (some rows loaded, the rest not) after phases 1 and 2 had gone through.
+void TestBulkLoadIsAllOrNothing() {
+  TableOptions o;
+  o.dim = 2;
+  o.num_shards = 4;
+  o.num_threads = 2;
+  o.accessor.embedx_threshold = 1e30f;  // pushed rows get no mf
+  const int n = 6000;
+  std::vector<uint64_t> keys(n);
+  std::vector<float> grads(n * 3, 0.5f), shows(n, 5.0f), clicks(n, 1.0f);
+  for (int i = 0; i < n; ++i) keys[i] = i + 1;
+  // The load: every pushed key again, now with mf (show 7), then n / 4 new keys.
+  const int m = n + n / 4;
+  std::vector<uint64_t> lk(m);
+  for (int i = 0; i < m; ++i) lk[i] = i + 1;
+  int failures = 0;
+  for (bool persist : {false, true}) {
+    for (long k = 0; k < 1000; ++k) {
+      SparseTable t(o);
+      const size_t bw = t.layout().base_export_width(), mw = t.layout().mf_width(), w = 3 + 2;
+      t.Push(keys.data(), n, grads.data(), shows.data(), clicks.data(), nullptr, nullptr);
+      std::vector<float> before(n * w), after(n * w);
+      t.Pull(keys.data(), n, true, before.data());
+      std::vector<float> base(m * bw, 0.0f), mf(m * mw, 9.0f);
+      std::vector<uint8_t> has_mf(m, 1);
+      for (int i = 0; i < m; ++i) base[i * bw + 0] = 7.0f;
+      const RowSegment seg{lk.data(), static_cast<size_t>(m), base.data(), has_mf.data(), mf.data(),
+                           static_cast<size_t>(m)};
+      bool threw = false;
+      failing_new::FailFrom(k, persist);
+      try {
+        (void)t.LoadRowSegments(&seg, 1, /*check=*/true);
+      } catch (const std::bad_alloc&) {
+        threw = true;
+      }
+      failing_new::Stop();
+      if (!threw) {
+        CHECK_EQ(t.Size(), static_cast<size_t>(m));
+        t.Pull(keys.data(), n, true, after.data());
+        for (int i = 0; i < n; ++i) CHECK_EQ(after[i * w + 3], 9.0f);  // every present row got its mf
+        break;
+      }
+      ++failures;
+      CHECK_EQ(t.Size(), static_cast<size_t>(n));
+      for (int i = n; i < m; ++i) CHECK(!t.Contains(lk[i]));
+      t.Pull(keys.data(), n, true, after.data());
+      size_t loaded = 0;
+      for (int i = 0; i < n; ++i) loaded += after[i * w] == 7.0f ? 1 : 0;
+      CHECK_EQ(loaded, size_t{0});
+      CHECK(std::memcmp(before.data(), after.data(), before.size() * sizeof(float)) == 0);
+    }
+  }
+  CHECK(failures > 0);
+  std::fprintf(stderr, "  bulk loads failed at %d allocations, each leaving the table as it was\n", failures);
+}
+
 }  // namespace
 }  // namespace psembed
 
@@ -779,5 +838,6 @@ int main() {
   RUN_TEST(psembed::TestConcurrentBulkLoadExportSave);
   RUN_TEST(psembed::TestEndDayFailsWholeOrNotAtAll);
   RUN_TEST(psembed::TestBulkLoadFailureLeavesNoUnwrittenRow);
+  RUN_TEST(psembed::TestBulkLoadIsAllOrNothing);
   return 0;
 }

@@ -231,6 +231,50 @@ void TestSlabPoolClearUnderBadAlloc() {
   CHECK_EQ(arena.bytes_in_use(), a_bytes);  // only a's (refilled) chunks are left
 }
 
+// Reserve(n) counts the free list and the unused end of the last chunk, adds chunks for the rest, and then
+// n Allocate() calls succeed while every heap allocation fails (the chunk directory included).
+void TestSlabPoolReserveMakesAllocateInfallible() {
+  ChunkArena arena;
+  SlabPool p(32, &arena);
+  constexpr uint32_t kChunk = SlabPool::kChunkRecords;
+  for (uint32_t i = 0; i < kChunk + 10; ++i) p.Allocate();  // two chunks, the second nearly empty
+  for (uint32_t i = 0; i < 100; ++i) p.Free(i);             // 100 on the free list
+  const size_t two_chunks = 2 * 32 * size_t{kChunk};
+  CHECK_EQ(arena.bytes_in_use(), two_chunks);
+  p.Reserve(100 + (kChunk - 10));  // exactly the room there is: no chunk added
+  CHECK_EQ(arena.bytes_in_use(), two_chunks);
+  const size_t want = 100 + (kChunk - 10) + 2 * kChunk + 1;  // three more chunks' worth
+  p.Reserve(want);
+  CHECK_EQ(arena.bytes_in_use(), two_chunks + 3 * 32 * size_t{kChunk});
+  const size_t live = p.live();
+  {
+    FailAllocations fail;
+    for (size_t i = 0; i < want; ++i) p.Allocate();
+  }
+  CHECK_EQ(p.live(), live + want);
+  // Those took the fifth chunk's first record; the rest of it is room too. Past it, a sixth chunk would
+  // need the directory to grow, which fails.
+  bool threw = false;
+  {
+    FailAllocations fail;
+    for (uint32_t i = 0; i < kChunk - 1; ++i) p.Allocate();
+    try {
+      p.Allocate();
+    } catch (const std::bad_alloc&) {
+      threw = true;
+    }
+  }
+  CHECK(threw);
+  CHECK_EQ(p.live(), live + want + kChunk - 1);
+  threw = false;
+  try {
+    p.Reserve(size_t{SlabPool::kMaxRecords});  // more than a pool can ever hold
+  } catch (const std::bad_alloc&) {
+    threw = true;
+  }
+  CHECK(threw);
+}
+
 }  // namespace
 }  // namespace psembed
 
@@ -241,5 +285,6 @@ int main() {
   RUN_TEST(psembed::TestConcurrentBlocksNeverOverlap);
   RUN_TEST(psembed::TestFreeNeverAllocates);
   RUN_TEST(psembed::TestSlabPoolClearUnderBadAlloc);
+  RUN_TEST(psembed::TestSlabPoolReserveMakesAllocateInfallible);
   return 0;
 }

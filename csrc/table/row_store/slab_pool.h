@@ -11,6 +11,7 @@
 #define PSEMBED_TABLE_ROW_STORE_SLAB_POOL_H_
 
 #include <cassert>
+#include <cstddef>
 #include <cstdint>
 #include <new>
 #include <vector>
@@ -52,6 +53,20 @@ class SlabPool {
     }
     ++live_;
     return next_++;
+  }
+
+  // Makes room for n more records: the next n Allocate() calls take no chunk and cannot throw (Free()s
+  // between them only add room). Throws std::bad_alloc (also when n would pass kMaxRecords); chunks it
+  // added before failing stay in the pool, as room.
+  void Reserve(size_t n) {
+    const size_t free_listed = next_ - live_;  // every index below next_ is live or on the free list
+    if (n <= free_listed) return;
+    const size_t fresh = n - free_listed;  // records taken from next_ on
+    if (fresh > kMaxRecords - next_) throw std::bad_alloc();
+    const size_t chunks = (next_ + fresh + kChunkRecords - 1) >> kChunkShift;
+    if (chunks <= chunks_.size()) return;
+    chunks_.reserve(chunks);  // first, so push_back cannot throw with a chunk in hand
+    while (chunks_.size() < chunks) chunks_.push_back(static_cast<char*>(arena_->Allocate(chunk_bytes())));
   }
 
   // REQUIRES: idx came from Allocate() and was not freed since.
