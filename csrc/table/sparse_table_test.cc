@@ -707,15 +707,21 @@ void TestEndDayFailsWholeOrNotAtAll() {
   std::fprintf(stderr, "  end_day failed at %d allocations, each time whole\n", failures);
 }
 
-// A std::bad_alloc anywhere in a bulk load, once or from some allocation on (persistent), leaves every key
-// absent or holding a row some call wrote: never a record phase 1 inserted and phase 2 did not write (an
-// erased key's bytes), and the undo of phase 1 allocates nothing.
-void TestBulkLoadFailureLeavesNoUnwrittenRow() {
+// The tables of the bulk-load failure tests: dim 2, 4 shards, 2 threads (loads of 6000 rows run on the pool).
+TableOptions BulkLoadTestOptions(float embedx_threshold) {
   TableOptions o;
   o.dim = 2;
   o.num_shards = 4;
   o.num_threads = 2;
-  o.accessor.embedx_threshold = 0;  // every pushed row has mf
+  o.accessor.embedx_threshold = embedx_threshold;
+  return o;
+}
+
+// A std::bad_alloc anywhere in a bulk load, once or from some allocation on (persistent), leaves every key
+// absent or holding a row some call wrote: never a record phase 1 inserted and phase 2 did not write (an
+// erased key's bytes), and the undo of phase 1 allocates nothing.
+void TestBulkLoadFailureLeavesNoUnwrittenRow() {
+  const TableOptions o = BulkLoadTestOptions(/*embedx_threshold=*/0);  // every pushed row has mf
   const int n = 6000;  // over the load's kParallelMinKeys: its phases run on the pool (whose set-up allocates)
   int failures = 0;
   for (bool persist : {false, true}) {
@@ -767,11 +773,7 @@ void TestBulkLoadFailureLeavesNoUnwrittenRow() {
 // rows their mf: phase 3 moved those rows into the long pool one by one, so an allocation failing there left
 // the load half done (some rows loaded, the rest not) after phases 1 and 2 had gone through.
 void TestBulkLoadIsAllOrNothing() {
-  TableOptions o;
-  o.dim = 2;
-  o.num_shards = 4;
-  o.num_threads = 2;
-  o.accessor.embedx_threshold = 1e30f;  // pushed rows get no mf
+  const TableOptions o = BulkLoadTestOptions(/*embedx_threshold=*/1e30f);  // pushed rows get no mf
   const int n = 6000;
   std::vector<uint64_t> keys(n);
   std::vector<float> grads(n * 3, 0.5f), shows(n, 5.0f), clicks(n, 1.0f);
