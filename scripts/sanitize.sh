@@ -67,8 +67,11 @@ run_one() {
 }
 
 # The Python tests that drive the extension under ASan+UBSan ("pyasan"): the ones that call into C++ most, in
-# one process (the multi-process tests would only repeat these paths, slower), and the fuzz targets' saved
-# inputs and bounded runs (test_fuzz.py; its subprocesses import the sanitized build from PYTHONPATH too).
+# one process; the fuzz targets' saved inputs and bounded runs (test_fuzz.py); and three multi-process jobs,
+# whose ranks run the data server, its channels and the staleness window: a dedicated server with staleness 0,
+# two colocated ranks with staleness 2, and a server killed in a collective (~30 s; the rest of
+# test_distributed.py would add a minute for paths these cover). Child processes import the sanitized build
+# too: conftest.child_env puts the torch_psembed the test process imported first on their PYTHONPATH.
 T="$ROOT/tests"  # test files by absolute path: pytest runs from the build tree (see run_python)
 # Left out of both: the tests that run a child out of memory (RLIMIT_AS, a 67 GB reply) or out of descriptors
 # (RLIMIT_NOFILE) on purpose. The sanitizers' runtimes abort on an allocation they cannot make instead of
@@ -79,6 +82,9 @@ EXHAUSTING=(--deselect tests/test_data_plane.py::test_a_server_out_of_memory_ans
 PYASAN_TESTS=("$T"/test_table_api.py "$T"/test_table_numerics.py "$T"/test_autograd.py "$T"/test_embedding.py
               "$T"/test_checkpoint_bulk.py "$T"/test_checkpoint_load.py "$T"/test_data.py "$T"/test_data_plane.py
               "$T"/test_fuzz.py
+              "$T"/test_distributed.py::test_dedicated_server_two_trainers_ddp_staleness0_converges
+              "$T"/test_distributed.py::test_colocated_two_trainers_ddp_staleness2_converges
+              "$T"/test_distributed.py::test_a_server_dying_in_a_collective_is_raised_at_once_by_every_trainer
               # Left out: the tests whose DataLoader forks worker processes. Under ASan one of them hung once
               # in six runs, parent and worker each waiting on torch's multiprocessing queues (not seen
               # without ASan).

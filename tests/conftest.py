@@ -9,8 +9,29 @@ import textwrap
 
 import pytest
 
+import torch_psembed
 from torch_psembed import _C
 from torch_psembed.config import CtrAccessorConfig, TableConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The folder of the torch_psembed this process imported: the checkout, or under scripts/sanitize.sh the build's
+# site/ with the sanitized extension, which the tests' child processes must import too (they put the checkout
+# first before, and so ran the plain build under a sanitizer run).
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(torch_psembed.__file__)))
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE",
+                  "TORCHELASTIC_USE_AGENT_STORE", "PSEMBED_RPC_PORT")
+
+
+def child_env(extra: dict | None = None) -> dict:
+    """The environment of a Python process a test starts: this one's without torchrun's variables (a test sets
+    its own), OMP_NUM_THREADS=1, and PYTHONPATH leading to the torch_psembed this process imported, then the
+    checkout (the tests' own modules), then what it held; ``extra`` on top."""
+    env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS}
+    env["OMP_NUM_THREADS"] = "1"
+    paths = [PACKAGE_ROOT, REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env.update(extra or {})
+    return env
 
 
 @pytest.fixture

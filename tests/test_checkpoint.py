@@ -25,6 +25,8 @@ from torch_psembed.checkpoint import _rows as R
 from torch_psembed.distributed.ports import free_port_pair
 from torch_psembed.errors import CheckpointMismatchError, CorruptCheckpointError
 
+from conftest import REPO, child_env
+
 DIM = 4
 ACC = pse.CtrAccessorConfig(
     nonclk_coeff=0.25,
@@ -754,15 +756,12 @@ def test_two_rank_save_loads_into_1_2_and_3_parts(tmp_path):
     single = populated(n=300, seed=21)
     single.save(tmp_path / "single")
     port = free_port_pair()  # the process group on port, RPC on port + 1
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     procs = []
     for r in range(2):
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        env.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   PSEMBED_RPC_PORT=str(port + 1), OMP_NUM_THREADS="1",
-                   PYTHONPATH=repo + os.pathsep + env.get("PYTHONPATH", ""))
+        env = child_env(dict(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                             MASTER_PORT=str(port), PSEMBED_RPC_PORT=str(port + 1)))
         procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "dist-worker", str(tmp_path)],
-                                      env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       start_new_session=True))
     outs = []
     try:

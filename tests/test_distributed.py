@@ -31,7 +31,8 @@ from torch_psembed.distributed.rpc_transport import _concise_remote_error, is_tr
 from torch_psembed.distributed.transport import DoneHandle, Handle, Transport
 from torch_psembed.errors import NotInitializedError, PeerUnavailableError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO, child_env  # noqa: E402
+
 WORKER = os.path.join(REPO, "tests", "dist_workers", "worker.py")
 sys.path.insert(0, os.path.join(REPO, "tests", "dist_workers"))
 import worker  # noqa: E402
@@ -547,16 +548,6 @@ def test_table_before_init_under_torchrun_env_is_an_error(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------
 # Multi-process jobs
 # ---------------------------------------------------------------------------------------------------------
-def _child_env(extra=None):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE",
-                        "TORCHELASTIC_USE_AGENT_STORE", "PSEMBED_RPC_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra or {})
-    return env
-
-
 class _Job:
     """Processes started in their own sessions; kill() ends every process they started."""
 
@@ -641,7 +632,7 @@ def _by_hand(world, scenario, out, args, extra_env=None):
     port = free_port_pair()
     specs = []
     for r in range(world):
-        env = _child_env({"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
+        env = child_env({"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **(extra_env or {})})
         specs.append(([sys.executable, WORKER, scenario, out] + args, env, f"rank{r}"))
     return specs
@@ -651,7 +642,7 @@ def _torchrun(nproc, scenario, out, args):
     port = free_port_pair()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(port), WORKER, scenario, out] + args
-    return [(cmd, _child_env(), "torchrun")]
+    return [(cmd, child_env(), "torchrun")]
 
 
 def _load(out, rank):
@@ -888,7 +879,7 @@ def test_two_hosts_in_network_namespaces(tmp_path, baseline):
             cmd = ["ip", "netns", "exec", ns[i], sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
                    "--node_rank", str(i), "--nproc_per_node", "1", "--master_addr", addr[0],
                    "--master_port", str(port), WORKER, "train", out, "--num-servers", "1", "--staleness", "0"]
-            env = _child_env({"GLOO_SOCKET_IFNAME": dev[i], "TP_SOCKET_IFNAME": dev[i]})
+            env = child_env({"GLOO_SOCKET_IFNAME": dev[i], "TP_SOCKET_IFNAME": dev[i]})
             specs.append((cmd, env, f"node{i}"))
         outs = _run(specs)
     finally:

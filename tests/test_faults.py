@@ -30,7 +30,8 @@ import pytest
 
 from torch_psembed.distributed.ports import free_port_pair
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO, child_env
+
 JOB = os.path.join(REPO, "tests", "fault_workers", "job.py")
 JOB_TIMEOUT = 120  # seconds for a whole job, start-up included (2 loaded cores); then everything is killed
 RPC_TIMEOUT = "5"
@@ -41,13 +42,8 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 def _env(rank: int, world: int, port: int) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE",
-                        "TORCHELASTIC_USE_AGENT_STORE", "PSEMBED_RPC_PORT")}
-    env.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-                "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")})
-    return env
+    return child_env({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                      "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
 
 
 class Job:

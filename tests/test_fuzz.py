@@ -32,8 +32,9 @@ import pytest
 import torch_psembed as pse
 from torch_psembed.errors import CheckpointMismatchError, CorruptCheckpointError
 
+from conftest import child_env
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 FUZZ = os.path.join(HERE, "fuzz")
 TARGETS = ("checkpoint", "push_pull", "server", "data_plane")
 # Bounded runs: iterations per target (deterministic with the fixed seed; ~5-10 s each on a quiet core).
@@ -56,11 +57,6 @@ def _inputs(target):
     return out
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
 
 
 _REPLAYS = {}
@@ -70,7 +66,7 @@ def _replay(target, tmp_path_factory):
     """Replay all saved inputs of ``target`` in one subprocess; ``{file: "ok" | traceback}``."""
     if target not in _REPLAYS:
         out = str(tmp_path_factory.mktemp("replay") / f"{target}.json")
-        env = _env()
+        env = child_env()
         env["PSE_FUZZ_REPLAY_JSON"] = out
         files = _inputs(target)
         p = subprocess.run([sys.executable, os.path.join(FUZZ, f"fuzz_{target}.py"), "replay", *files],
@@ -101,7 +97,7 @@ def test_bounded_fuzz_run(target, tmp_path):
     script = os.path.join(FUZZ, f"fuzz_{target}.py")
     corpus = os.path.join(FUZZ, "corpus", target)
     findings = tmp_path / "findings"
-    env = _env()
+    env = child_env()
     env["PSE_FUZZ_COLLECT"] = str(findings)
     # Known bugs fail their own test_saved_input; this run looks for new ones.
     env["PSE_FUZZ_KNOWN"] = os.path.join(FUZZ, "regressions", target)

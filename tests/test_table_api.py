@@ -17,7 +17,7 @@ from torch_psembed import _C
 from torch_psembed.config import FTRL, SGD, AdaGrad, Adam, CtrAccessorConfig, StdAdaGrad, TableConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import run_python  # noqa: E402
+from conftest import child_env, run_python  # noqa: E402
 from reference.ctr_reference import uniform as ref_uniform  # noqa: E402  (independent of _C.uniform)
 
 U64 = (1 << 64) - 1
@@ -1055,8 +1055,7 @@ def test_num_threads_0_means_the_cpus_this_process_may_run_on():
             "from torch_psembed import _C\n"
             "from torch_psembed.config import TableConfig\n"
             "print(_C.Table(TableConfig(dim=2, num_threads=0).to_dict()).num_threads)\n")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = run_python(code, timeout=120, env={"PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])})
+    out = run_python(code, timeout=120, env=child_env())
     assert out.strip() == "1"
     unpinned = _C.Table(TableConfig(dim=2, num_threads=0).to_dict()).num_threads
     assert unpinned == len(os.sched_getaffinity(0))

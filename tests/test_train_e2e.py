@@ -14,6 +14,8 @@ from torch_psembed.metrics import read_jsonl
 from torch_psembed.distributed.ports import free_port
 from torch_psembed.train import load_config, run
 
+from conftest import child_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CRITEO = "/work/shared/data/criteo_kaggle_sample"
 
@@ -76,7 +78,7 @@ def _check_run(out, days=2, passes=2, min_auc=0.6):
 def _torchrun_tiny_job(tmp_path, *flags):
     """The tiny job under torchrun with 2 processes on 127.0.0.1; returns (its out dir, its stdout)."""
     out = str(tmp_path / "run")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = child_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), "-m", "torch_psembed.train", "--out", out, *TINY, *flags]
     proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=400)

@@ -18,6 +18,7 @@ Scenarios:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -28,7 +29,11 @@ import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root
+# The checkout's package, unless torch_psembed is importable already: the tests start this script with the
+# package their own process imported first on PYTHONPATH (conftest.child_env), under scripts/sanitize.sh the
+# sanitized build, which an insert at 0 here used to hide.
+if importlib.util.find_spec("torch_psembed") is None:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root
 
 import torch_psembed as pse  # noqa: E402
 from torch_psembed import _C  # noqa: E402
