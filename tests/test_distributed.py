@@ -627,6 +627,27 @@ def _run(job_specs, timeout=JOB_TIMEOUT):
         job.kill()
 
 
+@pytest.mark.parametrize("script", [WORKER, os.path.join(REPO, "tests", "fault_workers", "job.py")],
+                         ids=["dist_worker", "fault_job"])
+def test_job_scripts_import_the_package_put_first_on_pythonpath(tmp_path, script):
+    # scripts/sanitize.sh runs tests against a sanitized build put first on PYTHONPATH (conftest.child_env); the
+    # job scripts inserted the checkout at sys.path[0], so every rank of a job ran the plain build (session 27).
+    fake = tmp_path / "torch_psembed"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("import sys\nprint('the package first on PYTHONPATH')\nsys.exit(0)\n")
+    env = child_env()
+    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env["PYTHONPATH"]
+    r = subprocess.run([sys.executable, script], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "the package first on PYTHONPATH" in r.stdout, (r.stdout, r.stderr[-2000:])
+    # and a child started with child_env imports the package this process imported
+    (tmp_path / "probe").mkdir()  # not beside the fake package: a script's own folder comes first on sys.path
+    probe = tmp_path / "probe" / "probe.py"
+    probe.write_text("import torch_psembed\nprint(torch_psembed.__file__)\n")
+    r = subprocess.run([sys.executable, str(probe)], env=child_env(), cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.stdout.strip() == os.path.abspath(pse.__file__), (r.stdout, r.stderr[-2000:])
+
+
 def _by_hand(world, scenario, out, args, extra_env=None):
     """torchrun's environment set by hand: one process per rank (so a dead rank is not reaped by torchrun)."""
     port = free_port_pair()
