@@ -24,11 +24,13 @@ namespace {
 
 // The Python exception of a status code: the channel's own failures (IOError) are ConnectionError, a
 // refusal of bad values ValueError, running out of memory MemoryError, anything else RuntimeError.
-[[noreturn]] void ThrowStatus(Status::Code code, const std::string& message) {
+// server_side: the status is a data server's verdict on a request, not this process's own: an IOError there
+// is the server's failure (RuntimeError), not a broken connection.
+[[noreturn]] void ThrowStatus(Status::Code code, const std::string& message, bool server_side = false) {
   PyObject* type = PyExc_RuntimeError;
   switch (code) {
     case Status::kIOError:
-      type = PyExc_ConnectionError;
+      if (!server_side) type = PyExc_ConnectionError;
       break;
     case Status::kInvalidArgument:
     case Status::kNotFound:
@@ -157,8 +159,7 @@ class PyDataChannel {
       s = channel_->Wait(id, timeout, &r);
     }
     ThrowIfFailed(s);
-    // The server's verdict on the request (an IOError there is its own failure, not this channel's).
-    if (r.code != Status::kOk) ThrowStatus(r.code == Status::kIOError ? Status::kCorruption : r.code, r.message);
+    if (r.code != Status::kOk) ThrowStatus(r.code, r.message, /*server_side=*/true);
     if (r.width == 0) return py::int_(r.value);  // a push
     const std::vector<py::ssize_t> shape = {static_cast<py::ssize_t>(r.value), static_cast<py::ssize_t>(r.width)};
     if (r.value == 0) return py::array_t<float>(shape);

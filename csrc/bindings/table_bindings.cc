@@ -26,6 +26,7 @@
 #include "bindings/table_handle.h"
 #include "table/checked_push.h"
 #include "table/row_store/feature_value.h"
+#include "table/sparse_rule.h"
 #include "table/sparse_table.h"
 #include "util/crc32.h"
 #include "util/float_string.h"
@@ -178,10 +179,9 @@ RuleOptions ParseRule(const py::handle& obj, const std::string& ctx) {
     o.beta = r.NonNeg("beta", o.beta);
     o.l1 = r.NonNeg("l1", o.l1);
     o.l2 = r.NonNeg("l2", o.l2);
-    // The float32 loop divides by (beta + sqrt(n)) / alpha + l2 (sparse_rule.cc), and float32 n rounds to 0 for
-    // tiny gradients: with beta / alpha and l2 both 0 in float32 (beta = l2 = 0, or too small to be stored) the
-    // weight would jump to a bound.
-    if (!(SaturateToFloat(o.beta) * SaturateToFloat(1.0 / o.alpha) > 0.0f || SaturateToFloat(o.l2) > 0.0f)) {
+    // With beta / alpha and l2 both 0 in float32 (beta = l2 = 0, or too small to be stored) a tiny gradient
+    // would send the weight to a bound (FtrlFloats, table/sparse_rule.h).
+    if (!FtrlFloats(o).DenominatorPositive()) {
       throw py::value_error(ctx + " FTRL needs beta > 0 or l2 > 0 in float32 (beta / alpha and l2 as the table "
                             "stores them), got beta " + FloatString(o.beta) + ", l2 " + FloatString(o.l2) +
                             ", alpha " + FloatString(o.alpha));

@@ -199,7 +199,7 @@ size_t Shard::CountDoomed(double factor, uint32_t add_unseen) {
   return doomed;
 }
 
-size_t Shard::DecayAndDelete(double factor, uint32_t add_unseen, std::vector<uint64_t>* deleted,
+size_t Shard::DecayAndDelete(double factor, uint32_t add_unseen, size_t max_deleted, std::vector<uint64_t>* deleted,
                              int64_t new_day_index) {
   WriterMutexLock l(&mu_);
   const bool boundary = new_day_index >= 0;
@@ -207,10 +207,11 @@ size_t Shard::DecayAndDelete(double factor, uint32_t add_unseen, std::vector<uin
   // Two passes: backward-shift deletion moves entries, so deleting while scanning could visit an
   // entry twice (and decay it twice). The keys go straight into *deleted, within its reserved room.
   const size_t first = deleted->size();
+  const size_t limit = first + max_deleted;
   index_.ForEach([&](uint64_t key, uint32_t row) {
     RowHeader* h = Row(row);
     DecayAndAge(*accessor_, h, factor, add_unseen);
-    if (accessor_->ShouldDelete(*h) && deleted->size() < deleted->capacity()) deleted->push_back(key);
+    if (accessor_->ShouldDelete(*h) && deleted->size() < limit) deleted->push_back(key);
   });
   for (size_t i = first; i < deleted->size(); ++i) DeleteRowLocked((*deleted)[i], TableHash((*deleted)[i]));
   const size_t num = deleted->size() - first;

@@ -97,12 +97,12 @@ class Shard {
   // reserves room for their keys with it, so that the pass that changes rows allocates nothing.
   size_t CountDoomed(double factor, uint32_t add_unseen) LOCKS_EXCLUDED(mu_);
   // show, click *= factor; unseen_days += add_unseen (saturating); then deletes rows by the delete
-  // predicate, appending their keys to *deleted, at most deleted->capacity() - deleted->size() of them (the
-  // room CountDoomed asked for; a row that became deletable since, by a push in between, waits for the
-  // next pass). Returns the number deleted. Allocates nothing, so it never stops half-way. If
-  // new_day_index >= 0 this is a day boundary (end_day): admission draws use day index new_day_index
+  // predicate, appending their keys to *deleted, at most max_deleted of them (what CountDoomed counted; a row
+  // that became deletable since, by a push in between, waits for the next pass). REQUIRES: room in *deleted
+  // for max_deleted more keys. Returns the number deleted. Allocates nothing, so it never stops half-way.
+  // If new_day_index >= 0 this is a day boundary (end_day): admission draws use day index new_day_index
   // from now on.
-  size_t DecayAndDelete(double factor, uint32_t add_unseen, std::vector<uint64_t>* deleted,
+  size_t DecayAndDelete(double factor, uint32_t add_unseen, size_t max_deleted, std::vector<uint64_t>* deleted,
                         int64_t new_day_index = -1) LOCKS_EXCLUDED(mu_);
 
   // Sets the day index of admission draws (table day + 1) (checkpoint load).

@@ -164,6 +164,16 @@ class AdamRule final : public SparseRule {
   }
 };
 
+}  // namespace
+
+FtrlFloats::FtrlFloats(const RuleOptions& o)
+    : inv_alpha(SaturateToFloat(1.0 / o.alpha)),
+      beta(SaturateToFloat(o.beta)),
+      l1(SaturateToFloat(o.l1)),
+      l2(SaturateToFloat(o.l2)) {}
+
+namespace {
+
 // FTRL-Proximal, per coordinate z, n; raw gradient:
 // sigma = (sqrt(n + g²) - sqrt(n)) / alpha; z += g - sigma w; n += g²;
 // w = 0 if |z| <= l1 else -(z - sign(z) l1) / ((beta + sqrt(n)) / alpha + l2); then clipped.
@@ -175,7 +185,7 @@ class AdamRule final : public SparseRule {
 // kFloatLoopMaxGrad takes the double loop, so that no square overflows float32 where double's did not.
 class FtrlRule final : public SparseRule {
  public:
-  using SparseRule::SparseRule;
+  FtrlRule(const RuleOptions& options, int dim) : SparseRule(options, dim), floats_(options) {}
   int StateDim() const override { return 2 * dim_; }
   void Update(float* w, float* state, const float* g, double) const override {
     if (FitsFloatLoop(g)) {
@@ -202,10 +212,7 @@ class FtrlRule final : public SparseRule {
   void UpdateFloat(float* w, float* state, const float* g) const {
     float* z = state;
     float* n = state + dim_;
-    const float inv_alpha = SaturateToFloat(1.0 / options_.alpha);
-    // Saturated: the settings are any finite doubles >= 0, and a cast of one past float32's range is undefined.
-    const float l1 = SaturateToFloat(options_.l1), l2 = SaturateToFloat(options_.l2);
-    const float beta = SaturateToFloat(options_.beta);
+    const float inv_alpha = floats_.inv_alpha, beta = floats_.beta, l1 = floats_.l1, l2 = floats_.l2;
     for (int i = 0; i < dim_; ++i) {
       const float gi = g[i];
       const float g2 = gi * gi;
@@ -245,6 +252,8 @@ class FtrlRule final : public SparseRule {
       w[i] = static_cast<float>(Bound(wi));
     }
   }
+
+  const FtrlFloats floats_;
 };
 
 }  // namespace

@@ -20,6 +20,16 @@
 
 namespace psembed {
 
+// FTRL's settings as its float32 loop uses them (sparse_rule.cc), each saturated at FLT_MAX: a setting is any
+// finite double >= 0, and a cast of one past float32's range is undefined. The loop divides by
+// (beta + sqrt(n)) * inv_alpha + l2 and float32 n rounds to 0 for tiny gradients, so beta * inv_alpha + l2 must
+// be > 0 in float32, which the config parser checks with DenominatorPositive().
+struct FtrlFloats {
+  explicit FtrlFloats(const RuleOptions& o);
+  bool DenominatorPositive() const { return beta * inv_alpha > 0.0f || l2 > 0.0f; }
+  float inv_alpha, beta, l1, l2;
+};
+
 class SparseRule {
  public:
   SparseRule(const RuleOptions& options, int dim) : options_(WithFiniteBounds(options)), dim_(dim) {}

@@ -272,18 +272,20 @@ size_t SparseTable::DecayAndDeleteAll(double factor, uint32_t add_unseen, int64_
     room += doomed[s];
   }
   {
+    // Whether or not deletions are listed now: an export may turn the listing on before the pass ends.
+    // Nothing else can take this room meanwhile: whatever replaces or empties the list holds delete_mu_.
     MutexLock l(&tomb_mu_);
-    if (track_tombstones_) tombstones_.reserve(tombstones_.size() + room);
+    tombstones_.reserve(tombstones_.size() + room);
   }
   pool_->ParallelFor(
-      num_shards, [&](size_t s) { shards_[s]->DecayAndDelete(factor, add_unseen, &deleted[s], new_day_index); },
+      num_shards,
+      [&](size_t s) { shards_[s]->DecayAndDelete(factor, add_unseen, doomed[s], &deleted[s], new_day_index); },
       num_threads());
   size_t total = 0;
   MutexLock l(&tomb_mu_);
   for (auto& d : deleted) {
     total += d.size();
-    // Within the room reserved above (a list replaced meanwhile by set_tombstones may have to grow).
-    if (track_tombstones_) tombstones_.insert(tombstones_.end(), d.begin(), d.end());
+    if (track_tombstones_) tombstones_.insert(tombstones_.end(), d.begin(), d.end());  // within the room above
   }
   return total;
 }
@@ -580,6 +582,7 @@ Status SparseTable::CheckRowSegments(const RowSegment* segs, size_t num_segs) {
 void SparseTable::SetTombstones(const uint64_t* keys, size_t n) {
   std::vector<uint64_t> list(keys, keys + n);  // copy outside the locks
   ReaderMutexLock gate(&gate_);
+  MutexLock deleting(&delete_mu_);  // not between end_day's reserve of room on the list and its use
   MutexLock l(&tomb_mu_);
   tombstones_.swap(list);
 }
@@ -617,6 +620,7 @@ size_t SparseTable::Erase(const uint64_t* keys, size_t n) {
 
 void SparseTable::Clear() {
   ReaderMutexLock gate(&gate_);
+  MutexLock deleting(&delete_mu_);  // as SetTombstones
   for (auto& shard : shards_) shard->Clear();
   MutexLock l(&tomb_mu_);
   tombstones_.clear();

@@ -222,9 +222,8 @@ void TestThreadsTheSystemRefusesGiveANamedError() {
 // ParallelFor queues one entry per helper, each pointing at the caller's fn. A std::bad_alloc from the
 // queue (a new deque block: libstdc++ holds 32 entries per block, so 63 helpers cross one) used to leave
 // the entries queued before it, and after the caller's fn was gone a worker called it
-// (heap-use-after-free). Now a failed ParallelFor takes them back: fn is never called once it has
-// thrown, even by workers draining the queue as the pool is destroyed; a call that succeeds runs every
-// index once.
+// (heap-use-after-free). Now the entries queued before the failure are taken back and the caller runs
+// every index itself: nothing throws, nothing stays queued, and each index runs once.
 void TestFailedQueueingRunsEveryIndexOnTheCaller() {
   // Queueing used to throw with entries queued that pointed at fn, destroyed as the exception unwound
   // (a use-after-free by the workers); then it threw cleanly, which left a bulk load's phase 2 half done.

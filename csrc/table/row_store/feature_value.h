@@ -41,7 +41,8 @@ struct RowHeader {
   float delta_score;
   int32_t slot;  // -1 until a push gives one
   uint16_t unseen_days;
-  uint16_t reserved;  // 0; padding that keeps lr 4-byte aligned
+  uint16_t reserved;  // padding that keeps lr 4-byte aligned: 0 in a live row (a bulk load marks the rows it
+                      // has inserted but not written yet, Shard::kLoadMark)
 };
 static_assert(sizeof(RowHeader) == 20, "RowHeader layout is part of the memory budget");
 

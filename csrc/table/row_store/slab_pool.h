@@ -10,6 +10,7 @@
 #ifndef PSEMBED_TABLE_ROW_STORE_SLAB_POOL_H_
 #define PSEMBED_TABLE_ROW_STORE_SLAB_POOL_H_
 
+#include <algorithm>
 #include <cassert>
 #include <cstddef>
 #include <cstdint>
@@ -65,7 +66,8 @@ class SlabPool {
     if (fresh > kMaxRecords - next_) throw std::bad_alloc();
     const size_t chunks = (next_ + fresh + kChunkRecords - 1) >> kChunkShift;
     if (chunks <= chunks_.size()) return;
-    chunks_.reserve(chunks);  // first, so push_back cannot throw with a chunk in hand
+    // First, so push_back cannot throw with a chunk in hand; at least doubling, as Allocate grows it.
+    chunks_.reserve(std::max(chunks, 2 * chunks_.size() + 1));
     while (chunks_.size() < chunks) chunks_.push_back(static_cast<char*>(arena_->Allocate(chunk_bytes())));
   }
 
