@@ -48,9 +48,10 @@ def make_c_table():
 def run_python(code: str = "", *, script: str = "", args=(), timeout: float = 300, env=None) -> str:
     """Runs ``code`` (dedented) or the file ``script`` with ``args`` in a fresh interpreter: for limits on memory,
     descriptors or file sizes that must not touch the test process, or a crash it must survive. Asserts it
-    exited 0 (the end of its stderr in the message) and returns its stdout."""
+    exited 0 (the end of its stderr in the message) and returns its stdout. ``env``: the child's whole environment
+    (e.g. child_env()); None: this process's."""
     argv = [sys.executable, script] if script else [sys.executable, "-c", textwrap.dedent(code)]
     proc = subprocess.run(argv + list(args), capture_output=True, text=True, timeout=timeout,
-                          env=None if env is None else {**os.environ, **env})
+                          env=env)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     return proc.stdout

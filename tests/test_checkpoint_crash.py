@@ -24,9 +24,8 @@ from torch_psembed.checkpoint import _format as F
 from torch_psembed.errors import CorruptCheckpointError
 from torch_psembed.tools import verify
 
-from conftest import run_python
+from conftest import child_env, run_python
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 150_000
 DIM = 8
 
@@ -34,7 +33,6 @@ CHILD = textwrap.dedent(
     """
     import os, sys, time
     import numpy as np
-    sys.path.insert(0, {root!r})
     import torch_psembed as pse
     from torch_psembed.checkpoint import _format as F, _rows as R
 
@@ -111,7 +109,7 @@ CHILD = textwrap.dedent(
 def _expected_first_save():
     """The rows of the child's first save (the same generator, shift 0)."""
     ns = {}
-    src = CHILD.format(root=ROOT, dim=DIM)
+    src = CHILD.format(dim=DIM)
     exec(src[src.index("def rows(shift):"):src.index("t, keys, base, has, mf = rows(0)")], {"np": np, "pse": pse, "n": N}, ns)
     t, keys, base, has, mf = ns["rows"](0)
     t._backend.load_rows(keys, base, has, mf)
@@ -121,8 +119,9 @@ def _expected_first_save():
 def _run_and_kill(tmp_path, point):
     path = str(tmp_path / "ck")
     script = tmp_path / "child.py"
-    script.write_text(CHILD.format(root=ROOT, dim=DIM))
-    proc = subprocess.Popen([sys.executable, str(script), path, point, str(N)], stdout=subprocess.PIPE, text=True)
+    script.write_text(CHILD.format(dim=DIM))
+    proc = subprocess.Popen([sys.executable, str(script), path, point, str(N)], stdout=subprocess.PIPE, text=True,
+                            env=child_env())
     watchdog = threading.Timer(240, proc.kill)  # a child that hangs fails the test instead of blocking it
     watchdog.start()
     try:
@@ -173,7 +172,6 @@ SHORT_WRITE_CHILD = textwrap.dedent(
     """
     import os, resource, signal, sys
     import numpy as np
-    sys.path.insert(0, {root!r})
     import torch_psembed as pse
 
     save, srv = sys.argv[1], sys.argv[2]
@@ -213,8 +211,8 @@ def test_a_short_write_fails_the_save_and_the_previous_save_stays(tmp_path):
     pse.export(t, srv, dtype="float32", rows="all")
     before = {p: (open(os.path.join(p, F.MANIFEST)).read(), sorted(os.listdir(p))) for p in (save, srv)}
     script = tmp_path / "child.py"
-    script.write_text(SHORT_WRITE_CHILD.format(root=ROOT, dim=DIM))
-    out = run_python(script=str(script), args=(save, srv), timeout=240)
+    script.write_text(SHORT_WRITE_CHILD.format(dim=DIM))
+    out = run_python(script=str(script), args=(save, srv), timeout=240, env=child_env())
     assert out.split("\n")[:2] == [f"base OSError {errno.EFBIG}", f"export OSError {errno.EFBIG}"], out
     # Nothing of the failed writes is left, and the previous save and export load as they were.
     assert {p: (open(os.path.join(p, F.MANIFEST)).read(), sorted(os.listdir(p))) for p in (save, srv)} == before

@@ -211,8 +211,6 @@ def test_a_reply_that_never_comes_times_out_and_fails_every_request_on_the_chann
             channel.close()
 
 
-
-
 def _fake_server(replies):
     """A listening socket whose one connection answers each request with the next of ``replies``: functions
     (request id, key count) -> bytes. Returns (port, thread)."""

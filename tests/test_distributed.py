@@ -805,12 +805,13 @@ def test_a_server_dying_in_a_collective_is_raised_at_once_by_every_trainer(tmp_p
     # looking at what it sent, and trainer 0 never came: they waited for its process to end, or 1800 s
     # (found by an audit, session 26).
     out = str(tmp_path / "dies")
-    outs = _run(_by_hand(3, "server_dies_in_collective", out, ["--rpc-timeout", "6"]), timeout=90)
+    # rpc_timeout well above what "at once" takes on a slow machine (this job also runs under ASan: scripts/sanitize.sh)
+    outs = _run(_by_hand(3, "server_dies_in_collective", out, ["--rpc-timeout", "15"]), timeout=120)
     assert outs["rank0"][0] == -signal.SIGKILL, _show(outs)
     for r in (1, 2):
         res = _load(out, r)
         assert res["rank"] == 0 and res["error"].startswith("rank 0 is unavailable"), (r, res, _show(outs))
-        assert res["seconds"] < 3.0, (r, res)  # not rpc_timeout (6 s), nor until trainer 0's process ends
+        assert res["seconds"] < 7.5, (r, res)  # not rpc_timeout (15 s), nor until trainer 0's process ends
         assert outs[f"rank{r}"][0] == 1, _show(outs)
 
 

@@ -57,8 +57,6 @@ def _inputs(target):
     return out
 
 
-
-
 _REPLAYS = {}
 
 

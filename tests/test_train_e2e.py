@@ -14,9 +14,8 @@ from torch_psembed.metrics import read_jsonl
 from torch_psembed.distributed.ports import free_port
 from torch_psembed.train import load_config, run
 
-from conftest import child_env
+from conftest import REPO, child_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CRITEO = "/work/shared/data/criteo_kaggle_sample"
 
 # A small click log (small vocabularies so two tiny days are learnable) with every lifecycle step.
@@ -128,7 +127,7 @@ def test_a_diverged_model_is_named_with_its_day_and_pass(tmp_path):
 
 @pytest.mark.skipif(not os.path.isdir(CRITEO), reason="Criteo sample not present")
 def test_criteo_sample_deepfm_over_ps(tmp_path):
-    res = run(["--out", str(tmp_path / "ps"), "--config", os.path.join(ROOT, "configs", "criteo_sample.json"),
+    res = run(["--out", str(tmp_path / "ps"), "--config", os.path.join(REPO, "configs", "criteo_sample.json"),
                "--data-path", os.path.join(CRITEO, "train.txt"), "--file-days", "2",
                "--test-path", os.path.join(CRITEO, "dev.txt"), "--days", "2", "--model", "deepfm", "--no-progress",
                "--no-plot", "--no-save", "--num-workers", "0", "--set", "threads=1"])
@@ -151,7 +150,7 @@ def test_criteo_sample_hashed_baseline(tmp_path):
 
 
 def test_criteo_sample_config_scales_the_lifecycle_to_small_days():
-    cfg = load_config(["--config", os.path.join(ROOT, "configs", "criteo_sample.json"), "--data-path", "x.txt"])
+    cfg = load_config(["--config", os.path.join(REPO, "configs", "criteo_sample.json"), "--data-path", "x.txt"])
     assert cfg["data"]["kind"] == "criteo" and cfg["data"]["file_days"] == 4 and cfg["data"]["batch_size"] == 256
     assert cfg["passes_per_day"] == 1
     acc = cfg["table"]["accessor"]
@@ -223,7 +222,7 @@ def test_config_errors(tmp_path):
         run(["--out", str(tmp_path / "x"), "--set", "table.mf_optimizer.name=\"rmsprop\"", "--no-progress"])
     with pytest.raises(FileNotFoundError, match="holds no run to resume"):
         run(["--out", str(tmp_path / "empty"), "--resume", "--no-progress"])
-    cfg = load_config(["--config", os.path.join(ROOT, "configs", "default.json")])
+    cfg = load_config(["--config", os.path.join(REPO, "configs", "default.json")])
     from torch_psembed.train import DEFAULTS, _run_config
 
     assert _run_config(cfg) == DEFAULTS
