@@ -123,12 +123,20 @@ def test_an_overflow_in_the_embedding_gradient_alone_makes_the_grad_scaler_skip_
     assert len(t) == 3
 
 
-def test_in_a_multi_process_job_an_embedding_overflow_leaves_the_scaler_alone(monkeypatch):
+@pytest.mark.parametrize("world,trainers,told", [(2, None, False), (3, 2, False), (3, 1, True)],
+                         ids=["two_ranks", "two_trainers_one_server", "one_trainer_two_servers"])
+def test_in_a_multi_process_job_an_embedding_overflow_leaves_the_scaler_alone(monkeypatch, world, trainers, told):
     # Only the rank whose embedding gradient overflowed would skip its step (the table's gradient is not
     # all-reduced as DDP's dense ones are), and the replicas would differ for good (audit, session 26): in a
-    # job of more than one rank the push is skipped with a warning and the scaler is not told.
+    # job of more than one trainer the push is skipped with a warning and the scaler is not told. Dedicated
+    # servers hold no replica: with one trainer the scaler is told, as in one process (session 27).
+    from torch_psembed.distributed import runtime
+
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: world)
+    if trainers is not None:
+        monkeypatch.setattr(runtime, "is_initialized", lambda: True)
+        monkeypatch.setattr(runtime, "num_trainers", lambda: trainers)
     t = _table()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     emb = pse.PSEmbedding(t, mode="sum", output="lr_mf", grad_scaler=scaler)
@@ -138,14 +146,19 @@ def test_in_a_multi_process_job_an_embedding_overflow_leaves_the_scaler_alone(mo
         lin.weight.fill_(3e4)
     with torch.autocast("cpu", dtype=torch.float16):
         loss = lin(emb(IDS)).float().mean()
-    with pytest.warns(RuntimeWarning, match="in a multi-process job the grad_scaler is not told"):
+    if told:
         scaler.scale(loss).backward()
+    else:
+        with pytest.warns(RuntimeWarning, match="in a multi-process job the grad_scaler is not told"):
+            scaler.scale(loss).backward()
     before = lin.bias.detach().clone()
     scaler.step(opt)
     scaler.update()
-    # stepped, as every rank does (the bias: the weight's gradient is 0, the rows read zeros); scale kept
-    assert not torch.equal(before, lin.bias) and scaler.get_scale() == 2.0**12
     assert len(t) == 0 and "_unscale_grads_" not in vars(scaler)
+    if told:  # skipped and lowered, as for a dense overflow
+        assert torch.equal(before, lin.bias) and scaler.get_scale() < 2.0**12
+    else:  # stepped, as every rank does (the bias: the weight's gradient is 0, the rows read zeros); scale kept
+        assert not torch.equal(before, lin.bias) and scaler.get_scale() == 2.0**12
 
 
 def test_requires_grad_false_freezes_the_rows_in_train_mode_too():

@@ -406,6 +406,9 @@ def test_float32_degenerate_rule_settings_are_refused():
             FTRL(beta=beta, l2=l2, alpha=alpha)
         with pytest.raises(ValueError, match="FTRL needs beta > 0 or l2 > 0 in float32"):
             _C.Table({"dim": 2, "lr_optimizer": {"name": "ftrl", "beta": beta, "l2": l2, "alpha": alpha}})
+    with pytest.raises(ValueError, match="FTRL's step size alpha must be > 0"):
+        FTRL(learning_rate=0.0)  # alpha falls back to it (this divided by zero before the check)
+    FTRL(learning_rate=0.0, alpha=0.1)
     FTRL(beta=1e-40, l2=0.0)  # a float32 subnormal is stored, and so not refused
     FTRL(beta=1e300, l2=1e300, alpha=1e-300)  # past float32's range the table saturates, also not refused
     cfg = TableConfig(dim=2, lr_optimizer=FTRL(beta=1e300, l1=1e300), mf_optimizer=FTRL(beta=1e-40))

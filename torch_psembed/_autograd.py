@@ -113,6 +113,18 @@ def pull_rows(
     return rows
 
 
+def _dense_replicas() -> int:
+    """Processes holding a replica of the dense model: the trainers of a ``pse.init`` job (its dedicated
+    servers hold none), else torch.distributed's ranks (1 without it)."""
+    from .distributed import runtime  # here: the distributed package imports this module's users
+
+    if runtime.is_initialized():
+        return runtime.num_trainers()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
 def report_overflow(scaler) -> bool:
     """Make ``scaler`` (a ``torch.amp.GradScaler``) treat this iteration as overflowed, as if an optimizer's
     gradient held an inf: each ``step(optimizer)`` until the next ``update()`` skips ``optimizer.step()``, and
@@ -125,8 +137,7 @@ def report_overflow(scaler) -> bool:
     scaler's class and state dict are untouched. ``tests/test_module_expectations.py`` checks it on torch's
     own scaler.
     """
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
+    if _dense_replicas() > 1:
         # Only this rank saw the overflow (the table's gradient is not all-reduced as DDP's dense ones are):
         # a step skipped here alone would leave this replica's dense weights behind the others' for good.
         warnings.warn(

@@ -164,10 +164,14 @@ class FTRL(SGD):
         if self.alpha is not None:
             _check_number("FTRL", "alpha", self.alpha, 0.0, math.inf, low_open=True, high_open=True)
             _set_float(self, "alpha", self.alpha)
+        elif self.learning_rate == 0.0:  # alpha falls back to it, and the table needs alpha > 0
+            raise ValueError("FTRL's step size alpha must be > 0: got alpha=None and learning_rate=0.0 (the "
+                             "default alpha)")
         # The table's float32 loop divides by (beta + sqrt(n)) / alpha + l2, and n (float32 state) rounds to 0
         # for a gradient under ~1e-19: with beta / alpha and l2 both 0 in float32 (both 0, or too small to be
         # stored) the weight would jump to a bound.
-        beta, l2, inv_alpha = (_as_float32(min(v, _FLOAT32_MAX)) for v in (self.beta, self.l2, 1.0 / self.effective_alpha))
+        beta, l2, inv_alpha = (_as_float32(min(v, _FLOAT32_MAX))
+                               for v in (self.beta, self.l2, 1.0 / self.effective_alpha))
         if _as_float32(beta * inv_alpha) == 0.0 and l2 == 0.0:
             raise ValueError(f"FTRL needs beta > 0 or l2 > 0 in float32 (beta / alpha and l2 as the table stores "
                              f"them; with both 0 the weight divides by sqrt(n), which float32 state cannot hold for "

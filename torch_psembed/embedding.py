@@ -142,8 +142,8 @@ class PSEmbedding(ConvertsOutput):
             (NaN/Inf), it skips its push and tells the scaler, so that the scaler's next ``step(optimizer)``
             skips the optimizer step and ``update()`` lowers the scale, as for an overflow in a dense gradient
             (even if the dense gradients are finite; see ``docs/embedding.md``, "Mixed precision", for how; a
-            scaler without ``GradScaler._unscale_grads_``, and any scaler in a multi-process job, where one rank's
-            skipped step would desync the DDP replicas, gets a ``RuntimeWarning`` instead). The reverse does
+            scaler without ``GradScaler._unscale_grads_``, and any scaler in a job of several trainers, where one
+            trainer's skipped step would desync the DDP replicas, gets a ``RuntimeWarning`` instead). The reverse does
             not hold: when only a dense gradient overflowed, the push of a finite gradient has already
             happened. Without ``grad_scaler``, a scaled loss pushes scaled gradients into the table.
             Default: ``None``
