@@ -525,6 +525,23 @@ def test_bad_manifest_is_refused(saved, problem):
     assert_rows_equal(state(t._backend), before)
 
 
+def test_a_save_whose_manifest_readers_would_refuse_is_refused_and_the_previous_save_stays(tmp_path, monkeypatch):
+    # Review (session 27): a manifest over MAX_MANIFEST_BYTES was written, then the writer's own commit check
+    # could not read it, took the save as failed and deleted every data-<id> folder, the new one included.
+    t = populated(n=300)
+    path = tmp_path / "ck"
+    t.save(path, num_buckets=1)
+    first = open(path / F.MANIFEST, "rb").read()
+    monkeypatch.setattr(F, "MAX_MANIFEST_BYTES", len(first) + 64)  # the next save's 8 buckets take more
+    with pytest.raises(ValueError, match="manifest would take .* bytes, more than"):
+        t.save(path, num_buckets=8)
+    assert open(path / F.MANIFEST, "rb").read() == first
+    u = pse.SparseTable(t.config)
+    u.load(path)
+    assert len(u) == len(t)
+    assert sorted(os.listdir(path)) == sorted([F.MANIFEST, F.read_manifest(path)["data_dir"]])
+
+
 @pytest.mark.parametrize("kind", ["directory", "fifo", "device", "too_big"])
 def test_a_manifest_that_is_not_a_small_regular_file_is_corrupt(saved, kind, monkeypatch, capsys):
     # Audit (session 26): manifest.json was read with a bare open().read(): a FIFO hung every reader, a link to

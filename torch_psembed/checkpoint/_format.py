@@ -165,6 +165,17 @@ def write_json_atomic(path: str, obj: Any) -> None:
     write_bytes_atomic(path, json.dumps(obj, indent=1, sort_keys=False).encode())
 
 
+def write_manifest(path: str, manifest: Dict[str, Any]) -> None:
+    """Commit ``manifest`` as ``path``/manifest.json (:func:`write_bytes_atomic`). One the readers would refuse
+    as too big (over MAX_MANIFEST_BYTES) is refused here first, ValueError and nothing written: a save whose
+    manifest no reader could open would not be a save."""
+    data = json.dumps(manifest, indent=1, sort_keys=False).encode()
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ValueError(f"{path}: its manifest would take {len(data)} bytes, more than the {MAX_MANIFEST_BYTES} "
+                         f"a reader accepts (too many files: save with fewer buckets or parts)")
+    write_bytes_atomic(os.path.join(path, MANIFEST), data)
+
+
 def write_bytes_atomic(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` through ``path.tmp`` + fsync + rename + fsync of the directory."""
     tmp = path + ".tmp"

@@ -194,8 +194,11 @@ _OWN_FOLDER = re.compile(r"(data|\.tmp)-[0-9a-f]{32}")
 def _remove_stale(path: str, keep: Optional[str], save_id: str) -> None:
     """Delete what the manifest does not name: older ``data-<id>`` directories and the temporary directories
     of saves that were killed (one directory takes one save at a time); nothing a writer did not make."""
-    current = F.peek_manifest(os.path.join(path, F.MANIFEST), "data_dir")
+    mpath = os.path.join(path, F.MANIFEST)
+    current = F.peek_manifest(mpath, "data_dir")
     if current is None:
+        if os.path.lexists(mpath):  # there, but unreadable: what it names is unknown, so keep everything
+            return
         current = keep
     for name in os.listdir(path):
         full = os.path.join(path, name)
@@ -323,7 +326,7 @@ def save_group(
             F.fsync_dir(tmp)
             os.rename(tmp, os.path.join(path, manifest["data_dir"]))
             F.fsync_dir(path)
-            F.write_json_atomic(os.path.join(path, F.MANIFEST), manifest)
+            F.write_manifest(path, manifest)
         except BaseException as e:  # the other trainers wait in the next step: always reach it
             error = e
     committed = group.run(_srv_finish, path, save_id, mode)

@@ -115,7 +115,7 @@ def _commit_serving(out, export_id, parts, dim, dtype, with_stats, which, source
     F.fsync_dir(tmp)
     os.rename(tmp, os.path.join(out, manifest["data_dir"]))
     F.fsync_dir(out)
-    F.write_json_atomic(os.path.join(out, F.MANIFEST), manifest)
+    F.write_manifest(out, manifest)
     return manifest
 
 

@@ -105,7 +105,7 @@ def merge(paths: Sequence, out, num_buckets: Optional[int] = None) -> Dict[str, 
         raise
     os.rename(tmp, os.path.join(out, manifest["data_dir"]))
     F.fsync_dir(out)
-    F.write_json_atomic(os.path.join(out, F.MANIFEST), manifest)
+    F.write_manifest(out, manifest)
     T._remove_stale(out, keep=manifest["data_dir"], save_id=save_id)
     return manifest
 
