@@ -331,13 +331,14 @@ def _wait_for_files(paths, seconds: float) -> bool:
 
 
 def _write(args, out: dict) -> None:
-    with open(f"{args.out}.{os.environ['RANK']}", "w") as f:
+    with open(f"{args.out}.{os.environ.get('RANK', '0')}", "w") as f:
         json.dump(out, f)
 
 
 def late_trainer(args) -> dict:
-    """Colocated ranks; rank ``--late`` comes to a shrink only after every other rank's shrink ended (or, if
-    theirs wait for it, after 6 rpc_timeouts). The others report how their shrink ended, and when. With a late
+    """Colocated ranks; rank ``--late`` never comes to the shrink the others call: it waits for their outputs
+    (their shrinks must end without it), and only if they are still waiting after 6 rpc_timeouts (the bug)
+    does it call the shrink, to let theirs end. The others report how their shrink ended, and when. With a late
     rank other than 0, rank 0 (the barriers' coordinator) comes 0.5 s after the others, so their wait ends before
     rank 0 learns who is missing: they must ask it. Every rank waits for every other's output before it ends
     (so that rank 0 still answers when asked)."""
@@ -496,9 +497,7 @@ def main() -> None:
         out = server_dies_in_collective(args)
     else:
         out = train(args)
-    rank = os.environ.get("RANK", "0")
-    with open(f"{args.out}.{rank}", "w") as f:
-        json.dump(out, f)
+    _write(args, out)
 
 
 if __name__ == "__main__":

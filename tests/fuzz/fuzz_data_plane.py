@@ -34,13 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 import fuzz_push_pull as PP  # noqa: E402
 
-REQ = struct.Struct("<IBBHIIQQQ")  # wire.h RequestHeader
-REP = struct.Struct("<IB3sIIQQQ")  # wire.h ReplyHeader
-REQ_MAGIC, REP_MAGIC = 0x31455350, 0x52455350
-PULL, PUSH = 1, 2
-WITH_STATS, HAS_SLOTS, HAS_PUSH_ID = 1, 2, 4
-MAX_NAME, MAX_KEYS, MAX_WIDTH = 1024, 2**31 - 1, 1 << 16
-OK, INVALID, NOT_FOUND, CORRUPTION = 0, 1, 2, 3
+from _wire import (CORRUPTION, HAS_PUSH_ID, HAS_SLOTS, INVALID, MAX_KEYS, MAX_NAME, MAX_WIDTH,  # noqa: E402,F401
+                   NOT_FOUND, OK, PULL, PUSH, REP, REP_MAGIC, REQ, REQ_MAGIC, WITH_STATS)
 DIM = 2
 GW = 1 + DIM  # grads columns
 TIMEOUT = 5.0  # socket timeout: a reply the protocol guarantees that does not come by then is a hang

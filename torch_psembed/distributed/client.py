@@ -323,24 +323,14 @@ class ShardedTable:
     def _finish_pull(self, p: Dict[str, Any], timers: Optional[Dict[str, float]] = None) -> np.ndarray:
         """Wait for the remote parts of a started pull and assemble the rows in input order."""
         t2 = time.perf_counter()
+        results = wait_all([h for _, _, h in p["handles"]])  # raises only after every part ended
+        wait_time = time.perf_counter() - t2
         rows = p["rows"]
-        wait_time = 0.0
-        errors: List[BaseException] = []
-        for a, b, h in p["handles"]:
-            tw = time.perf_counter()
-            try:
-                r = h.wait()
-            except Exception as e:  # noqa: BLE001 - raised after every part ended: none is left unwaited
-                errors.append(e)
-                continue
-            finally:
-                wait_time += time.perf_counter() - tw
+        for (a, b, _), r in zip(p["handles"], results):
             if p["whole"]:
                 rows = r
             else:
                 rows[a:b] = r
-        if errors:
-            raise first_error(errors)
         if p["inverse"] is None:  # distinct keys, one server: the rows are in input order already
             out = rows
         else:
